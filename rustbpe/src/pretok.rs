@@ -1,0 +1,205 @@
+//! Pre-tokenization: split text into regex pieces ("chunks") and count the unique ones.
+//!
+//! The default (GPT-4 style, nanochat digits) pattern needs a lookahead, `\s+(?!\S)`, which only a
+//! backtracking engine runs. `Splitter` runs it with the `regex` crate's automata instead: the
+//! pattern without that alternative, plus one fix-up that gives exactly the lookahead's result (see
+//! `Splitter::pieces`). Any other pattern goes through `fancy-regex` unchanged.
+//!
+//! One big string is split on several threads: it is cut at positions where the sequential scan is
+//! known to end a piece (right after `\n` when a non-space ASCII byte follows; see `safe_cuts`), so
+//! the pieces are exactly those of one sequential pass.
+
+use ahash::AHashMap;
+use rayon::prelude::*;
+
+pub const DEFAULT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+
+/// The default pattern for the `regex` crate: possessive quantifiers made greedy (equivalent here:
+/// giving back a char can never let the rest of those alternatives match) and `\s+(?!\S)` dropped.
+const DEFAULT_PATTERN_AUTOMATA: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+";
+
+/// Segments smaller than this are not cut further: thread overhead would dominate.
+const MIN_SEGMENT: usize = 1 << 16;
+
+pub enum Splitter {
+    Automata(regex::Regex),
+    Backtracking(fancy_regex::Regex),
+}
+
+impl Splitter {
+    pub fn new(pattern: &str) -> Result<Splitter, String> {
+        if pattern == DEFAULT_PATTERN {
+            let re = regex::Regex::new(DEFAULT_PATTERN_AUTOMATA).map_err(|e| e.to_string())?;
+            return Ok(Splitter::Automata(re));
+        }
+        let re = fancy_regex::Regex::new(pattern).map_err(|e| e.to_string())?;
+        Ok(Splitter::Backtracking(re))
+    }
+
+    /// Call `f` on every piece of `text`, in order.
+    pub fn pieces<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<(), String> {
+        match self {
+            Splitter::Backtracking(re) => {
+                for m in re.find_iter(text) {
+                    f(m.map_err(|e| format!("regex failed: {e}"))?.as_str());
+                }
+            }
+            Splitter::Automata(re) => {
+                let mut pos = 0;
+                while let Some(m) = re.find_at(text, pos) {
+                    let (start, mut end) = (m.start(), m.end());
+                    // A whitespace run matched by the last alternative `\s+` (it never holds \r or
+                    // \n: `\s*[\r\n]` comes first) that a non-space follows: `\s+(?!\S)` would have
+                    // matched it minus its last char, which then starts the next piece.
+                    let piece = m.as_str();
+                    if end < text.len() && is_lookahead_trim(piece, &text[end..]) {
+                        end -= piece.chars().next_back().map_or(0, char::len_utf8);
+                    }
+                    f(&text[start..end]);
+                    pos = end;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_lookahead_trim(piece: &str, rest: &str) -> bool {
+    let mut chars = piece.chars();
+    let all_space = piece.chars().all(char::is_whitespace);
+    let longer_than_one = chars.next().is_some() && chars.next().is_some();
+    let ends_in_newline = piece.ends_with(['\r', '\n']);
+    let next_is_nonspace = rest.chars().next().is_some_and(|c| !c.is_whitespace());
+    all_space && longer_than_one && !ends_in_newline && next_is_nonspace
+}
+
+/// Cut points that split `text` into roughly `parts` segments, each ending a piece of the
+/// sequential scan: just after a `\n` that a non-space ASCII byte follows. No match can run from
+/// the `\n` into that byte (every alternative that takes `\n` ends with it or with more `\r\n`),
+/// and no alternative looks behind, so the pieces on either side are the same as in one pass.
+pub fn safe_cuts(text: &str, parts: usize) -> Vec<usize> {
+    let bytes = text.as_bytes();
+    let mut cuts = vec![0];
+    if parts > 1 && bytes.len() >= 2 * MIN_SEGMENT {
+        let step = (bytes.len() / parts).max(MIN_SEGMENT);
+        let mut target = step;
+        while target < bytes.len() {
+            let found = bytes[target..].windows(2).position(|w| {
+                w[0] == b'\n' && w[1].is_ascii() && !w[1].is_ascii_whitespace()
+            });
+            match found {
+                Some(offset) => {
+                    let cut = target + offset + 1;
+                    cuts.push(cut);
+                    target = cut + step;
+                }
+                None => break,
+            }
+        }
+    }
+    cuts.push(bytes.len());
+    cuts.dedup();
+    cuts
+}
+
+/// Count the pieces of many texts (each text split on its own, big ones cut into segments) in
+/// parallel; the result does not depend on the number of threads.
+pub fn count_pieces(splitter: &Splitter, texts: &[String]) -> Result<AHashMap<String, i64>, String> {
+    let parts = rayon::current_num_threads() * 4;
+    let segments: Vec<&str> = texts
+        .iter()
+        .flat_map(|t| {
+            let cuts = safe_cuts(t, parts);
+            cuts.windows(2).map(|w| &t[w[0]..w[1]]).collect::<Vec<_>>()
+        })
+        .collect();
+    let partials: Result<Vec<AHashMap<&str, i64>>, String> = segments
+        .par_iter()
+        .map(|segment| {
+            let mut counts: AHashMap<&str, i64> = AHashMap::new();
+            splitter.pieces(segment, |piece| *counts.entry(piece).or_insert(0) += 1)?;
+            Ok(counts)
+        })
+        .collect();
+    let mut total: AHashMap<String, i64> = AHashMap::new();
+    for partial in partials? {
+        for (piece, n) in partial {
+            match total.get_mut(piece) {
+                Some(c) => *c += n,
+                None => {
+                    total.insert(piece.to_owned(), n);
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_with(splitter: &Splitter, text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        splitter.pieces(text, |p| out.push(p.to_owned())).unwrap();
+        out
+    }
+
+    fn reference(text: &str) -> Vec<String> {
+        let re = fancy_regex::Regex::new(DEFAULT_PATTERN).unwrap();
+        re.find_iter(text).map(|m| m.unwrap().as_str().to_owned()).collect()
+    }
+
+    const TRICKY: &[&str] = &[
+        "Hello world",
+        "   leading spaces and trailing   ",
+        "tabs\t\tbefore\tword",
+        "a  \n  b\r\n\r\nc",
+        "x   5 and  12345678",
+        "don't I'LL we've THEY'RE",
+        "emoji 🙂🙂 and 日本語 text",
+        "\u{a0}\u{a0}nbsp\u{2003}em space",
+        "   ",
+        "end with newline \n",
+        "punct!!!\n\nnext... ))\n",
+        " \t \nX",
+    ];
+
+    #[test]
+    fn automata_splitter_equals_the_lookahead_regex() {
+        let fast = Splitter::new(DEFAULT_PATTERN).unwrap();
+        assert!(matches!(fast, Splitter::Automata(_)));
+        for text in TRICKY {
+            assert_eq!(split_with(&fast, text), reference(text), "text {text:?}");
+        }
+    }
+
+    #[test]
+    fn pieces_tile_the_text() {
+        let fast = Splitter::new(DEFAULT_PATTERN).unwrap();
+        for text in TRICKY {
+            assert_eq!(split_with(&fast, text).concat(), *text);
+        }
+    }
+
+    #[test]
+    fn cut_segments_give_the_same_counts_as_one_pass() {
+        let mut text = String::new();
+        for i in 0..20_000 {
+            text.push_str(&format!("line {i} of text,  with   spaces\n\t indented {i}\n\nX{i}\n"));
+        }
+        let cuts = safe_cuts(&text, 8);
+        assert!(cuts.len() > 3, "a big text should be cut: {cuts:?}");
+        let splitter = Splitter::new(DEFAULT_PATTERN).unwrap();
+        let mut pieces = Vec::new();
+        for w in cuts.windows(2) {
+            pieces.extend(split_with(&splitter, &text[w[0]..w[1]]));
+        }
+        assert_eq!(pieces, reference(&text));
+    }
+
+    #[test]
+    fn broken_pattern_is_an_error() {
+        assert!(Splitter::new("(unclosed").is_err());
+    }
+}
