@@ -81,7 +81,11 @@ class Tokenizer:
         pattern: str = SPLIT_PATTERN,
         buffer_size: int = 8192,
     ) -> Tokenizer:
-        """Train with rustbpe; `vocab_size` is the total, the 9 specials included."""
+        """Train with rustbpe; `vocab_size` is the total, the 9 specials included.
+
+        A text too small to supply that many merges gives a smaller vocabulary (training stops
+        when no pair is left); `vocab_size` always reports the real size.
+        """
         import rustbpe
 
         num_ranks = vocab_size - len(SPECIAL_TOKENS)

@@ -126,11 +126,11 @@ def test_decode_bytes_keeps_a_cut_utf8_character_raw():
 
 
 def test_vocab_size_counts_specials_and_training_uses_the_rest_as_ranks():
-    text = "the cat sat on the mat; the cat ate the rat. " * 200
+    text = " ".join(f"word{i} w{i * 7 % 13}x{i % 17}y cat{i % 5}" for i in range(2000))
     tok = Tokenizer.train_from_iterator([text], vocab_size=300)
     assert tok.num_ranks == 300 - len(SPECIAL_TOKENS) and tok.vocab_size == 300
     assert tok.encode_special("<|output_end|>") == 299
-    assert len(tok.encode(text)) < len(text.encode()) / 2, "merges should compress repeated text"
+    assert len(tok.encode(text)) < 0.6 * len(text.encode()), "merges should compress repeated text"
     with pytest.raises(ValueError, match="at least 256"):
         Tokenizer.train_from_iterator([text], vocab_size=264)
 
