@@ -15,9 +15,11 @@ setup: $(UV)
 	$(UV) sync --locked
 
 test: setup
+	cargo test --release --quiet --manifest-path rustbpe/Cargo.toml
 	$(UV) run --locked pytest
 
 test-fast: setup
+	cargo test --release --quiet --manifest-path rustbpe/Cargo.toml
 	$(UV) run --locked pytest -m "not slow"
 
 bench-tokenizer: setup
