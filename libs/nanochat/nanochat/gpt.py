@@ -1,0 +1,408 @@
+"""The nanochat GPT: the model of NANOCHAT_SPEC "Model", with a per-row KV cache for inference.
+
+Architecture: token embedding (untied from lm_head) -> rmsnorm -> n_layer blocks of
+`x + attn(norm(x))`, `x + mlp(norm(x))` -> rmsnorm -> lm_head -> logits soft-capped at 15.
+No biases, no learnable norm parameters. Attention has rotary embeddings (base 10,000, half
+split), QK-norm and grouped-query heads; the MLP is 4x wide with relu(x)^2.
+
+Build a model the cheap way (no allocation twice):
+
+    config = GPTConfig.from_depth(depth=4, vocab_size=tok.vocab_size, sequence_len=256)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+
+`model(idx, targets)` returns the mean loss (targets -1 are ignored); `loss_reduction="none"`
+gives the per-token loss shaped (B, T) (0 where ignored), for bits-per-byte; `model(idx)` gives
+fp32 logits (B, T, vocab_size). The embedding and lm_head rows are padded up to a multiple of
+lcm(64, world size) so the sharded AdamW can split them evenly; the padded logits are sliced off
+before the loss and before they are returned.
+
+KV cache (for the engine): every row of a batch has its own length, so rows may sit at
+different positions (continuous batching builds on it).
+
+    cache = KVCache.for_model(model, batch_size=8, max_len=1024)
+    logits = model(idx, kv_cache=cache)                 # idx (B, T): T new tokens per row
+    logits = model(idx, kv_cache=cache, rows=slots)     # idx (len(slots), T) for those rows only
+    logits = model(idx, kv_cache=cache, num_new=n)      # row b keeps only its first n[b] tokens
+
+Row b's new tokens take positions `cache.lengths[b] ... cache.lengths[b] + T - 1` (their rotary
+angles too) and attend to the row's cached prefix plus, causally, to each other; afterwards the
+row's length advances by `num_new[b]` (default T). `num_new` lets rows of unequal prompt length
+share one padded prefill call: the padding tokens after a row's real ones are written past its
+length and are never seen (their logits are garbage, ignore them). Cache methods:
+`reset(rows)` empties rows, `fork(src, dst)` copies row src's cached prefix (and length) into
+rows dst (prefill once, then sample num_samples continuations), `advance(n, rows)` moves lengths
+on, `truncate(rows, length)` rolls rows back. The cache holds k and v as
+(n_layer, batch, n_kv_head, max_len, head_dim) in the compute dtype (bf16 on CUDA, fp32 on CPU).
+
+Check: `python -m nanochat.gpt` prints the depth-20 speedrun model's parameter count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import world_size
+
+ROTARY_BASE = 10_000
+SOFTCAP = 15.0
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 65_536
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int = 2048) -> GPTConfig:
+        """The spec's shape rule: n_embd = 64 * depth, heads of ~128 dims, n_kv_head = n_head."""
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive integer, got {depth!r}")
+        n_embd = depth * 64
+        n_head = math.ceil(n_embd / 128)
+        if n_embd % n_head:
+            raise ValueError(
+                f"depth {depth} gives n_embd {n_embd} and n_head ceil({n_embd}/128) = {n_head}, which "
+                f"does not divide n_embd: the head-dim rule serves every even depth and an odd depth "
+                f"d only when d+1 is a power of two (3, 7, 15, 31, ...)"
+            )
+        config = cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ValueError for a configuration the model cannot be built from."""
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head_dim {self.n_embd // self.n_head} must be even for rotary embeddings")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Inverse of `to_dict`; unknown or missing keys are a clear error."""
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(d, dict) or set(d) != fields:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"a GPT config needs exactly the keys {sorted(fields)}, got {got}")
+        config = cls(**d)
+        config.validate()
+        return config
+
+
+def padded_vocab_size(vocab_size: int, world: int = 1) -> int:
+    """vocab_size rounded up to a multiple of lcm(64, world) (rows the sharded AdamW can split)."""
+    multiple = math.lcm(64, world)
+    return -(-vocab_size // multiple) * multiple
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by the half-split rule; cos/sin are (B or 1, T, 1, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values for a batch of rows, each row at its own length."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"a KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @classmethod
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A cache shaped for `model`; max_len defaults to its sequence_len, dtype to bf16 on CUDA."""
+        c = model.config
+        device = model.lm_head.weight.device
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        max_len = c.sequence_len if max_len is None else max_len
+        if max_len > model.rotary_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's rotary table ({model.rotary_len} positions)")
+        return cls(c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, device, dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def _rows(self, rows: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+        if rows is None:
+            return torch.arange(self.batch_size, device=self.lengths.device)
+        r = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device).reshape(-1)
+        if r.numel() and (int(r.min()) < 0 or int(r.max()) >= self.batch_size):
+            raise IndexError(f"cache rows {r.tolist()} out of range for a batch of {self.batch_size}")
+        return r
+
+    def reset(self, rows: int | Sequence[int] | torch.Tensor | None = None) -> None:
+        """Empty the given rows (all rows by default); their stale keys are masked from now on."""
+        self.lengths[self._rows(rows)] = 0
+
+    def truncate(self, rows: int | Sequence[int] | torch.Tensor, length: int) -> None:
+        """Roll rows back to `length` tokens (never forward)."""
+        r = self._rows(rows)
+        if length < 0 or bool((self.lengths[r] < length).any()):
+            raise ValueError(f"cannot truncate rows {r.tolist()} to {length}: lengths {self.lengths[r].tolist()}")
+        self.lengths[r] = length
+
+    def advance(self, n: int | torch.Tensor, rows: int | Sequence[int] | torch.Tensor | None = None) -> None:
+        """Move the rows' lengths on by n (an int or one count per row)."""
+        r = self._rows(rows)
+        new = self.lengths[r] + torch.as_tensor(n, dtype=torch.long, device=self.lengths.device)
+        if bool((new < 0).any()) or bool((new > self.max_len).any()):
+            raise ValueError(f"lengths {new.tolist()} would leave the cache range [0, {self.max_len}]")
+        self.lengths[r] = new
+
+    def fork(self, src: int, dst: int | Sequence[int] | torch.Tensor) -> None:
+        """Copy row src's cached prefix and length into the rows dst."""
+        s = int(self._rows(src)[0])
+        d = self._rows(dst)
+        d = d[d != s]
+        n = int(self.lengths[s])
+        if d.numel() == 0:
+            return
+        self.k[:, d, :, :n] = self.k[:, s:s + 1, :, :n]
+        self.v[:, d, :, :n] = self.v[:, s:s + 1, :, :n]
+        self.lengths[d] = n
+
+
+@dataclass
+class _CacheStep:
+    """What every layer needs for one cached forward: where to write, what to read, the mask."""
+
+    cache: KVCache
+    rows: torch.Tensor | None  # None: all rows in order (lets reads be views, not gathers)
+    pos: torch.Tensor  # (B, T) absolute position of each new token
+    span: int  # keys 0..span-1 are read
+    mask: torch.Tensor  # (B, 1, T, span) True where a query may attend a key
+    counts: torch.Tensor  # (B,) how far each row's length advances after the forward
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                step: _CacheStep | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q), norm(k)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        gqa = self.n_head != self.n_kv_head
+        if step is None:
+            y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=gqa)
+        else:
+            ck, cv = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+            rows = step.rows if step.rows is not None else torch.arange(B, device=x.device)
+            # Advanced indices (rows, pos) around a sliced head dim put (B, T) first: (B, T, H, D).
+            ck[rows[:, None], :, step.pos] = k.to(ck.dtype)
+            cv[rows[:, None], :, step.pos] = v.to(cv.dtype)
+            if step.rows is None:
+                keys, values = ck[:, :, :step.span], cv[:, :, :step.span]
+            else:
+                keys, values = ck[step.rows, :, :step.span], cv[step.rows, :, :step.span]
+            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                               attn_mask=step.mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                step: _CacheStep | None) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, step)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, pad_vocab_world: int | None = None):
+        """pad_vocab_world: the world size the vocab rows are padded for (default: the running one)."""
+        super().__init__()
+        config.validate()
+        self.config = config
+        world = world_size() if pad_vocab_world is None else pad_vocab_world
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size, world)
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+        # Ten times the training length, so generation can run past it.
+        self.rotary_len = config.sequence_len * 10
+        cos, sin = self._rotary_table(self.rotary_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_table(self, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.config.head_dim
+        inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+        return angles.cos(), angles.sin()  # (length, D/2)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The spec's init; call after `to_empty(device=...)` when the model was built on meta."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        device = self.lm_head.weight.device
+        cos, sin = self._rotary_table(self.rotary_len, device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        if device.type == "cuda":
+            # The spec keeps the embedding in bf16 on CUDA: it feeds bf16 autocast anyway.
+            self.transformer.wte.to(dtype=torch.bfloat16)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> int:
+        """Training FLOPs per token: 6 * non-embedding params + the attention term."""
+        c = self.config
+        nparams_embedding = self.transformer.wte.weight.numel()
+        return 6 * (self.num_params() - nparams_embedding) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean", rows: Sequence[int] | torch.Tensor | None = None,
+                num_new: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Loss (with targets) or fp32 logits (B, T, vocab_size); see the module docstring."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"idx must be an integer tensor (B, T), got {idx.dtype} of shape {tuple(idx.shape)}")
+        if loss_reduction not in ("mean", "none"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("idx has no tokens (T = 0)")
+        step = None
+        if kv_cache is None:
+            if rows is not None or num_new is not None:
+                raise ValueError("rows and num_new only apply with a kv_cache")
+            if T > self.rotary_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
+            cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
+        else:
+            step = self._cache_step(kv_cache, B, T, rows, num_new)
+            cos, sin = self.cos[step.pos][:, :, None, :], self.sin[step.pos][:, :, None, :]
+
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, step)
+        x = norm(x)
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+        if step is not None:
+            kv_cache.lengths[step.rows if step.rows is not None else slice(None)] += step.counts
+        if targets is None:
+            return logits
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        return loss if loss_reduction == "mean" else loss.view(B, T)
+
+    def _cache_step(self, cache: KVCache, B: int, T: int, rows: Sequence[int] | torch.Tensor | None,
+                    num_new: int | Sequence[int] | torch.Tensor | None) -> _CacheStep:
+        if rows is None:
+            if B != cache.batch_size:
+                raise ValueError(f"idx has {B} rows but the cache {cache.batch_size}; pass rows=")
+            row_idx, lengths = None, cache.lengths
+        else:
+            row_idx = cache._rows(rows)
+            if row_idx.numel() != B or row_idx.unique().numel() != B:
+                raise ValueError(f"rows must name {B} distinct cache rows, got {row_idx.tolist()}")
+            lengths = cache.lengths[row_idx]
+        end = int((lengths + T).max())
+        if end > cache.max_len:
+            raise ValueError(f"{T} new tokens would run row lengths {lengths.tolist()} past the cache's max_len {cache.max_len}")
+        if end > self.rotary_len:
+            raise ValueError(f"position {end - 1} is past the model's rotary table ({self.rotary_len} positions)")
+        counts = torch.full((B,), T, dtype=torch.long, device=lengths.device)
+        if num_new is not None:
+            counts = torch.as_tensor(num_new, dtype=torch.long, device=lengths.device).expand(B).clone()
+            if bool((counts < 0).any()) or bool((counts > T).any()):
+                raise ValueError(f"num_new must lie in [0, {T}], got {counts.tolist()}")
+        pos = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]
+        keys = torch.arange(end, device=lengths.device)
+        mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+        return _CacheStep(cache=cache, rows=row_idx, pos=pos, span=end, mask=mask, counts=counts)
+
+
+if __name__ == "__main__":
+    cfg = GPTConfig.from_depth(20, vocab_size=65_536, sequence_len=2048)
+    with torch.device("meta"):
+        m = GPT(cfg)
+    print(f"depth 20: {cfg}\nparameters: {m.num_params():,}  FLOPs/token: {m.estimate_flops():,}")

@@ -1,0 +1,168 @@
+"""The GPT of nanochat.gpt: shape rules, parameter count, loss, and the per-row KV cache."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig, KVCache, padded_vocab_size
+
+
+def perturbed_model(depth: int = 2, vocab_size: int = 97, sequence_len: int = 64, seed: int = 0) -> GPT:
+    """A small fp32 model whose zero-initialised matrices got noise, so outputs depend on the input."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(depth, vocab_size, sequence_len))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_depth20_parameter_count():
+    config = GPTConfig.from_depth(20, vocab_size=65_536, sequence_len=2048)
+    with torch.device("meta"):
+        model = GPT(config, pad_vocab_world=1)
+    assert (config.n_embd, config.n_head, config.head_dim) == (1280, 10, 128)
+    assert model.num_params() == 560_988_160
+    flops = model.estimate_flops()
+    embedding = 65_536 * 1280
+    assert flops == 6 * (560_988_160 - embedding) + 12 * 20 * 10 * 128 * 2048
+
+
+@pytest.mark.parametrize("depth,head_dim", [(2, 128), (3, 96), (4, 128), (7, 112), (15, 120)])
+def test_depths_the_head_rule_serves(depth, head_dim):
+    assert GPTConfig.from_depth(depth, 100, 32).head_dim == head_dim
+
+
+@pytest.mark.parametrize("depth", [5, 9, 11, 13])
+def test_depths_the_head_rule_rejects(depth):
+    with pytest.raises(ValueError, match="power of two"):
+        GPTConfig.from_depth(depth, 100, 32)
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="positive integer"):
+        GPTConfig.from_depth(0, 100)
+    with pytest.raises(ValueError, match="keys"):
+        GPTConfig.from_dict({"n_layer": 2})
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPT(GPTConfig(sequence_len=8, vocab_size=10, n_layer=1, n_head=4, n_kv_head=3, n_embd=64))
+
+
+def test_vocab_padding_for_world_sizes():
+    assert padded_vocab_size(65_536, 1) == 65_536
+    assert padded_vocab_size(100, 1) == 128
+    assert padded_vocab_size(100, 3) == 192
+    assert padded_vocab_size(4096, 6) == 4224  # lcm(64, 6) = 192
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(2, 100, 16), pad_vocab_world=3)
+    assert model.transformer.wte.weight.shape[0] == 192 and model.lm_head.weight.shape[0] == 192
+
+
+def test_fresh_init_follows_the_spec():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(2, 100, 16))
+    model.init_weights()
+    assert model.lm_head.weight.abs().sum() == 0
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
+    fc = model.transformer.h[0].mlp.c_fc.weight  # fan_in 128, fan_out 512 -> std 1/sqrt(128)
+    assert abs(fc.std().item() - 1 / math.sqrt(128)) < 0.01
+    # A zero lm_head makes every logit 0: the loss is ln(vocab) exactly.
+    idx = torch.randint(0, 100, (2, 8))
+    assert torch.allclose(model(idx, idx), torch.tensor(math.log(100)))
+
+
+def test_loss_matches_logits_and_ignores_minus_one():
+    model = perturbed_model()
+    idx = torch.randint(0, 97, (3, 20))
+    targets = torch.randint(0, 97, (3, 20))
+    targets[0, :5] = -1
+    logits = model(idx)
+    assert logits.shape == (3, 20, 97) and logits.dtype == torch.float32
+    assert logits.abs().max() < 15.0  # soft cap
+    expected = F.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-1)
+    assert torch.allclose(model(idx, targets), expected, atol=1e-6)
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (3, 20)
+    assert (per_token[0, :5] == 0).all()
+    assert torch.allclose(per_token.sum() / (targets != -1).sum(), expected, atol=1e-6)
+
+
+def test_bad_forward_input_is_a_clear_error():
+    model = perturbed_model()
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="targets shape"):
+        model(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), loss_reduction="sum")
+
+
+@torch.no_grad()
+def test_cached_forward_equals_no_cache_forward_for_mixed_length_rows():
+    model = perturbed_model(depth=3)  # head_dim 96, 2 heads
+    lens = [5, 11, 1, 8]
+    seqs = [torch.randint(0, 97, (n + 6,)) for n in lens]
+    cache = KVCache.for_model(model, batch_size=4, max_len=32)
+    # One padded prefill call: row b keeps only its first lens[b] tokens.
+    T = max(lens)
+    prompt = torch.zeros(4, T, dtype=torch.long)
+    for b, n in enumerate(lens):
+        prompt[b, :n] = seqs[b][:n]
+    logits = model(prompt, kv_cache=cache, num_new=torch.tensor(lens))
+    assert cache.lengths.tolist() == lens
+    for b, n in enumerate(lens):
+        ref = model(seqs[b][None, :n])[0]
+        torch.testing.assert_close(logits[b, :n], ref, atol=1e-5, rtol=1e-5)
+    # Then decode the rest one token per row, each row at its own position.
+    for t in range(6):
+        step = torch.stack([seqs[b][n + t] for b, n in enumerate(lens)])[:, None]
+        logits = model(step, kv_cache=cache)
+        for b, n in enumerate(lens):
+            ref = model(seqs[b][None, : n + t + 1])[0, -1]
+            torch.testing.assert_close(logits[b, 0], ref, atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == [n + 6 for n in lens]
+
+
+@torch.no_grad()
+def test_cache_rows_subset_fork_reset_and_truncate():
+    model = perturbed_model()
+    prompt = torch.randint(0, 97, (1, 7))
+    cache = KVCache.for_model(model, batch_size=5, max_len=20)
+    model(prompt, kv_cache=cache, rows=[2])
+    assert cache.lengths.tolist() == [0, 0, 7, 0, 0]
+    cache.fork(2, [0, 3, 4])
+    assert cache.lengths.tolist() == [7, 0, 7, 7, 7]
+    nxt = torch.randint(0, 97, (3, 2))
+    logits = model(nxt, kv_cache=cache, rows=[0, 3, 4])
+    for i in range(3):
+        ref = model(torch.cat([prompt[0], nxt[i]])[None])[0, -2:]
+        torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
+    cache.truncate([3], 7)
+    logits = model(nxt[2:3], kv_cache=cache, rows=[3])
+    torch.testing.assert_close(logits[0], model(torch.cat([prompt[0], nxt[2]])[None])[0, -2:], atol=1e-5, rtol=1e-5)
+    cache.reset([0, 3])
+    assert cache.lengths.tolist() == [0, 0, 7, 0, 9]
+    # A reset row starts afresh: stale keys past its length are masked.
+    fresh = torch.randint(0, 97, (1, 4))
+    torch.testing.assert_close(model(fresh, kv_cache=cache, rows=[0])[0], model(fresh)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_misuse_is_a_clear_error():
+    model = perturbed_model()
+    cache = KVCache.for_model(model, batch_size=2, max_len=8)
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(2, 9, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="rows="):
+        model(torch.zeros(3, 1, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(IndexError, match="out of range"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache, rows=[5])
+    with pytest.raises(ValueError, match="num_new"):
+        model(torch.zeros(2, 2, dtype=torch.long), kv_cache=cache, num_new=[3, 1])
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate([0], 4)
+    with pytest.raises(ValueError, match="rotary"):
+        KVCache.for_model(model, batch_size=1, max_len=model.rotary_len + 1)
