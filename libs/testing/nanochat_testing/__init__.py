@@ -1,0 +1,1 @@
+"""Shared test fixtures: real PostgreSQL, Redis and S3 server processes (see `servers`, `plugin`)."""
