@@ -20,6 +20,7 @@ group, `(shard, row_group)`, so a loader can resume exactly where it stopped.
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import re
 import sys
@@ -91,7 +92,7 @@ def download_file(url: str, dest: str | os.PathLike, retries: int = 5, backoff: 
                 part.unlink(missing_ok=True)
             elif 400 <= e.code < 500 and e.code != 429:
                 raise OSError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as e:
             last_error = e
     raise OSError(f"download of {url} failed after {retries} attempts: {last_error}")
 

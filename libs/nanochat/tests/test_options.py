@@ -1,0 +1,120 @@
+"""nanochat.stages.options and cli: the registry, presets, JSON Schema, flag parsing, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanochat.stages.cli import OptionsError, parse_options
+from nanochat.stages.options import PIPELINES, PRESETS, STAGES, BaseTrainOptions, plan_horizon, stage_schemas
+
+ALL_STAGES = ["make_data", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train",
+              "chat_sft", "chat_rl", "chat_eval", "report"]
+
+
+def test_registry_has_every_stage_with_contract_output_stages():
+    assert sorted(STAGES) == sorted(ALL_STAGES)
+    outputs = {name: info.output_stage for name, info in STAGES.items() if info.output_stage}
+    assert outputs == {"tok_train": "tokenizer", "base_train": "base", "mid_train": "mid", "chat_sft": "sft", "chat_rl": "rl"}
+    assert PIPELINES["speedrun"] == ["make_data", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval",
+                                     "mid_train", "chat_eval", "chat_sft", "chat_eval", "chat_rl", "chat_eval", "report"]
+
+
+def test_schemas_are_json_and_every_field_is_described():
+    schemas = stage_schemas()
+    assert [s["name"] for s in schemas] == list(STAGES)
+    for entry in schemas:
+        json.dumps(entry)
+        assert entry["description"]
+        for field, prop in entry["options_schema"]["properties"].items():
+            assert prop.get("description"), f"{entry['name']}.{field} has no description"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_validate_for_every_stage(preset):
+    assert set(PRESETS[preset]) == set(STAGES)
+    for stage in STAGES:
+        options = parse_options(stage, ["--preset", preset])
+        for key, value in PRESETS[preset][stage].items():
+            assert getattr(options, key) == value
+
+
+def test_tiny_base_train_is_the_cpu_shape():
+    options = parse_options("base_train", ["--preset", "tiny"])
+    assert (options.depth, options.max_seq_len) == (4, 256)
+    assert parse_options("tok_train", ["--preset", "tiny"]).vocab_size == 4096
+
+
+def test_d20_derived_numbers_at_world_size_8():
+    torch = pytest.importorskip("torch")
+    from nanochat.gpt import GPT, GPTConfig
+
+    options = parse_options("base_train", ["--preset", "d20"])
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(options.depth, 65536, options.max_seq_len))
+    assert model.num_params() == 560_988_160
+    horizon = plan_horizon(options, world_size=8, num_params=model.num_params())
+    assert horizon.num_iterations == 21_400
+    assert horizon.grad_accum_steps == 1
+    assert horizon.tokens_per_micro_step == 32 * 2048 * 8
+
+
+def test_horizon_accumulates_and_rejects_uneven_batches():
+    options = BaseTrainOptions(device_batch_size=8, max_seq_len=256, total_batch_size=8192, num_iterations=10)
+    assert plan_horizon(options, world_size=2).grad_accum_steps == 2
+    assert plan_horizon(options, world_size=1).grad_accum_steps == 4
+    with pytest.raises(ValueError, match="multiple of device_batch_size"):
+        plan_horizon(options, world_size=3)
+
+
+def test_flags_config_and_precedence(tmp_path):
+    config = tmp_path / "opts.json"
+    config.write_text(json.dumps({"depth": 6, "max_seq_len": 128, "resume": True}))
+    options = parse_options("base_train", ["--preset", "tiny", "--config", str(config), "--max-seq-len", "64",
+                                           "--no-resume", "--input-version", "tok:1", "--input-version", "base:2",
+                                           "--init-from", "a", "b"])
+    assert (options.depth, options.max_seq_len, options.resume) == (6, 64, False)
+    assert options.input_version == ["tok:1", "base:2"] and options.init_from == ["a", "b"]
+    assert parse_options("chat_eval", ["--tasks", "MMLU", "GSM8K"]).tasks == ["MMLU", "GSM8K"]
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--depth", "0"], "--depth"),
+    (["--device-batch-size", "many"], "--device-batch-size"),
+    (["--input-version", "nanochat"], "--input-version"),
+    (["--device", "tpu"], "--device"),
+    (["--warp-speed", "9"], "--warp-speed"),
+])
+def test_bad_options_name_the_field(argv, field):
+    with pytest.raises(OptionsError) as info:
+        parse_options("base_train", argv)
+    message = str(info.value)
+    assert field in message and "\n" not in message
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(OptionsError, match="JSON object"):
+        parse_options("tok_train", ["--config", str(bad)])
+    bad.write_text(json.dumps({"vocab_size": 3}))
+    with pytest.raises(OptionsError, match="--vocab-size"):
+        parse_options("tok_train", ["--config", str(bad)])
+
+
+def test_stage_cli_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.tok_train", "--vocab-size", "10"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--vocab-size" in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["type"] == "error"
+
+
+def test_print_schema_and_import_without_torch():
+    code = ("import sys, json; import nanochat.stages.options, nanochat.stages.events, nanochat.stages.cli; "
+            "from nanochat.stages.cli import parse_options; parse_options('base_train', ['--print-schema']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["properties"]["depth"]["default"] == 20
