@@ -1,0 +1,96 @@
+"""nanochat.core_eval: bundle parsing, the three task types, few-shot sampling, capping, centring."""
+
+import json
+import random
+
+import pytest
+
+from nanochat.core_eval import build_prompts, centered, evaluate_core, evaluate_task, load_bundle
+from nanochat.tokenizer import Tokenizer
+
+TOK = Tokenizer({bytes([i]): i for i in range(256)})
+
+
+def make_bundle(root, tasks):
+    (root / "eval_data").mkdir(parents=True)
+    lines = ["icl_tasks:"]
+    meta = ["Eval Task,Random baseline"]
+    for label, kind, shots, items, rb in tasks:
+        (root / "eval_data" / f"{label}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+        lines += [f"- label: {label}", f"  dataset_uri: {label}.jsonl", f"  num_fewshot: [{shots}, 5]", f"  icl_task_type: {kind}"]
+        meta.append(f"{label},{rb}")
+    (root / "core.yaml").write_text("\n".join(lines) + "\n")
+    (root / "eval_meta_data.csv").write_text("\n".join(meta) + "\n")
+
+
+def rule_scorer(bad: bytes = b"", calls=None):
+    """Loss 5 on target bytes in `bad`, else 0; greedy predictions are right except on `bad` bytes."""
+    def score(seqs):
+        if calls is not None:
+            calls.extend(seqs)
+        out = []
+        for s in seqs:
+            losses = [5.0 if t in bad else 0.0 for t in s[1:]]
+            preds = [(t + 1) % 256 if t in bad else t for t in s[1:]]
+            out.append((losses, preds))
+        return out
+    return score
+
+
+MC = [{"query": f"Q{i}:", "choices": ["right", "wrong"], "gold": i % 2} for i in range(8)]
+SCHEMA = [{"context_options": ["calm sea", "wild sea"], "continuation": "then", "gold": i % 2} for i in range(6)]
+LM = [{"context": f"Say {i}", "continuation": "ok" if i < 3 else "zz"} for i in range(5)]
+
+
+def test_bundle_format_and_scores(tmp_path):
+    make_bundle(tmp_path, [("mc", "multiple_choice", 2, MC, 50.0), ("schema", "schema", 1, SCHEMA, 50),
+                           ("lm", "language_modeling", 0, LM, 0)])
+    tasks = load_bundle(tmp_path)
+    assert [(t.label, t.num_fewshot, t.delimiter, t.random_baseline) for t in tasks] == \
+        [("mc", 2, " ", 50.0), ("schema", 1, " ", 50.0), ("lm", 0, " ", 0.0)]
+    # 'w' costs: "right" wins, so gold 0 items are right; 'w' in "wild" costs: "calm sea then" wins.
+    results = evaluate_core(tmp_path, TOK, rule_scorer(bad=b"wz"))
+    assert results["tasks"]["mc"]["accuracy"] == 0.5 and results["tasks"]["schema"]["accuracy"] == 0.5
+    assert results["tasks"]["lm"]["accuracy"] == 3 / 5
+    assert results["tasks"]["lm"]["centered"] == 3 / 5
+    assert results["core"] == pytest.approx((0 + 0 + 0.6) / 3)
+    assert centered(0.625, 25.0) == 0.5
+
+
+def test_scored_span_is_only_the_continuation(tmp_path):
+    make_bundle(tmp_path, [("mc", "multiple_choice", 0, [{"query": "Pick:", "choices": ["aXa", "bb"], "gold": 1}], 50)])
+    # Only the choice's tokens are scored: the query's 'X'-free text never matters, the choice's 'X' does.
+    assert evaluate_core(tmp_path, TOK, rule_scorer(bad=b"X"))["tasks"]["mc"]["accuracy"] == 1.0
+    assert evaluate_core(tmp_path, TOK, rule_scorer(bad=b"P"))["tasks"]["mc"]["accuracy"] == 0.0  # tie -> first
+
+
+def test_fewshot_uses_seeded_draws_from_the_shuffled_items_and_cap(tmp_path):
+    items = [{"query": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(10)]
+    make_bundle(tmp_path, [("mc", "multiple_choice", 3, items, 50)])
+    task = load_bundle(tmp_path)[0]
+    calls = []
+    correct, total = evaluate_task(task, TOK, rule_scorer(calls=calls), max_items=4)
+    assert total == 4
+    shuffled = list(items)
+    random.Random(1337).shuffle(shuffled)
+    for idx in range(4):
+        others = [i for i in range(10) if i != idx]
+        shots = [shuffled[i] for i in random.Random(1234 + idx).sample(others, 3)]
+        expected = build_prompts(shuffled[idx], "multiple_choice", " ", shots)[0]
+        assert TOK.decode(calls[2 * idx][1:]) == expected
+    assert expected.count("\n\n") == 3
+    split = [evaluate_task(task, TOK, rule_scorer(), max_items=4, rank=r, world_size=3)[1] for r in range(3)]
+    assert split == [2, 1, 1]
+
+
+def test_language_modeling_continuation_after_the_delimiter():
+    prompts = build_prompts({"context": "The sky is", "continuation": "blue"}, "language_modeling", " ", [])
+    assert prompts == ["The sky is", "The sky is blue"]
+
+
+def test_broken_bundles_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="core.yaml"):
+        load_bundle(tmp_path)
+    make_bundle(tmp_path, [("mc", "essay", 0, MC, 50)])
+    with pytest.raises(ValueError, match="icl_task_type"):
+        load_bundle(tmp_path)

@@ -1,0 +1,108 @@
+"""nanochat.stages.make_data: the offline corpus and task sets, in the public formats, deterministic."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat.core_eval import load_bundle
+from nanochat.dataset import list_shards
+from nanochat.stages.events import parse_events
+from nanochat.tasks.arc import ARC
+from nanochat.tasks.customjson import IdentityTask
+from nanochat.tasks.gsm8k import GSM8K, extract_answer
+from nanochat.tasks.humaneval import HumanEval
+from nanochat.tasks.mixtures import mid_mixture, sft_mixture
+from nanochat.tasks.mmlu import MMLU
+from nanochat.tasks.smoltalk import SmolTalk
+
+SMALL = ["--chat-train", "200", "--chat-test", "20", "--math-train", "100", "--math-test", "20", "--mc-train", "100",
+         "--mc-test", "20", "--identity-train", "100", "--identity-test", "30", "--core-items", "20"]
+
+
+def make(data_dir, *extra):
+    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(data_dir), *SMALL, *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return list(parse_events(proc.stdout.splitlines()))[-1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return root, make(root)
+
+
+def test_corpus_is_fineweb_format(data):
+    root, finished = data
+    shards = list_shards(root)
+    assert [p.name for p in shards] == [f"shard_{i:05d}.parquet" for i in range(len(shards))]
+    for path in shards:
+        pf = pq.ParquetFile(path)
+        assert pf.schema_arrow.names == ["text"]
+        assert all(pf.metadata.row_group(g).num_rows <= 1024 for g in range(pf.num_row_groups))
+    assert pq.ParquetFile(shards[-1]).metadata.num_rows == 1024
+    if finished.metrics["source"] == "python-docs":
+        text = pq.read_table(shards[0]).column("text").to_pylist()
+        assert any("Python" in doc for doc in text)
+    assert finished.type == "finished" and finished.outputs == []
+
+
+def test_task_sets_load_and_held_out_splits_are_disjoint(data):
+    root, _ = data
+    pairs = [
+        (GSM8K(root, "train"), GSM8K(root, "test")),
+        (ARC(root, "ARC-Easy", "train"), ARC(root, "ARC-Easy", "test")),
+        (ARC(root, "ARC-Challenge", "train"), ARC(root, "ARC-Challenge", "test")),
+        (MMLU(root, "auxiliary_train", "train"), MMLU(root, "all", "test")),
+        (SmolTalk(root, "train"), SmolTalk(root, "test")),
+        (IdentityTask(root, "train"), IdentityTask(root, "test")),
+    ]
+    for train, test in pairs:
+        first = {json.dumps(train[i]["messages"][0]) for i in range(len(train))}
+        if not isinstance(train, SmolTalk):
+            assert not first & {json.dumps(test[i]["messages"][0]) for i in range(len(test))}, type(train).__name__
+    gsm = GSM8K(root, "test")
+    for i in range(len(gsm)):
+        item = gsm[i]
+        assert gsm.evaluate(item, "".join(p["text"] for p in item["messages"][1]["content"]))
+        assert any(p["type"] == "python" for p in item["messages"][1]["content"])
+        assert extract_answer(item["messages"][1]["content"][-1]["text"]) is not None
+    identity = IdentityTask(root, "test")
+    assert all(identity.evaluate(identity[i], identity[i]["messages"][1]["content"]) for i in range(len(identity)))
+    assert len({identity[i]["messages"][0]["content"] for i in range(len(identity))}) == 30
+
+
+def test_humaneval_references_pass_their_tests(data):
+    root, _ = data
+    task = HumanEval(root)
+    assert len(task) == 20
+    assert all(task.evaluate(task[i], task[i]["messages"][1]["content"]) for i in range(0, 20, 5))
+    assert not task.evaluate(task[0], "def nothing(): pass")
+
+
+def test_mixtures_and_core_bundle(data):
+    root, _ = data
+    assert len(mid_mixture(root)) == 200 + 100 + 100
+    sft = sft_mixture(root)
+    assert len(sft) == 100 + 100 + 100 + 200 + 100
+    identity_q = {IdentityTask(root, "train")[i]["messages"][0]["content"] for i in range(100)}
+    mid = mid_mixture(root)
+    assert not any(mid[i]["messages"][0]["content"] in identity_q for i in range(len(mid)))
+    tasks = load_bundle(root / "eval_bundle")
+    assert sorted(t.task_type for t in tasks) == ["language_modeling", "multiple_choice", "schema"]
+    assert all(len(t.items()) == 20 for t in tasks)
+
+
+def test_deterministic_given_seed_and_synthetic_fallback(tmp_path, data):
+    root, _ = data
+    make(tmp_path / "again")
+    for name in ["shard_00000.parquet", "tasks/openai/gsm8k/main/train-00000-of-00001.parquet"]:
+        assert pq.read_table(root / name).equals(pq.read_table(tmp_path / "again" / name))
+    assert (root / "tasks/identity/test.jsonl").read_text() == (tmp_path / "again/tasks/identity/test.jsonl").read_text()
+    finished = make(tmp_path / "synthetic", "--docs-path", str(tmp_path / "absent"), "--synthetic-docs", "3000")
+    assert finished.metrics["source"] == "synthetic" and finished.metrics["docs"] == 3000
+    other_seed = make(tmp_path / "seeded", "--source", "synthetic", "--synthetic-docs", "3000", "--seed", "7")
+    assert other_seed.metrics["chars"] != finished.metrics["chars"]
