@@ -16,6 +16,7 @@ setup: $(UV)
 
 test: setup
 	cargo test --release --quiet --manifest-path rustbpe/Cargo.toml
+	cd infra/validate && go test -count=1 ./...
 	$(UV) run --locked pytest
 
 test-fast: setup

@@ -1,0 +1,183 @@
+package validate
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/compose-spec/compose-go/v2/loader"
+	"github.com/compose-spec/compose-go/v2/types"
+)
+
+// repoRoot is two folders up from infra/validate.
+func repoRoot(t *testing.T) string {
+	t.Helper()
+	root, err := filepath.Abs(filepath.Join("..", ".."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root
+}
+
+// exampleEnv is .env.example with every empty required value filled in, as a user would.
+func exampleEnv(t *testing.T, root string) map[string]string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(root, ".env.example"))
+	if err != nil {
+		t.Fatalf(".env.example: %v", err)
+	}
+	env := map[string]string{}
+	for _, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		key, value, _ := strings.Cut(line, "=")
+		if value == "" {
+			value = "test-" + strings.ToLower(key)
+		}
+		env[key] = value
+	}
+	return env
+}
+
+func loadCompose(t *testing.T, env map[string]string, files ...string) (*types.Project, error) {
+	t.Helper()
+	root := repoRoot(t)
+	var configFiles []types.ConfigFile
+	for _, f := range files {
+		configFiles = append(configFiles, types.ConfigFile{Filename: filepath.Join(root, f)})
+	}
+	details := types.ConfigDetails{WorkingDir: root, ConfigFiles: configFiles, Environment: env}
+	return loader.LoadWithContext(context.Background(), details, func(o *loader.Options) {
+		o.SetProjectName("nanochat", true)
+	})
+}
+
+func TestComposeLoadsAndIsComplete(t *testing.T) {
+	root := repoRoot(t)
+	project, err := loadCompose(t, exampleEnv(t, root), "docker-compose.yml")
+	if err != nil {
+		t.Fatalf("compose-go rejects docker-compose.yml: %v", err)
+	}
+	want := []string{"postgres", "redis", "minio", "minio-init", "registry", "trainer-api",
+		"trainer-worker", "inference", "webui"}
+	for _, name := range want {
+		if _, err := project.GetService(name); err != nil {
+			t.Errorf("service %s missing: %v", name, err)
+		}
+	}
+	for name, svc := range project.Services {
+		if name == "minio-init" {
+			continue // a one-shot job: others wait for it to complete, not to be healthy
+		}
+		if svc.HealthCheck == nil || len(svc.HealthCheck.Test) == 0 {
+			t.Errorf("service %s has no healthcheck", name)
+		}
+		if svc.Image == "" {
+			t.Errorf("service %s has no image name", name)
+		}
+		if svc.Build == nil {
+			_, tag, _ := strings.Cut(svc.Image, ":")
+			if tag == "" || tag == "latest" {
+				t.Errorf("service %s uses an unpinned image %q", name, svc.Image)
+			}
+		}
+		for dep, cond := range svc.DependsOn {
+			ok := cond.Condition == types.ServiceConditionHealthy ||
+				(dep == "minio-init" && cond.Condition == types.ServiceConditionCompletedSuccessfully)
+			if !ok {
+				t.Errorf("%s depends on %s with condition %q, not a health gate", name, dep, cond.Condition)
+			}
+		}
+	}
+	for _, name := range []string{"trainer-worker", "inference"} {
+		svc, _ := project.GetService(name)
+		if !hasGPUReservation(svc) {
+			t.Errorf("%s reserves no GPU", name)
+		}
+	}
+	worker, _ := project.GetService("trainer-worker")
+	if worker.ShmSize == 0 || worker.Ipc != "host" {
+		t.Errorf("trainer-worker needs shm_size and ipc for torchrun, got shm %d ipc %q", worker.ShmSize, worker.Ipc)
+	}
+	for _, v := range []string{"postgres-data", "minio-data", "data-cache", "model-cache"} {
+		if _, ok := project.Volumes[v]; !ok {
+			t.Errorf("named volume %s missing", v)
+		}
+	}
+}
+
+func hasGPUReservation(svc types.ServiceConfig) bool {
+	if svc.Deploy == nil || svc.Deploy.Resources.Reservations == nil {
+		return false
+	}
+	for _, d := range svc.Deploy.Resources.Reservations.Devices {
+		for _, c := range d.Capabilities {
+			if c == "gpu" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func TestComposeBuildsPointAtRealFiles(t *testing.T) {
+	root := repoRoot(t)
+	project, err := loadCompose(t, exampleEnv(t, root), "docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, svc := range project.Services {
+		if svc.Build == nil {
+			continue
+		}
+		dockerfile := svc.Build.Dockerfile
+		if !filepath.IsAbs(dockerfile) {
+			dockerfile = filepath.Join(svc.Build.Context, dockerfile)
+		}
+		stages, err := dockerfileStages(dockerfile)
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if svc.Build.Target != "" && !stages[svc.Build.Target] {
+			t.Errorf("%s builds target %q, which %s does not define", name, svc.Build.Target, dockerfile)
+		}
+	}
+	for name, svc := range project.Services {
+		for _, v := range svc.Volumes {
+			if v.Type == types.VolumeTypeBind {
+				if _, err := os.Stat(v.Source); err != nil {
+					t.Errorf("%s mounts %s, which does not exist", name, v.Source)
+				}
+			}
+		}
+	}
+}
+
+func TestComposeRefusesMissingSecrets(t *testing.T) {
+	root := repoRoot(t)
+	env := exampleEnv(t, root)
+	delete(env, "REGISTRY_TOKEN")
+	_, err := loadCompose(t, env, "docker-compose.yml")
+	if err == nil || !strings.Contains(err.Error(), "REGISTRY_TOKEN") {
+		t.Fatalf("loading without REGISTRY_TOKEN should fail naming it, got %v", err)
+	}
+}
+
+func TestCPUOverrideDropsGPUs(t *testing.T) {
+	root := repoRoot(t)
+	project, err := loadCompose(t, exampleEnv(t, root), "docker-compose.yml", "infra/compose.cpu.yml")
+	if err != nil {
+		t.Fatalf("compose-go rejects the CPU override: %v", err)
+	}
+	for _, name := range []string{"trainer-worker", "inference"} {
+		svc, _ := project.GetService(name)
+		if hasGPUReservation(svc) {
+			t.Errorf("%s still reserves a GPU in the CPU variant", name)
+		}
+	}
+}
