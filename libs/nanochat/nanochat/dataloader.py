@@ -87,22 +87,26 @@ def pretrain_loader(tokenizer: Tokenizer, data_dir: str, split: str, batch_size:
     return PackedLoader(source, [0, rank], batch_size, seq_len, device, state)
 
 
-def conversation_loader(tokenizer: Tokenizer, conversations: Sequence[dict], batch_size: int, seq_len: int,
-                        rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                        state: dict[str, Any] | None = None, chunk: int = 64) -> PackedLoader:
+class ConversationLoader(PackedLoader):
     """Midtraining: rendered conversations (rank r takes r, r+W, ...) packed like pretraining,
-    one pass. Position = index of the next conversation; `progress()` is the fraction done."""
-    n = len(conversations)
+    one pass. Position = index of the next conversation."""
 
-    def source(position: int) -> Iterator[tuple[list[list[int]], int]]:
-        for first in range(position, n, chunk * world_size):
-            indices = range(first, min(n, first + chunk * world_size), world_size)
-            rendered = [tokenizer.render_conversation(conversations[i], max_tokens=None)[0] for i in indices]
-            yield rendered, indices[-1] + world_size
+    def __init__(self, tokenizer: Tokenizer, conversations: Sequence[dict], batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 state: dict[str, Any] | None = None, chunk: int = 64):
+        self.num_conversations = n = len(conversations)
 
-    loader = PackedLoader(source, rank, batch_size, seq_len, device, state)
-    loader.progress = lambda: min(1.0, loader.position / max(1, n))  # type: ignore[attr-defined]
-    return loader
+        def source(position: int) -> Iterator[tuple[list[list[int]], int]]:
+            for first in range(position, n, chunk * world_size):
+                indices = range(first, min(n, first + chunk * world_size), world_size)
+                rendered = [tokenizer.render_conversation(conversations[i], max_tokens=None)[0] for i in indices]
+                yield rendered, indices[-1] + world_size
+
+        super().__init__(source, rank, batch_size, seq_len, device, state)
+
+    def progress(self) -> float:
+        """Fraction of the data pass consumed (drives the LR schedule and the last step)."""
+        return min(1.0, self.position / max(1, self.num_conversations))
 
 
 class SFTLoader:

@@ -175,10 +175,13 @@ def iter_row_groups(data_dir: str | os.PathLike, split: str, rank: int = 0, worl
                 yielded += 1
                 yield docs, nxt
             first_group = rank
+        if not yielded and shard_idx == 0:
+            raise ValueError(
+                f"rank {rank} of {world_size} has no row group in the {split} split of {data_dir}: "
+                f"each split needs at least {world_size} row groups"
+            )
         if not loop:
             return
-        if not yielded and shard_idx == 0:
-            raise ValueError(f"rank {rank} of {world_size} has no row group in the {split} split")
         shard_idx = 0
 
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat.dataloader import SFTLoader, conversation_loader, pretrain_loader
+from nanochat.dataloader import SFTLoader, ConversationLoader, pretrain_loader
 from nanochat.dataset import shard_name
 from nanochat.tokenizer import Tokenizer
 
@@ -76,15 +76,15 @@ CONVERSATIONS = [
 
 
 def test_midtraining_packs_whole_conversations_ignoring_the_mask():
-    loader = conversation_loader(TOK, CONVERSATIONS, 2, 10, chunk=4)
+    loader = ConversationLoader(TOK, CONVERSATIONS, 2, 10, chunk=4)
     expected = [t for c in CONVERSATIONS for t in TOK.render_conversation(c)[0]]
     batches = list(loader)
     flat = [t for x, _ in batches for t in x.flatten().tolist()]
     assert flat == expected[: len(flat)] and len(batches) == (len(expected) - 1) // 20
     assert loader.progress() == 1.0
-    state = conversation_loader(TOK, CONVERSATIONS, 2, 10, chunk=4)
+    state = ConversationLoader(TOK, CONVERSATIONS, 2, 10, chunk=4)
     next(state)
-    resumed = conversation_loader(TOK, CONVERSATIONS, 2, 10, chunk=4, state=json.loads(json.dumps(state.state_dict())))
+    resumed = ConversationLoader(TOK, CONVERSATIONS, 2, 10, chunk=4, state=json.loads(json.dumps(state.state_dict())))
     assert torch.equal(next(resumed)[0], batches[1][0])
 
 

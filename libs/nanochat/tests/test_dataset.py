@@ -119,6 +119,13 @@ def test_row_groups_are_strided_by_rank_and_resumable(tmp_path):
         next(iter_row_groups(tmp_path, "train", 1, 2, start=(0, 2)))
 
 
+def test_a_rank_without_row_groups_is_a_clear_error(tmp_path):
+    for s in range(2):
+        write_shard(tmp_path / shard_name(s), ["a", "b"], 10)
+    with pytest.raises(ValueError, match="at least 2 row groups"):
+        next(iter_row_groups(tmp_path, "val", 1, 2))
+
+
 def test_missing_data_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="make_data"):
         split_shards(tmp_path, "train")

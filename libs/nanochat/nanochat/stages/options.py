@@ -79,7 +79,7 @@ class MakeDataOptions(StageOptions):
     synthetic_docs: int = Field(8000, ge=1, le=10_000_000, description="Documents the synthetic generator writes (fallback only).")
     row_group_size: int = Field(1024, ge=1, le=100_000, description="Documents per parquet row group.")
     docs_per_shard: int = Field(2048, ge=1, le=10_000_000, description="Documents per training shard.")
-    val_docs: int = Field(1024, ge=1, le=10_000_000, description="Documents in the last shard (the validation split).")
+    val_docs: int = Field(2048, ge=1, le=10_000_000, description="Documents in the last shard (the validation split); two row groups so two ranks each read one.")
     max_doc_chars: int = Field(3000, ge=100, le=1_000_000, description="Documents are cut at section/paragraph boundaries to at most this many characters.")
     chat_train: int = Field(2000, ge=1, le=1_000_000, description="SmolTalk-style training conversations.")
     chat_test: int = Field(200, ge=1, le=1_000_000, description="SmolTalk-style held-out conversations.")
