@@ -1,0 +1,126 @@
+"""The web UI server: health, static assets and headers, sessions, the proxy's pass-through,
+auth rules, streaming without buffering, and disconnects reaching the service."""
+
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from conftest import ADMIN_TOKEN, free_port, poll
+
+from webui.app import create_app
+from webui.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+def settings_for(fake_url: str, **extra) -> Settings:
+    values = dict(inference_url=f"{fake_url}/inference", trainer_url=f"{fake_url}/trainer",
+                  registry_url=f"{fake_url}/registry", inference_token="inference-secret",
+                  trainer_token="trainer-secret", registry_token="registry-secret", admin_token=ADMIN_TOKEN)
+    return Settings(**{**values, **extra})
+
+
+@pytest.fixture
+def client(fake):
+    with TestClient(create_app(settings_for(fake.url))) as c:
+        yield c
+
+
+def test_health_and_page_with_strict_csp(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    page = client.get("/")
+    assert page.status_code == 200 and '<script type="module" src="/app.js">' in page.text
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/../pyproject.toml").status_code == 404
+    assert client.get("/ready").json() == {"ready": True, "services": {"inference": True, "trainer": True, "registry": True}}
+
+
+def test_proxy_passes_path_query_and_only_safe_headers(client):
+    response = client.get("/api/trainer/_test/echo/a%2Fb/c?x=1&y=%20z",
+                          headers={"authorization": "Bearer from-browser", "cookie": "a=b", "last-event-id": "42"})
+    seen = response.json()
+    assert seen["raw_path"] == "/trainer/_test/echo/a%2Fb/c"
+    assert seen["query"] == "x=1&y=%20z"
+    assert seen["headers"]["authorization"] == "Bearer trainer-secret"
+    assert seen["headers"]["last-event-id"] == "42"
+    assert "cookie" not in seen["headers"]
+    assert seen["headers"]["x-request-id"] == response.headers["x-request-id"]
+    assert "sandbox" in response.headers["content-security-policy"]
+    assert client.get("/api/elsewhere/v1/x").status_code == 404
+
+
+def test_changes_need_the_admin_session(client):
+    job = {"stage": "make_data", "options": {}, "output_name": "nanochat"}
+    refused = client.post("/api/trainer/v1/jobs", json=job)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_required"
+    assert client.put("/api/registry/v1/models/nanochat/aliases/serving", json={"version": 5}).status_code == 403
+    assert client.post("/api/session", json={"token": "wrong"}).status_code == 401
+    assert client.get("/api/session").json()["role"] is None
+
+    login = client.post("/api/session", json={"token": ADMIN_TOKEN})
+    assert login.json() == {"role": "admin"}
+    cookie = login.headers["set-cookie"]
+    assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    assert ADMIN_TOKEN not in cookie
+    assert client.get("/api/session").json()["role"] == "admin"
+    created = client.post("/api/trainer/v1/jobs", json=job)
+    assert created.status_code == 202 and created.json()["status"] == "queued"
+
+    client.cookies.clear()
+    client.cookies.set("nanochat_session", "admin.99999999999.forged")
+    assert client.post("/api/trainer/v1/jobs", json=job).status_code == 403
+    client.delete("/api/session")
+    assert client.get("/api/session").json()["role"] is None
+
+
+def test_chat_token_protects_inference(fake):
+    with TestClient(create_app(settings_for(fake.url, chat_token="chat-token"))) as c:
+        assert c.get("/api/inference/v1/models").status_code == 401
+        assert c.post("/api/session", json={"token": "chat-token"}).json() == {"role": "chat"}
+        assert c.get("/api/inference/v1/models").json()["data"][0]["id"] == "nanochat"
+        # A chat session is not an admin one.
+        assert c.post("/api/trainer/v1/jobs", json={"stage": "make_data"}).status_code == 403
+
+
+def test_unreachable_service_and_oversized_body(fake):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with TestClient(create_app(settings_for(fake.url, inference_url=dead, max_body_bytes=1000))) as c:
+        down = c.get("/api/inference/v1/models")
+        assert down.status_code == 502 and down.json()["error"]["code"] == "upstream_unavailable"
+        assert c.get("/ready").status_code == 503
+        c.post("/api/session", json={"token": ADMIN_TOKEN})
+        big = c.post("/api/trainer/_test/echo/x", content=b"x" * 5000)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+        assert c.post("/api/trainer/_test/echo/x", content=b"x" * 500).json()["body"] == "x" * 500
+
+
+def test_upstream_errors_pass_through_with_retry_after(client):
+    body = {"model": "nanochat", "messages": [{"role": "user", "content": "too much context"}]}
+    too_long = client.post("/api/inference/v1/chat/completions", json=body)
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_stream_is_unbuffered_and_disconnect_frees_the_request(webui, fake):
+    before = httpx.get(f"{fake.url}/inference/_test/state").json()
+    body = {"model": "nanochat", "stream": True, "messages": [{"role": "user", "content": "a slow answer"}]}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{webui.url}/api/inference/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = response.iter_lines()
+            first = next(line for line in events if line.startswith("data:"))
+            assert json.loads(first[5:])["choices"][0]["delta"] == {"role": "assistant"}
+            # The first event reached us while the service is still generating: nothing buffered it.
+            assert httpx.get(f"{fake.url}/inference/_test/state").json()["active"] == 1
+            contents = [json.loads(line[5:])["choices"][0]["delta"]["content"]
+                        for line, _ in zip((l for l in events if l.startswith("data:")), range(3))]
+            assert contents == ["word0 ", "word1 ", "word2 "]
+    state = poll(lambda: (s := httpx.get(f"{fake.url}/inference/_test/state").json())["active"] == 0 and s)
+    assert state["disconnected"] == before["disconnected"] + 1
+    metrics = httpx.get(f"{webui.url}/metrics").text
+    assert 'webui_proxy_open_streams{service="inference"} 0.0' in metrics
+    assert 'webui_proxy_requests_total{service="inference",status="200"}' in metrics

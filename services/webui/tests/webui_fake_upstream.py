@@ -1,0 +1,296 @@
+"""A test-only stand-in for the inference, trainer and registry services, speaking their documented
+contracts (DESIGN.md "Contracts between the parts") under the prefixes /inference, /trainer and
+/registry of one HTTP server, so the web UI's proxy and pages can be driven in a real browser
+before the real services exist. `/<service>/_test/...` routes let a test steer it and read what
+it saw (open streams, the last chat request).
+
+Run: `python webui_fake_upstream.py PORT`.
+"""
+
+import asyncio
+import json
+import sys
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+
+INFERENCE_TOKEN = "inference-secret"
+TRAINER_TOKEN = "trainer-secret"
+REGISTRY_TOKEN = "registry-secret"
+
+app = FastAPI()
+state = {
+    "model": {"id": "nanochat", "object": "model", "version": 4, "stage": "sft", "context_length": 2048},
+    "active": 0, "finished": 0, "disconnected": 0, "replies": 0, "busy_left": 1,
+    "last_chat": None, "last_headers": None,
+}
+
+
+def openai_error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}},
+                        status_code=status, headers=headers)
+
+
+@app.get("/{service}/health")
+async def health(service: str) -> dict:
+    return {"status": "ok"}
+
+
+@app.api_route("/{service}/_test/echo/{rest:path}", methods=["GET", "POST", "PUT"])
+async def echo(service: str, rest: str, request: Request) -> dict:
+    return {"raw_path": request.scope["raw_path"].decode(), "query": request.scope["query_string"].decode(),
+            "method": request.method, "headers": dict(request.headers), "body": (await request.body()).decode()}
+
+
+# ---- inference --------------------------------------------------------------------------------
+
+@app.get("/inference/v1/models")
+async def models() -> dict:
+    return {"object": "list", "data": [state["model"]]}
+
+
+@app.get("/inference/_test/state")
+async def inference_state() -> dict:
+    return {k: state[k] for k in ("active", "finished", "disconnected", "replies", "last_chat", "last_headers")}
+
+
+def reply_for(text: str) -> tuple[list[tuple[str, str]], float]:
+    """The deltas of a reply, as (kind, text), and the pause between them."""
+    lowered = text.lower()
+    if "xss" in lowered:
+        payload = ('Careful: <script>window.__xss = 1</script> and <img src=x onerror="window.__xss = 2"> '
+                   'and [a link](javascript:window.__xss=3) stay text. **Bold** is fine.')
+        return [("text", w + " ") for w in payload.split(" ")], 0.005
+    if "calc" in lowered:
+        return [("text", "Let me compute that. "), ("python", "12*7"), ("python_output", "84"),
+                ("text", "The answer is **84**.")], 0.02
+    if "code" in lowered:
+        return [("text", "Here is code:\n\n```python\nprint('hello')\n```\n"), ("text", "Done.")], 0.02
+    if "slow" in lowered:
+        return [("text", f"word{i} ") for i in range(2000)], 0.03
+    state["replies"] += 1
+    words = f"You said: {text.strip()}. This is reply #{state['replies']}.".split(" ")
+    return [("text", w + " ") for w in words], 0.01
+
+
+@app.post("/inference/v1/chat/completions")
+async def chat(request: Request):
+    body = await request.json()
+    state["last_chat"] = body
+    state["last_headers"] = dict(request.headers)
+    if request.headers.get("authorization") != f"Bearer {INFERENCE_TOKEN}":
+        return openai_error(401, "missing or wrong bearer token", "invalid_api_key")
+    last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+    if "context" in last.lower():
+        return openai_error(400, "The prompt has 4100 tokens but the context is 2048 tokens.",
+                            "context_length_exceeded")
+    if "busy" in last.lower() and state["busy_left"] > 0:
+        state["busy_left"] -= 1
+        return openai_error(429, "The waiting queue is full.", "rate_limit_exceeded", {"Retry-After": "1"})
+    deltas, pause = reply_for(last)
+
+    async def events():
+        state["active"] += 1
+        done = False
+        try:
+            base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": "nanochat"}
+            yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}}]})}\n\n"
+            for kind, text in deltas:
+                await asyncio.sleep(pause)
+                delta = {"content": text} if kind == "text" else {"nanochat_tool": {"type": kind, "text": text}}
+                yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta}]})}\n\n"
+            yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+            yield "data: [DONE]\n\n"
+            done = True
+        finally:
+            state["active"] -= 1
+            state["finished" if done else "disconnected"] += 1
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# ---- trainer ----------------------------------------------------------------------------------
+
+class BaseTrainOptions(BaseModel):
+    depth: int = Field(4, ge=1, le=64, description="Transformer layers; width is depth * 64")
+    device_batch_size: int = Field(2, ge=1)
+    warmdown_ratio: float = Field(0.2, ge=0, le=1)
+    eval_every: int | None = None
+
+
+jobs: dict[str, dict] = {
+    "job-1": {"id": "job-1", "stage": "base_train", "status": "running", "created_at": time.time(),
+              "progress": {"step": 0, "total": 20}, "metrics": {}},
+}
+series: dict[str, dict[str, list]] = {"job-1": {"loss": [], "lr": [], "tok_per_s": []}}
+logs: dict[str, bytearray] = {"job-1": bytearray(b"starting base_train\n")}
+log_changed = asyncio.Condition()
+drops = {"generation": 0}
+
+
+@app.get("/trainer/v1/stages")
+async def stages() -> list:
+    return [
+        {"name": "base_train", "description": "Pretrain the base model.", "input_stage": "tokenizer",
+         "options_schema": BaseTrainOptions.model_json_schema()},
+        {"name": "make_data", "description": "Write the tiny offline corpus.", "input_stage": None,
+         "options_schema": {"type": "object", "properties": {}}},
+    ]
+
+
+@app.get("/trainer/v1/jobs")
+async def list_jobs() -> dict:
+    return {"jobs": list(jobs.values())}
+
+
+@app.get("/trainer/v1/jobs/{job_id}")
+async def get_job(job_id: str):
+    if job_id not in jobs:
+        return JSONResponse({"detail": "no such job"}, status_code=404)
+    return jobs[job_id]
+
+
+@app.get("/trainer/v1/jobs/{job_id}/metrics")
+async def job_metrics(job_id: str) -> dict:
+    return {"series": series.get(job_id, {})}
+
+
+@app.get("/trainer/v1/jobs/{job_id}/logs")
+async def job_logs(job_id: str, request: Request, offset: int = 0, follow: bool = False):
+    data = logs.setdefault(job_id, bytearray())
+    start = int(request.headers.get("last-event-id") or offset)
+    if not follow:
+        return PlainTextResponse(bytes(data[start:]).decode())
+    generation = drops["generation"]
+
+    async def events():
+        position = start
+        while True:
+            while True:
+                end = data.find(b"\n", position)
+                if end < 0:
+                    break
+                line = bytes(data[position:end]).decode()
+                position = end + 1
+                yield f"id: {position}\ndata: {line}\n\n"
+            async with log_changed:
+                try:
+                    await asyncio.wait_for(log_changed.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+            if drops["generation"] != generation:
+                return  # the test asked for a dropped connection: the browser must reconnect
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@app.post("/trainer/_test/step")
+async def step() -> dict:
+    job = jobs["job-1"]
+    n = job["progress"]["step"] + 1
+    job["progress"]["step"] = n
+    loss = 10.0 / (1 + n)
+    for name, value in (("loss", loss), ("lr", 0.02 * (1 - n / 40)), ("tok_per_s", 1000.0 + 10 * n)):
+        series["job-1"][name].append([n, value])
+    job["metrics"] = {"loss": loss}
+    logs["job-1"] += f"step {n:05d} loss {loss:.4f}\n".encode()
+    async with log_changed:
+        log_changed.notify_all()
+    return {"step": n}
+
+
+@app.post("/trainer/_test/drop")
+async def drop() -> dict:
+    drops["generation"] += 1
+    async with log_changed:
+        log_changed.notify_all()
+    return {"generation": drops["generation"]}
+
+
+@app.post("/trainer/v1/jobs")
+async def create_job(request: Request):
+    if request.headers.get("authorization") != f"Bearer {TRAINER_TOKEN}":
+        return JSONResponse({"detail": "bad token"}, status_code=401)
+    body = await request.json()
+    if body.get("stage") == "base_train":
+        try:
+            options = BaseTrainOptions.model_validate(body.get("options", {}))
+        except ValidationError as exc:
+            return JSONResponse({"detail": [{"loc": ["body", "options", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                                            for e in exc.errors()]}, status_code=422)
+        if options.depth % 2 and (options.depth + 1) & options.depth:
+            return JSONResponse({"detail": [{"loc": ["body", "options", "depth"], "type": "value_error",
+                                             "msg": f"depth {options.depth}: an odd depth needs depth+1 to be a power of two"}]},
+                                status_code=422)
+    job_id = f"job-{len(jobs) + 1}"
+    jobs[job_id] = {"id": job_id, "stage": body.get("stage"), "pipeline": body.get("pipeline"), "status": "queued",
+                    "created_at": time.time(), "progress": 0.0, "metrics": {}, "request": body}
+    return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
+
+
+@app.post("/trainer/v1/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request):
+    if request.headers.get("authorization") != f"Bearer {TRAINER_TOKEN}":
+        return JSONResponse({"detail": "bad token"}, status_code=401)
+    jobs[job_id]["status"] = "cancelled"
+    return {"id": job_id, "status": "cancelled"}
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+versions = [
+    {"version": 1, "stage": "tokenizer", "step": None, "parent_version": None, "metrics": {"ratio": 4.3}},
+    {"version": 2, "stage": "base", "step": 200, "parent_version": 1, "metrics": {"val_bpb": 1.21, "core": 0.05}},
+    {"version": 3, "stage": "mid", "step": 80, "parent_version": 2, "metrics": {"val_bpb": 1.1}},
+    {"version": 4, "stage": "sft", "step": 40, "parent_version": 3, "metrics": {"arc_easy": 0.31},
+     "attachments": [{"name": "report.md"}]},
+    {"version": 5, "stage": "rl", "step": 30, "parent_version": 4, "metrics": {"gsm8k": 0.04}},
+]
+aliases = {"serving": 4}
+
+
+@app.get("/registry/v1/models")
+async def registry_models() -> dict:
+    return {"models": [{"name": "nanochat"}]}
+
+
+@app.get("/registry/v1/models/{name}")
+async def registry_model(name: str) -> dict:
+    return {"name": name, "aliases": aliases}
+
+
+@app.get("/registry/v1/models/{name}/versions")
+async def registry_versions(name: str) -> dict:
+    return {"versions": [{**v, "created_at": "2026-11-20T10:00:00Z"} for v in versions]}
+
+
+@app.get("/registry/v1/models/{name}/versions/{version}/attachments/{file}")
+async def attachment(name: str, version: int, file: str):
+    return PlainTextResponse("# Report card\n\n| metric | SFT |\n|---|---|\n\n- ARC-Easy: **0.31**\n<script>window.__xss=4</script>\n",
+                             media_type="text/markdown")
+
+
+class AliasMove(BaseModel):
+    version: int
+
+
+@app.put("/registry/v1/models/{name}/aliases/{alias}")
+async def move_alias(name: str, alias: str, move: AliasMove, request: Request):
+    if request.headers.get("authorization") != f"Bearer {REGISTRY_TOKEN}":
+        return JSONResponse({"detail": "bad token"}, status_code=401)
+    target = next((v for v in versions if v["version"] == move.version), None)
+    if target is None:
+        return JSONResponse({"detail": "no such version"}, status_code=404)
+    aliases[alias] = move.version
+    if alias == "serving":
+        # What inference does on alias.moved: serve the version the alias now names.
+        state["model"] = {**state["model"], "version": target["version"], "stage": target["stage"]}
+    return {"alias": alias, "version": move.version}
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

@@ -1,0 +1,155 @@
+// Dashboard: the jobs list, and a job's page with live log, live charts and cancel.
+import { listOf, request } from "./api.js";
+import { lineChart } from "./chart.js";
+import { formatNumber, formatTime, h } from "./dom.js";
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const POLL_MS = 2000;
+
+const jobId = (job) => job.id ?? job.job_id;
+const whatOf = (job) => job.pipeline ? `${job.pipeline} pipeline${job.preset ? ` (${job.preset})` : ""}` : job.stage || "job";
+
+// The trainer reports progress as a fraction, a percentage, or {step, total}.
+export function progressOf(job) {
+  const p = job.progress;
+  if (typeof p === "number") return Math.min(1, Math.max(0, p > 1 ? p / 100 : p));
+  if (p && typeof p === "object") {
+    if (typeof p.fraction === "number") return Math.min(1, Math.max(0, p.fraction));
+    const total = p.total ?? p.total_steps ?? p.num_steps;
+    if (total) return Math.min(1, Math.max(0, (p.step ?? 0) / total));
+  }
+  return job.status === "succeeded" ? 1 : 0;
+}
+
+function progressBar(job) {
+  const fraction = progressOf(job);
+  const fill = h("div", { class: "fill" });
+  fill.style.width = `${(fraction * 100).toFixed(1)}%`;
+  return h("div", { class: `progress ${job.status}`, role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100,
+    "aria-valuenow": Math.round(fraction * 100), "data-testid": "progress" }, fill);
+}
+
+const statusPill = (status) => h("span", { class: `pill ${status}`, "data-testid": "status" }, status || "unknown");
+
+function latestLoss(job) {
+  const value = job.metrics?.loss ?? job.latest_metrics?.loss;
+  return typeof value === "number" ? formatNumber(value) : "";
+}
+
+export function mountJobs(root, app) {
+  const body = h("tbody");
+  const note = h("p", { class: "muted" });
+  root.replaceChildren(h("section", { class: "page" },
+    h("div", { class: "page-head" }, h("h2", {}, "Jobs"), h("a", { class: "button primary", href: "#/launch" }, "Launch")),
+    note,
+    h("div", { class: "table-wrap" }, h("table", { class: "jobs", "data-testid": "jobs-table" },
+      h("thead", {}, h("tr", {}, ...["Job", "What", "Status", "Progress", "Loss", "Created"].map((t) => h("th", {}, t)))),
+      body))));
+
+  async function refresh() {
+    try {
+      const jobs = listOf(await request("/api/trainer/v1/jobs"), "jobs");
+      note.textContent = jobs.length ? "" : "No jobs yet. Launch a stage or the speedrun pipeline.";
+      body.replaceChildren(...jobs.map((job) => h("tr", { "data-testid": "job-row", "data-job": jobId(job) },
+        h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(jobId(job))}` }, String(jobId(job)).slice(0, 12))),
+        h("td", {}, whatOf(job)),
+        h("td", {}, statusPill(job.status)),
+        h("td", {}, progressBar(job)),
+        h("td", {}, latestLoss(job)),
+        h("td", {}, formatTime(job.created_at ?? job.created)))));
+      app.clearBanner("trainer");
+    } catch (err) {
+      app.banner("trainer", err.message);
+    }
+  }
+  refresh();
+  const timer = setInterval(refresh, POLL_MS);
+  return { unmount: () => clearInterval(timer) };
+}
+
+export function mountJob(root, app, id) {
+  const path = `/api/trainer/v1/jobs/${encodeURIComponent(id)}`;
+  const status = h("span");
+  const progressSlot = h("div", { class: "progress-slot" });
+  const details = h("dl", { class: "details" });
+  const cancel = h("button", { type: "button", class: "danger", "data-testid": "cancel", hidden: true }, "Cancel job");
+  const charts = { loss: lineChart("loss"), lr: lineChart("lr"), tok_per_s: lineChart("tok_per_s") };
+  const log = h("pre", { class: "log", "data-testid": "log" });
+  const logState = h("span", { class: "muted", "data-testid": "log-state" }, "connecting…");
+  root.replaceChildren(h("section", { class: "page" },
+    h("div", { class: "page-head" }, h("h2", {}, `Job ${id}`), status, cancel),
+    progressSlot, details,
+    h("div", { class: "charts" }, ...Object.values(charts).map((c) => c.el)),
+    h("div", { class: "log-head" }, h("h3", {}, "Log"), logState), log));
+
+  let job = null;
+  let timer = null;
+  let source = null;
+  let lastOffset = -1;
+
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    try {
+      await request(`${path}/cancel`, { method: "POST" });
+      await refresh();
+    } catch (err) {
+      app.banner("trainer", err.message);
+    } finally {
+      cancel.disabled = false;
+    }
+  });
+
+  async function refresh() {
+    try {
+      const [fresh, metrics] = await Promise.all([request(path), request(`${path}/metrics`)]);
+      job = fresh;
+      status.replaceChildren(statusPill(job.status));
+      progressSlot.replaceChildren(progressBar(job), h("span", { class: "muted" }, `${whatOf(job)} · ${Math.round(progressOf(job) * 100)}%`));
+      const rows = [["created", formatTime(job.created_at ?? job.created)]];
+      const output = job.output_version ?? job.output;
+      if (output) rows.push(["produced", typeof output === "object" ? `${output.name ?? ""} v${output.version ?? "?"}` : `v${output}`]);
+      if (job.error) rows.push(["error", String(job.error)]);
+      for (const [key, value] of Object.entries(job.metrics ?? job.latest_metrics ?? {})) rows.push([key, formatNumber(value)]);
+      details.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+      cancel.hidden = TERMINAL.has(job.status) || !app.isAdmin();
+      for (const [name, chart] of Object.entries(charts)) chart.update(metrics?.series?.[name]);
+      app.clearBanner("trainer");
+      if (TERMINAL.has(job.status)) clearInterval(timer);
+    } catch (err) {
+      app.banner("trainer", err.message);
+    }
+  }
+
+  // EventSource reconnects by itself and sends Last-Event-ID (a byte offset), so the trainer
+  // resumes exactly where the stream broke; offsets already shown are skipped as well.
+  function follow() {
+    source = new EventSource(`${path}/logs?follow=true`);
+    const onLine = (event) => {
+      const offset = Number.parseInt(event.lastEventId, 10);
+      if (Number.isFinite(offset)) {
+        if (offset <= lastOffset) return;
+        lastOffset = offset;
+      }
+      const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      const text = event.data.endsWith("\n") ? event.data : `${event.data}\n`;
+      log.append(document.createTextNode(text));
+      if (atBottom) log.scrollTop = log.scrollHeight;
+    };
+    source.addEventListener("message", onLine);
+    source.addEventListener("log", onLine);
+    source.addEventListener("open", () => { logState.textContent = "following"; });
+    source.addEventListener("error", () => {
+      if (job && TERMINAL.has(job.status)) {
+        source.close();
+        logState.textContent = "ended";
+      } else {
+        logState.textContent = "reconnecting…";
+      }
+    });
+  }
+
+  refresh();
+  timer = setInterval(refresh, POLL_MS);
+  follow();
+  return { unmount: () => { clearInterval(timer); source?.close(); } };
+}

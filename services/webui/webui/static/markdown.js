@@ -1,0 +1,120 @@
+// A small markdown renderer that builds DOM nodes directly. It never parses HTML: raw tags in
+// model output (<script>, <img onerror=...>) come out as visible text, so they stay inert.
+// Covers what chat answers use: fenced code (with a copy button), headings, lists, quotes,
+// rules, paragraphs, `code`, **bold**, *italic* and [links](https://...).
+import { h } from "./dom.js";
+
+const SAFE_URL = /^(https?:|mailto:)/i;
+const INLINE = [
+  { re: /`([^`\n]+)`/, make: (m) => h("code", {}, m[1]) },
+  { re: /\*\*([^*\n]+)\*\*/, make: (m) => h("strong", {}, ...inline(m[1])) },
+  { re: /\*([^*\s][^*\n]*)\*/, make: (m) => h("em", {}, ...inline(m[1])) },
+  { re: /(?<![\w])_([^_\s][^_\n]*)_(?![\w])/, make: (m) => h("em", {}, ...inline(m[1])) },
+  {
+    re: /\[([^\]\n]+)\]\(([^)\s]+)\)/,
+    make: (m) => SAFE_URL.test(m[2])
+      ? h("a", { href: m[2], target: "_blank", rel: "noopener noreferrer nofollow" }, ...inline(m[1]))
+      : document.createTextNode(m[0]),
+  },
+];
+
+function inline(text) {
+  const nodes = [];
+  let rest = text;
+  while (rest) {
+    let best = null;
+    for (const rule of INLINE) {
+      const m = rule.re.exec(rest);
+      if (m && (best === null || m.index < best.m.index)) best = { m, rule };
+    }
+    if (!best) { nodes.push(document.createTextNode(rest)); break; }
+    if (best.m.index > 0) nodes.push(document.createTextNode(rest.slice(0, best.m.index)));
+    nodes.push(best.rule.make(best.m));
+    rest = rest.slice(best.m.index + best.m[0].length);
+  }
+  return nodes;
+}
+
+function withBreaks(lines) {
+  const nodes = [];
+  lines.forEach((line, i) => {
+    if (i > 0) nodes.push(h("br"));
+    nodes.push(...inline(line));
+  });
+  return nodes;
+}
+
+export function codeBlock(code, language = "") {
+  const copy = h("button", { class: "copy", type: "button", "aria-label": "Copy code" }, "Copy");
+  copy.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(code);
+      copy.textContent = "Copied";
+    } catch {
+      copy.textContent = "Copy failed";
+    }
+    setTimeout(() => { copy.textContent = "Copy"; }, 1500);
+  });
+  return h("div", { class: "codeblock" },
+    h("div", { class: "codebar" }, h("span", {}, language || "code"), copy),
+    h("pre", {}, h("code", {}, code)));
+}
+
+const LIST_ITEM = /^\s*([-*+]|\d+[.)])\s+(.*)$/;
+
+export function renderMarkdown(source) {
+  const out = document.createDocumentFragment();
+  const lines = source.replace(/\r\n/g, "\n").split("\n");
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    const fence = /^\s*(```|~~~)\s*([\w+.-]*)\s*$/.exec(line);
+    if (fence) {
+      const body = [];
+      i += 1;
+      // An unclosed fence (mid-stream) runs to the end, so code shows as code while it arrives.
+      while (i < lines.length && !lines[i].trim().startsWith(fence[1])) body.push(lines[i++]);
+      i += 1;
+      out.append(codeBlock(body.join("\n"), fence[2]));
+      continue;
+    }
+    if (!line.trim()) { i += 1; continue; }
+    const heading = /^(#{1,6})\s+(.*)$/.exec(line);
+    if (heading) {
+      out.append(h(`h${Math.min(heading[1].length + 2, 6)}`, {}, ...inline(heading[2])));
+      i += 1;
+      continue;
+    }
+    if (/^\s*([-*_])(\s*\1){2,}\s*$/.test(line)) { out.append(h("hr")); i += 1; continue; }
+    if (/^\s*>/.test(line)) {
+      const quoted = [];
+      while (i < lines.length && /^\s*>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s*>\s?/, ""));
+      out.append(h("blockquote", {}, renderMarkdown(quoted.join("\n"))));
+      continue;
+    }
+    const item = LIST_ITEM.exec(line);
+    if (item) {
+      const ordered = /\d/.test(item[1]);
+      const list = h(ordered ? "ol" : "ul");
+      if (ordered && Number.parseInt(item[1], 10) !== 1) list.setAttribute("start", Number.parseInt(item[1], 10));
+      while (i < lines.length) {
+        const m = LIST_ITEM.exec(lines[i]);
+        if (!m || /\d/.test(m[1]) !== ordered) break;
+        const itemLines = [m[2]];
+        i += 1;
+        // Indented lines that follow belong to the same item.
+        while (i < lines.length && /^\s{2,}\S/.test(lines[i]) && !LIST_ITEM.exec(lines[i])) itemLines.push(lines[i++].trim());
+        list.append(h("li", {}, ...withBreaks(itemLines)));
+      }
+      out.append(list);
+      continue;
+    }
+    // The first line always belongs to the paragraph, so every pass moves on.
+    const para = [lines[i++]];
+    while (i < lines.length && lines[i].trim() && !/^\s*(```|~~~|#{1,6}\s|>)/.test(lines[i]) && !LIST_ITEM.exec(lines[i])) {
+      para.push(lines[i++]);
+    }
+    out.append(h("p", {}, ...withBreaks(para)));
+  }
+  return out;
+}

@@ -1,0 +1,125 @@
+// Dashboard: registered model versions with stage and metrics, their lineage as a picture,
+// report cards, and the `serving` alias (which version inference serves).
+import { listOf, request } from "./api.js";
+import { formatNumber, formatTime, h } from "./dom.js";
+import { renderMarkdown } from "./markdown.js";
+
+const versionOf = (v) => v.version;
+const parentOf = (v) => (v.parent_version && typeof v.parent_version === "object" ? v.parent_version.version : v.parent_version ?? v.parent);
+const attachmentName = (a) => (typeof a === "string" ? a : a.name ?? a.path);
+
+function aliasesFrom(model, versions) {
+  const aliases = {};
+  const raw = model?.aliases;
+  if (Array.isArray(raw)) for (const a of raw) aliases[a.alias ?? a.name] = a.version;
+  else if (raw && typeof raw === "object") Object.assign(aliases, raw);
+  for (const v of versions) for (const a of v.aliases || []) aliases[a] = versionOf(v);
+  return aliases;
+}
+
+function lineage(versions, start) {
+  const byVersion = new Map(versions.map((v) => [versionOf(v), v]));
+  const chain = [];
+  const seen = new Set();
+  for (let v = byVersion.get(start); v && !seen.has(versionOf(v)); v = byVersion.get(parentOf(v))) {
+    seen.add(versionOf(v));
+    chain.unshift(v);
+  }
+  return chain;
+}
+
+export function mountModels(root, app) {
+  const picker = h("select", { "data-testid": "model-name", "aria-label": "Model name" });
+  const tableBody = h("tbody");
+  const lineageBox = h("div", { class: "lineage", "data-testid": "lineage" });
+  const report = h("div", { class: "report", "data-testid": "report" });
+  root.replaceChildren(h("section", { class: "page" },
+    h("div", { class: "page-head" }, h("h2", {}, "Models"), picker),
+    h("div", { class: "table-wrap" }, h("table", { class: "versions", "data-testid": "versions-table" },
+      h("thead", {}, h("tr", {}, ...["Version", "Stage", "Step", "Metrics", "Created", "Aliases", ""].map((t) => h("th", {}, t)))),
+      tableBody)),
+    h("h3", {}, "Lineage"), lineageBox, report));
+
+  let name = null;
+  let selected = null;
+
+  async function showReport(version, files) {
+    const base = `/api/registry/v1/models/${encodeURIComponent(name)}/versions/${version}/attachments`;
+    const md = files.find((f) => f.endsWith(".md"));
+    const images = files.filter((f) => /\.(png|jpe?g|svg|gif|webp)$/i.test(f));
+    report.replaceChildren(h("h3", {}, `Report card · v${version}`));
+    try {
+      if (md) {
+        const response = await fetch(`${base}/${encodeURIComponent(md)}`);
+        if (!response.ok) throw new Error(`the report could not be loaded (${response.status})`);
+        report.append(renderMarkdown(await response.text()));
+      }
+      for (const img of images) report.append(h("img", { src: `${base}/${encodeURIComponent(img)}`, alt: img }));
+    } catch (err) {
+      report.append(h("p", { class: "form-error" }, String(err.message)));
+    }
+  }
+
+  async function load() {
+    try {
+      const models = listOf(await request("/api/registry/v1/models"), "models").map((m) => (typeof m === "string" ? m : m.name));
+      if (!models.length) {
+        tableBody.replaceChildren(h("tr", {}, h("td", { colspan: 7 }, "No models registered yet.")));
+        return;
+      }
+      if (!name || !models.includes(name)) name = models.includes("nanochat") ? "nanochat" : models[0];
+      picker.replaceChildren(...models.map((m) => h("option", { value: m, selected: m === name }, m)));
+      const path = `/api/registry/v1/models/${encodeURIComponent(name)}`;
+      const [model, versionsBody] = await Promise.all([request(path), request(`${path}/versions`)]);
+      const versions = listOf(versionsBody, "versions").sort((a, b) => versionOf(b) - versionOf(a));
+      const aliases = aliasesFrom(model, versions);
+      if (selected === null || !versions.some((v) => versionOf(v) === selected)) selected = aliases.serving ?? versionOf(versions[0]);
+      tableBody.replaceChildren(...versions.map((v) => {
+        const aliasNames = Object.entries(aliases).filter(([, ver]) => ver === versionOf(v)).map(([a]) => a);
+        const files = (v.attachments || []).map(attachmentName).filter(Boolean);
+        const actions = h("td", { class: "row-actions" });
+        if (files.length) actions.append(h("button", { type: "button", class: "link", onclick: () => showReport(versionOf(v), files) }, "Report card"));
+        if (app.isAdmin() && aliases.serving !== versionOf(v)) {
+          const serve = h("button", { type: "button", "data-testid": "set-serving" }, "Serve this");
+          serve.addEventListener("click", async () => {
+            serve.disabled = true;
+            try {
+              await request(`${path}/aliases/serving`, { method: "PUT", body: { version: versionOf(v) } });
+              await load();
+            } catch (err) {
+              app.banner("registry", err.message);
+              serve.disabled = false;
+            }
+          });
+          actions.append(serve);
+        }
+        const row = h("tr", { class: versionOf(v) === selected ? "selected" : "", "data-testid": "version-row", "data-version": versionOf(v) },
+          h("td", {}, `v${versionOf(v)}`),
+          h("td", {}, h("span", { class: `pill stage-${v.stage}` }, v.stage)),
+          h("td", {}, v.step !== undefined && v.step !== null ? formatNumber(v.step) : ""),
+          h("td", { class: "metrics" }, Object.entries(v.metrics || {}).map(([k, val]) => h("span", { class: "metric" }, `${k} ${formatNumber(val)}`))),
+          h("td", {}, formatTime(v.created_at ?? v.created)),
+          h("td", {}, aliasNames.map((a) => h("span", { class: "pill alias", "data-testid": "alias" }, a))),
+          actions);
+        row.addEventListener("click", (e) => {
+          if (e.target.closest("button")) return;
+          selected = versionOf(v);
+          load();
+        });
+        return row;
+      }));
+      const chain = lineage(versions, selected);
+      lineageBox.replaceChildren(...chain.flatMap((v, i) => [
+        i ? h("span", { class: "arrow", "aria-hidden": "true" }, "→") : null,
+        h("div", { class: `node stage-${v.stage}`, "data-testid": "lineage-node" }, h("strong", {}, v.stage), h("span", {}, `v${versionOf(v)}`)),
+      ]));
+      app.clearBanner("registry");
+    } catch (err) {
+      app.banner("registry", err.message);
+    }
+  }
+
+  picker.addEventListener("change", () => { name = picker.value; selected = null; report.replaceChildren(); load(); });
+  load();
+  return { unmount() {} };
+}

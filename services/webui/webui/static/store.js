@@ -1,0 +1,37 @@
+// Conversations and chat settings, kept in this browser's localStorage (they survive a reload
+// and never leave the browser except as the messages of a request).
+const CONVERSATIONS = "nanochat.conversations.v1";
+const SETTINGS = "nanochat.settings.v1";
+
+export const DEFAULT_SETTINGS = { system: "", temperature: 0.6, top_k: 50, max_tokens: 512 };
+
+function read(key, fallback) {
+  try {
+    const value = JSON.parse(localStorage.getItem(key));
+    return value ?? fallback;
+  } catch {
+    return fallback;  // a corrupt entry must not take the whole UI down
+  }
+}
+
+export function loadConversations() {
+  const list = read(CONVERSATIONS, []);
+  return Array.isArray(list) ? list.filter((c) => c && c.id && Array.isArray(c.messages)) : [];
+}
+
+export function saveConversations(list) {
+  localStorage.setItem(CONVERSATIONS, JSON.stringify(list));
+}
+
+export function newConversation() {
+  const now = Date.now();
+  return { id: `c${now.toString(36)}${Math.random().toString(36).slice(2, 8)}`, title: "New chat", created: now, updated: now, messages: [] };
+}
+
+export function loadSettings() {
+  return { ...DEFAULT_SETTINGS, ...read(SETTINGS, {}) };
+}
+
+export function saveSettings(settings) {
+  localStorage.setItem(SETTINGS, JSON.stringify(settings));
+}
