@@ -1,0 +1,101 @@
+"""The per-host reaper: finds running job nodes whose worker stopped sending heartbeats.
+
+A thread of every worker and of the API. For a node on this host whose heartbeat is older than
+`heartbeat_limit`, it kills the node's process group (only if a member still carries the job's
+marker variable, so a recycled group id is never hit) and then fails the job, or re-queues it
+while `requeue_on_worker_loss` allows. A node on another host is left to that host's reaper
+for three heartbeat limits; after that its host is taken as gone and the job is ended anyway,
+so no job is ever left `running`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from redis import Redis
+from sqlalchemy import select, update
+
+from trainer.db import TERMINAL, Database, Job, JobNode
+from trainer.dispatch import enqueue_job
+from trainer.procs import JOB_MARKER, group_runs_job, terminate_group
+from trainer.settings import Settings
+
+log = logging.getLogger("trainer.reaper")
+
+FOREIGN_HOST_FACTOR = 3
+
+
+class Reaper:
+    def __init__(self, settings: Settings, db: Database, redis: Redis):
+        self.settings, self.db, self.redis = settings, db, redis
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.settings.reap_interval):
+            try:
+                self.reap_once()
+            except Exception:
+                log.exception("reaper scan failed")
+
+    def reap_once(self) -> list[str]:
+        """One scan; returns the ids of the jobs it ended or re-queued."""
+        now = time.time()
+        limit = self.settings.heartbeat_limit
+        with self.db.session() as s:
+            stale = s.execute(select(JobNode.job_id, JobNode.node_rank, JobNode.host, JobNode.pgid,
+                                     JobNode.worker, JobNode.heartbeat_at)
+                              .where(JobNode.status == "running", JobNode.heartbeat_at < now - limit)).all()
+        handled = []
+        for job_id, rank, host, pgid, worker, beat in stale:
+            age = now - beat
+            if host == self.settings.host:
+                if pgid and group_runs_job(pgid, JOB_MARKER, job_id):
+                    terminate_group(pgid, self.settings.cancel_grace)
+                reason = (f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago, limit "
+                          f"{limit:g} s); its processes were killed")
+            elif age > FOREIGN_HOST_FACTOR * limit:
+                reason = (f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago) and no "
+                          f"reaper on {host} ended it; the host is taken as gone")
+            else:
+                continue
+            if self._lost(job_id, rank, beat, reason):
+                handled.append(job_id)
+        return handled
+
+    def _lost(self, job_id: str, rank: int, beat: float, reason: str) -> bool:
+        with self.db.session() as s:
+            # Only the reaper that flips the node first acts (API and workers reap side by side).
+            claimed = s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == rank,
+                                                      JobNode.status == "running", JobNode.heartbeat_at == beat)
+                                .values(status="failed", error=reason)).rowcount
+            if not claimed:
+                return False
+            job = s.get(Job, job_id, with_for_update=True)
+            if job.status in TERMINAL:
+                return True
+            if job.cancel_requested:
+                job.status, job.finished_at = "cancelled", time.time()
+                return True
+            if job.attempts < self.settings.requeue_on_worker_loss:
+                job.attempts += 1
+                job.status, job.error = "queued", f"re-queued (attempt {job.attempts + 1}): {reason}"
+                for node in job.nodes:
+                    node.status, node.pgid, node.heartbeat_at = "queued", None, None
+                attempt, nnodes = job.attempts, job.nnodes
+            else:
+                job.status, job.error, job.finished_at = "failed", reason, time.time()
+                log.warning("job failed: %s", reason, extra={"job_id": job_id})
+                return True
+        enqueue_job(self.settings, self.redis, job_id, nnodes, attempt)
+        log.warning("job re-queued: %s", reason, extra={"job_id": job_id})
+        return True

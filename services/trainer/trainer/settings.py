@@ -1,0 +1,53 @@
+"""The trainer's settings, from `TRAINER_*` environment variables (pydantic-settings).
+
+e.g. `TRAINER_REDIS_URL=redis://127.0.0.1:6379/0 TRAINER_WRITE_TOKEN=... python -m trainer api`.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAINER_", extra="ignore")
+
+    database_url: str = Field("sqlite:///runs/trainer.db", description="SQLAlchemy URL of the job records (SQLite by default, PostgreSQL in compose).")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the RQ queue, the gang barriers and the cancel flags.")
+    redis_prefix: str = Field("nanochat:trainer:", min_length=1, description="Prefix of the trainer's own Redis keys (RQ keeps its rq: keys).")
+    queue_name: str = Field("nanochat-trainer", min_length=1, description="RQ queue the API fills and the workers drain.")
+    registry_url: str = Field("http://127.0.0.1:8002", description="Base URL of the model registry.")
+    registry_token: str | None = Field(None, description="Bearer token for registry writes (uploads, metric patches, attachments).")
+    write_token: str | None = Field(None, description="Bearer token that POST /v1/jobs and cancel require; unset refuses every write.")
+    data_dir: Path = Field(Path("data"), description="The --data-dir every stage reads (make_data fills it).")
+    runs_dir: Path = Field(Path("runs"), description="Job folders: logs, events, stage outputs, downloaded inputs.")
+    rdzv_endpoint: str = Field("127.0.0.1:29400", description="host:port of torchrun's c10d rendezvous for nnodes > 1 (node 0 hosts it).")
+    torchrun: list[str] = Field(default_factory=lambda: [sys.executable, "-m", "torch.distributed.run"], description="The torchrun command; by default the running venv's.")
+    stage_modules: dict[str, str] = Field(default_factory=dict, description="Operator override: stage name -> module torchrun runs instead of nanochat.stages.<stage>.")
+    job_timeout: int = Field(7 * 24 * 3600, ge=60, description="RQ job timeout in seconds (RQ's own default is 180 s).")
+    heartbeat_interval: float = Field(2.0, gt=0, le=20, description="Seconds between a running job's heartbeats.")
+    heartbeat_file: Path | None = Field(None, description="File the worker touches every heartbeat_interval; `python -m trainer worker-health` checks its age.")
+    heartbeat_limit: float = Field(30.0, gt=0, le=60, description="A running job whose heartbeat is older is reaped: its process group killed, then failed or re-queued.")
+    reap_interval: float = Field(2.0, gt=0, le=60, description="Seconds between the reaper's scans.")
+    requeue_on_worker_loss: int = Field(0, ge=0, le=10, description="Times a job whose worker died is re-queued before it is failed.")
+    cancel_grace: float = Field(5.0, ge=0, le=300, description="Seconds between SIGTERM and SIGKILL of a job's process group.")
+    upload_retries: int = Field(5, ge=0, le=50, description="Retries of a failed registry call at upload time.")
+    upload_backoff: float = Field(1.0, ge=0, le=60, description="First retry delay in seconds, doubled each retry.")
+    gang_timeout: float = Field(120.0, gt=0, description="Seconds a multi-node job's tasks wait for each other before the job fails unstarted.")
+    host: str = Field(default_factory=socket.gethostname, description="This machine's name in job records (the reaper kills only its own host's groups).")
+    executor: Literal["local"] = Field("local", description="How workers start stages: local processes (torchrun in its own session).")
+    api_host: str = Field("127.0.0.1", description="Address the API listens on.")
+    api_port: int = Field(8001, ge=1, le=65535, description="Port the API listens on.")
+    log_level: str = Field("INFO", description="Python logging level.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body the API accepts.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
