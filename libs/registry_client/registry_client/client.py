@@ -1,0 +1,298 @@
+"""RegistryClient: typed access to the registry over HTTP (httpx only, no torch).
+
+    from registry_client import RegistryClient
+    rc = RegistryClient("http://127.0.0.1:8100", token="...", cache_dir="~/.cache/nanochat/registry")
+    v = rc.upload_folder("out/sft", "nanochat", stage="sft", parent=3, job_id="j1")
+    folder = rc.download("nanochat", stage=["rl", "sft"])   # every sha256 checked before it returns
+
+Uploads send the files the registry does not hold yet, in parallel, then commit; an interrupted
+upload raises `UploadError` carrying the version, and `upload_folder(..., resume_version=v)`
+sends only what is still missing. Downloads go into `<cache_dir>/<name>/v<version>` through a
+temp folder, big files as parallel ranged GETs, and the folder is handed over only when every
+file's sha256 matches; a cached folder whose files still match is reused without a transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from registry_client.manifest import CHUNK, MANIFEST_FILE, file_digest, read_manifest
+
+CACHE_MARKER = ".registry-verified.json"
+
+
+class RegistryError(Exception):
+    """The registry answered an error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status, self.message = status, message
+
+
+class IntegrityError(Exception):
+    """Downloaded bytes do not match the sha256 the registry recorded."""
+
+
+class UploadError(Exception):
+    """An upload stopped part-way; resume with `upload_folder(..., resume_version=self.version)`."""
+
+    def __init__(self, name: str, version: int, cause: Exception):
+        super().__init__(f"upload of {name} v{version} failed: {cause}")
+        self.name, self.version, self.cause = name, version, cause
+
+
+@dataclass
+class FileInfo:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class VersionInfo:
+    name: str
+    version: int
+    stage: str
+    state: str
+    step: int | None
+    metrics: dict
+    meta: dict
+    parent: dict | None
+    job_id: str | None
+    files: list[FileInfo]
+    attachments: list[FileInfo] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "VersionInfo":
+        return cls(
+            name=d["name"], version=d["version"], stage=d["stage"], state=d["state"], step=d.get("step"),
+            metrics=d.get("metrics") or {}, meta=d.get("meta") or {}, parent=d.get("parent"), job_id=d.get("job_id"),
+            files=[FileInfo(**f) for f in d.get("files", [])],
+            attachments=[FileInfo(**f) for f in d.get("attachments", [])],
+            aliases=d.get("aliases", []), missing=d.get("missing", []),
+        )
+
+
+class RegistryClient:
+    def __init__(self, base_url: str, token: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 concurrency: int = 4, part_size: int = 64 * 1024 * 1024, timeout: float = 300.0,
+                 retries: int = 3):
+        self.base_url = base_url.rstrip("/")
+        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "nanochat" / "registry").expanduser()
+        self.concurrency, self.part_size, self.retries = max(1, concurrency), max(1, part_size), max(1, retries)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=2 * self.concurrency + 4, max_keepalive_connections=2 * self.concurrency),
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "RegistryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, **kw) -> httpx.Response:
+        r = self.http.request(method, url, **kw)
+        if r.status_code >= 400:
+            try:
+                message = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = r.text[:500]
+            raise RegistryError(r.status_code, message)
+        return r
+
+    @staticmethod
+    def _v(name: str, version: int) -> str:
+        return f"/v1/models/{name}/versions/{version}"
+
+    def list_models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()["items"]
+
+    def list_versions(self, name: str, stage: list[str] | None = None, state: list[str] | None = None,
+                      limit: int = 50, offset: int = 0) -> list[VersionInfo]:
+        params = {"stage": stage or [], "state": state or [], "limit": limit, "offset": offset}
+        items = self._request("GET", f"/v1/models/{name}/versions", params=params).json()["items"]
+        return [VersionInfo.from_json(d) for d in items]
+
+    def get_version(self, name: str, version: int) -> VersionInfo:
+        return VersionInfo.from_json(self._request("GET", self._v(name, version)).json())
+
+    def resolve(self, name: str, stage: str | list[str] | None = None, alias: str | None = None) -> VersionInfo:
+        params = {}
+        if alias is not None:
+            params["alias"] = alias
+        if stage:
+            params["stage"] = stage if isinstance(stage, str) else ",".join(stage)
+        return VersionInfo.from_json(self._request("GET", f"/v1/resolve/{name}", params=params).json())
+
+    def lineage(self, name: str, version: int) -> dict:
+        return self._request("GET", f"{self._v(name, version)}/lineage").json()
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self._request("PUT", f"/v1/models/{name}/aliases/{alias}", json={"version": version})
+
+    def patch_metrics(self, name: str, version: int, metrics: dict) -> VersionInfo:
+        return VersionInfo.from_json(self._request("PATCH", self._v(name, version), json={"metrics": metrics}).json())
+
+    def delete_version(self, name: str, version: int, force: bool = False) -> None:
+        self._request("DELETE", self._v(name, version), params={"force": str(force).lower()})
+
+    def attach(self, name: str, version: int, path: str | os.PathLike, as_path: str | None = None) -> FileInfo:
+        """Add a describing file (report card, plot) to a committed version."""
+        size, sha = file_digest(path)
+        rel = as_path or Path(path).name
+        self._request("PUT", f"{self._v(name, version)}/attachments/{rel}", content=_read_chunks(Path(path)),
+                      headers={"Content-Length": str(size), "X-Content-SHA256": sha,
+                               "Content-Type": "application/octet-stream"})
+        return FileInfo(rel, size, sha)
+
+    def upload_folder(self, folder: str | os.PathLike, name: str, stage: str, step: int | None = None,
+                      metrics: dict | None = None, parent: int | dict | None = None, job_id: str | None = None,
+                      meta: dict | None = None, resume_version: int | None = None) -> VersionInfo:
+        """Upload a checkpoint folder as a new version (or finish `resume_version`) and commit it."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        sources: dict[str, Path | bytes] = {rel: folder / rel for rel in manifest["files"]}
+        files = dict(manifest["files"])
+        # The manifest travels too, so a downloaded folder is byte-identical; one is made if absent.
+        if (folder / MANIFEST_FILE).exists():
+            sources[MANIFEST_FILE] = folder / MANIFEST_FILE
+            size, sha = file_digest(folder / MANIFEST_FILE)
+        else:
+            data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+            sources[MANIFEST_FILE] = data
+            size, sha = len(data), hashlib.sha256(data).hexdigest()
+        files[MANIFEST_FILE] = {"size": size, "sha256": sha}
+
+        if resume_version is None:
+            if meta is None and (folder / "meta.json").exists():
+                meta = json.loads((folder / "meta.json").read_text())
+            body = {"stage": stage, "files": files, "step": step, "metrics": metrics or {}, "meta": meta or {},
+                    "job_id": job_id}
+            if parent is not None:
+                body["parent"] = {"version": parent} if isinstance(parent, int) else parent
+            created = self._request("POST", f"/v1/models/{name}/versions", json=body).json()
+        else:
+            created = self._request("GET", f"{self._v(name, resume_version)}/upload").json()
+            declared = {f["path"]: {"size": f["size"], "sha256": f["sha256"]} for f in created["files"]}
+            if declared != files:
+                raise UploadError(name, resume_version, ValueError("the folder changed since the upload began"))
+        version = created["version"]
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                list(pool.map(lambda rel: self._put_file(name, version, rel, sources[rel], files[rel]),
+                              created.get("missing", [])))
+            return VersionInfo.from_json(self._request("POST", f"{self._v(name, version)}/commit").json())
+        except (httpx.HTTPError, RegistryError, OSError) as e:
+            raise UploadError(name, version, e) from e
+
+    def _put_file(self, name: str, version: int, rel: str, source: Path | bytes, spec: dict) -> None:
+        for attempt in range(self.retries):
+            try:
+                content = source if isinstance(source, bytes) else _read_chunks(source)
+                self._request("PUT", f"{self._v(name, version)}/files/{rel}", content=content,
+                              headers={"Content-Length": str(spec["size"]), "Content-Type": "application/octet-stream"})
+                return
+            except httpx.TransportError:
+                if attempt == self.retries - 1:
+                    raise
+
+    def download(self, name: str, version: int | None = None, alias: str | None = None,
+                 stage: str | list[str] | None = None) -> Path:
+        """A verified local folder of the version (resolved by alias/stage if no number is given)."""
+        info = self.get_version(name, version) if version is not None else self.resolve(name, stage, alias)
+        wanted = {f.path: f for f in info.files + info.attachments}
+        target = self.cache_dir / name / f"v{info.version}"
+        if _cache_matches(target, wanted):
+            return target
+        tmp = self.cache_dir / name / f".tmp-{uuid.uuid4().hex}"
+        try:
+            for f in wanted.values():
+                (tmp / f.path).parent.mkdir(parents=True, exist_ok=True)
+            jobs = []
+            for f in wanted.values():
+                with open(tmp / f.path, "wb") as out:
+                    out.truncate(f.size)
+                starts = range(0, f.size, self.part_size) if f.size > self.part_size else [None]
+                jobs += [(info.version, f, start) for start in starts]
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                list(pool.map(lambda job: self._get_part(name, tmp, *job), jobs))
+            marker = {}
+            for f in wanted.values():
+                size, sha = file_digest(tmp / f.path)
+                if (size, sha) != (f.size, f.sha256):
+                    raise IntegrityError(f"{name} v{info.version} {f.path}: got {size} bytes sha256 {sha}, "
+                                         f"the registry recorded {f.size} bytes sha256 {f.sha256}")
+                st = (tmp / f.path).stat()
+                marker[f.path] = [st.st_size, st.st_mtime_ns, f.sha256]
+            (tmp / CACHE_MARKER).write_text(json.dumps(marker))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            return target
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _get_part(self, name: str, folder: Path, version: int, f: FileInfo, start: int | None) -> None:
+        headers = {}
+        if start is not None:
+            headers["Range"] = f"bytes={start}-{min(start + self.part_size, f.size) - 1}"
+        for attempt in range(self.retries):
+            try:
+                with self.http.stream("GET", f"{self._v(name, version)}/files/{f.path}", headers=headers) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        raise RegistryError(r.status_code, r.text[:500])
+                    with open(folder / f.path, "r+b") as out:
+                        out.seek(start or 0)
+                        for chunk in r.iter_bytes(CHUNK):
+                            out.write(chunk)
+                return
+            except httpx.TransportError:
+                if attempt == self.retries - 1:
+                    raise
+
+
+def _read_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+def _cache_matches(target: Path, wanted: dict[str, FileInfo]) -> bool:
+    """A cached folder is reused when it holds exactly the wanted files with their hashes; files
+    unchanged since they were verified (same size and mtime) are not hashed again."""
+    try:
+        marker = json.loads((target / CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if set(marker) != set(wanted):
+        return False
+    for rel, f in wanted.items():
+        p = target / rel
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        size, mtime_ns, sha = marker[rel]
+        if sha != f.sha256 or st.st_size != f.size:
+            return False
+        if st.st_mtime_ns != mtime_ns and file_digest(p)[1] != f.sha256:
+            return False
+    return True

@@ -1,0 +1,1 @@
+"""The nanochat model registry service (run it with `python -m registry`)."""

@@ -1,0 +1,383 @@
+"""The registry's HTTP API (FastAPI): thin routes over `registry.core`, auth, errors, metrics.
+
+`create_app(settings)` builds the app; `python -m registry` serves it with uvicorn. OpenAPI at
+/docs. Writes need `Authorization: Bearer <REGISTRY_WRITE_TOKEN>`; reads too when
+REGISTRY_READ_TOKEN_REQUIRED is set (the read or the write token).
+"""
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from registry import core, schemas
+from registry.blobs import BlobMismatch, LocalBlobs, S3Blobs
+from registry.db import STAGES, make_engine, make_sessionmaker, migrate
+from registry.events import EventPublisher
+from registry.logs import request_id, setup_logging
+from registry.settings import Settings
+
+log = logging.getLogger("registry.api")
+
+UPLOAD_BUFFER = 1024 * 1024
+Name = Annotated[str, Path(min_length=1, max_length=128, description="model name")]
+VersionNo = Annotated[int, Path(ge=1, le=2**31 - 1)]
+FilePath = Annotated[str, Path(min_length=1, description="relative path inside the version")]
+ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 401, 404, 409, 416, 422)}
+
+
+class Unauthorized(core.RegistryError):
+    status, type = 401, "unauthorized"
+
+
+def error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("registry_requests_total", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("registry_request_seconds", "HTTP request latency", ["route"], registry=self.registry)
+        self.uploaded = Counter("registry_upload_bytes_total", "bytes received in uploads", registry=self.registry)
+        self.downloaded = Counter("registry_download_bytes_total", "bytes sent in downloads", registry=self.registry)
+        self.events_pending = Gauge("registry_events_pending", "events waiting for Redis", registry=self.registry)
+
+
+class RequestContext:
+    """ASGI middleware: request id (taken from X-Request-ID or made), access log, request metrics."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        token = request_id.set(rid)
+        start, status = time.perf_counter(), [500]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - start
+            self.metrics.requests.labels(scope["method"], route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
+            log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status[0],
+                                       "duration_ms": round(elapsed * 1000, 1)})
+            request_id.reset(token)
+
+
+def make_registry(settings: Settings) -> core.Registry:
+    engine = make_engine(settings.resolved_database_url())
+    migrate(engine)
+    if settings.blob_backend == "s3":
+        blobs = S3Blobs.connect(settings.s3_endpoint, settings.s3_bucket, settings.s3_access_key,
+                                settings.s3_secret_key, settings.s3_region, settings.s3_prefix, settings.s3_part_size)
+        blobs.ensure_bucket()
+    else:
+        blobs = LocalBlobs(settings.resolved_blob_dir())
+    events = EventPublisher(settings.redis_url, settings.events_channel, settings.events_stream,
+                            settings.events_stream_maxlen)
+    return core.Registry(make_sessionmaker(engine), blobs, events, settings.max_path_length)
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """`bytes=a-b`, `bytes=a-` or `bytes=-n` as a half-open [start, end); None if unsatisfiable."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    if not m.group(1):
+        n = int(m.group(2))
+        return (max(0, size - n), size) if n > 0 and size > 0 else None
+    start = int(m.group(1))
+    end = min(int(m.group(2)) + 1, size) if m.group(2) else size
+    if start >= size or end <= start:
+        return None
+    return start, end
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    setup_logging(settings.log_level)
+    metrics = Metrics()
+    bearer = HTTPBearer(auto_error=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        reg = await run_in_threadpool(make_registry, settings)
+        app.state.registry = reg
+        if settings.write_token is None:
+            log.warning("REGISTRY_WRITE_TOKEN is not set: writes are open to anyone who can reach this port")
+
+        async def sweeper() -> None:
+            while True:
+                await asyncio.sleep(settings.sweep_interval_s)
+                try:
+                    await run_in_threadpool(core.sweep, reg, settings.pending_ttl_s)
+                except Exception:
+                    log.exception("sweep failed")
+
+        task = asyncio.create_task(sweeper())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await run_in_threadpool(reg.events.close)
+
+    app = FastAPI(title="nanochat model registry", version="0.1.0", lifespan=lifespan,
+                  description="Versioned, verified checkpoints with aliases, lineage and events.")
+    app.add_middleware(RequestContext, metrics=metrics)
+
+    def _token_ok(creds: HTTPAuthorizationCredentials | None, tokens: list[str | None]) -> bool:
+        given = creds.credentials if creds else ""
+        return any(t and secrets.compare_digest(given.encode(), t.encode()) for t in tokens)
+
+    def require_write(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if settings.write_token is not None and not _token_ok(creds, [settings.write_token]):
+            raise Unauthorized("missing or wrong bearer token")
+
+    def require_read(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if settings.read_token_required and not _token_ok(creds, [settings.read_token, settings.write_token]):
+            raise Unauthorized("missing or wrong bearer token")
+
+    Write, Read = [Depends(require_write)], [Depends(require_read)]
+
+    def reg(request: Request) -> core.Registry:
+        return request.app.state.registry
+
+    @app.exception_handler(core.RegistryError)
+    async def _registry_error(request: Request, e: core.RegistryError):
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(e, Unauthorized) else None
+        return error(e.status, e.type, e.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        parts = ["/".join(str(x) for x in err.get("loc", ())) + ": " + err.get("msg", "") for err in e.errors()]
+        return error(422, "validation_error", "; ".join(parts)[:2000])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return error(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        log.exception("internal error")
+        return error(500, "internal_error", f"internal error (request id {request_id.get()})")
+
+    @app.get("/health", tags=["ops"])
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    def ready(request: Request) -> JSONResponse:
+        r = reg(request)
+        checks = {}
+        try:
+            with r.sessions() as s:
+                s.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as e:
+            checks["database"] = f"error: {e}"
+        try:
+            r.blobs.check()
+            checks["blobs"] = "ok"
+        except Exception as e:
+            checks["blobs"] = f"error: {e}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    def prometheus(request: Request) -> Response:
+        metrics.events_pending.set(reg(request).events.pending())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=Read, responses=ERRORS)
+    def list_models(request: Request) -> schemas.ModelList:
+        return {"items": core.list_models(reg(request))}
+
+    @app.post("/v1/models/{name}/versions", dependencies=Write, status_code=201, responses=ERRORS)
+    def create_version(request: Request, name: Name, body: schemas.VersionCreate) -> schemas.VersionCreated:
+        return core.create_version(reg(request), name, body)
+
+    @app.get("/v1/models/{name}/versions", dependencies=Read, responses=ERRORS)
+    def list_versions(
+        request: Request, name: Name,
+        stage: Annotated[list[schemas.Stage] | None, Query()] = None,
+        state: Annotated[list[schemas.State] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    ) -> schemas.VersionPage:
+        return core.list_versions(reg(request), name, stage, state, limit, offset)
+
+    @app.get("/v1/models/{name}/versions/{version}", dependencies=Read, responses=ERRORS)
+    def get_version(request: Request, name: Name, version: VersionNo) -> schemas.VersionOut:
+        return core.get_version(reg(request), name, version)
+
+    @app.get("/v1/models/{name}/versions/{version}/upload", dependencies=Write, responses=ERRORS)
+    def upload_status(request: Request, name: Name, version: VersionNo) -> schemas.VersionCreated:
+        """A pending version with the files still missing: where a resumed upload starts."""
+        return core.upload_status(reg(request), name, version)
+
+    @app.patch("/v1/models/{name}/versions/{version}", dependencies=Write, responses=ERRORS)
+    def patch_version(request: Request, name: Name, version: VersionNo, body: schemas.VersionPatch) -> schemas.VersionOut:
+        return core.patch_version(reg(request), name, version, body.metrics)
+
+    @app.delete("/v1/models/{name}/versions/{version}", dependencies=Write, responses=ERRORS)
+    def delete_version(request: Request, name: Name, version: VersionNo, force: bool = False) -> schemas.VersionOut:
+        return core.delete_version(reg(request), name, version, force)
+
+    @app.post("/v1/models/{name}/versions/{version}/commit", dependencies=Write, responses=ERRORS)
+    def commit(request: Request, name: Name, version: VersionNo) -> schemas.VersionOut:
+        return core.commit(reg(request), name, version)
+
+    async def receive_into(request: Request, spec: dict, writer) -> None:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) != spec["size"]:
+            if writer is not None:
+                await run_in_threadpool(writer.abort)
+            raise core.BadRequest(f"{spec['path']}: Content-Length {declared} but the declared size is {spec['size']}")
+        buf = bytearray()
+        try:
+            async for chunk in request.stream():
+                if writer is None:
+                    continue
+                buf += chunk
+                if len(buf) >= UPLOAD_BUFFER:
+                    await run_in_threadpool(writer.write, bytes(buf))
+                    metrics.uploaded.inc(len(buf))
+                    buf.clear()
+            if writer is not None and buf:
+                await run_in_threadpool(writer.write, bytes(buf))
+                metrics.uploaded.inc(len(buf))
+        except BlobMismatch as e:
+            await run_in_threadpool(writer.abort)
+            raise core.BadRequest(f"{spec['path']}: {e}") from e
+        except BaseException:
+            if writer is not None:
+                await run_in_threadpool(writer.abort)
+            raise
+
+    @app.put("/v1/models/{name}/versions/{version}/files/{path:path}", dependencies=Write, responses=ERRORS,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def put_file(request: Request, name: Name, version: VersionNo, path: FilePath) -> schemas.UploadOut:
+        """Stream one manifest file; it is stored only if its size and sha256 match the manifest."""
+        r = reg(request)
+        spec, writer = await run_in_threadpool(core.begin_upload, r, name, version, path)
+        await receive_into(request, spec, writer)
+        return await run_in_threadpool(core.finish_upload, r, name, version, spec, writer)
+
+    @app.put("/v1/models/{name}/versions/{version}/attachments/{path:path}", dependencies=Write, responses=ERRORS,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def put_attachment(request: Request, name: Name, version: VersionNo, path: FilePath) -> schemas.UploadOut:
+        """Add a file that describes a ready version (report card, plot); hash-checked like model files.
+        Needs headers Content-Length and X-Content-SHA256."""
+        r = reg(request)
+        size = request.headers.get("content-length")
+        spec, writer = await run_in_threadpool(
+            core.begin_upload, r, name, version, path, True,
+            int(size) if size and size.isdigit() else None, request.headers.get("x-content-sha256"),
+        )
+        await receive_into(request, spec, writer)
+        return await run_in_threadpool(core.finish_upload, r, name, version, spec, writer, True)
+
+    def download(request: Request, name: str, version: int, path: str) -> Response:
+        r = reg(request)
+        f = core.open_file(r, name, version, path)
+        etag = f'"{f["sha256"]}"'
+        headers = {"ETag": etag, "Accept-Ranges": "bytes", "X-Content-SHA256": f["sha256"],
+                   "Cache-Control": "private, max-age=31536000, immutable"}
+        if request.headers.get("if-none-match") in (etag, f["sha256"], "*"):
+            return Response(status_code=304, headers=headers)
+        start, end, status = 0, f["size"], 200
+        rng = request.headers.get("range")
+        if_range = request.headers.get("if-range")
+        if rng and (if_range is None or if_range == etag):
+            parsed = _parse_range(rng, f["size"])
+            if parsed is None:
+                return error(416, "range_not_satisfiable", f"cannot serve {rng!r} of {f['size']} bytes",
+                             {"Content-Range": f"bytes */{f['size']}"})
+            start, end, status = parsed[0], parsed[1], 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{f['size']}"
+        headers["Content-Length"] = str(end - start)
+        if request.method == "HEAD":
+            return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+
+        def body():
+            for chunk in r.blobs.read(f["sha256"], start, end):
+                metrics.downloaded.inc(len(chunk))
+                yield chunk
+
+        return StreamingResponse(body(), status_code=status, headers=headers, media_type="application/octet-stream")
+
+    @app.get("/v1/models/{name}/versions/{version}/files/{path:path}", dependencies=Read,
+             responses={**ERRORS, 206: {"description": "a byte range"}}, response_class=Response)
+    def get_file(request: Request, name: Name, version: VersionNo, path: FilePath) -> Response:
+        """Stream a file (model file or attachment); `Range` supported, `ETag` is its sha256."""
+        return download(request, name, version, path)
+
+    @app.head("/v1/models/{name}/versions/{version}/files/{path:path}", dependencies=Read, include_in_schema=False)
+    def head_file(request: Request, name: Name, version: VersionNo, path: FilePath) -> Response:
+        return download(request, name, version, path)
+
+    @app.get("/v1/models/{name}/versions/{version}/attachments/{path:path}", dependencies=Read,
+             responses={**ERRORS, 206: {"description": "a byte range"}}, response_class=Response)
+    def get_attachment(request: Request, name: Name, version: VersionNo, path: FilePath) -> Response:
+        return download(request, name, version, path)
+
+    @app.get("/v1/models/{name}/versions/{version}/lineage", dependencies=Read, responses=ERRORS)
+    def lineage(request: Request, name: Name, version: VersionNo) -> schemas.Lineage:
+        return core.lineage(reg(request), name, version)
+
+    @app.put("/v1/models/{name}/aliases/{alias}", dependencies=Write, responses=ERRORS)
+    def set_alias(request: Request, name: Name, alias: str, body: schemas.AliasSet) -> schemas.AliasOut:
+        return core.set_alias(reg(request), name, alias, body.version)
+
+    @app.get("/v1/models/{name}/aliases/{alias}", dependencies=Read, responses=ERRORS)
+    def get_alias(request: Request, name: Name, alias: str) -> schemas.AliasOut:
+        return core.get_alias(reg(request), name, alias)
+
+    @app.delete("/v1/models/{name}/aliases/{alias}", dependencies=Write, status_code=204, responses=ERRORS)
+    def delete_alias(request: Request, name: Name, alias: str) -> Response:
+        core.delete_alias(reg(request), name, alias)
+        return Response(status_code=204)
+
+    @app.get("/v1/resolve/{name}", dependencies=Read, responses=ERRORS)
+    def resolve(request: Request, name: Name, stage: str | None = None, alias: str | None = None) -> schemas.VersionOut:
+        """`?alias=serving`, or `?stage=rl,sft`: the newest ready version of the first stage present
+        (rl, then sft when neither is given)."""
+        stages = [s.strip() for s in stage.split(",") if s.strip()] if stage else None
+        bad = [s for s in stages or [] if s not in STAGES]
+        if bad:
+            raise core.BadRequest(f"unknown stage(s) {bad}; stages are {list(STAGES)}")
+        return core.resolve(reg(request), name, stages, alias)
+
+    @app.post("/v1/admin/sweep", dependencies=Write, responses=ERRORS)
+    def sweep(request: Request, older_than_s: Annotated[float, Query(ge=0, le=10**9)] = settings.pending_ttl_s) -> dict:
+        """Fail abandoned pending versions, delete unreferenced blobs, abort stale uploads."""
+        return core.sweep(reg(request), older_than_s)
+
+    return app

@@ -1,0 +1,257 @@
+"""Blob stores: content-addressed by sha256, behind one small interface, two backends.
+
+`LocalBlobs` keeps `<dir>/sha256/ab/abcdef...` files (the embedded default); `S3Blobs` keeps
+`<prefix>ab/abcdef...` objects in a bucket (boto3; MinIO, AWS S3, moto). Writers hash while they
+write and publish the blob only when size and sha256 match what was declared, so a broken or
+dishonest upload never lands under a name it does not hash to. Memory stays flat in the file
+size: local writes stream to a temp file, S3 writes send one multipart part at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+CHUNK = 1024 * 1024
+
+
+class BlobMismatch(ValueError):
+    """The bytes written do not have the declared size or sha256."""
+
+
+class BlobWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    def size(self, sha256: str) -> int | None: ...
+    def writer(self, sha256: str, size: int) -> BlobWriter: ...
+    def read(self, sha256: str, start: int = 0, end: int | None = None) -> Iterator[bytes]: ...
+    def delete(self, sha256: str) -> None: ...
+    def check(self) -> None: ...
+    def sweep(self, older_than_s: float) -> int: ...
+
+
+class _Hasher:
+    def __init__(self, sha256: str, size: int):
+        self.expected_sha, self.expected_size = sha256, size
+        self.h, self.n = hashlib.sha256(), 0
+
+    def update(self, data: bytes) -> None:
+        self.n += len(data)
+        if self.n > self.expected_size:
+            raise BlobMismatch(f"more than the declared {self.expected_size} bytes")
+        self.h.update(data)
+
+    def verify(self) -> None:
+        if self.n != self.expected_size:
+            raise BlobMismatch(f"got {self.n} bytes, declared {self.expected_size}")
+        got = self.h.hexdigest()
+        if got != self.expected_sha:
+            raise BlobMismatch(f"sha256 is {got}, declared {self.expected_sha}")
+
+
+class LocalBlobs:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def size(self, sha256: str) -> int | None:
+        try:
+            return self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def writer(self, sha256: str, size: int) -> BlobWriter:
+        return _LocalWriter(self, sha256, size)
+
+    def read(self, sha256: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        with open(self.path(sha256), "rb") as f:
+            f.seek(start)
+            left = None if end is None else end - start
+            while left is None or left > 0:
+                data = f.read(CHUNK if left is None else min(CHUNK, left))
+                if not data:
+                    return
+                if left is not None:
+                    left -= len(data)
+                yield data
+
+    def delete(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        with tempfile.NamedTemporaryFile(dir=self.tmp):
+            pass
+
+    def sweep(self, older_than_s: float) -> int:
+        """Remove temp files of uploads that died; returns how many."""
+        cutoff, n = time.time() - older_than_s, 0
+        for p in self.tmp.iterdir():
+            try:
+                if p.stat().st_mtime <= cutoff:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                pass
+        return n
+
+
+class _LocalWriter:
+    def __init__(self, store: LocalBlobs, sha256: str, size: int):
+        self.store, self.sha256 = store, sha256
+        self.hasher = _Hasher(sha256, size)
+        fd, name = tempfile.mkstemp(dir=store.tmp, prefix=sha256[:12] + "-")
+        self.f, self.tmp_path = os.fdopen(fd, "wb"), Path(name)
+
+    def write(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.f.write(data)
+
+    def finish(self) -> None:
+        try:
+            self.hasher.verify()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            dest = self.store.path(self.sha256)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp_path, dest)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+class S3Blobs:
+    def __init__(self, client, bucket: str, prefix: str = "blobs/", part_size: int = 16 * 1024 * 1024):
+        self.s3, self.bucket, self.prefix, self.part_size = client, bucket, prefix, part_size
+
+    @classmethod
+    def connect(cls, endpoint: str | None, bucket: str, access_key: str | None, secret_key: str | None,
+                region: str, prefix: str, part_size: int) -> "S3Blobs":
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+            region_name=region,
+            config=Config(max_pool_connections=32, retries={"max_attempts": 3, "mode": "standard"},
+                          s3={"addressing_style": "path"}),
+        )
+        return cls(client, bucket, prefix, part_size)
+
+    def key(self, sha256: str) -> str:
+        return f"{self.prefix}{sha256[:2]}/{sha256}"
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.s3.create_bucket(Bucket=self.bucket)
+
+    def size(self, sha256: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.s3.head_object(Bucket=self.bucket, Key=self.key(sha256))["ContentLength"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def writer(self, sha256: str, size: int) -> BlobWriter:
+        return _S3Writer(self, sha256, size)
+
+    def read(self, sha256: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        kwargs = {}
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        body = self.s3.get_object(Bucket=self.bucket, Key=self.key(sha256), **kwargs)["Body"]
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
+
+    def delete(self, sha256: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=self.key(sha256))
+
+    def check(self) -> None:
+        self.s3.head_bucket(Bucket=self.bucket)
+
+    def sweep(self, older_than_s: float) -> int:
+        """Abort multipart uploads under our prefix that were started too long ago; returns how many."""
+        cutoff, n = time.time() - older_than_s, 0
+        paginator = self.s3.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for up in page.get("Uploads", []):
+                if up["Initiated"].timestamp() <= cutoff:
+                    self.s3.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+        return n
+
+
+class _S3Writer:
+    """Small blobs go up in one PUT; bigger ones as a multipart upload, one buffered part at a time."""
+
+    def __init__(self, store: S3Blobs, sha256: str, size: int):
+        self.store, self.key = store, store.key(sha256)
+        self.hasher = _Hasher(sha256, size)
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict] = []
+
+    def _flush_part(self) -> None:
+        s3 = self.store.s3
+        if self.upload_id is None:
+            self.upload_id = s3.create_multipart_upload(Bucket=self.store.bucket, Key=self.key)["UploadId"]
+        number = len(self.parts) + 1
+        r = s3.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
+                           Body=bytes(self.buf))
+        self.parts.append({"PartNumber": number, "ETag": r["ETag"]})
+        self.buf.clear()
+
+    def write(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.buf += data
+        if len(self.buf) >= self.store.part_size:
+            self._flush_part()
+
+    def finish(self) -> None:
+        s3 = self.store.s3
+        try:
+            self.hasher.verify()
+            if self.upload_id is None:
+                s3.put_object(Bucket=self.store.bucket, Key=self.key, Body=bytes(self.buf))
+            else:
+                if self.buf:
+                    self._flush_part()
+                s3.complete_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                                             MultipartUpload={"Parts": self.parts})
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.buf = bytearray()
+        if self.upload_id is not None:
+            try:
+                self.store.s3.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id)
+            finally:
+                self.upload_id = None

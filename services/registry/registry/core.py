@@ -1,0 +1,436 @@
+"""Registry logic as plain functions over a `Registry` (database sessions, blob store, events).
+
+The HTTP layer (`registry.api`) only parses requests and calls these; tests can call them
+directly. Every function raises a `RegistryError` subclass for anything the caller got wrong,
+which the HTTP layer turns into a JSON error with the matching status.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.blobs import BlobMismatch, BlobStore, BlobWriter
+from registry.db import Alias, Blob, File, Model, Version, utcnow
+from registry.events import EventPublisher
+from registry.schemas import VersionCreate
+
+log = logging.getLogger("registry.core")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+DEFAULT_RESOLVE_STAGES = ("rl", "sft")
+
+
+class RegistryError(Exception):
+    status = 400
+    type = "bad_request"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(RegistryError):
+    pass
+
+
+class NotFound(RegistryError):
+    status, type = 404, "not_found"
+
+
+class Conflict(RegistryError):
+    status, type = 409, "conflict"
+
+
+@dataclass
+class Registry:
+    sessions: sessionmaker
+    blobs: BlobStore
+    events: EventPublisher
+    max_path_length: int = 512
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise BadRequest(f"invalid model name {name!r}: letters, digits, '.', '_', '-', at most 128, starting alnum")
+    return name
+
+
+def check_alias(alias: str) -> str:
+    if not ALIAS_RE.match(alias):
+        raise BadRequest(f"invalid alias {alias!r}: letters, digits, '.', '_', '-', at most 64, starting with a letter")
+    return alias
+
+
+def check_path(path: str, max_length: int = 512) -> str:
+    """A relative POSIX path inside a version: no `..`, `.`, empty parts, absolute paths, NUL or controls."""
+    if not path or len(path) > max_length:
+        raise BadRequest(f"file path must be 1..{max_length} characters")
+    if any(ord(c) < 32 or c == "\x7f" for c in path):
+        raise BadRequest("file path contains NUL or control characters")
+    if path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path):
+        raise BadRequest(f"file path {path!r} must be relative, with '/' separators")
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise BadRequest(f"file path {path!r} has an empty, '.' or '..' component")
+    return path
+
+
+def _retrying(fn, attempts: int = 20):
+    """Run a transaction, retrying the races a unique constraint or a lock timeout reports."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (IntegrityError, OperationalError) as e:
+            if i == attempts - 1:
+                raise
+            log.info("retrying after a concurrent write: %s", type(e.orig).__name__ if hasattr(e, "orig") else e)
+            time.sleep(0.01 * (i + 1))
+
+
+def _version(s: Session, name: str, version: int, states: Iterable[str] | None = None) -> Version:
+    v = s.scalar(select(Version).where(Version.name == name, Version.version == version))
+    if v is None or (states is not None and v.state not in states):
+        raise NotFound(f"{name} v{version} not found" + ("" if states is None else f" in state {'/'.join(states)}"))
+    return v
+
+
+def version_dict(s: Session, v: Version) -> dict:
+    files = s.scalars(select(File).where(File.version_id == v.id).order_by(File.path)).all()
+    aliases = s.scalars(select(Alias.alias).where(Alias.name == v.name, Alias.version == v.version)).all()
+    parent = None
+    if v.parent_version is not None:
+        parent = {"name": v.parent_name, "version": v.parent_version}
+    return {
+        "name": v.name, "version": v.version, "stage": v.stage, "state": v.state, "step": v.step,
+        "metrics": v.metrics or {}, "meta": v.meta or {}, "parent": parent, "job_id": v.job_id,
+        "created_at": v.created_at, "committed_at": v.committed_at,
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files if f.kind == "model"],
+        "attachments": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files if f.kind == "attachment"],
+        "aliases": sorted(aliases),
+    }
+
+
+def _missing(s: Session, files: Iterable[File]) -> list[str]:
+    files = list(files)
+    shas = {f.sha256 for f in files}
+    stored = set(s.scalars(select(Blob.sha256).where(Blob.sha256.in_(shas)))) if shas else set()
+    return sorted(f.path for f in files if f.sha256 not in stored)
+
+
+def create_version(reg: Registry, name: str, req: VersionCreate) -> dict:
+    """A new `pending` version with the next number; answers it with the files still to upload."""
+    check_name(name)
+    for path in req.files:
+        check_path(path, reg.max_path_length)
+    if not req.files:
+        raise BadRequest("a version needs at least one file")
+    parent_name = None
+    if req.parent is not None:
+        parent_name = check_name(req.parent.name or name)
+        with reg.sessions() as s:
+            _version(s, parent_name, req.parent.version, states=("ready",))
+
+    def attempt() -> dict:
+        with reg.sessions.begin() as s:
+            number = s.scalar(
+                update(Model).where(Model.name == name).values(last_version=Model.last_version + 1)
+                .returning(Model.last_version)
+            )
+            if number is None:
+                # First version of this model; a concurrent first insert makes this fail and retry.
+                s.add(Model(name=name, last_version=1, created_at=utcnow()))
+                s.flush()
+                number = 1
+            now = utcnow()
+            v = Version(
+                name=name, version=number, stage=req.stage, state="pending", step=req.step,
+                metrics=dict(req.metrics), meta=req.meta, parent_name=parent_name,
+                parent_version=req.parent.version if req.parent else None, job_id=req.job_id,
+                created_at=now, updated_at=now,
+            )
+            s.add(v)
+            s.flush()
+            rows = [File(version_id=v.id, path=p, size=f.size, sha256=f.sha256, kind="model") for p, f in req.files.items()]
+            s.add_all(rows)
+            s.flush()
+            out = version_dict(s, v)
+            out["missing"] = _missing(s, rows)
+            return out
+
+    return _retrying(attempt)
+
+
+def get_version(reg: Registry, name: str, version: int, include_pending: bool = False) -> dict:
+    states = ("ready", "pending") if include_pending else ("ready",)
+    with reg.sessions() as s:
+        return version_dict(s, _version(s, name, version, states))
+
+
+def upload_status(reg: Registry, name: str, version: int) -> dict:
+    """A pending or ready version with its `missing` files (for resuming an upload)."""
+    with reg.sessions() as s:
+        v = _version(s, name, version, ("pending", "ready"))
+        out = version_dict(s, v)
+        out["missing"] = _missing(s, s.scalars(select(File).where(File.version_id == v.id, File.kind == "model")))
+        return out
+
+
+def begin_upload(reg: Registry, name: str, version: int, path: str, attachment: bool = False,
+                 size: int | None = None, sha256: str | None = None) -> tuple[dict, BlobWriter | None]:
+    """Check an upload may start; returns the file spec and a blob writer (None: already stored).
+
+    Model files must be in the version's manifest and the version pending; attachments go to ready
+    versions and declare size and sha256 themselves."""
+    check_path(path, reg.max_path_length)
+    with reg.sessions.begin() as s:
+        if attachment:
+            v = _version(s, name, version, ("ready",))
+            if size is None or sha256 is None or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+                raise BadRequest("an attachment needs Content-Length and X-Content-SHA256 (lowercase hex) headers")
+            existing = s.get(File, (v.id, path))
+            if existing is not None and existing.kind == "model":
+                raise Conflict(f"{path} is a model file of {name} v{version}; model files never change")
+            spec = {"path": path, "size": size, "sha256": sha256}
+        else:
+            v = _version(s, name, version, ("pending",))
+            f = s.get(File, (v.id, path))
+            if f is None or f.kind != "model":
+                raise BadRequest(f"{path} is not in the manifest of {name} v{version}")
+            spec = {"path": path, "size": f.size, "sha256": f.sha256}
+            v.updated_at = utcnow()
+        stored = s.get(Blob, spec["sha256"]) is not None
+    if stored and reg.blobs.size(spec["sha256"]) == spec["size"]:
+        return spec, None
+    return spec, reg.blobs.writer(spec["sha256"], spec["size"])
+
+
+def finish_upload(reg: Registry, name: str, version: int, spec: dict, writer: BlobWriter | None,
+                  attachment: bool = False) -> dict:
+    """Publish a written blob (verified against its declared size and sha256) and record it."""
+    if writer is not None:
+        try:
+            writer.finish()
+        except BlobMismatch as e:
+            raise BadRequest(f"{spec['path']}: {e}") from e
+
+        def record() -> None:
+            with reg.sessions.begin() as s:
+                if s.get(Blob, spec["sha256"]) is None:
+                    s.add(Blob(sha256=spec["sha256"], size=spec["size"], created_at=utcnow()))
+
+        _retrying(record)
+    if attachment:
+        def attach() -> None:
+            with reg.sessions.begin() as s:
+                v = _version(s, name, version, ("ready",))
+                f = s.get(File, (v.id, spec["path"]))
+                if f is None:
+                    s.add(File(version_id=v.id, path=spec["path"], size=spec["size"], sha256=spec["sha256"],
+                               kind="attachment"))
+                else:
+                    f.size, f.sha256 = spec["size"], spec["sha256"]
+
+        _retrying(attach)
+    return {**spec, "stored": True}
+
+
+def commit(reg: Registry, name: str, version: int) -> dict:
+    """Make a pending version `ready` once every manifest file is stored with its size and sha256."""
+    with reg.sessions() as s:
+        v = _version(s, name, version, ("pending", "ready"))
+        if v.state == "ready":
+            return version_dict(s, v)
+        files = s.scalars(select(File).where(File.version_id == v.id, File.kind == "model")).all()
+        missing = _missing(s, files)
+    # The blob table says what was verified; the store is asked too, in case a blob was lost since.
+    missing += [f.path for f in files if f.path not in missing and reg.blobs.size(f.sha256) != f.size]
+    if missing:
+        raise Conflict(f"cannot commit {name} v{version}: not uploaded or not matching: {sorted(missing)[:20]}")
+    with reg.sessions.begin() as s:
+        done = s.execute(
+            update(Version).where(Version.name == name, Version.version == version, Version.state == "pending")
+            .values(state="ready", committed_at=utcnow(), updated_at=utcnow())
+        ).rowcount
+        v = _version(s, name, version)
+        if not done and v.state != "ready":
+            raise Conflict(f"{name} v{version} is {v.state}, not pending")
+        out = version_dict(s, v)
+    if done:
+        reg.events.publish("model.registered", name, version, out["stage"])
+    return out
+
+
+def list_models(reg: Registry) -> list[dict]:
+    with reg.sessions() as s:
+        rows = s.execute(
+            select(Version.name, func.max(Version.version), func.count())
+            .where(Version.state == "ready").group_by(Version.name).order_by(Version.name)
+        ).all()
+        aliases: dict[str, dict[str, int]] = {}
+        for a in s.scalars(select(Alias)):
+            aliases.setdefault(a.name, {})[a.alias] = a.version
+        return [{"name": n, "latest_version": latest, "versions": count, "aliases": aliases.get(n, {})}
+                for n, latest, count in rows]
+
+
+def list_versions(reg: Registry, name: str, stages: list[str] | None = None, states: list[str] | None = None,
+                  limit: int = 50, offset: int = 0) -> dict:
+    """Versions of `name`, newest first; only `ready` ones unless `states` asks for others."""
+    check_name(name)
+    q = select(Version).where(Version.name == name, Version.state.in_(states or ["ready"]))
+    if stages:
+        q = q.where(Version.stage.in_(stages))
+    with reg.sessions() as s:
+        total = s.scalar(select(func.count()).select_from(q.subquery()))
+        rows = s.scalars(q.order_by(Version.version.desc()).limit(limit).offset(offset)).all()
+        return {"items": [version_dict(s, v) for v in rows], "total": total, "limit": limit, "offset": offset}
+
+
+def patch_version(reg: Registry, name: str, version: int, metrics: dict) -> dict:
+    """Merge `metrics` into the version's metrics (evals arrive after training)."""
+    def attempt() -> dict:
+        with reg.sessions.begin() as s:
+            v = s.scalar(select(Version).where(Version.name == name, Version.version == version,
+                                               Version.state.in_(("ready", "pending"))).with_for_update())
+            if v is None:
+                raise NotFound(f"{name} v{version} not found")
+            v.metrics = {**(v.metrics or {}), **metrics}
+            v.updated_at = utcnow()
+            s.flush()
+            return version_dict(s, v)
+
+    return _retrying(attempt)
+
+
+def delete_version(reg: Registry, name: str, version: int, force: bool = False) -> dict:
+    """Soft-delete: the version disappears from lists and resolve; an aliased one needs `force`."""
+    with reg.sessions.begin() as s:
+        v = _version(s, name, version, ("ready", "pending", "failed"))
+        aliases = s.scalars(select(Alias).where(Alias.name == name, Alias.version == version)).all()
+        if aliases and not force:
+            raise Conflict(f"{name} v{version} is aliased as {sorted(a.alias for a in aliases)}; delete with force=true")
+        for a in aliases:
+            s.delete(a)
+        v.state, v.deleted_at, v.updated_at = "deleted", utcnow(), utcnow()
+        s.flush()
+        out = version_dict(s, v)
+    reg.events.publish("version.deleted", name, version, out["stage"])
+    return out
+
+
+def set_alias(reg: Registry, name: str, alias: str, version: int) -> dict:
+    """Point `alias` at a ready version, creating or moving it in one transaction."""
+    check_name(name)
+    check_alias(alias)
+
+    def attempt() -> str:
+        with reg.sessions.begin() as s:
+            v = _version(s, name, version, ("ready",))
+            a = s.get(Alias, (name, alias), with_for_update=True)
+            if a is None:
+                s.add(Alias(name=name, alias=alias, version=version, updated_at=utcnow()))
+            else:
+                a.version, a.updated_at = version, utcnow()
+            return v.stage
+
+    stage = _retrying(attempt)
+    reg.events.publish("alias.moved", name, version, stage, alias=alias)
+    return {"name": name, "alias": alias, "version": version}
+
+
+def get_alias(reg: Registry, name: str, alias: str) -> dict:
+    with reg.sessions() as s:
+        a = s.get(Alias, (name, alias))
+        if a is None:
+            raise NotFound(f"{name} has no alias {alias!r}")
+        return {"name": name, "alias": alias, "version": a.version}
+
+
+def delete_alias(reg: Registry, name: str, alias: str) -> None:
+    with reg.sessions.begin() as s:
+        a = s.get(Alias, (name, alias))
+        if a is None:
+            raise NotFound(f"{name} has no alias {alias!r}")
+        s.delete(a)
+
+
+def resolve(reg: Registry, name: str, stages: list[str] | None = None, alias: str | None = None) -> dict:
+    """The version an alias points at, or the newest ready version of the first stage present."""
+    check_name(name)
+    if alias is not None and stages:
+        raise BadRequest("give either alias or stage, not both")
+    with reg.sessions() as s:
+        if alias is not None:
+            a = s.get(Alias, (name, alias))
+            if a is None:
+                raise NotFound(f"{name} has no alias {alias!r}")
+            return version_dict(s, _version(s, name, a.version, ("ready",)))
+        for stage in stages or DEFAULT_RESOLVE_STAGES:
+            v = s.scalar(select(Version).where(Version.name == name, Version.stage == stage, Version.state == "ready")
+                         .order_by(Version.version.desc()).limit(1))
+            if v is not None:
+                return version_dict(s, v)
+    raise NotFound(f"{name} has no ready version of stage {'/'.join(stages or DEFAULT_RESOLVE_STAGES)}")
+
+
+def lineage(reg: Registry, name: str, version: int) -> dict:
+    """The version, its parents up to the root (usually the tokenizer), and its children."""
+    with reg.sessions() as s:
+        v = _version(s, name, version, ("ready",))
+        parents, seen, cur = [], {(v.name, v.version)}, v
+        while cur.parent_version is not None and (cur.parent_name, cur.parent_version) not in seen:
+            seen.add((cur.parent_name, cur.parent_version))
+            cur = s.scalar(select(Version).where(Version.name == cur.parent_name, Version.version == cur.parent_version))
+            if cur is None:
+                break
+            parents.append(version_dict(s, cur))
+        children = s.scalars(
+            select(Version).where(Version.parent_name == name, Version.parent_version == version,
+                                  Version.state == "ready").order_by(Version.name, Version.version)
+        ).all()
+        return {"version": version_dict(s, v), "parents": parents, "children": [version_dict(s, c) for c in children]}
+
+
+def open_file(reg: Registry, name: str, version: int, path: str) -> dict:
+    """The stored file `path` (model file or attachment) of a ready version."""
+    check_path(path, reg.max_path_length)
+    with reg.sessions() as s:
+        v = _version(s, name, version, ("ready",))
+        f = s.get(File, (v.id, path))
+        if f is None:
+            raise NotFound(f"{name} v{version} has no file {path!r}")
+        return {"path": f.path, "size": f.size, "sha256": f.sha256}
+
+
+def sweep(reg: Registry, older_than_s: float) -> dict:
+    """Clean up after abandoned uploads: pending versions untouched for `older_than_s` become
+    `failed` (never visible), blobs no version refers to are deleted, and the blob store drops
+    its stale temp files / aborts stale multipart uploads."""
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_s)
+    with reg.sessions.begin() as s:
+        stale = s.scalars(select(Version).where(Version.state == "pending", Version.updated_at <= cutoff)).all()
+        for v in stale:
+            v.state, v.updated_at = "failed", utcnow()
+            for f in s.scalars(select(File).where(File.version_id == v.id)):
+                s.delete(f)
+        s.flush()
+        referenced = select(File.sha256)
+        orphans = s.scalars(select(Blob).where(Blob.sha256.not_in(referenced), Blob.created_at <= cutoff)).all()
+        orphan_shas = [b.sha256 for b in orphans]
+        for b in orphans:
+            s.delete(b)
+    for sha in orphan_shas:
+        reg.blobs.delete(sha)
+    store_cleaned = reg.blobs.sweep(older_than_s)
+    if stale or orphan_shas or store_cleaned:
+        log.info("sweep: %d abandoned versions, %d orphan blobs, %d stale uploads", len(stale), len(orphan_shas), store_cleaned)
+    return {"failed_versions": len(stale), "deleted_blobs": len(orphan_shas), "aborted_uploads": store_cleaned}

@@ -1,0 +1,138 @@
+"""Pydantic models at the HTTP edge: what requests carry and responses answer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import json
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Stage = Literal["tokenizer", "base", "mid", "sft", "rl"]
+State = Literal["pending", "ready", "failed", "deleted"]
+SHA256 = Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")
+
+
+class FileSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(ge=0, le=2**50)
+    sha256: str = SHA256
+
+
+class ParentRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, description="defaults to the new version's model name")
+    version: int = Field(ge=1, le=2**31 - 1)
+
+
+Metrics = dict[str, float | int | str | bool | None]
+
+
+def _strict_json(value: dict) -> dict:
+    """Plain JSON only: NaN/Infinity and NUL characters are refused (PostgreSQL cannot store them)."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"not plain JSON: {e}") from e
+    if "\\u0000" in text:
+        raise ValueError("NUL characters are not allowed")
+    return value
+
+
+class VersionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    stage: Stage
+    files: dict[str, FileSpec] = Field(description="the manifest: relpath -> size and sha256", max_length=10_000)
+    step: int | None = Field(default=None, ge=0, le=2**62)
+    metrics: Metrics = Field(default_factory=dict)
+    meta: dict = Field(default_factory=dict)
+    parent: ParentRef | None = None
+    job_id: str | None = Field(default=None, max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")
+
+    _check_json = field_validator("metrics", "meta")(_strict_json)
+
+
+class VersionPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    metrics: Metrics = Field(default_factory=dict)
+
+    _check_json = field_validator("metrics")(_strict_json)
+
+
+class AliasSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, le=2**31 - 1)
+
+
+class FileOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class VersionOut(BaseModel):
+    name: str
+    version: int
+    stage: Stage
+    state: State
+    step: int | None
+    metrics: dict
+    meta: dict
+    parent: ParentRef | None
+    job_id: str | None
+    created_at: datetime
+    committed_at: datetime | None
+    files: list[FileOut]
+    attachments: list[FileOut]
+    aliases: list[str]
+
+
+class VersionCreated(VersionOut):
+    missing: list[str] = Field(description="manifest files whose bytes the registry does not hold yet")
+
+
+class VersionPage(BaseModel):
+    items: list[VersionOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    latest_version: int | None
+    versions: int
+    aliases: dict[str, int]
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+
+
+class AliasOut(BaseModel):
+    name: str
+    alias: str
+    version: int
+
+
+class UploadOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+    stored: bool
+
+
+class Lineage(BaseModel):
+    version: VersionOut
+    parents: list[VersionOut] = Field(description="parent first, then its parent, up to the root")
+    children: list[VersionOut]
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,59 @@
+"""Registry settings, read from `REGISTRY_*` environment variables (pydantic-settings).
+
+    REGISTRY_DATA_DIR=./registry-data   REGISTRY_DATABASE_URL=postgresql://...   REGISTRY_BLOB_BACKEND=s3
+    REGISTRY_S3_ENDPOINT=http://minio:9000  REGISTRY_S3_BUCKET=nanochat  REGISTRY_WRITE_TOKEN=...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REGISTRY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+    data_dir: Path = Path("registry-data")
+    # Empty means sqlite:///<data_dir>/registry.db.
+    database_url: str = ""
+    blob_backend: Literal["local", "s3"] = "local"
+    # Empty means <data_dir>/blobs.
+    blob_dir: Path | None = None
+    s3_endpoint: str | None = None
+    s3_bucket: str = "nanochat-registry"
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "blobs/"
+    # Through-server uploads into S3 buffer one part at a time: memory is part size x uploads.
+    s3_part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    presign_expiry_s: int = Field(default=3600, ge=60)
+    redis_url: str | None = None
+    events_channel: str = "nanochat:events"
+    events_stream: str = "nanochat:events:stream"
+    events_stream_maxlen: int = 10_000
+    write_token: str | None = None
+    read_token: str | None = None
+    read_token_required: bool = False
+    # A pending version (and its uploads) untouched this long is abandoned and swept.
+    pending_ttl_s: int = Field(default=24 * 3600, ge=0)
+    sweep_interval_s: float = Field(default=600.0, gt=0)
+    max_path_length: int = 512
+    log_level: str = "INFO"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # Plain postgresql:// URLs use psycopg 3, the driver this package installs.
+            if url.startswith("postgresql://") or url.startswith("postgres://"):
+                url = "postgresql+psycopg://" + url.split("://", 1)[1]
+            return url
+        return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    def resolved_blob_dir(self) -> Path:
+        return (self.blob_dir or self.data_dir / "blobs").resolve()

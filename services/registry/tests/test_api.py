@@ -1,0 +1,237 @@
+"""The registry's HTTP API on both backends: round trip, integrity, visibility, aliases, lineage,
+auth, path validation, Range downloads, attachments, events and the sweeper."""
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+from conftest import AUTH, blob, publish
+
+from registry import core
+
+
+def files_of(tag: str) -> dict[str, bytes]:
+    # Unique bytes per test, so content addressing never shares blobs across tests.
+    salt = uuid.uuid4().bytes
+    return {
+        "model.safetensors": salt + os.urandom(300_000) + tag.encode(),
+        "config.json": json.dumps({"n_layer": 2, "salt": salt.hex()}).encode(),
+        "tokenizer/tokenizer.json": salt + b'{"pattern": "x"}',
+        "meta.json": json.dumps({"stage": tag}).encode(),
+    }
+
+
+def test_round_trip_and_pending_is_invisible(client, name):
+    files = files_of("rt")
+    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
+                    json={"stage": "sft", "step": 7, "metrics": {"loss": 1.5}, "job_id": "job-1",
+                          "files": {p: blob(d) for p, d in files.items()}})
+    assert r.status_code == 201
+    created = r.json()
+    v = created["version"]
+    assert created["state"] == "pending" and sorted(created["missing"]) == sorted(files)
+    for path, data in files.items():
+        assert client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=data, headers=AUTH).status_code == 200
+    # Uploaded but not committed: nothing is visible yet.
+    assert client.get(f"/v1/models/{name}/versions").json()["total"] == 0
+    assert client.get(f"/v1/resolve/{name}").status_code == 404
+    assert client.get(f"/v1/models/{name}/versions/{v}").status_code == 404
+    assert client.get(f"/v1/models/{name}/versions/{v}/files/config.json").status_code == 404
+
+    committed = client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH).json()
+    assert committed["state"] == "ready"
+    assert {f["path"]: f["sha256"] for f in committed["files"]} == {p: blob(d)["sha256"] for p, d in files.items()}
+    assert client.get(f"/v1/resolve/{name}", params={"stage": "rl,sft"}).json()["version"] == v
+    listed = client.get(f"/v1/models/{name}/versions", params={"stage": "sft"}).json()
+    assert [x["version"] for x in listed["items"]] == [v] and listed["items"][0]["metrics"] == {"loss": 1.5}
+    for path, data in files.items():
+        got = client.get(f"/v1/models/{name}/versions/{v}/files/{path}")
+        assert got.status_code == 200 and got.content == data
+        assert got.headers["etag"] == f'"{blob(data)["sha256"]}"'
+    assert name in [m["name"] for m in client.get("/v1/models").json()["items"]]
+
+
+def test_equal_files_are_stored_once(client, name):
+    files = files_of("dedup")
+    publish(client, name, files)
+    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
+                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    assert r.json()["missing"] == []
+    assert client.post(f"/v1/models/{name}/versions/{r.json()['version']}/commit", headers=AUTH).status_code == 200
+
+
+def test_wrong_bytes_are_refused_and_commit_needs_every_file(client, name):
+    files = files_of("bad")
+    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
+                    json={"stage": "base", "files": {p: blob(d) for p, d in files.items()}})
+    v = r.json()["version"]
+    data = files["model.safetensors"]
+    flipped = bytes([data[0] ^ 1]) + data[1:]
+    bad = client.put(f"/v1/models/{name}/versions/{v}/files/model.safetensors", content=flipped, headers=AUTH)
+    assert bad.status_code == 400 and "sha256" in bad.json()["error"]["message"]
+    short = client.put(f"/v1/models/{name}/versions/{v}/files/config.json", content=files["config.json"][:-1],
+                       headers=AUTH)
+    assert short.status_code == 400
+    commit = client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH)
+    assert commit.status_code == 409 and "model.safetensors" in commit.json()["error"]["message"]
+    assert client.get(f"/v1/resolve/{name}", params={"stage": "base"}).status_code == 404
+    not_listed = client.put(f"/v1/models/{name}/versions/{v}/files/extra.bin", content=b"x", headers=AUTH)
+    assert not_listed.status_code == 400
+
+
+def test_abandoned_upload_is_swept_and_never_visible(client, reg, name):
+    files = files_of("crash")
+    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
+                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    v = r.json()["version"]
+    client.put(f"/v1/models/{name}/versions/{v}/files/model.safetensors", content=files["model.safetensors"],
+               headers=AUTH)
+    sha = blob(files["model.safetensors"])["sha256"]
+    assert reg.blobs.size(sha) == len(files["model.safetensors"])
+    # The "crash": the client never commits. The sweeper fails the version and drops its blobs.
+    swept = client.post("/v1/admin/sweep", params={"older_than_s": 0}, headers=AUTH).json()
+    assert swept["failed_versions"] >= 1
+    assert reg.blobs.size(sha) is None
+    assert client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH).status_code == 404
+    assert client.get(f"/v1/models/{name}/versions", params={"state": ["ready", "pending"]}).json()["total"] == 0
+    assert client.get(f"/v1/models/{name}/versions", params={"state": "failed"}).json()["total"] == 1
+
+
+def test_corrupted_blob_is_not_committable(client, reg, name):
+    files = files_of("lost")
+    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
+                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    v = r.json()["version"]
+    for path, data in files.items():
+        client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=data, headers=AUTH)
+    reg.blobs.delete(blob(files["config.json"])["sha256"])
+    r = client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH)
+    assert r.status_code == 409 and "config.json" in r.json()["error"]["message"]
+
+
+def test_aliases_move_and_guard_deletes(client, name):
+    v1 = publish(client, name, files_of("a1"))["version"]
+    v2 = publish(client, name, files_of("a2"), stage="rl")["version"]
+    assert client.put(f"/v1/models/{name}/aliases/serving", json={"version": v1}, headers=AUTH).status_code == 200
+    assert client.get(f"/v1/resolve/{name}", params={"alias": "serving"}).json()["version"] == v1
+    client.put(f"/v1/models/{name}/aliases/serving", json={"version": v2}, headers=AUTH)
+    assert client.get(f"/v1/resolve/{name}", params={"alias": "serving"}).json()["version"] == v2
+    assert client.get(f"/v1/resolve/{name}").json()["version"] == v2
+    assert client.get(f"/v1/resolve/{name}", params={"stage": "sft"}).json()["version"] == v1
+    assert client.get(f"/v1/models/{name}/versions/{v2}").json()["aliases"] == ["serving"]
+
+    refused = client.delete(f"/v1/models/{name}/versions/{v2}", headers=AUTH)
+    assert refused.status_code == 409 and "serving" in refused.json()["error"]["message"]
+    assert client.delete(f"/v1/models/{name}/versions/{v2}", params={"force": "true"}, headers=AUTH).status_code == 200
+    assert client.get(f"/v1/resolve/{name}", params={"alias": "serving"}).status_code == 404
+    assert client.get(f"/v1/resolve/{name}").json()["version"] == v1
+    assert client.put(f"/v1/models/{name}/aliases/serving", json={"version": v2}, headers=AUTH).status_code == 404
+    assert client.put(f"/v1/models/{name}/aliases/serving", json={"version": 999}, headers=AUTH).status_code == 404
+
+
+def test_lineage_and_metrics_patch(client, name):
+    tok = publish(client, name, files_of("tok"), stage="tokenizer")["version"]
+    base = publish(client, name, files_of("base"), stage="base", parent={"version": tok})["version"]
+    sft = publish(client, name, files_of("sft"), stage="sft", parent={"version": base})["version"]
+    lin = client.get(f"/v1/models/{name}/versions/{sft}/lineage").json()
+    assert [p["version"] for p in lin["parents"]] == [base, tok]
+    assert [c["version"] for c in client.get(f"/v1/models/{name}/versions/{base}/lineage").json()["children"]] == [sft]
+    bad_parent = client.post(f"/v1/models/{name}/versions", headers=AUTH,
+                             json={"stage": "sft", "parent": {"version": 999}, "files": {"a": blob(b"a")}})
+    assert bad_parent.status_code == 404
+
+    client.patch(f"/v1/models/{name}/versions/{base}", json={"metrics": {"core": 0.2}}, headers=AUTH)
+    patched = client.patch(f"/v1/models/{name}/versions/{base}", json={"metrics": {"bpb": 0.9}}, headers=AUTH).json()
+    assert patched["metrics"] == {"core": 0.2, "bpb": 0.9}
+
+
+def test_attachments_are_hash_checked_and_listed_apart(client, name):
+    v = publish(client, name, files_of("att"))["version"]
+    report = b"# report card\n" + uuid.uuid4().bytes
+    url = f"/v1/models/{name}/versions/{v}/attachments/report.md"
+    wrong = client.put(url, content=report, headers={**AUTH, "X-Content-SHA256": "0" * 64})
+    assert wrong.status_code == 400
+    assert client.put(url, content=report, headers={**AUTH, "X-Content-SHA256": blob(report)["sha256"]}).status_code == 200
+    got = client.get(f"/v1/models/{name}/versions/{v}").json()
+    assert got["attachments"] == [{"path": "report.md", **blob(report)}]
+    assert "report.md" not in [f["path"] for f in got["files"]]
+    assert client.get(url).content == report
+    overwrite_model = client.put(f"/v1/models/{name}/versions/{v}/attachments/config.json", content=b"x",
+                                 headers={**AUTH, "X-Content-SHA256": blob(b"x")["sha256"]})
+    assert overwrite_model.status_code == 409
+
+
+def test_writes_need_the_token(client, name):
+    body = {"stage": "sft", "files": {"a": blob(b"a")}}
+    assert client.post(f"/v1/models/{name}/versions", json=body).status_code == 401
+    wrong = client.post(f"/v1/models/{name}/versions", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+    assert client.put(f"/v1/models/{name}/aliases/x", json={"version": 1}).status_code == 401
+    assert client.get("/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["../etc/passwd", "a/../../b", "/abs/path", "a//b", "./a", "a\\b", "a\x00b",
+                                  "C:/x", "x" * 600])
+def test_bad_paths_are_refused(client, name, path):
+    r = client.post(f"/v1/models/{name}/versions", headers=AUTH, json={"stage": "sft", "files": {path: blob(b"a")}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
+
+
+def test_traversal_in_url_is_refused(client, name):
+    v = publish(client, name, {"a.bin": uuid.uuid4().bytes})["version"]
+    for raw in ["%2e%2e/%2e%2e/secret", "a/%2e%2e/%2e%2e/x", "%00"]:
+        assert client.get(f"/v1/models/{name}/versions/{v}/files/{raw}").status_code == 400
+    assert client.post("/v1/models/bad%20name/versions", headers=AUTH,
+                       json={"stage": "sft", "files": {"a": blob(b"a")}}).status_code == 400
+
+
+def test_range_downloads(client, name):
+    data = os.urandom(100_000)
+    v = publish(client, name, {"w.bin": data})["version"]
+    url = f"/v1/models/{name}/versions/{v}/files/w.bin"
+    for header, want in [("bytes=0-9", data[:10]), ("bytes=99990-", data[99990:]), ("bytes=-5", data[-5:]),
+                         ("bytes=500-200000", data[500:])]:
+        r = client.get(url, headers={"Range": header})
+        assert r.status_code == 206 and r.content == want
+        assert r.headers["content-range"].endswith("/100000")
+    assert client.get(url, headers={"Range": "bytes=100000-"}).status_code == 416
+    assert client.get(url, headers={"Range": "bytes=9-3"}).status_code == 416
+    etag = client.head(url).headers["etag"]
+    assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
+    assert client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'}).status_code == 200
+
+
+def test_concurrent_creates_get_distinct_numbers(reg, name):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from registry.schemas import VersionCreate
+
+    req = VersionCreate(stage="sft", files={"a": blob(b"a")})
+    with ThreadPoolExecutor(20) as pool:
+        numbers = list(pool.map(lambda _: core.create_version(reg, name, req)["version"], range(20)))
+    assert sorted(numbers) == list(range(1, 21))
+
+
+def test_health_ready_metrics_openapi(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready").json()
+    assert ready["status"] == "ok" and set(ready["checks"]) == {"database", "blobs"}
+    r = client.get("/health", headers={"X-Request-ID": "abc123"})
+    assert r.headers["x-request-id"] == "abc123"
+    text = client.get("/metrics").text
+    assert 'registry_requests_total{method="GET",route="/health",status="200"}' in text
+    assert "/v1/models/{name}/versions" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_bad_json_bodies_are_4xx(client, name):
+    url = f"/v1/models/{name}/versions"
+    for body in [b"not json", b'{"stage": "sft", "files": {"a": {"size": 1, "sha256": "xyz"}}}',
+                 b'{"stage": "xx", "files": {}}', b'{"stage": "sft", "files": {"a": {"size": -1, "sha256": "' + b"a" * 64 + b'"}}}',
+                 b'{"stage": "sft", "files": {"a": {"size": 1, "sha256": "' + b"a" * 64 + b'"}}, "metrics": {"x": NaN}}']:
+        r = client.post(url, content=body, headers={**AUTH, "Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+        assert r.json()["error"]["message"]
