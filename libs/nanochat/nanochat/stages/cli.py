@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -187,7 +186,3 @@ def run_stage(stage: str, body: StageBody, argv: Sequence[str] | None = None, ra
         sys.exit(1)
     emitter.finished(outputs, metrics)
 
-
-def world_info() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment, (0, 1) in a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
