@@ -98,7 +98,9 @@ def test_mixtures_and_core_bundle(data):
 
 
 def test_deterministic_given_seed_and_synthetic_fallback(tmp_path, data):
-    root, _ = data
+    root, first = data
+    rerun = make(root)
+    assert rerun.metrics == {**first.metrics, "reused": True}
     make(tmp_path / "again")
     for name in ["shard_00000.parquet", "tasks/openai/gsm8k/main/train-00000-of-00001.parquet"]:
         assert pq.read_table(root / name).equals(pq.read_table(tmp_path / "again" / name))

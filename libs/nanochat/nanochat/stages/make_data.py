@@ -18,7 +18,9 @@ Writes, all deterministic given `--seed`:
 - `eval_bundle/`: a CORE-format mini bundle (`core.yaml`, `eval_data/*.jsonl`,
   `eval_meta_data.csv`) with one task of each type, built from the validation documents.
 Every train/test pair is disjoint. Everything is written to a temp folder inside `--data-dir`
-first and moved in at the end, so a killed run leaves no partial data.
+first and moved in at the end (the stamp `make_data.json` last), so a killed run leaves no
+partial data. A rerun with the same options finds the stamp and reuses the data (a pipeline can
+run twice on one data volume); other options need `--overwrite`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import MakeDataOptions
 
 HEADING_RE = re.compile(r"^([=\-~^\"'`#*+])\1{2,}\s*$")
+STAMP = "make_data.json"  # the options that made a data dir: a rerun with the same ones is a no-op
 SENTENCE_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
@@ -414,10 +417,17 @@ def write_tasks(folder: Path, docs: list[str], options: MakeDataOptions, seed: i
 def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, dict[str, Any]]:
     data_dir = Path(options.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    produced = ["tasks", "eval_bundle"]
+    recipe = options.model_dump(mode="json", exclude={"data_dir", "out", "init_from", "job_id", "input_version", "overwrite"})
+    stamp = data_dir / STAMP
+    if stamp.is_file() and not options.overwrite:
+        made = json.loads(stamp.read_text())
+        if made.get("recipe") == recipe:
+            log(f"{data_dir} already holds this data (same options and seed); reusing it")
+            return [], {**made["metrics"], "reused": True}
+    produced = ["tasks", "eval_bundle", STAMP]
     existing = sorted(data_dir.glob("shard_*.parquet")) + [data_dir / p for p in produced if (data_dir / p).exists()]
     if existing and not options.overwrite:
-        raise FileExistsError(f"{data_dir} already holds data ({existing[0].name}, ...); pass --overwrite to replace it")
+        raise FileExistsError(f"{data_dir} already holds other data ({existing[0].name}, ...); pass --overwrite to replace it")
     rng = random.Random(options.seed)
     files = python_doc_files(options.docs_path) if options.source != "synthetic" else []
     if options.source == "python-docs" and not files:
@@ -439,11 +449,12 @@ def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, di
         emitter.progress(step=2, total=total_steps)
         core_bundle(staging / "eval_bundle", docs[-options.val_docs :], options.core_items, random.Random(options.seed + 8))
         emitter.progress(step=3, total=total_steps)
+        metrics = {"source": source, **corpus, **{f"tasks/{k}": v for k, v in tasks.items()}}
+        (staging / STAMP).write_text(json.dumps({"recipe": recipe, "metrics": metrics}, indent=2) + "\n")
         for path in existing:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        for entry in sorted(staging.iterdir()):
+        for entry in sorted(staging.iterdir(), key=lambda e: (e.name == STAMP, e.name)):
             os.rename(entry, data_dir / entry.name)
-    metrics = {"source": source, **corpus, **{f"tasks/{k}": v for k, v in tasks.items()}}
     log(f"data in {data_dir}: {corpus['shards']} shards, {corpus['chars']:,} chars")
     return [], metrics
 
