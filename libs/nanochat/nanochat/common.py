@@ -85,6 +85,8 @@ def compute_init(device: str | None = None, seed: int = 42) -> Compute:
 def compute_cleanup() -> None:
     """Destroy the process group if one is running."""
     if dist.is_available() and dist.is_initialized():
+        # Without a barrier a rank that finishes first can tear gloo down under a slower one (SIGABRT).
+        dist.barrier()
         dist.destroy_process_group()
 
 

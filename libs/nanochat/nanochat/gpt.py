@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import world_size
+from nanochat.optim import AdamW, Muon
 
 ROTARY_BASE = 10_000
 SOFTCAP = 15.0
@@ -334,6 +335,25 @@ class GPT(nn.Module):
         c = self.config
         nparams_embedding = self.transformer.wte.weight.numel()
         return 6 * (self.num_params() - nparams_embedding) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                         weight_decay: float = 0.0, ns_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
+        """[AdamW for lm_head and embedding, Muon for the block matrices], as the spec sets them.
+
+        The AdamW rates are scaled by (n_embd/768)^-0.5; every group remembers its `initial_lr`
+        for the schedules, which multiply it.
+        """
+        scale = (self.config.n_embd / 768) ** -0.5
+        adamw = AdamW([
+            {"params": [self.lm_head.weight], "lr": unembedding_lr * scale},
+            {"params": [self.transformer.wte.weight], "lr": embedding_lr * scale},
+        ], weight_decay=weight_decay)
+        muon = Muon(self.transformer.h.parameters(), lr=matrix_lr, momentum=0.95, ns_dtype=ns_dtype)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return optimizers
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean", rows: Sequence[int] | torch.Tensor | None = None,
