@@ -3,6 +3,7 @@
 //! have the lowest rank (leftmost on ties) until no concatenation is a token.
 
 use ahash::AHashMap;
+use rayon::prelude::*;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -18,7 +19,20 @@ impl Encoder {
         Encoder { ranks }
     }
 
+    /// Encode `text`; a big one is cut into segments (see `Splitter::segments`) encoded in parallel.
     pub fn encode(&self, splitter: &Splitter, text: &str) -> Result<Vec<u32>, String> {
+        let segments = splitter.segments(text, rayon::current_num_threads() * 4);
+        if segments.len() == 1 {
+            return self.encode_segment(splitter, text);
+        }
+        let parts = segments
+            .par_iter()
+            .map(|segment| self.encode_segment(splitter, segment))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(parts.concat())
+    }
+
+    fn encode_segment(&self, splitter: &Splitter, text: &str) -> Result<Vec<u32>, String> {
         let mut out = Vec::with_capacity(text.len() / 3);
         splitter.pieces(text, |piece| self.encode_piece(piece.as_bytes(), &mut out))?;
         Ok(out)

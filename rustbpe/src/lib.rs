@@ -16,7 +16,7 @@ mod train;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyString};
 use rayon::prelude::*;
 
 use encode::Encoder;
@@ -65,6 +65,9 @@ impl Tokenizer {
                 "vocab_size must be at least 256 (one rank per byte), got {vocab_size}"
             )));
         }
+        if vocab_size > u32::MAX as i64 {
+            return Err(PyValueError::new_err(format!("vocab_size must fit token ids in 32 bits, got {vocab_size}")));
+        }
         if buffer_size < 1 {
             return Err(PyValueError::new_err(format!("buffer_size must be positive, got {buffer_size}")));
         }
@@ -76,17 +79,20 @@ impl Tokenizer {
             .try_iter()
             .map_err(|_| PyTypeError::new_err("train_from_iterator needs an iterable of str"))?;
         let mut counts: ahash::AHashMap<String, i64> = ahash::AHashMap::new();
-        let mut buffer: Vec<String> = Vec::with_capacity(buffer_size as usize);
+        let mut buffer: Vec<String> = Vec::with_capacity((buffer_size as usize).min(1 << 16));
         let mut index = 0usize;
         loop {
             buffer.clear();
             for item in items.by_ref().take(buffer_size as usize) {
                 let item = item?;
-                let text: String = item.extract().map_err(|_| {
-                    PyTypeError::new_err(format!(
+                let Ok(text) = item.cast::<PyString>() else {
+                    return Err(PyTypeError::new_err(format!(
                         "item {index} of the iterator is {}, not str",
                         item.get_type().name().map(|n| n.to_string()).unwrap_or_default()
-                    ))
+                    )));
+                };
+                let text: String = text.to_str().map(str::to_owned).map_err(|e| {
+                    PyValueError::new_err(format!("item {index} of the iterator is not valid Unicode text: {e}"))
                 })?;
                 buffer.push(text);
                 index += 1;

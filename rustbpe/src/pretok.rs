@@ -5,9 +5,10 @@
 //! pattern without that alternative, plus one fix-up that gives exactly the lookahead's result (see
 //! `Splitter::pieces`). Any other pattern goes through `fancy-regex` unchanged.
 //!
-//! One big string is split on several threads: it is cut at positions where the sequential scan is
-//! known to end a piece (right after `\n` when a non-space ASCII byte follows; see `safe_cuts`), so
-//! the pieces are exactly those of one sequential pass.
+//! With the default pattern one big string is split on several threads: it is cut at positions
+//! where the sequential scan is known to end a piece (right after `\n` when a non-space ASCII byte
+//! follows; see `safe_cuts`), so the pieces are exactly those of one sequential pass. A custom
+//! pattern gives no such guarantee, so its texts are never cut.
 
 use ahash::AHashMap;
 use rayon::prelude::*;
@@ -34,6 +35,14 @@ impl Splitter {
         }
         let re = fancy_regex::Regex::new(pattern).map_err(|e| e.to_string())?;
         Ok(Splitter::Backtracking(re))
+    }
+
+    /// `text` cut into about `parts` segments that split into exactly the pieces of `text`.
+    pub fn segments<'t>(&self, text: &'t str, parts: usize) -> Vec<&'t str> {
+        match self {
+            Splitter::Automata(_) => safe_cuts(text, parts).windows(2).map(|w| &text[w[0]..w[1]]).collect(),
+            Splitter::Backtracking(_) => vec![text],
+        }
     }
 
     /// Call `f` on every piece of `text`, in order.
@@ -106,13 +115,7 @@ pub fn safe_cuts(text: &str, parts: usize) -> Vec<usize> {
 /// parallel; the result does not depend on the number of threads.
 pub fn count_pieces(splitter: &Splitter, texts: &[String]) -> Result<AHashMap<String, i64>, String> {
     let parts = rayon::current_num_threads() * 4;
-    let segments: Vec<&str> = texts
-        .iter()
-        .flat_map(|t| {
-            let cuts = safe_cuts(t, parts);
-            cuts.windows(2).map(|w| &t[w[0]..w[1]]).collect::<Vec<_>>()
-        })
-        .collect();
+    let segments: Vec<&str> = texts.iter().flat_map(|t| splitter.segments(t, parts)).collect();
     let partials: Result<Vec<AHashMap<&str, i64>>, String> = segments
         .par_iter()
         .map(|segment| {
@@ -196,6 +199,14 @@ mod tests {
             pieces.extend(split_with(&splitter, &text[w[0]..w[1]]));
         }
         assert_eq!(pieces, reference(&text));
+    }
+
+    #[test]
+    fn custom_patterns_are_never_cut() {
+        // `[^a]+` runs across newlines: cutting after one would change the pieces.
+        let splitter = Splitter::new("[^a]+|a").unwrap();
+        let text = "x\ny\n".repeat(100_000);
+        assert_eq!(splitter.segments(&text, 8), vec![text.as_str()]);
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub fn train(chunks: Vec<(Vec<u8>, i64)>, num_merges: usize) -> Vec<Pair> {
         .map(|(&pair, &count)| Entry { count, pair })
         .collect();
 
-    let mut merges = Vec::with_capacity(num_merges);
+    let mut merges = Vec::new();
     let mut old_pairs: Vec<Pair> = Vec::new();
     while merges.len() < num_merges {
         let Some(top) = heap.pop() else { break };
