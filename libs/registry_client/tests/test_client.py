@@ -1,0 +1,153 @@
+"""RegistryClient against a live registry: folder round trip, verified cache, corruption, resume."""
+
+import hashlib
+import json
+import os
+import uuid
+
+import pytest
+from conftest import TOKEN
+
+from registry_client import IntegrityError, ManifestError, RegistryClient, RegistryError, UploadError, build_manifest
+
+
+def make_checkpoint(folder, with_manifest=True, big=200_000):
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(uuid.uuid4().bytes + os.urandom(big))
+    (folder / "config.json").write_text(json.dumps({"n_layer": 2}))
+    (folder / "meta.json").write_text(json.dumps({"stage": "sft", "step": 5}))
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "tokenizer.json").write_text(json.dumps({"pattern": "x", "salt": uuid.uuid4().hex}))
+    if with_manifest:
+        (folder / "manifest.json").write_text(json.dumps(build_manifest(folder), indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def same_tree(a, b):
+    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+                          if p.is_file() and p.name != ".registry-verified.json"}
+    return files(a) == files(b)
+
+
+@pytest.fixture
+def rc(registry_url, tmp_path):
+    # A small part size, so files above it take the parallel ranged-download path.
+    with RegistryClient(registry_url[0], token=TOKEN, cache_dir=tmp_path / "cache", part_size=64 * 1024) as c:
+        yield c
+
+
+def test_upload_resolve_download_round_trip(rc, tmp_path):
+    src = make_checkpoint(tmp_path / "ckpt")
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    v = rc.upload_folder(src, name, stage="sft", step=5, metrics={"loss": 2.0}, job_id="j1")
+    assert v.state == "ready" and v.meta == {"stage": "sft", "step": 5}
+    assert {f.path for f in v.files} == {"model.safetensors", "config.json", "meta.json", "tokenizer/tokenizer.json",
+                                          "manifest.json"}
+    assert rc.resolve(name, stage=["rl", "sft"]).version == v.version
+    folder = rc.download(name, stage="sft")
+    assert folder.name == f"v{v.version}" and same_tree(src, folder)
+    rc.set_alias(name, "serving", v.version)
+    assert rc.download(name, alias="serving") == folder
+
+
+def test_cache_is_reused_when_hashes_match_and_refreshed_when_not(rc, registry_url, tmp_path):
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    v = rc.upload_folder(make_checkpoint(tmp_path / "ckpt"), name, stage="sft")
+    folder = rc.download(name, v.version)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert rc.download(name, v.version) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused: not written again
+    (folder / "config.json").write_text("tampered")
+    again = rc.download(name, v.version)
+    assert json.loads((again / "config.json").read_text()) == {"n_layer": 2}
+
+
+def test_folder_without_manifest_gets_one(rc, tmp_path):
+    src = make_checkpoint(tmp_path / "ckpt", with_manifest=False)
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    v = rc.upload_folder(src, name, stage="base")
+    folder = rc.download(name, v.version)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest == build_manifest(src)
+
+
+def test_a_manifest_that_does_not_match_is_refused(rc, tmp_path):
+    src = make_checkpoint(tmp_path / "ckpt")
+    (src / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ManifestError, match="extra.bin"):
+        rc.upload_folder(src, "never", stage="sft")
+    (src / "extra.bin").unlink()
+    (src / "config.json").write_text(json.dumps({"n_layer": 20}))
+    with pytest.raises(ManifestError, match="config.json"):
+        rc.upload_folder(src, "never", stage="sft")
+
+
+def test_a_changed_file_fails_the_upload_and_nothing_is_visible(rc, tmp_path):
+    src = make_checkpoint(tmp_path / "ckpt")
+    data = bytearray((src / "model.safetensors").read_bytes())
+    data[100] ^= 0xFF  # same size, other bytes: only the sha256 can tell
+    (src / "model.safetensors").write_bytes(bytes(data))
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(UploadError) as e:
+        rc.upload_folder(src, name, stage="sft")
+    assert isinstance(e.value.cause, RegistryError) and e.value.cause.status == 400
+    with pytest.raises(RegistryError) as nf:
+        rc.resolve(name, stage="sft")
+    assert nf.value.status == 404
+
+
+def test_an_interrupted_upload_resumes(rc, registry_url, tmp_path):
+    src = make_checkpoint(tmp_path / "ckpt")
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    manifest = json.loads((src / "manifest.json").read_text())
+    files = dict(manifest["files"])
+    raw = (src / "manifest.json").read_bytes()
+    files["manifest.json"] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    # The first attempt created the version and sent one file before dying.
+    created = rc._request("POST", f"/v1/models/{name}/versions", json={"stage": "sft", "files": files}).json()
+    rc._request("PUT", f"/v1/models/{name}/versions/{created['version']}/files/config.json",
+                content=(src / "config.json").read_bytes())
+    status = rc._request("GET", f"/v1/models/{name}/versions/{created['version']}/upload").json()
+    assert "config.json" not in status["missing"] and "model.safetensors" in status["missing"]
+    v = rc.upload_folder(src, name, stage="sft", resume_version=created["version"])
+    assert v.version == created["version"] and v.state == "ready"
+    assert same_tree(src, rc.download(name, v.version))
+
+
+def test_a_corrupted_blob_is_detected_on_download(rc, registry_url, tmp_path):
+    src = make_checkpoint(tmp_path / "ckpt")
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    v = rc.upload_folder(src, name, stage="sft")
+    sha = next(f.sha256 for f in v.files if f.path == "model.safetensors")
+    store = registry_url[1].state.registry.blobs
+    blob_path = store.path(sha)
+    data = bytearray(blob_path.read_bytes())
+    data[1234] ^= 0x01  # bit rot on the server's disk
+    blob_path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        rc.download(name, v.version)
+    assert not (rc.cache_dir / name / f"v{v.version}").exists()
+    assert not [p for p in (rc.cache_dir / name).iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_attach_metrics_lineage_and_delete(rc, tmp_path):
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    tok = rc.upload_folder(make_checkpoint(tmp_path / "t"), name, stage="tokenizer")
+    sft = rc.upload_folder(make_checkpoint(tmp_path / "s"), name, stage="sft", parent=tok.version)
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
+    rc.attach(name, sft.version, report)
+    assert [a.path for a in rc.get_version(name, sft.version).attachments] == ["report.md"]
+    assert (rc.download(name, sft.version) / "report.md").read_text() == "# report\n"
+    assert rc.patch_metrics(name, sft.version, {"chat_eval": 0.3}).metrics == {"chat_eval": 0.3}
+    assert [p["version"] for p in rc.lineage(name, sft.version)["parents"]] == [tok.version]
+    assert [x.version for x in rc.list_versions(name)] == [sft.version, tok.version]
+    rc.delete_version(name, sft.version)
+    assert [x.version for x in rc.list_versions(name)] == [tok.version]
+
+
+def test_wrong_token_is_a_clear_error(registry_url, tmp_path):
+    with RegistryClient(registry_url[0], token="wrong", cache_dir=tmp_path) as c:
+        with pytest.raises(RegistryError) as e:
+            c.upload_folder(make_checkpoint(tmp_path / "ckpt"), "x", stage="sft")
+    assert e.value.status == 401 and "token" in e.value.message
