@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 HERE = Path(__file__).parent
+OUTPUT = HERE / "output"
 ADMIN_TOKEN = "admin-token-for-tests"
 
 
@@ -73,7 +74,9 @@ def start_webui(fake_url: str, **extra: str) -> Proc:
         "WEBUI_ADMIN_TOKEN": ADMIN_TOKEN,
         **extra,
     }
-    process = subprocess.Popen([sys.executable, "-m", "webui"], env=env, stdout=subprocess.DEVNULL)
+    OUTPUT.mkdir(exist_ok=True)
+    with open(OUTPUT / f"webui-{port}.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "webui"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(f"{url}/health", process)
     return Proc(url, process)

@@ -124,7 +124,7 @@ class BaseTrainOptions(BaseModel):
 
 jobs: dict[str, dict] = {
     "job-1": {"id": "job-1", "stage": "base_train", "status": "running", "created_at": time.time(),
-              "progress": {"step": 0, "total": 20}, "metrics": {}},
+              "step": 0, "total": 20, "progress": 0.0, "metrics": {}, "produced": []},
 }
 series: dict[str, dict[str, list]] = {"job-1": {"loss": [], "lr": [], "tok_per_s": []}}
 logs: dict[str, bytearray] = {"job-1": bytearray(b"starting base_train\n")}
@@ -133,18 +133,18 @@ drops = {"generation": 0}
 
 
 @app.get("/trainer/v1/stages")
-async def stages() -> list:
-    return [
+async def stages() -> dict:
+    return {"pipelines": {"speedrun": ["make_data", "base_train"]}, "presets": ["tiny", "d20"], "stages": [
         {"name": "base_train", "description": "Pretrain the base model.", "input_stage": "tokenizer",
          "options_schema": BaseTrainOptions.model_json_schema()},
         {"name": "make_data", "description": "Write the tiny offline corpus.", "input_stage": None,
          "options_schema": {"type": "object", "properties": {}}},
-    ]
+    ]}
 
 
 @app.get("/trainer/v1/jobs")
 async def list_jobs() -> dict:
-    return {"jobs": list(jobs.values())}
+    return {"items": list(jobs.values()), "total": len(jobs), "limit": 50, "offset": 0}
 
 
 @app.get("/trainer/v1/jobs/{job_id}")
@@ -191,8 +191,9 @@ async def job_logs(job_id: str, request: Request, offset: int = 0, follow: bool 
 @app.post("/trainer/_test/step")
 async def step() -> dict:
     job = jobs["job-1"]
-    n = job["progress"]["step"] + 1
-    job["progress"]["step"] = n
+    n = job["step"] + 1
+    job["step"] = n
+    job["progress"] = 100.0 * n / job["total"]
     loss = 10.0 / (1 + n)
     for name, value in (("loss", loss), ("lr", 0.02 * (1 - n / 40)), ("tok_per_s", 1000.0 + 10 * n)):
         series["job-1"][name].append([n, value])
@@ -228,7 +229,7 @@ async def create_job(request: Request):
                                 status_code=422)
     job_id = f"job-{len(jobs) + 1}"
     jobs[job_id] = {"id": job_id, "stage": body.get("stage"), "pipeline": body.get("pipeline"), "status": "queued",
-                    "created_at": time.time(), "progress": 0.0, "metrics": {}, "request": body}
+                    "created_at": time.time(), "progress": 0.0, "metrics": {}, "produced": [], "request": body}
     return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
 
 
@@ -243,29 +244,26 @@ async def cancel_job(job_id: str, request: Request):
 # ---- registry ---------------------------------------------------------------------------------
 
 versions = [
-    {"version": 1, "stage": "tokenizer", "step": None, "parent_version": None, "metrics": {"ratio": 4.3}},
-    {"version": 2, "stage": "base", "step": 200, "parent_version": 1, "metrics": {"val_bpb": 1.21, "core": 0.05}},
-    {"version": 3, "stage": "mid", "step": 80, "parent_version": 2, "metrics": {"val_bpb": 1.1}},
-    {"version": 4, "stage": "sft", "step": 40, "parent_version": 3, "metrics": {"arc_easy": 0.31},
-     "attachments": [{"name": "report.md"}]},
-    {"version": 5, "stage": "rl", "step": 30, "parent_version": 4, "metrics": {"gsm8k": 0.04}},
+    {"version": 1, "stage": "tokenizer", "step": None, "parent": None, "metrics": {"ratio": 4.3}},
+    {"version": 2, "stage": "base", "step": 200, "parent": {"name": "nanochat", "version": 1}, "metrics": {"val_bpb": 1.21, "core": 0.05}},
+    {"version": 3, "stage": "mid", "step": 80, "parent": {"name": "nanochat", "version": 2}, "metrics": {"val_bpb": 1.1}},
+    {"version": 4, "stage": "sft", "step": 40, "parent": {"name": "nanochat", "version": 3}, "metrics": {"arc_easy": 0.31},
+     "attachments": [{"path": "report.md", "size": 120, "sha256": "0" * 64}]},
+    {"version": 5, "stage": "rl", "step": 30, "parent": {"name": "nanochat", "version": 4}, "metrics": {"gsm8k": 0.04}},
 ]
 aliases = {"serving": 4}
 
 
 @app.get("/registry/v1/models")
 async def registry_models() -> dict:
-    return {"models": [{"name": "nanochat"}]}
-
-
-@app.get("/registry/v1/models/{name}")
-async def registry_model(name: str) -> dict:
-    return {"name": name, "aliases": aliases}
+    return {"items": [{"name": "nanochat", "latest_version": 5, "versions": 5, "aliases": aliases}]}
 
 
 @app.get("/registry/v1/models/{name}/versions")
 async def registry_versions(name: str) -> dict:
-    return {"versions": [{**v, "created_at": "2026-11-20T10:00:00Z"} for v in versions]}
+    items = [{"attachments": [], **v, "name": name, "created_at": "2026-11-20T10:00:00Z",
+              "aliases": [a for a, target in aliases.items() if target == v["version"]]} for v in versions]
+    return {"items": items, "total": len(items), "limit": 500, "offset": 0}
 
 
 @app.get("/registry/v1/models/{name}/versions/{version}/attachments/{file}")

@@ -9,15 +9,9 @@ const POLL_MS = 2000;
 const jobId = (job) => job.id ?? job.job_id;
 const whatOf = (job) => job.pipeline ? `${job.pipeline} pipeline${job.preset ? ` (${job.preset})` : ""}` : job.stage || "job";
 
-// The trainer reports progress as a fraction, a percentage, or {step, total}.
+// The trainer reports `progress` as the percent of the whole job done.
 export function progressOf(job) {
-  const p = job.progress;
-  if (typeof p === "number") return Math.min(1, Math.max(0, p > 1 ? p / 100 : p));
-  if (p && typeof p === "object") {
-    if (typeof p.fraction === "number") return Math.min(1, Math.max(0, p.fraction));
-    const total = p.total ?? p.total_steps ?? p.num_steps;
-    if (total) return Math.min(1, Math.max(0, (p.step ?? 0) / total));
-  }
+  if (typeof job.progress === "number") return Math.min(1, Math.max(0, job.progress / 100));
   return job.status === "succeeded" ? 1 : 0;
 }
 
@@ -48,7 +42,7 @@ export function mountJobs(root, app) {
 
   async function refresh() {
     try {
-      const jobs = listOf(await request("/api/trainer/v1/jobs"), "jobs");
+      const jobs = listOf(await request("/api/trainer/v1/jobs"), "items");
       note.textContent = jobs.length ? "" : "No jobs yet. Launch a stage or the speedrun pipeline.";
       body.replaceChildren(...jobs.map((job) => h("tr", { "data-testid": "job-row", "data-job": jobId(job) },
         h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(jobId(job))}` }, String(jobId(job)).slice(0, 12))),
@@ -106,8 +100,8 @@ export function mountJob(root, app, id) {
       status.replaceChildren(statusPill(job.status));
       progressSlot.replaceChildren(progressBar(job), h("span", { class: "muted" }, `${whatOf(job)} · ${Math.round(progressOf(job) * 100)}%`));
       const rows = [["created", formatTime(job.created_at ?? job.created)]];
-      const output = job.output_version ?? job.output;
-      if (output) rows.push(["produced", typeof output === "object" ? `${output.name ?? ""} v${output.version ?? "?"}` : `v${output}`]);
+      if (job.current_stage && job.pipeline) rows.push(["stage", `${job.current_stage}${job.step != null && job.total ? ` · step ${job.step}/${job.total}` : ""}`]);
+      for (const made of job.produced ?? []) rows.push(["produced", `${made.name} v${made.version} (${made.stage})`]);
       if (job.error) rows.push(["error", String(job.error)]);
       for (const [key, value] of Object.entries(job.metrics ?? job.latest_metrics ?? {})) rows.push([key, formatNumber(value)]);
       details.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
@@ -138,6 +132,8 @@ export function mountJob(root, app, id) {
     source.addEventListener("message", onLine);
     source.addEventListener("log", onLine);
     source.addEventListener("open", () => { logState.textContent = "following"; });
+    // The trainer sends `end` once the job is over and its log is read to the end.
+    source.addEventListener("end", () => { source.close(); logState.textContent = "ended"; });
     source.addEventListener("error", () => {
       if (job && TERMINAL.has(job.status)) {
         source.close();

@@ -75,6 +75,7 @@ export function mountLaunch(root, app) {
   root.replaceChildren(h("section", { class: "page" }, h("h2", {}, "Launch"), form));
 
   let stages = [];
+  let presets = ["tiny", "d20"];
   let fields = [];
   const common = {};
 
@@ -90,7 +91,7 @@ export function mountLaunch(root, app) {
     formError.hidden = true;
     if (choice === PIPELINE) {
       description.textContent = "The whole nanochat recipe in order: data, tokenizer, base, mid, SFT, RL, with an eval after each stage and a report card.";
-      fields = [fieldFor("preset", { enum: ["tiny", "d20"], default: "tiny", description: "tiny runs on a CPU; d20 is the original 8-GPU speedrun" }, true)];
+      fields = [fieldFor("preset", { enum: presets, default: presets[0], description: "tiny runs on a CPU; d20 is the original 8-GPU speedrun" }, true)];
       optionsBox.replaceChildren(h("legend", {}, "Pipeline"), ...fields.map((f) => f.wrap));
       inputBox.replaceChildren(h("legend", {}, "Output and resources"),
         commonField("output_name", { type: "string", default: "nanochat" }, true),
@@ -186,7 +187,9 @@ export function mountLaunch(root, app) {
 
   (async () => {
     try {
-      stages = listOf(await request("/api/trainer/v1/stages"), "stages");
+      const offered = await request("/api/trainer/v1/stages");
+      stages = listOf(offered, "stages");
+      if (Array.isArray(offered?.presets) && offered.presets.length) presets = offered.presets;
       what.replaceChildren(h("option", { value: PIPELINE }, "speedrun pipeline"),
         ...stages.map((s) => h("option", { value: s.name }, s.name)));
       build();

@@ -1,7 +1,7 @@
 // A small markdown renderer that builds DOM nodes directly. It never parses HTML: raw tags in
 // model output (<script>, <img onerror=...>) come out as visible text, so they stay inert.
 // Covers what chat answers use: fenced code (with a copy button), headings, lists, quotes,
-// rules, paragraphs, `code`, **bold**, *italic* and [links](https://...).
+// rules, tables, paragraphs, `code`, **bold**, *italic* and [links](https://...).
 import { h } from "./dom.js";
 
 const SAFE_URL = /^(https?:|mailto:)/i;
@@ -61,6 +61,12 @@ export function codeBlock(code, language = "") {
 }
 
 const LIST_ITEM = /^\s*([-*+]|\d+[.)])\s+(.*)$/;
+const TABLE_RULE = /^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$/;
+
+// The cells of a `| a | b |` row.
+function cells(row) {
+  return row.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+}
 
 export function renderMarkdown(source) {
   const out = document.createDocumentFragment();
@@ -90,6 +96,16 @@ export function renderMarkdown(source) {
       const quoted = [];
       while (i < lines.length && /^\s*>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s*>\s?/, ""));
       out.append(h("blockquote", {}, renderMarkdown(quoted.join("\n"))));
+      continue;
+    }
+    if (/^\s*\|.*\|\s*$/.test(line) && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])) {
+      const head = cells(line);
+      i += 2;
+      const rows = [];
+      while (i < lines.length && /^\s*\|.*\|\s*$/.test(lines[i])) rows.push(cells(lines[i++]));
+      out.append(h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, ...head.map((c) => h("th", {}, ...inline(c))))),
+        h("tbody", {}, ...rows.map((r) => h("tr", {}, ...head.map((_, k) => h("td", {}, ...inline(r[k] ?? "")))))))));
       continue;
     }
     const item = LIST_ITEM.exec(line);

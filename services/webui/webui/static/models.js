@@ -5,14 +5,11 @@ import { formatNumber, formatTime, h } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
 
 const versionOf = (v) => v.version;
-const parentOf = (v) => (v.parent_version && typeof v.parent_version === "object" ? v.parent_version.version : v.parent_version ?? v.parent);
+const parentOf = (v) => (v.parent && typeof v.parent === "object" ? v.parent.version : null);
 const attachmentName = (a) => (typeof a === "string" ? a : a.name ?? a.path);
 
 function aliasesFrom(model, versions) {
-  const aliases = {};
-  const raw = model?.aliases;
-  if (Array.isArray(raw)) for (const a of raw) aliases[a.alias ?? a.name] = a.version;
-  else if (raw && typeof raw === "object") Object.assign(aliases, raw);
+  const aliases = { ...(model?.aliases ?? {}) };
   for (const v of versions) for (const a of v.aliases || []) aliases[a] = versionOf(v);
   return aliases;
 }
@@ -62,7 +59,8 @@ export function mountModels(root, app) {
 
   async function load() {
     try {
-      const models = listOf(await request("/api/registry/v1/models"), "models").map((m) => (typeof m === "string" ? m : m.name));
+      const listed = listOf(await request("/api/registry/v1/models"), "items");
+      const models = listed.map((m) => m.name);
       if (!models.length) {
         tableBody.replaceChildren(h("tr", {}, h("td", { colspan: 7 }, "No models registered yet.")));
         return;
@@ -70,9 +68,8 @@ export function mountModels(root, app) {
       if (!name || !models.includes(name)) name = models.includes("nanochat") ? "nanochat" : models[0];
       picker.replaceChildren(...models.map((m) => h("option", { value: m, selected: m === name }, m)));
       const path = `/api/registry/v1/models/${encodeURIComponent(name)}`;
-      const [model, versionsBody] = await Promise.all([request(path), request(`${path}/versions`)]);
-      const versions = listOf(versionsBody, "versions").sort((a, b) => versionOf(b) - versionOf(a));
-      const aliases = aliasesFrom(model, versions);
+      const versions = listOf(await request(`${path}/versions?limit=500`), "items").sort((a, b) => versionOf(b) - versionOf(a));
+      const aliases = aliasesFrom(listed.find((m) => m.name === name), versions);
       if (selected === null || !versions.some((v) => versionOf(v) === selected)) selected = aliases.serving ?? versionOf(versions[0]);
       tableBody.replaceChildren(...versions.map((v) => {
         const aliasNames = Object.entries(aliases).filter(([, ver]) => ver === versionOf(v)).map(([a]) => a);
@@ -110,7 +107,7 @@ export function mountModels(root, app) {
       }));
       const chain = lineage(versions, selected);
       lineageBox.replaceChildren(...chain.flatMap((v, i) => [
-        i ? h("span", { class: "arrow", "aria-hidden": "true" }, "→") : null,
+        ...(i ? [h("span", { class: "arrow", "aria-hidden": "true" }, "→")] : []),
         h("div", { class: `node stage-${v.stage}`, "data-testid": "lineage-node" }, h("strong", {}, v.stage), h("span", {}, `v${versionOf(v)}`)),
       ]));
       app.clearBanner("registry");
