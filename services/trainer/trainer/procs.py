@@ -1,8 +1,12 @@
-"""Process groups of running stages: find their live members, stop them (SIGTERM, grace, SIGKILL).
+"""A job's processes: find the live ones, stop them all (SIGTERM, grace, SIGKILL).
 
-A stage runs as `torchrun` started with `start_new_session=True`, so torchrun and every rank it
-spawns share one process group whose id is torchrun's pid. Liveness is read from /proc (Linux):
-a zombie is not alive, which `os.killpg(pgid, 0)` cannot tell apart.
+A stage runs as `torchrun` started with `start_new_session=True`: its process group id is
+torchrun's pid. torchrun in turn starts every rank in a session of its own, so the group alone
+does not hold a job's processes; every process of a job also carries the `JOB_MARKER` variable
+in its environment (inherited by all descendants), and both are searched. SIGTERM goes to
+torchrun's group first, because torchrun passes it on to the ranks and their groups; what is
+still alive after the grace period gets SIGKILL. Liveness is read from /proc (Linux): a zombie
+is not alive, which `os.killpg(pgid, 0)` cannot tell apart.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import time
 from pathlib import Path
 
 PROC = Path("/proc")
-# Set in every stage process's environment: which job it belongs to.
+# Set in every stage process's environment to the node's tag (`node_tag`): whose process it is.
 JOB_MARKER = "NANOCHAT_TRAINER_JOB"
+
+
+def node_tag(job_id: str, node_rank: int) -> str:
+    """The marker value of one node of a job (two nodes may share a host, as in tests)."""
+    return f"{job_id}/n{node_rank}"
 
 
 def _stat_fields(pid_dir: Path) -> tuple[str, int] | None:
@@ -57,10 +66,12 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
-def group_runs_job(pgid: int, marker: str, job_id: str) -> bool:
-    """True when a live member of group `pgid` carries the job's marker variable, so a recycled
-    group id of some other program is never killed."""
-    return any(pid in group_members(pgid) for pid in processes_with_env(marker, job_id))
+def job_processes(pgid: int | None, tag: str) -> list[int]:
+    """Live processes of a job's node: members of torchrun's group and carriers of its tag."""
+    pids = set(processes_with_env(JOB_MARKER, tag))
+    if pgid:
+        pids.update(group_members(pgid))
+    return sorted(pids)
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -75,25 +86,44 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def wait_group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool:
-    """Wait until the group has no live member; True when it is gone within `timeout`."""
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_gone(pgid: int | None, tag: str, timeout: float, poll: float = 0.05) -> bool:
+    """Wait until no process of the job is alive; True when that happens within `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        if not group_members(pgid):
+        if not job_processes(pgid, tag):
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll)
 
 
-def terminate_group(pgid: int, grace: float) -> bool:
-    """SIGTERM the whole group, wait up to `grace` s, then SIGKILL what is left.
+def terminate_job(pgid: int | None, tag: str, grace: float) -> bool:
+    """SIGTERM torchrun's group and every marked process, wait up to `grace` s, then SIGKILL
+    every process of the job left.
 
-    True when the group had live members (i.e. something was stopped)."""
-    if not group_members(pgid):
+    True when the job had live processes (i.e. something was stopped)."""
+    if pgid and not set(group_members(pgid)) & set(processes_with_env(JOB_MARKER, tag)):
+        # torchrun is gone and the id may have been recycled: only marked processes are ours.
+        pgid = None
+    pids = job_processes(pgid, tag)
+    if not pids:
         return False
-    signal_group(pgid, signal.SIGTERM)
-    if not wait_group_gone(pgid, grace):
-        signal_group(pgid, signal.SIGKILL)
-        wait_group_gone(pgid, 10.0)
+    if pgid:
+        signal_group(pgid, signal.SIGTERM)
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    for attempt in range(20):
+        if wait_gone(pgid, tag, grace if attempt == 0 else 0.5):
+            break
+        if pgid:
+            signal_group(pgid, signal.SIGKILL)
+        for pid in job_processes(pgid, tag):
+            _signal(pid, signal.SIGKILL)
     return True

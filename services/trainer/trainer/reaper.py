@@ -1,8 +1,8 @@
 """The per-host reaper: finds running job nodes whose worker stopped sending heartbeats.
 
 A thread of every worker and of the API. For a node on this host whose heartbeat is older than
-`heartbeat_limit`, it kills the node's process group (only if a member still carries the job's
-marker variable, so a recycled group id is never hit) and then fails the job, or re-queues it
+`heartbeat_limit`, it kills the job's processes on this host (torchrun's group, and every process
+carrying the job's marker variable; a recycled group id is never hit, see `trainer.procs`) and then fails the job, or re-queues it
 while `requeue_on_worker_loss` allows. A node on another host is left to that host's reaper
 for three heartbeat limits; after that its host is taken as gone and the job is ended anyway,
 so no job is ever left `running`.
@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 
 from trainer.db import TERMINAL, Database, Job, JobNode
 from trainer.dispatch import enqueue_job
-from trainer.procs import JOB_MARKER, group_runs_job, terminate_group
+from trainer.procs import node_tag, terminate_job
 from trainer.settings import Settings
 
 log = logging.getLogger("trainer.reaper")
@@ -59,8 +59,7 @@ class Reaper:
         for job_id, rank, host, pgid, worker, beat in stale:
             age = now - beat
             if host == self.settings.host:
-                if pgid and group_runs_job(pgid, JOB_MARKER, job_id):
-                    terminate_group(pgid, self.settings.cancel_grace)
+                terminate_job(pgid, node_tag(job_id, rank), self.settings.cancel_grace)
                 reason = (f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago, limit "
                           f"{limit:g} s); its processes were killed")
             elif age > FOREIGN_HOST_FACTOR * limit:

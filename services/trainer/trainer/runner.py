@@ -1,12 +1,12 @@
 """Run one stage under torchrun in its own session and watch it: log, events, cancel, exit.
 
-    result = run_stage(command, env, log_path, on_event, should_stop, on_started, grace)
+    result = run_stage(command, env, log_path, on_event, should_stop, on_started, grace, job_id)
 
 `on_started(pgid)` is called as soon as the process exists, so the job record holds the group id
 before anything else can go wrong. stdout and stderr go to the log file line by line; stdout lines
 that parse as stage events are handed to `on_event` as well. `should_stop()` is polled; when it
-returns a reason, the whole group gets SIGTERM, `grace` seconds, then SIGKILL. On return no
-process of the group is left.
+returns a reason, the job's processes get SIGTERM, `grace` seconds, then SIGKILL (see
+`trainer.procs`; `env` must carry the job's marker). On return no process of the job is left.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from nanochat.stages.events import parse_event_line
 
-from trainer.procs import terminate_group
+from trainer.procs import terminate_job
 
 POLL_S = 0.1
 
@@ -86,12 +86,12 @@ def run_stage(
     should_stop: Callable[[], str | None],
     on_started: Callable[[int], None],
     grace: float,
-    cwd: Path | None = None,
+    tag: str,
 ) -> StageResult:
     log = _Log(log_path)
     log.write(f"[trainer] $ {' '.join(command)}".encode())
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, cwd=cwd, start_new_session=True)
+                            env=env, start_new_session=True)
     pgid = proc.pid
     events: queue.Queue = queue.Queue()
     readers = [threading.Thread(target=_pump, args=(proc.stdout, log, events), daemon=True),
@@ -115,10 +115,10 @@ def run_stage(
             if reason and result.stopped is None:
                 result.stopped = reason
                 log.write(f"[trainer] stopping the stage: {reason}".encode())
-                terminate_group(pgid, grace)
+                terminate_job(pgid, tag, grace)
     finally:
         # Whatever happened (an exception in a callback, RQ's timeout), leave no process behind.
-        terminate_group(pgid, grace)
+        terminate_job(pgid, tag, grace)
         result.returncode = proc.wait()
         for t in readers:
             t.join(timeout=5)

@@ -35,7 +35,7 @@ from sqlalchemy import select, update
 
 from trainer.db import TERMINAL, Database, Job, JobNode, migrate
 from trainer.dispatch import BarrierAborted, barrier, cancel_requested, make_queue
-from trainer.procs import JOB_MARKER
+from trainer.procs import JOB_MARKER, node_tag
 from trainer.reaper import Reaper
 from trainer.registry import Registry, RegistryRejected, RegistryUnavailable, VersionNotFound, make_registry
 from trainer.runner import StageResult, run_stage, tail
@@ -193,9 +193,9 @@ class NodeRun:
         config = self.dir / f"step{index:02d}-{stage}.json"
         config.write_text(json.dumps(step["options"]))
         command = self._command(stage, config, out, input_ref)
-        env = {**os.environ, JOB_MARKER: self.job_id, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, JOB_MARKER: node_tag(self.job_id, self.rank), "PYTHONUNBUFFERED": "1"}
         result = run_stage(command, env, self.log_path, lambda e: self._on_event(index, e), self.stop_reason,
-                           self._on_started, self.s.cancel_grace)
+                           self._on_started, self.s.cancel_grace, node_tag(self.job_id, self.rank))
         if result.stopped:
             raise self._fail_or_cancel(result.stopped, result.log_tail)
         if result.returncode != 0:

@@ -1,0 +1,120 @@
+"""The jobs API without workers: validation, auth, idempotency, both path spellings, queued
+cancel, listing, input resolution against the real registry, health and metrics."""
+
+from __future__ import annotations
+
+import pytest
+from registry_client import RegistryClient
+
+from conftest import AUTH, REGISTRY_TOKEN, TINY_DATA
+
+
+def submit(api, body, headers=None, path="/v1/jobs"):
+    return api.post(path, json=body, headers={**AUTH, **(headers or {})})
+
+
+def test_stages_are_served_as_json_schema(api):
+    body = api.get("/v1/stages").json()
+    stages = {s["name"]: s for s in body["stages"]}
+    assert stages["base_train"]["input_stage"] == "tokenizer"
+    assert stages["tok_train"]["output_stage"] == "tokenizer"
+    assert "depth" in stages["base_train"]["options_schema"]["properties"]
+    assert body["pipelines"]["speedrun"][0] == "make_data"
+    assert "tiny" in body["presets"]
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/jobs"])
+def test_submit_answers_202_with_the_job_on_both_paths(api, path):
+    r = submit(api, {"stage": "make_data", "options": TINY_DATA}, path=path)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["stage"] == "make_data"
+    assert job["steps"][0]["options"]["synthetic_docs"] == 300
+    assert r.headers["Location"].endswith(f"/jobs/{job['id']}")
+    assert api.get(f"{path}/{job['id']}").json()["id"] == job["id"]
+
+
+def test_bad_options_are_422_naming_the_field_and_queue_nothing(api):
+    r = submit(api, {"stage": "base_train", "options": {"depth": 0}, "input": {"name": "m", "version": 1}})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "options", "depth"]
+    r = submit(api, {"stage": "tok_train", "options": {"vocab_sise": 300}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "options", "vocab_sise"]
+    r = submit(api, {"pipeline": "speedrun", "preset": "tiny", "options": {"base_train": {"matrix_lr": -1}}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "options", "base_train", "matrix_lr"]
+    r = submit(api, {"stage": "make_data", "options": {"data_dir": "/etc"}})
+    assert r.status_code == 422 and "set by the trainer" in r.json()["detail"][0]["msg"]
+    r = submit(api, {"stage": "no_such_stage"})
+    assert r.status_code == 422 and "unknown stage" in r.text
+    r = submit(api, {"stage": "make_data", "resources": {"nproc_per_node": 0}})
+    assert r.status_code == 422
+    assert api.get("/v1/jobs").json()["total"] == 0
+
+
+def test_writes_need_the_bearer_token(api):
+    assert api.post("/v1/jobs", json={"stage": "make_data"}).status_code == 401
+    assert api.post("/v1/jobs", json={"stage": "make_data"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert api.post("/v1/jobs/x/cancel").status_code == 401
+    assert api.get("/v1/jobs").status_code == 200
+
+
+def test_idempotency_key_returns_the_same_job(api):
+    body = {"stage": "make_data", "options": TINY_DATA}
+    first = submit(api, body, {"Idempotency-Key": "k-1"}).json()
+    again = submit(api, body, {"Idempotency-Key": "k-1"})
+    assert again.status_code == 202 and again.json()["id"] == first["id"]
+    assert api.get("/v1/jobs").json()["total"] == 1
+    other = submit(api, {"stage": "make_data"}, {"Idempotency-Key": "k-1"})
+    assert other.status_code == 409
+
+
+def test_cancel_of_a_queued_job_ends_it_and_list_filters(api):
+    ids = [submit(api, {"stage": "make_data", "options": TINY_DATA}).json()["id"] for _ in range(3)]
+    r = api.post(f"/jobs/{ids[0]}/cancel", headers=AUTH)
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    assert api.post(f"/v1/jobs/{ids[0]}/cancel", headers=AUTH).status_code == 409
+    assert [j["id"] for j in api.get("/v1/jobs?status=cancelled").json()["items"]] == [ids[0]]
+    page = api.get("/v1/jobs?status=queued&limit=1&offset=1").json()
+    assert page["total"] == 2 and len(page["items"]) == 1
+    assert api.get("/v1/jobs?status=bogus").status_code == 422
+    assert api.get("/v1/jobs/nope").status_code == 404
+
+
+def test_input_is_resolved_against_the_registry(api, registry_url, tmp_path):
+    missing = submit(api, {"stage": "tok_eval", "input": {"name": "absent-model", "version": 7}})
+    assert missing.status_code == 404
+    needs = submit(api, {"stage": "tok_eval"})
+    assert needs.status_code == 422 and needs.json()["detail"][0]["loc"] == ["body", "input"]
+    unexpected = submit(api, {"stage": "tok_train", "input": {"name": "m", "version": 1}})
+    assert unexpected.status_code == 422
+    both = submit(api, {"stage": "tok_eval", "input": {"name": "m", "version": 1, "alias": "serving"}})
+    assert both.status_code == 422
+    folder = tmp_path / "tok"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "tokenizer" / "vocab.txt").write_text("a 0\n")
+    (folder / "meta.json").write_text("{}")
+    name = f"apitest-{tmp_path.name[-6:].lower().replace('_', '-')}"
+    with RegistryClient(registry_url, token=REGISTRY_TOKEN, cache_dir=tmp_path / "cache") as rc:
+        version = rc.upload_folder(folder, name, "tokenizer").version
+    ok = submit(api, {"stage": "tok_eval", "input": {"name": name, "stage": "tokenizer"}})
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["input"] == {"name": name, "version": version, "stage": "tokenizer"}
+    wrong = submit(api, {"stage": "base_loss", "input": {"name": name, "version": version}})
+    assert wrong.status_code == 422 and "tokenizer version" in wrong.text
+
+
+def test_health_ready_and_metrics(api):
+    assert api.get("/health").json() == {"status": "ok"}
+    ready = api.get("/ready")
+    assert ready.status_code == 200, ready.text
+    submit(api, {"stage": "make_data", "options": TINY_DATA})
+    text = api.get("/metrics").text
+    assert "trainer_queue_depth 1.0" in text
+    assert 'trainer_jobs{status="queued"} 1.0' in text
+    assert "trainer_job_duration_seconds_bucket" in text
+    assert api.get("/health", headers={"X-Request-ID": "rid-1"}).headers["X-Request-ID"] == "rid-1"
+
+
+def test_openapi_lists_the_versioned_paths_only(api):
+    paths = api.get("/openapi.json").json()["paths"]
+    assert "/v1/jobs" in paths and "/v1/jobs/{job_id}/logs" in paths and "/jobs" not in paths

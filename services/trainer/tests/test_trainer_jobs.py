@@ -1,0 +1,177 @@
+"""Jobs run end to end: real workers, real torchrun, real stages (make_data, tok_train), the real
+registry, real redis-server; PostgreSQL for the happy path. Faults: a failing stage, cancel, a
+SIGKILLed worker, an unreachable registry at upload, and a two-node job over 127.0.0.1.
+
+Supervision tests run `sleepy_stage` (this folder) in place of make_data: a long, predictable
+stage that leaves a grandchild process behind on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from registry_client import RegistryClient
+
+from conftest import AUTH, REGISTRY_TOKEN, TINY_DATA, wait_job, wait_progress
+from nanochat_testing.servers import create_database, free_port
+from trainer.api import create_app
+from trainer.procs import job_processes as node_processes, node_tag
+
+pytestmark = pytest.mark.slow
+
+SLEEPY = {"stage_modules": {"make_data": "sleepy_stage"}}
+
+
+def job_processes(job: dict) -> list[int]:
+    """Live processes of a job: by its marker variable and by each node's process group."""
+    pids = set()
+    for node in job["nodes"]:
+        pids.update(node_processes(node["pgid"], node_tag(job["id"], node["node_rank"])))
+    return sorted(pids)
+
+
+def sse_events(text: str) -> list[dict]:
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        event = {"data": []}
+        for line in block.split("\n"):
+            key, _, value = line.partition(": ")
+            if key == "data":
+                event["data"].append(value)
+            else:
+                event[key] = value
+        events.append(event)
+    return events
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A make_data output made once, directly (no trainer), for tests that only need data."""
+    data = tmp_path_factory.mktemp("tiny-data") / "data"
+    config = data.parent / "make_data.json"
+    config.write_text(json.dumps(TINY_DATA))
+    subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--config", str(config),
+                    "--data-dir", str(data)], check=True, capture_output=True, timeout=300)
+    return data
+
+
+def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgres_server, registry_url, tmp_path):
+    url = create_database(postgres_server, f"trainer_{uuid.uuid4().hex[:8]}")
+    settings = settings.model_copy(update={"database_url": "postgresql+psycopg://" + url.split("://", 1)[1]})
+    worker = start_worker(database_url=settings.database_url)
+    with TestClient(create_app(settings)) as api:
+        data = api.post("/jobs", json={"stage": "make_data", "options": TINY_DATA}, headers=AUTH).json()
+        job = wait_job(api, data["id"], worker=worker)
+        assert job["status"] == "succeeded", job
+        assert job["metrics"]["train_docs"] == 250 and job["progress"] == 100.0
+        assert (settings.data_dir / "eval_bundle").is_dir()
+
+        name = f"tok-{uuid.uuid4().hex[:6]}"
+        tok = api.post("/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000},
+                                         "output_name": name}, headers=AUTH).json()
+        job = wait_job(api, tok["id"], worker=worker)
+        assert job["status"] == "succeeded", job
+        [made] = job["produced"]
+        assert made["name"] == name and made["stage"] == "tokenizer"
+        with RegistryClient(registry_url, token=REGISTRY_TOKEN, cache_dir=tmp_path / "cache") as rc:
+            version = rc.get_version(name, made["version"])
+        assert version.job_id == tok["id"] and version.state == "ready"
+        assert version.meta["job_id"] == tok["id"]
+        paths = {f.path for f in version.files}
+        assert "meta.json" in paths and any(p.startswith("tokenizer/") for p in paths)
+
+        log = api.get(f"/v1/jobs/{tok['id']}/logs")
+        assert "trained 291 ranks" in log.text and int(log.headers["X-Next-Offset"]) == len(log.content)
+        assert api.get(f"/v1/jobs/{tok['id']}/logs?offset=10").content == log.content[10:]
+        # A follower that drops after the first event and reconnects with Last-Event-ID loses nothing.
+        first = sse_events(api.get(f"/v1/jobs/{tok['id']}/logs?follow=true").text)
+        assert first[-1]["event"] == "end"
+        resumed = sse_events(api.get(f"/v1/jobs/{tok['id']}/logs?follow=true",
+                                     headers={"Last-Event-ID": first[0]["id"]}).text)
+        text = "\n".join(first[0]["data"]) + "\n" + "".join("\n".join(e["data"]) + "\n" for e in resumed[:-1])
+        assert text == log.text
+        events = [json.loads("\n".join(e["data"])) for e in sse_events(api.get(f"/v1/jobs/{tok['id']}/events").text)
+                  if e.get("event") != "end"]
+        assert [e["type"] for e in events][0] == "started" and events[-1]["type"] == "finished"
+        assert all(e["job_id"] == tok["id"] for e in events)
+        assert api.get("/metrics").text.count('trainer_job_duration_seconds_count{outcome="succeeded"} 2.0') == 1
+
+
+def test_failing_stage_fails_with_its_error_event_and_log_tail(api, start_worker):
+    worker = start_worker()
+    r = api.post("/v1/jobs", json={"stage": "make_data", "options": {"source": "python-docs",
+                                                                   "docs_path": "/nonexistent/docs"}}, headers=AUTH)
+    job = wait_job(api, r.json()["id"], worker=worker)
+    assert job["status"] == "failed"
+    assert "FileNotFoundError: no python docs (*.txt) under /nonexistent/docs" in job["error"]
+    assert job["log_tail"].endswith("[trainer] stage exited with code 1")
+    assert "FileNotFoundError" in api.get(f"/v1/jobs/{job['id']}/logs").text
+    assert job["finished_at"] >= job["started_at"] >= job["created_at"]
+
+
+def test_cancel_stops_the_whole_process_group(api, start_worker):
+    worker = start_worker(**SLEEPY)
+    job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+    job = wait_progress(api, job_id, worker=worker)
+    assert len(job_processes(job)) >= 3  # torchrun, the stage, its grandchild
+    assert api.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 202
+    job = wait_job(api, job_id, timeout=30, worker=worker)
+    assert job["status"] == "cancelled" and job["cancel_requested"]
+    assert job_processes(job) == []
+    series = api.get(f"/v1/jobs/{job_id}/metrics").json()["series"]
+    assert series["loss"][0] == [1, 1.0] and len(series["loss"]) == len(series["lr"]) >= 1
+
+
+def test_sigkilled_worker_is_reaped_and_its_job_failed(api, settings, start_worker):
+    victim = start_worker(**SLEEPY)
+    job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+    job = wait_progress(api, job_id, worker=victim)
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    # torchrun sits in its own session: the SIGKILL left the job's processes running.
+    assert job_processes(job)
+    killed_at = time.monotonic()
+    job = wait_job(api, job_id, timeout=settings.heartbeat_limit + settings.cancel_grace + 20)
+    assert time.monotonic() - killed_at < settings.heartbeat_limit + settings.cancel_grace + 20
+    assert job["status"] == "failed" and "stopped sending heartbeats" in job["error"]
+    assert job_processes(job) == []
+
+
+def test_unreachable_registry_retries_then_fails_keeping_the_checkpoint(api, settings, start_worker, tiny_data):
+    worker = start_worker(registry_url=f"http://127.0.0.1:{free_port()}", data_dir=str(tiny_data))
+    job_id = api.post("/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000}},
+                      headers=AUTH).json()["id"]
+    job = wait_job(api, job_id, worker=worker)
+    assert job["status"] == "failed"
+    attempts = settings.upload_retries + 1
+    assert f"the registry failed {attempts} times" in job["error"] and "stays on disk" in job["error"]
+    log = api.get(f"/v1/jobs/{job_id}/logs").text
+    assert f"(attempt 1/{attempts})" in log and f"(attempt {attempts - 1}/{attempts})" in log
+    out = settings.runs_dir / "jobs" / job_id / "steps" / "00-tok_train"
+    assert (out / "meta.json").is_file() and (out / "tokenizer").is_dir()
+    assert job["produced"] == []
+
+
+def test_two_workers_run_a_two_node_job_over_localhost(api, start_worker):
+    env = {"SLEEPY_STEPS": "5"}
+    workers = [start_worker(extra_env=env, **SLEEPY), start_worker(extra_env=env, **SLEEPY)]
+    job_id = api.post("/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}},
+                      headers=AUTH).json()["id"]
+    job = wait_job(api, job_id, timeout=180, worker=workers[0])
+    assert job["status"] == "succeeded", (job, workers[1].output())
+    assert [n["status"] for n in job["nodes"]] == ["succeeded", "succeeded"]
+    assert job["metrics"]["world_size"] == 2
+    for rank in (0, 1):
+        log = api.get(f"/v1/jobs/{job_id}/logs?node={rank}").text
+        assert f"--rdzv-id={job_id}" in log and f"--node-rank={rank}" in log and "exited with code 0" in log
+    assert job_processes(job) == []
