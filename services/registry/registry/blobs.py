@@ -10,6 +10,7 @@ size: local writes stream to a temp file, S3 writes send one multipart part at a
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import time
@@ -213,7 +214,8 @@ class _S3Writer:
     def __init__(self, store: S3Blobs, sha256: str, size: int):
         self.store, self.key = store, store.key(sha256)
         self.hasher = _Hasher(sha256, size)
-        self.buf = bytearray()
+        # A BytesIO goes to boto3 as the part body as it is: no second copy of a part in memory.
+        self.buf = io.BytesIO()
         self.upload_id: str | None = None
         self.parts: list[dict] = []
 
@@ -222,15 +224,16 @@ class _S3Writer:
         if self.upload_id is None:
             self.upload_id = s3.create_multipart_upload(Bucket=self.store.bucket, Key=self.key)["UploadId"]
         number = len(self.parts) + 1
+        self.buf.seek(0)
         r = s3.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
-                           Body=bytes(self.buf))
+                           Body=self.buf)
         self.parts.append({"PartNumber": number, "ETag": r["ETag"]})
-        self.buf.clear()
+        self.buf = io.BytesIO()
 
     def write(self, data: bytes) -> None:
         self.hasher.update(data)
-        self.buf += data
-        if len(self.buf) >= self.store.part_size:
+        self.buf.write(data)
+        if self.buf.tell() >= self.store.part_size:
             self._flush_part()
 
     def finish(self) -> None:
@@ -238,9 +241,10 @@ class _S3Writer:
         try:
             self.hasher.verify()
             if self.upload_id is None:
-                s3.put_object(Bucket=self.store.bucket, Key=self.key, Body=bytes(self.buf))
+                self.buf.seek(0)
+                s3.put_object(Bucket=self.store.bucket, Key=self.key, Body=self.buf)
             else:
-                if self.buf:
+                if self.buf.tell():
                     self._flush_part()
                 s3.complete_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
                                              MultipartUpload={"Parts": self.parts})
@@ -249,7 +253,7 @@ class _S3Writer:
             raise
 
     def abort(self) -> None:
-        self.buf = bytearray()
+        self.buf = io.BytesIO()
         if self.upload_id is not None:
             try:
                 self.store.s3.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id)

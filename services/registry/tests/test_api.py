@@ -235,3 +235,13 @@ def test_bad_json_bodies_are_4xx(client, name):
         r = client.post(url, content=body, headers={**AUTH, "Content-Type": "application/json"})
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
         assert r.json()["error"]["message"]
+
+
+def test_a_file_bigger_than_a_part_round_trips(client, name):
+    # On S3 the part size is 5 MiB here: this upload goes up as a three-part multipart upload.
+    data = uuid.uuid4().bytes + os.urandom(11 * 1024 * 1024)
+    v = publish(client, name, {"big.bin": data})["version"]
+    got = client.get(f"/v1/models/{name}/versions/{v}/files/big.bin")
+    assert got.content == data
+    tail = client.get(f"/v1/models/{name}/versions/{v}/files/big.bin", headers={"Range": "bytes=6000000-6000099"})
+    assert tail.content == data[6000000:6000100]
