@@ -1,0 +1,282 @@
+"""What the model stages share: runtime set-up, schedules, the progress meter, bits-per-byte,
+resumable state and the per-step bookkeeping of a training loop.
+
+Each stage (`base_train`, `mid_train`, `chat_sft`, `chat_rl`, the evals) stays readable top to
+bottom and calls these small pieces:
+- `setup(options)`: device, dtype, process group and seed (CUDA bf16 + NCCL, else CPU fp32 + gloo);
+  returns the `Compute` record and the forward-pass context (autocast or nothing).
+- schedules: `warmdown_lr(progress, ...)` (constant, then linear warm-down), `linear_decay`,
+  `muon_momentum(step)` (0.85 -> 0.95 over 300 steps), `set_lr`, `set_momentum`.
+- `ProgressMeter`: debiased EMA of the loss, tokens/s over every token of a step, MFU, ETA.
+- `evaluate_bpb(model, batches, token_bytes, ctx)`: bits per byte, summed over every rank.
+- `resume_dir(out)`: where a stage keeps its resumable checkpoint (`OUT.resume`, beside `--out`);
+  `save_resumable` / `load_resumable` write and read it with per-rank optimizer state, loader
+  position, step and RNG (via `nanochat.checkpoint`).
+
+Not a stage itself; the stages' docstrings say how to run them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nanochat.common import Compute, compute_init
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import Muon
+from nanochat.stages.cli import log
+from nanochat.stages.events import EventEmitter
+from nanochat.stages.options import RuntimeOptions, StageOptions
+from nanochat.tokenizer import Tokenizer
+
+H100_BF16_FLOPS = 989e12
+PEAK_FLOPS_ENV = "NANOCHAT_PEAK_FLOPS"
+MOMENTUM_RAMP_STEPS = 300
+
+
+# ---- runtime --------------------------------------------------------------------------------
+
+def setup(options: RuntimeOptions) -> tuple[Compute, contextlib.AbstractContextManager]:
+    """Start the runtime: the device/process group, the seed, and the forward context."""
+    compute = compute_init(None if options.device == "auto" else options.device, seed=options.seed)
+    if options.dtype == "bfloat16" or (options.dtype == "auto" and compute.device.type == "cuda"):
+        ctx: contextlib.AbstractContextManager = torch.autocast(device_type=compute.device.type, dtype=torch.bfloat16)
+    else:
+        ctx = contextlib.nullcontext()
+    log(f"device {compute.device}, rank {compute.rank}/{compute.world_size}, "
+        f"autocast {'bf16' if not isinstance(ctx, contextlib.nullcontext) else 'off (fp32)'}")
+    return compute, ctx
+
+
+def single_input(options: StageOptions, what: str) -> Path:
+    """The one `--init-from` folder a stage reads, with a clear error otherwise."""
+    if len(options.init_from) != 1:
+        raise ValueError(f"--init-from must name exactly one {what} folder, got {len(options.init_from)}")
+    folder = Path(options.init_from[0])
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--init-from {folder} does not exist")
+    return folder
+
+
+def new_model(config: GPTConfig, compute: Compute) -> GPT:
+    """A freshly initialised model on the compute device (built on meta, allocated once)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=compute.device)
+    model.init_weights()
+    return model
+
+
+def load_model(folder: str | os.PathLike, compute: Compute) -> Checkpoint:
+    """A checkpoint folder (verified) loaded onto the compute device, in training mode."""
+    ckpt = load_checkpoint(folder, device=compute.device)
+    if ckpt.tokenizer is None:
+        raise ValueError(f"checkpoint {folder} carries no tokenizer/ folder")
+    ckpt.model.train()
+    return ckpt
+
+
+def all_reduce_sum(*values: float | torch.Tensor) -> list[float]:
+    """Sum scalars over every rank (a no-op in one process)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = t.to(backend_device)
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any rank (ranks stop together, never leave one in a collective)."""
+    return all_reduce_sum(float(flag))[0] > 0
+
+
+# ---- schedules ------------------------------------------------------------------------------
+
+def warmdown_lr(progress: float, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
+    """LR multiplier at `progress` in [0, 1]: linear warm-up, constant, then linear warm-down
+    to `final_lr_frac` over the last `warmdown_ratio` of the run."""
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return (progress + 1e-9) / warmup_ratio
+    if warmdown_ratio > 0 and progress > 1 - warmdown_ratio:
+        left = max(0.0, (1 - progress) / warmdown_ratio)
+        return left + (1 - left) * final_lr_frac
+    return 1.0
+
+
+def linear_decay(step: int, total: int) -> float:
+    """SFT and RL: 1 - step/total."""
+    return 1.0 - step / max(1, total)
+
+
+def muon_momentum(step: int) -> float:
+    """Muon momentum ramped 0.85 -> 0.95 over the first 300 steps (base and mid)."""
+    frac = min(step / MOMENTUM_RAMP_STEPS, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def set_lr(optimizers: Sequence[torch.optim.Optimizer], multiplier: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def set_momentum(optimizers: Sequence[torch.optim.Optimizer], momentum: float) -> None:
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["momentum"] = momentum
+
+
+def scale_initial_lr(optimizers: Sequence[torch.optim.Optimizer], frac: float) -> None:
+    """SFT/RL start from a fraction of each group's base LR."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["initial_lr"] * frac
+            group["lr"] = group["initial_lr"]
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of one device, the MFU denominator: the env override, else an H100's bf16
+    dense peak on CUDA (the spec's reference); None on a CPU (MFU is then not reported)."""
+    override = os.environ.get(PEAK_FLOPS_ENV)
+    if override:
+        try:
+            return float(override)
+        except ValueError:
+            raise ValueError(f"{PEAK_FLOPS_ENV}={override!r} is not a number") from None
+    return H100_BF16_FLOPS if device.type == "cuda" else None
+
+
+class ProgressMeter:
+    """Per-step numbers of the `progress` event."""
+
+    def __init__(self, total_steps: int, flops_per_token: float | None, peak: float | None,
+                 world_size: int, ema_beta: float = 0.9, state: dict[str, Any] | None = None):
+        self.total = total_steps
+        self.flops_per_token = flops_per_token
+        self.peak = peak * world_size if peak else None
+        self.beta = ema_beta
+        self.ema = state["ema"] if state else 0.0
+        self.updates = state["updates"] if state else 0
+        self.step_times: list[float] = []
+        self.train_seconds = state["train_seconds"] if state else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "updates": self.updates, "train_seconds": self.train_seconds}
+
+    def update(self, step: int, loss: float, tokens: int, seconds: float) -> dict[str, float | None]:
+        """Record step `step` (0-based) that trained `tokens` tokens (all ranks) in `seconds`."""
+        self.ema = self.beta * self.ema + (1 - self.beta) * loss
+        self.updates += 1
+        self.train_seconds += seconds
+        self.step_times.append(seconds)
+        tok_per_s = tokens / max(seconds, 1e-9)
+        mfu = self.flops_per_token * tok_per_s / self.peak if self.peak and self.flops_per_token else None
+        # The first steps include warm-up (allocations, autotuning); leave them out of the ETA.
+        recent = self.step_times[2:] or self.step_times
+        eta = (self.total - step - 1) * sum(recent) / len(recent)
+        return {"loss": self.ema / (1 - self.beta ** self.updates), "tok_per_s": tok_per_s, "mfu": mfu, "eta_s": eta}
+
+
+class StepTimer:
+    """Wall time of one step, synchronised on CUDA so queued kernels are counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> StepTimer:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_bpb(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+                 ctx: contextlib.AbstractContextManager) -> float:
+    """Bits per byte: nats summed over targets with a byte length (specials and -1 excluded),
+    divided by ln 2 times their bytes; summed over every rank's batches."""
+    nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        with ctx:
+            loss = model(x, y, loss_reduction="none").view(-1)
+        targets = y.reshape(-1)
+        counted = token_bytes[targets.clamp(min=0)] * (targets >= 0)
+        nats += (loss.double() * (counted > 0)).sum()
+        nbytes += counted.double().sum()
+    model.train(was_training)
+    total_nats, total_bytes = all_reduce_sum(nats, nbytes)
+    if total_bytes == 0:
+        raise ValueError("no target bytes to evaluate bits-per-byte on (empty validation data?)")
+    return total_nats / (math.log(2) * total_bytes)
+
+
+def token_bytes_tensor(tokenizer: Tokenizer, device: torch.device) -> torch.Tensor:
+    return torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
+
+
+def take(iterator: Iterator, n: int) -> Iterator:
+    """At most n items of an iterator."""
+    for _ in range(n):
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+def resume_dir(out: str | os.PathLike) -> Path:
+    """The resumable checkpoint of a stage writing `out`: `OUT.resume` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".resume")
+
+
+def save_resumable(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any],
+                   optimizers: Sequence[torch.optim.Optimizer], rank_state: dict[str, Any],
+                   emitter: EventEmitter, step: int) -> None:
+    """Replace the resumable checkpoint of `out` with the state after `step` steps (collective)."""
+    path = resume_dir(out)
+    save_checkpoint(path, model, tokenizer, meta, optimizers, rank_state, replace=True)
+    emitter.checkpoint(str(path), step)
+    log(f"step {step}: resumable checkpoint saved to {path}")
+
+
+def load_resumable(out: str | os.PathLike, compute: Compute) -> tuple[Checkpoint, Path]:
+    """The model of the resumable checkpoint of `out`; its optimizer state, loader position and
+    RNG come back with `nanochat.checkpoint.load_optimizer_state` once the optimizers exist."""
+    path = resume_dir(out)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume: no resumable checkpoint at {path} (run with --save-every first)")
+    return load_model(path, compute), path
+
+
+def finish_output(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any],
+                  is_master: bool) -> None:
+    """Publish the final checkpoint folder (collective) and drop the resumable one."""
+    save_checkpoint(out, model, tokenizer, meta)
+    if is_master:
+        shutil.rmtree(resume_dir(out), ignore_errors=True)
