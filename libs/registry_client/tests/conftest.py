@@ -25,6 +25,6 @@ def registry_url(tmp_path_factory):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("registry did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
+    yield {"url": f"http://127.0.0.1:{port}", "app": app, "token": TOKEN}
     server.should_exit = True
     thread.join(timeout=10)

@@ -6,7 +6,6 @@ import os
 import uuid
 
 import pytest
-from conftest import TOKEN
 
 from registry_client import IntegrityError, ManifestError, RegistryClient, RegistryError, UploadError, build_manifest
 
@@ -32,7 +31,7 @@ def same_tree(a, b):
 @pytest.fixture
 def rc(registry_url, tmp_path):
     # A small part size, so files above it take the parallel ranged-download path.
-    with RegistryClient(registry_url[0], token=TOKEN, cache_dir=tmp_path / "cache", part_size=64 * 1024) as c:
+    with RegistryClient(registry_url["url"], token=registry_url["token"], cache_dir=tmp_path / "cache", part_size=64 * 1024) as c:
         yield c
 
 
@@ -119,7 +118,7 @@ def test_a_corrupted_blob_is_detected_on_download(rc, registry_url, tmp_path):
     name = f"c-{uuid.uuid4().hex[:8]}"
     v = rc.upload_folder(src, name, stage="sft")
     sha = next(f.sha256 for f in v.files if f.path == "model.safetensors")
-    store = registry_url[1].state.registry.blobs
+    store = registry_url["app"].state.registry.blobs
     blob_path = store.path(sha)
     data = bytearray(blob_path.read_bytes())
     data[1234] ^= 0x01  # bit rot on the server's disk
@@ -147,7 +146,7 @@ def test_attach_metrics_lineage_and_delete(rc, tmp_path):
 
 
 def test_wrong_token_is_a_clear_error(registry_url, tmp_path):
-    with RegistryClient(registry_url[0], token="wrong", cache_dir=tmp_path) as c:
+    with RegistryClient(registry_url["url"], token="wrong", cache_dir=tmp_path) as c:
         with pytest.raises(RegistryError) as e:
             c.upload_folder(make_checkpoint(tmp_path / "ckpt"), "x", stage="sft")
     assert e.value.status == 401 and "token" in e.value.message

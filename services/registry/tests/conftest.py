@@ -5,7 +5,6 @@
 gets one app for the session; tests keep apart by using their own model names.
 """
 
-import hashlib
 import uuid
 
 import pytest
@@ -14,9 +13,7 @@ from fastapi.testclient import TestClient
 from nanochat_testing.servers import create_database
 from registry.api import create_app
 from registry.settings import Settings
-
-TOKEN = "test-write-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from registry_testlib import TOKEN
 
 
 @pytest.fixture(scope="session", params=["sqlite-local", "postgres-s3"])
@@ -53,21 +50,3 @@ def reg(client):
 @pytest.fixture
 def name():
     return f"m-{uuid.uuid4().hex[:10]}"
-
-
-def blob(data: bytes) -> dict:
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def publish(client, name: str, files: dict[str, bytes], stage: str = "sft", **extra) -> dict:
-    """Create, upload and commit a version; returns the committed version."""
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": stage, "files": {p: blob(d) for p, d in files.items()}, **extra})
-    assert r.status_code == 201, r.text
-    v = r.json()["version"]
-    for path in r.json()["missing"]:
-        up = client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=files[path], headers=AUTH)
-        assert up.status_code == 200, up.text
-    r = client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH)
-    assert r.status_code == 200, r.text
-    return r.json()

@@ -1,26 +1,13 @@
 """The registry's HTTP API on both backends: round trip, integrity, visibility, aliases, lineage,
 auth, path validation, Range downloads, attachments, events and the sweeper."""
 
-import json
 import os
-import time
 import uuid
 
 import pytest
-from conftest import AUTH, blob, publish
+from registry_testlib import AUTH, blob, files_of, publish
 
 from registry import core
-
-
-def files_of(tag: str) -> dict[str, bytes]:
-    # Unique bytes per test, so content addressing never shares blobs across tests.
-    salt = uuid.uuid4().bytes
-    return {
-        "model.safetensors": salt + os.urandom(300_000) + tag.encode(),
-        "config.json": json.dumps({"n_layer": 2, "salt": salt.hex()}).encode(),
-        "tokenizer/tokenizer.json": salt + b'{"pattern": "x"}',
-        "meta.json": json.dumps({"stage": tag}).encode(),
-    }
 
 
 def test_round_trip_and_pending_is_invisible(client, name):

@@ -4,13 +4,12 @@ import json
 import time
 
 import redis
-from conftest import TOKEN, publish
 from fastapi.testclient import TestClient
-from test_api import files_of
 
 from nanochat_testing.servers import free_port, start_redis
 from registry.api import create_app
 from registry.settings import Settings
+from registry_testlib import TOKEN, files_of, publish
 
 
 def test_events_reach_pubsub_and_stream(redis_server, tmp_path, name):

@@ -10,11 +10,11 @@ import uuid
 import httpx
 import pytest
 import schemathesis
-from conftest import AUTH, TOKEN
 from hypothesis import HealthCheck, given, settings
 
 from nanochat_testing.servers import create_database, free_port
 from registry_client import RegistryClient
+from registry_testlib import AUTH, TOKEN
 
 pytestmark = pytest.mark.slow
 
