@@ -12,6 +12,7 @@
 
 use ahash::AHashMap;
 use rayon::prelude::*;
+use regex_automata::{meta, Anchored, Input};
 
 pub const DEFAULT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
@@ -23,14 +24,14 @@ const DEFAULT_PATTERN_AUTOMATA: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]
 const MIN_SEGMENT: usize = 1 << 16;
 
 pub enum Splitter {
-    Automata(regex::Regex),
+    Automata(meta::Regex),
     Backtracking(fancy_regex::Regex),
 }
 
 impl Splitter {
     pub fn new(pattern: &str) -> Result<Splitter, String> {
         if pattern == DEFAULT_PATTERN {
-            let re = regex::Regex::new(DEFAULT_PATTERN_AUTOMATA).map_err(|e| e.to_string())?;
+            let re = meta::Regex::new(DEFAULT_PATTERN_AUTOMATA).map_err(|e| e.to_string())?;
             return Ok(Splitter::Automata(re));
         }
         let re = fancy_regex::Regex::new(pattern).map_err(|e| e.to_string())?;
@@ -54,17 +55,22 @@ impl Splitter {
                 }
             }
             Splitter::Automata(re) => {
+                // Every char is a letter, a number, a space or none of these, so a piece starts
+                // wherever the last one ended: an anchored forward search finds it without the
+                // reverse scan an unanchored one needs for the start.
+                let mut cache = re.create_cache();
+                let mut input = Input::new(text).anchored(Anchored::Yes);
                 let mut pos = 0;
-                while let Some(m) = re.find_at(text, pos) {
-                    let (start, mut end) = (m.start(), m.end());
-                    // A whitespace run matched by the last alternative `\s+` (it never holds \r or
-                    // \n: `\s*[\r\n]` comes first) that a non-space follows: `\s+(?!\S)` would have
-                    // matched it minus its last char, which then starts the next piece.
-                    let piece = m.as_str();
-                    if end < text.len() && is_lookahead_trim(piece, &text[end..]) {
-                        end -= piece.chars().next_back().map_or(0, char::len_utf8);
+                while pos < text.len() {
+                    input.set_start(pos);
+                    let m = re
+                        .search_with(&mut cache, &input)
+                        .ok_or_else(|| format!("no piece starts at byte {pos} of the text"))?;
+                    let mut end = m.end();
+                    if is_lookahead_trim(&text[pos..end], &text[end..]) {
+                        end -= text[pos..end].chars().next_back().map_or(0, char::len_utf8);
                     }
-                    f(&text[start..end]);
+                    f(&text[pos..end]);
                     pos = end;
                 }
             }
@@ -73,13 +79,16 @@ impl Splitter {
     }
 }
 
+/// Whether `\s+(?!\S)` would have matched `piece` minus its last char, where the automata matched
+/// `piece` with `\s+` and `rest` follows. Only `\s+` and `\s*[\r\n]` give a piece that ends in
+/// a space, and the latter ends in `\r` or `\n`; a run of two or more chars that a non-space
+/// follows gives its last char to the next piece.
 fn is_lookahead_trim(piece: &str, rest: &str) -> bool {
-    let mut chars = piece.chars();
-    let all_space = piece.chars().all(char::is_whitespace);
-    let longer_than_one = chars.next().is_some() && chars.next().is_some();
-    let ends_in_newline = piece.ends_with(['\r', '\n']);
+    let mut chars = piece.chars().rev();
+    let ends_in_plain_space = chars.next().is_some_and(|c| c.is_whitespace() && c != '\r' && c != '\n');
+    let longer_than_one = chars.next().is_some();
     let next_is_nonspace = rest.chars().next().is_some_and(|c| !c.is_whitespace());
-    all_space && longer_than_one && !ends_in_newline && next_is_nonspace
+    ends_in_plain_space && longer_than_one && next_is_nonspace
 }
 
 /// Cut points that split `text` into roughly `parts` segments, each ending a piece of the
@@ -148,8 +157,10 @@ mod tests {
         out
     }
 
+    /// The pattern as written, lookahead and all, run by the backtracking engine.
     fn reference(text: &str) -> Vec<String> {
-        let re = fancy_regex::Regex::new(DEFAULT_PATTERN).unwrap();
+        static RE: std::sync::OnceLock<fancy_regex::Regex> = std::sync::OnceLock::new();
+        let re = RE.get_or_init(|| fancy_regex::Regex::new(DEFAULT_PATTERN).unwrap());
         re.find_iter(text).map(|m| m.unwrap().as_str().to_owned()).collect()
     }
 
@@ -175,6 +186,41 @@ mod tests {
         for text in TRICKY {
             assert_eq!(split_with(&fast, text), reference(text), "text {text:?}");
         }
+    }
+
+    /// Texts drawn from chars that exercise every alternative and class edge (Unicode spaces,
+    /// `\r`, the case-folded `ſ` for `'s`, letters and numbers outside ASCII), by a fixed LCG.
+    fn random_texts(count: usize, max_len: usize) -> Vec<String> {
+        let alphabet: Vec<char> = "aZé日1٣½ \t\n\r\u{a0}\u{2003}\u{b}'sSſlLvVeErRdmt.!-🙂\u{301}".chars().collect();
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: usize| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as usize) % n
+        };
+        (0..count)
+            .map(|_| {
+                let len = next(max_len + 1);
+                (0..len).map(|_| alphabet[next(alphabet.len())]).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn automata_splitter_equals_the_lookahead_regex_on_random_text() {
+        let fast = Splitter::new(DEFAULT_PATTERN).unwrap();
+        for text in random_texts(5000, 30) {
+            assert_eq!(split_with(&fast, &text), reference(&text), "text {text:?}");
+        }
+    }
+
+    #[test]
+    fn cut_random_text_gives_the_same_pieces_as_one_pass() {
+        let text: String = random_texts(40_000, 12).join("\nx");
+        let splitter = Splitter::new(DEFAULT_PATTERN).unwrap();
+        let segments = splitter.segments(&text, 16);
+        assert!(segments.len() > 3, "a big text should be cut");
+        let pieces: Vec<String> = segments.iter().flat_map(|s| split_with(&splitter, s)).collect();
+        assert_eq!(pieces, reference(&text));
     }
 
     #[test]
