@@ -1,0 +1,350 @@
+"""Generation with the KV cache: sampling, stop tokens, the calculator tool, streaming.
+
+Two layers. `DecodeBatch` is the building block a continuous-batching scheduler drives: it owns
+a `KVCache` of `capacity` slots; `add` prefills prompts into free slots (once per prompt, then
+forks the cached prefix for `num_samples`), `step` feeds the tokens chosen last step through the
+model in one call and chooses one more token for every running row, and rows leave when they finish (or on
+`cancel`), so new rows can join between any two steps. Every row keeps its own state (`Row`):
+its sampling settings, its own `torch.Generator` (the same seed gives the same sample whatever
+else is in the batch), its generated tokens and masks, and the calculator state machine.
+
+`Engine.generate` streams one column of (token, mask) per step for a prompt or a list of prompts
+(x num_samples); `Engine.generate_batch` collects the same into full sequences and masks.
+
+    engine = Engine(model, tokenizer)
+    for tokens, masks in engine.generate(prompt_ids, num_samples=2, max_tokens=64, seed=1):
+        ...  # tokens[i] / masks[i]: row i's token this step, None once row i has finished
+    sequences, masks = engine.generate_batch(prompt_ids, temperature=0.0)
+
+Rules (NANOCHAT_SPEC "Chat format"): a row stops after `<|assistant_end|>` or `<|bos|>` (the
+stop token is streamed but not kept in `generate_batch`'s sequences), after `max_tokens`
+generated tokens, or when its cache slot is full. Tokens between `<|python_start|>` and
+`<|python_end|>` are decoded as a calculator expression; on `<|python_end|>` the row is made to
+emit `<|output_start|>`, the tokens of str(result) and `<|output_end|>` before sampling again.
+Those forced tokens carry mask 0 (sampled ones 1); a failed evaluation forces nothing.
+Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p
+(smallest set of the most likely tokens whose mass reaches p). Forward passes run under bf16
+autocast on CUDA and in fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.calculator import calculate
+from nanochat.common import autocast
+from nanochat.gpt import GPT, KVCache
+from nanochat.tokenizer import Tokenizer
+
+# Prompts are prefilled this many tokens at a time: the model returns logits for every position,
+# so a whole long prompt at once would allocate prompt_len x vocab_size floats per row.
+PREFILL_CHUNK = 256
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples; seed None draws a fresh random seed."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_tokens: int = 256
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+
+
+@dataclass
+class Row:
+    """One sequence being generated: its slot, settings, output so far and tool state."""
+
+    slot: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # generated, forced included, stop token not
+    masks: list[int] = field(default_factory=list)  # 1 sampled, 0 forced
+    forced: deque[int] = field(default_factory=deque)
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    logits: torch.Tensor | None = None  # (vocab,) next-token logits; None until the last token is fed
+    num_generated: int = 0  # tokens chosen so far, the stop token included
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StepToken:
+    """What one row produced in one step."""
+
+    row: Row
+    token: int
+    mask: int
+    finished: bool
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded `seed` (distinct per sample, reproducible)."""
+    return (seed * _SEED_MIX + index) % (1 << 63)
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token id from a (vocab,) logits vector under `params`."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / params.temperature
+    if params.top_k is None and params.top_p is None:
+        return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+    k = min(params.top_k or logits.numel(), logits.numel())
+    values, ids = torch.topk(logits, k)  # sorted, most likely first
+    probs = torch.softmax(values, dim=-1)
+    if params.top_p is not None:
+        # Keep a token while the mass before it is below p: the first token always stays.
+        keep = (torch.cumsum(probs, dim=-1) - probs) < params.top_p
+        probs = probs * keep
+    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+
+
+class DecodeBatch:
+    """Rows generating together in one preallocated KV cache; rows join and leave between steps."""
+
+    def __init__(self, engine: Engine, capacity: int, max_len: int | None = None):
+        self.engine = engine
+        self.cache = KVCache.for_model(engine.model, capacity, max_len)
+        self.rows: dict[int, Row] = {}  # slot -> running row
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.capacity) if s not in self.rows]
+
+    @torch.no_grad()
+    def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+            num_samples: int = 1) -> list[Row]:
+        """Prefill each prompt once and fork it into num_samples rows (prompt-major order).
+
+        Sample i of a prompt whose params carry seed s samples with `row_seed(s, i)`.
+        """
+        prompts = [self.engine.check_prompt(p, self.max_len) for p in prompts]
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        free = self.free_slots()
+        needed = len(prompts) * num_samples
+        if needed > len(free):
+            raise ValueError(f"{needed} rows requested but only {len(free)} of {self.capacity} cache slots are free")
+        slots = [free[i * num_samples: (i + 1) * num_samples] for i in range(len(prompts))]
+        heads = [s[0] for s in slots]
+        self.cache.reset(heads)
+        last_logits = self._prefill(prompts, heads)
+        device = self.cache.k.device
+        rows = []
+        for prompt, p, group, logits in zip(prompts, params, slots, last_logits):
+            self.cache.fork(group[0], group[1:])
+            seed = secrets.randbits(62) if p.seed is None else p.seed
+            for i, slot in enumerate(group):
+                generator = torch.Generator(device=device)
+                generator.manual_seed(row_seed(seed, i))
+                row = Row(slot=slot, prompt=list(prompt), params=p, generator=generator, logits=logits)
+                self.rows[slot] = row
+                rows.append(row)
+        return rows
+
+    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
+        """Run the prompts through the model chunk by chunk; each prompt's last-position logits."""
+        device = self.cache.k.device
+        last: list[torch.Tensor | None] = [None] * len(prompts)
+        longest = max(len(p) for p in prompts)
+        for start in range(0, longest, PREFILL_CHUNK):
+            live = [i for i, p in enumerate(prompts) if len(p) > start]
+            chunks = [prompts[i][start:start + PREFILL_CHUNK] for i in live]
+            width = max(len(c) for c in chunks)
+            # Shorter chunks are padded; num_new keeps the padding out of each row's length.
+            idx = torch.zeros((len(live), width), dtype=torch.long)
+            for j, c in enumerate(chunks):
+                idx[j, :len(c)] = torch.tensor(c)
+            counts = [len(c) for c in chunks]
+            logits = self.engine.forward(idx.to(device), self.cache, [slots[i] for i in live], counts)
+            for j, i in enumerate(live):
+                if start + counts[j] == len(prompts[i]):
+                    last[i] = logits[j, counts[j] - 1].clone()  # frees the chunk's logits
+        return last
+
+    def cancel(self, row: Row) -> None:
+        """Stop a running row now and free its slot."""
+        if self.rows.get(row.slot) is row:
+            row.finish_reason = "cancelled"
+            self._release(row)
+
+    def _release(self, row: Row) -> None:
+        del self.rows[row.slot]
+        self.cache.reset(row.slot)
+        row.logits = None
+
+    @torch.no_grad()
+    def step(self) -> list[StepToken]:
+        """Feed every running row's last chosen token through the model at once, then choose the next.
+
+        Rows fresh from `add` already hold their prompt's logits, so their first token comes
+        without a forward pass; rows that finish leave the batch and free their slot at once.
+        """
+        running = [self.rows[s] for s in sorted(self.rows)]
+        feed = [row for row in running if row.logits is None]
+        if feed:
+            idx = torch.tensor([[row.tokens[-1]] for row in feed], dtype=torch.long, device=self.cache.k.device)
+            logits = self.engine.forward(idx, self.cache, [row.slot for row in feed])
+            for j, row in enumerate(feed):
+                row.logits = logits[j, -1]
+        out = []
+        for row in running:
+            token, mask = self._choose(row)
+            row.logits = None
+            out.append(StepToken(row, token, mask, row.finished))
+            if row.finished:
+                self._release(row)
+        return out
+
+    def _choose(self, row: Row) -> tuple[int, int]:
+        """The row's next token and mask, with the stop / length / calculator bookkeeping."""
+        engine = self.engine
+        if row.forced:
+            token, mask = row.forced.popleft(), 0
+        else:
+            token, mask = sample_token(row.logits, row.params, row.generator), 1
+        row.num_generated += 1
+        if token in engine.stop_tokens:
+            row.finish_reason = "stop"
+            return token, mask
+        row.tokens.append(token)
+        row.masks.append(mask)
+        if token == engine.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif token == engine.python_end and row.in_python:
+            row.in_python = False
+            result = calculate(engine.tokenizer.decode(row.python_tokens))
+            if result is not None:
+                row.forced.extend([engine.output_start, *engine.tokenizer.encode(result), engine.output_end])
+        elif row.in_python:
+            row.python_tokens.append(token)
+        # Choosing another token needs this one fed first, into one more cache position.
+        if row.num_generated >= row.params.max_tokens or len(row.prompt) + len(row.tokens) > self.max_len:
+            row.finish_reason = "length"
+        return token, mask
+
+
+class Engine:
+    """A model and its tokenizer, ready to generate."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer):
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                             f"{model.config.vocab_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.stop_tokens = frozenset({special("<|assistant_end|>"), special("<|bos|>")})
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def forward(self, idx: torch.Tensor, cache: KVCache, slots: list[int],
+                num_new: list[int] | None = None) -> torch.Tensor:
+        """Logits (len(slots), T, vocab) for idx fed into those cache slots."""
+        # All slots in order: the model can read the cache through views instead of gathers.
+        rows = None if slots == list(range(cache.batch_size)) else slots
+        with autocast(self.device):
+            return self.model(idx, kv_cache=cache, rows=rows, num_new=num_new)
+
+    def check_prompt(self, prompt: Sequence[int], max_len: int) -> list[int]:
+        """The prompt as a list of ids; a clear error when it cannot be generated from."""
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise ValueError(f"a prompt must be a sequence of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("a prompt needs at least one token (e.g. <|bos|>)")
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= max_len:
+            raise ValueError(f"a prompt of {len(ids)} tokens leaves no room in a cache of {max_len} positions")
+        return ids
+
+    def new_batch(self, capacity: int, max_len: int | None = None) -> DecodeBatch:
+        """An empty batch of `capacity` slots of max_len positions (default: the model's sequence_len)."""
+        return DecodeBatch(self, capacity, max_len)
+
+    def generate(self, prompts: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1,
+                 max_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> Iterator[tuple[list, list]]:
+        """Stream (tokens, masks) columns, one entry per row; None for rows already finished.
+
+        `prompts` is one prompt (a list of ids) or a list of prompts; rows are prompt-major,
+        num_samples per prompt. With several prompts, prompt j's samples use seed `seed + j`.
+        """
+        batch, rows = self._start(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
+        position = {id(row): i for i, row in enumerate(rows)}
+        while batch.rows:
+            tokens: list[int | None] = [None] * len(rows)
+            masks: list[int | None] = [None] * len(rows)
+            for t in batch.step():
+                i = position[id(t.row)]
+                tokens[i], masks[i] = t.token, t.mask
+            yield tokens, masks
+
+    def generate_batch(self, prompts: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1,
+                       max_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, seed: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+        """Whole sequences (prompt + generated, stop token left out) and masks (0 over the prompt)."""
+        batch, rows = self._start(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
+        while batch.rows:
+            batch.step()
+        return ([row.prompt + row.tokens for row in rows],
+                [[0] * len(row.prompt) + row.masks for row in rows])
+
+    def _start(self, prompts: Sequence[int] | Sequence[Sequence[int]], num_samples: int, max_tokens: int,
+               temperature: float, top_k: int | None, top_p: float | None,
+               seed: int | None) -> tuple[DecodeBatch, list[Row]]:
+        if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a list of token ids or a non-empty list of such lists")
+        if seed is None:
+            seed = secrets.randbits(62)
+        params = [SamplingParams(temperature, top_k, top_p, max_tokens, seed + j) for j in range(len(prompts))]
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        longest = max((len(p) for p in prompts if isinstance(p, Sequence)), default=0)
+        max_len = min(longest + max_tokens, self.model.rotary_len)
+        batch = self.new_batch(len(prompts) * num_samples, max(max_len, 1))
+        return batch, batch.add(prompts, params, num_samples)
