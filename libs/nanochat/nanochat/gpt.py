@@ -316,9 +316,16 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
+        # Padding rows are never looked up; zero them so a saved and reloaded model is identical.
+        nn.init.zeros_(self.transformer.wte.weight[self.config.vocab_size:])
         for block in self.transformer.h:
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        self.on_device_ready()
+
+    @torch.no_grad()
+    def on_device_ready(self) -> None:
+        """Fill the rotary tables and set the embedding dtype; after init_weights or loading weights."""
         device = self.lm_head.weight.device
         cos, sin = self._rotary_table(self.rotary_len, device)
         self.cos.copy_(cos)

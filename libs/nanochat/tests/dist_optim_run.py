@@ -2,7 +2,8 @@
 
 Under torchrun (gloo, CPU, fp32) each of the N ranks takes its share of every step's global batch;
 run as a plain function (`train(accumulate=N)`) one process takes the same global batch in N
-micro-batches. Both must end with the same weights.
+micro-batches. Both must end with the same weights. The ranks then save one checkpoint together
+(each with its own optimizer shard) into OUT_DIR/ckpt.
 
     torchrun --nproc_per_node 2 libs/nanochat/tests/dist_optim_run.py OUT_DIR
 """
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanochat import optim
+from nanochat.checkpoint import save_checkpoint
 from nanochat.common import compute_cleanup, compute_init
 from nanochat.gpt import GPT, GPTConfig
 
@@ -42,7 +44,7 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(d[:, :-1], d[:, 1:]) for d in data]
 
 
-def train(rank: int, world: int, accumulate: int) -> tuple[GPT, list[float]]:
+def train(rank: int, world: int, accumulate: int) -> tuple[GPT, list, list[float]]:
     """`world` processes, each summing `accumulate` micro-batches of its share of the batch."""
     model = build_model(world)
     optimizers = model.setup_optimizers(ns_dtype=torch.float32)
@@ -55,13 +57,16 @@ def train(rank: int, world: int, accumulate: int) -> tuple[GPT, list[float]]:
             (loss / accumulate).backward()
         norms.append(optim.step(optimizers, grad_clip=GRAD_CLIP))
         model.zero_grad(set_to_none=True)
-    return model, norms
+    return model, optimizers, norms
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     compute = compute_init(device="cpu")
-    model, norms = train(compute.rank, compute.world_size, accumulate=1)
+    model, optimizers, norms = train(compute.rank, compute.world_size, accumulate=1)
+    # Collective: every rank's optimizer shard lands in one folder.
+    save_checkpoint(out / "ckpt", model, meta={"step": STEPS}, optimizers=optimizers,
+                    rank_state={"rank": compute.rank})
     if compute.is_master:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
         (out / "norms.json").write_text(json.dumps(norms))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanochat import optim
+from nanochat.checkpoint import load_checkpoint, load_optimizer_state
 from nanochat.optim import AdamW, Muon, newton_schulz_dtype, zeropower_via_newtonschulz5
 
 import dist_optim_run
@@ -124,13 +126,19 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path):
     script = Path(__file__).with_name("dist_optim_run.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Own session, so a timeout kills torchrun's workers too, not just the launcher.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-5000:]
     dist_weights = load_file(str(tmp_path / "weights.safetensors"))
     dist_norms = json.loads((tmp_path / "norms.json").read_text())
 
-    model, norms = dist_optim_run.train(rank=0, world=1, accumulate=2)
+    model, _, norms = dist_optim_run.train(rank=0, world=1, accumulate=2)
     assert all(n > dist_optim_run.GRAD_CLIP for n in norms), norms  # clipping on and triggered
     assert dist_norms == pytest.approx(norms, rel=1e-5)
     start = dist_optim_run.build_model(world=1).state_dict()
@@ -138,3 +146,13 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path):
         assert not torch.equal(tensor, start[name]), f"{name} never moved"
         diff = (dist_weights[name] - tensor).abs().max().item()
         assert diff <= 1e-5, f"{name}: max abs difference {diff}"
+
+    # The checkpoint both ranks saved together: one verified folder, one optimizer shard per rank.
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "optim").iterdir()) == [
+        "rank0.json", "rank0.safetensors", "rank1.json", "rank1.safetensors"]
+    vocab = dist_optim_run.VOCAB  # padding rows are not saved
+    for name, tensor in ckpt.model.state_dict().items():
+        torch.testing.assert_close(tensor[:vocab], dist_weights[name][:vocab], atol=0, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="same world size"):
+        load_optimizer_state(tmp_path / "ckpt", model.setup_optimizers())
