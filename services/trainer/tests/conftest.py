@@ -7,6 +7,7 @@ Each test gets its own queue, database and folders, so tests never see each othe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from fastapi.testclient import TestClient
 from nanochat_testing.servers import free_port
 from trainer.api import create_app
 from trainer.db import TERMINAL
+from trainer.procs import processes_with_env
 from trainer.settings import Settings
 
 TOKEN = "trainer-test-token"
@@ -127,6 +129,10 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator:
     yield start
     for worker in workers:
         worker.stop()
+    # A SIGKILLed worker leaves its stage running (own session): end what this test started.
+    for pid in processes_with_env("TRAINER_QUEUE_NAME", settings.queue_name):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_job(api: TestClient, job_id: str, until: tuple[str, ...] = TERMINAL, timeout: float = 120,
