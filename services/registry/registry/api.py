@@ -1,7 +1,8 @@
 """The registry's HTTP API (FastAPI): thin routes over `registry.core`, auth, errors, metrics.
 
 `create_app(settings)` builds the app; `python -m registry` serves it with uvicorn. OpenAPI at
-/docs. Writes need `Authorization: Bearer <REGISTRY_WRITE_TOKEN>`; reads too when
+/docs. Writes need `Authorization: Bearer <REGISTRY_WRITE_TOKEN>`; with no write token set they
+are refused, unless REGISTRY_ALLOW_ANONYMOUS_WRITES=true. Reads need a token too when
 REGISTRY_READ_TOKEN_REQUIRED is set (the read or the write token).
 """
 
@@ -130,8 +131,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         reg = await run_in_threadpool(make_registry, settings)
         app.state.registry = reg
-        if settings.write_token is None:
-            log.warning("REGISTRY_WRITE_TOKEN is not set: writes are open to anyone who can reach this port")
+        if not settings.write_token and settings.allow_anonymous_writes:
+            log.warning("REGISTRY_ALLOW_ANONYMOUS_WRITES is set and no write token: anyone who can reach this "
+                        "port can write")
+        elif not settings.write_token:
+            log.warning("REGISTRY_WRITE_TOKEN is not set: every write is refused (401)")
 
         async def sweeper() -> None:
             while True:
@@ -157,7 +161,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return any(t and secrets.compare_digest(given.encode(), t.encode()) for t in tokens)
 
     def require_write(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if settings.write_token is not None and not _token_ok(creds, [settings.write_token]):
+        if not settings.write_token:
+            if settings.allow_anonymous_writes:
+                return
+            raise Unauthorized("writes are disabled: the registry has no REGISTRY_WRITE_TOKEN set "
+                               "(set one, or REGISTRY_ALLOW_ANONYMOUS_WRITES=true for a private dev setup)")
+        if not _token_ok(creds, [settings.write_token]):
             raise Unauthorized("missing or wrong bearer token")
 
     def require_read(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:

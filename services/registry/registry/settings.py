@@ -2,6 +2,9 @@
 
     REGISTRY_DATA_DIR=./registry-data   REGISTRY_DATABASE_URL=postgresql://...   REGISTRY_BLOB_BACKEND=s3
     REGISTRY_S3_ENDPOINT=http://minio:9000  REGISTRY_S3_BUCKET=nanochat  REGISTRY_WRITE_TOKEN=...
+
+Writes need REGISTRY_WRITE_TOKEN; without one they are refused (401) unless
+REGISTRY_ALLOW_ANONYMOUS_WRITES=true opens them to anyone who can reach the port.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ class Settings(BaseSettings):
     events_channel: str = "nanochat:events"
     events_stream: str = "nanochat:events:stream"
     events_stream_maxlen: int = 10_000
+    # Unset refuses every write, unless anonymous writes are asked for explicitly (a private dev box).
     write_token: str | None = None
+    allow_anonymous_writes: bool = False
     read_token: str | None = None
     read_token_required: bool = False
     # A pending version (and its uploads) untouched this long is abandoned and swept.

@@ -5,9 +5,12 @@ import os
 import uuid
 
 import pytest
+from fastapi.testclient import TestClient
 from registry_testlib import AUTH, blob, files_of, publish
 
 from registry import core
+from registry.api import create_app
+from registry.settings import Settings
 
 
 def test_round_trip_and_pending_is_invisible(client, name):
@@ -157,6 +160,22 @@ def test_writes_need_the_token(client, name):
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
     assert client.put(f"/v1/models/{name}/aliases/x", json={"version": 1}).status_code == 401
     assert client.get("/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("allow_anonymous", [False, True])
+def test_no_write_token_refuses_writes_unless_anonymous_is_opted_in(tmp_path, name, allow_anonymous):
+    settings = Settings(data_dir=tmp_path, allow_anonymous_writes=allow_anonymous, log_level="ERROR")
+    with TestClient(create_app(settings)) as c:
+        for token in (None, "anything"):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            r = c.post(f"/v1/models/{name}/versions", json={"stage": "sft", "files": {"a": blob(b"a")}},
+                       headers=headers)
+            if allow_anonymous:
+                assert r.status_code == 201, r.text
+            else:
+                assert r.status_code == 401 and "REGISTRY_WRITE_TOKEN" in r.json()["error"]["message"]
+                assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/v1/models").status_code == 200
 
 
 @pytest.mark.parametrize("path", ["../etc/passwd", "a/../../b", "/abs/path", "a//b", "./a", "a\\b", "a\x00b",
