@@ -1,0 +1,365 @@
+"""The OpenAI-compatible HTTP API (FastAPI) in front of the served model's scheduler.
+
+Routes: `POST /v1/chat/completions` and `POST /v1/completions` (also without `/v1`, the seed's
+spelling), `GET /v1/models`, `/health` (liveness, never touches the model), `/ready` (a model is
+loaded), `/metrics` (Prometheus). Streams are SSE as OpenAI sends them: a role chunk per choice,
+content deltas, a chunk with `finish_reason`, the usage chunk when asked, `data: [DONE]`.
+Calculator use arrives as `delta.nanochat_tool` in streams and `message.nanochat_parts` otherwise.
+
+Everything about a request is checked (and the request queued) before any byte of a response is
+sent, so bad input never gets a 200-then-cut stream; a failure mid-stream sends an error event,
+then closes. Errors are OpenAI's JSON: 400 bad values or a prompt longer than the context
+(`context_length_exceeded`), 401 wrong token, 404 unknown model, 413 body too large, 429 with
+Retry-After when the waiting queue is full, 503 while no model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanochat.engine import SamplingParams
+from nanochat.scheduler import QueueFull
+from nanochat.tokenizer import ConversationError
+
+from inference import schemas
+from inference.generation import Generation, GenerationError, Update, merge_text
+from inference.metrics import Metrics
+from inference.served import ModelManager, NoModel, ServedModel
+from inference.settings import Settings
+
+log = logging.getLogger("inference.api")
+
+DISCONNECT_POLL_S = 0.25
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while reading a body without Content-Length that grows past the limit."""
+
+
+def error_json(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    body = schemas.ErrorResponse(error=schemas.ErrorDetail(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes`, announced or not."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = error_json(413, f"the request body is larger than {self.max_bytes} bytes",
+                                  "invalid_request_error", "request_too_large")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(413, f"the request body is larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    manager = ModelManager(settings)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start()
+        yield
+        await asyncio.to_thread(manager.close)
+
+    app = FastAPI(title="nanochat inference", lifespan=lifespan,
+                  description="OpenAI-compatible chat and completions over a continuous-batching engine.")
+    app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_json(e.status, e.message, e.type, e.code, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "json_invalid":
+            return error_json(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
+        return error_json(400, message, "invalid_request_error", "invalid_value", where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+        return error_json(e.status_code, str(e.detail), "invalid_request_error", code)
+
+    def authorize(request: Request) -> None:
+        if not settings.api_token:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
+            raise APIError(401, "missing or wrong bearer token (Authorization: Bearer ...)",
+                           "authentication_error", "invalid_api_key")
+
+    def acquire(model: str | None) -> ServedModel:
+        try:
+            served = manager.acquire()
+        except NoModel as e:
+            raise APIError(503, f"no model is loaded yet: {e}", "service_unavailable", "model_not_loaded",
+                           headers={"Retry-After": "5"}) from None
+        if model is not None and model != served.info.name:
+            manager.release(served)
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {served.info.name!r}",
+                           "invalid_request_error", "model_not_found", "model")
+        return served
+
+    def sampling(body: schemas.SamplingFields, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(
+            temperature=body.temperature,
+            top_k=body.top_k if body.top_k > 0 else None,
+            top_p=body.top_p if body.top_p < 1.0 else None,
+            max_tokens=max_tokens or settings.default_max_tokens,
+            seed=None if body.seed is None else body.seed % (1 << 62),
+        )
+
+    def start(served: ServedModel, prompts: list[list[int]], body: schemas.SamplingFields,
+              max_tokens: int | None) -> Generation:
+        context = served.context_length
+        for prompt in prompts:
+            if len(prompt) >= context:
+                raise APIError(400, f"this model's context is {context} tokens but the prompt has {len(prompt)} "
+                               f"tokens; it must be shorter than the context to leave room for a reply",
+                               "invalid_request_error", "context_length_exceeded", "messages")
+        if body.n > served.scheduler.slots:
+            raise APIError(400, f"n is {body.n} but the server runs at most {served.scheduler.slots} samples at once",
+                           param="n", code="invalid_value")
+        vocab = served.engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
+            raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids", code="invalid_value")
+        try:
+            return Generation(served, prompts, sampling(body, max_tokens), body.n, body.stop,
+                              body.stop_token_ids or [], metrics)
+        except QueueFull as e:
+            raise APIError(429, f"{e}; retry shortly", "rate_limit_error", "queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+
+    async def run_to_end(gen: Generation, request: Request) -> bool:
+        """Collect the whole generation; False when the client went away first."""
+        task = asyncio.ensure_future(gen.collect())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    return False
+            task.result()
+            return True
+        finally:
+            gen.close()
+
+    async def stream(gen: Generation, served: ServedModel, endpoint: str, first: list[bytes],
+                     chunks_of, usage_chunk) -> AsyncIterator[bytes]:
+        outcome = "disconnected"
+        try:
+            for chunk in first:
+                yield chunk
+            async for updates in gen.updates():
+                for chunk in chunks_of(updates):
+                    yield chunk
+            if usage_chunk is not None:
+                yield usage_chunk(usage(gen))
+            yield b"data: [DONE]\n\n"
+            outcome = "ok"
+        except GenerationError as e:
+            outcome = "error"
+            yield sse(json.dumps({"error": {"message": str(e), "type": "server_error", "param": None,
+                                            "code": "generation_failed"}}))
+        finally:
+            gen.close()
+            manager.release(served)
+            metrics.requests.labels(endpoint, outcome).inc()
+
+    def usage(gen: Generation) -> schemas.Usage:
+        return schemas.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                             total_tokens=gen.prompt_tokens + gen.completion_tokens)
+
+    def stream_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def finish_plain(gen: Generation, served: ServedModel, request: Request, endpoint: str) -> bool:
+        try:
+            done = await run_to_end(gen, request)
+        except GenerationError as e:
+            metrics.requests.labels(endpoint, "error").inc()
+            raise APIError(500, str(e), "server_error", "generation_failed") from None
+        finally:
+            manager.release(served)
+        metrics.requests.labels(endpoint, "ok" if done else "disconnected").inc()
+        return done
+
+    # ---- chat ----------------------------------------------------------------------------------
+
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
+        served = acquire(body.model)
+        try:
+            try:
+                conversation = [{"role": m.role, "content": m.rendered_content()} for m in body.messages]
+                prompt = served.engine.tokenizer.render_for_completion({"messages": conversation})
+            except (ConversationError, ValueError) as e:
+                raise APIError(400, str(e), param="messages", code="invalid_value") from None
+            gen = start(served, [prompt], body, body.max_completion_tokens or body.max_tokens)
+        except BaseException:
+            manager.release(served)
+            raise
+        rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.info.name
+
+        def chunk(choices: list[schemas.ChatChunkChoice]) -> bytes:
+            return sse(schemas.ChatCompletionChunk(id=rid, created=created, model=name, choices=choices)
+                       .model_dump_json())
+
+        if body.stream:
+            first = [chunk([schemas.ChatChunkChoice(index=c.index, delta={"role": "assistant", "content": ""})
+                            for c in gen.choices])]
+
+            def chunks_of(updates: list[Update]) -> list[bytes]:
+                out = []
+                for u in updates:
+                    for kind, text in merge_text(u.parts):
+                        delta = {"content": text} if kind == "text" else {"nanochat_tool": {"type": kind, "text": text}}
+                        out.append(chunk([schemas.ChatChunkChoice(index=u.choice, delta=delta)]))
+                    if u.finish_reason is not None:
+                        out.append(chunk([schemas.ChatChunkChoice(index=u.choice, delta={},
+                                                                  finish_reason=u.finish_reason)]))
+                return out
+
+            def usage_chunk(u: schemas.Usage) -> bytes:
+                return sse(schemas.ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u)
+                           .model_dump_json())
+
+            return stream_response(stream(gen, served, "chat", first, chunks_of,
+                                          usage_chunk if body.include_usage else None))
+
+        if not await finish_plain(gen, served, request, "chat"):
+            return Response(status_code=499)
+        choices = []
+        for c in gen.choices:
+            parts = merge_text(c.parts)
+            content = "".join(text for kind, text in parts if kind == "text")
+            message = schemas.AssistantMessage(content=content, nanochat_parts=[
+                schemas.ToolPart(type=kind, text=text) for kind, text in parts])
+            choices.append(schemas.ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason))
+        return JSONResponse(schemas.ChatCompletion(id=rid, created=created, model=name, choices=choices,
+                                                   usage=usage(gen)).model_dump())
+
+    # ---- completions ---------------------------------------------------------------------------
+
+    async def completions(body: schemas.CompletionRequest, request: Request) -> Response:
+        served = acquire(body.model)
+        try:
+            tok = served.engine.tokenizer
+            prompts = [tok.encode(text, prepend=tok.bos_token_id) for text in body.prompt]
+            gen = start(served, prompts, body, body.max_tokens)
+        except BaseException:
+            manager.release(served)
+            raise
+        rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), served.info.name
+
+        def chunk(choices: list[schemas.CompletionChoice], u: schemas.Usage | None = None) -> bytes:
+            return sse(schemas.Completion(id=rid, created=created, model=name, choices=choices, usage=u)
+                       .model_dump_json())
+
+        if body.stream:
+            def chunks_of(updates: list[Update]) -> list[bytes]:
+                out = []
+                for u in updates:
+                    text = "".join(t for kind, t in u.parts if kind == "text")
+                    if text or u.finish_reason is not None:
+                        out.append(chunk([schemas.CompletionChoice(index=u.choice, text=text,
+                                                                   finish_reason=u.finish_reason)]))
+                return out
+
+            return stream_response(stream(gen, served, "completions", [], chunks_of,
+                                          (lambda u: chunk([], u)) if body.include_usage else None))
+
+        if not await finish_plain(gen, served, request, "completions"):
+            return Response(status_code=499)
+        choices = [schemas.CompletionChoice(index=c.index, finish_reason=c.finish_reason,
+                                            text="".join(t for kind, t in c.parts if kind == "text"))
+                   for c in gen.choices]
+        return JSONResponse(schemas.Completion(id=rid, created=created, model=name, choices=choices,
+                                               usage=usage(gen)).model_dump())
+
+    # ---- models, health ------------------------------------------------------------------------
+
+    async def list_models() -> schemas.ModelList:
+        served = manager.current
+        if served is None:
+            return schemas.ModelList(data=[])
+        info = served.info
+        return schemas.ModelList(data=[schemas.ModelCard(
+            id=info.name, created=int(info.loaded_at), version=info.version, stage=info.stage,
+            context_length=served.context_length, max_model_len=served.context_length)])
+
+    auth = [Depends(authorize)]
+    for prefix in ("/v1", ""):
+        app.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"], dependencies=auth)
+        app.add_api_route(f"{prefix}/completions", completions, methods=["POST"], dependencies=auth)
+        app.add_api_route(f"{prefix}/models", list_models, methods=["GET"], dependencies=auth)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        served = manager.current
+        if served is None:
+            return JSONResponse({"status": "loading", "detail": manager.load_error}, status_code=503)
+        return JSONResponse({"status": "ready", "model": served.info.name, "version": served.info.version,
+                             "stage": served.info.stage})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        served = manager.current
+        stats = served.scheduler.stats() if served is not None else None
+        return Response(metrics.render(stats), media_type="text/plain; version=0.0.4")
+
+    return app

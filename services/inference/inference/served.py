@@ -1,0 +1,221 @@
+"""Which model is served, and hot swaps: load the new one beside the old, switch, retire the old.
+
+`ServedModel` is one loaded checkpoint with its engine and its scheduler thread (its own KV
+cache). `ModelManager` holds the current one; API handlers `acquire()` it per request and
+`release()` it when the response is done, so a swap (`install`) sends new requests to the new
+model while streams on the old one run to their end; the old one is stopped and freed when its
+last request is released.
+
+Sources (DESIGN.md "What inference serves"): a local folder (`INFERENCE_MODEL_DIR`), or the
+registry: the version the `serving` alias points at, else the newest ready sft/rl version,
+downloaded into the cache and hash-checked by `registry_client`. A background thread listens on
+the Redis channel for `model.registered` (sft/rl) and `alias.moved` (serving) and resolves again;
+without Redis (unset or down) it polls the registry every `poll_interval_s`, so an outage delays
+a swap but never loses it. If the served version disappears from the registry it stays served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from nanochat.checkpoint import load_checkpoint
+from nanochat.common import autodetect_device
+from nanochat.engine import Engine
+from nanochat.scheduler import Scheduler
+from registry_client import RegistryClient, RegistryError
+from registry_client.client import VersionInfo
+
+from inference.settings import Settings
+
+log = logging.getLogger("inference.served")
+
+SERVED_STAGES = ("sft", "rl")
+
+
+class NoModel(Exception):
+    """No model is loaded yet."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int | None
+    stage: str | None
+    folder: Path
+    loaded_at: float
+
+
+class ServedModel:
+    def __init__(self, info: ModelInfo, engine: Engine, scheduler: Scheduler):
+        self.info, self.engine, self.scheduler = info, engine, scheduler
+        self.active = 0  # API requests holding it; guarded by the manager's lock
+        self.retired = False
+
+    @classmethod
+    def load(cls, folder: Path, settings: Settings, name: str, version: int | None = None,
+             stage: str | None = None) -> ServedModel:
+        """Verify and load a checkpoint folder, then start its scheduler thread."""
+        ckpt = load_checkpoint(folder, device=autodetect_device(settings.device))
+        if ckpt.tokenizer is None:
+            raise ValueError(f"checkpoint {folder} has no tokenizer/ folder; inference needs one")
+        engine = Engine(ckpt.model, ckpt.tokenizer)
+        max_len = settings.max_len or ckpt.config.sequence_len
+        scheduler = Scheduler(engine, slots=settings.slots, max_len=max_len,
+                              prefill_tokens=settings.prefill_tokens, max_waiting=settings.max_waiting)
+        scheduler.start()
+        info = ModelInfo(name=name, version=version if version is not None else ckpt.meta.get("version"),
+                         stage=stage or ckpt.meta.get("stage"), folder=Path(folder), loaded_at=time.time())
+        return cls(info, engine, scheduler)
+
+    @property
+    def context_length(self) -> int:
+        return self.scheduler.max_len
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+
+class ModelManager:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.current: ServedModel | None = None
+        self.retiring: list[ServedModel] = []
+        self.load_error: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._registry: RegistryClient | None = None
+        if settings.registry_url:
+            self._registry = RegistryClient(settings.registry_url, token=settings.registry_token,
+                                            cache_dir=settings.model_cache_dir)
+
+    # ---- requests (event loop) ---------------------------------------------------------------
+
+    def acquire(self) -> ServedModel:
+        with self._lock:
+            if self.current is None:
+                raise NoModel(self.load_error or "no model is loaded yet")
+            self.current.active += 1
+            return self.current
+
+    def release(self, served: ServedModel) -> None:
+        with self._lock:
+            served.active -= 1
+            free = served.retired and served.active == 0 and served in self.retiring
+            if free:
+                self.retiring.remove(served)
+        if free:
+            threading.Thread(target=served.close, name="inference-retire", daemon=True).start()
+
+    # ---- loading (background thread) ---------------------------------------------------------
+
+    def install(self, served: ServedModel) -> None:
+        """Make `served` the model new requests get; the old one retires once its requests end."""
+        with self._lock:
+            old, self.current, self.load_error = self.current, served, None
+            idle = old is not None and old.active == 0
+            if old is not None:
+                old.retired = True
+                if not idle:
+                    self.retiring.append(old)
+        log.info("serving %s v%s (%s) from %s", served.info.name, served.info.version, served.info.stage, served.info.folder)
+        if idle:
+            old.close()
+
+    def start(self) -> None:
+        """Load the configured model on a background thread (the server answers /health meanwhile)."""
+        target = self._load_folder if self.settings.model_dir else self._watch
+        if self.settings.model_dir or self._registry is not None:
+            self._thread = threading.Thread(target=target, name="inference-models", daemon=True)
+            self._thread.start()
+        else:
+            self.load_error = "no model configured: set INFERENCE_MODEL_DIR or INFERENCE_REGISTRY_URL"
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        with self._lock:
+            models = ([self.current] if self.current else []) + self.retiring
+            self.current, self.retiring = None, []
+        for served in models:
+            served.close()
+        if self._registry is not None:
+            self._registry.close()
+
+    def _load_folder(self) -> None:
+        try:
+            self.install(ServedModel.load(self.settings.model_dir, self.settings, self.settings.model_name))
+        except Exception as e:
+            self.load_error = f"loading {self.settings.model_dir} failed: {e}"
+            log.exception("loading %s failed", self.settings.model_dir)
+
+    def resolve(self) -> VersionInfo | None:
+        """The version the rules name: the serving alias, else the newest ready sft/rl version."""
+        name = self.settings.model_name
+        try:
+            return self._registry.resolve(name, alias=self.settings.serving_alias)
+        except RegistryError as e:
+            if e.status != 404:
+                raise
+        newest = self._registry.list_versions(name, stage=list(SERVED_STAGES), state=["ready"], limit=1)
+        return newest[0] if newest else None
+
+    def refresh(self) -> None:
+        """Resolve again and swap when the rules name another version than the one served."""
+        target = self.resolve()
+        current = self.current
+        if target is None or (current is not None and current.info.version == target.version):
+            return
+        folder = self._registry.download(target.name, version=target.version)
+        self.install(ServedModel.load(folder, self.settings, target.name, target.version, target.stage))
+
+    def _try_refresh(self) -> None:
+        try:
+            self.refresh()
+        except Exception as e:  # the registry down or a bad version: keep serving, try again later
+            if self.current is None:
+                self.load_error = f"no model loaded: {e}"
+            log.warning("resolving the served model failed: %s", e)
+
+    def _relevant(self, data: bytes | str) -> bool:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(event, dict) or event.get("name") != self.settings.model_name:
+            return False
+        if event.get("type") == "model.registered":
+            return event.get("stage") in SERVED_STAGES
+        return event.get("type") == "alias.moved" and event.get("alias") == self.settings.serving_alias
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            if self.settings.redis_url:
+                self._listen()
+            if not self._stop.is_set():
+                self._try_refresh()
+                self._stop.wait(self.settings.poll_interval_s)
+
+    def _listen(self) -> None:
+        """Resolve on every relevant event until Redis fails (then the caller polls a while)."""
+        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        try:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self.settings.events_channel)
+            self._try_refresh()  # whatever happened while we were not subscribed
+            while not self._stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message and message.get("type") == "message" and self._relevant(message["data"]):
+                    self._try_refresh()
+        except redis.RedisError as e:
+            log.warning("redis events unavailable (%s); polling the registry every %.1f s",
+                        e, self.settings.poll_interval_s)
+        finally:
+            client.close()

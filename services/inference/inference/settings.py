@@ -1,0 +1,43 @@
+"""Inference settings, read from `INFERENCE_*` environment variables (pydantic-settings).
+
+    INFERENCE_MODEL_DIR=out/sft                      serve this checkpoint folder, no registry
+    INFERENCE_REGISTRY_URL=http://registry:8002      else: resolve, download and hot-swap from the registry
+    INFERENCE_REDIS_URL=redis://redis:6379/0         model.registered / alias.moved events (polling without)
+    INFERENCE_API_TOKEN=...                          require `Authorization: Bearer ...` on /v1/*
+    INFERENCE_SLOTS=32 INFERENCE_MAX_WAITING=256     KV-cache rows, waiting-queue bound (429 beyond)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERENCE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_dir: Path | None = None
+    registry_url: str | None = None
+    registry_token: str | None = None
+    model_cache_dir: Path = Path("~/.cache/nanochat/models")
+    # The registry model name served; `GET /v1/models` lists it under this id.
+    model_name: str = "nanochat"
+    serving_alias: str = "serving"
+    redis_url: str | None = None
+    events_channel: str = "nanochat:events"
+    # How often to resolve again when Redis is unset or unreachable (events are then missed).
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    api_token: str | None = None
+    device: str | None = None  # default: cuda when available, else cpu
+    slots: int = Field(default=32, ge=1)
+    # Positions per slot; 0 means the model's sequence_len.
+    max_len: int = Field(default=0, ge=0)
+    prefill_tokens: int = Field(default=512, ge=1)
+    max_waiting: int = Field(default=256, ge=0)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    default_max_tokens: int = Field(default=512, ge=1)
+    log_level: str = "INFO"
