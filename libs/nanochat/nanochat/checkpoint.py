@@ -111,9 +111,10 @@ def save_checkpoint(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer | N
     meta_text = _json_text(meta or {}, "meta")
     staging = out.with_name(f".{out.name}.ranks")
     optim_files = _optimizer_files(optimizers, rank_state, rank, world) if optimizers else None
+    # Checked on every rank (the folder is shared) so all raise together instead of some waiting.
+    if out.exists() and not replace:
+        raise FileExistsError(f"checkpoint folder {out} already exists (pass replace=True to overwrite)")
     if rank == 0:
-        if out.exists() and not replace:
-            raise FileExistsError(f"checkpoint folder {out} already exists (pass replace=True to overwrite)")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()

@@ -1,0 +1,179 @@
+"""Training benchmarks: Muon+AdamW throughput against AdamW only, and loss parity with the original.
+
+    uv run python bench/train.py [--repeats 3] [--steps 3]    # CPU tokens/s, depth 4, vocab 4,096
+    uv run python bench/train.py --parity [--steps 300]       # bits per byte after 300 steps
+
+Throughput: a depth-4 model (vocab 4,096) trains with AdamW on every parameter, and with the
+real set-up (Muon for the block matrices, AdamW for embedding and lm_head), at B=8, T=256 and
+at B=32, T=512, on random tokens, fp32. The two set-ups alternate within one run (`--repeats`
+rounds of `--steps` timed steps each, after a warm-up step) and each reports the median round.
+The table also gives the CPU's bf16 flags and the Newton-Schulz dtype chosen from them.
+
+Parity: the bench corpus of bench/tokenizer.py as one string, 4,096 ranks trained on it with
+rustbpe (no specials), encoded with tiktoken's encode_ordinary (no BOS); the first 95% of the ids
+train, the last 5% validate. Step i's batch is train ids [i*B*(T+1), (i+1)*B*(T+1)) viewed as
+(B, T+1): inputs the first T columns, targets the last T. Depth 4, B=8, T=256, fp32, spec LRs,
+Muon momentum 0.95, no clipping, LR constant then linear to 0 over the last 20% of steps, seed
+1337. Validation: the first 16 windows of T+1 validation ids; bits per byte = summed nats /
+(ln 2 * summed byte lengths of the targets). The original reaches 2.022 (2.012-2.019 on other
+seeds); we must land within 1% of 2.022.
+
+Results go to bench/results/train.json (throughput) and bench/results/train_parity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import tiktoken
+import torch
+
+import rustbpe
+from nanochat import optim
+from nanochat.common import cpu_flags
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import AdamW, newton_schulz_dtype
+from nanochat.tokenizer import SPLIT_PATTERN
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tokenizer import load_corpus  # noqa: E402  (bench/tokenizer.py: the shared bench corpus)
+
+RESULTS = Path(__file__).parent / "results"
+DEPTH, VOCAB = 4, 4096
+SHAPES = [(8, 256), (32, 512)]
+PARITY_TARGET = 2.022
+
+
+def build(seq_len: int, seed: int = 1337) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(DEPTH, VOCAB, seq_len))
+    model.init_weights()
+    return model
+
+
+def adamw_only(model: GPT) -> list[torch.optim.Optimizer]:
+    """The baseline: AdamW on every parameter (block matrices at Muon's LR, AdamW-scaled)."""
+    scale = (model.config.n_embd / 768) ** -0.5
+    return [AdamW([
+        {"params": [model.lm_head.weight], "lr": 0.004 * scale},
+        {"params": [model.transformer.wte.weight], "lr": 0.2 * scale},
+        {"params": list(model.transformer.h.parameters()), "lr": 0.02 * scale},
+    ])]
+
+
+def train_step(model: GPT, optimizers: list, x: torch.Tensor, y: torch.Tensor) -> None:
+    model(x, y).backward()
+    optim.step(optimizers)
+    model.zero_grad(set_to_none=True)
+
+
+def throughput(repeats: int, steps: int) -> dict:
+    flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"})
+    ns_dtype = newton_schulz_dtype("cpu")
+    print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"flags {' '.join(flags) or '(none)'}; Newton-Schulz in {str(ns_dtype).removeprefix('torch.')}")
+    rows = []
+    for B, T in SHAPES:
+        setups = {}
+        for name in ("adamw", "muon+adamw"):
+            model = build(T)
+            opts = adamw_only(model) if name == "adamw" else model.setup_optimizers()
+            setups[name] = (model, opts)
+        g = torch.Generator().manual_seed(0)
+        data = torch.randint(0, VOCAB, (B, T + 1), generator=g)
+        x, y = data[:, :-1], data[:, 1:]
+        for model, opts in setups.values():
+            train_step(model, opts, x, y)  # warm-up: allocations, optimizer state
+        tok_s: dict[str, list[float]] = {name: [] for name in setups}
+        for _ in range(repeats):
+            for name, (model, opts) in setups.items():
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    train_step(model, opts, x, y)
+                tok_s[name].append(B * T * steps / (time.perf_counter() - t0))
+        base, muon = statistics.median(tok_s["adamw"]), statistics.median(tok_s["muon+adamw"])
+        rows.append({"B": B, "T": T, "adamw_tok_s": base, "muon_adamw_tok_s": muon, "ratio": muon / base,
+                     "target": 0.9 if (B, T) == (8, 256) else 0.95, "rounds": tok_s})
+    print(f"\n{'B':>3} {'T':>4} | {'AdamW only tok/s':>16} | {'Muon+AdamW tok/s':>16} | {'ratio':>6} | target")
+    print("-" * 66)
+    for r in rows:
+        print(f"{r['B']:>3} {r['T']:>4} | {r['adamw_tok_s']:>16,.0f} | {r['muon_adamw_tok_s']:>16,.0f} | "
+              f"{r['ratio']:>6.3f} | >= {r['target']}")
+    return {"cpu_flags": flags, "ns_dtype": str(ns_dtype), "threads": torch.get_num_threads(),
+            "repeats": repeats, "steps": steps, "rows": rows}
+
+
+def parity(steps: int) -> dict:
+    B, T = 8, 256
+    text = load_corpus()
+    t0 = time.perf_counter()
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter([text]), VOCAB, pattern=SPLIT_PATTERN)
+    ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
+    enc = tiktoken.Encoding(name="bench4096", pat_str=trainer.get_pattern(), mergeable_ranks=ranks, special_tokens={})
+    ids = torch.tensor(enc.encode_ordinary(text), dtype=torch.long)
+    print(f"tokenizer: {len(ranks):,} ranks in {time.perf_counter() - t0:.1f}s; {len(ids):,} ids from {len(text):,} chars")
+    token_bytes = torch.tensor([len(enc.decode_single_token_bytes(i)) for i in range(VOCAB)])
+    split = int(len(ids) * 0.95)
+    train_ids, val_ids = ids[:split], ids[split:]
+    need = steps * B * (T + 1)
+    if need > len(train_ids):
+        raise SystemExit(f"{steps} steps need {need:,} train ids, the corpus gives {len(train_ids):,}")
+
+    model = build(T, seed=1337)
+    optimizers = model.setup_optimizers()
+    warmdown = round(0.2 * steps)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        lrm = 1.0 if i < steps - warmdown else (steps - i) / warmdown
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        batch = train_ids[i * B * (T + 1):(i + 1) * B * (T + 1)].view(B, T + 1)
+        loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optim.step(optimizers)
+        model.zero_grad(set_to_none=True)
+        if i % 50 == 0 or i == steps - 1:
+            print(f"step {i:4d} | loss {loss.item():.4f} | lrm {lrm:.3f} | {time.perf_counter() - t0:.0f}s", flush=True)
+
+    model.eval()
+    windows = val_ids[:16 * (T + 1)].view(16, T + 1)
+    with torch.no_grad():
+        nats = model(windows[:, :-1], windows[:, 1:], loss_reduction="none")
+    nbytes = token_bytes[windows[:, 1:]]
+    bpb = nats.sum().item() / (math.log(2) * nbytes.sum().item())
+    off = (bpb - PARITY_TARGET) / PARITY_TARGET
+    print(f"\nparity: depth {DEPTH}, vocab {VOCAB}, B={B}, T={T}, {steps} steps, NS {optimizers[1].ns_dtype}")
+    print(f"{'':>10} | {'val bpb':>8}\n{'-' * 22}\n{'original':>10} | {PARITY_TARGET:>8.3f}\n{'ours':>10} | {bpb:>8.3f}")
+    print(f"difference {off:+.2%} (must be within 1%)")
+    return {"steps": steps, "bpb": bpb, "original": PARITY_TARGET, "relative_difference": off,
+            "ns_dtype": str(optimizers[1].ns_dtype), "train_seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parity", action="store_true", help="run the loss-parity check instead")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds per set-up")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (3) or parity steps (300)")
+    args = parser.parse_args()
+    if args.repeats < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--repeats and --steps must be >= 1")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.parity:
+        result, out = parity(args.steps or 300), RESULTS / "train_parity.json"
+    else:
+        result, out = throughput(args.repeats, args.steps or 3), RESULTS / "train.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
