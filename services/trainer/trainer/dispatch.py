@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from redis import Redis
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 
@@ -53,7 +54,7 @@ def cancel_tasks(settings: Settings, redis: Redis, job_id: str, nnodes: int, att
     for rank in range(nnodes):
         try:
             rq_job = RqJob.fetch(task_id(job_id, rank, attempt), connection=redis, serializer=JSONSerializer)
-        except Exception:
+        except NoSuchJobError:
             continue
         if rq_job.get_status(refresh=True) in ("queued", "deferred", "scheduled"):
             rq_job.cancel()
