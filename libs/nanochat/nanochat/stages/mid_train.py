@@ -83,12 +83,13 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
     while True:
         if not (options.resume and step == start) and options.eval_every > 0 and step % options.eval_every == 0:
             record_eval(step)
-        if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start):
+        done = max_steps is not None and step >= max_steps
+        if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start) and not done:
             rank_state = {"step": step, "loader": loader.state_dict(), "meter": meter.state_dict(),
                           "history": history, "metrics": metrics}
             save_resumable(options.out, model, tokenizer, build_meta("mid_train", options, "mid", step, metrics),
                            optimizers, rank_state, emitter, step)
-        if max_steps is not None and step >= max_steps:
+        if done:
             break
         batches = list(take(loader, accum))
         if any_rank(len(batches) < accum):
