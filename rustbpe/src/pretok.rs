@@ -57,14 +57,14 @@ impl Splitter {
             Splitter::Automata(re) => {
                 // Every char is a letter, a number, a space or none of these, so a piece starts
                 // wherever the last one ended: an anchored forward search finds it without the
-                // reverse scan an unanchored one needs for the start.
-                let mut cache = re.create_cache();
+                // reverse scan an unanchored one needs for the start. `search` takes a warm cache
+                // from the regex's pool: a fresh one per text would rebuild the lazy DFA each time.
                 let mut input = Input::new(text).anchored(Anchored::Yes);
                 let mut pos = 0;
                 while pos < text.len() {
                     input.set_start(pos);
                     let m = re
-                        .search_with(&mut cache, &input)
+                        .search(&input)
                         .ok_or_else(|| format!("no piece starts at byte {pos} of the text"))?;
                     let mut end = m.end();
                     if is_lookahead_trim(&text[pos..end], &text[end..]) {
