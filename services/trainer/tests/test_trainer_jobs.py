@@ -175,3 +175,20 @@ def test_two_workers_run_a_two_node_job_over_localhost(api, start_worker):
         log = api.get(f"/v1/jobs/{job_id}/logs?node={rank}").text
         assert f"--rdzv-id={job_id}" in log and f"--node-rank={rank}" in log and "exited with code 0" in log
     assert job_processes(job) == []
+
+
+def test_lost_worker_job_is_requeued_when_allowed(settings, start_worker):
+    settings = settings.model_copy(update={"requeue_on_worker_loss": 1})
+    env = {"SLEEPY_STEPS": "10"}
+    with TestClient(create_app(settings)) as api:
+        victim = start_worker(extra_env=env, requeue_on_worker_loss=1, **SLEEPY)
+        job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+        first = wait_progress(api, job_id, worker=victim)
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait()
+        requeued = wait_job(api, job_id, until=("queued",), timeout=30)
+        assert requeued["attempts"] == 1 and "re-queued (attempt 2)" in requeued["error"]
+        assert job_processes(first) == []
+        rescuer = start_worker(extra_env=env, requeue_on_worker_loss=1, **SLEEPY)
+        job = wait_job(api, job_id, timeout=120, worker=rescuer)
+        assert job["status"] == "succeeded" and job["error"] is None and job["attempts"] == 1
