@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from registry_client import RegistryClient
 
-from conftest import AUTH, REGISTRY_TOKEN, TINY_DATA
+from trainer_testlib import AUTH, REGISTRY_TOKEN, TINY_DATA
 
 
 def submit(api, body, headers=None, path="/v1/jobs"):

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from registry_client import RegistryClient
 
-from conftest import AUTH, REGISTRY_TOKEN, TINY_DATA, wait_job, wait_progress
+from trainer_testlib import AUTH, REGISTRY_TOKEN, TINY_DATA, wait_job, wait_progress
 from nanochat_testing.servers import create_database, free_port
 from trainer.api import create_app
 from trainer.procs import job_processes as node_processes, node_tag

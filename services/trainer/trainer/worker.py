@@ -148,7 +148,7 @@ class NodeRun:
             status, error, log_tail = "failed", f"trainer error: {type(e).__name__}: {e}", tail(self.log_path)
         finally:
             beat.stop()
-        finish_node(self.ctx.db, self.job_id, self.rank, self.attempt, status, error, log_tail)
+        finish_node(self.ctx.db, self.job_id, self.rank, self.ctx.name, self.attempt, status, error, log_tail)
         return status
 
     def stop_reason(self) -> str | None:
@@ -345,14 +345,16 @@ class Heartbeat:
                 log.exception("heartbeat of job %s failed", self.job_id)
 
 
-def finish_node(db: Database, job_id: str, node_rank: int, attempt: int, status: str, error: str | None,
-                log_tail: str | None) -> None:
+def finish_node(db: Database, job_id: str, node_rank: int, worker: str, attempt: int, status: str,
+                error: str | None, log_tail: str | None) -> None:
     """Record a node's end; the job ends at its first failed node, or when every node has ended."""
     now = time.time()
     with db.session() as s:
-        # Write first: on SQLite that takes the write lock before we read the other nodes.
+        # Write first: on SQLite that takes the write lock before we read the other nodes. Only
+        # this worker's claim is closed: after a re-queue the row may belong to another worker.
         s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank,
-                                        JobNode.status == "running").values(status=status, error=error))
+                                        JobNode.status == "running", JobNode.worker == worker)
+                  .values(status=status, error=error))
         job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.status in TERMINAL or job.attempts != attempt:
             return
