@@ -25,6 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
+# Bookkeeping a download cache keeps inside a verified folder (registry_client's marker): never
+# part of the checkpoint, so neither listed nor counted as an unexpected file.
+CACHE_FILES = frozenset({".registry-verified.json"})
 
 
 class ManifestError(ValueError):
@@ -42,7 +45,7 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 def _files(folder: Path) -> list[str]:
     rel = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    return sorted(r for r in rel if r != MANIFEST_FILE)
+    return sorted(r for r in rel if r != MANIFEST_FILE and r not in CACHE_FILES)
 
 
 def build_manifest(folder: str | os.PathLike) -> dict:

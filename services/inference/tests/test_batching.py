@@ -1,0 +1,82 @@
+"""Continuous batching behind the API: batch-independent output, disconnects, a full queue."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import start_server, wait_for
+
+
+def test_greedy_alone_equals_greedy_in_a_batch_of_16_mixed_requests(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    targets = [[{"role": "user", "content": q}] for q in ("What is 7*3?", "The lazy dog " * 20, "héllo")]
+
+    def greedy(messages):
+        return client.chat.completions.create(model="nanochat", messages=messages, max_tokens=20,
+                                              temperature=0).choices[0].message.content
+
+    alone = [greedy(m) for m in targets]
+    assert len(set(alone)) == len(alone), "the model must answer different prompts differently"
+
+    def mixed(i):
+        if i < len(targets):
+            return greedy(targets[i])
+        stream = client.chat.completions.create(
+            model="nanochat", messages=[{"role": "user", "content": "Numbers like " * (i % 4 + 1)}],
+            max_tokens=4 + 3 * i, temperature=0.9, extra_body={"top_k": 40}, seed=i, n=1 + i % 2, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(mixed, range(16)))
+    assert results[:len(targets)] == alone
+
+
+def test_disconnect_frees_the_cache_at_once(checkpoints):
+    s = start_server(model_dir=checkpoints["a"], slots=4, max_len=2048)
+    try:
+        s.wait_ready()
+        scheduler = s.manager.current.scheduler
+        body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 2000,
+                "temperature": 1.0, "stream": True}
+        with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            while sum(1 for line in [next(lines)] if line.startswith("data: ")) == 0:
+                pass
+            for _ in range(5):
+                next(lines)
+            assert scheduler.stats().used_slots == 1
+        wait_for(lambda: scheduler.stats().used_slots == 0, what="the slot to be freed")
+        assert scheduler.stats().cache_positions_used == 0
+        metrics = httpx.get(f"{s.url}/metrics").text
+        generated = [line for line in metrics.splitlines() if line.startswith("inference_generation_tokens_total")]
+        assert float(generated[0].split()[-1]) < 2000, "the request ran on instead of being cancelled"
+        assert 'outcome="disconnected"' in metrics
+    finally:
+        s.stop()
+
+
+def test_full_queue_is_429_with_retry_after(checkpoints):
+    s = start_server(model_dir=checkpoints["a"], slots=1, max_waiting=1, max_len=2048)
+    try:
+        s.wait_ready()
+        scheduler = s.manager.current.scheduler
+        body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 2000, "stream": True}
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{s.url}/v1/chat/completions", json=body) as running:
+                wait_for(lambda: scheduler.stats().running == 1, what="the first request to run")
+                with http.stream("POST", f"{s.url}/v1/chat/completions", json=body) as waiting:
+                    assert waiting.status_code == 200
+                    wait_for(lambda: scheduler.stats().waiting == 1, what="the second request to wait")
+                    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
+                    with pytest.raises(openai.RateLimitError) as e:
+                        client.chat.completions.create(model="nanochat", messages=body["messages"])
+                    assert e.value.response.headers["retry-after"] == "1"
+                    assert e.value.code == "queue_full"
+                assert running.status_code == 200 and json.loads(next(running.iter_lines())[6:])["choices"]
+        wait_for(lambda: scheduler.stats().used_slots == 0 and scheduler.stats().waiting == 0,
+                 what="both requests to be cancelled")
+    finally:
+        s.stop()
