@@ -51,6 +51,18 @@ def test_bad_options_are_422_naming_the_field_and_queue_nothing(api):
     assert api.get("/v1/jobs").json()["total"] == 0
 
 
+def test_a_pipeline_becomes_its_stages_with_the_preset_and_overrides(api):
+    r = submit(api, {"pipeline": "speedrun", "preset": "tiny", "options": {"base_train": {"depth": 2}}})
+    assert r.status_code == 202, r.text
+    steps = r.json()["steps"]
+    assert [s["stage"] for s in steps][:4] == ["make_data", "tok_train", "tok_eval", "base_train"]
+    assert len(steps) == 13 and steps[-1]["stage"] == "report"
+    assert steps[1]["options"]["vocab_size"] == 4096 and steps[3]["options"]["depth"] == 2
+    assert steps[3]["options"]["max_seq_len"] == 256 and "data_dir" not in steps[3]["options"]
+    job = api.get(f"/v1/jobs/{r.json()['id']}").json()
+    assert job["pipeline"] == "speedrun" and job["progress"] == 0.0
+
+
 def test_writes_need_the_bearer_token(api):
     assert api.post("/v1/jobs", json={"stage": "make_data"}).status_code == 401
     assert api.post("/v1/jobs", json={"stage": "make_data"}, headers={"Authorization": "Bearer nope"}).status_code == 401

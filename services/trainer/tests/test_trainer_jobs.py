@@ -104,7 +104,24 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
                   if e.get("event") != "end"]
         assert [e["type"] for e in events][0] == "started" and events[-1]["type"] == "finished"
         assert all(e["job_id"] == tok["id"] for e in events)
-        assert api.get("/metrics").text.count('trainer_job_duration_seconds_count{outcome="succeeded"} 2.0') == 1
+
+        # An eval stage reads the registered tokenizer (downloaded, verified) and its metrics are
+        # patched onto that version.
+        ev = api.post("/v1/jobs", json={"stage": "tok_eval", "options": {"max_chars": 5000},
+                                        "input": {"name": name, "stage": "tokenizer"}}, headers=AUTH).json()
+        assert ev["input"] == {"name": name, "version": made["version"], "stage": "tokenizer"}
+        job = wait_job(api, ev["id"], worker=worker)
+        assert job["status"] == "succeeded", job
+        assert job["produced"] == []
+        log = api.get(f"/v1/jobs/{ev['id']}/logs").text
+        assert f"--input-version {name}:{made['version']}" in log
+        with RegistryClient(registry_url, token=REGISTRY_TOKEN, cache_dir=tmp_path / "cache") as rc:
+            patched = rc.get_version(name, made["version"]).metrics
+        finished = [json.loads("\n".join(e["data"])) for e in sse_events(api.get(f"/v1/jobs/{ev['id']}/events").text)
+                    if e.get("event") != "end"][-1]
+        measured = {k: v for k, v in finished["metrics"].items() if isinstance(v, (int, float))}
+        assert measured and all(patched[k] == v for k, v in measured.items())
+        assert api.get("/metrics").text.count('trainer_job_duration_seconds_count{outcome="succeeded"} 3.0') == 1
 
 
 def test_failing_stage_fails_with_its_error_event_and_log_tail(api, start_worker):
