@@ -150,6 +150,8 @@ class DecodeBatch:
 
         Sample i of a prompt whose params carry seed s samples with `row_seed(s, i)`.
         """
+        if not prompts:
+            raise ValueError("no prompts to add")
         prompts = [self.engine.check_prompt(p, self.max_len) for p in prompts]
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)

@@ -208,6 +208,8 @@ def test_bad_input_is_a_clear_error(engine, tok):
     batch = engine.new_batch(capacity=2, max_len=16)
     with pytest.raises(ValueError, match="slots are free"):
         batch.add([prompt], SamplingParams(), num_samples=3)
+    with pytest.raises(ValueError, match="no prompts"):
+        batch.add([], SamplingParams())
     with pytest.raises(ValueError, match="no room"):
         batch.add([[tok.bos_token_id] * 16], SamplingParams())
     with pytest.raises(ValueError, match="tokenizer has"):
