@@ -2,6 +2,7 @@
 
     uv run python bench/train.py [--repeats 3] [--steps 3]    # CPU tokens/s, depth 4, vocab 4,096
     uv run python bench/train.py --parity [--steps 300]       # bits per byte after 300 steps
+    (either with --threads N to fix torch's thread count)
 
 Throughput: a depth-4 model (vocab 4,096) trains with AdamW on every parameter, and with the
 real set-up (Muon for the block matrices, AdamW for embedding and lm_head), at B=8, T=256 and
@@ -163,9 +164,15 @@ def main() -> None:
     parser.add_argument("--parity", action="store_true", help="run the loss-parity check instead")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds per set-up")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round (3) or parity steps (300)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 avoids spin-waiting on a busy machine")
     args = parser.parse_args()
     if args.repeats < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--repeats and --steps must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.parity:
         result, out = parity(args.steps or 300), RESULTS / "train_parity.json"

@@ -13,6 +13,9 @@ Build a model the cheap way (no allocation twice):
     model.to_empty(device=device)
     model.init_weights()
 
+Precision: parameters are fp32 (the embedding bf16 on CUDA); run forward passes under
+`nanochat.common.autocast(device)`, which is bf16 autocast on CUDA and plain fp32 on CPU.
+
 `model(idx, targets)` returns the mean loss (targets -1 are ignored); `loss_reduction="none"`
 gives the per-token loss shaped (B, T) (0 where ignored), for bits-per-byte; `model(idx)` gives
 fp32 logits (B, T, vocab_size). The embedding and lm_head rows are padded up to a multiple of
