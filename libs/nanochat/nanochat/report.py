@@ -152,7 +152,10 @@ def render_report(lineage: Lineage, title: str, png_name: str | None) -> str:
         lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in lineage.durations]
         lines.append(f"| **total** | **{total:.1f}** ({total / 60:.1f} min) |")
     if png_name:
-        legend = ", ".join(f"{s} rgb{COLOURS[s]}" for s in stages if s in COLOURS and lineage.meta.get(s, {}).get("history"))
+        series = loss_series(lineage)
+        legend = ", ".join(f"{s} rgb{COLOURS[s]}" for s in series)
+        values = [v for pts in series.values() for _, v in pts]
+        legend += f"; y axis {min(values):.3f} (bottom) to {max(values):.3f} (top)" if values else ""
         lines += ["", "## Training loss", "", f"![training loss]({png_name})", "",
                   f"Debiased EMA of the training loss per step, the stages one after the other ({legend})."]
     for stage in STAGE_ORDER:
@@ -168,9 +171,10 @@ def render_report(lineage: Lineage, title: str, png_name: str | None) -> str:
 
 
 def loss_series(lineage: Lineage) -> dict[str, list[tuple[float, float]]]:
-    """Each training stage's loss curve, placed one after the other on a shared step axis."""
+    """Each language-model training stage's loss curve, one after the other on a shared step
+    axis (RL's policy-gradient loss is no language-model loss and is left out)."""
     series, offset = {}, 0.0
-    for stage in STAGE_ORDER[1:]:
+    for stage in ("base", "mid", "sft"):
         points = (lineage.meta.get(stage, {}).get("history") or {}).get("train_loss") or []
         if points:
             series[stage] = [(offset + s, v) for s, v in points if v is not None]

@@ -6,7 +6,7 @@
 The mixture (NANOCHAT_SPEC "Data"): SmolTalk + MMLU auxiliary_train + GSM8K train, one pass,
 rendered conversations packed like pretraining and trained on every token (the loss mask is
 ignored, as in the original). `--num-iterations -1` runs the whole pass; a positive value stops
-there (or earlier when the data runs out). Validation bits-per-byte on SmolTalk/MMLU/GSM8K test.
+there (or earlier when the data runs out). Validation bits-per-byte on SmolTalk/MMLU/GSM8K test (`mixture_val_bpb`).
 
 Schedule: Muon momentum 0.85 -> 0.95 over 300 steps as in base, no gradient clipping, and the
 base LR shape: constant, then linear warm-down over the last `--warmdown-ratio` of the run.
@@ -74,9 +74,9 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
     def record_eval(at: int) -> None:
         bpb = val_bpb()
         history["val_bpb"].append([at, bpb])
-        metrics.setdefault("val_bpb_step0", bpb)
-        metrics["val_bpb"] = bpb
-        emitter.eval("val_bpb", bpb, version)
+        metrics.setdefault("mixture_val_bpb_step0", bpb)
+        metrics["mixture_val_bpb"] = bpb
+        emitter.eval("mixture_val_bpb", bpb, version)
         log(f"step {at}: val bpb {bpb:.4f}")
 
     start = step
