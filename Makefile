@@ -4,7 +4,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_PYTHON ?= 3.11
 
-.PHONY: setup test test-fast bench-tokenizer up clean
+.PHONY: setup test test-fast bench-tokenizer speedrun-tiny up clean
 
 # uv itself comes from PyPI when missing; `uv sync` then builds the venv, the Rust extension
 # (maturin, rebuilt only when its sources change) and every workspace member from the lock file.
@@ -37,6 +37,10 @@ test-fast:
 
 bench-tokenizer: setup
 	$(UV) run --locked python bench/tokenizer.py
+
+# The whole speedrun pipeline on this CPU with the tiny preset (report: runs/speedrun-tiny/report/).
+speedrun-tiny: setup
+	$(UV) run --locked bash libs/nanochat/scripts/speedrun_tiny.sh runs/speedrun-tiny
 
 up: setup
 	@echo "make up will start every service locally (registry, trainer, inference, web UI) once the stack lands; today it only sets up the environment."
