@@ -92,9 +92,11 @@ fn is_lookahead_trim(piece: &str, rest: &str) -> bool {
 }
 
 /// Cut points that split `text` into roughly `parts` segments, each ending a piece of the
-/// sequential scan: just after a `\n` that a non-space ASCII byte follows. No match can run from
-/// the `\n` into that byte (every alternative that takes `\n` ends with it or with more `\r\n`),
-/// and no alternative looks behind, so the pieces on either side are the same as in one pass.
+/// sequential scan: just after a `\n` that a non-space char follows. No match can run from the
+/// `\n` into that char (every alternative that takes `\n` ends with it or with more `\r\n`, and
+/// whitespace runs stop at a non-space), and no alternative looks behind, so the pieces on either
+/// side are the same as in one pass. "Space" is Unicode White_Space, as `\s` means: `\x0b` after
+/// the `\n` could continue a `\s*[\r\n]` run.
 pub fn safe_cuts(text: &str, parts: usize) -> Vec<usize> {
     let bytes = text.as_bytes();
     let mut cuts = vec![0];
@@ -102,12 +104,14 @@ pub fn safe_cuts(text: &str, parts: usize) -> Vec<usize> {
         let step = (bytes.len() / parts).max(MIN_SEGMENT);
         let mut target = step;
         while target < bytes.len() {
-            let found = bytes[target..].windows(2).position(|w| {
-                w[0] == b'\n' && w[1].is_ascii() && !w[1].is_ascii_whitespace()
-            });
+            let found = bytes[target..]
+                .iter()
+                .enumerate()
+                .filter(|&(_, &b)| b == b'\n')
+                .map(|(offset, _)| target + offset + 1)
+                .find(|&cut| text[cut..].chars().next().is_some_and(|c| !c.is_whitespace()));
             match found {
-                Some(offset) => {
-                    let cut = target + offset + 1;
+                Some(cut) => {
                     cuts.push(cut);
                     target = cut + step;
                 }
@@ -215,9 +219,21 @@ mod tests {
 
     #[test]
     fn cut_random_text_gives_the_same_pieces_as_one_pass() {
-        let text: String = random_texts(40_000, 12).join("\nx");
+        // Lines that start with any char of the alphabet: spaces, `\x0b`, `\r`, letters, marks.
+        let text: String = random_texts(40_000, 12).join("\n");
         let splitter = Splitter::new(DEFAULT_PATTERN).unwrap();
         let segments = splitter.segments(&text, 16);
+        assert!(segments.len() > 3, "a big text should be cut");
+        let pieces: Vec<String> = segments.iter().flat_map(|s| split_with(&splitter, s)).collect();
+        assert_eq!(pieces, reference(&text));
+    }
+
+    #[test]
+    fn cuts_never_split_a_space_run_that_ends_in_a_newline() {
+        // `\n\x0b\n` is one `\s*[\r\n]` piece: the `\n` before `\x0b` is no place to cut.
+        let text = "word\n\x0b\n".repeat(50_000);
+        let splitter = Splitter::new(DEFAULT_PATTERN).unwrap();
+        let segments = splitter.segments(&text, 8);
         assert!(segments.len() > 3, "a big text should be cut");
         let pieces: Vec<String> = segments.iter().flat_map(|s| split_with(&splitter, s)).collect();
         assert_eq!(pieces, reference(&text));
