@@ -97,7 +97,8 @@ def make_registry(settings: Settings) -> core.Registry:
     migrate(engine)
     if settings.blob_backend == "s3":
         blobs = S3Blobs.connect(settings.s3_endpoint, settings.s3_bucket, settings.s3_access_key,
-                                settings.s3_secret_key, settings.s3_region, settings.s3_prefix, settings.s3_part_size)
+                                settings.s3_secret_key, settings.s3_region, settings.s3_prefix, settings.s3_part_size,
+                                settings.s3_parts_in_flight, settings.data_dir / "spool")
         blobs.ensure_bucket()
     else:
         blobs = LocalBlobs(settings.resolved_blob_dir())

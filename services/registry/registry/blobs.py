@@ -4,17 +4,18 @@
 `<prefix>ab/abcdef...` objects in a bucket (boto3; MinIO, AWS S3, moto). Writers hash while they
 write and publish the blob only when size and sha256 match what was declared, so a broken or
 dishonest upload never lands under a name it does not hash to. Memory stays flat in the file
-size: local writes stream to a temp file, S3 writes send one multipart part at a time.
+size: local writes stream to a temp file; S3 writes spool each multipart part to a temp file and
+send a bounded number of parts concurrently in the background.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol
 
@@ -139,12 +140,20 @@ class _LocalWriter:
 
 
 class S3Blobs:
-    def __init__(self, client, bucket: str, prefix: str = "blobs/", part_size: int = 16 * 1024 * 1024):
+    def __init__(self, client, bucket: str, prefix: str = "blobs/", part_size: int = 16 * 1024 * 1024,
+                 parts_in_flight: int = 4, spool_dir: Path | None = None):
         self.s3, self.bucket, self.prefix, self.part_size = client, bucket, prefix, part_size
+        self.parts_in_flight = max(1, parts_in_flight)
+        self.spool_dir = spool_dir
+        if spool_dir is not None:
+            Path(spool_dir).mkdir(parents=True, exist_ok=True)
+        # Shared by every upload; each writer bounds its own parts in flight, so a busy pool only queues.
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="s3-parts")
 
     @classmethod
     def connect(cls, endpoint: str | None, bucket: str, access_key: str | None, secret_key: str | None,
-                region: str, prefix: str, part_size: int) -> "S3Blobs":
+                region: str, prefix: str, part_size: int, parts_in_flight: int = 4,
+                spool_dir: Path | None = None) -> "S3Blobs":
         import boto3
         from botocore.config import Config
 
@@ -154,7 +163,7 @@ class S3Blobs:
             config=Config(max_pool_connections=32, retries={"max_attempts": 3, "mode": "standard"},
                           s3={"addressing_style": "path"}),
         )
-        return cls(client, bucket, prefix, part_size)
+        return cls(client, bucket, prefix, part_size, parts_in_flight, spool_dir)
 
     def key(self, sha256: str) -> str:
         return f"{self.prefix}{sha256[:2]}/{sha256}"
@@ -209,51 +218,94 @@ class S3Blobs:
 
 
 class _S3Writer:
-    """Small blobs go up in one PUT; bigger ones as a multipart upload, one buffered part at a time."""
+    """Small blobs go up in one PUT; bigger ones as a multipart upload whose parts are sent in the
+    background while the next ones arrive. A part is spooled to an unnamed temp file (gone with
+    the process, whatever happens), so disk use is part size x (parts in flight + 1) and memory
+    stays a few chunks, whatever the part size and file size."""
 
     def __init__(self, store: S3Blobs, sha256: str, size: int):
-        self.store, self.key = store, store.key(sha256)
+        self.store, self.key, self.size = store, store.key(sha256), size
         self.hasher = _Hasher(sha256, size)
-        # A BytesIO goes to boto3 as the part body as it is: no second copy of a part in memory.
-        self.buf = io.BytesIO()
+        self.spool = self._new_spool()
+        self.spooled = self.written = 0
         self.upload_id: str | None = None
+        self.in_flight: set[Future] = set()
         self.parts: list[dict] = []
+
+    def _new_spool(self):
+        return tempfile.TemporaryFile(dir=self.store.spool_dir)
+
+    def _send_part(self, number: int, spool) -> dict:
+        try:
+            spool.seek(0)
+            r = self.store.s3.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                                          PartNumber=number, Body=spool)
+            return {"PartNumber": number, "ETag": r["ETag"]}
+        finally:
+            spool.close()
+
+    def _collect(self, block: bool) -> None:
+        """Record finished parts (waiting for one when `block`); a failed part raises here."""
+        if block and self.in_flight:
+            done, _ = wait(self.in_flight, return_when=FIRST_COMPLETED)
+        else:
+            done = {f for f in self.in_flight if f.done()}
+        for f in done:
+            self.in_flight.discard(f)
+            self.parts.append(f.result())
 
     def _flush_part(self) -> None:
         s3 = self.store.s3
         if self.upload_id is None:
             self.upload_id = s3.create_multipart_upload(Bucket=self.store.bucket, Key=self.key)["UploadId"]
-        number = len(self.parts) + 1
-        self.buf.seek(0)
-        r = s3.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
-                           Body=self.buf)
-        self.parts.append({"PartNumber": number, "ETag": r["ETag"]})
-        self.buf = io.BytesIO()
+        self._collect(block=False)
+        while len(self.in_flight) >= self.store.parts_in_flight:
+            self._collect(block=True)
+        number = len(self.parts) + len(self.in_flight) + 1
+        spool, self.spool, self.spooled = self.spool, self._new_spool(), 0
+        self.in_flight.add(self.store.pool.submit(self._send_part, number, spool))
 
     def write(self, data: bytes) -> None:
         self.hasher.update(data)
-        self.buf.write(data)
-        if self.buf.tell() >= self.store.part_size:
-            self._flush_part()
+        view = memoryview(data)
+        while view:
+            # Parts are cut at exact multiples of the part size (S3 wants all but the last >= 5 MiB).
+            take = min(len(view), self.store.part_size - self.spooled)
+            self.spool.write(view[:take])
+            self.spooled += take
+            self.written += take
+            view = view[take:]
+            # A full last part waits for finish(): a file of exactly one part goes up in one PUT.
+            if self.spooled == self.store.part_size and self.written < self.size:
+                self._flush_part()
 
     def finish(self) -> None:
         s3 = self.store.s3
         try:
             self.hasher.verify()
             if self.upload_id is None:
-                self.buf.seek(0)
-                s3.put_object(Bucket=self.store.bucket, Key=self.key, Body=self.buf)
+                self.spool.seek(0)
+                s3.put_object(Bucket=self.store.bucket, Key=self.key, Body=self.spool)
+                self.spool.close()
             else:
-                if self.buf.tell():
+                if self.spooled:
                     self._flush_part()
+                while self.in_flight:
+                    self._collect(block=True)
+                parts = sorted(self.parts, key=lambda p: p["PartNumber"])
                 s3.complete_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                                             MultipartUpload={"Parts": self.parts})
+                                             MultipartUpload={"Parts": parts})
         except BaseException:
             self.abort()
             raise
 
     def abort(self) -> None:
-        self.buf = io.BytesIO()
+        self.spool.close()
+        for f in self.in_flight:
+            f.cancel()
+        # Parts still being sent would outlive an abort issued now; wait for them first.
+        wait(self.in_flight)
+        self.in_flight.clear()
         if self.upload_id is not None:
             try:
                 self.store.s3.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id)

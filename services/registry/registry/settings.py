@@ -33,8 +33,10 @@ class Settings(BaseSettings):
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
     s3_prefix: str = "blobs/"
-    # Through-server uploads into S3 buffer one part at a time: memory is part size x uploads.
-    s3_part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # Through-server uploads into S3 spool parts to <data_dir>/spool and send up to
+    # `s3_parts_in_flight` of them at once: disk per upload is part size x (parts in flight + 1).
+    s3_part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
+    s3_parts_in_flight: int = Field(default=4, ge=1, le=32)
     presign_expiry_s: int = Field(default=3600, ge=60)
     redis_url: str | None = None
     events_channel: str = "nanochat:events"

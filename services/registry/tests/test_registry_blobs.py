@@ -1,0 +1,100 @@
+"""S3 blob writer against moto's S3 server: parts go up concurrently, bounded, in order; a failed
+part or wrong bytes abort the multipart upload and leave no object behind."""
+
+import hashlib
+import os
+import threading
+import uuid
+
+import boto3
+import pytest
+
+from registry.blobs import BlobMismatch, S3Blobs
+
+MiB = 1024 * 1024
+
+
+class CountingS3:
+    """A boto3 client whose upload_part records how many calls run at once; the first `meet`
+    calls wait for each other, so a writer that sends parts one at a time fails here."""
+
+    def __init__(self, client, meet: int, fail_part: int | None = None):
+        self.client, self.fail_part = client, fail_part
+        self.barrier = threading.Barrier(meet, timeout=30) if meet > 1 else None
+        self.lock, self.active, self.max_active, self.calls = threading.Lock(), 0, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def upload_part(self, **kw):
+        with self.lock:
+            self.active += 1
+            self.calls += 1
+            call, self.max_active = self.calls, max(self.max_active, self.active)
+        try:
+            if self.barrier is not None and call <= self.barrier.parties:
+                self.barrier.wait()
+            if kw["PartNumber"] == self.fail_part:
+                raise ConnectionError("S3 went away")
+            return self.client.upload_part(**kw)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.fixture
+def s3(s3_server):
+    client = boto3.client("s3", endpoint_url=s3_server.url, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    bucket = f"blobs-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    return client, bucket
+
+
+def store_over(client, bucket, tmp_path, in_flight):
+    return S3Blobs(client, bucket, part_size=5 * MiB, parts_in_flight=in_flight, spool_dir=tmp_path / "spool")
+
+
+def write_all(writer, data, chunk=1 * MiB + 7):
+    for i in range(0, len(data), chunk):
+        writer.write(data[i:i + chunk])
+    writer.finish()
+
+
+def test_parts_go_up_concurrently_bounded_and_reassemble_in_order(s3, tmp_path):
+    client, bucket = s3
+    counting = CountingS3(client, meet=2)
+    store = store_over(counting, bucket, tmp_path, in_flight=2)
+    data = os.urandom(5 * 5 * MiB + 123)
+    sha = hashlib.sha256(data).hexdigest()
+    write_all(store.writer(sha, len(data)), data)
+    assert counting.calls == 6 and counting.max_active == 2
+    assert b"".join(store.read(sha)) == data
+    assert not os.listdir(tmp_path / "spool")  # spooled parts live in unnamed temp files
+
+
+def test_a_failed_part_aborts_the_multipart_upload(s3, tmp_path):
+    client, bucket = s3
+    store = store_over(CountingS3(client, meet=1, fail_part=2), bucket, tmp_path, in_flight=3)
+    data = os.urandom(4 * 5 * MiB)
+    sha = hashlib.sha256(data).hexdigest()
+    writer = store.writer(sha, len(data))
+    with pytest.raises(ConnectionError):
+        try:
+            write_all(writer, data)
+        except BaseException:
+            writer.abort()  # what the HTTP layer does with any error
+            raise
+    assert store.size(sha) is None
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_wrong_bytes_publish_nothing(s3, tmp_path):
+    client, bucket = s3
+    store = store_over(client, bucket, tmp_path, in_flight=2)
+    data = os.urandom(12 * MiB)
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(BlobMismatch, match="sha256"):
+        write_all(store.writer(sha, len(data)), data[:-1] + bytes([data[-1] ^ 1]))
+    assert store.size(sha) is None
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
