@@ -1,0 +1,138 @@
+"""The model stages' shared pieces and their CLI contract, in process: schedules, the progress
+meter, bits-per-byte, the PNG writer, and option errors (exit 2 naming the field)."""
+
+import contextlib
+import json
+import math
+import struct
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.report import write_png
+from nanochat.stages.base_eval import base_eval
+from nanochat.stages.base_loss import base_loss
+from nanochat.stages.base_train import base_train
+from nanochat.stages.chat_eval import chat_eval
+from nanochat.stages.chat_rl import chat_rl
+from nanochat.stages.chat_sft import chat_sft
+from nanochat.stages.cli import run_stage
+from nanochat.stages.events import parse_events
+from nanochat.stages.mid_train import mid_train
+from nanochat.stages.report import report
+from nanochat.stages.train_loop import ProgressMeter, evaluate_bpb, linear_decay, muon_momentum, warmdown_lr
+
+
+def test_base_schedule_is_constant_then_warms_down_to_zero():
+    assert warmdown_lr(0.0) == 1.0
+    assert warmdown_lr(0.79) == 1.0
+    assert warmdown_lr(0.9) == pytest.approx(0.5)
+    assert warmdown_lr(1.0) == pytest.approx(0.0)
+    assert warmdown_lr(1.0, final_lr_frac=0.1) == pytest.approx(0.1)
+    assert warmdown_lr(0.05, warmup_ratio=0.1) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_muon_momentum_ramps_over_300_steps_and_sft_decays_linearly():
+    assert muon_momentum(0) == pytest.approx(0.85)
+    assert muon_momentum(150) == pytest.approx(0.90)
+    assert muon_momentum(300) == pytest.approx(0.95)
+    assert muon_momentum(10_000) == pytest.approx(0.95)
+    assert [linear_decay(s, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_progress_meter_debiases_the_ema_and_counts_every_token():
+    meter = ProgressMeter(total_steps=10, flops_per_token=100.0, peak=1e6, world_size=2)
+    first = meter.update(0, loss=4.0, tokens=2000, seconds=0.5)
+    assert first["loss"] == pytest.approx(4.0)  # debiased: the first value is the loss itself
+    assert first["tok_per_s"] == pytest.approx(4000.0)
+    assert first["mfu"] == pytest.approx(100.0 * 4000.0 / 2e6)
+    second = meter.update(1, loss=2.0, tokens=2000, seconds=0.5)
+    assert second["loss"] == pytest.approx((0.9 * 0.1 * 4.0 + 0.1 * 2.0) / (1 - 0.9 ** 2))
+    assert second["eta_s"] == pytest.approx(8 * 0.5)
+    resumed = ProgressMeter(10, None, None, 1, state=meter.state_dict())
+    assert resumed.update(2, 3.0, 10, 1.0)["mfu"] is None
+
+
+def test_bits_per_byte_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.1)
+    token_bytes = torch.randint(0, 4, (50,))
+    x = torch.randint(0, 50, (3, 16))
+    y = torch.randint(0, 50, (3, 16))
+    y[0, :4] = -1
+    got = evaluate_bpb(model, [(x, y)], token_bytes, contextlib.nullcontext())
+    with torch.no_grad():
+        logits = model(x)
+    nats = bytes_ = 0.0
+    for b in range(3):
+        for t in range(16):
+            target = int(y[b, t])
+            if target >= 0 and token_bytes[target] > 0:
+                nats += float(F.cross_entropy(logits[b, t][None], torch.tensor([target])))
+                bytes_ += int(token_bytes[target])
+    assert got == pytest.approx(nats / (math.log(2) * bytes_), rel=1e-6)
+
+
+def test_png_writer_makes_a_valid_image(tmp_path):
+    path = write_png(tmp_path / "loss.png", {"base": [(0, 5.0), (10, 3.0), (20, 2.5)], "mid": [(20, 2.0), (30, 1.5)]},
+                     width=120, height=100)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    assert (kind, width, height, depth, colour) == (b"IHDR", 120, 100, 8, 2)
+    idat_at = data.index(b"IDAT")
+    (idat_len,) = struct.unpack(">I", data[idat_at - 4:idat_at])
+    raw = zlib.decompress(data[idat_at + 4:idat_at + 4 + idat_len])
+    assert len(raw) == 100 * (1 + 120 * 3)
+    rows = [raw[r * 361 + 1:(r + 1) * 361] for r in range(100)]
+    pixels = {row[i:i + 3] for row in rows for i in range(0, len(row), 3)}
+    assert {bytes((31, 119, 180)), bytes((255, 127, 14)), bytes((0, 0, 0))} <= pixels  # both curves and the frame
+
+
+BAD_OPTIONS = [
+    ("base_train", base_train, ["--depth", "0"], "--depth"),
+    ("base_loss", base_loss, ["--split-tokens", "0"], "--split-tokens"),
+    ("base_eval", base_eval, ["--max-per-task", "-5"], "--max-per-task"),
+    ("mid_train", mid_train, ["--total-batch-size", "zero"], "--total-batch-size"),
+    ("chat_sft", chat_sft, ["--init-lr-frac", "0"], "--init-lr-frac"),
+    ("chat_rl", chat_rl, ["--num-samples", "0"], "--num-samples"),
+    ("chat_eval", chat_eval, ["--tasks", "Nope"], "--tasks"),
+    ("report", report, ["--title", "x" * 300], "--title"),
+]
+
+
+@pytest.mark.parametrize("stage,body,argv,field", BAD_OPTIONS, ids=[b[0] for b in BAD_OPTIONS])
+def test_bad_option_exits_2_naming_the_field(stage, body, argv, field, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(stage, body, argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert field in err and len(err.strip().splitlines()) == 1
+    events = list(parse_events(out.splitlines()))
+    assert [e.type for e in events] == ["error"] and field in events[0].message
+
+
+@pytest.mark.parametrize("stage,body", [("base_train", base_train), ("mid_train", mid_train), ("chat_sft", chat_sft),
+                                        ("chat_rl", chat_rl), ("report", report)])
+def test_missing_out_is_an_error_event_and_exit_1(stage, body, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(stage, body, ["--init-from", str(tmp_path)])
+    assert exit_info.value.code == 1
+    events = list(parse_events(capsys.readouterr().out.splitlines()))
+    assert [e.type for e in events] == ["started", "error"]
+    assert "--out" in events[-1].message
+
+
+def test_eval_stage_on_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("base_loss", base_loss, ["--init-from", str(tmp_path / "nope")])
+    assert exit_info.value.code == 1
+    events = list(parse_events(capsys.readouterr().out.splitlines()))
+    assert events[-1].type == "error" and "does not exist" in events[-1].message
+    assert json.loads(events[-1].model_dump_json())["type"] == "error"
