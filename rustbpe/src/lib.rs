@@ -100,12 +100,8 @@ impl Tokenizer {
             if buffer.is_empty() {
                 break;
             }
-            let partial = py
-                .detach(|| count_pieces(&splitter, &buffer))
+            py.detach(|| count_pieces(&splitter, &buffer, &mut counts))
                 .map_err(PyRuntimeError::new_err)?;
-            for (piece, n) in partial {
-                *counts.entry(piece).or_insert(0) += n;
-            }
         }
 
         let vocab = py.detach(|| {

@@ -124,21 +124,21 @@ pub fn safe_cuts(text: &str, parts: usize) -> Vec<usize> {
     cuts
 }
 
-/// Count the pieces of many texts (each text split on its own, big ones cut into segments) in
-/// parallel; the result does not depend on the number of threads.
-pub fn count_pieces(splitter: &Splitter, texts: &[String]) -> Result<AHashMap<String, i64>, String> {
+/// Add the pieces of many texts (each text split on its own, big ones cut into segments) to
+/// `total`, counting in parallel; the result does not depend on the number of threads.
+pub fn count_pieces(splitter: &Splitter, texts: &[String], total: &mut AHashMap<String, i64>) -> Result<(), String> {
     let parts = rayon::current_num_threads() * 4;
     let segments: Vec<&str> = texts.iter().flat_map(|t| splitter.segments(t, parts)).collect();
-    let partials: Result<Vec<AHashMap<&str, i64>>, String> = segments
+    // One map per rayon job rather than per segment: a buffer of small documents would otherwise
+    // allocate and merge thousands of tiny maps.
+    let partials = segments
         .par_iter()
-        .map(|segment| {
-            let mut counts: AHashMap<&str, i64> = AHashMap::new();
+        .try_fold(AHashMap::<&str, i64>::new, |mut counts, segment| {
             splitter.pieces(segment, |piece| *counts.entry(piece).or_insert(0) += 1)?;
-            Ok(counts)
+            Ok::<_, String>(counts)
         })
-        .collect();
-    let mut total: AHashMap<String, i64> = AHashMap::new();
-    for partial in partials? {
+        .collect::<Result<Vec<_>, String>>()?;
+    for partial in partials {
         for (piece, n) in partial {
             match total.get_mut(piece) {
                 Some(c) => *c += n,
@@ -148,7 +148,7 @@ pub fn count_pieces(splitter: &Splitter, texts: &[String]) -> Result<AHashMap<St
             }
         }
     }
-    Ok(total)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -237,6 +237,21 @@ mod tests {
         assert!(segments.len() > 3, "a big text should be cut");
         let pieces: Vec<String> = segments.iter().flat_map(|s| split_with(&splitter, s)).collect();
         assert_eq!(pieces, reference(&text));
+    }
+
+    #[test]
+    fn count_pieces_counts_every_piece_of_every_text() {
+        let mut texts = random_texts(2000, 30);
+        texts.push("a line, and\n  another one 42\n".repeat(10_000));
+        let mut total = AHashMap::new();
+        count_pieces(&Splitter::new(DEFAULT_PATTERN).unwrap(), &texts, &mut total).unwrap();
+        let mut expected: AHashMap<String, i64> = AHashMap::new();
+        for text in &texts {
+            for piece in reference(text) {
+                *expected.entry(piece).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(total, expected);
     }
 
     #[test]
