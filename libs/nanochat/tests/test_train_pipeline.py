@@ -109,7 +109,7 @@ def test_sigterm_leaves_no_half_folder_and_resume_equals_an_uninterrupted_run(st
 def test_short_chain_lowers_bpb_and_writes_the_report(workdir):
     root, data = workdir, str(workdir / "data")
     base = root / "chain_base"
-    events = run("base_train", *MODEL, "--data-dir", data, "--init-from", str(root / "tok"), "--out", str(base),
+    events = run("base_train", *MODEL, "--total-batch-size", "128", "--data-dir", data, "--init-from", str(root / "tok"), "--out", str(base),
                  "--num-iterations", "60", "--eval-every", "30", "--eval-tokens", "512", "--core-metric-every", "-1",
                  "--job-id", "job-7", "--input-version", "tok:1", torchrun=True)
     metrics = events[-1].metrics

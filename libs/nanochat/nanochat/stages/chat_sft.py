@@ -102,7 +102,10 @@ def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[
             for _ in range(accum):
                 x, y = next(loader)
                 with ctx:
-                    loss = model(x, y)
+                    losses = model(x, y, loss_reduction="none")
+                # Summed over the trained tokens and divided by their count, so a batch whose
+                # assistant turns were all truncated away adds nothing instead of NaN.
+                loss = losses.sum() / max(1, int((y >= 0).sum()))
                 (loss / accum).backward()
                 total_loss += loss.item() / accum
                 tokens += x.numel()
