@@ -1,0 +1,293 @@
+"""Serving benchmark: our continuous-batching server vs a naive one-request-at-a-time baseline.
+
+    uv run python bench/serve.py                      # depth 4, concurrency 1 4 16 64
+    uv run python bench/serve.py --depth 20 --device cuda --vocab 65536
+
+Builds a random-weight model (perturbed, so prompts give different outputs) with a tokenizer
+trained on this repository's own text, saves it as a checkpoint folder, then for each server in
+turn starts it as its own process and replays the same chat workload at each concurrency: fixed
+prompts, greedy, up to `--max-tokens` output tokens (the same tokens on both servers, as greedy
+output does not depend on the batch). The baseline is the seed's design: the plain `Engine`
+streaming inside the HTTP event loop, one request at a time. At concurrency c, c clients send
+one request each at once (c=1: three runs, the median reported); meanwhile a pinger GETs
+/health every 20 ms. Printed per server and concurrency: output tok/s (all tokens / wall
+time), TTFT p50/p99 (request sent -> first content delta), inter-token latency p50/p99, /health
+p99, errors (429s apart). Results go to bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import codecs
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Explain what a hash map is.", "Write a haiku about the sea.", "What is 7*3?",
+    "Give me three tips for learning Python.", "Why is the sky blue?", "Summarise the plot of Hamlet.",
+    "How do I reverse a list in Python?", "Tell me a joke about computers.",
+]
+
+
+def build_checkpoint(folder: Path, depth: int, vocab: int, sequence_len: int) -> Path:
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+
+    texts = [p.read_text(errors="ignore") for p in sorted(ROOT.glob("libs/**/*.py")) + sorted(ROOT.glob("*.md"))]
+    tok = Tokenizer.train_from_iterator(texts, vocab_size=vocab)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(depth, tok.vocab_size, sequence_len))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_checkpoint(folder, model, tok, meta={"stage": "sft"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the baseline server: the plain engine in the event loop, one request at a time -----------
+
+def baseline_app(folder: str, device: str) -> FastAPI:
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.engine import Engine
+
+    ckpt = load_checkpoint(folder, device=device)
+    engine = Engine(ckpt.model, ckpt.tokenizer)
+    app = FastAPI()
+    lock = asyncio.Lock()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        prompt = engine.tokenizer.render_for_completion({"messages": body["messages"]})
+
+        async def events():
+            async with lock:
+                yield 'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
+                utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                for tokens, _ in engine.generate(prompt, max_tokens=body["max_tokens"], temperature=0.0):
+                    token = tokens[0]
+                    if token is None or token in engine.stop_tokens:
+                        continue
+                    text = utf8.decode(engine.tokenizer.decode_bytes([token]))
+                    if not text:
+                        continue
+                    yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': text}}]})}\n\n"
+                yield 'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def start_server(kind: str, folder: Path, port: int, device: str, slots: int) -> subprocess.Popen:
+    env = dict(os.environ)
+    if kind == "ours":
+        env.update(INFERENCE_MODEL_DIR=str(folder), INFERENCE_PORT=str(port), INFERENCE_SLOTS=str(slots),
+                   INFERENCE_MAX_WAITING="16", INFERENCE_LOG_LEVEL="WARNING", INFERENCE_DEVICE=device)
+        cmd = [sys.executable, "-m", "inference"]
+    else:
+        cmd = [sys.executable, __file__, "--baseline-server", str(folder), "--port", str(port), "--device", device]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+
+
+async def wait_up(url: str, path: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() < deadline:
+            try:
+                if (await http.get(url + path)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url}{path} did not answer 200 within {timeout} s")
+
+
+# ---- the client ---------------------------------------------------------------------------------
+
+async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "nanochat", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    stamps, status, error = [], None, None
+    try:
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            status = r.status_code
+            if status != 200:
+                await r.aread()
+                return {"status": status, "stamps": [], "start": start}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"]
+                    break
+                if event["choices"] and event["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+    except httpx.HTTPError as e:
+        error = repr(e)
+    return {"status": status, "stamps": stamps, "start": start, "error": error}
+
+
+async def ping_health(http: httpx.AsyncClient, url: str, stop: asyncio.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        try:
+            await http.get(f"{url}/health")
+            out.append(time.perf_counter() - t)
+        except httpx.HTTPError:
+            out.append(float("inf"))
+        await asyncio.sleep(0.02)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http, \
+            httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as health_http:
+        stop, health = asyncio.Event(), []
+        pinger = asyncio.create_task(ping_health(health_http, url, stop, health))
+        queue = list(range(requests))
+        results = []
+
+        async def worker():
+            while queue:
+                i = queue.pop()
+                results.append(await one_request(http, url, PROMPTS[i % len(PROMPTS)], max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        stop.set()
+        await pinger
+    ok = [r for r in results if r["status"] == 200 and not r.get("error")]
+    tokens = sum(len(r["stamps"]) for r in ok)
+    ttft = [r["stamps"][0] - r["start"] for r in ok if r["stamps"]]
+    itl = [b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:])]
+    return {
+        "concurrency": concurrency, "requests": requests, "output_tokens": tokens, "wall_s": wall,
+        "tok_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
+        "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99), "health_p99": pct(health, 0.99),
+        "health_max": max(health, default=float("nan")),
+        "errors": sum(1 for r in results if r not in ok and r["status"] != 429),
+        "rejected_429": sum(1 for r in results if r["status"] == 429),
+    }
+
+
+async def bench_server(kind: str, folder: Path, args) -> list[dict]:
+    port = free_port()
+    proc = start_server(kind, folder, port, args.device, args.slots)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # The baseline loads its model before it listens; ours listens first and loads beside.
+        await wait_up(url, "/ready" if kind == "ours" else "/health")
+        async with httpx.AsyncClient(timeout=600) as http:  # warm-up: first-call allocations, lazy inits
+            await one_request(http, url, PROMPTS[0], 8)
+        rows = []
+        levels = [c for c in args.concurrency if kind == "ours" or c <= args.baseline_max_concurrency]
+        for c in levels:
+            runs = [await run_level(url, c, c, args.max_tokens)
+                    for _ in range(3 if c == 1 else 1)]
+            row = sorted(runs, key=lambda r: r["tok_per_s"])[len(runs) // 2]  # the median run
+            row["server"] = kind
+            rows.append(row)
+            print(f"  {kind:8s} c={c:<3d} {row['tok_per_s']:8.1f} tok/s  ttft p50 {row['ttft_p50']:.3f}s", flush=True)
+        return rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:  # the baseline does not stop in the middle of a generation
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192, help="tokenizer vocab incl. the 9 specials")
+    parser.add_argument("--sequence-len", type=int, default=2048)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--baseline-max-concurrency", type=int, default=1 << 30,
+                        help="skip the baseline above this concurrency (it serves one request at a time, "
+                             "so its tok/s stays flat while a level of c requests takes c times as long)")
+    parser.add_argument("--baseline-server", metavar="FOLDER", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        import uvicorn
+
+        uvicorn.run(baseline_app(args.baseline_server, args.device), host="127.0.0.1", port=args.port,
+                    log_level="warning")
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_checkpoint(Path(tmp) / "model", args.depth, args.vocab, args.sequence_len)
+        rows = []
+        for kind in ("baseline", "ours"):
+            print(f"benchmarking {kind} ...", flush=True)
+            rows += asyncio.run(bench_server(kind, folder, args))
+
+    print(f"\ndepth {args.depth}, vocab {args.vocab} (incl. 9 specials), random weights, greedy, up to "
+          f"{args.max_tokens} output tokens, {args.slots} slots, device {args.device}, {platform.processor() or platform.machine()}")
+    header = (f"{'server':8s} {'conc':>4s} {'reqs':>4s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
+              f"{'ITL p50':>8s} {'ITL p99':>8s} {'health p99':>10s} {'errors':>6s} {'429':>4s}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['server']:8s} {r['concurrency']:4d} {r['requests']:4d} {r['tok_per_s']:8.1f} "
+              f"{r['ttft_p50']:8.3f}s {r['ttft_p99']:8.3f}s {r['itl_p50'] * 1000:6.1f}ms {r['itl_p99'] * 1000:6.1f}ms "
+              f"{r['health_p99'] * 1000:8.1f}ms {r['errors']:6d} {r['rejected_429']:4d}")
+    base = {r["concurrency"]: r for r in rows if r["server"] == "baseline"}
+    for r in rows:
+        if r["server"] == "ours" and r["concurrency"] in base and base[r["concurrency"]]["tok_per_s"] > 0:
+            print(f"concurrency {r['concurrency']:3d}: ours / baseline output tok/s = "
+                  f"{r['tok_per_s'] / base[r['concurrency']]['tok_per_s']:.2f}x")
+    out = ROOT / "bench" / "results" / "serve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("baseline_server", "port")},
+                               "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
