@@ -2,6 +2,7 @@
 
     uv run python bench/train.py [--repeats 3] [--steps 3]    # CPU tokens/s, depth 4, vocab 4,096
     uv run python bench/train.py --parity [--steps 300]       # bits per byte after 300 steps
+    uv run python bench/train.py --stage base [--nproc 1 2] [--depth 4]   # the real base_train stage
     (either with --threads N to fix torch's thread count)
 
 Throughput: a depth-4 model (vocab 4,096) trains with AdamW on every parameter, and with the
@@ -15,11 +16,21 @@ rustbpe (no specials), encoded with tiktoken's encode_ordinary (no BOS); the fir
 train, the last 5% validate. Step i's batch is train ids [i*B*(T+1), (i+1)*B*(T+1)) viewed as
 (B, T+1): inputs the first T columns, targets the last T. Depth 4, B=8, T=256, fp32, spec LRs,
 Muon momentum 0.95, no clipping, LR constant then linear to 0 over the last 20% of steps, seed
-1337. Validation: the first 16 windows of T+1 validation ids; bits per byte = summed nats /
+1337. Validation: the first 16 windows of B*(T+1) validation ids, each viewed
+as (B, T+1) like a training batch (the value over only the first 16 rows is printed too); bits per byte = summed nats /
 (ln 2 * summed byte lengths of the targets). The original reaches 2.022 (2.012-2.019 on other
 seeds); we must land within 1% of 2.022.
 
-Results go to bench/results/train.json (throughput) and bench/results/train_parity.json.
+Stage (`--stage base`): the real `nanochat.stages.base_train` under `torchrun --nproc_per_node N`
+for each N of `--nproc`, on the tiny data of make_data and a 4,096-vocab tokenizer (made once in
+a temp folder), B=8, T=256 per process, `--steps` steps (default 30); tokens/s and MFU are the
+medians of the stage's own `progress` events after the first 5 steps. MFU needs a peak: on CUDA
+the stage uses the H100's 989 TFLOP/s; on a CPU this bench measures one process's fp32 matmul
+peak (1,024^3 matmuls, one thread as torchrun gives each process) and passes it to the stage as
+NANOCHAT_PEAK_FLOPS, so CPU MFU is relative to what this CPU's matmul reaches.
+
+Results go to bench/results/train.json (throughput), bench/results/train_parity.json and
+bench/results/train_stage_base.json.
 """
 
 from __future__ import annotations
@@ -146,17 +157,77 @@ def parity(steps: int) -> dict:
             print(f"step {i:4d} | loss {loss.item():.4f} | lrm {lrm:.3f} | {time.perf_counter() - t0:.0f}s", flush=True)
 
     model.eval()
-    windows = val_ids[:16 * (T + 1)].view(16, T + 1)
+    # 16 windows like the training batches: val ids [j*B*(T+1), (j+1)*B*(T+1)) as (B, T+1).
+    nats_sum, bytes_sum, nats_first, bytes_first = 0.0, 0, 0.0, 0
     with torch.no_grad():
-        nats = model(windows[:, :-1], windows[:, 1:], loss_reduction="none")
-    nbytes = token_bytes[windows[:, 1:]]
-    bpb = nats.sum().item() / (math.log(2) * nbytes.sum().item())
+        for j in range(16):
+            window = val_ids[j * B * (T + 1):(j + 1) * B * (T + 1)].view(B, T + 1)
+            nats = model(window[:, :-1], window[:, 1:], loss_reduction="none")
+            nbytes = token_bytes[window[:, 1:]]
+            nats_sum, bytes_sum = nats_sum + nats.sum().item(), bytes_sum + int(nbytes.sum())
+            if j < 2:  # the other reading of "16 windows": the first 16 rows of T+1 ids
+                nats_first, bytes_first = nats_first + nats.sum().item(), bytes_first + int(nbytes.sum())
+    bpb = nats_sum / (math.log(2) * bytes_sum)
+    bpb_16_rows = nats_first / (math.log(2) * bytes_first)
+    print(f"val bpb over the first 16 rows of T+1 ids only: {bpb_16_rows:.4f}")
     off = (bpb - PARITY_TARGET) / PARITY_TARGET
     print(f"\nparity: depth {DEPTH}, vocab {VOCAB}, B={B}, T={T}, {steps} steps, NS {optimizers[1].ns_dtype}")
     print(f"{'':>10} | {'val bpb':>8}\n{'-' * 22}\n{'original':>10} | {PARITY_TARGET:>8.3f}\n{'ours':>10} | {bpb:>8.3f}")
     print(f"difference {off:+.2%} (must be within 1%)")
-    return {"steps": steps, "bpb": bpb, "original": PARITY_TARGET, "relative_difference": off,
+    return {"steps": steps, "bpb": bpb, "bpb_first_16_rows": bpb_16_rows, "original": PARITY_TARGET, "relative_difference": off,
             "ns_dtype": str(optimizers[1].ns_dtype), "train_seconds": time.perf_counter() - t0}
+
+
+def cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of one thread's fp32 matmul: the best of a few 1,024^3 products."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return 2 * size ** 3 / best
+
+
+def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
+    """tokens/s and MFU of the real base_train stage under torchrun, per process count."""
+    import os
+    import subprocess
+    import tempfile
+
+    from nanochat.stages.events import parse_events
+
+    root = Path(tempfile.mkdtemp(prefix="bench-stage-"))
+    data, tok = root / "data", root / "tok"
+    for args in (["make_data", "--data-dir", str(data)],
+                 ["tok_train", "--data-dir", str(data), "--out", str(tok), "--vocab-size", "4096", "--max-chars", "20000000"]):
+        subprocess.run([sys.executable, "-m", f"nanochat.stages.{args[0]}", *args[1:]], check=True, capture_output=True)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["NANOCHAT_PEAK_FLOPS"] = str(cpu_matmul_peak())
+    rows = []
+    for n in nprocs:
+        batch, seq = (32, 1024) if torch.cuda.is_available() else (8, 256)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               "-m", "nanochat.stages.base_train", "--init-from", str(tok), "--data-dir", str(data),
+               "--out", str(root / f"base-{n}"), "--depth", str(depth), "--max-seq-len", str(seq),
+               "--device-batch-size", str(batch), "--total-batch-size", str(batch * seq * n),
+               "--num-iterations", str(steps), "--eval-every", "-1", "--eval-tokens", str(batch * seq * n),
+               "--core-metric-every", "-1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"base_train with {n} processes failed: {proc.stderr[-2000:]}")
+        progress = [e for e in parse_events(proc.stdout.splitlines()) if e.type == "progress"][5:]
+        mfu = [e.mfu for e in progress if e.mfu is not None]
+        rows.append({"nproc": n, "depth": depth, "batch": batch, "seq_len": seq, "steps": steps,
+                     "tok_per_s": statistics.median(e.tok_per_s for e in progress),
+                     "mfu": statistics.median(mfu) if mfu else None})
+        print(f"nproc {n}: {rows[-1]['tok_per_s']:,.0f} tok/s  MFU {rows[-1]['mfu'] or float('nan'):.3%}")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return {"device": device, "peak_flops_per_process": float(env.get("NANOCHAT_PEAK_FLOPS", 989e12)), "runs": rows}
 
 
 def main() -> None:
@@ -166,6 +237,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round (3) or parity steps (300)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 avoids spin-waiting on a busy machine")
+    parser.add_argument("--stage", choices=["base"], help="benchmark the real stage under torchrun instead")
+    parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="process counts for --stage")
+    parser.add_argument("--depth", type=int, default=4, help="model depth for --stage (12 on a GPU)")
     args = parser.parse_args()
     if args.repeats < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--repeats and --steps must be >= 1")
@@ -174,7 +248,9 @@ def main() -> None:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.parity:
+    if args.stage:
+        result, out = stage_base(args.nproc, args.depth, args.steps or 30), RESULTS / "train_stage_base.json"
+    elif args.parity:
         result, out = parity(args.steps or 300), RESULTS / "train_parity.json"
     else:
         result, out = throughput(args.repeats, args.steps or 3), RESULTS / "train.json"
