@@ -50,7 +50,8 @@ impl Tokenizer {
     }
 
     /// Train on the strings of `iterator` until there are `vocab_size` mergeable ranks (the 256
-    /// single bytes included). `pattern` defaults to the GPT-4 style split with 1-2 digit numbers.
+    /// single bytes included; fewer if the text runs out of pairs to merge). `pattern` defaults to
+    /// the GPT-4 style split with 1-2 digit numbers. Equal counts go to the smallest pair.
     #[pyo3(signature = (iterator, vocab_size, buffer_size = 8192, pattern = None))]
     fn train_from_iterator(
         &mut self,

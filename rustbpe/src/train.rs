@@ -25,13 +25,25 @@ impl Word {
         self.ids.windows(2).map(|w| (w[0], w[1]))
     }
 
-    /// Replace every non-overlapping (left to right) occurrence of `pair` by `new_id`.
-    fn merge(&mut self, pair: Pair, new_id: u32) {
+    /// Replace every non-overlapping (left to right) occurrence of `pair` by `new_id`, telling
+    /// `delta` each neighbouring pair that goes (-1) or comes (+1). Changes to `pair` itself are
+    /// reported too, but meaningless: the caller drops its count whole.
+    fn merge(&mut self, pair: Pair, new_id: u32, mut delta: impl FnMut(Pair, i64)) {
         let old = std::mem::take(&mut self.ids);
         let mut out = Vec::with_capacity(old.len());
         let mut i = 0;
         while i < old.len() {
             if i + 1 < old.len() && (old[i], old[i + 1]) == pair {
+                // The left neighbour is read from `out`: after an occurrence just merged it is
+                // `new_id`, and (new_id, a) cancels the +1 that occurrence gave its right side.
+                if let Some(&left) = out.last() {
+                    delta((left, pair.0), -1);
+                    delta((left, new_id), 1);
+                }
+                if let Some(&right) = old.get(i + 2) {
+                    delta((pair.1, right), -1);
+                    delta((new_id, right), 1);
+                }
                 out.push(new_id);
                 i += 2;
             } else {
@@ -78,7 +90,6 @@ pub fn train(chunks: Vec<(Vec<u8>, i64)>, num_merges: usize) -> Vec<Pair> {
         .collect();
 
     let mut merges = Vec::new();
-    let mut old_pairs: Vec<Pair> = Vec::new();
     while merges.len() < num_merges {
         let Some(top) = heap.pop() else { break };
         let current = pair_counts.get(&top.pair).copied().unwrap_or(0);
@@ -92,28 +103,22 @@ pub fn train(chunks: Vec<(Vec<u8>, i64)>, num_merges: usize) -> Vec<Pair> {
         let new_id = 256 + merges.len() as u32;
         merges.push(top.pair);
 
-        // Subtract the word's old pairs and add its new ones: only pairs with `new_id` can grow.
+        // Only the pairs around each occurrence change, and only pairs with `new_id` can grow.
         let mut touched: AHashSet<Pair> = AHashSet::new();
         let mut word_ids: Vec<usize> = where_pair.remove(&top.pair).unwrap_or_default().into_iter().collect();
         word_ids.sort_unstable();
         for w in word_ids {
-            let n = counts[w];
-            old_pairs.clear();
-            old_pairs.extend(words[w].pairs());
-            if !old_pairs.contains(&top.pair) {
+            if !words[w].pairs().any(|p| p == top.pair) {
                 continue;
             }
-            for p in old_pairs.iter() {
-                *pair_counts.entry(*p).or_insert(0) -= n;
-            }
-            words[w].merge(top.pair, new_id);
-            for p in words[w].pairs() {
-                *pair_counts.entry(p).or_insert(0) += n;
-                if p.0 == new_id || p.1 == new_id {
+            let n = counts[w];
+            words[w].merge(top.pair, new_id, |p, d| {
+                *pair_counts.entry(p).or_insert(0) += d * n;
+                if d > 0 {
                     where_pair.entry(p).or_default().insert(w);
                     touched.insert(p);
                 }
-            }
+            });
         }
         pair_counts.remove(&top.pair);
         let mut fresh: Vec<Pair> = touched.into_iter().collect();
@@ -228,6 +233,25 @@ mod tests {
         }
         let chunks: Vec<(&str, i64)> = counts.into_iter().collect();
         assert_eq!(run(&chunks, 40), naive(&chunks, 40));
+    }
+
+    #[test]
+    fn equals_naive_recount_on_random_words() {
+        // Few symbols make long runs and many ties: overlapping and adjacent occurrences abound.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let words: Vec<(String, i64)> = (0..300)
+            .map(|_| {
+                let len = 1 + next(12);
+                let word: String = (0..len).map(|_| ['a', 'b', 'c'][next(3) as usize]).collect();
+                (word, 1 + next(5) as i64)
+            })
+            .collect();
+        let chunks: Vec<(&str, i64)> = words.iter().map(|(w, n)| (w.as_str(), *n)).collect();
+        assert_eq!(run(&chunks, 80), naive(&chunks, 80));
     }
 
     #[test]
