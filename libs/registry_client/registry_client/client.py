@@ -5,7 +5,10 @@
     v = rc.upload_folder("out/sft", "nanochat", stage="sft", parent=3, job_id="j1")
     folder = rc.download("nanochat", stage=["rl", "sft"])   # every sha256 checked before it returns
 
-Uploads send the files the registry does not hold yet, in parallel, then commit; an interrupted
+Uploads send the files the registry does not hold yet, in parallel, then commit; when the
+registry offers presigned part URLs (S3 backend), files bigger than a part go straight to S3 as
+parts (`concurrency` in flight, each carrying its sha256 for S3 to check) and the registry checks
+the assembled file; otherwise every file streams through the registry. An interrupted
 upload raises `UploadError` carrying the version, and `upload_folder(..., resume_version=v)`
 sends only what is still missing. Downloads go into `<cache_dir>/<name>/v<version>` through a
 temp folder, big files as parallel ranged GETs, and the folder is handed over only when every
@@ -93,13 +96,15 @@ class RegistryClient:
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "nanochat" / "registry").expanduser()
         self.concurrency, self.part_size, self.retries = max(1, concurrency), max(1, part_size), max(1, retries)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=2 * self.concurrency + 4, max_keepalive_connections=2 * self.concurrency),
-        )
+        limits = httpx.Limits(max_connections=2 * self.concurrency + 4, max_keepalive_connections=2 * self.concurrency)
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+                                 limits=limits)
+        # Presigned parts go to S3 itself: a client without the registry's bearer token.
+        self.direct = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), limits=limits)
 
     def close(self) -> None:
         self.http.close()
+        self.direct.close()
 
     def __enter__(self) -> "RegistryClient":
         return self
@@ -194,10 +199,16 @@ class RegistryClient:
             if declared != files:
                 raise UploadError(name, resume_version, ValueError("the folder changed since the upload began"))
         version = created["version"]
+        missing = created.get("missing", [])
+        # S3 wants parts of 5 MiB or more; smaller files and parts stream through the registry.
+        direct = [rel for rel in missing if created.get("presigned_uploads") and isinstance(sources[rel], Path)
+                  and files[rel]["size"] > self.part_size >= 5 * 1024 * 1024]
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:
                 list(pool.map(lambda rel: self._put_file(name, version, rel, sources[rel], files[rel]),
-                              created.get("missing", [])))
+                              [rel for rel in missing if rel not in direct]))
+            for rel in direct:
+                self._put_file_presigned(name, version, rel, sources[rel])
             return VersionInfo.from_json(self._request("POST", f"{self._v(name, version)}/commit").json())
         except (httpx.HTTPError, RegistryError, OSError) as e:
             raise UploadError(name, version, e) from e
@@ -212,6 +223,37 @@ class RegistryClient:
             except httpx.TransportError:
                 if attempt == self.retries - 1:
                     raise
+
+    def _put_file_presigned(self, name: str, version: int, rel: str, source: Path) -> None:
+        """Send one file as parts straight to S3 (`concurrency` at once), then have the registry
+        assemble and verify it."""
+        up = self._request("POST", f"{self._v(name, version)}/uploads",
+                           json={"path": rel, "part_size": self.part_size}).json()
+        if up["stored"]:
+            return
+        base = f"{self._v(name, version)}/uploads/{up['id']}"
+
+        def send(number: int) -> None:
+            start = (number - 1) * up["part_size"]
+            length = min(up["part_size"], up["size"] - start)
+            sha = hashlib.sha256()
+            for chunk in _read_chunks(source, start, length):
+                sha.update(chunk)
+            part = self._request("POST", f"{base}/parts/{number}", json={"sha256": sha.hexdigest()}).json()
+            for attempt in range(self.retries):
+                try:
+                    r = self.direct.request(part["method"], part["url"], content=_read_chunks(source, start, length),
+                                            headers={**part["headers"], "Content-Length": str(length)})
+                    if r.status_code >= 400:
+                        raise RegistryError(r.status_code, f"S3 refused part {number} of {rel}: {r.text[:300]}")
+                    return
+                except httpx.TransportError:
+                    if attempt == self.retries - 1:
+                        raise
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            list(pool.map(send, range(1, up["parts"] + 1)))
+        self._request("POST", f"{base}/complete")
 
     def download(self, name: str, version: int | None = None, alias: str | None = None,
                  stage: str | list[str] | None = None) -> Path:
@@ -269,9 +311,16 @@ class RegistryClient:
                     raise
 
 
-def _read_chunks(path: Path) -> Iterator[bytes]:
+def _read_chunks(path: Path, start: int = 0, length: int | None = None) -> Iterator[bytes]:
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+        f.seek(start)
+        left = length
+        while left is None or left > 0:
+            chunk = f.read(CHUNK if left is None else min(CHUNK, left))
+            if not chunk:
+                return
+            if left is not None:
+                left -= len(chunk)
             yield chunk
 
 

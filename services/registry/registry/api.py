@@ -98,13 +98,15 @@ def make_registry(settings: Settings) -> core.Registry:
     if settings.blob_backend == "s3":
         blobs = S3Blobs.connect(settings.s3_endpoint, settings.s3_bucket, settings.s3_access_key,
                                 settings.s3_secret_key, settings.s3_region, settings.s3_prefix, settings.s3_part_size,
-                                settings.s3_parts_in_flight, settings.data_dir / "spool")
+                                settings.s3_parts_in_flight, settings.data_dir / "spool", settings.s3_public_endpoint)
         blobs.ensure_bucket()
     else:
         blobs = LocalBlobs(settings.resolved_blob_dir())
     events = EventPublisher(settings.redis_url, settings.events_channel, settings.events_stream,
                             settings.events_stream_maxlen)
-    return core.Registry(make_sessionmaker(engine), blobs, events, settings.max_path_length)
+    return core.Registry(make_sessionmaker(engine), blobs, events, settings.max_path_length,
+                         presigned_uploads=settings.presigned_uploads and settings.blob_backend == "s3",
+                         presign_expiry_s=settings.presign_expiry_s)
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -231,7 +233,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/models/{name}/versions", dependencies=Write, status_code=201, responses=ERRORS)
     def create_version(request: Request, name: Name, body: schemas.VersionCreate) -> schemas.VersionCreated:
-        return core.create_version(reg(request), name, body)
+        r = reg(request)
+        return {**core.create_version(r, name, body), "presigned_uploads": r.presigned_uploads}
 
     @app.get("/v1/models/{name}/versions", dependencies=Read, responses=ERRORS)
     def list_versions(
@@ -250,7 +253,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/models/{name}/versions/{version}/upload", dependencies=Write, responses=ERRORS)
     def upload_status(request: Request, name: Name, version: VersionNo) -> schemas.VersionCreated:
         """A pending version with the files still missing: where a resumed upload starts."""
-        return core.upload_status(reg(request), name, version)
+        r = reg(request)
+        return {**core.upload_status(r, name, version), "presigned_uploads": r.presigned_uploads}
+
+    @app.post("/v1/models/{name}/versions/{version}/uploads", dependencies=Write, responses=ERRORS)
+    def start_presigned(request: Request, name: Name, version: VersionNo,
+                        body: schemas.PresignedStart) -> schemas.PresignedUpload:
+        """Open a presigned multipart upload of a manifest file (S3 backend): the client then asks
+        for a URL per part, PUTs each part straight to S3 and calls `complete`."""
+        return core.start_presigned(reg(request), name, version, body.path, body.part_size)
+
+    @app.post("/v1/models/{name}/versions/{version}/uploads/{upload}/parts/{number}", dependencies=Write,
+              responses=ERRORS)
+    def presign_part(request: Request, name: Name, version: VersionNo,
+                     upload: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
+                     number: Annotated[int, Path(ge=1, le=10_000)], body: schemas.PartRequest) -> schemas.PartUrl:
+        """A presigned PUT URL for one part; S3 checks the part against the sha256 given here."""
+        return core.presign_part(reg(request), name, version, upload, number, body.sha256)
+
+    @app.post("/v1/models/{name}/versions/{version}/uploads/{upload}/complete", dependencies=Write,
+              responses=ERRORS)
+    def complete_presigned(request: Request, name: Name, version: VersionNo,
+                           upload: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]) -> schemas.UploadOut:
+        """Assemble the parts; the file is stored only if its size and sha256 match the manifest."""
+        return core.complete_presigned(reg(request), name, version, upload)
 
     @app.patch("/v1/models/{name}/versions/{version}", dependencies=Write, responses=ERRORS)
     def patch_version(request: Request, name: Name, version: VersionNo, body: schemas.VersionPatch) -> schemas.VersionOut:

@@ -10,6 +10,7 @@ send a bounded number of parts concurrently in the background.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import tempfile
@@ -20,10 +21,17 @@ from pathlib import Path
 from typing import Protocol
 
 CHUNK = 1024 * 1024
+MIN_PART = 5 * 1024 * 1024
+MAX_PART = 5 * 1024**3
+MAX_PARTS = 10_000
 
 
 class BlobMismatch(ValueError):
     """The bytes written do not have the declared size or sha256."""
+
+
+class PartsMissing(ValueError):
+    """A presigned upload was completed before all its parts arrived."""
 
 
 class BlobWriter(Protocol):
@@ -150,20 +158,28 @@ class S3Blobs:
         # Shared by every upload; each writer bounds its own parts in flight, so a busy pool only queues.
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="s3-parts")
 
+        # Presigned URLs are made by this client: the same one, unless clients reach S3 elsewhere.
+        self.presigner = client
+
     @classmethod
     def connect(cls, endpoint: str | None, bucket: str, access_key: str | None, secret_key: str | None,
                 region: str, prefix: str, part_size: int, parts_in_flight: int = 4,
-                spool_dir: Path | None = None) -> "S3Blobs":
+                spool_dir: Path | None = None, public_endpoint: str | None = None) -> "S3Blobs":
         import boto3
         from botocore.config import Config
 
-        client = boto3.client(
-            "s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-            region_name=region,
-            config=Config(max_pool_connections=32, retries={"max_attempts": 3, "mode": "standard"},
-                          s3={"addressing_style": "path"}),
-        )
-        return cls(client, bucket, prefix, part_size, parts_in_flight, spool_dir)
+        def client(url: str | None):
+            return boto3.client(
+                "s3", endpoint_url=url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                region_name=region,
+                config=Config(max_pool_connections=32, retries={"max_attempts": 3, "mode": "standard"},
+                              s3={"addressing_style": "path"}, signature_version="s3v4"),
+            )
+
+        store = cls(client(endpoint), bucket, prefix, part_size, parts_in_flight, spool_dir)
+        if public_endpoint:
+            store.presigner = client(public_endpoint)
+        return store
 
     def key(self, sha256: str) -> str:
         return f"{self.prefix}{sha256[:2]}/{sha256}"
@@ -206,7 +222,8 @@ class S3Blobs:
         self.s3.head_bucket(Bucket=self.bucket)
 
     def sweep(self, older_than_s: float) -> int:
-        """Abort multipart uploads under our prefix that were started too long ago; returns how many."""
+        """Abort multipart uploads under our prefix that were started too long ago and delete staged
+        objects never published; returns how many."""
         cutoff, n = time.time() - older_than_s, 0
         paginator = self.s3.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
@@ -214,7 +231,88 @@ class S3Blobs:
                 if up["Initiated"].timestamp() <= cutoff:
                     self.s3.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                     n += 1
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.staging_key("")):
+            for obj in page.get("Contents", []):
+                if obj["LastModified"].timestamp() <= cutoff:
+                    self.s3.delete_object(Bucket=self.bucket, Key=obj["Key"])
+                    n += 1
         return n
+
+    # Presigned uploads: the client sends parts straight to S3, into a staging key, each part
+    # with its sha256 in `x-amz-checksum-sha256` (signed into the URL, so S3 checks the part).
+    # Part checksums say nothing about the whole file, so `complete_staged` reads the assembled
+    # object back and hashes it before it is copied under its content-addressed name.
+
+    def staging_key(self, upload: str) -> str:
+        return f"{self.prefix}uploads/{upload}"
+
+    def start_staged(self, upload: str) -> str:
+        """Open a multipart upload at the staging key of `upload`; returns S3's upload id."""
+        r = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.staging_key(upload), ChecksumAlgorithm="SHA256")
+        return r["UploadId"]
+
+    def presign_part(self, upload: str, upload_id: str, number: int, sha256: str, expiry_s: int) -> tuple[str, dict]:
+        """A PUT URL for part `number` and the headers the request must carry (they are signed)."""
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        url = self.presigner.generate_presigned_url(
+            "upload_part", ExpiresIn=expiry_s,
+            Params={"Bucket": self.bucket, "Key": self.staging_key(upload), "UploadId": upload_id,
+                    "PartNumber": number, "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum},
+        )
+        return url, {"x-amz-checksum-sha256": checksum, "x-amz-sdk-checksum-algorithm": "SHA256"}
+
+    def abort_staged(self, upload: str, upload_id: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.abort_multipart_upload(Bucket=self.bucket, Key=self.staging_key(upload), UploadId=upload_id)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchUpload"):
+                raise
+        self.s3.delete_object(Bucket=self.bucket, Key=self.staging_key(upload))
+
+    def complete_staged(self, upload: str, upload_id: str, sha256: str, size: int, part_size: int) -> None:
+        """Assemble the parts, check the whole object's size and sha256, publish it as blob `sha256`.
+
+        Raises `PartsMissing` (the upload stays open: the client may still send them) or
+        `BlobMismatch` (the upload is discarded)."""
+        key = self.staging_key(upload)
+        parts: list[dict] = []
+        for page in self.s3.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+            parts += page.get("Parts", [])
+        count = -(-size // part_size)
+        missing = sorted(set(range(1, count + 1)) - {p["PartNumber"] for p in parts})
+        if missing:
+            raise PartsMissing(f"parts {missing[:20]} of {count} are not uploaded")
+        try:
+            for p in parts:
+                want = part_size if p["PartNumber"] < count else size - (count - 1) * part_size
+                if p["PartNumber"] > count or p["Size"] != want:
+                    raise BlobMismatch(f"part {p['PartNumber']} has {p['Size']} bytes, expected {want}")
+            done = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"],
+                     **({"ChecksumSHA256": p["ChecksumSHA256"]} if p.get("ChecksumSHA256") else {})}
+                    for p in sorted(parts, key=lambda p: p["PartNumber"])]
+            self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                              MultipartUpload={"Parts": done})
+            hasher = _Hasher(sha256, size)
+            for chunk in self._read_key(key):
+                hasher.update(chunk)
+            hasher.verify()
+            # The copy gets a full-object SHA256 of its own (the staged one is a checksum of parts).
+            source, extra = {"Bucket": self.bucket, "Key": key}, {"ChecksumAlgorithm": "SHA256"}
+            if size <= MAX_PART:
+                self.s3.copy_object(Bucket=self.bucket, Key=self.key(sha256), CopySource=source, **extra)
+            else:
+                self.s3.copy(source, self.bucket, self.key(sha256), ExtraArgs=extra)
+        finally:
+            self.abort_staged(upload, upload_id)
+
+    def _read_key(self, key: str) -> Iterator[bytes]:
+        body = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"]
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
 
 
 class _S3Writer:

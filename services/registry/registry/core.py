@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -18,8 +19,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.blobs import BlobMismatch, BlobStore, BlobWriter
-from registry.db import Alias, Blob, File, Model, Version, utcnow
+from registry.blobs import MAX_PART, MAX_PARTS, MIN_PART, BlobMismatch, BlobStore, BlobWriter, PartsMissing
+from registry.db import Alias, Blob, File, Model, Upload, Version, utcnow
 from registry.events import EventPublisher
 from registry.schemas import VersionCreate
 
@@ -57,6 +58,9 @@ class Registry:
     blobs: BlobStore
     events: EventPublisher
     max_path_length: int = 512
+    # Whether model files may go straight to the blob store through presigned part URLs (S3 only).
+    presigned_uploads: bool = False
+    presign_expiry_s: int = 3600
 
 
 def check_name(name: str) -> str:
@@ -213,6 +217,15 @@ def begin_upload(reg: Registry, name: str, version: int, path: str, attachment: 
     return spec, reg.blobs.writer(spec["sha256"], spec["size"])
 
 
+def _record_blob(reg: Registry, spec: dict) -> None:
+    def record() -> None:
+        with reg.sessions.begin() as s:
+            if s.get(Blob, spec["sha256"]) is None:
+                s.add(Blob(sha256=spec["sha256"], size=spec["size"], created_at=utcnow()))
+
+    _retrying(record)
+
+
 def finish_upload(reg: Registry, name: str, version: int, spec: dict, writer: BlobWriter | None,
                   attachment: bool = False) -> dict:
     """Publish a written blob (verified against its declared size and sha256) and record it."""
@@ -222,12 +235,7 @@ def finish_upload(reg: Registry, name: str, version: int, spec: dict, writer: Bl
         except BlobMismatch as e:
             raise BadRequest(f"{spec['path']}: {e}") from e
 
-        def record() -> None:
-            with reg.sessions.begin() as s:
-                if s.get(Blob, spec["sha256"]) is None:
-                    s.add(Blob(sha256=spec["sha256"], size=spec["size"], created_at=utcnow()))
-
-        _retrying(record)
+        _record_blob(reg, spec)
     if attachment:
         def attach() -> None:
             with reg.sessions.begin() as s:
@@ -241,6 +249,94 @@ def finish_upload(reg: Registry, name: str, version: int, spec: dict, writer: Bl
 
         _retrying(attach)
     return {**spec, "stored": True}
+
+
+def _pending_file(s: Session, name: str, version: int, path: str) -> tuple[Version, dict]:
+    v = _version(s, name, version, ("pending",))
+    f = s.get(File, (v.id, path))
+    if f is None or f.kind != "model":
+        raise BadRequest(f"{path} is not in the manifest of {name} v{version}")
+    v.updated_at = utcnow()
+    return v, {"path": path, "size": f.size, "sha256": f.sha256}
+
+
+def _open_upload(s: Session, name: str, version: int, upload: str) -> tuple[Upload, dict]:
+    v = _version(s, name, version, ("pending",))
+    up = s.get(Upload, upload)
+    if up is None or up.version_id != v.id:
+        raise NotFound(f"{name} v{version} has no open upload {upload!r}")
+    _, spec = _pending_file(s, name, version, up.path)
+    return up, spec
+
+
+def start_presigned(reg: Registry, name: str, version: int, path: str, part_size: int) -> dict:
+    """Open a presigned multipart upload of a model file straight into the blob store."""
+    if not reg.presigned_uploads:
+        raise BadRequest("this registry takes uploads through PUT .../files/{path} only (no presigned part URLs)")
+    check_path(path, reg.max_path_length)
+    with reg.sessions.begin() as s:
+        _, spec = _pending_file(s, name, version, path)
+        stored = s.get(Blob, spec["sha256"]) is not None
+    if stored and reg.blobs.size(spec["sha256"]) == spec["size"]:
+        return {**spec, "id": None, "part_size": part_size, "parts": 0, "stored": True}
+    count = -(-spec["size"] // part_size)
+    if spec["size"] == 0 or not MIN_PART <= part_size <= MAX_PART or count > MAX_PARTS:
+        raise BadRequest(f"{path}: {spec['size']} bytes in parts of {part_size} does not fit S3 "
+                         f"(parts of {MIN_PART}..{MAX_PART} bytes, at most {MAX_PARTS} parts, a non-empty file)")
+    upload = uuid.uuid4().hex
+    upload_id = reg.blobs.start_staged(upload)
+
+    def record() -> None:
+        with reg.sessions.begin() as s:
+            v, _ = _pending_file(s, name, version, path)
+            s.add(Upload(id=upload, version_id=v.id, path=path, s3_upload_id=upload_id, part_size=part_size,
+                         created_at=utcnow()))
+
+    try:
+        _retrying(record)
+    except BaseException:
+        reg.blobs.abort_staged(upload, upload_id)
+        raise
+    return {**spec, "id": upload, "part_size": part_size, "parts": count, "stored": False}
+
+
+def presign_part(reg: Registry, name: str, version: int, upload: str, number: int, sha256: str) -> dict:
+    """A URL to PUT part `number` (whose sha256 the client gives) straight to S3, with its headers."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise BadRequest("sha256 must be 64 lowercase hex characters")
+    with reg.sessions.begin() as s:
+        up, spec = _open_upload(s, name, version, upload)
+        s3_upload_id, part_size = up.s3_upload_id, up.part_size
+    count = -(-spec["size"] // part_size)
+    if not 1 <= number <= count:
+        raise BadRequest(f"part number must be 1..{count}")
+    url, headers = reg.blobs.presign_part(upload, s3_upload_id, number, sha256, reg.presign_expiry_s)
+    size = part_size if number < count else spec["size"] - (count - 1) * part_size
+    return {"url": url, "method": "PUT", "headers": headers, "size": size}
+
+
+def complete_presigned(reg: Registry, name: str, version: int, upload: str) -> dict:
+    """Assemble an upload's parts, check the whole file against the manifest, store it as a blob."""
+    with reg.sessions.begin() as s:
+        up, spec = _open_upload(s, name, version, upload)
+        s3_upload_id, part_size = up.s3_upload_id, up.part_size
+    try:
+        reg.blobs.complete_staged(upload, s3_upload_id, spec["sha256"], spec["size"], part_size)
+    except PartsMissing as e:
+        raise Conflict(f"{spec['path']}: {e}") from e
+    except BlobMismatch as e:
+        _drop_upload(reg, upload)
+        raise BadRequest(f"{spec['path']}: the assembled parts do not match the manifest: {e}") from e
+    _record_blob(reg, spec)
+    _drop_upload(reg, upload)
+    return {**spec, "stored": True}
+
+
+def _drop_upload(reg: Registry, upload: str) -> None:
+    with reg.sessions.begin() as s:
+        up = s.get(Upload, upload)
+        if up is not None:
+            s.delete(up)
 
 
 def commit(reg: Registry, name: str, version: int) -> dict:
@@ -422,6 +518,9 @@ def sweep(reg: Registry, older_than_s: float) -> dict:
             v.state, v.updated_at = "failed", utcnow()
             for f in s.scalars(select(File).where(File.version_id == v.id)):
                 s.delete(f)
+        # The store aborts the multipart uploads themselves (they are as old as their rows or older).
+        for up in s.scalars(select(Upload).where(Upload.created_at <= cutoff)):
+            s.delete(up)
         s.flush()
         referenced = select(File.sha256)
         orphans = s.scalars(select(Blob).where(Blob.sha256.not_in(referenced), Blob.created_at <= cutoff)).all()

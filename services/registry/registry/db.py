@@ -1,8 +1,8 @@
 """Metadata tables (SQLAlchemy 2.x), the engine, and Alembic migrations run at start-up.
 
 Tables: `models` (one row per name, holding the next version number), `versions`, `files`
-(the manifest of each version plus its attachments), `blobs` (content-addressed by sha256) and
-`aliases`. The schema itself is created by the Alembic migrations in `registry/migrations/`.
+(the manifest of each version plus its attachments), `blobs` (content-addressed by sha256),
+`uploads` (open presigned multipart uploads) and `aliases`. The schema itself is created by the Alembic migrations in `registry/migrations/`.
 """
 
 from __future__ import annotations
@@ -70,6 +70,18 @@ class Blob(Base):
     __tablename__ = "blobs"
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Upload(Base):
+    """A presigned multipart upload of one model file, open until completed or swept."""
+
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, ForeignKey("versions.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(String(512))
+    s3_upload_id: Mapped[str] = mapped_column(String(1024))
+    part_size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

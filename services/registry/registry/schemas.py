@@ -90,6 +90,36 @@ class VersionOut(BaseModel):
 
 class VersionCreated(VersionOut):
     missing: list[str] = Field(description="manifest files whose bytes the registry does not hold yet")
+    presigned_uploads: bool = Field(
+        default=False, description="whether big files may go straight to S3 through POST .../uploads")
+
+
+class PresignedStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=1024)
+    part_size: int = Field(ge=1, le=2**40, description="bytes per part; S3 wants 5 MiB..5 GiB")
+
+
+class PresignedUpload(BaseModel):
+    id: str | None = Field(description="the upload's id; null when the registry already holds the file")
+    path: str
+    size: int
+    sha256: str
+    part_size: int
+    parts: int
+    stored: bool
+
+
+class PartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = SHA256
+
+
+class PartUrl(BaseModel):
+    url: str
+    method: str
+    headers: dict[str, str] = Field(description="headers the PUT must carry (signed into the URL)")
+    size: int = Field(description="the part's exact size in bytes")
 
 
 class VersionPage(BaseModel):

@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     # `s3_parts_in_flight` of them at once: disk per upload is part size x (parts in flight + 1).
     s3_part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
     s3_parts_in_flight: int = Field(default=4, ge=1, le=32)
-    presign_expiry_s: int = Field(default=3600, ge=60)
+    # With the S3 backend, clients may send big files straight to S3 through presigned part URLs;
+    # the public endpoint is where clients reach S3 when it differs from s3_endpoint.
+    presigned_uploads: bool = True
+    s3_public_endpoint: str | None = None
+    presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     redis_url: str | None = None
     events_channel: str = "nanochat:events"
     events_stream: str = "nanochat:events:stream"

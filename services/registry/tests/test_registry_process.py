@@ -51,20 +51,29 @@ def registry_process(postgres_server, s3_server, redis_server, tmp_path_factory)
     log.close()
 
 
+def uploaded_through_server(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("registry_upload_bytes_total "):
+            return float(line.split()[1])
+    raise AssertionError("no registry_upload_bytes_total metric")
+
+
 def test_real_process_round_trip(registry_process, tmp_path):
     src = tmp_path / "ckpt"
     (src / "tokenizer").mkdir(parents=True)
-    (src / "model.safetensors").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    (src / "model.safetensors").write_bytes(os.urandom(11 * 1024 * 1024 + 17))
     (src / "config.json").write_text('{"n_layer": 2}')
     (src / "tokenizer" / "tokenizer.json").write_text('{"pattern": "x"}')
     name = f"p-{uuid.uuid4().hex[:8]}"
-    with RegistryClient(registry_process, token=TOKEN, cache_dir=tmp_path / "cache", part_size=1024 * 1024) as rc:
+    before = uploaded_through_server(registry_process)
+    # Parts of 5 MiB: the big file goes straight to S3 as three presigned parts, the rest through the server.
+    with RegistryClient(registry_process, token=TOKEN, cache_dir=tmp_path / "cache", part_size=5 * 1024 * 1024) as rc:
         v = rc.upload_folder(src, name, stage="rl")
         folder = rc.download(name)
         assert folder.name == f"v{v.version}"
         assert (folder / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
-    metrics = httpx.get(f"{registry_process}/metrics").text
-    assert "registry_upload_bytes_total" in metrics and "registry_download_bytes_total" in metrics
+    assert 0 < uploaded_through_server(registry_process) - before < 1024 * 1024
+    assert "registry_download_bytes_total" in httpx.get(f"{registry_process}/metrics").text
 
 
 def test_no_input_gives_a_server_error(registry_process):
