@@ -49,7 +49,7 @@ log = logging.getLogger("nanochat.scheduler")
 
 
 class QueueFull(Exception):
-    """The waiting queue holds `max_waiting` requests already; retry later."""
+    """More than `max_waiting` requests wait beyond what the free slots take; retry later."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,11 @@ class Scheduler:
         handle = Handle(id=next(self._ids), prompt=prompt, params=params, n=n,
                         stop_token_ids=frozenset(int(t) for t in stop_token_ids), on_events=on_events)
         with self._cond:
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests)")
+            # Requests that free slots will take at the next iteration do not count as waiting,
+            # so a burst up to the free capacity is never turned away.
+            free = max(0, self.slots - len(self.batch.rows) - len(self._reserved))
+            if len(self._waiting) >= self.max_waiting + free:
+                raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests beyond the free slots)")
             self._waiting.append(handle)
             self._cond.notify()
         return handle

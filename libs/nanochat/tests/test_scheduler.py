@@ -138,7 +138,8 @@ def test_stop_token_ids_and_length(engine):
 def test_queue_limits_and_bad_requests(engine):
     scheduler = Scheduler(engine, slots=2, max_waiting=1)
     params = SamplingParams(temperature=0.0, max_tokens=4)
-    scheduler.submit(prompt(engine, "fox"), params, Collector())
+    for _ in range(3):  # two for the free slots, one waiting
+        scheduler.submit(prompt(engine, "fox"), params, Collector())
     with pytest.raises(QueueFull):
         scheduler.submit(prompt(engine, "dog"), params, Collector())
     with pytest.raises(ValueError, match="n must be"):
