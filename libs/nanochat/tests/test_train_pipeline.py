@@ -109,11 +109,11 @@ def test_sigterm_leaves_no_half_folder_and_resume_equals_an_uninterrupted_run(st
 def test_short_chain_lowers_bpb_and_writes_the_report(workdir):
     root, data = workdir, str(workdir / "data")
     base = root / "chain_base"
-    events = run("base_train", *MODEL, "--total-batch-size", "128", "--data-dir", data, "--init-from", str(root / "tok"), "--out", str(base),
+    events = run("base_train", *MODEL, "--device-batch-size", "4", "--total-batch-size", "256", "--data-dir", data, "--init-from", str(root / "tok"), "--out", str(base),
                  "--num-iterations", "60", "--eval-every", "30", "--eval-tokens", "512", "--core-metric-every", "-1",
                  "--job-id", "job-7", "--input-version", "tok:1", torchrun=True)
     metrics = events[-1].metrics
-    assert metrics["val_bpb"] < 0.8 * metrics["val_bpb_step0"]
+    assert metrics["val_bpb"] < 0.9 * metrics["val_bpb_step0"]
     assert [o.model_dump() for o in events[-1].outputs] == [{"path": str(base), "registry_stage": "base"}]
     progress = [e for e in events if e.type == "progress"]
     assert progress and all(e.tok_per_s > 0 and e.eta_s >= 0 and e.total == 60 for e in progress)
