@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -123,6 +123,20 @@ def version_dict(s: Session, v: Version) -> dict:
     }
 
 
+def _claim(s: Session, shas: Iterable[str]) -> set[str]:
+    """Mark stored blobs as just claimed and return which of `shas` are stored.
+
+    The UPDATE locks their rows until the caller's transaction ends, and the sweeper deletes a
+    blob only with a conditional DELETE (unreferenced and not claimed since its cutoff) whose
+    object goes in the same transaction: either the sweep went first and the blob is reported
+    missing (and uploaded again), or the claim went first and the sweep leaves the blob alone."""
+    shas = sorted(set(shas))
+    if not shas:
+        return set()
+    return set(s.scalars(update(Blob).where(Blob.sha256.in_(shas)).values(claimed_at=utcnow())
+                         .returning(Blob.sha256)))
+
+
 def _missing(s: Session, files: Iterable[File]) -> list[str]:
     files = list(files)
     shas = {f.sha256 for f in files}
@@ -167,7 +181,8 @@ def create_version(reg: Registry, name: str, req: VersionCreate) -> dict:
             s.add_all(rows)
             s.flush()
             out = version_dict(s, v)
-            out["missing"] = _missing(s, rows)
+            stored = _claim(s, (f.sha256 for f in rows))
+            out["missing"] = sorted(f.path for f in rows if f.sha256 not in stored)
             return out
 
     return _retrying(attempt)
@@ -211,7 +226,7 @@ def begin_upload(reg: Registry, name: str, version: int, path: str, attachment: 
                 raise BadRequest(f"{path} is not in the manifest of {name} v{version}")
             spec = {"path": path, "size": f.size, "sha256": f.sha256}
             v.updated_at = utcnow()
-        stored = s.get(Blob, spec["sha256"]) is not None
+        stored = bool(_claim(s, [spec["sha256"]]))
     if stored and reg.blobs.size(spec["sha256"]) == spec["size"]:
         return spec, None
     return spec, reg.blobs.writer(spec["sha256"], spec["size"])
@@ -220,8 +235,9 @@ def begin_upload(reg: Registry, name: str, version: int, path: str, attachment: 
 def _record_blob(reg: Registry, spec: dict) -> None:
     def record() -> None:
         with reg.sessions.begin() as s:
-            if s.get(Blob, spec["sha256"]) is None:
-                s.add(Blob(sha256=spec["sha256"], size=spec["size"], created_at=utcnow()))
+            if not _claim(s, [spec["sha256"]]):
+                now = utcnow()
+                s.add(Blob(sha256=spec["sha256"], size=spec["size"], created_at=now, claimed_at=now))
 
     _retrying(record)
 
@@ -276,7 +292,7 @@ def start_presigned(reg: Registry, name: str, version: int, path: str, part_size
     check_path(path, reg.max_path_length)
     with reg.sessions.begin() as s:
         _, spec = _pending_file(s, name, version, path)
-        stored = s.get(Blob, spec["sha256"]) is not None
+        stored = bool(_claim(s, [spec["sha256"]]))
     if stored and reg.blobs.size(spec["sha256"]) == spec["size"]:
         return {**spec, "id": None, "part_size": part_size, "parts": 0, "stored": True}
     count = -(-spec["size"] // part_size)
@@ -507,10 +523,27 @@ def open_file(reg: Registry, name: str, version: int, path: str) -> dict:
         return {"path": f.path, "size": f.size, "sha256": f.sha256}
 
 
+def _orphans(s: Session, cutoff: datetime) -> list[str]:
+    """Blobs no file refers to and nobody claimed since `cutoff`: candidates, rechecked one by one."""
+    return list(s.scalars(select(Blob.sha256).where(Blob.sha256.not_in(select(File.sha256)),
+                                                    Blob.claimed_at <= cutoff)))
+
+
+def _drop_orphan(reg: Registry, sha256: str, cutoff: datetime) -> int:
+    """Delete one blob if it is still unreferenced and unclaimed; its object goes while the row's
+    delete is uncommitted, so a concurrent claim waits for both and then finds it missing."""
+    with reg.sessions.begin() as s:
+        gone = s.execute(delete(Blob).where(Blob.sha256 == sha256, Blob.claimed_at <= cutoff,
+                                            ~exists().where(File.sha256 == Blob.sha256))).rowcount
+        if gone:
+            reg.blobs.delete(sha256)
+        return gone
+
+
 def sweep(reg: Registry, older_than_s: float) -> dict:
     """Clean up after abandoned uploads: pending versions untouched for `older_than_s` become
-    `failed` (never visible), blobs no version refers to are deleted, and the blob store drops
-    its stale temp files / aborts stale multipart uploads."""
+    `failed` (never visible), blobs no version refers to and nobody claimed for `older_than_s`
+    are deleted, and the blob store drops its stale temp files / aborts stale multipart uploads."""
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_s)
     with reg.sessions.begin() as s:
         stale = s.scalars(select(Version).where(Version.state == "pending", Version.updated_at <= cutoff)).all()
@@ -521,15 +554,10 @@ def sweep(reg: Registry, older_than_s: float) -> dict:
         # The store aborts the multipart uploads themselves (they are as old as their rows or older).
         for up in s.scalars(select(Upload).where(Upload.created_at <= cutoff)):
             s.delete(up)
-        s.flush()
-        referenced = select(File.sha256)
-        orphans = s.scalars(select(Blob).where(Blob.sha256.not_in(referenced), Blob.created_at <= cutoff)).all()
-        orphan_shas = [b.sha256 for b in orphans]
-        for b in orphans:
-            s.delete(b)
-    for sha in orphan_shas:
-        reg.blobs.delete(sha)
+    with reg.sessions() as s:
+        candidates = _orphans(s, cutoff)
+    deleted = sum(_retrying(lambda sha=sha: _drop_orphan(reg, sha, cutoff)) for sha in candidates)
     store_cleaned = reg.blobs.sweep(older_than_s)
-    if stale or orphan_shas or store_cleaned:
-        log.info("sweep: %d abandoned versions, %d orphan blobs, %d stale uploads", len(stale), len(orphan_shas), store_cleaned)
-    return {"failed_versions": len(stale), "deleted_blobs": len(orphan_shas), "aborted_uploads": store_cleaned}
+    if stale or deleted or store_cleaned:
+        log.info("sweep: %d abandoned versions, %d orphan blobs, %d stale uploads", len(stale), deleted, store_cleaned)
+    return {"failed_versions": len(stale), "deleted_blobs": deleted, "aborted_uploads": store_cleaned}

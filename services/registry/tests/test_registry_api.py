@@ -3,13 +3,17 @@ auth, path validation, Range downloads, attachments, events and the sweeper."""
 
 import os
 import uuid
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
 from registry_testlib import AUTH, blob, files_of, publish
+from sqlalchemy import select, update
 
 from registry import core
 from registry.api import create_app
+from registry.db import Blob, Version, utcnow
+from registry.schemas import VersionCreate
 from registry.settings import Settings
 
 
@@ -213,8 +217,6 @@ def test_range_downloads(client, name):
 def test_concurrent_creates_get_distinct_numbers(reg, name):
     from concurrent.futures import ThreadPoolExecutor
 
-    from registry.schemas import VersionCreate
-
     req = VersionCreate(stage="sft", files={"a": blob(b"a")})
     with ThreadPoolExecutor(20) as pool:
         numbers = list(pool.map(lambda _: core.create_version(reg, name, req)["version"], range(20)))
@@ -251,3 +253,62 @@ def test_a_file_bigger_than_a_part_round_trips(client, name):
     assert got.content == data
     tail = client.get(f"/v1/models/{name}/versions/{v}/files/big.bin", headers={"Range": "bytes=6000000-6000099"})
     assert tail.content == data[6000000:6000100]
+
+
+def age(reg, sha=None, version_id=None, days=2):
+    """Move a blob's last claim / a version's last touch `days` into the past."""
+    then = utcnow() - timedelta(days=days)
+    with reg.sessions.begin() as s:
+        if sha is not None:
+            s.execute(update(Blob).where(Blob.sha256 == sha).values(claimed_at=then))
+        if version_id is not None:
+            s.execute(update(Version).where(Version.id == version_id).values(updated_at=then))
+
+
+def abandon(client, reg, name, files, upload):
+    """A pending version with `upload` sent, then left alone for two days."""
+    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
+                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    v = r.json()["version"]
+    for path in upload:
+        assert client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=files[path], headers=AUTH).status_code == 200
+    with reg.sessions() as s:
+        age(reg, version_id=s.scalar(select(Version.id).where(Version.name == name, Version.version == v)))
+    return v
+
+
+def test_unreferenced_blobs_are_kept_until_their_last_claim_is_old(client, reg, name):
+    files = {"w.bin": uuid.uuid4().bytes + os.urandom(1000)}
+    sha = blob(files["w.bin"])["sha256"]
+    abandon(client, reg, name, files, ["w.bin"])
+    assert core.sweep(reg, 3600)["failed_versions"] >= 1
+    assert reg.blobs.size(sha) == len(files["w.bin"])  # unreferenced now, but claimed a moment ago
+    age(reg, sha=sha)
+    core.sweep(reg, 3600)
+    assert reg.blobs.size(sha) is None
+
+
+def test_a_blob_claimed_while_the_sweeper_runs_is_kept(client, reg, name, monkeypatch):
+    files = files_of("claim")
+    sha = blob(files["model.safetensors"])["sha256"]
+    abandon(client, reg, name, files, ["model.safetensors"])
+    age(reg, sha=sha)
+    created = {}
+    real_orphans = core._orphans
+
+    def orphans_then_a_new_version_claims_one(s, cutoff):
+        found = real_orphans(s, cutoff)
+        assert sha in found
+        # The sweeper has picked its candidates; now a new version counts on one of them.
+        req = VersionCreate(stage="sft", files={p: blob(d) for p, d in files.items()})
+        created.update(core.create_version(reg, name, req))
+        return found
+
+    monkeypatch.setattr(core, "_orphans", orphans_then_a_new_version_claims_one)
+    core.sweep(reg, 3600)
+    assert "model.safetensors" not in created["missing"]
+    v = created["version"]
+    for path in created["missing"]:
+        client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=files[path], headers=AUTH)
+    assert client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH).status_code == 200
+    assert client.get(f"/v1/models/{name}/versions/{v}/files/model.safetensors").content == files["model.safetensors"]
