@@ -41,8 +41,8 @@ from nanochat.common import autocast
 from nanochat.gpt import GPT, KVCache
 from nanochat.tokenizer import Tokenizer
 
-# Prompts are prefilled this many tokens at a time: the model returns logits for every position,
-# so a whole long prompt at once would allocate prompt_len x vocab_size floats per row.
+# Prompts are prefilled this many tokens at a time, which bounds the activations and attention
+# mask of one call (prefill asks only for the last position's logits).
 PREFILL_CHUNK = 256
 _SEED_MIX = 0x9E3779B97F4A7C15
 
@@ -194,10 +194,11 @@ class DecodeBatch:
             for j, c in enumerate(chunks):
                 idx[j, :len(c)] = torch.tensor(c)
             counts = [len(c) for c in chunks]
-            logits = self.engine.forward(idx.to(device), self.cache, [slots[i] for i in live], counts)
+            logits = self.engine.forward(idx.to(device), self.cache, [slots[i] for i in live], counts,
+                                         last_only=True)
             for j, i in enumerate(live):
                 if start + counts[j] == len(prompts[i]):
-                    last[i] = logits[j, counts[j] - 1].clone()  # frees the chunk's logits
+                    last[i] = logits[j, 0]
         return last
 
     def cancel(self, row: Row) -> None:
@@ -281,12 +282,13 @@ class Engine:
         return self.model.lm_head.weight.device
 
     def forward(self, idx: torch.Tensor, cache: KVCache, slots: list[int],
-                num_new: list[int] | None = None) -> torch.Tensor:
-        """Logits (len(slots), T, vocab) for idx fed into those cache slots."""
+                num_new: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (len(slots), T, vocab) for idx fed into those cache slots; (len(slots), 1, vocab)
+        for each row's last real token with last_only."""
         # All slots in order: the model can read the cache through views instead of gathers.
         rows = None if slots == list(range(cache.batch_size)) else slots
         with autocast(self.device):
-            return self.model(idx, kv_cache=cache, rows=rows, num_new=num_new)
+            return self.model(idx, kv_cache=cache, rows=rows, num_new=num_new, last_only=last_only)
 
     def check_prompt(self, prompt: Sequence[int], max_len: int) -> list[int]:
         """The prompt as a list of ids; a clear error when it cannot be generated from."""

@@ -29,6 +29,7 @@ different positions (continuous batching builds on it).
     logits = model(idx, kv_cache=cache)                 # idx (B, T): T new tokens per row
     logits = model(idx, kv_cache=cache, rows=slots)     # idx (len(slots), T) for those rows only
     logits = model(idx, kv_cache=cache, num_new=n)      # row b keeps only its first n[b] tokens
+    logits = model(idx, kv_cache=cache, num_new=n, last_only=True)  # (B, 1, V): each row's last real token
 
 Row b's new tokens take positions `cache.lengths[b] ... cache.lengths[b] + T - 1` (their rotary
 angles too) and attend to the row's cached prefix plus, causally, to each other; afterwards the
@@ -367,8 +368,15 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean", rows: Sequence[int] | torch.Tensor | None = None,
-                num_new: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-        """Loss (with targets) or fp32 logits (B, T, vocab_size); see the module docstring."""
+                num_new: int | Sequence[int] | torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Loss (with targets) or fp32 logits (B, T, vocab_size); see the module docstring.
+
+        last_only=True returns logits (B, 1, vocab_size) for each row's last real token only:
+        position num_new[b] - 1 with a cache (T - 1 without one, or for a row with num_new 0),
+        which spares the lm_head matmul over every other position of a prefill.
+        """
+        if last_only and targets is not None:
+            raise ValueError("last_only gives logits for sampling; it cannot be combined with targets")
         if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"idx must be an integer tensor (B, T), got {idx.dtype} of shape {tuple(idx.shape)}")
         if loss_reduction not in ("mean", "none"):
@@ -391,6 +399,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, step)
         x = norm(x)
+        if last_only:
+            if step is None:
+                x = x[:, -1:]
+            else:
+                last = torch.where(step.counts > 0, step.counts - 1, T - 1)
+                x = x[torch.arange(B, device=x.device), last].unsqueeze(1)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
 

@@ -253,12 +253,12 @@ class Scheduler:
             idx[i, :len(chunk)] = torch.tensor(chunk)
         counts = [len(chunk) for _, chunk in chosen]
         logits = self.engine.forward(idx.to(self.engine.device), self.batch.cache,
-                                     [h.slots[0] for h, _ in chosen], counts)
+                                     [h.slots[0] for h, _ in chosen], counts, last_only=True)
         for i, (handle, chunk) in enumerate(chosen):
             handle.prefilled += len(chunk)
             if handle.prefilled == len(handle.prompt):
                 self._prefilling.remove(handle)
-                self._start_rows(handle, logits[i, len(chunk) - 1].clone())
+                self._start_rows(handle, logits[i, 0])
 
     def _start_rows(self, handle: Handle, last_logits: torch.Tensor) -> None:
         """Fork the prefilled prompt into the request's slots and let its rows join the batch."""

@@ -128,6 +128,26 @@ def test_cached_forward_equals_no_cache_forward_for_mixed_length_rows():
 
 
 @torch.no_grad()
+def test_last_only_logits_equal_the_full_logits_at_each_rows_last_real_token():
+    model = perturbed_model(depth=2)
+    idx = torch.randint(0, 97, (3, 9))
+    full = model(idx)
+    torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
+    # Padded prefill into a subset of cache rows: each row's last kept token, wherever it sits.
+    lens = [4, 9, 1]
+    full_cache, last_cache = (KVCache.for_model(model, batch_size=5, max_len=32) for _ in range(2))
+    rows = [3, 0, 4]
+    full = model(idx, kv_cache=full_cache, rows=rows, num_new=lens)
+    last = model(idx, kv_cache=last_cache, rows=rows, num_new=lens, last_only=True)
+    assert last.shape == (3, 1, 97)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(last[b, 0], full[b, n - 1], atol=1e-5, rtol=1e-5)
+    assert last_cache.lengths.tolist() == full_cache.lengths.tolist() == [9, 0, 0, 4, 1]
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, targets=idx, last_only=True)
+
+
+@torch.no_grad()
 def test_cache_rows_subset_fork_reset_and_truncate():
     model = perturbed_model()
     prompt = torch.randint(0, 97, (1, 7))
