@@ -42,8 +42,9 @@ bench-tokenizer: setup
 speedrun-tiny: setup
 	$(UV) run --locked bash libs/nanochat/scripts/speedrun_tiny.sh runs/speedrun-tiny
 
+# Every service as a local process (infra/local/up.py); Ctrl-C stops them all.
 up: setup
-	@echo "make up will start every service locally (registry, trainer, inference, web UI) once the stack lands; today it only sets up the environment."
+	$(UV) run --locked python infra/local/up.py
 
 clean:
 	rm -rf .venv rustbpe/target

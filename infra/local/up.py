@@ -13,7 +13,9 @@ Ctrl-C stops everything (SIGTERM to each process group, then SIGKILL after a gra
 Ports and paths come from `infra/local/stack.toml`, overridden by environment variables named
 NANOCHAT_<KEY> (e.g. NANOCHAT_WEBUI_PORT=9090, NANOCHAT_HOME=/tmp/nanochat). State lives in
 NANOCHAT_HOME (default `.nanochat/` in the repository): databases, blobs, runs, logs and the
-generated tokens, so a second `make up` reuses everything.
+generated tokens, so a second `make up` reuses everything. NANOCHAT_PRESET and NANOCHAT_OPTIONS
+(a JSON object of stage options keyed by stage name, laid over the preset) shape the speedrun it
+submits; the end-to-end test uses them for a shorter chain through every stage.
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def load_config() -> dict[str, str]:
     return config
 
 
+def speedrun_options(config: dict[str, str]) -> dict:
+    """The `options` of the submitted speedrun: NANOCHAT_OPTIONS must be a JSON object."""
+    try:
+        options = json.loads(config["options"])
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"NANOCHAT_OPTIONS is not valid JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise RuntimeError("NANOCHAT_OPTIONS must be a JSON object keyed by stage name")
+    return options
+
+
 def load_tokens(home: Path) -> dict[str, str]:
     """Tokens made on the first run and kept (mode 0600), so later runs and the UI login reuse them."""
     path = home / "tokens.json"
@@ -82,10 +95,13 @@ def service_env(config: dict[str, str], tokens: dict[str, str]) -> dict[str, str
         "TRAINER_WRITE_TOKEN": tokens["trainer"],
         "TRAINER_DATA_DIR": str(home / "data"),
         "TRAINER_RUNS_DIR": str(home / "runs"),
+        "TRAINER_INFERENCE_URL": url["inference"],
+        "TRAINER_WEBUI_URL": url["webui"],
         "INFERENCE_HOST": "127.0.0.1",
         "INFERENCE_PORT": config["inference_port"],
         "INFERENCE_REGISTRY_URL": url["registry"],
         "INFERENCE_REDIS_URL": f"{redis}/0",
+        "INFERENCE_MODEL_NAME": config["model_name"],
         "INFERENCE_MODEL_CACHE_DIR": str(home / "models"),
         "WEBUI_HOST": config["webui_host"],
         "WEBUI_PORT": config["webui_port"],
@@ -166,9 +182,11 @@ def ensure_model(config: dict[str, str], tokens: dict[str, str]) -> str:
         if jobs.get("items"):
             return f"a job is already training: {jobs['items'][0].get('id')}"
     body = {"pipeline": "speedrun", "preset": config["preset"], "output_name": config["model_name"],
+            "options": speedrun_options(config),
             "resources": {"nproc_per_node": int(config["nproc_per_node"]), "nnodes": 1}}
     job = httpx.post(f"{trainer}/v1/jobs", json=body, headers={"Authorization": f"Bearer {tokens['trainer']}"}, timeout=30)
-    job.raise_for_status()
+    if job.status_code != 202:
+        raise RuntimeError(f"the trainer refused the speedrun ({job.status_code}): {job.text}")
     return f"no model yet: submitted the {config['preset']} speedrun as job {job.json().get('id')}"
 
 
@@ -178,12 +196,19 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main() -> int:
     config = load_config()
+    try:
+        speedrun_options(config)
+    except RuntimeError as e:
+        print(f"nanochat: {e}", file=sys.stderr)
+        return 2
     home = Path(config["home"])
     home.mkdir(parents=True, exist_ok=True)
     tokens = load_tokens(home)
     env = {**os.environ, **service_env(config, tokens), "NANOCHAT_PYTHON": sys.executable}
     stack = Stack(home)
+    # SIGINT too: a launcher started in the background inherits it ignored, and Ctrl-C must stop it.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     print(f"nanochat: state in {home}")
     try:
         redis_dir = home / "redis"
