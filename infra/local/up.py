@@ -8,6 +8,7 @@ worker, inference and the web UI, each through `infra/docker/entrypoint.sh`: the
 the images run. It waits until every service answers, prints the UI's URL, and, when the registry
 holds no SFT/RL model yet and no job is producing one, submits the tiny speedrun through the
 trainer API, so the UI shows its progress and inference loads the model when it registers.
+A service that dies is restarted (one that dies over and over stops the stack with its log's path).
 Ctrl-C stops everything (SIGTERM to each process group, then SIGKILL after a grace period).
 
 Ports and paths come from `infra/local/stack.toml`, overridden by environment variables named
@@ -130,18 +131,36 @@ class Stack:
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.restarts: dict[str, list[float]] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(
-            argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        print(f"  started {name:<15} pid {self.procs[name].pid:<7} log {self.logs / (name + '.log')}")
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.commands[name] = (argv, env)
+        print(f"  started {name:<15} pid {self.procs[name].pid:<7} log {self.logs / (name + '.log')}", flush=True)
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
+
+    def supervise(self, max_restarts: int = 3, window_s: float = 60.0) -> None:
+        """Restart a service that died (a crash, an OOM kill), as compose's restart policy would;
+        one that keeps dying is a broken set-up, reported instead of restarted forever."""
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(name, []) if now - t < window_s] + [now]
+            if len(recent) > max_restarts:
+                raise RuntimeError(f"{name} exited {len(recent)} times within {window_s:.0f} s (last code "
+                                   f"{proc.returncode}); see {self.logs / (name + '.log')}")
+            self.restarts[name] = recent
+            print(f"  {name} exited with code {proc.returncode}; restarting it", flush=True)
+            self.start(name, *self.commands[name])
 
     def stop(self, grace_s: float = 10.0) -> None:
         for proc in reversed(list(self.procs.values())):
@@ -224,9 +243,10 @@ def main() -> int:
         print(ensure_model(config, tokens))
         print(f"\n  web UI:  http://{config['webui_host']}:{config['webui_port']}   "
               f"(admin token: {tokens['admin']}, also in {home / 'tokens.json'})")
-        print(f"  API:     http://127.0.0.1:{config['inference_port']}/v1/chat/completions\n  Ctrl-C stops everything.")
+        print(f"  API:     http://127.0.0.1:{config['inference_port']}/v1/chat/completions\n  Ctrl-C stops everything.",
+              flush=True)
         while True:
-            stack.check_alive()
+            stack.supervise()
             time.sleep(1.0)
     except KeyboardInterrupt:
         print("\nstopping ...")
