@@ -60,6 +60,8 @@ class Reaper:
             age = now - beat
             if host == self.settings.host:
                 terminate_job(pgid, node_tag(job_id, rank), self.settings.cancel_grace)
+                if self.settings.executor == "docker":
+                    self._stop_containers(node_tag(job_id, rank))
                 reason = (f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago, limit "
                           f"{limit:g} s); its processes were killed")
             elif age > FOREIGN_HOST_FACTOR * limit:
@@ -70,6 +72,16 @@ class Reaper:
             if self._lost(job_id, rank, beat, reason):
                 handled.append(job_id)
         return handled
+
+    def _stop_containers(self, tag: str) -> None:
+        """A container outlives its worker: stop it by its tag label. An unreachable engine must
+        not keep the job running, so it is logged and the job is ended all the same."""
+        from trainer.docker_executor import EngineUnavailable, stop_containers
+
+        try:
+            stop_containers(self.settings, tag, self.settings.cancel_grace)
+        except EngineUnavailable as e:
+            log.warning("containers of %s not stopped: %s", tag, e)
 
     def _lost(self, job_id: str, rank: int, beat: float, reason: str) -> bool:
         with self.db.session() as s:

@@ -18,12 +18,14 @@ files are attached to it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,7 +196,7 @@ class NodeRun:
         config.write_text(json.dumps(step["options"]))
         command = self._command(stage, config, out, input_ref)
         env = {**os.environ, JOB_MARKER: node_tag(self.job_id, self.rank), "PYTHONUNBUFFERED": "1"}
-        result = run_stage(command, env, self.log_path, lambda e: self._on_event(index, e), self.stop_reason,
+        result = self._executor()(command, env, self.log_path, lambda e: self._on_event(index, e), self.stop_reason,
                            self._on_started, self.s.cancel_grace, node_tag(self.job_id, self.rank))
         if result.stopped:
             raise self._fail_or_cancel(result.stopped, result.log_tail)
@@ -202,6 +204,15 @@ class NodeRun:
             cause = result.last_error or f"exit code {result.returncode}"
             raise StepFailed("failed", f"stage {stage} (step {index + 1}/{n}) failed: {cause}", result.log_tail)
         self._register(index, stage, result, input_ref, out)
+
+    def _executor(self) -> Callable[..., StageResult]:
+        """How the stage runs: a local torchrun, or a container per node (TRAINER_EXECUTOR=docker)."""
+        if self.s.executor == "docker":
+            from trainer.docker_executor import DockerExecutor  # the optional `docker` extra
+
+            return functools.partial(DockerExecutor(self.s).run_stage, job_id=self.job_id, node_rank=self.rank,
+                                     gpus=self.spec["resources"]["nproc_per_node"])
+        return run_stage
 
     def _command(self, stage: str, config: Path, out: Path, input_ref: dict[str, Any] | None) -> list[str]:
         resources = self.spec["resources"]
