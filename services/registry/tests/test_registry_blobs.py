@@ -1,5 +1,6 @@
-"""S3 blob writer against moto's S3 server: parts go up concurrently, bounded, in order; a failed
-part or wrong bytes abort the multipart upload and leave no object behind."""
+"""S3 blobs against moto's S3 server: the writer's parts go up concurrently, bounded, in order; a
+failed part or wrong bytes abort the multipart upload and leave no object behind; a staged
+(presigned) upload is read back and hashed where the store computes no checksum on copy."""
 
 import hashlib
 import os
@@ -98,3 +99,43 @@ def test_wrong_bytes_publish_nothing(s3, tmp_path):
         write_all(store.writer(sha, len(data)), data[:-1] + bytes([data[-1] ^ 1]))
     assert store.size(sha) is None
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+class NoCopyChecksum:
+    """A store that answers no checksum for copies: the registry must read the object back."""
+
+    def __init__(self, client):
+        self.client, self.copies = client, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def copy_object(self, **kw):
+        self.copies += 1
+        r = self.client.copy_object(**kw)
+        r.get("CopyObjectResult", {}).pop("ChecksumSHA256", None)
+        return r
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_staged_upload_is_read_back_where_the_store_gives_no_checksum(s3, tmp_path, wrong):
+    client, bucket = s3
+    wrapped = NoCopyChecksum(client)
+    store = store_over(wrapped, bucket, tmp_path, in_flight=2)
+    data = os.urandom(5 * MiB + 10)
+    sha = hashlib.sha256(data).hexdigest()
+    upload = uuid.uuid4().hex
+    upload_id = store.start_staged(upload)
+    second = data[5 * MiB:]
+    for number, part in [(1, data[:5 * MiB]), (2, (b"x" + second[1:]) if wrong else second)]:
+        client.upload_part(Bucket=bucket, Key=store.staging_key(upload), UploadId=upload_id, PartNumber=number,
+                           Body=part, ChecksumAlgorithm="SHA256")
+    if wrong:
+        with pytest.raises(BlobMismatch, match="sha256"):
+            store.complete_staged(upload, upload_id, sha, len(data), 5 * MiB)
+        assert store.size(sha) is None
+    else:
+        store.complete_staged(upload, upload_id, sha, len(data), 5 * MiB)
+        assert b"".join(store.read(sha)) == data
+    assert wrapped.copies >= 1
+    assert client.list_objects_v2(Bucket=bucket, Prefix=store.staging_key("")).get("KeyCount") == 0
