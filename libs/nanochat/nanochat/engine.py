@@ -226,20 +226,28 @@ class DecodeBatch:
             logits = self.engine.forward(idx, self.cache, [row.slot for row in feed])
             for j, row in enumerate(feed):
                 row.logits = logits[j, -1]
+        greedy = [row for row in running if row.params.temperature == 0 and not row.forced]
+        picks: dict[int, int] = {}
+        if greedy:
+            # One argmax and one device-to-host copy for all greedy rows instead of one per row.
+            ids = torch.stack([row.logits for row in greedy]).argmax(dim=-1).tolist()
+            picks = {row.slot: token for row, token in zip(greedy, ids)}
         out = []
         for row in running:
-            token, mask = self._choose(row)
+            token, mask = self._choose(row, picks.get(row.slot))
             row.logits = None
             out.append(StepToken(row, token, mask, row.finished))
             if row.finished:
                 self._release(row)
         return out
 
-    def _choose(self, row: Row) -> tuple[int, int]:
+    def _choose(self, row: Row, greedy_pick: int | None) -> tuple[int, int]:
         """The row's next token and mask, with the stop / length / calculator bookkeeping."""
         engine = self.engine
         if row.forced:
             token, mask = row.forced.popleft(), 0
+        elif greedy_pick is not None:
+            token, mask = greedy_pick, 1
         else:
             token, mask = sample_token(row.logits, row.params, row.generator), 1
         row.num_generated += 1
@@ -285,10 +293,8 @@ class Engine:
                 num_new: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (len(slots), T, vocab) for idx fed into those cache slots; (len(slots), 1, vocab)
         for each row's last real token with last_only."""
-        # All slots in order: the model can read the cache through views instead of gathers.
-        rows = None if slots == list(range(cache.batch_size)) else slots
         with autocast(self.device):
-            return self.model(idx, kv_cache=cache, rows=rows, num_new=num_new, last_only=last_only)
+            return self.model(idx, kv_cache=cache, rows=slots, num_new=num_new, last_only=last_only)
 
     def check_prompt(self, prompt: Sequence[int], max_len: int) -> list[int]:
         """The prompt as a list of ids; a clear error when it cannot be generated from."""

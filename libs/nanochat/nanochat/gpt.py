@@ -216,7 +216,8 @@ class _CacheStep:
     """What every layer needs for one cached forward: where to write, what to read, the mask."""
 
     cache: KVCache
-    rows: torch.Tensor | None  # None: all rows in order (lets reads be views, not gathers)
+    rows: torch.Tensor  # (B,) the cache row of each batch row
+    block: slice | None  # the same rows when they are one ascending run: reads are views, not gathers
     pos: torch.Tensor  # (B, T) absolute position of each new token
     span: int  # keys 0..span-1 are read
     mask: torch.Tensor  # (B, 1, T, span) True where a query may attend a key
@@ -248,12 +249,11 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=True, enable_gqa=gqa)
         else:
             ck, cv = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
-            rows = step.rows if step.rows is not None else torch.arange(B, device=x.device)
             # Advanced indices (rows, pos) around a sliced head dim put (B, T) first: (B, T, H, D).
-            ck[rows[:, None], :, step.pos] = k.to(ck.dtype)
-            cv[rows[:, None], :, step.pos] = v.to(cv.dtype)
-            if step.rows is None:
-                keys, values = ck[:, :, :step.span], cv[:, :, :step.span]
+            ck[step.rows[:, None], :, step.pos] = k.to(ck.dtype)
+            cv[step.rows[:, None], :, step.pos] = v.to(cv.dtype)
+            if step.block is not None:
+                keys, values = ck[step.block, :, :step.span], cv[step.block, :, :step.span]
             else:
                 keys, values = ck[step.rows, :, :step.span], cv[step.rows, :, :step.span]
             y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
@@ -409,7 +409,7 @@ class GPT(nn.Module):
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
 
         if step is not None:
-            kv_cache.lengths[step.rows if step.rows is not None else slice(None)] += step.counts
+            kv_cache.lengths[step.block if step.block is not None else step.rows] += step.counts
         if targets is None:
             return logits
         if targets.shape != idx.shape:
@@ -423,12 +423,16 @@ class GPT(nn.Module):
         if rows is None:
             if B != cache.batch_size:
                 raise ValueError(f"idx has {B} rows but the cache {cache.batch_size}; pass rows=")
-            row_idx, lengths = None, cache.lengths
+            row_idx, block = cache._rows(None), slice(0, B)
         else:
             row_idx = cache._rows(rows)
             if row_idx.numel() != B or row_idx.unique().numel() != B:
                 raise ValueError(f"rows must name {B} distinct cache rows, got {row_idx.tolist()}")
-            lengths = cache.lengths[row_idx]
+            # A scheduler fills the lowest free slots first, so running rows are often one run.
+            first = int(row_idx[0])
+            run = torch.arange(first, first + B, device=row_idx.device)
+            block = slice(first, first + B) if bool((row_idx == run).all()) else None
+        lengths = cache.lengths[block if block is not None else row_idx]
         end = int((lengths + T).max())
         if end > cache.max_len:
             raise ValueError(f"{T} new tokens would run row lengths {lengths.tolist()} past the cache's max_len {cache.max_len}")
@@ -442,7 +446,7 @@ class GPT(nn.Module):
         pos = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]
         keys = torch.arange(end, device=lengths.device)
         mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
-        return _CacheStep(cache=cache, rows=row_idx, pos=pos, span=end, mask=mask, counts=counts)
+        return _CacheStep(cache=cache, rows=row_idx, block=block, pos=pos, span=end, mask=mask, counts=counts)
 
 
 if __name__ == "__main__":

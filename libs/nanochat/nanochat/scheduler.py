@@ -17,7 +17,7 @@ same seed gives the same text whatever else is in the batch), extra stop token i
 Sample i of a request seeded s samples with `engine.row_seed(s, i)`, as `DecodeBatch.add` does.
 
     scheduler = Scheduler(engine, slots=32)
-    scheduler.start()                         # the model thread
+    scheduler.start(threads=1)                # the model thread, with 1 intra-op torch thread
     handle = scheduler.submit(prompt_ids, SamplingParams(temperature=0, max_tokens=64),
                               on_events=lambda events: ...)   # called on the model thread
     scheduler.cancel(handle)                  # from any thread
@@ -159,11 +159,18 @@ class Scheduler:
         with self._cond:
             return not (self._waiting or self._cancels or self._prefilling or self.batch.rows)
 
-    def start(self) -> None:
-        """Run iterations on a daemon thread until `stop()`."""
+    def start(self, threads: int | None = None) -> None:
+        """Run iterations on a daemon thread until `stop()`; `threads` sets torch's intra-op threads there.
+
+        On a small CPU box, intra-op threads that outnumber the free cores spin against the
+        event loop and each other: one thread is several times faster than two on a loaded
+        2-core machine (see bench/serve.py).
+        """
         if self._thread is not None:
             raise RuntimeError("the scheduler is already running")
-        self._thread = threading.Thread(target=self._run, name="nanochat-scheduler", daemon=True)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        self._thread = threading.Thread(target=self._run, args=(threads,), name="nanochat-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -180,7 +187,10 @@ class Scheduler:
         for handle in dict.fromkeys(pending):
             self._finish_all(handle, "cancelled")
 
-    def _run(self) -> None:
+    def _run(self, threads: int | None) -> None:
+        if threads is not None:
+            # OpenMP keeps the thread count per OS thread, so it is set on the model thread itself.
+            torch.set_num_threads(threads)
         while True:
             with self._cond:
                 while not self._stopping and not (self._waiting or self._cancels or self._prefilling or self.batch.rows):

@@ -153,7 +153,9 @@ def test_thread_runs_requests_and_stop_cancels_the_rest(engine):
     import threading
 
     scheduler = Scheduler(engine, slots=2)
-    scheduler.start()
+    with pytest.raises(ValueError, match="threads"):
+        scheduler.start(threads=0)
+    scheduler.start(threads=1)
     done = threading.Event()
     c = Collector()
 

@@ -68,7 +68,7 @@ class ServedModel:
         max_len = settings.max_len or ckpt.config.sequence_len
         scheduler = Scheduler(engine, slots=settings.slots, max_len=max_len,
                               prefill_tokens=settings.prefill_tokens, max_waiting=settings.max_waiting)
-        scheduler.start()
+        scheduler.start(threads=settings.model_threads(engine.device))
         info = ModelInfo(name=name, version=version if version is not None else ckpt.meta.get("version"),
                          stage=stage or ckpt.meta.get("stage"), folder=Path(folder), loaded_at=time.time())
         return cls(info, engine, scheduler)
