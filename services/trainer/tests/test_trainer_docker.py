@@ -19,7 +19,7 @@ import docker
 import pytest
 from fastapi.testclient import TestClient
 
-from standin_engine import ENGINE_VERSION, StandinEngine, wait_until
+from standin_engine import StandinEngine, wait_until
 from trainer.api import create_app
 from trainer.docker_executor import LABEL_JOB, LABEL_TAG, DockerExecutor, EngineUnavailable, stop_containers
 from trainer.procs import JOB_MARKER, node_tag, processes_with_env
