@@ -5,6 +5,9 @@ as processes, writes a checkpoint folder (model.safetensors of --size-mb, config
 meta, manifest), and times: registry upload (RegistryClient.upload_folder, server-side sha256
 check) and download (parallel ranged GETs, then every sha256 verified), against boto3
 upload_file/download_file to the same S3 server with the same part size and concurrency.
+Two S3 upload paths: through the server (the registry sends --concurrency parts in flight) and
+presigned (the client sends --concurrency parts straight to S3, the registry reads the
+assembled file back to check its sha256).
 Reports MB/s and the registry process's peak RSS (VmHWM). Prints a table, writes
 bench/results/registry.json.
 
@@ -79,11 +82,12 @@ def timed(fn) -> float:
 
 
 def bench_registry(label: str, env_extra: dict, src: Path, work: Path, total: int, args) -> dict:
-    data_dir = work / f"registry-{label}"
+    slug = label.replace(" ", "-")
+    data_dir = work / f"registry-{slug}"
     data_dir.mkdir()
     proc, url = start_registry(env_extra, data_dir)
     try:
-        with RegistryClient(url, token=TOKEN, cache_dir=work / f"cache-{label}", concurrency=args.concurrency,
+        with RegistryClient(url, token=TOKEN, cache_dir=work / f"cache-{slug}", concurrency=args.concurrency,
                             part_size=args.part_mb * MB, timeout=1800) as rc:
             holder = {}
             up = timed(lambda: holder.setdefault("v", rc.upload_folder(src, "bench", stage="sft")))
@@ -92,7 +96,7 @@ def bench_registry(label: str, env_extra: dict, src: Path, work: Path, total: in
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    shutil.rmtree(work / f"cache-{label}", ignore_errors=True)
+    shutil.rmtree(work / f"cache-{slug}", ignore_errors=True)
     shutil.rmtree(data_dir, ignore_errors=True)
     return {"path": f"registry ({label})", "upload_MBps": total / MB / up, "download_MBps": total / MB / down,
             "upload_s": up, "download_s": down, "registry_peak_rss_MB": rss}
@@ -135,11 +139,13 @@ def main() -> None:
     try:
         src = work / "ckpt"
         total = make_checkpoint(src, args.size_mb)
-        s3_env = {"REGISTRY_BLOB_BACKEND": "s3", "REGISTRY_S3_ENDPOINT": s3.url, "REGISTRY_S3_BUCKET": "registry",
+        s3_env = {"REGISTRY_BLOB_BACKEND": "s3", "REGISTRY_S3_ENDPOINT": s3.url,
                   "REGISTRY_S3_ACCESS_KEY": "testing", "REGISTRY_S3_SECRET_KEY": "testing",
-                  "REGISTRY_S3_PART_SIZE": str(args.part_mb * MB)}
+                  "REGISTRY_S3_PART_SIZE": str(args.part_mb * MB), "REGISTRY_S3_PARTS_IN_FLIGHT": str(args.concurrency)}
         rows = [bench_boto3(s3.url, src, work, total, args),
-                bench_registry("s3", s3_env, src, work, total, args),
+                bench_registry("s3 via server", {**s3_env, "REGISTRY_S3_BUCKET": "via-server",
+                                                  "REGISTRY_PRESIGNED_UPLOADS": "false"}, src, work, total, args),
+                bench_registry("s3 presigned", {**s3_env, "REGISTRY_S3_BUCKET": "presigned"}, src, work, total, args),
                 bench_registry("local", {}, src, work, total, args)]
     finally:
         s3.stop()
@@ -148,10 +154,10 @@ def main() -> None:
     direct = rows[0]
     print(f"checkpoint {total / MB:.0f} MB, part {args.part_mb} MiB, concurrency {args.concurrency}, "
           f"{os.cpu_count()} CPUs (moto S3 server, registry and client share them)")
-    print(f"{'path':<24}{'up MB/s':>10}{'down MB/s':>11}{'up x':>7}{'down x':>8}{'peak RSS MB':>13}")
+    print(f"{'path':<30}{'up MB/s':>10}{'down MB/s':>11}{'up x':>7}{'down x':>8}{'peak RSS MB':>13}")
     for r in rows:
         rss = "-" if r["registry_peak_rss_MB"] is None else f"{r['registry_peak_rss_MB']:.0f}"
-        print(f"{r['path']:<24}{r['upload_MBps']:>10.1f}{r['download_MBps']:>11.1f}"
+        print(f"{r['path']:<30}{r['upload_MBps']:>10.1f}{r['download_MBps']:>11.1f}"
               f"{r['upload_MBps'] / direct['upload_MBps']:>7.2f}{r['download_MBps'] / direct['download_MBps']:>8.2f}{rss:>13}")
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
