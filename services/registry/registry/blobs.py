@@ -5,7 +5,9 @@
 write and publish the blob only when size and sha256 match what was declared, so a broken or
 dishonest upload never lands under a name it does not hash to. Memory stays flat in the file
 size: local writes stream to a temp file; S3 writes spool each multipart part to a temp file and
-send a bounded number of parts concurrently in the background.
+send a bounded number of parts concurrently in the background. `S3Blobs` also takes presigned
+uploads: clients PUT parts straight to a staging key (`<prefix>uploads/<id>`), and the assembled
+object is published only after its whole-file sha256 is checked.
 """
 
 from __future__ import annotations
