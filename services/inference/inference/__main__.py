@@ -18,6 +18,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": round(time.time(), 3), "level": record.levelname, "logger": record.name,
                 "message": record.getMessage()}
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            line["request_id"] = request_id
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line)

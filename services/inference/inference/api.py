@@ -11,6 +11,9 @@ sent, so bad input never gets a 200-then-cut stream; a failure mid-stream sends 
 then closes. Errors are OpenAI's JSON: 400 bad values or a prompt longer than the context
 (`context_length_exceeded`), 401 wrong token, 404 unknown model, 413 body too large, 429 with
 Retry-After when the waiting queue is full, 503 while no model is loaded.
+
+Every completion carries its id (`chatcmpl-...`/`cmpl-...`) in an `X-Request-Id` header, and the
+log line of its end (outcome, token counts, duration) carries it as `request_id`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -88,6 +91,25 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however it ends.
+
+    A client that leaves before the first byte can end the response before Starlette ever starts
+    the body iterator, so a `finally` inside the iterator alone would never run and the request
+    would keep its cache slots and its hold on the served model.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def sse(payload: str) -> bytes:
@@ -194,45 +216,63 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             gen.close()
 
-    async def stream(gen: Generation, served: ServedModel, endpoint: str, first: list[bytes],
-                     chunks_of, usage_chunk) -> AsyncIterator[bytes]:
+    def finished(rid: str, endpoint: str, outcome: str, gen: Generation) -> None:
+        metrics.requests.labels(endpoint, outcome).inc()
+        log.info("%s %s: %s, %d prompt + %d completion tokens in %.3f s", endpoint, rid, outcome,
+                 gen.prompt_tokens, gen.completion_tokens, time.monotonic() - gen.started,
+                 extra={"request_id": rid})
+
+    def stream(gen: Generation, served: ServedModel, rid: str, endpoint: str, first: list[bytes],
+               chunks_of, usage_chunk) -> StreamingResponse:
         outcome = "disconnected"
-        try:
-            for chunk in first:
-                yield chunk
-            async for updates in gen.updates():
-                for chunk in chunks_of(updates):
-                    yield chunk
-            if usage_chunk is not None:
-                yield usage_chunk(usage(gen))
-            yield b"data: [DONE]\n\n"
-            outcome = "ok"
-        except GenerationError as e:
-            outcome = "error"
-            yield sse(json.dumps({"error": {"message": str(e), "type": "server_error", "param": None,
-                                            "code": "generation_failed"}}))
-        finally:
+        closed = False
+
+        def close() -> None:
+            nonlocal closed
+            if closed:
+                return
+            closed = True
             gen.close()
             manager.release(served)
-            metrics.requests.labels(endpoint, outcome).inc()
+            finished(rid, endpoint, outcome, gen)
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal outcome
+            try:
+                for chunk in first:
+                    yield chunk
+                async for updates in gen.updates():
+                    for chunk in chunks_of(updates):
+                        yield chunk
+                if usage_chunk is not None:
+                    yield usage_chunk(usage(gen))
+                yield b"data: [DONE]\n\n"
+                outcome = "ok"
+            except GenerationError as e:
+                outcome = "error"
+                log.warning("%s %s failed: %s", endpoint, rid, e, extra={"request_id": rid})
+                yield sse(json.dumps({"error": {"message": str(e), "type": "server_error", "param": None,
+                                                "code": "generation_failed"}}))
+            finally:
+                close()
+
+        return ClosingStreamingResponse(body(), close, media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                 "X-Request-Id": rid})
 
     def usage(gen: Generation) -> schemas.Usage:
         return schemas.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                              total_tokens=gen.prompt_tokens + gen.completion_tokens)
 
-    def stream_response(body: AsyncIterator[bytes]) -> StreamingResponse:
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def finish_plain(gen: Generation, served: ServedModel, request: Request, endpoint: str) -> bool:
+    async def finish_plain(gen: Generation, served: ServedModel, request: Request, rid: str, endpoint: str) -> bool:
         try:
             done = await run_to_end(gen, request)
         except GenerationError as e:
-            metrics.requests.labels(endpoint, "error").inc()
+            finished(rid, endpoint, "error", gen)
             raise APIError(500, str(e), "server_error", "generation_failed") from None
         finally:
             manager.release(served)
-        metrics.requests.labels(endpoint, "ok" if done else "disconnected").inc()
+        finished(rid, endpoint, "ok" if done else "disconnected", gen)
         return done
 
     # ---- chat ----------------------------------------------------------------------------------
@@ -274,10 +314,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return sse(schemas.ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u)
                            .model_dump_json())
 
-            return stream_response(stream(gen, served, "chat", first, chunks_of,
-                                          usage_chunk if body.include_usage else None))
+            return stream(gen, served, rid, "chat", first, chunks_of, usage_chunk if body.include_usage else None)
 
-        if not await finish_plain(gen, served, request, "chat"):
+        if not await finish_plain(gen, served, request, rid, "chat"):
             return Response(status_code=499)
         choices = []
         for c in gen.choices:
@@ -287,7 +326,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 schemas.ToolPart(type=kind, text=text) for kind, text in parts])
             choices.append(schemas.ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason))
         return JSONResponse(schemas.ChatCompletion(id=rid, created=created, model=name, choices=choices,
-                                                   usage=usage(gen)).model_dump())
+                                                   usage=usage(gen)).model_dump(), headers={"X-Request-Id": rid})
 
     # ---- completions ---------------------------------------------------------------------------
 
@@ -316,16 +355,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                                    finish_reason=u.finish_reason)]))
                 return out
 
-            return stream_response(stream(gen, served, "completions", [], chunks_of,
-                                          (lambda u: chunk([], u)) if body.include_usage else None))
+            return stream(gen, served, rid, "completions", [], chunks_of,
+                          (lambda u: chunk([], u)) if body.include_usage else None)
 
-        if not await finish_plain(gen, served, request, "completions"):
+        if not await finish_plain(gen, served, request, rid, "completions"):
             return Response(status_code=499)
         choices = [schemas.CompletionChoice(index=c.index, finish_reason=c.finish_reason,
                                             text="".join(t for kind, t in c.parts if kind == "text"))
                    for c in gen.choices]
         return JSONResponse(schemas.Completion(id=rid, created=created, model=name, choices=choices,
-                                               usage=usage(gen)).model_dump())
+                                               usage=usage(gen)).model_dump(), headers={"X-Request-Id": rid})
 
     # ---- models, health ------------------------------------------------------------------------
 

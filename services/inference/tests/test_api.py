@@ -1,12 +1,13 @@
 """The OpenAI-compatible API through the official `openai` SDK and raw HTTP, on tiny checkpoints."""
 
 import json
+import logging
 
 import httpx
 import openai
 import pytest
 
-from conftest import SCRIPT_WORDS, start_server
+from conftest import SCRIPT_WORDS, start_server, wait_for
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7*3?"}]
 
@@ -202,3 +203,24 @@ def test_metrics(server, client):
         assert name in text
     count = [line for line in text.splitlines() if line.startswith("inference_generation_tokens_total")]
     assert float(count[0].split()[-1]) > 0
+
+
+def test_request_id_in_header_and_json_logs(server, caplog):
+    from inference.__main__ import JsonFormatter
+
+    caplog.set_level(logging.INFO, logger="inference.api")
+    body = {"messages": CHAT, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        events = sse_events(r)
+        rid = r.headers["x-request-id"]
+    assert events[0]["id"] == rid
+    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": "The quick", "max_tokens": 3}, timeout=60)
+    assert plain.headers["x-request-id"] == plain.json()["id"]
+
+    def logged() -> dict:
+        lines = [json.loads(JsonFormatter().format(rec)) for rec in caplog.records if hasattr(rec, "request_id")]
+        return {line["request_id"]: line for line in lines}
+
+    # A stream's end is logged after its last byte went out, so the client may read it first.
+    wait_for(lambda: {rid, plain.json()["id"]} <= set(logged()), what="both requests' log lines")
+    assert "ok" in logged()[rid]["message"]

@@ -1,11 +1,13 @@
 """Continuous batching behind the API: batch-independent output, disconnects, a full queue."""
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+from starlette.requests import ClientDisconnect
 
 from conftest import start_server, wait_for
 
@@ -56,6 +58,35 @@ def test_disconnect_frees_the_cache_at_once(checkpoints):
         assert 'outcome="disconnected"' in metrics
     finally:
         s.stop()
+
+
+def test_client_gone_before_the_first_byte_frees_the_request(server):
+    """The client's socket is gone when the response starts: no body byte is ever sent."""
+    scheduler, manager = server.manager.current.scheduler, server.manager
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 2000,
+                       "temperature": 1.0, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "root_path": "", "query_string": b"", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    started = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            started.append(scheduler.stats().used_slots + scheduler.stats().waiting)
+            raise OSError("the client has gone")
+
+    with pytest.raises((OSError, ClientDisconnect)):
+        asyncio.run(server.app(scope, receive, send))
+    assert started == [1], "the request was queued before the response started"
+    wait_for(lambda: scheduler.stats().used_slots == 0 and scheduler.stats().waiting == 0, what="the slot to be freed")
+    assert manager.current.active == 0
 
 
 def test_full_queue_is_429_with_retry_after(checkpoints):
