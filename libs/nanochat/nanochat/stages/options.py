@@ -215,8 +215,11 @@ PRESETS: dict[str, dict[str, dict]] = {
         "base_eval": {"device_batch_size": 8, "max_per_task": 100},
         "mid_train": {**_TINY_TRAIN, "total_batch_size": 4096, "num_iterations": 100,
                       "eval_every": 50, "eval_tokens": 16384, "save_every": 50},
+        # 0.02x the base LRs (the original's, over ~700 steps) barely moves a model in 100 steps:
+        # measured, identity accuracy stays 0%; at 0.2x it reaches 98%.
         "chat_sft": {**_TINY_TRAIN, "device_batch_size": 8, "target_examples_per_step": 16,
-                     "num_iterations": 100, "eval_every": 50, "eval_steps": 4, "save_every": 50},
+                     "num_iterations": 100, "eval_every": 50, "eval_steps": 4, "save_every": 50,
+                     "init_lr_frac": 0.2},
         "chat_rl": {"device_batch_size": 8, "examples_per_step": 4, "num_samples": 4,
                     "max_new_tokens": 48, "num_iterations": 4, "eval_every": -1, "eval_examples": 20,
                     "save_every": -1},
