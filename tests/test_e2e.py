@@ -205,7 +205,10 @@ def test_registry_holds_the_chain_with_lineage_and_verified_hashes(stack, speedr
 
 def wait_served(stack, version: int) -> dict:
     def served():
-        r = httpx.get(f"{stack.url('inference')}/ready", timeout=5)
+        try:
+            r = httpx.get(f"{stack.url('inference')}/ready", timeout=5)
+        except httpx.TransportError:  # a restarted inference is not listening yet
+            return False
         return r.status_code == 200 and r.json().get("version") == version and r.json()
     return poll(served, 120, f"inference to serve v{version}\n{stack.logs('inference')}")
 
