@@ -199,8 +199,26 @@ def test_registry_holds_the_chain_with_lineage_and_verified_hashes(stack, speedr
             assert info.state == "ready" and info.stage == stage and info.job_id == speedrun["id"]
             folder = client.download(MODEL, version=version)
             assert info.files, f"{stage} v{version} has no files"
-            for f in info.files + info.attachments:
+            for f in info.files:
                 assert sha256(folder / f.path) == f.sha256, f"{stage} v{version}: {f.path} differs from its record"
+            for f in info.attachments:
+                client.read_attachment(MODEL, version, f.path)
+
+
+def test_report_card_covers_the_whole_lineage(stack, speedrun, tmp_path):
+    """The report stage reads every ancestor and the evals patched onto each (not just the RL folder)."""
+    rl = next(p["version"] for p in speedrun["produced"] if p["stage"] == "rl")
+    with RegistryClient(stack.url("registry"), cache_dir=tmp_path) as client:
+        info = client.get_version(MODEL, rl)
+        assert {"report.md", "loss.png"} <= {a.path for a in info.attachments}
+        report = client.read_attachment(MODEL, rl, "report.md").decode()
+        assert client.read_attachment(MODEL, rl, "loss.png").startswith(b"\x89PNG")
+    assert "| Metric | BASE | MID | SFT | RL |" in report
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in report.splitlines() if line.startswith("| ") and line.count("|") == 6}
+    assert rows["CORE"][0], f"no base CORE in the report:\n{report}"
+    assert all(rows["ARC-Easy"][1:]), f"ARC-Easy missing for mid/sft/rl:\n{report}"
+    assert "## Stage times" in report and "| base_train |" in report
 
 
 def wait_served(stack, version: int) -> dict:

@@ -167,6 +167,17 @@ class RegistryClient:
                                "Content-Type": "application/octet-stream"})
         return FileInfo(rel, size, sha)
 
+    def read_attachment(self, name: str, version: int, path: str) -> bytes:
+        """An attachment's bytes, checked against the sha256 the registry recorded."""
+        info = self.get_version(name, version)
+        record = next((f for f in info.attachments if f.path == path), None)
+        if record is None:
+            raise RegistryError(404, f"{name}:{version} has no attachment {path!r}")
+        data = self._request("GET", f"{self._v(name, version)}/files/{path}").content
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise IntegrityError(f"{name} v{version} attachment {path}: bytes differ from the recorded sha256")
+        return data
+
     def upload_folder(self, folder: str | os.PathLike, name: str, stage: str, step: int | None = None,
                       metrics: dict | None = None, parent: int | dict | None = None, job_id: str | None = None,
                       meta: dict | None = None, resume_version: int | None = None) -> VersionInfo:
@@ -257,9 +268,11 @@ class RegistryClient:
 
     def download(self, name: str, version: int | None = None, alias: str | None = None,
                  stage: str | list[str] | None = None) -> Path:
-        """A verified local folder of the version (resolved by alias/stage if no number is given)."""
+        """A verified local folder of the version (resolved by alias/stage if no number is given):
+        its model files, exactly what its manifest lists. Attachments (report cards, eval records)
+        describe the version and may be added after commit; `read_attachment` fetches them."""
         info = self.get_version(name, version) if version is not None else self.resolve(name, stage, alias)
-        wanted = {f.path: f for f in info.files + info.attachments}
+        wanted = {f.path: f for f in info.files}
         target = self.cache_dir / name / f"v{info.version}"
         if _cache_matches(target, wanted):
             return target

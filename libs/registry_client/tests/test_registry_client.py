@@ -137,7 +137,12 @@ def test_attach_metrics_lineage_and_delete(rc, tmp_path):
     report.write_text("# report\n")
     rc.attach(name, sft.version, report)
     assert [a.path for a in rc.get_version(name, sft.version).attachments] == ["report.md"]
-    assert (rc.download(name, sft.version) / "report.md").read_text() == "# report\n"
+    assert rc.read_attachment(name, sft.version, "report.md") == b"# report\n"
+    # The downloaded folder is the checkpoint its manifest describes, attachments left out.
+    folder = rc.download(name, sft.version)
+    listed = json.loads((folder / "manifest.json").read_text())["files"]
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert present - {"manifest.json", ".registry-verified.json"} == set(listed)
     assert rc.patch_metrics(name, sft.version, {"chat_eval": 0.3}).metrics == {"chat_eval": 0.3}
     assert [p["version"] for p in rc.lineage(name, sft.version)["parents"]] == [tok.version]
     assert [x.version for x in rc.list_versions(name)] == [sft.version, tok.version]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from registry_client import IntegrityError, RegistryClient, RegistryError, UploadError
+from registry_client import IntegrityError, RegistryClient, RegistryError, UploadError, VersionInfo
 
 from trainer.settings import Settings
 
@@ -82,6 +82,14 @@ class Registry:
             return self.client.download(name, version)
         except (RegistryError, httpx.HTTPError, IntegrityError, OSError) as e:
             raise _translate(e) from None
+
+    def lineage(self, name: str, version: int) -> list[VersionInfo]:
+        """The version, then its parent, up to the root."""
+        try:
+            chain = self.client.lineage(name, version)
+        except (RegistryError, httpx.HTTPError) as e:
+            raise _translate(e) from None
+        return [VersionInfo.from_json(v) for v in [chain["version"], *chain["parents"]]]
 
     def upload(self, folder: Path, name: str, stage: str, parent: tuple[str, int] | None, job_id: str,
                metrics: dict[str, Any], step: int | None = None) -> int:

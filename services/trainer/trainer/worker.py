@@ -35,6 +35,8 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 from sqlalchemy import select, update
 
+from nanochat.report import EVAL_FILE
+
 from trainer.db import TERMINAL, Database, Job, JobNode, migrate
 from trainer.dispatch import BarrierAborted, barrier, cancel_requested, make_queue
 from trainer.procs import JOB_MARKER, node_tag
@@ -194,7 +196,8 @@ class NodeRun:
         out = self.dir / "steps" / f"{index:02d}-{stage}"
         config = self.dir / f"step{index:02d}-{stage}.json"
         config.write_text(json.dumps(step["options"]))
-        command = self._command(stage, config, out, input_ref)
+        extra_inputs = self._report_inputs(index, input_ref) if stage == "report" and input_ref else []
+        command = self._command(stage, config, out, input_ref, extra_inputs)
         env = {**os.environ, JOB_MARKER: node_tag(self.job_id, self.rank), "PYTHONUNBUFFERED": "1"}
         result = self._executor()(command, env, self.log_path, lambda e: self._on_event(index, e), self.stop_reason,
                            self._on_started, self.s.cancel_grace, node_tag(self.job_id, self.rank))
@@ -214,7 +217,8 @@ class NodeRun:
                                      gpus=self.spec["resources"]["nproc_per_node"])
         return run_stage
 
-    def _command(self, stage: str, config: Path, out: Path, input_ref: dict[str, Any] | None) -> list[str]:
+    def _command(self, stage: str, config: Path, out: Path, input_ref: dict[str, Any] | None,
+                 extra_inputs: list[str]) -> list[str]:
         resources = self.spec["resources"]
         cmd = [*self.s.torchrun, f"--nproc-per-node={resources['nproc_per_node']}"]
         if self.nnodes > 1:
@@ -227,8 +231,42 @@ class NodeRun:
         cmd += ["-m", module, "--config", str(config), "--data-dir", str(self.s.data_dir), "--out", str(out),
                 "--job-id", self.job_id]
         if input_ref is not None:
-            cmd += ["--init-from", input_ref["path"], "--input-version", f"{input_ref['name']}:{input_ref['version']}"]
+            cmd += ["--init-from", input_ref["path"], *extra_inputs,
+                    "--input-version", f"{input_ref['name']}:{input_ref['version']}"]
         return cmd
+
+    def _report_inputs(self, index: int, input_ref: dict[str, Any]) -> list[str]:
+        """What `report` reads besides the input version: every ancestor's folder, each version's
+        registry metrics (the eval stages patched them there) as an eval result, and this job's
+        stage events (for stage times)."""
+        name, version = input_ref["name"], input_ref["version"]
+        folder = self.dir / "steps" / f"{index:02d}-report-inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            chain = self._with_retries(f"lineage of {name}:{version}", lambda: self.ctx.registry.lineage(name, version))
+            paths = []
+            for i, v in enumerate(chain):
+                if i == 0:
+                    path = input_ref["path"]
+                else:
+                    path = str(self._with_retries(f"download {v.name}:{v.version}", lambda v=v:
+                                                  self.ctx.registry.download(v.name, v.version)))
+                    paths.append(path)
+                result = folder / f"metrics-{v.name}-v{v.version}"
+                result.mkdir(exist_ok=True)
+                (result / EVAL_FILE).write_text(json.dumps({
+                    "made_by": "registry", "measured": [str(Path(path).resolve())],
+                    "input_version": [f"{v.name}:{v.version}"], "job_id": v.job_id, "metrics": v.metrics}))
+                paths.append(str(result))
+        except (RegistryUnavailable, RegistryRejected, VersionNotFound) as e:
+            raise StepFailed("failed", f"lineage of {name}:{version}: {e}") from None
+        events = folder / "events.jsonl"
+        source = events_path(self.s, self.job_id)
+        lines = source.read_text().splitlines() if source.exists() else []
+        # The job log tags each event with its step; the stage event schema has no such field.
+        events.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "step_index"}) + "\n"
+                                  for line in lines if line.strip()))
+        return [*paths, str(events)]
 
     def _input_for(self, index: int) -> dict[str, Any] | None:
         """The version a step reads: the newest one this job made, else the job's own input."""
