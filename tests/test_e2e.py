@@ -35,6 +35,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "nanochat"
+# Screenshots of the web UI on the real stack (ignored by git; the README's pictures come from here).
+SHOTS = Path(__file__).parent / "output"
 CHAIN = ["tokenizer", "base", "mid", "sft", "rl"]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -255,7 +257,7 @@ def test_chat_through_the_openai_sdk(stack, speedrun):
     assert text == reply.choices[0].message.content
 
 
-def test_chat_in_the_web_ui(stack, speedrun, tmp_path):
+def test_chat_in_the_web_ui(stack, speedrun):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/run does)")
     rl = next(p["version"] for p in speedrun["produced"] if p["stage"] == "rl")
@@ -274,7 +276,13 @@ def test_chat_in_the_web_ui(stack, speedrun, tmp_path):
             answer = page.locator("[data-testid=message][data-role=assistant]").last
             expect(answer).to_have_attribute("data-state", "done", timeout=60_000)
             assert answer.locator(".body").inner_text().strip()
-            page.screenshot(path=tmp_path / "chat.png")
+            SHOTS.mkdir(exist_ok=True)
+            page.set_viewport_size({"width": 1280, "height": 800})
+            page.screenshot(path=SHOTS / "e2e-chat.png")
+            page.goto(f"{stack.url('webui')}/#/jobs/{speedrun['id']}")
+            expect(page.get_by_test_id("log-state")).to_be_visible()
+            expect(page.get_by_test_id("status").first).to_have_text("succeeded")
+            page.screenshot(path=SHOTS / "e2e-job.png", full_page=True)
             assert errors == []
         finally:
             browser.close()

@@ -1,7 +1,7 @@
 """RegistryClient: typed access to the registry over HTTP (httpx only, no torch).
 
     from registry_client import RegistryClient
-    rc = RegistryClient("http://127.0.0.1:8100", token="...", cache_dir="~/.cache/nanochat/registry")
+    rc = RegistryClient("http://127.0.0.1:8002", token="...", cache_dir="~/.cache/nanochat/registry")
     v = rc.upload_folder("out/sft", "nanochat", stage="sft", parent=3, job_id="j1")
     folder = rc.download("nanochat", stage=["rl", "sft"])   # every sha256 checked before it returns
 
@@ -173,7 +173,7 @@ class RegistryClient:
         record = next((f for f in info.attachments if f.path == path), None)
         if record is None:
             raise RegistryError(404, f"{name}:{version} has no attachment {path!r}")
-        data = self._request("GET", f"{self._v(name, version)}/files/{path}").content
+        data = self._request("GET", f"{self._v(name, version)}/attachments/{path}").content
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise IntegrityError(f"{name} v{version} attachment {path}: bytes differ from the recorded sha256")
         return data

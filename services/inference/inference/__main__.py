@@ -1,7 +1,7 @@
 """Serve the model: `python -m inference` (settings from INFERENCE_* environment variables).
 
     INFERENCE_MODEL_DIR=out/sft python -m inference
-    INFERENCE_REGISTRY_URL=http://127.0.0.1:8100 INFERENCE_REDIS_URL=redis://127.0.0.1:6379/0 python -m inference
+    INFERENCE_REGISTRY_URL=http://127.0.0.1:8002 INFERENCE_REDIS_URL=redis://127.0.0.1:6379/0 python -m inference
 """
 
 import json

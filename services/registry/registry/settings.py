@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REGISTRY_", extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8100
+    port: int = 8002
     data_dir: Path = Path("registry-data")
     # Empty means sqlite:///<data_dir>/registry.db.
     database_url: str = ""
