@@ -170,6 +170,11 @@ async def ping_health(http: httpx.AsyncClient, url: str, stop: asyncio.Event, ou
         await asyncio.sleep(0.02)
 
 
+def health_cell(seconds: float) -> str:
+    """A failed /health ping (no answer within its 60 s timeout) counts as infinitely slow."""
+    return f"{'timeout':>10s}" if seconds == float("inf") else f"{seconds * 1000:8.1f}ms"
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -276,7 +281,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['server']:8s} {r['concurrency']:4d} {r['requests']:4d} {r['tok_per_s']:8.1f} "
               f"{r['ttft_p50']:8.3f}s {r['ttft_p99']:8.3f}s {r['itl_p50'] * 1000:6.1f}ms {r['itl_p99'] * 1000:6.1f}ms "
-              f"{r['health_p99'] * 1000:8.1f}ms {r['errors']:6d} {r['rejected_429']:4d}")
+              f"{health_cell(r['health_p99'])} {r['errors']:6d} {r['rejected_429']:4d}")
     base = {r["concurrency"]: r for r in rows if r["server"] == "baseline"}
     for r in rows:
         if r["server"] == "ours" and r["concurrency"] in base and base[r["concurrency"]]["tok_per_s"] > 0:

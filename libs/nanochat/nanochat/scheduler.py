@@ -147,10 +147,12 @@ class Scheduler:
             self._cond.notify()
 
     def stats(self) -> Stats:
+        # Under the lock: admission and a prompt's rows joining the batch move a request between
+        # these counts under it too, so a reader never sees it in none or in two of them.
         with self._cond:
             waiting = len(self._waiting)
+            used = len(self.batch.rows) + len(self._reserved)
         lengths = self.batch.cache.lengths
-        used = len(self.batch.rows) + len(self._reserved)
         return Stats(waiting=waiting, prefilling=len(self._prefilling), running=len(self.batch.rows),
                      slots=self.slots, used_slots=used, cache_positions_used=int(lengths.sum()),
                      cache_positions=self.slots * self.max_len)
@@ -273,16 +275,18 @@ class Scheduler:
     def _start_rows(self, handle: Handle, last_logits: torch.Tensor) -> None:
         """Fork the prefilled prompt into the request's slots and let its rows join the batch."""
         self.batch.cache.fork(handle.slots[0], handle.slots[1:])
-        self._reserved.difference_update(handle.slots)
         seed = secrets.randbits(62) if handle.params.seed is None else handle.params.seed
         handle.rows, handle.finished = [], [False] * handle.n
         for i, slot in enumerate(handle.slots):
             generator = torch.Generator(device=self.engine.device)
             generator.manual_seed(row_seed(seed, i))
-            row = Row(slot=slot, prompt=handle.prompt, params=handle.params, generator=generator, logits=last_logits)
-            self.batch.rows[slot] = row
-            self._by_slot[slot] = (handle, i)
-            handle.rows.append(row)
+            handle.rows.append(Row(slot=slot, prompt=handle.prompt, params=handle.params, generator=generator,
+                                   logits=last_logits))
+        with self._cond:
+            for i, row in enumerate(handle.rows):
+                self.batch.rows[row.slot] = row
+                self._by_slot[row.slot] = (handle, i)
+            self._reserved.difference_update(handle.slots)
 
     def _decode(self) -> None:
         events: dict[Handle, list[Event]] = {}

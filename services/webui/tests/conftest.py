@@ -60,14 +60,16 @@ def start_fake() -> Proc:
     return Proc(url, process)
 
 
-def start_webui(fake_url: str, **extra: str) -> Proc:
+def start_webui(fake_url: str | None, services: dict[str, str] | None = None, **extra: str) -> Proc:
+    """The web UI in front of the fake upstream (`fake_url`), or of the real `services` by name."""
     port = free_port()
+    urls = services or {name: f"{fake_url}/{name}" for name in ("inference", "trainer", "registry")}
     env = {
         **os.environ,
         "WEBUI_PORT": str(port),
-        "WEBUI_INFERENCE_URL": f"{fake_url}/inference",
-        "WEBUI_TRAINER_URL": f"{fake_url}/trainer",
-        "WEBUI_REGISTRY_URL": f"{fake_url}/registry",
+        "WEBUI_INFERENCE_URL": urls["inference"],
+        "WEBUI_TRAINER_URL": urls["trainer"],
+        "WEBUI_REGISTRY_URL": urls["registry"],
         "WEBUI_INFERENCE_TOKEN": "inference-secret",
         "WEBUI_TRAINER_TOKEN": "trainer-secret",
         "WEBUI_REGISTRY_TOKEN": "registry-secret",

@@ -1,0 +1,174 @@
+"""The web UI against the real services: a registry process (SQLite + local blobs) holding two tiny
+random-weight models, an inference process serving from it, a trainer API process on a real Redis,
+and the web UI in front of them, driven by Playwright in Debian's Chromium. What only the fake
+upstream can stage (model output with XSS payloads, a full queue) stays in test_webui_browser.py."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import ADMIN_TOKEN, OUTPUT, Proc, free_port, poll, start_webui, wait_healthy
+from playwright.sync_api import expect
+from registry_client import RegistryClient
+from test_webui_browser import browser, last_assistant, open_page, send  # noqa: F401 (browser is a fixture)
+
+from nanochat.checkpoint import save_checkpoint
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+REGISTRY_TOKEN, TRAINER_TOKEN = "registry-secret", "trainer-secret"
+TEXT = "The quick brown fox jumps over the lazy dog; 7*3 is 21, and café means coffee. " * 40
+MAX_TOKENS = 3000
+
+
+def noisy_model(tok: Tokenizer, seed: int) -> GPT:
+    """A depth-2 model with noise on every weight (a fresh one's zero lm_head says the same for all)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(2, tok.vocab_size, sequence_len=4096))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def greedy_never_ends(tok: Tokenizer, model: GPT) -> bool:
+    """The Stop test needs a reply longer than it takes to press Stop: greedy decoding whose
+    cycle never reaches <|assistant_end|>."""
+    prompt = tok.render_for_completion([{"role": "user", "content": "tell me a long story"}])
+    out, _ = Engine(model, tok).generate_batch(prompt, max_tokens=400, temperature=0.0)
+    return len(out[0]) - len(prompt) == 400
+
+
+def spawn(name: str, module: str, env: dict[str, str], url: str, health: str, root: Path) -> Proc:
+    with open(root / f"{name}.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", *module.split()], env={**os.environ, **env},
+                                   stdout=log, stderr=subprocess.STDOUT)
+    proc = Proc(url, process)
+    try:
+        wait_healthy(f"{url}{health}", process, limit_s=60)
+    except RuntimeError:
+        proc.stop()
+        raise RuntimeError(f"{name} did not start:\n{(root / f'{name}.log').read_text()[-3000:]}") from None
+    return proc
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_server):
+    root = tmp_path_factory.mktemp("real")
+    tok = Tokenizer.train_from_iterator([TEXT], vocab_size=400)
+    seed = next(s for s in range(20) if greedy_never_ends(tok, noisy_model(tok, s)))
+    procs: dict[str, Proc] = {}
+    try:
+        port = free_port()
+        procs["registry"] = spawn("registry", "registry", {
+            "REGISTRY_PORT": str(port), "REGISTRY_DATA_DIR": str(root / "registry"),
+            "REGISTRY_WRITE_TOKEN": REGISTRY_TOKEN}, f"http://127.0.0.1:{port}", "/ready", root)
+        with RegistryClient(procs["registry"].url, token=REGISTRY_TOKEN, cache_dir=root / "cache") as rc:
+            base = rc.upload_folder(save_checkpoint(root / "base", noisy_model(tok, seed), tok,
+                                                           meta={"stage": "base"}), "nanochat", stage="base")
+            for i, stage in enumerate(["sft", "rl"]):
+                folder = save_checkpoint(root / stage, noisy_model(tok, seed), tok, meta={"stage": stage})
+                rc.upload_folder(folder, "nanochat", stage=stage, parent=base.version + i)
+            # Serve the SFT version until the test moves the alias to RL.
+            rc.set_alias("nanochat", "serving", base.version + 1)
+        port = free_port()
+        procs["inference"] = spawn("inference", "inference", {
+            "INFERENCE_PORT": str(port), "INFERENCE_REGISTRY_URL": procs["registry"].url,
+            "INFERENCE_MODEL_CACHE_DIR": str(root / "models"), "INFERENCE_SLOTS": "4",
+            "INFERENCE_POLL_INTERVAL_S": "0.5", "INFERENCE_CPU_THREADS": "1"},
+            f"http://127.0.0.1:{port}", "/ready", root)
+        port = free_port()
+        procs["trainer"] = spawn("trainer", "trainer api", {
+            "TRAINER_API_PORT": str(port), "TRAINER_DATABASE_URL": f"sqlite:///{root / 'trainer.db'}",
+            "TRAINER_REDIS_URL": redis_server.url, "TRAINER_REGISTRY_URL": procs["registry"].url,
+            "TRAINER_WRITE_TOKEN": TRAINER_TOKEN, "TRAINER_RUNS_DIR": str(root / "runs"),
+            "TRAINER_DATA_DIR": str(root / "data")}, f"http://127.0.0.1:{port}", "/health", root)
+        procs["webui"] = start_webui(None, {name: procs[name].url for name in ("inference", "trainer", "registry")},
+                                     WEBUI_TRAINER_TOKEN=TRAINER_TOKEN, WEBUI_REGISTRY_TOKEN=REGISTRY_TOKEN)
+        yield procs
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
+
+
+def running_rows(inference_url: str) -> float:
+    for line in httpx.get(f"{inference_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("inference_requests_running "):
+            return float(line.split()[1])
+    raise AssertionError("inference /metrics has no inference_requests_running")
+
+
+def test_real_stream_grows_and_stop_frees_the_inference_row(browser, stack):
+    page = open_page(browser, stack["webui"].url)
+    expect(page.get_by_test_id("model-badge")).to_have_text("nanochat v2 · sft")
+    page.get_by_test_id("settings").locator("summary").click()
+    page.fill("[data-setting=temperature]", "0")
+    page.fill("[data-setting=max_tokens]", str(MAX_TOKENS))
+    page.locator("[data-setting=max_tokens]").dispatch_event("change")
+    send(page, "tell me a long story")
+    answer = last_assistant(page)
+    expect(answer).to_have_attribute("data-state", "streaming")
+    poll(lambda: len(answer.locator(".body").inner_text()) > 20)
+    seen = len(answer.locator(".body").inner_text())
+    page.wait_for_function("([n]) => { const m = [...document.querySelectorAll('[data-role=assistant]')].pop();"
+                           " return m.dataset.state === 'streaming' && m.querySelector('.body').innerText.length > n + 20; }",
+                           arg=[seen])
+    assert running_rows(stack["inference"].url) == 1
+    page.get_by_test_id("stop").click()
+    expect(answer).to_have_attribute("data-state", "stopped")
+    poll(lambda: running_rows(stack["inference"].url) == 0)
+    page.screenshot(path=OUTPUT / "real-chat-stopped-desktop.png")
+    assert page.errors == []
+
+
+def test_real_launch_validation_job_cancel_and_serving_alias(browser, stack):
+    page = open_page(browser, f"{stack['webui'].url}/#/launch")
+    page.click("#login-button")
+    page.fill("#login-dialog input", ADMIN_TOKEN)
+    page.click("#login-dialog button.primary")
+    expect(page.locator("#login-button")).to_have_text("Sign out (admin)")
+    page.get_by_test_id("launch-what").select_option("base_train")
+    # The real trainer's own option schema rejects depth 5 (its head-dim rule); the 422 lands at the field.
+    page.fill("#opt-depth", "5")
+    page.get_by_test_id("launch-submit").click()
+    expect(page.get_by_test_id("error-depth")).to_contain_text("power of two")
+    page.fill("#opt-depth", "2")
+    page.get_by_test_id("launch-submit").click()
+    expect(page).to_have_url(re.compile(r"#/jobs/\w+$"))
+    expect(page.get_by_test_id("status")).to_have_text("queued")
+    job = httpx.get(f"{stack['trainer'].url}/v1/jobs").json()["items"][0]
+    assert job["steps"][0]["stage"] == "base_train" and job["steps"][0]["options"]["depth"] == 2
+    page.get_by_test_id("cancel").click()
+    expect(page.get_by_test_id("status")).to_have_text("cancelled")
+    assert httpx.get(f"{stack['trainer'].url}/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+
+    chat = page.context.new_page()
+    chat.goto(stack["webui"].url)
+    expect(chat.get_by_test_id("model-badge")).to_have_text("nanochat v2 · sft")
+    page.goto(f"{stack['webui'].url}/#/models")
+    expect(page.get_by_test_id("lineage")).to_contain_text("base")
+    page.locator("[data-testid=version-row][data-version='3']").get_by_test_id("set-serving").click()
+    expect(page.locator("[data-testid=version-row][data-version='3']").get_by_test_id("alias")).to_have_text("serving")
+    poll(lambda: httpx.get(f"{stack['inference'].url}/ready").json().get("version") == 3, 30)
+    expect(chat.get_by_test_id("model-badge")).to_have_text("nanochat v3 · rl", timeout=15_000)
+    page.screenshot(path=OUTPUT / "real-models-desktop.png", full_page=True)
+    assert page.errors == []
+
+
+def test_real_inference_down_shows_the_banner(browser, stack):
+    page = open_page(browser, stack["webui"].url)
+    expect(page.get_by_test_id("model-badge")).to_contain_text("nanochat v")
+    stack["inference"].stop()
+    expect(page.get_by_test_id("banner")).to_contain_text("inference service is down", timeout=15_000)
+    send(page, "hello?")
+    expect(page.get_by_test_id("chat-error")).to_contain_text("inference service is down")
+    assert page.errors == []
