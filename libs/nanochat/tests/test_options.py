@@ -118,3 +118,24 @@ def test_print_schema_and_import_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["properties"]["depth"]["default"] == 20
+
+
+def test_depth_option_agrees_with_the_model_shape_rule():
+    from pydantic import ValidationError
+
+    from nanochat.gpt import GPTConfig
+    from nanochat.stages.options import BaseTrainOptions
+
+    for depth in range(1, 129):
+        try:
+            GPTConfig.from_depth(depth, vocab_size=512)
+            buildable = True
+        except ValueError:
+            buildable = False
+        try:
+            BaseTrainOptions(depth=depth)
+            accepted = True
+        except ValidationError as e:
+            assert "power of two" in str(e)
+            accepted = False
+        assert accepted == buildable, depth

@@ -19,6 +19,9 @@ def test_stages_are_served_as_json_schema(api):
     assert stages["base_train"]["input_stage"] == "tokenizer"
     assert stages["tok_train"]["output_stage"] == "tokenizer"
     assert "depth" in stages["base_train"]["options_schema"]["properties"]
+    # What the trainer sets itself is not offered: a form built from the schema must submit cleanly.
+    for stage in stages.values():
+        assert not {"data_dir", "out", "init_from", "job_id", "input_version"} & set(stage["options_schema"]["properties"])
     assert body["pipelines"]["speedrun"][0] == "make_data"
     assert "tiny" in body["presets"]
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from nanochat.stages.options import PIPELINES, PRESETS, stage_schemas
+from nanochat.stages.options import PIPELINES, PRESETS
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from redis import Redis
@@ -38,7 +38,7 @@ from trainer.dispatch import cancel_tasks, enqueue_job, queue_depth, request_can
 from trainer.reaper import Reaper
 from trainer.registry import Registry, RegistryUnavailable, VersionNotFound, make_registry
 from trainer.schemas import (ACCEPTED_INPUTS, JobOut, JobPage, JobRequest, MetricsOut, NodeOut, OptionsInvalid,
-                             StagesOut, StepOut, first_input_stage, plan_steps)
+                             StagesOut, StepOut, first_input_stage, job_option_schemas, plan_steps)
 from trainer.settings import Settings, get_settings
 from trainer.worker import events_path, log_path
 
@@ -209,7 +209,7 @@ router = APIRouter()
 @router.get("/stages", response_model=StagesOut)
 def list_stages() -> StagesOut:
     """Every stage with its option JSON Schema and the registry stage of the input it expects."""
-    return StagesOut(stages=stage_schemas(), pipelines=PIPELINES, presets=sorted(PRESETS))
+    return StagesOut(stages=job_option_schemas(), pipelines=PIPELINES, presets=sorted(PRESETS))
 
 
 @router.post("/jobs", status_code=202, response_model=JobOut, dependencies=[Writer])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from nanochat.stages.options import PIPELINES, PRESETS, STAGES, preset_options
+from nanochat.stages.options import PIPELINES, PRESETS, STAGES, preset_options, stage_schemas
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 RegistryStage = Literal["tokenizer", "base", "mid", "sft", "rl"]
@@ -82,6 +82,19 @@ class OptionsInvalid(Exception):
     def __init__(self, errors: list[dict[str, Any]]):
         super().__init__(errors[0]["msg"])
         self.errors = errors
+
+
+def job_option_schemas() -> list[dict[str, Any]]:
+    """The stages as `GET /v1/stages` shows them: each option schema without the fields the
+    trainer sets itself, so a form built from it never offers what a job may not set."""
+    out = []
+    for entry in stage_schemas():
+        schema = dict(entry["options_schema"])
+        schema["properties"] = {k: v for k, v in schema.get("properties", {}).items() if k not in TRAINER_FIELDS}
+        if "required" in schema:
+            schema["required"] = [k for k in schema["required"] if k not in TRAINER_FIELDS]
+        out.append({**entry, "options_schema": schema})
+    return out
 
 
 def _validate_options(stage: str, preset: str | None, given: Any, loc: list[str | int]) -> dict[str, Any]:

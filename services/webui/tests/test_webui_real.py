@@ -3,6 +3,7 @@ random-weight models, an inference process serving from it, a trainer API proces
 and the web UI in front of them, driven by Playwright in Debian's Chromium. What only the fake
 upstream can stage (model output with XSS payloads, a full queue) stays in test_webui_browser.py."""
 
+import json
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from test_webui_browser import browser, last_assistant, open_page, send  # noqa:
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.manifest import write_manifest
 from nanochat.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -72,14 +74,16 @@ def stack(tmp_path_factory, redis_server):
         procs["registry"] = spawn("registry", "registry", {
             "REGISTRY_PORT": str(port), "REGISTRY_DATA_DIR": str(root / "registry"),
             "REGISTRY_WRITE_TOKEN": REGISTRY_TOKEN}, f"http://127.0.0.1:{port}", "/ready", root)
+        tok.save(root / "tokenizer" / "tokenizer")
+        (root / "tokenizer" / "meta.json").write_text(json.dumps({"stage": "tokenizer"}))
+        write_manifest(root / "tokenizer")
         with RegistryClient(procs["registry"].url, token=REGISTRY_TOKEN, cache_dir=root / "cache") as rc:
-            base = rc.upload_folder(save_checkpoint(root / "base", noisy_model(tok, seed), tok,
-                                                           meta={"stage": "base"}), "nanochat", stage="base")
-            for i, stage in enumerate(["sft", "rl"]):
+            parent = rc.upload_folder(root / "tokenizer", "nanochat", stage="tokenizer").version
+            for stage in ["base", "sft", "rl"]:
                 folder = save_checkpoint(root / stage, noisy_model(tok, seed), tok, meta={"stage": stage})
-                rc.upload_folder(folder, "nanochat", stage=stage, parent=base.version + i)
-            # Serve the SFT version until the test moves the alias to RL.
-            rc.set_alias("nanochat", "serving", base.version + 1)
+                parent = rc.upload_folder(folder, "nanochat", stage=stage, parent=parent).version
+            # Serve the SFT version (v3) until the test moves the alias to RL (v4).
+            rc.set_alias("nanochat", "serving", 3)
         port = free_port()
         procs["inference"] = spawn("inference", "inference", {
             "INFERENCE_PORT": str(port), "INFERENCE_REGISTRY_URL": procs["registry"].url,
@@ -109,7 +113,7 @@ def running_rows(inference_url: str) -> float:
 
 def test_real_stream_grows_and_stop_frees_the_inference_row(browser, stack):
     page = open_page(browser, stack["webui"].url)
-    expect(page.get_by_test_id("model-badge")).to_have_text("nanochat v2 · sft")
+    expect(page.get_by_test_id("model-badge")).to_have_text("nanochat v3 · sft")
     page.get_by_test_id("settings").locator("summary").click()
     page.fill("[data-setting=temperature]", "0")
     page.fill("[data-setting=max_tokens]", str(MAX_TOKENS))
@@ -153,13 +157,13 @@ def test_real_launch_validation_job_cancel_and_serving_alias(browser, stack):
 
     chat = page.context.new_page()
     chat.goto(stack["webui"].url)
-    expect(chat.get_by_test_id("model-badge")).to_have_text("nanochat v2 · sft")
+    expect(chat.get_by_test_id("model-badge")).to_have_text("nanochat v3 · sft")
     page.goto(f"{stack['webui'].url}/#/models")
     expect(page.get_by_test_id("lineage")).to_contain_text("base")
-    page.locator("[data-testid=version-row][data-version='3']").get_by_test_id("set-serving").click()
-    expect(page.locator("[data-testid=version-row][data-version='3']").get_by_test_id("alias")).to_have_text("serving")
-    poll(lambda: httpx.get(f"{stack['inference'].url}/ready").json().get("version") == 3, 30)
-    expect(chat.get_by_test_id("model-badge")).to_have_text("nanochat v3 · rl", timeout=15_000)
+    page.locator("[data-testid=version-row][data-version='4']").get_by_test_id("set-serving").click()
+    expect(page.locator("[data-testid=version-row][data-version='4']").get_by_test_id("alias")).to_have_text("serving")
+    poll(lambda: httpx.get(f"{stack['inference'].url}/ready").json().get("version") == 4, 30)
+    expect(chat.get_by_test_id("model-badge")).to_have_text("nanochat v4 · rl", timeout=15_000)
     page.screenshot(path=OUTPUT / "real-models-desktop.png", full_page=True)
     assert page.errors == []
 

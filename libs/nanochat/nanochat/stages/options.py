@@ -106,6 +106,18 @@ class TokEvalOptions(StageOptions):
 
 class BaseTrainOptions(TrainOptions):
     depth: int = Field(20, ge=1, le=128, description="Transformer layers; n_embd = 64 * depth, head_dim 128.")
+
+    @field_validator("depth")
+    @classmethod
+    def _depth_has_a_shape(cls, depth: int) -> int:
+        # GPTConfig.from_depth's rule (n_head = ceil(n_embd / 128) must divide n_embd into an even
+        # head_dim), checked here too so a request is refused before it is queued, without torch.
+        n_embd = 64 * depth
+        n_head = -(-n_embd // 128)
+        if n_embd % n_head or (n_embd // n_head) % 2:
+            raise ValueError(f"depth {depth} has no head shape: an odd depth d needs d+1 to be a power of two "
+                             f"(3, 7, 15, 31, ...); every even depth works")
+        return depth
     target_param_data_ratio: float = Field(20.0, gt=0, le=10_000, description="Training tokens per parameter (Chinchilla: 20) when num_iterations and target_flops are unset.")
     target_flops: float = Field(-1.0, ge=-1, description="Compute budget in FLOPs that sets num_iterations (-1: unused).")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
