@@ -109,8 +109,9 @@ def original_python(path: str | None) -> str:
         return path
     python = ORIGINAL_VENV / "bin" / "python"
     if not python.exists():
-        subprocess.run(["uv", "venv", "-q", "-p", sys.executable, str(ORIGINAL_VENV)], check=True)
-        subprocess.run(["uv", "pip", "install", "-q", "-p", str(python), "rustbpe==0.1.0"], check=True)
+        # The standard library's venv and pip: `uv` need not be on PATH (make puts it in ~/.local/bin).
+        subprocess.run([sys.executable, "-m", "venv", str(ORIGINAL_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "rustbpe==0.1.0"], check=True)
     return str(python)
 
 
