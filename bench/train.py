@@ -26,7 +26,7 @@ for each N of `--nproc`, on the tiny data of make_data and a 4,096-vocab tokeniz
 a temp folder), B=8, T=256 per process, `--steps` steps (default 30); tokens/s and MFU are the
 medians of the stage's own `progress` events after the first 5 steps. MFU needs a peak: on CUDA
 the stage uses the H100's 989 TFLOP/s; on a CPU this bench measures one process's fp32 matmul
-peak (1,024^3 matmuls, one thread as torchrun gives each process) and passes it to the stage as
+peak (1,024^3 matmuls, on as many threads as torchrun gives each process) and passes it to the stage as
 NANOCHAT_PEAK_FLOPS, so CPU MFU is relative to what this CPU's matmul reaches.
 
 Results go to bench/results/train.json (throughput), bench/results/train_parity.json and
@@ -178,17 +178,17 @@ def parity(steps: int) -> dict:
             "ns_dtype": str(optimizers[1].ns_dtype), "train_seconds": time.perf_counter() - t0}
 
 
-def cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of one thread's fp32 matmul: the best of a few 1,024^3 products."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def cpu_matmul_peak(threads: int, size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of fp32 matmul on `threads` threads: the best of a few 1,024^3 products."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(saved)
     return 2 * size ** 3 / best
 
 
@@ -205,11 +205,15 @@ def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
     for args in (["make_data", "--data-dir", str(data)],
                  ["tok_train", "--data-dir", str(data), "--out", str(tok), "--vocab-size", "4096", "--max-chars", "20000000"]):
         subprocess.run([sys.executable, "-m", f"nanochat.stages.{args[0]}", *args[1:]], check=True, capture_output=True)
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["NANOCHAT_PEAK_FLOPS"] = str(cpu_matmul_peak())
     rows = []
     for n in nprocs:
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            # torchrun gives each of several processes one thread but leaves a lone process all
+            # of torch's; the peak is measured on the same number of threads the stage runs on.
+            threads = 1 if n > 1 else torch.get_num_threads()
+            env["OMP_NUM_THREADS"] = str(threads)
+            env["NANOCHAT_PEAK_FLOPS"] = str(cpu_matmul_peak(threads))
         batch, seq = (32, 1024) if torch.cuda.is_available() else (8, 256)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                "-m", "nanochat.stages.base_train", "--init-from", str(tok), "--data-dir", str(data),
@@ -223,11 +227,12 @@ def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
         progress = [e for e in parse_events(proc.stdout.splitlines()) if e.type == "progress"][5:]
         mfu = [e.mfu for e in progress if e.mfu is not None]
         rows.append({"nproc": n, "depth": depth, "batch": batch, "seq_len": seq, "steps": steps,
+                     "peak_flops_per_process": float(env.get("NANOCHAT_PEAK_FLOPS", 989e12)),
                      "tok_per_s": statistics.median(e.tok_per_s for e in progress),
                      "mfu": statistics.median(mfu) if mfu else None})
         print(f"nproc {n}: {rows[-1]['tok_per_s']:,.0f} tok/s  MFU {rows[-1]['mfu'] or float('nan'):.3%}")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
-    return {"device": device, "peak_flops_per_process": float(env.get("NANOCHAT_PEAK_FLOPS", 989e12)), "runs": rows}
+    return {"device": device, "runs": rows}
 
 
 def main() -> None:
