@@ -5,6 +5,8 @@ import { formatNumber, formatTime, h } from "./dom.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 2000;
+// The figures shown beside the job's facts; every metric is in the folded list below the charts.
+const HEADLINE = new Set(["loss", "val_bpb", "core", "chatcore", "tok_per_s", "mfu"]);
 
 const jobId = (job) => job.id ?? job.job_id;
 const whatOf = (job) => job.pipeline ? `${job.pipeline} pipeline${job.preset ? ` (${job.preset})` : ""}` : job.stage || "job";
@@ -23,6 +25,7 @@ function progressBar(job) {
     "aria-valuenow": Math.round(fraction * 100), "data-testid": "progress" }, fill);
 }
 
+const pairs = (rows) => rows.flatMap(([key, value]) => [h("dt", {}, key), h("dd", {}, value)]);
 const statusPill = (status) => h("span", { class: `pill ${status}`, "data-testid": "status" }, status || "unknown");
 
 function latestLoss(job) {
@@ -66,6 +69,11 @@ export function mountJob(root, app, id) {
   const status = h("span");
   const progressSlot = h("div", { class: "progress-slot" });
   const details = h("dl", { class: "details" });
+  // A pipeline's latest metrics run to dozens of rows (data, tokenizer, evals): folded under
+  // the charts so that the charts and the log stay in view.
+  const metricRows = h("dl", { class: "details" });
+  const metricCount = h("span", { class: "muted" });
+  const metricBox = h("details", { class: "metrics-box", hidden: true }, h("summary", {}, "Latest metrics ", metricCount), metricRows);
   const cancel = h("button", { type: "button", class: "danger", "data-testid": "cancel", hidden: true }, "Cancel job");
   const charts = { loss: lineChart("loss"), lr: lineChart("lr"), tok_per_s: lineChart("tok_per_s") };
   const log = h("pre", { class: "log", "data-testid": "log" });
@@ -74,6 +82,7 @@ export function mountJob(root, app, id) {
     h("div", { class: "page-head" }, h("h2", {}, `Job ${id}`), status, cancel),
     progressSlot, details,
     h("div", { class: "charts" }, ...Object.values(charts).map((c) => c.el)),
+    metricBox,
     h("div", { class: "log-head" }, h("h3", {}, "Log"), logState), log));
 
   let job = null;
@@ -103,8 +112,13 @@ export function mountJob(root, app, id) {
       if (job.current_stage && job.pipeline) rows.push(["stage", `${job.current_stage}${job.step != null && job.total ? ` · step ${job.step}/${job.total}` : ""}`]);
       for (const made of job.produced ?? []) rows.push(["produced", `${made.name} v${made.version} (${made.stage})`]);
       if (job.error) rows.push(["error", String(job.error)]);
-      for (const [key, value] of Object.entries(job.metrics ?? job.latest_metrics ?? {})) rows.push([key, formatNumber(value)]);
-      details.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+      const latest = Object.entries(job.metrics ?? job.latest_metrics ?? {});
+      const headline = latest.filter(([key]) => HEADLINE.has(key));
+      for (const [key, value] of headline) rows.push([key, formatNumber(value)]);
+      details.replaceChildren(...pairs(rows));
+      metricRows.replaceChildren(...pairs(latest.map(([key, value]) => [key, formatNumber(value)])));
+      metricCount.textContent = `(${latest.length})`;
+      metricBox.hidden = latest.length === 0;
       cancel.hidden = TERMINAL.has(job.status) || !app.isAdmin();
       for (const [name, chart] of Object.entries(charts)) chart.update(metrics?.series?.[name]);
       app.clearBanner("trainer");
