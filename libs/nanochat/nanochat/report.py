@@ -164,7 +164,11 @@ def render_report(lineage: Lineage, title: str, png_name: str | None) -> str:
             continue
         lines += ["", f"## {stage}", ""]
         if meta:
-            lines.append(f"- made by `{meta.get('made_by')}` at step {meta.get('step')}, parent {meta.get('parent')}, job {meta.get('job_id')}")
+            # Only the facts a run has: a run outside the trainer has no job id, a tokenizer no step.
+            facts = [f"made by `{meta.get('made_by')}`"]
+            facts += [f"{label} {meta[key]}" for label, key in (("at step", "step"), ("from", "parent"), ("job", "job_id"))
+                      if meta.get(key) is not None]
+            lines.append("- " + ", ".join(facts))
         for key, value in sorted(lineage.metrics.get(stage, {}).items()):
             lines.append(f"- {key}: {_fmt(value)}")
     return "\n".join(lines) + "\n"
