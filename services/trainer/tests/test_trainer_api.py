@@ -3,9 +3,12 @@ cancel, listing, input resolution against the real registry, health and metrics.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from registry_client import RegistryClient
 
+from trainer.worker import events_path
 from trainer_testlib import AUTH, REGISTRY_TOKEN, TINY_DATA
 
 
@@ -116,6 +119,30 @@ def test_input_is_resolved_against_the_registry(api, registry_url, tmp_path):
     assert ok.json()["input"] == {"name": name, "version": version, "stage": "tokenizer"}
     wrong = submit(api, {"stage": "base_loss", "input": {"name": name, "version": version}})
     assert wrong.status_code == 422 and "tokenizer version" in wrong.text
+
+
+def test_metrics_series_default_to_the_last_stage_that_trained(api, settings):
+    job = submit(api, {"pipeline": "speedrun", "preset": "tiny"}).json()
+    events = [
+        {"stage": "make_data", "type": "progress", "step": 1, "total": 3, "loss": None},
+        {"stage": "base_train", "type": "progress", "step": 1, "loss": 8.0, "lr": 1.0, "tok_per_s": 900.0},
+        {"stage": "base_train", "type": "progress", "step": 2, "loss": 7.0, "lr": 0.5, "tok_per_s": 950.0},
+        {"stage": "base_train", "type": "eval", "name": "val_bpb", "value": 3.1},
+        {"stage": "base_eval", "type": "eval", "name": "core", "value": 0.1},
+        {"stage": "mid_train", "type": "progress", "step": 1, "loss": 5.0, "lr": 1.0},
+        {"stage": "chat_eval", "type": "eval", "name": "chatcore", "value": 0.02},
+    ]
+    path = events_path(settings, job["id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    # The job's current stage (make_data) drew no loss curve: the last stage that did is shown.
+    body = api.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert body["stage"] == "mid_train" and body["series"] == {"loss": [[1, 5.0]], "lr": [[1, 1.0]]}
+    assert body["stages"] == ["base_train", "mid_train"]
+    body = api.get(f"/v1/jobs/{job['id']}/metrics", params={"stage": "base_train"}).json()
+    assert body["series"]["loss"] == [[1, 8.0], [2, 7.0]] and body["series"]["val_bpb"] == [[2, 3.1]]
+    assert api.get(f"/v1/jobs/{job['id']}/metrics", params={"stage": "base_eval"}).json()["series"] == {
+        "core": [[0, 0.1]]}
 
 
 def test_health_ready_and_metrics(api):

@@ -318,23 +318,31 @@ def job_events(job_id: str, request: Request, state: StateDep, offset: Annotated
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsOut)
 def job_metrics(job_id: str, state: StateDep, stage: str | None = None) -> MetricsOut:
-    """Time series for plots: `{"series": {"loss": [[step, value], ...], ...}}` of one stage
-    (a pipeline's current stage unless `stage` is given)."""
+    """Time series for plots: `{"series": {"loss": [[step, value], ...], ...}}` of one stage: the
+    one named by `stage`, else the pipeline's current stage, or, when that one reports no progress
+    (an eval, the report), the last stage that trained, so a finished speedrun still shows a curve.
+    `stages` lists every stage with a loss curve, for a picker."""
     job = _load(state, job_id)
-    stage = stage or job.current_stage
-    series: dict[str, list[tuple[float, float]]] = {}
-    last_step = 0
+    by_stage: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    last_step: dict[str, float] = {}
+    trained: list[str] = []  # stages whose progress carries a loss, in the order they first reported
     for event in _read_events(events_path(state.settings, job_id)):
-        if event.get("stage") != stage:
-            continue
+        name = event.get("stage")
+        series = by_stage.setdefault(name, {})
         if event.get("type") == "progress":
-            last_step = event["step"]
+            last_step[name] = event["step"]
+            if name not in trained and isinstance(event.get("loss"), (int, float)):
+                trained.append(name)
             for key in ("loss", "lr", "tok_per_s", "mfu", "eta_s"):
                 if isinstance(event.get(key), (int, float)):
-                    series.setdefault(key, []).append((last_step, event[key]))
+                    series.setdefault(key, []).append((last_step[name], event[key]))
         elif event.get("type") == "eval" and isinstance(event.get("value"), (int, float)):
-            series.setdefault(event["name"], []).append((last_step, event["value"]))
-    return MetricsOut(stage=stage, series=series)
+            series.setdefault(event["name"], []).append((last_step.get(name, 0), event["value"]))
+    if stage is None:
+        stage = job.current_stage
+        if stage not in trained and trained:
+            stage = trained[-1]
+    return MetricsOut(stage=stage, series=by_stage.get(stage, {}), stages=trained)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, dependencies=[Writer])

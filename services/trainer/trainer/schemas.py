@@ -205,5 +205,7 @@ class StagesOut(BaseModel):
 
 
 class MetricsOut(BaseModel):
-    stage: str | None = Field(description="Stage the series are of (a pipeline's current stage by default).")
+    stage: str | None = Field(description="Stage the series are of (by default the current stage, or the "
+                                          "last one that trained when the current one has no curve).")
     series: dict[str, list[tuple[float, float]]] = Field(description="name -> [[step, value], ...]")
+    stages: list[str] = Field(default_factory=list, description="The job's stages with a loss curve, in run order.")

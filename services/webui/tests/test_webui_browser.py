@@ -221,6 +221,16 @@ def test_job_progress_charts_and_log_follow_reconnect(browser, webui, fake):
     lines = page.get_by_test_id("log").inner_text().splitlines()
     assert lines == ["starting base_train"] + [f"step {n:05d} loss {10.0 / (1 + n):.4f}" for n in range(1, step + 1)]
     page.screenshot(path=OUTPUT / "dashboard-job-desktop.png", full_page=True)
+
+    # Another stage's curves on request, and they stay while the job moves on.
+    pick = page.get_by_test_id("curve-stage")
+    expect(pick).to_have_value("base_train")
+    pick.select_option("tok_train")
+    expect(page.get_by_test_id("chart-loss")).to_have_attribute("data-points", "3")
+    httpx.post(f"{fake.url}/trainer/_test/step")
+    expect(page.get_by_test_id("log")).to_contain_text(f"step {step + 1:05d}")
+    expect(page.get_by_test_id("chart-loss")).to_have_attribute("data-points", "3")
+    expect(pick).to_have_value("tok_train")
     page.set_viewport_size(PHONE)
     page.screenshot(path=OUTPUT / "dashboard-job-phone.png", full_page=True)
     assert page.errors == []

@@ -76,11 +76,17 @@ export function mountJob(root, app, id) {
   const metricBox = h("details", { class: "metrics-box", hidden: true }, h("summary", {}, "Latest metrics ", metricCount), metricRows);
   const cancel = h("button", { type: "button", class: "danger", "data-testid": "cancel", hidden: true }, "Cancel job");
   const charts = { loss: lineChart("loss"), lr: lineChart("lr"), tok_per_s: lineChart("tok_per_s") };
+  // A pipeline has a curve per training stage: the trainer picks the current (or last trained)
+  // one; picking another pins it.
+  const stagePick = h("select", { "data-testid": "curve-stage", "aria-label": "Stage of the curves", hidden: true });
+  let pinnedStage = null;
+  stagePick.addEventListener("change", () => { pinnedStage = stagePick.value; refresh(); });
   const log = h("pre", { class: "log", "data-testid": "log" });
   const logState = h("span", { class: "muted", "data-testid": "log-state" }, "connecting…");
   root.replaceChildren(h("section", { class: "page" },
     h("div", { class: "page-head" }, h("h2", {}, `Job ${id}`), status, cancel),
     progressSlot, details,
+    h("div", { class: "curves-head" }, stagePick),
     h("div", { class: "charts" }, ...Object.values(charts).map((c) => c.el)),
     metricBox,
     h("div", { class: "log-head" }, h("h3", {}, "Log"), logState), log));
@@ -104,7 +110,8 @@ export function mountJob(root, app, id) {
 
   async function refresh() {
     try {
-      const [fresh, metrics] = await Promise.all([request(path), request(`${path}/metrics`)]);
+      const query = pinnedStage ? `?stage=${encodeURIComponent(pinnedStage)}` : "";
+      const [fresh, metrics] = await Promise.all([request(path), request(`${path}/metrics${query}`)]);
       job = fresh;
       status.replaceChildren(statusPill(job.status));
       progressSlot.replaceChildren(progressBar(job), h("span", { class: "muted" }, `${whatOf(job)} · ${Math.round(progressOf(job) * 100)}%`));
@@ -121,6 +128,12 @@ export function mountJob(root, app, id) {
       metricBox.hidden = latest.length === 0;
       cancel.hidden = TERMINAL.has(job.status) || !app.isAdmin();
       for (const [name, chart] of Object.entries(charts)) chart.update(metrics?.series?.[name]);
+      const stages = metrics?.stages ?? [];
+      if (stages.join() !== [...stagePick.options].map((o) => o.value).join()) {
+        stagePick.replaceChildren(...stages.map((st) => h("option", { value: st }, `curves of ${st}`)));
+      }
+      if (metrics?.stage && stages.includes(metrics.stage)) stagePick.value = metrics.stage;
+      stagePick.hidden = stages.length < 2;
       app.clearBanner("trainer");
       if (TERMINAL.has(job.status)) clearInterval(timer);
     } catch (err) {
