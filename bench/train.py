@@ -52,6 +52,7 @@ from nanochat import optim
 from nanochat.common import cpu_flags
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import AdamW, newton_schulz_dtype
+from nanochat.stages.train_loop import H100_BF16_FLOPS, PEAK_FLOPS_ENV
 from nanochat.tokenizer import SPLIT_PATTERN
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -208,12 +209,14 @@ def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
     rows = []
     for n in nprocs:
         env = dict(os.environ)
+        peak = H100_BF16_FLOPS
         if not torch.cuda.is_available():
             # torchrun gives each of several processes one thread but leaves a lone process all
             # of torch's; the peak is measured on the same number of threads the stage runs on.
             threads = 1 if n > 1 else torch.get_num_threads()
+            peak = cpu_matmul_peak(threads)
             env["OMP_NUM_THREADS"] = str(threads)
-            env["NANOCHAT_PEAK_FLOPS"] = str(cpu_matmul_peak(threads))
+            env[PEAK_FLOPS_ENV] = str(peak)
         batch, seq = (32, 1024) if torch.cuda.is_available() else (8, 256)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                "-m", "nanochat.stages.base_train", "--init-from", str(tok), "--data-dir", str(data),
@@ -227,7 +230,7 @@ def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
         progress = [e for e in parse_events(proc.stdout.splitlines()) if e.type == "progress"][5:]
         mfu = [e.mfu for e in progress if e.mfu is not None]
         rows.append({"nproc": n, "depth": depth, "batch": batch, "seq_len": seq, "steps": steps,
-                     "peak_flops_per_process": float(env.get("NANOCHAT_PEAK_FLOPS", 989e12)),
+                     "peak_flops_per_process": peak,
                      "tok_per_s": statistics.median(e.tok_per_s for e in progress),
                      "mfu": statistics.median(mfu) if mfu else None})
         print(f"nproc {n}: {rows[-1]['tok_per_s']:,.0f} tok/s  MFU {rows[-1]['mfu'] or float('nan'):.3%}")

@@ -319,8 +319,8 @@ def job_events(job_id: str, request: Request, state: StateDep, offset: Annotated
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsOut)
 def job_metrics(job_id: str, state: StateDep, stage: str | None = None) -> MetricsOut:
     """Time series for plots: `{"series": {"loss": [[step, value], ...], ...}}` of one stage: the
-    one named by `stage`, else the pipeline's current stage, or, when that one reports no progress
-    (an eval, the report), the last stage that trained, so a finished speedrun still shows a curve.
+    one named by `stage`, else the pipeline's current stage, or, when that one draws no loss curve
+    (an eval, the report), the last stage that did, so a finished speedrun still shows a curve.
     `stages` lists every stage with a loss curve, for a picker."""
     job = _load(state, job_id)
     by_stage: dict[str, dict[str, list[tuple[float, float]]]] = {}

@@ -157,13 +157,14 @@ async def get_job(job_id: str):
 # The running job's curves are base_train's; an earlier stage of it, tok_train, left a short curve
 # of its own, as a pipeline's stages do (the trainer lists them in `stages`).
 EARLIER_STAGE = {"loss": [[1, 9.0], [2, 8.5], [3, 8.25]]}
+CURVE_STAGES = ["tok_train", "base_train"]
 
 
 @app.get("/trainer/v1/jobs/{job_id}/metrics")
 async def job_metrics(job_id: str, stage: str | None = None) -> dict:
     if stage == "tok_train":
-        return {"stage": stage, "series": EARLIER_STAGE, "stages": ["tok_train", "base_train"]}
-    return {"stage": "base_train", "series": series.get(job_id, {}), "stages": ["tok_train", "base_train"]}
+        return {"stage": stage, "series": EARLIER_STAGE, "stages": CURVE_STAGES}
+    return {"stage": "base_train", "series": series.get(job_id, {}), "stages": CURVE_STAGES}
 
 
 @app.get("/trainer/v1/jobs/{job_id}/logs")

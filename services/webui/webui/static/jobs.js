@@ -120,8 +120,7 @@ export function mountJob(root, app, id) {
       for (const made of job.produced ?? []) rows.push(["produced", `${made.name} v${made.version} (${made.stage})`]);
       if (job.error) rows.push(["error", String(job.error)]);
       const latest = Object.entries(job.metrics ?? job.latest_metrics ?? {});
-      const headline = latest.filter(([key]) => HEADLINE.has(key));
-      for (const [key, value] of headline) rows.push([key, formatNumber(value)]);
+      for (const [key, value] of latest) if (HEADLINE.has(key)) rows.push([key, formatNumber(value)]);
       details.replaceChildren(...pairs(rows));
       metricRows.replaceChildren(...pairs(latest.map(([key, value]) => [key, formatNumber(value)])));
       metricCount.textContent = `(${latest.length})`;
