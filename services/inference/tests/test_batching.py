@@ -41,8 +41,10 @@ def test_disconnect_frees_the_cache_at_once(checkpoints):
     try:
         s.wait_ready()
         scheduler = s.manager.current.scheduler
+        # Greedy: this model's greedy reply runs to max_tokens; a sampled one meets
+        # <|assistant_end|> after a few hundred tokens and could end before the disconnect.
         body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 2000,
-                "temperature": 1.0, "stream": True}
+                "temperature": 0.0, "stream": True}
         with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             while sum(1 for line in [next(lines)] if line.startswith("data: ")) == 0:
@@ -95,7 +97,9 @@ def test_full_queue_is_429_with_retry_after(checkpoints):
     try:
         s.wait_ready()
         scheduler = s.manager.current.scheduler
-        body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 2000, "stream": True}
+        # Greedy, so neither request ends on <|assistant_end|> while the queue must stay full.
+        body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 2000, "temperature": 0.0,
+                "stream": True}
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", f"{s.url}/v1/chat/completions", json=body) as running:
                 wait_for(lambda: scheduler.stats().running == 1, what="the first request to run")
