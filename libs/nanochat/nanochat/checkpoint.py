@@ -177,7 +177,8 @@ def load_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu
         raise ValueError(f"{folder / MODEL_FILE}: not a readable safetensors file ({e})") from e
     with torch.device("meta"):
         model = GPT(config, pad_vocab_world=pad_vocab_world)
-    model.to_empty(device=device)
+    # The model's weights are fp32 until on_device_ready() (a CUDA run saves its embedding in bf16).
+    state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
     for name in VOCAB_ROWS:
         if name in state:
             rows = state[name]
@@ -187,7 +188,9 @@ def load_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu
             padded[: rows.shape[0]] = rows
             state[name] = padded
     try:
-        model.load_state_dict(state, strict=True)
+        # assign: the loaded tensors become the weights; no to_empty(), whose empty_like on meta
+        # imports torch's Python decompositions (seconds, once per process).
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise ValueError(f"{folder / MODEL_FILE} does not fit the model of {CONFIG_FILE}: {e}") from e
     model.on_device_ready()

@@ -124,6 +124,21 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(ids[torch.multinomial(probs, 1, generator=generator)])
 
 
+def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int) -> list[int]:
+    """The prompt as a list of ids; a clear error when a model of `vocab_size` ids cannot generate
+    from it in a cache of `max_len` positions (usable where only the model's shape is known)."""
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+        raise ValueError(f"a prompt must be a sequence of token ids, got {type(prompt).__name__}")
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("a prompt needs at least one token (e.g. <|bos|>)")
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(ids) >= max_len:
+        raise ValueError(f"a prompt of {len(ids)} tokens leaves no room in a cache of {max_len} positions")
+    return ids
+
+
 class DecodeBatch:
     """Rows generating together in one preallocated KV cache; rows join and leave between steps."""
 
@@ -298,17 +313,7 @@ class Engine:
 
     def check_prompt(self, prompt: Sequence[int], max_len: int) -> list[int]:
         """The prompt as a list of ids; a clear error when it cannot be generated from."""
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-            raise ValueError(f"a prompt must be a sequence of token ids, got {type(prompt).__name__}")
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("a prompt needs at least one token (e.g. <|bos|>)")
-        vocab = self.model.config.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= max_len:
-            raise ValueError(f"a prompt of {len(ids)} tokens leaves no room in a cache of {max_len} positions")
-        return ids
+        return check_prompt(prompt, self.model.config.vocab_size, max_len)
 
     def new_batch(self, capacity: int, max_len: int | None = None) -> DecodeBatch:
         """An empty batch of `capacity` slots of max_len positions (default: the model's sequence_len)."""

@@ -292,14 +292,22 @@ class GPT(nn.Module):
         self.config = config
         world = world_size() if pad_vocab_world is None else pad_vocab_world
         self.padded_vocab_size = padded_vocab_size(config.vocab_size, world)
+        # Built under torch.device("meta") (to load weights into): random init on meta imports
+        # torch's Python decompositions (about 5 s, once per process), and nothing needs it there.
+        on_meta = torch.empty(0).is_meta
+        wte = torch.empty(self.padded_vocab_size, config.n_embd) if on_meta else None
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd, _weight=wte),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
         # Ten times the training length, so generation can run past it.
         self.rotary_len = config.sequence_len * 10
-        cos, sin = self._rotary_table(self.rotary_len)
+        if on_meta:  # placeholders, filled by on_device_ready(); arithmetic on meta is as slow
+            shape = (self.rotary_len, config.head_dim // 2)
+            cos, sin = torch.empty(shape), torch.empty(shape)
+        else:
+            cos, sin = self._rotary_table(self.rotary_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -331,9 +339,7 @@ class GPT(nn.Module):
     def on_device_ready(self) -> None:
         """Fill the rotary tables and set the embedding dtype; after init_weights or loading weights."""
         device = self.lm_head.weight.device
-        cos, sin = self._rotary_table(self.rotary_len, device)
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
+        self.cos, self.sin = self._rotary_table(self.rotary_len, device)  # replaced: they may be meta
         if device.type == "cuda":
             # The spec keeps the embedding in bf16 on CUDA: it feeds bf16 autocast anyway.
             self.transformer.wte.to(dtype=torch.bfloat16)

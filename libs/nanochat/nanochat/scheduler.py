@@ -161,8 +161,11 @@ class Scheduler:
         with self._cond:
             return not (self._waiting or self._cancels or self._prefilling or self.batch.rows)
 
-    def start(self, threads: int | None = None) -> None:
+    def start(self, threads: int | None = None, after_iteration: Callable[[], None] | None = None) -> None:
         """Run iterations on a daemon thread until `stop()`; `threads` sets torch's intra-op threads there.
+
+        `after_iteration` runs on that thread after each iteration, once its events are delivered
+        (a model process sends them on as one message there).
 
         On a small CPU box, intra-op threads that outnumber the free cores spin against the
         event loop and each other: one thread is several times faster than two on a loaded
@@ -172,7 +175,8 @@ class Scheduler:
             raise RuntimeError("the scheduler is already running")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
-        self._thread = threading.Thread(target=self._run, args=(threads,), name="nanochat-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(threads, after_iteration), name="nanochat-scheduler",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -189,7 +193,7 @@ class Scheduler:
         for handle in dict.fromkeys(pending):
             self._finish_all(handle, "cancelled")
 
-    def _run(self, threads: int | None) -> None:
+    def _run(self, threads: int | None, after_iteration: Callable[[], None] | None) -> None:
         if threads is not None:
             # OpenMP keeps the thread count per OS thread, so it is set on the model thread itself.
             torch.set_num_threads(threads)
@@ -204,6 +208,8 @@ class Scheduler:
             except Exception as e:  # a bug or an out-of-memory must not kill the thread silently
                 log.exception("scheduler iteration failed")
                 self._fail_everything(f"{type(e).__name__}: {e}")
+            if after_iteration is not None:
+                after_iteration()
 
     # ---- model thread ------------------------------------------------------------------------
 

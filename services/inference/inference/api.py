@@ -39,6 +39,7 @@ from nanochat.tokenizer import ConversationError
 from inference import schemas
 from inference.generation import Generation, GenerationError, Update, merge_text
 from inference.metrics import Metrics
+from inference.model_process import ModelGone
 from inference.served import ModelManager, NoModel, ServedModel
 from inference.settings import Settings
 
@@ -190,12 +191,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if body.n > served.scheduler.slots:
             raise APIError(400, f"n is {body.n} but the server runs at most {served.scheduler.slots} samples at once",
                            param="n", code="invalid_value")
-        vocab = served.engine.model.config.vocab_size
+        vocab = served.vocab_size
         if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
             raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids", code="invalid_value")
         try:
             return Generation(served, prompts, sampling(body, max_tokens), body.n, body.stop,
                               body.stop_token_ids or [], metrics)
+        except ModelGone as e:
+            raise APIError(503, f"{e}; retry shortly", "service_unavailable", "model_not_loaded",
+                           headers={"Retry-After": "5"}) from None
         except QueueFull as e:
             raise APIError(429, f"{e}; retry shortly", "rate_limit_error", "queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -282,7 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             try:
                 conversation = [{"role": m.role, "content": m.rendered_content()} for m in body.messages]
-                prompt = served.engine.tokenizer.render_for_completion({"messages": conversation})
+                prompt = served.tokenizer.render_for_completion({"messages": conversation})
             except (ConversationError, ValueError) as e:
                 raise APIError(400, str(e), param="messages", code="invalid_value") from None
             gen = start(served, [prompt], body, body.max_completion_tokens or body.max_tokens)
@@ -333,7 +337,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def completions(body: schemas.CompletionRequest, request: Request) -> Response:
         served = acquire(body.model)
         try:
-            tok = served.engine.tokenizer
+            tok = served.tokenizer
             prompts = [tok.encode(text, prepend=tok.bos_token_id) for text in body.prompt]
             gen = start(served, prompts, body, body.max_tokens)
         except BaseException:
@@ -389,6 +393,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        manager.check_alive()
         served = manager.current
         if served is None:
             return JSONResponse({"status": "loading", "detail": manager.load_error}, status_code=503)

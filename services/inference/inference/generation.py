@@ -1,7 +1,7 @@
 """One API request's run on the scheduler, seen from the event loop.
 
-`Generation` submits the request's prompts (n samples each) to the served model's scheduler; the
-model thread posts each iteration's events into an asyncio queue with `call_soon_threadsafe`, so
+`Generation` submits the request's prompts (n samples each) to the served model's scheduler; its
+receiver thread posts each iteration's events from the model process into an asyncio queue with `call_soon_threadsafe`, so
 the event loop never waits on the model. `updates()` turns them into per-choice `Update`s (text
 and tool parts from `SampleDecoder`, finish reasons), cancels a sample the moment one of its
 stop strings matches, and records the latency metrics. `close()` cancels whatever is still
@@ -25,7 +25,7 @@ from inference.textstream import Part, SampleDecoder
 
 
 class GenerationError(Exception):
-    """The model thread failed or was stopped under a running request."""
+    """The model process failed or was stopped under a running request."""
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Generation:
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.prompt_tokens = sum(len(p) for p in prompts)
-        tokenizer = served.engine.tokenizer
+        tokenizer = served.tokenizer
         self.choices = [Choice(i, SampleDecoder(tokenizer, stop)) for i in range(len(prompts) * n)]
         self.handles = []
         try:
@@ -75,7 +75,7 @@ class Generation:
         return all(c.finish_reason is not None for c in self.choices)
 
     def _post(self, prompt_index: int, events: list[Event]) -> None:
-        """Called on the model thread."""
+        """Called on the model process's receiver thread."""
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (prompt_index, events))
 
     async def updates(self) -> AsyncIterator[list[Update]]:

@@ -1,7 +1,7 @@
 """Which model is served, and hot swaps: load the new one beside the old, switch, retire the old.
 
-`ServedModel` is one loaded checkpoint with its engine and its scheduler thread (its own KV
-cache). `ModelManager` holds the current one; API handlers `acquire()` it per request and
+`ServedModel` is one loaded checkpoint: its tokenizer here, its engine and scheduler (its own KV
+cache) in a model process of its own (`model_process.py`). `ModelManager` holds the current one; API handlers `acquire()` it per request and
 `release()` it when the response is done, so a swap (`install`) sends new requests to the new
 model while streams on the old one run to their end; the old one is stopped and freed when its
 last request is released.
@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from nanochat.checkpoint import load_checkpoint
-from nanochat.common import autodetect_device
-from nanochat.engine import Engine
-from nanochat.scheduler import Scheduler
+from nanochat.checkpoint import TOKENIZER_DIR
+from nanochat.tokenizer import Tokenizer
 from registry_client import RegistryClient, RegistryError
 from registry_client.client import VersionInfo
 
+from inference.model_process import ModelProcess
 from inference.settings import Settings
 
 log = logging.getLogger("inference.served")
@@ -52,30 +51,35 @@ class ModelInfo:
 
 
 class ServedModel:
-    def __init__(self, info: ModelInfo, engine: Engine, scheduler: Scheduler):
-        self.info, self.engine, self.scheduler = info, engine, scheduler
+    def __init__(self, info: ModelInfo, tokenizer: Tokenizer, scheduler: ModelProcess):
+        self.info, self.tokenizer, self.scheduler = info, tokenizer, scheduler
         self.active = 0  # API requests holding it; guarded by the manager's lock
         self.retired = False
 
     @classmethod
     def load(cls, folder: Path, settings: Settings, name: str, version: int | None = None,
              stage: str | None = None) -> ServedModel:
-        """Verify and load a checkpoint folder, then start its scheduler thread."""
-        ckpt = load_checkpoint(folder, device=autodetect_device(settings.device))
-        if ckpt.tokenizer is None:
-            raise ValueError(f"checkpoint {folder} has no tokenizer/ folder; inference needs one")
-        engine = Engine(ckpt.model, ckpt.tokenizer)
-        max_len = settings.max_len or ckpt.config.sequence_len
-        scheduler = Scheduler(engine, slots=settings.slots, max_len=max_len,
-                              prefill_tokens=settings.prefill_tokens, max_waiting=settings.max_waiting)
-        scheduler.start(threads=settings.model_threads(engine.device))
-        info = ModelInfo(name=name, version=version if version is not None else ckpt.meta.get("version"),
-                         stage=stage or ckpt.meta.get("stage"), folder=Path(folder), loaded_at=time.time())
-        return cls(info, engine, scheduler)
+        """Start a model process that verifies and loads the checkpoint folder and runs its scheduler."""
+        scheduler = ModelProcess.start(folder, device=settings.device, slots=settings.slots, max_len=settings.max_len,
+                                       prefill_tokens=settings.prefill_tokens, max_waiting=settings.max_waiting,
+                                       cpu_threads=settings.cpu_threads)
+        try:
+            tokenizer = Tokenizer.load(Path(folder) / TOKENIZER_DIR)  # the child has checked its hashes
+        except BaseException:
+            scheduler.stop()
+            raise
+        meta = scheduler.shape.meta
+        info = ModelInfo(name=name, version=version if version is not None else meta.get("version"),
+                         stage=stage or meta.get("stage"), folder=Path(folder), loaded_at=time.time())
+        return cls(info, tokenizer, scheduler)
 
     @property
     def context_length(self) -> int:
         return self.scheduler.max_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scheduler.shape.vocab_size
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -98,6 +102,7 @@ class ModelManager:
     # ---- requests (event loop) ---------------------------------------------------------------
 
     def acquire(self) -> ServedModel:
+        self.check_alive()
         with self._lock:
             if self.current is None:
                 raise NoModel(self.load_error or "no model is loaded yet")
@@ -112,6 +117,27 @@ class ModelManager:
                 self.retiring.remove(served)
         if free:
             threading.Thread(target=served.close, name="inference-retire", daemon=True).start()
+
+    def check_alive(self) -> None:
+        """If the current model's process has died (killed, out of memory), load it again beside."""
+        with self._lock:
+            dead = self.current
+            if dead is None or dead.scheduler.alive:
+                return
+            self.current = None
+            self.load_error = (f"the model process exited (code {dead.scheduler.process.exitcode}); "
+                               f"reloading {dead.info.folder}")
+        log.error("%s", self.load_error)
+        threading.Thread(target=self._reload, args=(dead,), name="inference-reload", daemon=True).start()
+
+    def _reload(self, dead: ServedModel) -> None:
+        dead.close()
+        info = dead.info
+        try:
+            self.install(ServedModel.load(info.folder, self.settings, info.name, info.version, info.stage))
+        except Exception as e:
+            self.load_error = f"reloading {info.folder} failed: {e}"
+            log.exception("reloading %s failed", info.folder)
 
     # ---- loading (background thread) ---------------------------------------------------------
 

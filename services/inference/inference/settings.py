@@ -5,15 +5,12 @@
     INFERENCE_REDIS_URL=redis://redis:6379/0         model.registered / alias.moved events (polling without)
     INFERENCE_API_TOKEN=...                          require `Authorization: Bearer ...` on /v1/*
     INFERENCE_SLOTS=32 INFERENCE_MAX_WAITING=256     KV-cache rows, waiting-queue bound (429 beyond)
-    INFERENCE_CPU_THREADS=1                          torch threads of the model thread on CPU (0: cores - 1)
+    INFERENCE_CPU_THREADS=1                          torch threads of the model process on CPU (0: cores - 1)
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import torch
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,12 +42,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     default_max_tokens: int = Field(default=512, ge=1)
     log_level: str = "INFO"
-    # torch intra-op threads of the model thread on CPU; 0: one core fewer than the machine has
-    # (at least 1), leaving a core to the event loop. CUDA keeps torch's default.
+    # torch intra-op threads of the model process on CPU; 0: one core fewer than the machine has
+    # (at least 1), leaving a core to the HTTP process. CUDA keeps torch's default.
     cpu_threads: int = Field(default=0, ge=0)
-
-    def model_threads(self, device: torch.device) -> int | None:
-        """The intra-op thread count the model thread should use on `device` (None: torch's default)."""
-        if device.type != "cpu":
-            return None
-        return self.cpu_threads or max(1, (os.cpu_count() or 1) - 1)

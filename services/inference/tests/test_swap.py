@@ -50,7 +50,7 @@ def test_swap_lets_old_streams_finish_then_frees_the_old_model(checkpoints):
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
-        wait_for(lambda: old.scheduler._thread is None, what="the old model to be freed")
+        wait_for(lambda: not old.scheduler.alive, what="the old model to be freed")
         assert s.manager.retiring == []
     finally:
         s.stop()
