@@ -7,7 +7,7 @@ Corpus: Debian's python3.11-doc reST sources, concatenated in sorted path order,
 bytes included, no specials) from the whole corpus passed as one string, `iter([text])`.
 
 The original crate (PyPI `rustbpe==0.1.0`) has the same module name as ours, so it is installed
-into a throwaway venv (made with `uv` on first use) and timed in a subprocess. Every timing is
+into a throwaway venv (the standard library's venv and pip, on first use) and timed in a subprocess. Every timing is
 the median of `--repeats` runs. Prints a table and writes bench/results/tokenizer.json.
 """
 

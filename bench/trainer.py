@@ -102,7 +102,7 @@ def bench(repeats: int, nprocs: list[int], work: Path) -> list[tuple[str, float,
             for _ in range(repeats):
                 job_id = api.post("/v1/jobs", json={"stage": "make_data", "options": {
                     **TINY, "synthetic_docs": 3_000_000, "docs_per_shard": 100_000}}, headers=AUTH).json()["id"]
-                first_events(settings.runs_dir / "jobs" / job_id / "events.jsonl", ("started",))
+                first_events(settings.runs_dir / "jobs" / job_id / "events.jsonl", ("progress",))
                 job = api.get(f"/v1/jobs/{job_id}").json()
                 tag, pgid = node_tag(job_id, 0), job["nodes"][0]["pgid"]
                 t0 = time.monotonic()

@@ -4,10 +4,12 @@ and leaves a grandchild `sleep` in its process group, so tests can check that ca
 reaper leave no process of a job behind.
 
 Under a multi-process torchrun it first all-reduces over gloo (a real rendezvous). Environment:
-SLEEPY_STEPS (default 600, 0.2 s each), SLEEPY_FAIL ("1": fail after 2 steps with an error).
+SLEEPY_STEPS (default 600, 0.2 s each), SLEEPY_FAIL ("1": fail after 2 steps with an error),
+SLEEPY_IGNORE_TERM ("1": ignore SIGTERM, as a stage stuck in a collective would not exit on it).
 """
 
 import os
+import signal
 import subprocess
 import time
 
@@ -15,6 +17,8 @@ from nanochat.stages.cli import run_stage
 
 
 def body(options, emitter):
+    if os.environ.get("SLEEPY_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         import torch

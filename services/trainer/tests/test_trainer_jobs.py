@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -149,6 +148,24 @@ def test_cancel_stops_the_whole_process_group(api, start_worker):
     assert series["loss"][0] == [1, 1.0] and len(series["loss"]) == len(series["lr"]) >= 1
 
 
+def test_stage_that_ignores_sigterm_is_killed_after_the_grace_period(api, settings, start_worker):
+    worker = start_worker(extra_env={"SLEEPY_IGNORE_TERM": "1"}, **SLEEPY)
+    job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+    job = wait_progress(api, job_id, worker=worker)
+    events = settings.runs_dir / "jobs" / job_id / "events.jsonl"
+
+    def last_step() -> int:
+        return max(e["step"] for e in map(json.loads, events.read_text().splitlines()) if e["type"] == "progress")
+
+    at_cancel = last_step()
+    assert api.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 202
+    job = wait_job(api, job_id, timeout=settings.cancel_grace + 30, worker=worker)
+    assert job["status"] == "cancelled"
+    assert job_processes(job) == []
+    # A step is 0.2 s and the grace period 3 s: the stage stepped on through SIGTERM until SIGKILL.
+    assert last_step() >= at_cancel + 5
+
+
 def test_sigkilled_worker_is_reaped_and_its_job_failed(api, settings, start_worker):
     victim = start_worker(**SLEEPY)
     job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
@@ -157,9 +174,7 @@ def test_sigkilled_worker_is_reaped_and_its_job_failed(api, settings, start_work
     victim.proc.wait()
     # torchrun sits in its own session: the SIGKILL left the job's processes running.
     assert job_processes(job)
-    killed_at = time.monotonic()
     job = wait_job(api, job_id, timeout=settings.heartbeat_limit + settings.cancel_grace + 20)
-    assert time.monotonic() - killed_at < settings.heartbeat_limit + settings.cancel_grace + 20
     assert job["status"] == "failed" and "stopped sending heartbeats" in job["error"]
     assert job_processes(job) == []
 
