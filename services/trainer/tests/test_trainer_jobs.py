@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from redis import Redis
 from registry_client import RegistryClient
 
 from trainer_testlib import AUTH, REGISTRY_TOKEN, TINY_DATA, wait_job, wait_progress
@@ -224,3 +225,15 @@ def test_lost_worker_job_is_requeued_when_allowed(settings, start_worker):
         rescuer = start_worker(extra_env=env, requeue_on_worker_loss=1, **SLEEPY)
         job = wait_job(api, job_id, timeout=120, worker=rescuer)
         assert job["status"] == "succeeded" and job["error"] is None and job["attempts"] == 1
+
+
+def test_queued_job_whose_task_left_redis_is_queued_again(api, settings, start_worker):
+    job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+    redis = Redis.from_url(settings.redis_url)
+    # What a restarted Redis without persistence leaves: none of this queue's keys.
+    lost = redis.keys(f"rq:job:{job_id}*") + redis.keys(f"rq:queue:{settings.queue_name}")
+    assert redis.delete(*lost) == 2
+    worker = start_worker(extra_env={"SLEEPY_STEPS": "3"}, **SLEEPY)
+    job = wait_job(api, job_id, timeout=settings.heartbeat_limit + 120, worker=worker)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 0

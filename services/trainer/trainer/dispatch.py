@@ -33,12 +33,14 @@ def task_id(job_id: str, node_rank: int, attempt: int) -> str:
     return f"{job_id}-n{node_rank}-a{attempt}"
 
 
-def enqueue_job(settings: Settings, redis: Redis, job_id: str, nnodes: int, attempt: int) -> list[str]:
-    """Queue one task per node of a job, in one Redis transaction (a gang is queued whole)."""
+def enqueue_job(settings: Settings, redis: Redis, job_id: str, nnodes: int, attempt: int,
+                ranks: list[int] | None = None) -> list[str]:
+    """Queue one task per node of a job (or of the given `ranks`), in one Redis transaction (a
+    gang is queued whole)."""
     queue = make_queue(settings, redis)
     with redis.pipeline() as pipe:
         ids = []
-        for rank in range(nnodes):
+        for rank in range(nnodes) if ranks is None else ranks:
             rq_job = queue.enqueue_call(
                 TASK, kwargs={"job_id": job_id, "node_rank": rank}, timeout=settings.job_timeout,
                 result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600, job_id=task_id(job_id, rank, attempt),
@@ -58,6 +60,16 @@ def cancel_tasks(settings: Settings, redis: Redis, job_id: str, nnodes: int, att
             continue
         if rq_job.get_status(refresh=True) in ("queued", "deferred", "scheduled"):
             rq_job.cancel()
+
+
+def task_lost(redis: Redis, job_id: str, node_rank: int, attempt: int) -> bool:
+    """True when a node's task is gone from Redis (flushed, evicted, a restarted Redis without
+    persistence) or ended without running it (RQ failed it, e.g. its worker died before claiming)."""
+    try:
+        rq_job = RqJob.fetch(task_id(job_id, node_rank, attempt), connection=redis, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return True
+    return rq_job.get_status(refresh=False) in ("failed", "stopped", "canceled")
 
 
 def queue_depth(settings: Settings, redis: Redis) -> int:

@@ -6,6 +6,10 @@ carrying the job's marker variable; a recycled group id is never hit, see `train
 while `requeue_on_worker_loss` allows. A node on another host is left to that host's reaper
 for three heartbeat limits; after that its host is taken as gone and the job is ended anyway,
 so no job is ever left `running`.
+
+It also finds queued nodes whose task is gone from Redis (a flushed or restarted Redis) and
+queues their task again, so no job is ever left `queued` with nothing to run it: a second
+delivery of a task is harmless, the worker claims a node only while it is still queued.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from redis import Redis
 from sqlalchemy import select, update
 
 from trainer.db import TERMINAL, Database, Job, JobNode
-from trainer.dispatch import enqueue_job
+from trainer.dispatch import enqueue_job, task_lost
 from trainer.procs import node_tag, terminate_job
 from trainer.settings import Settings
 
@@ -49,6 +53,27 @@ class Reaper:
 
     def reap_once(self) -> list[str]:
         """One scan; returns the ids of the jobs it ended or re-queued."""
+        return self._reap_running() + self._requeue_lost_tasks()
+
+    def _requeue_lost_tasks(self) -> list[str]:
+        # Jobs younger than a heartbeat limit are skipped: the API commits the row before it
+        # queues the task, and a re-queue commits before it queues too.
+        with self.db.session() as s:
+            queued = s.execute(select(Job.id, Job.nnodes, Job.attempts, JobNode.node_rank)
+                               .join(JobNode, JobNode.job_id == Job.id)
+                               .where(Job.status.in_(("queued", "running")), Job.cancel_requested.is_(False),
+                                      JobNode.status == "queued",
+                                      Job.created_at < time.time() - self.settings.heartbeat_limit)).all()
+        lost: dict[tuple[str, int, int], list[int]] = {}
+        for job_id, nnodes, attempt, rank in queued:
+            if task_lost(self.redis, job_id, rank, attempt):
+                lost.setdefault((job_id, nnodes, attempt), []).append(rank)
+        for (job_id, nnodes, attempt), ranks in lost.items():
+            enqueue_job(self.settings, self.redis, job_id, nnodes, attempt, ranks=ranks)
+            log.warning("queued again: the task of node(s) %s was gone from Redis", ranks, extra={"job_id": job_id})
+        return [job_id for job_id, _, _ in lost]
+
+    def _reap_running(self) -> list[str]:
         now = time.time()
         limit = self.settings.heartbeat_limit
         with self.db.session() as s:

@@ -80,6 +80,27 @@ def test_stream_grows_and_stop_frees_the_server_request(browser, webui, fake):
     assert page.errors == []
 
 
+def test_reload_mid_answer_keeps_the_partial_reply_as_interrupted(browser, webui, fake):
+    page = open_page(browser, webui.url)
+    send(page, "tell me a slow story")
+    answer = last_assistant(page)
+    # A second's worth of words: the reply has been saved at least once while streaming.
+    expect(answer.locator(".body")).to_contain_text("word40 ")
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    answer = last_assistant(page)
+    expect(answer).to_have_attribute("data-state", "interrupted")
+    expect(answer.locator(".body")).to_contain_text("word1 ")
+    expect(answer).to_contain_text("interrupted")
+    expect(page.get_by_test_id("send")).to_be_visible()
+    page.get_by_test_id("regenerate").click()
+    expect(last_assistant(page)).to_have_attribute("data-state", "streaming")
+    page.get_by_test_id("stop").click()
+    expect(last_assistant(page)).to_have_attribute("data-state", "stopped")
+    expect(page.locator("[data-testid=message]")).to_have_count(2)
+    assert page.errors == []
+
+
 def test_regenerate_edit_and_history_survive_reload(browser, webui, fake):
     page = open_page(browser, webui.url)
     send(page, "hello there")

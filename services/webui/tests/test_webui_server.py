@@ -53,6 +53,16 @@ def test_proxy_passes_path_query_and_only_safe_headers(client):
     assert client.get("/api/elsewhere/v1/x").status_code == 404
 
 
+def test_an_empty_service_token_sends_no_authorization(fake, monkeypatch):
+    # What compose's `WEBUI_TRAINER_TOKEN: ${TRAINER_TOKEN:-}` gives when the token is unset.
+    monkeypatch.setenv("WEBUI_TRAINER_TOKEN", "")
+    settings = Settings(**{k: v for k, v in settings_for(fake.url).model_dump().items() if k != "trainer_token"})
+    assert settings.trainer_token is None
+    with TestClient(create_app(settings)) as client:
+        seen = client.get("/api/trainer/_test/echo/x", headers={"authorization": "Bearer from-browser"}).json()
+    assert "authorization" not in seen["headers"]
+
+
 def test_changes_need_the_admin_session(client):
     job = {"stage": "make_data", "options": {}, "output_name": "nanochat"}
     refused = client.post("/api/trainer/v1/jobs", json=job)

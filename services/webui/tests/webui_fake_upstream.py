@@ -274,6 +274,19 @@ async def registry_versions(name: str) -> dict:
     return {"items": items, "total": len(items), "limit": 500, "offset": 0}
 
 
+@app.get("/registry/v1/models/{name}/versions/{version}/lineage")
+async def registry_lineage(name: str, version: int):
+    by_version = {v["version"]: {"attachments": [], **v, "name": name} for v in versions}
+    if version not in by_version:
+        return JSONResponse({"error": {"type": "not_found", "message": "no such version"}}, status_code=404)
+    parents, parent = [], by_version[version]["parent"]
+    while parent:
+        parents.append(by_version[parent["version"]])
+        parent = by_version[parent["version"]]["parent"]
+    children = [v for v in by_version.values() if (v["parent"] or {}).get("version") == version]
+    return {"version": by_version[version], "parents": parents, "children": children}
+
+
 @app.get("/registry/v1/models/{name}/versions/{version}/attachments/{file}")
 async def attachment(name: str, version: int, file: str):
     return PlainTextResponse("# Report card\n\n| metric | SFT |\n|---|---|\n\n- ARC-Easy: **0.31**\n<script>window.__xss=4</script>\n",

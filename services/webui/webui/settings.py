@@ -4,7 +4,7 @@ Example: `WEBUI_INFERENCE_URL=http://inference:8000 WEBUI_ADMIN_TOKEN=s3cret pyt
 Service tokens stay here on the server: the browser never sees them.
 """
 
-from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,3 +35,10 @@ class Settings(BaseSettings):
 
     connect_timeout_s: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+
+    @field_validator("inference_token", "trainer_token", "registry_token", "admin_token", "chat_token",
+                     "session_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes `${TOKEN:-}` as an empty string: that means no token, not "Bearer ".
+        return None if value == "" else value

@@ -150,7 +150,7 @@ export function mountChat(root, app) {
     } else {
       body.append(renderParts(message.parts));
       const meta = [modelLabel(message.model)];
-      if (message.state === "stopped") meta.push("stopped");
+      if (message.state === "stopped" || message.state === "interrupted") meta.push(message.state);
       const actions = h("div", { class: "actions" }, h("span", { class: "meta" }, meta.join(" · ")));
       if (isLast && message.state !== "streaming") {
         actions.append(h("button", { type: "button", class: "link", "data-testid": "regenerate", onclick: regenerate }, "Regenerate"));
@@ -265,10 +265,16 @@ export function mountChat(root, app) {
     controller = new AbortController();
     setGenerating(true);
     let frame = 0;
+    let saved = Date.now();
     const paint = () => {
       frame = 0;
       body.replaceChildren(renderParts(assistant.parts));
       messages.scrollTop = messages.scrollHeight;
+      // Saved about once a second, so a reload mid-answer keeps what had arrived.
+      if (Date.now() - saved > 1000) {
+        saved = Date.now();
+        persist();
+      }
     };
     try {
       await streamChat(payload, controller.signal, (chunk) => {

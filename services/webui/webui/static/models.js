@@ -5,7 +5,6 @@ import { formatNumber, formatTime, h } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
 
 const versionOf = (v) => v.version;
-const parentOf = (v) => (v.parent && typeof v.parent === "object" ? v.parent.version : null);
 const attachmentName = (a) => (typeof a === "string" ? a : a.name ?? a.path);
 
 function aliasesFrom(model, versions) {
@@ -14,15 +13,11 @@ function aliasesFrom(model, versions) {
   return aliases;
 }
 
-function lineage(versions, start) {
-  const byVersion = new Map(versions.map((v) => [versionOf(v), v]));
-  const chain = [];
-  const seen = new Set();
-  for (let v = byVersion.get(start); v && !seen.has(versionOf(v)); v = byVersion.get(parentOf(v))) {
-    seen.add(versionOf(v));
-    chain.unshift(v);
-  }
-  return chain;
+// The registry walks the parents, across models (an sft version's parent is often another
+// model's base version), root first once reversed.
+async function lineage(path, version) {
+  const body = await request(`${path}/versions/${version}/lineage`);
+  return [...body.parents].reverse().concat([body.version]);
 }
 
 export function mountModels(root, app) {
@@ -105,10 +100,11 @@ export function mountModels(root, app) {
         });
         return row;
       }));
-      const chain = lineage(versions, selected);
+      const chain = await lineage(path, selected);
       lineageBox.replaceChildren(...chain.flatMap((v, i) => [
         ...(i ? [h("span", { class: "arrow", "aria-hidden": "true" }, "→")] : []),
-        h("div", { class: `node stage-${v.stage}`, "data-testid": "lineage-node" }, h("strong", {}, v.stage), h("span", {}, `v${versionOf(v)}`)),
+        h("div", { class: `node stage-${v.stage}`, "data-testid": "lineage-node" }, h("strong", {}, v.stage),
+          h("span", {}, v.name === name ? `v${versionOf(v)}` : `${v.name} v${versionOf(v)}`)),
       ]));
       app.clearBanner("registry");
     } catch (err) {

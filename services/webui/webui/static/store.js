@@ -14,9 +14,17 @@ function read(key, fallback) {
   }
 }
 
+// A reply still "streaming" in storage was cut off by a reload or a closed tab: its stream is
+// gone, so it is kept as far as it got and marked interrupted (or dropped when it got nowhere).
+function repairInterrupted(conv) {
+  conv.messages = conv.messages.filter((m) => m && !(m.state === "streaming" && !(m.parts || []).length));
+  for (const m of conv.messages) if (m.state === "streaming") m.state = "interrupted";
+  return conv;
+}
+
 export function loadConversations() {
   const list = read(CONVERSATIONS, []);
-  return Array.isArray(list) ? list.filter((c) => c && c.id && Array.isArray(c.messages)) : [];
+  return Array.isArray(list) ? list.filter((c) => c && c.id && Array.isArray(c.messages)).map(repairInterrupted) : [];
 }
 
 export function saveConversations(list) {
