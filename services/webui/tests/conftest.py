@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -41,6 +41,7 @@ def wait_healthy(url: str, process: subprocess.Popen, limit_s: float = 30.0) -> 
 class Proc:
     url: str
     process: subprocess.Popen
+    env: dict[str, str] = field(default_factory=dict)  # the variables it was started with, on top of os.environ
 
     def stop(self) -> None:
         if self.process.poll() is None:

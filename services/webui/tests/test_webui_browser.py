@@ -302,3 +302,11 @@ def test_launch_form_validates_at_the_field_and_models_serving_alias(browser, we
     expect(chat.get_by_test_id("model-badge")).to_have_text("nanochat v5 · rl", timeout=10_000)
     expect(chat.get_by_test_id("model-note")).to_contain_text("nanochat v4 · sft → nanochat v5 · rl")
     assert page.errors == []
+
+
+def test_numbers_are_formatted_for_reading(browser, webui):
+    page = open_page(browser, webui.url)
+    shown = page.evaluate("async (values) => { const { formatNumber } = await import('/dom.js');"
+                          " return values.map(formatNumber); }",
+                          [1200.4, 12930.5, 1.2345, 0.00012, 100000, 0.31, 5269.9])
+    assert shown == ["1200", "12.93K", "1.234", "1.20e-4", "100,000", "0.31", "5270"]

@@ -54,7 +54,7 @@ def spawn(name: str, module: str, env: dict[str, str], url: str, health: str, ro
     with open(root / f"{name}.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", *module.split()], env={**os.environ, **env},
                                    stdout=log, stderr=subprocess.STDOUT)
-    proc = Proc(url, process)
+    proc = Proc(url, process, env)
     try:
         wait_healthy(f"{url}{health}", process, limit_s=60)
     except RuntimeError:
@@ -166,6 +166,55 @@ def test_real_launch_validation_job_cancel_and_serving_alias(browser, stack):
     expect(chat.get_by_test_id("model-badge")).to_have_text("nanochat v4 · rl", timeout=15_000)
     page.screenshot(path=OUTPUT / "real-models-desktop.png", full_page=True)
     assert page.errors == []
+
+
+def test_real_running_job_page_grows_its_curves_and_log_then_cancels(browser, stack, tmp_path):
+    # A worker beside the trainer API, on data made_data wrote where the trainer looks for it.
+    env = stack["trainer"].env
+    config = tmp_path / "make_data.json"
+    config.write_text(json.dumps({"source": "synthetic", "synthetic_docs": 300, "docs_per_shard": 100,
+                                  "val_docs": 50, "chat_train": 20, "chat_test": 10, "math_train": 20,
+                                  "math_test": 10, "mc_train": 20, "mc_test": 10, "identity_train": 10,
+                                  "identity_test": 10, "core_items": 8}))
+    subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--config", str(config),
+                    "--data-dir", env["TRAINER_DATA_DIR"]], check=True, capture_output=True, timeout=300)
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = Proc("", subprocess.Popen([sys.executable, "-m", "trainer", "worker"], env={**os.environ, **env},
+                                           stdout=log, stderr=subprocess.STDOUT))
+    try:
+        options = {"depth": 2, "max_seq_len": 128, "device_batch_size": 2, "total_batch_size": 256,
+                   "num_iterations": 100_000, "eval_every": -1, "eval_tokens": 256, "save_every": -1,
+                   "core_metric_every": -1, "log_every": 1}
+        r = httpx.post(f"{stack['trainer'].url}/v1/jobs", headers={"Authorization": f"Bearer {TRAINER_TOKEN}"},
+                       json={"stage": "base_train", "input": {"name": "nanochat", "stage": "tokenizer"},
+                             "options": options, "output_name": "webui-running"}, timeout=30)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        page = open_page(browser, f"{stack['webui'].url}/#/jobs/{job_id}")
+        expect(page.get_by_test_id("status")).to_have_text("running", timeout=60_000)
+        expect(page.get_by_test_id("log-state")).to_have_text("following")
+        chart = page.get_by_test_id("chart-loss")
+        page.wait_for_function("() => Number(document.querySelector('[data-testid=chart-loss]').dataset.points) >= 3",
+                               timeout=120_000)
+        points = int(chart.get_attribute("data-points"))
+        log_length = len(page.get_by_test_id("log").inner_text())
+        # The page keeps up with the running job: more points on the curve, more lines in the log.
+        page.wait_for_function("([n]) => Number(document.querySelector('[data-testid=chart-loss]').dataset.points) > n",
+                               arg=[points], timeout=60_000)
+        page.wait_for_function("([n]) => document.querySelector('[data-testid=log]').innerText.length > n",
+                               arg=[log_length], timeout=60_000)
+        assert float(page.get_by_test_id("progress").get_attribute("aria-valuenow")) >= 0
+        page.screenshot(path=OUTPUT / "real-job-running-desktop.png", full_page=True)
+        page.click("#login-button")
+        page.fill("#login-dialog input", ADMIN_TOKEN)
+        page.click("#login-dialog button.primary")
+        page.get_by_test_id("cancel").click()
+        expect(page.get_by_test_id("status")).to_have_text("cancelled", timeout=30_000)
+        expect(page.get_by_test_id("log-state")).to_have_text("ended", timeout=30_000)
+        assert httpx.get(f"{stack['trainer'].url}/v1/jobs/{job_id}").json()["status"] == "cancelled"
+        assert page.errors == []
+    finally:
+        worker.stop()
 
 
 def test_real_inference_down_shows_the_banner(browser, stack):

@@ -26,12 +26,17 @@ export function svg(tag, attrs = {}, ...children) {
   return el;
 }
 
+const COMPACT = new Intl.NumberFormat("en-US", { notation: "compact", maximumSignificantDigits: 4 });
+
 export function formatNumber(value) {
   if (typeof value !== "number" || !Number.isFinite(value)) return String(value);
   if (Number.isInteger(value)) return value.toLocaleString("en-US");
   const abs = Math.abs(value);
-  if (abs !== 0 && (abs < 1e-3 || abs >= 1e5)) return value.toExponential(2);
-  return value.toPrecision(4).replace(/\.?0+$/, "");
+  if (abs !== 0 && abs < 1e-3) return value.toExponential(2);
+  // toPrecision(4) would write 12,930.5 as "1.293e+4"; throughputs read better as "12.93K".
+  if (abs >= 1e4) return COMPACT.format(value);
+  const text = value.toPrecision(4);
+  return text.includes(".") ? text.replace(/\.?0+$/, "") : text;  // 1200.4 is "1200", not "12"
 }
 
 export function formatTime(value) {
