@@ -310,3 +310,16 @@ def test_numbers_are_formatted_for_reading(browser, webui):
                           " return values.map(formatNumber); }",
                           [1200.4, 12930.5, 1.2345, 0.00012, 100000, 0.31, 5269.9])
     assert shown == ["1200", "12.93K", "1.234", "1.20e-4", "100,000", "0.31", "5270"]
+
+
+def test_shift_enter_writes_a_new_line_and_enter_sends(browser, webui, fake):
+    page = open_page(browser, webui.url)
+    page.fill("#prompt", "first line")
+    page.press("#prompt", "Shift+Enter")
+    page.type("#prompt", "second line")
+    expect(page.locator("[data-testid=message]")).to_have_count(0)
+    assert page.input_value("#prompt") == "first line\nsecond line"
+    page.press("#prompt", "Enter")
+    expect(last_assistant(page)).to_have_attribute("data-state", "done")
+    assert fake_state(fake)["last_chat"]["messages"][-1]["content"] == "first line\nsecond line"
+    assert page.errors == []

@@ -22,6 +22,7 @@ from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.manifest import write_manifest
+from nanochat.stages.options import PRESETS
 from nanochat.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -140,6 +141,28 @@ def test_real_launch_validation_job_cancel_and_serving_alias(browser, stack):
     page.fill("#login-dialog input", ADMIN_TOKEN)
     page.click("#login-dialog button.primary")
     expect(page.locator("#login-button")).to_have_text("Sign out (admin)")
+    # The speedrun pipeline: the preset's options, one stage's overridden; the real trainer's
+    # 422 names the stage and the field, and lands in that stage's folded section, opened.
+    page.get_by_test_id("launch-what").select_option("pipeline:speedrun")
+    page.select_option("#opt-preset", label="tiny")
+    page.get_by_test_id("stage-options-base_train").locator("summary").click()
+    page.fill("#opt-base_train-depth", "5")
+    page.get_by_test_id("launch-submit").click()
+    expect(page.get_by_test_id("error-base_train-depth")).to_contain_text("power of two")
+    page.screenshot(path=OUTPUT / "real-launch-pipeline-desktop.png", full_page=True)
+    page.fill("#opt-base_train-depth", "2")
+    page.get_by_test_id("launch-submit").click()
+    expect(page).to_have_url(re.compile(r"#/jobs/\w+$"))
+    pipeline_job = httpx.get(f"{stack['trainer'].url}/v1/jobs").json()["items"][0]
+    steps = {step["stage"]: step["options"] for step in pipeline_job["steps"]}
+    assert pipeline_job["pipeline"] == "speedrun" and steps["base_train"]["depth"] == 2
+    tiny = PRESETS["tiny"]
+    # What was left blank is the preset's: in the overridden stage and in the others.
+    assert steps["base_train"]["num_iterations"] == tiny["base_train"]["num_iterations"]
+    assert steps["mid_train"]["num_iterations"] == tiny["mid_train"]["num_iterations"]
+    page.get_by_test_id("cancel").click()
+    expect(page.get_by_test_id("status")).to_have_text("cancelled")
+    page.goto(f"{stack['webui'].url}/#/launch")
     page.get_by_test_id("launch-what").select_option("base_train")
     # The real trainer's own option schema rejects depth 5 (its head-dim rule); the 422 lands at the field.
     page.fill("#opt-depth", "5")

@@ -1,9 +1,13 @@
-// Dashboard: launch a stage or the speedrun pipeline. The form is generated from the option
+// Dashboard: launch a stage or a pipeline (speedrun). The form is generated from the option
 // schemas the trainer serves at GET /v1/stages; errors are shown at the field they belong to.
+// A pipeline starts every step from its size preset; each stage's options can be overridden.
 import { ApiError, listOf, request } from "./api.js";
 import { h } from "./dom.js";
 
-const PIPELINE = "pipeline:speedrun";
+const PIPELINE_PREFIX = "pipeline:";
+const PIPELINE_TEXT = {
+  speedrun: "The whole nanochat recipe in order: data, tokenizer, base, mid, SFT, RL, with an eval after each stage and a report card.",
+};
 
 // Resolve $ref and Optional (anyOf [..., null]) so each field is one plain schema.
 function plain(schema, root) {
@@ -18,8 +22,10 @@ function plain(schema, root) {
   return s;
 }
 
-function fieldFor(name, schema, required) {
-  const id = `opt-${name}`;
+// `prefix` keeps the fields of a pipeline's stages apart (opt-base_train-depth).
+function fieldFor(name, schema, required, prefix = "") {
+  const key = `${prefix}${name}`;
+  const id = `opt-${key}`;
   let input;
   if (schema.enum) {
     input = h("select", { id, name }, ...(required ? [] : [h("option", { value: "" }, "(default)")]),
@@ -36,11 +42,22 @@ function fieldFor(name, schema, required) {
     input = h("input", { id, name, type: "text" });
     if (typeof schema.default === "string") input.value = schema.default;
   }
-  const error = h("span", { class: "field-error", "data-testid": `error-${name}` });
+  const error = h("span", { class: "field-error", "data-testid": `error-${key}` });
   const wrap = h("div", { class: "field", "data-field": name },
     h("label", { for: id }, schema.title || name, required ? " *" : ""), input,
     schema.description ? h("small", { class: "muted" }, schema.description) : null, error);
-  return { name, schema, required, input, error, wrap };
+  return { name, key, schema, required, input, error, wrap };
+}
+
+// A pipeline stage's field: blank means the preset's value, so nothing is pre-filled and a
+// boolean is a three-way choice.
+function overrideFor(stage, name, schema) {
+  const s = { ...schema, default: undefined };
+  if (s.type === "boolean") { s.enum = [true, false]; delete s.type; }
+  const f = fieldFor(name, s, false, `${stage}-`);
+  f.stage = stage;
+  if (!s.enum) f.input.placeholder = "preset";
+  return f;
 }
 
 // The value of a field, or an error message a person can act on.
@@ -75,6 +92,7 @@ export function mountLaunch(root, app) {
   root.replaceChildren(h("section", { class: "page" }, h("h2", {}, "Launch"), form));
 
   let stages = [];
+  let pipelines = {};
   let presets = ["tiny", "d20"];
   let fields = [];
   const common = {};
@@ -89,10 +107,22 @@ export function mountLaunch(root, app) {
     const choice = what.value;
     const stage = stages.find((s) => s.name === choice);
     formError.hidden = true;
-    if (choice === PIPELINE) {
-      description.textContent = "The whole nanochat recipe in order: data, tokenizer, base, mid, SFT, RL, with an eval after each stage and a report card.";
-      fields = [fieldFor("preset", { enum: presets, default: presets[0], description: "tiny runs on a CPU; d20 is the original 8-GPU speedrun" }, true)];
-      optionsBox.replaceChildren(h("legend", {}, "Pipeline"), ...fields.map((f) => f.wrap));
+    if (choice.startsWith(PIPELINE_PREFIX)) {
+      const pipeline = choice.slice(PIPELINE_PREFIX.length);
+      const order = [...new Set(pipelines[pipeline] || [])];
+      description.textContent = `${PIPELINE_TEXT[pipeline] || ""} Steps: ${(pipelines[pipeline] || []).join(" → ")}.`.trim();
+      const preset = fieldFor("preset", { enum: presets, default: presets[0], description: "tiny runs on a CPU; d20 is the original 8-GPU speedrun" }, true);
+      const perStage = order.map((name) => {
+        const stageInfo = stages.find((st) => st.name === name);
+        const schema = stageInfo?.options_schema || {};
+        const own = Object.entries(schema.properties || {}).map(([opt, sch]) => overrideFor(name, opt, plain(sch, schema)));
+        return { name, own };
+      });
+      fields = [preset, ...perStage.flatMap((p) => p.own)];
+      optionsBox.replaceChildren(h("legend", {}, "Pipeline"), preset.wrap,
+        ...perStage.filter((p) => p.own.length).map((p) => h("details", { class: "stage-options", "data-testid": `stage-options-${p.name}` },
+          h("summary", {}, `${p.name} options`, h("span", { class: "muted" }, " (blank: the preset's value)")),
+          ...p.own.map((f) => f.wrap))));
       inputBox.replaceChildren(h("legend", {}, "Output and resources"),
         commonField("output_name", { type: "string", default: "nanochat" }, true),
         commonField("nproc_per_node", { type: "integer", minimum: 1, default: 1 }, true),
@@ -118,8 +148,10 @@ export function mountLaunch(root, app) {
 
   function showErrors(errors, general) {
     for (const f of [...fields, ...Object.values(common)]) {
-      f.error.textContent = errors[f.name] || "";
-      f.wrap.classList.toggle("invalid", Boolean(errors[f.name]));
+      f.error.textContent = errors[f.key] || "";
+      f.wrap.classList.toggle("invalid", Boolean(errors[f.key]));
+      // An error inside a folded stage must be seen.
+      if (errors[f.key]) f.wrap.closest("details")?.setAttribute("open", "");
     }
     formError.textContent = general || "";
     formError.hidden = !general;
@@ -131,8 +163,10 @@ export function mountLaunch(root, app) {
     const options = {};
     for (const f of fields) {
       const r = readField(f);
-      if (r.error) errors[f.name] = r.error;
-      else if (!r.skip) options[f.name] = r.value;
+      if (r.error) errors[f.key] = r.error;
+      else if (r.skip) continue;
+      else if (f.stage) (options[f.stage] ??= {})[f.name] = r.value;
+      else options[f.name] = r.value;
     }
     const c = {};
     for (const [name, f] of Object.entries(common)) {
@@ -144,8 +178,9 @@ export function mountLaunch(root, app) {
     if (Object.keys(errors).length) { showErrors(errors, "Fix the fields marked below."); return; }
     const resources = { nproc_per_node: c.nproc_per_node, nnodes: c.nnodes };
     let body;
-    if (what.value === PIPELINE) {
-      body = { pipeline: "speedrun", preset: options.preset, output_name: c.output_name, resources };
+    if (what.value.startsWith(PIPELINE_PREFIX)) {
+      const { preset, ...perStage } = options;
+      body = { pipeline: what.value.slice(PIPELINE_PREFIX.length), preset, options: perStage, output_name: c.output_name, resources };
     } else {
       body = { stage: what.value, options, output_name: c.output_name, resources };
       if (c.input_name !== undefined) {
@@ -167,11 +202,14 @@ export function mountLaunch(root, app) {
     } catch (err) {
       if (err instanceof ApiError && Array.isArray(err.detail)) {
         // FastAPI's 422: each error's loc ends with the field it is about.
+        // For a pipeline, loc is [body, options, stage, field, ...].
         const byField = {};
-        const known = new Set([...fields.map((f) => f.name), ...Object.keys(common)]);
+        const known = new Set([...fields.map((f) => f.key), ...Object.keys(common)]);
         const loose = [];
         for (const d of err.detail) {
-          const name = [...(d.loc || [])].reverse().find((part) => known.has(part));
+          const loc = d.loc || [];
+          const staged = loc[1] === "options" && known.has(`${loc[2]}-${loc[3]}`) ? `${loc[2]}-${loc[3]}` : null;
+          const name = staged ?? [...loc].reverse().find((part) => known.has(part));
           if (name) byField[name] = d.msg;
           else loose.push(`${(d.loc || []).slice(1).join(".")}: ${d.msg}`);
         }
@@ -190,7 +228,8 @@ export function mountLaunch(root, app) {
       const offered = await request("/api/trainer/v1/stages");
       stages = listOf(offered, "stages");
       if (Array.isArray(offered?.presets) && offered.presets.length) presets = offered.presets;
-      what.replaceChildren(h("option", { value: PIPELINE }, "speedrun pipeline"),
+      pipelines = offered?.pipelines && typeof offered.pipelines === "object" ? offered.pipelines : { speedrun: [] };
+      what.replaceChildren(...Object.keys(pipelines).map((p) => h("option", { value: `${PIPELINE_PREFIX}${p}` }, `${p} pipeline`)),
         ...stages.map((s) => h("option", { value: s.name }, s.name)));
       build();
       if (!app.isAdmin()) showErrors({}, "Launching needs the admin token: sign in first.");
