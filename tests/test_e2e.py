@@ -221,6 +221,11 @@ def test_report_card_covers_the_whole_lineage(stack, speedrun, tmp_path):
     assert rows["CORE"][0], f"no base CORE in the report:\n{report}"
     assert all(rows["ARC-Easy"][1:]), f"ARC-Easy missing for mid/sft/rl:\n{report}"
     assert "## Stage times" in report and "| base_train |" in report
+    # The trainer names every version the report reads, one --input-version each (DESIGN.md).
+    log = httpx.get(f"{stack.url('trainer')}/v1/jobs/{speedrun['id']}/logs", timeout=30).text
+    command = next(line for line in log.splitlines() if "[trainer] $" in line and "nanochat.stages.report" in line)
+    for made in speedrun["produced"]:
+        assert f"--input-version {MODEL}:{made['version']}" in command, (made, command)
 
 
 def wait_served(stack, version: int) -> dict:

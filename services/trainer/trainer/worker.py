@@ -196,8 +196,9 @@ class NodeRun:
         out = self.dir / "steps" / f"{index:02d}-{stage}"
         config = self.dir / f"step{index:02d}-{stage}.json"
         config.write_text(json.dumps(step["options"]))
-        extra_inputs = self._report_inputs(index, input_ref) if stage == "report" and input_ref else []
-        command = self._command(stage, config, out, input_ref, extra_inputs)
+        extra_inputs, extra_versions = (self._report_inputs(index, input_ref) if stage == "report" and input_ref
+                                        else ([], []))
+        command = self._command(stage, config, out, input_ref, extra_inputs, extra_versions)
         env = {**os.environ, JOB_MARKER: node_tag(self.job_id, self.rank), "PYTHONUNBUFFERED": "1"}
         result = self._executor()(command, env, self.log_path, lambda e: self._on_event(index, e), self.stop_reason,
                            self._on_started, self.s.cancel_grace, node_tag(self.job_id, self.rank))
@@ -218,7 +219,7 @@ class NodeRun:
         return run_stage
 
     def _command(self, stage: str, config: Path, out: Path, input_ref: dict[str, Any] | None,
-                 extra_inputs: list[str]) -> list[str]:
+                 extra_inputs: list[str], extra_versions: list[str]) -> list[str]:
         resources = self.spec["resources"]
         cmd = [*self.s.torchrun, f"--nproc-per-node={resources['nproc_per_node']}"]
         if self.nnodes > 1:
@@ -231,20 +232,22 @@ class NodeRun:
         cmd += ["-m", module, "--config", str(config), "--data-dir", str(self.s.data_dir), "--out", str(out),
                 "--job-id", self.job_id]
         if input_ref is not None:
-            cmd += ["--init-from", input_ref["path"], *extra_inputs,
-                    "--input-version", f"{input_ref['name']}:{input_ref['version']}"]
+            cmd += ["--init-from", input_ref["path"], *extra_inputs]
+            # DESIGN.md: an --input-version for each input the stage reads.
+            for version in [f"{input_ref['name']}:{input_ref['version']}", *extra_versions]:
+                cmd += ["--input-version", version]
         return cmd
 
-    def _report_inputs(self, index: int, input_ref: dict[str, Any]) -> list[str]:
+    def _report_inputs(self, index: int, input_ref: dict[str, Any]) -> tuple[list[str], list[str]]:
         """What `report` reads besides the input version: every ancestor's folder, each version's
         registry metrics (the eval stages patched them there) as an eval result, and this job's
-        stage events (for stage times)."""
+        stage events (for stage times); and the ancestors' NAME:VERSION."""
         name, version = input_ref["name"], input_ref["version"]
         folder = self.dir / "steps" / f"{index:02d}-report-inputs"
         folder.mkdir(parents=True, exist_ok=True)
         try:
             chain = self._with_retries(f"lineage of {name}:{version}", lambda: self.ctx.registry.lineage(name, version))
-            paths = []
+            paths, versions = [], []
             for i, v in enumerate(chain):
                 if i == 0:
                     path = input_ref["path"]
@@ -252,6 +255,7 @@ class NodeRun:
                     path = str(self._with_retries(f"download {v.name}:{v.version}", lambda v=v:
                                                   self.ctx.registry.download(v.name, v.version)))
                     paths.append(path)
+                    versions.append(f"{v.name}:{v.version}")
                 result = folder / f"metrics-{v.name}-v{v.version}"
                 result.mkdir(exist_ok=True)
                 (result / EVAL_FILE).write_text(json.dumps({
@@ -266,7 +270,7 @@ class NodeRun:
         # The job log tags each event with its step; the stage event schema has no such field.
         events.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "step_index"}) + "\n"
                                   for line in lines if line.strip()))
-        return [*paths, str(events)]
+        return [*paths, str(events)], versions
 
     def _input_for(self, index: int) -> dict[str, Any] | None:
         """The version a step reads: the newest one this job made, else the job's own input."""
