@@ -28,6 +28,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from nanochat_testing.data import TINY_DATA  # noqa: E402
 from nanochat_testing.servers import start_redis  # noqa: E402
 from trainer.api import create_app  # noqa: E402
 from trainer.db import TERMINAL  # noqa: E402
@@ -37,9 +38,7 @@ from trainer.settings import Settings  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TINY = {"source": "synthetic", "synthetic_docs": 300, "docs_per_shard": 100, "val_docs": 50, "chat_train": 20,
-        "chat_test": 10, "math_train": 20, "math_test": 10, "mc_train": 20, "mc_test": 10, "identity_train": 10,
-        "identity_test": 10, "core_items": 8, "overwrite": True}
+TINY = {**TINY_DATA, "overwrite": True}
 
 
 def first_events(path: Path, wanted: tuple[str, ...], timeout: float = 120) -> dict[str, float]:

@@ -9,7 +9,8 @@ import pytest
 from registry_client import RegistryClient
 
 from trainer.worker import events_path
-from trainer_testlib import AUTH, REGISTRY_TOKEN, TINY_DATA
+from nanochat_testing.data import TINY_DATA
+from trainer_testlib import AUTH, REGISTRY_TOKEN
 
 
 def submit(api, body, headers=None, path="/v1/jobs"):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -20,7 +18,8 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from registry_client import RegistryClient
 
-from trainer_testlib import AUTH, REGISTRY_TOKEN, TINY_DATA, wait_job, wait_progress
+from trainer_testlib import AUTH, REGISTRY_TOKEN, wait_job, wait_progress
+from nanochat_testing.data import TINY_DATA, make_tiny_data
 from nanochat_testing.servers import create_database, free_port
 from trainer.api import create_app
 from trainer.procs import job_processes as node_processes, node_tag
@@ -57,12 +56,8 @@ def sse_events(text: str) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A make_data output made once, directly (no trainer), for tests that only need data."""
-    data = tmp_path_factory.mktemp("tiny-data") / "data"
-    config = data.parent / "make_data.json"
-    config.write_text(json.dumps(TINY_DATA))
-    subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--config", str(config),
-                    "--data-dir", str(data)], check=True, capture_output=True, timeout=300)
-    return data
+    scratch = tmp_path_factory.mktemp("tiny-data")
+    return make_tiny_data(scratch / "data", scratch)
 
 
 def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgres_server, registry_url, tmp_path):

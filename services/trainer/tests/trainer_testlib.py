@@ -21,10 +21,6 @@ TOKEN = "trainer-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REGISTRY_TOKEN = "registry-test-token"
 TESTS = Path(__file__).parent
-# make_data options small enough for a few seconds on a busy 2-core CPU.
-TINY_DATA = {"source": "synthetic", "synthetic_docs": 300, "docs_per_shard": 100, "val_docs": 50,
-             "chat_train": 20, "chat_test": 10, "math_train": 20, "math_test": 10, "mc_train": 20,
-             "mc_test": 10, "identity_train": 10, "identity_test": 10, "core_items": 8}
 
 
 def settings_env(settings: Settings, **overrides: object) -> dict[str, str]:

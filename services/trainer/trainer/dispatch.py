@@ -62,14 +62,13 @@ def cancel_tasks(settings: Settings, redis: Redis, job_id: str, nnodes: int, att
             rq_job.cancel()
 
 
-def task_lost(redis: Redis, job_id: str, node_rank: int, attempt: int) -> bool:
-    """True when a node's task is gone from Redis (flushed, evicted, a restarted Redis without
-    persistence) or ended without running it (RQ failed it, e.g. its worker died before claiming)."""
-    try:
-        rq_job = RqJob.fetch(task_id(job_id, node_rank, attempt), connection=redis, serializer=JSONSerializer)
-    except NoSuchJobError:
-        return True
-    return rq_job.get_status(refresh=False) in ("failed", "stopped", "canceled")
+def lost_tasks(redis: Redis, nodes: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """The (job_id, node_rank, attempt) of `nodes` whose task is gone from Redis (flushed, evicted,
+    a restarted Redis without persistence) or ended without running (RQ failed it, e.g. its worker
+    died before claiming). One round trip for all of them."""
+    found = RqJob.fetch_many([task_id(*node) for node in nodes], connection=redis, serializer=JSONSerializer)
+    return [node for node, rq_job in zip(nodes, found)
+            if rq_job is None or rq_job.get_status(refresh=False) in ("failed", "stopped", "canceled")]
 
 
 def queue_depth(settings: Settings, redis: Redis) -> int:

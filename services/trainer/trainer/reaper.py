@@ -22,7 +22,7 @@ from redis import Redis
 from sqlalchemy import select, update
 
 from trainer.db import TERMINAL, Database, Job, JobNode
-from trainer.dispatch import enqueue_job, task_lost
+from trainer.dispatch import enqueue_job, lost_tasks
 from trainer.procs import node_tag, terminate_job
 from trainer.settings import Settings
 
@@ -59,15 +59,17 @@ class Reaper:
         # Jobs younger than a heartbeat limit are skipped: the API commits the row before it
         # queues the task, and a re-queue commits before it queues too.
         with self.db.session() as s:
-            queued = s.execute(select(Job.id, Job.nnodes, Job.attempts, JobNode.node_rank)
+            queued = s.execute(select(Job.id, JobNode.node_rank, Job.attempts, Job.nnodes)
                                .join(JobNode, JobNode.job_id == Job.id)
                                .where(Job.status.in_(("queued", "running")), Job.cancel_requested.is_(False),
                                       JobNode.status == "queued",
                                       Job.created_at < time.time() - self.settings.heartbeat_limit)).all()
+        if not queued:
+            return []
+        nnodes_of = {job_id: nnodes for job_id, _, _, nnodes in queued}
         lost: dict[tuple[str, int, int], list[int]] = {}
-        for job_id, nnodes, attempt, rank in queued:
-            if task_lost(self.redis, job_id, rank, attempt):
-                lost.setdefault((job_id, nnodes, attempt), []).append(rank)
+        for job_id, rank, attempt in lost_tasks(self.redis, [(job_id, rank, attempt) for job_id, rank, attempt, _ in queued]):
+            lost.setdefault((job_id, nnodes_of[job_id], attempt), []).append(rank)
         for (job_id, nnodes, attempt), ranks in lost.items():
             enqueue_job(self.settings, self.redis, job_id, nnodes, attempt, ranks=ranks)
             log.warning("queued again: the task of node(s) %s was gone from Redis", ranks, extra={"job_id": job_id})

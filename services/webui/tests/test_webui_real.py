@@ -23,6 +23,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.manifest import write_manifest
 from nanochat.stages.options import PRESETS
+from nanochat_testing.data import make_tiny_data
 from nanochat.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -192,15 +193,9 @@ def test_real_launch_validation_job_cancel_and_serving_alias(browser, stack):
 
 
 def test_real_running_job_page_grows_its_curves_and_log_then_cancels(browser, stack, tmp_path):
-    # A worker beside the trainer API, on data made_data wrote where the trainer looks for it.
+    # A worker beside the trainer API, on data make_data wrote where the trainer looks for it.
     env = stack["trainer"].env
-    config = tmp_path / "make_data.json"
-    config.write_text(json.dumps({"source": "synthetic", "synthetic_docs": 300, "docs_per_shard": 100,
-                                  "val_docs": 50, "chat_train": 20, "chat_test": 10, "math_train": 20,
-                                  "math_test": 10, "mc_train": 20, "mc_test": 10, "identity_train": 10,
-                                  "identity_test": 10, "core_items": 8}))
-    subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--config", str(config),
-                    "--data-dir", env["TRAINER_DATA_DIR"]], check=True, capture_output=True, timeout=300)
+    make_tiny_data(Path(env["TRAINER_DATA_DIR"]), tmp_path)
     with open(tmp_path / "worker.log", "wb") as log:
         worker = Proc("", subprocess.Popen([sys.executable, "-m", "trainer", "worker"], env={**os.environ, **env},
                                            stdout=log, stderr=subprocess.STDOUT))

@@ -228,7 +228,7 @@ export function mountLaunch(root, app) {
       const offered = await request("/api/trainer/v1/stages");
       stages = listOf(offered, "stages");
       if (Array.isArray(offered?.presets) && offered.presets.length) presets = offered.presets;
-      pipelines = offered?.pipelines && typeof offered.pipelines === "object" ? offered.pipelines : { speedrun: [] };
+      pipelines = offered?.pipelines ?? {};
       what.replaceChildren(...Object.keys(pipelines).map((p) => h("option", { value: `${PIPELINE_PREFIX}${p}` }, `${p} pipeline`)),
         ...stages.map((s) => h("option", { value: s.name }, s.name)));
       build();
