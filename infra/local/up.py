@@ -163,6 +163,10 @@ class Stack:
             self.start(name, *self.commands[name])
 
     def stop(self, grace_s: float = 10.0) -> None:
+        # Ctrl-C reaches make, uv and this launcher at once, and each passes it on: a second
+        # signal must not abort the stop half-way and leave services running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
