@@ -98,11 +98,12 @@ def group_alive(pgid: int) -> bool:
 
 @dataclass
 class Stack:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None
     out: Path
     home: Path
     ports: dict[str, int]
     tokens: dict[str, str]
+    env: dict[str, str]
 
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
@@ -138,31 +139,40 @@ def stack(tmp_path_factory):
            **{f"NANOCHAT_{s.upper()}_PORT": str(p) for s, p in ports.items()},
            "TRAINER_HEARTBEAT_LIMIT": str(HEARTBEAT_LIMIT_S), "TRAINER_HEARTBEAT_INTERVAL": "1",
            "TRAINER_REAP_INTERVAL": "1", "INFERENCE_POLL_INTERVAL_S": "2"}
-    out = tmp / "launcher.out"
-    with open(out, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "infra/local/up.py"], cwd=REPO, env=env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    stack = Stack(proc, out, tmp / "home", ports, {})
+    stack = Stack(None, tmp / "launcher.out", tmp / "home", ports, {}, env)
     try:
-        poll(lambda: "web UI:" in stack.output() or proc.poll() is not None, 180, "the launcher's UI line")
-        assert proc.poll() is None, f"the launcher exited with {proc.returncode}:\n{stack.output()}"
+        launch(stack)
         stack.tokens = json.loads((stack.home / "tokens.json").read_text())
         yield stack
     finally:
-        pids = stack.all_pids()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            code = None
-        left = [p for p in pids if alive(p)]
-        for p in left:
-            os.killpg(p, signal.SIGKILL)
-    # Ctrl-C (SIGINT) ends the launcher cleanly and leaves none of its services behind.
+        code, left = ctrl_c(stack)
     assert code == 0, f"the launcher ended with {code}:\n{stack.output()[-3000:]}"
     assert left == [], f"processes left after SIGINT: {left}"
+
+
+def launch(stack: Stack) -> None:
+    """Start `infra/local/up.py` as `make up` does and wait for its UI line."""
+    with open(stack.out, "wb") as f:
+        stack.proc = subprocess.Popen([sys.executable, "infra/local/up.py"], cwd=REPO, env=stack.env, stdout=f,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+    poll(lambda: "web UI:" in stack.output() or stack.proc.poll() is not None, 180, "the launcher's UI line")
+    assert stack.proc.poll() is None, f"the launcher exited with {stack.proc.returncode}:\n{stack.output()}"
+
+
+def ctrl_c(stack: Stack) -> tuple[int | None, list[int]]:
+    """Ctrl-C (SIGINT) to the launcher; its exit code and the service processes it left alive."""
+    pids = stack.all_pids()
+    if stack.proc.poll() is None:
+        os.killpg(stack.proc.pid, signal.SIGINT)
+    try:
+        code = stack.proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(stack.proc.pid, signal.SIGKILL)
+        code = None
+    left = [p for p in pids if alive(p)]
+    for p in left:
+        os.killpg(p, signal.SIGKILL)
+    return code, left
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +350,38 @@ def test_worker_killed_mid_job_fails_the_job_within_the_heartbeat_limit(stack):
     assert ended["error"]
     # The stage's own processes went with it: nothing keeps training for a dead job.
     poll(lambda: not group_alive(stage_group), 20, f"the stage's process group {stage_group} to be gone")
+
+
+def test_ctrl_c_mid_job_then_a_second_make_up_reuses_everything_and_resumes_the_job(stack, speedrun):
+    """Ctrl-C while a training job runs: everything stops cleanly, the worker queues the job
+    again; the second launch reuses the state (no new speedrun, same versions) and the job goes
+    on from its resumable checkpoint."""
+    versions = httpx.get(f"{stack.url('registry')}/v1/models/{MODEL}/versions", timeout=10).json()
+    poll(lambda: not httpx.get(f"{stack.url('trainer')}/v1/jobs", params={"status": "running"}, timeout=5).json()["items"],
+         120, "no running job", interval_s=1)
+    body = {"stage": "base_train", "input": {"name": MODEL, "stage": "tokenizer"},
+            "options": {**FAST_OPTIONS["base_train"], "num_iterations": 100_000, "save_every": 3, "log_every": 1},
+            "output_name": "e2e-resumed", "resources": {"nproc_per_node": 1, "nnodes": 1}}
+    auth = {"Authorization": f"Bearer {stack.tokens['trainer']}"}
+    r = httpx.post(f"{stack.url('trainer')}/v1/jobs", json=body, timeout=30, headers=auth)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    resume = stack.home / "runs" / "jobs" / job_id / "steps" / "00-base_train.resume"
+    poll(lambda: (resume / "manifest.json").is_file(), 120, f"a resumable checkpoint at {resume}")
+    code, left = ctrl_c(stack)
+    assert code == 0 and left == [], (code, left, stack.output()[-3000:])
+
+    first_output = stack.output()
+    launch(stack)
+    assert stack.output() != first_output
+    assert re.search(rf"serving {MODEL} v\d+ \(rl\)", stack.output()), stack.output()
+    assert "submitted" not in stack.output()
+    job = poll(lambda: (j := stack.job(job_id))["status"] == "running" and j["attempts"] == 1 and (j["step"] or 0) > 3
+               and j, 120, "the job to run again")
+    log = httpx.get(f"{stack.url('trainer')}/v1/jobs/{job_id}/logs", timeout=30).text
+    commands = [line for line in log.splitlines() if line.startswith("[trainer] $ ")]
+    assert len(commands) == 2 and commands[1].endswith("--resume"), commands
+    again = httpx.get(f"{stack.url('registry')}/v1/models/{MODEL}/versions", timeout=10).json()
+    assert [v["version"] for v in again["items"]] == [v["version"] for v in versions["items"]]
+    assert httpx.post(f"{stack.url('trainer')}/v1/jobs/{job_id}/cancel", timeout=30, headers=auth).status_code in (200, 202)
+    poll(lambda: stack.job(job_id)["status"] == "cancelled", 60, "the cancel")

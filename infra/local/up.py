@@ -9,7 +9,8 @@ the images run. It waits until every service answers, prints the UI's URL, and, 
 holds no SFT/RL model yet and no job is producing one, submits the tiny speedrun through the
 trainer API, so the UI shows its progress and inference loads the model when it registers.
 A service that dies is restarted (one that dies over and over stops the stack with its log's path).
-Ctrl-C stops everything (SIGTERM to each process group, then SIGKILL after a grace period).
+Ctrl-C stops everything (SIGTERM to each process group, then SIGKILL after a grace period); a
+job cut off by it is queued again by its worker and goes on at the next `make up`.
 
 Ports and paths come from `infra/local/stack.toml`, overridden by environment variables named
 NANOCHAT_<KEY> (e.g. NANOCHAT_WEBUI_PORT=9090, NANOCHAT_HOME=/tmp/nanochat). State lives in
@@ -162,16 +163,23 @@ class Stack:
             print(f"  {name} exited with code {proc.returncode}; restarting it", flush=True)
             self.start(name, *self.commands[name])
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 20.0) -> None:
         # Ctrl-C reaches make, uv and this launcher at once, and each passes it on: a second
         # signal must not abort the stop half-way and leave services running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for proc in reversed(list(self.procs.values())):
+        # Redis goes last: a worker stopped mid-job puts the job back on its queue on the way out.
+        services = [proc for name, proc in self.procs.items() if name != "redis"]
+        self._stop_all(services, grace_s)
+        self._stop_all([proc for name, proc in self.procs.items() if name == "redis"], grace_s)
+
+    @staticmethod
+    def _stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
+        for proc in reversed(procs):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

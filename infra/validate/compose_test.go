@@ -181,3 +181,42 @@ func TestCPUOverrideDropsGPUs(t *testing.T) {
 		}
 	}
 }
+
+func TestDockerExecutorOverrideWiresTheEngine(t *testing.T) {
+	root := repoRoot(t)
+	project, err := loadCompose(t, exampleEnv(t, root), "docker-compose.yml", "infra/compose.docker-executor.yml")
+	if err != nil {
+		t.Fatalf("compose-go rejects the docker executor override: %v", err)
+	}
+	worker, err := project.GetService("trainer-worker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := func(key string) string {
+		if v := worker.Environment[key]; v != nil {
+			return *v
+		}
+		return ""
+	}
+	if env("TRAINER_EXECUTOR") != "docker" {
+		t.Errorf("TRAINER_EXECUTOR is %q", env("TRAINER_EXECUTOR"))
+	}
+	socket := false
+	for _, v := range worker.Volumes {
+		if v.Source == "/var/run/docker.sock" && v.Target == "/var/run/docker.sock" {
+			socket = true
+		}
+	}
+	if !socket {
+		t.Error("the worker does not mount the engine's socket")
+	}
+	// The stage containers get the same volumes as the worker: the names must be the real ones.
+	for key, volume := range map[string]string{"TRAINER_DOCKER_DATA_VOLUME": "data-cache", "TRAINER_DOCKER_RUNS_VOLUME": "runs"} {
+		if got, want := env(key), project.Volumes[volume].Name; got != want || want == "" {
+			t.Errorf("%s is %q, the %s volume is named %q", key, got, volume, want)
+		}
+	}
+	if env("TRAINER_DOCKER_IMAGE") != worker.Image {
+		t.Errorf("stage image %q differs from the worker's %q", env("TRAINER_DOCKER_IMAGE"), worker.Image)
+	}
+}

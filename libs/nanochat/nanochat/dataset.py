@@ -31,8 +31,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822
+from nanochat.sources import FINEWEB_LAST_SHARD as MAX_SHARD
+from nanochat.sources import FINEWEB_URL as BASE_URL
+
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 PARQUET_MAGIC = b"PAR1"
 

@@ -6,7 +6,8 @@
 #
 # RUN_DIR (default runs/speedrun-tiny) gets data/ (kept between runs: make_data reuses it),
 # the artifacts (tokenizer, base, mid, sft, rl), eval results (eval_*), each stage's event log
-# (events/NN_stage.jsonl, stdout of the stage), the human log (log.txt) and report/report.md.
+# (events/NN_stage.jsonl, stdout of the stage), the human log (log.txt) and report/report.md;
+# check_speedrun.py then prints each target of the tiny run, measured.
 set -euo pipefail
 
 RUN=${1:-runs/speedrun-tiny}
@@ -45,3 +46,5 @@ stage chat_eval      $PY -m nanochat.stages.chat_eval  --init-from "$RUN/rl" --o
 stage report         $PY -m nanochat.stages.report     --out "$RUN/report" --init-from \
   "$RUN"/tokenizer "$RUN"/base "$RUN"/mid "$RUN"/sft "$RUN"/rl "$RUN"/eval_* "$EVENTS"/*.jsonl
 echo "report card: $RUN/report/report.md" >&2
+# What the tiny run must show (bpb falls to <= 0.65x, SFT learns its name, < 15 minutes); exit 1 if not.
+$PY "$(dirname "$0")/check_speedrun.py" "$RUN"

@@ -1,14 +1,19 @@
 """nanochat.stages.make_data: the offline corpus and task sets, in the public formats, deterministic."""
 
+import functools
 import json
+import shutil
 import subprocess
 import sys
+import threading
+import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
 import pytest
 
 from nanochat.core_eval import load_bundle
-from nanochat.dataset import list_shards
+from nanochat.dataset import list_shards, shard_name, split_shards
 from nanochat.stages.events import parse_events
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.customjson import IdentityTask
@@ -17,6 +22,7 @@ from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.mixtures import mid_mixture, sft_mixture
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
+from nanochat.stages.make_data import REAL_TASK_SPLITS
 
 SMALL = ["--chat-train", "200", "--chat-test", "20", "--math-train", "100", "--math-test", "20", "--mc-train", "100",
          "--mc-test", "20", "--identity-train", "100", "--identity-test", "30", "--core-items", "20"]
@@ -109,3 +115,68 @@ def test_deterministic_given_seed_and_synthetic_fallback(tmp_path, data):
     assert finished.metrics["source"] == "synthetic" and finished.metrics["docs"] == 3000
     other_seed = make(tmp_path / "seeded", "--source", "synthetic", "--synthetic-docs", "3000", "--seed", "7")
     assert other_seed.metrics["chars"] != finished.metrics["chars"]
+
+
+@pytest.fixture
+def hub(tmp_path, data):
+    """A real HTTP server laid out like the public hosts: FineWeb shards, Hugging Face dataset
+    files and the CORE bundle zip (the files are the offline data's, which has the same formats)."""
+    root, _ = data
+    site = tmp_path / "site"
+    shards = list_shards(root)
+    for i, src in [(0, shards[0]), (1, shards[1 % len(shards)]), (1822, shards[-1])]:
+        dest = site / "fineweb" / shard_name(i)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+    for repo, config, split in REAL_TASK_SPLITS:
+        name = f"{split}-00000-of-00001.parquet"
+        dest = site / "datasets" / repo / "resolve" / "main" / config / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "tasks" / repo / config / name, dest)
+    with zipfile.ZipFile(site / "eval_bundle.zip", "w") as z:
+        for path in sorted((root / "eval_bundle").rglob("*")):
+            z.write(path, "eval_bundle/" + str(path.relative_to(root / "eval_bundle")))
+    requests: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    yield {"args": ["--source", "download", "--fineweb-url", f"{url}/fineweb", "--datasets-url", f"{url}/datasets",
+                    "--core-bundle-url", f"{url}/eval_bundle.zip"], "requests": requests, "site": site}
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_source_fetches_the_real_layout_and_resumes(tmp_path, hub):
+    dest = tmp_path / "real"
+    finished = make(dest, *hub["args"], "--fineweb-shards", "2")
+    assert finished.type == "finished" and finished.metrics["source"] == "download"
+    assert [p.name for p in list_shards(dest)] == [shard_name(0), shard_name(1), shard_name(1822)]
+    assert [p.name for p in split_shards(dest, "val")] == [shard_name(1822)]
+    for repo, config, split in REAL_TASK_SPLITS:
+        name = f"{split}-00000-of-00001.parquet"
+        assert (dest / "tasks" / repo / config / name).read_bytes() == \
+            (hub["site"] / "datasets" / repo / "resolve" / "main" / config / name).read_bytes()
+    assert len(SmolTalk(dest, "train")) and len(GSM8K(dest, "test")) and len(MMLU(dest, "all", "test"))
+    assert load_bundle(dest / "eval_bundle")
+    assert len(IdentityTask(dest, "test")) == 30  # made here: the model's own name
+    assert not list(dest.glob("*.part")) and not (dest / "eval_bundle.zip").exists()
+    # Rerun with more shards: only the missing one is fetched.
+    hub["requests"].clear()
+    (hub["site"] / "fineweb" / shard_name(2)).write_bytes((hub["site"] / "fineweb" / shard_name(0)).read_bytes())
+    make(dest, *hub["args"], "--fineweb-shards", "3")
+    assert [r for r in hub["requests"] if "fineweb" in r] and \
+        all(shard_name(2) in r for r in hub["requests"] if "fineweb" in r), hub["requests"]
+    assert not any("eval_bundle" in r or "datasets" in r for r in hub["requests"]), hub["requests"]
+
+
+def test_download_refuses_to_mix_with_the_offline_data(data, hub):
+    root, _ = data
+    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(root), *hub["args"]],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "offline data" in list(parse_events(proc.stdout.splitlines()))[-1].message

@@ -55,6 +55,36 @@ def test_newton_schulz_dtype_choice(monkeypatch):
     assert newton_schulz_dtype("cuda") == torch.bfloat16
 
 
+@pytest.mark.parametrize("flags,expected", [
+    ({"avx2", "avx512f"}, torch.float32),          # no bf16 instructions: bf16 would be emulated, slowly
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+    ({"avx2", "amx_tile", "amx_bf16"}, torch.bfloat16),
+    (set(), torch.float32),                        # no /proc/cpuinfo
+])
+def test_newton_schulz_dtype_follows_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.delenv("NANOCHAT_NS_DTYPE", raising=False)
+    monkeypatch.setattr("nanochat.common.cpu_flags", lambda: flags)
+    assert newton_schulz_dtype("cpu") == expected
+    model_muon = Muon([torch.nn.Parameter(torch.randn(4, 4))])
+    assert model_muon.ns_dtype == expected
+
+
+def test_setup_optimizers_uses_the_spec_rates():
+    from nanochat.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_depth(4, 512, 64))
+    adamw, muon = model.setup_optimizers()
+    scale = (model.config.n_embd / 768) ** -0.5  # n_embd 256
+    lm_head, wte = adamw.param_groups
+    assert lm_head["params"] == [model.lm_head.weight] and lm_head["lr"] == pytest.approx(0.004 * scale)
+    assert wte["params"] == [model.transformer.wte.weight] and wte["lr"] == pytest.approx(0.2 * scale)
+    assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.defaults["eps"] == 1e-10
+    block = {id(p) for p in model.transformer.h.parameters()}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == block
+    assert all(g["lr"] == 0.02 and g["momentum"] == 0.95 and g["nesterov"] for g in muon.param_groups)
+    assert all(g["initial_lr"] == g["lr"] for opt in (adamw, muon) for g in opt.param_groups)
+
+
 def test_adamw_matches_torch_adamw():
     torch.manual_seed(0)
     ours_p = [torch.randn(8, 4, requires_grad=True), torch.randn(16, requires_grad=True)]

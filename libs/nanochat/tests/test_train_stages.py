@@ -21,8 +21,12 @@ from nanochat.stages.chat_rl import chat_rl
 from nanochat.stages.chat_sft import chat_sft
 from nanochat.stages.cli import run_stage
 from nanochat.stages.events import parse_events
+from nanochat.stages.make_data import make_data
 from nanochat.stages.mid_train import mid_train
 from nanochat.stages.report import report
+from nanochat.stages.tok_eval import tok_eval
+from nanochat.stages.tok_train import tok_train
+from nanochat.tokenizer import Tokenizer
 from nanochat.stages.train_loop import ProgressMeter, evaluate_bpb, linear_decay, muon_momentum, warmdown_lr
 
 
@@ -96,6 +100,9 @@ def test_png_writer_makes_a_valid_image(tmp_path):
 
 
 BAD_OPTIONS = [
+    ("make_data", make_data, ["--source", "web"], "--source"),
+    ("tok_train", tok_train, ["--vocab-size", "10"], "--vocab-size"),
+    ("tok_eval", tok_eval, ["--max-chars", "0"], "--max-chars"),
     ("base_train", base_train, ["--depth", "0"], "--depth"),
     ("base_loss", base_loss, ["--split-tokens", "0"], "--split-tokens"),
     ("base_eval", base_eval, ["--max-per-task", "-5"], "--max-per-task"),
@@ -118,15 +125,36 @@ def test_bad_option_exits_2_naming_the_field(stage, body, argv, field, capsys):
     assert [e.type for e in events] == ["error"] and field in events[0].message
 
 
-@pytest.mark.parametrize("stage,body", [("base_train", base_train), ("mid_train", mid_train), ("chat_sft", chat_sft),
-                                        ("chat_rl", chat_rl), ("report", report)])
-def test_missing_out_is_an_error_event_and_exit_1(stage, body, tmp_path, capsys):
+@pytest.mark.parametrize("stage,body", [("tok_train", tok_train), ("base_train", base_train), ("mid_train", mid_train),
+                                        ("chat_sft", chat_sft), ("chat_rl", chat_rl), ("report", report)])
+def test_missing_out_exits_2_naming_it(stage, body, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_stage(stage, body, ["--init-from", str(tmp_path)])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    events = list(parse_events(out.splitlines()))
+    assert [e.type for e in events] == ["error"] and "--out" in events[0].message
+    assert "--out" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    folder = tmp_path / "tok"
+    Tokenizer.train_from_iterator(iter(["the quick brown fox jumps over the lazy dog " * 50]), vocab_size=300).save(
+        folder / "tokenizer")
+    return folder
+
+
+def test_batch_that_does_not_divide_over_the_ranks_exits_2(tiny_tokenizer, tmp_path, capsys):
+    # Each option is valid alone; together with this world size (1) they are not.
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("base_train", base_train, ["--init-from", str(tiny_tokenizer), "--out", str(tmp_path / "base"),
+                                             "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "3",
+                                             "--total-batch-size", "256"])
+    assert exit_info.value.code == 2
     events = list(parse_events(capsys.readouterr().out.splitlines()))
-    assert [e.type for e in events] == ["started", "error"]
-    assert "--out" in events[-1].message
+    assert events[-1].type == "error" and events[-1].message.startswith("invalid option --total-batch-size")
+    assert not (tmp_path / "base").exists()
 
 
 def test_eval_stage_on_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):

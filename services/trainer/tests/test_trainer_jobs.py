@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -232,3 +233,42 @@ def test_queued_job_whose_task_left_redis_is_queued_again(api, settings, start_w
     job = wait_job(api, job_id, timeout=settings.heartbeat_limit + 120, worker=worker)
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 0
+
+
+def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, settings, start_worker, tiny_data):
+    """SIGTERM to a worker (Ctrl-C of make up, `docker compose stop`): it stops the running stage
+    instead of waiting for it, the job goes back to the queue, and the next worker continues the
+    training stage from its resumable checkpoint."""
+    worker = start_worker(data_dir=str(tiny_data))
+    tok = api.post("/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000},
+                                     "output_name": "resume-tok"}, headers=AUTH).json()
+    assert wait_job(api, tok["id"], worker=worker)["status"] == "succeeded"
+    options = {"depth": 2, "max_seq_len": 64, "device_batch_size": 2, "total_batch_size": 128,
+               "num_iterations": 1000, "eval_every": -1, "eval_tokens": 128, "save_every": 5,
+               "core_metric_every": -1, "log_every": 1}
+    job_id = api.post("/v1/jobs", json={"stage": "base_train", "input": {"name": "resume-tok", "stage": "tokenizer"},
+                                        "options": options}, headers=AUTH).json()["id"]
+    resume = settings.runs_dir / "jobs" / job_id / "steps" / "00-base_train.resume"
+    deadline = time.monotonic() + 120
+    while not (resume / "manifest.json").is_file():
+        assert time.monotonic() < deadline, worker.output()
+        time.sleep(0.2)
+    running = api.get(f"/v1/jobs/{job_id}").json()
+    worker.proc.send_signal(signal.SIGTERM)
+    # The worker ends within the stage's grace period, not after the 1000 steps.
+    assert worker.proc.wait(timeout=settings.cancel_grace + 30) == 0, worker.output()
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "queued" and job["attempts"] == 1, job
+    assert "shut down during step 1 (base_train)" in job["error"]
+    assert job_processes(running) == []
+
+    rescuer = start_worker(data_dir=str(tiny_data))
+    job = wait_job(api, job_id, timeout=300, worker=rescuer)
+    assert job["status"] == "succeeded" and job["error"] is None and job["step"] == 1000, (job["error"], job["log_tail"])
+    log = api.get(f"/v1/jobs/{job_id}/logs").text
+    commands = [line for line in log.splitlines() if line.startswith("[trainer] $ ")]
+    assert len(commands) == 2 and "--resume" not in commands[0] and commands[1].endswith("--resume"), commands
+    events = [json.loads(line) for line in (settings.runs_dir / "jobs" / job_id / "events.jsonl").read_text().splitlines()]
+    starts = [i for i, e in enumerate(events) if e["type"] == "started"]
+    first_step_after = next(e["step"] for e in events[starts[1]:] if e["type"] == "progress")
+    assert first_step_after > 5, "the second attempt started over instead of resuming"

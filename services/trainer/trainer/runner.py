@@ -15,6 +15,7 @@ import os
 import queue
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ def run_stage(
     for t in readers:
         t.start()
     result = StageResult(returncode=-1)
+    last_check = 0.0
     try:
         on_started(pgid)
         while True:
@@ -108,11 +110,16 @@ def run_stage(
                 event = None
             if event is not None:
                 _record(result, event, on_event)
-                continue
-            if proc.poll() is not None:
+            elif proc.poll() is not None:
                 break
+            # Checked on a clock, not only when the stage is quiet: one that emits an event every
+            # few ms must not hold off a cancel or a shutdown until it ends.
+            now = time.monotonic()
+            if now - last_check < POLL_S or result.stopped is not None:
+                continue
+            last_check = now
             reason = should_stop()
-            if reason and result.stopped is None:
+            if reason:
                 result.stopped = reason
                 log.write(f"[trainer] stopping the stage: {reason}".encode())
                 terminate_job(pgid, tag, grace)

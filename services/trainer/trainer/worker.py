@@ -1,6 +1,6 @@
 """The worker: an RQ worker whose task runs one node's share of a job, step after step.
 
-    python -m trainer worker            # TRAINER_* settings; runs until SIGTERM (RQ's warm stop)
+    python -m trainer worker            # TRAINER_* settings; runs until SIGTERM or SIGINT
 
 It uses RQ's SimpleWorker (the task runs in the worker process itself, no fork), so the worker's
 heartbeat and the job's heartbeat die together: if the worker is SIGKILLed, torchrun's group,
@@ -14,6 +14,12 @@ step's options as a JSON config, appends the stage's events to `events.jsonl` an
 uploaded with lineage (retried with backoff; the folder stays on disk when the registry is
 unreachable), an eval stage's metrics are patched onto the version it measured, the report's
 files are attached to it.
+
+A worker told to stop (SIGTERM or SIGINT: `docker compose stop`, Ctrl-C of `make up`) does not
+wait for a stage that may run for hours: it stops the running stage (SIGTERM, `cancel_grace`,
+SIGKILL) and puts the job back on the queue as a new attempt that starts again at the step that
+was cut off; a training stage that saved a resumable checkpoint continues from it (`--resume`).
+A second signal is RQ's cold stop; the stage is still stopped on the way out.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -36,9 +43,10 @@ from rq.serializers import JSONSerializer
 from sqlalchemy import select, update
 
 from nanochat.report import EVAL_FILE
+from nanochat.stages.options import resumable, resume_dir
 
 from trainer.db import TERMINAL, Database, Job, JobNode, migrate
-from trainer.dispatch import BarrierAborted, barrier, cancel_requested, make_queue
+from trainer.dispatch import BarrierAborted, barrier, cancel_requested, enqueue_job, make_queue
 from trainer.procs import JOB_MARKER, node_tag
 from trainer.reaper import Reaper
 from trainer.registry import Registry, RegistryRejected, RegistryUnavailable, VersionNotFound, make_registry
@@ -48,6 +56,9 @@ from trainer.settings import Settings, get_settings
 log = logging.getLogger("trainer.worker")
 
 PROGRESS_WRITE_S = 0.5
+SHUTDOWN_REASON = "the worker is shutting down"
+# Set by the worker's SIGTERM/SIGINT handler; every running node then stops its stage.
+shutting_down = threading.Event()
 REPORT_FILES = (".md", ".png", ".svg", ".json", ".csv")
 
 
@@ -86,7 +97,7 @@ def events_path(settings: Settings, job_id: str) -> Path:
 
 
 class StepFailed(Exception):
-    """A step ended the node's run: `status` is failed or cancelled."""
+    """A step ended the node's run: `status` is failed, cancelled or interrupted (worker shutdown)."""
 
     def __init__(self, status: str, message: str | None, log_tail: str | None = None):
         super().__init__(message or status)
@@ -150,15 +161,25 @@ class NodeRun:
             # RQ's job timeout lands here too; the runner has already killed the stage's group.
             log.exception("job %s node %d: trainer error", self.job_id, self.rank)
             status, error, log_tail = "failed", f"trainer error: {type(e).__name__}: {e}", tail(self.log_path)
+        except BaseException:
+            # RQ's cold stop (SystemExit from a second signal): the runner has stopped the stage.
+            requeue_interrupted(self.ctx, self.job_id, self.rank, self.attempt)
+            raise
         finally:
             beat.stop()
-        finish_node(self.ctx.db, self.job_id, self.rank, self.ctx.name, self.attempt, status, error, log_tail)
+        if status == "interrupted":
+            requeue_interrupted(self.ctx, self.job_id, self.rank, self.attempt)
+        else:
+            finish_node(self.ctx.db, self.job_id, self.rank, self.ctx.name, self.attempt, status, error, log_tail)
         return status
 
     def stop_reason(self) -> str | None:
-        """Why this node must stop now: a cancel request, or the job ended / moved on elsewhere."""
+        """Why this node must stop now: a cancel request, the worker's shutdown, or the job ended /
+        moved on elsewhere."""
         if cancel_requested(self.s, self.ctx.redis, self.job_id):
             return "cancelled"
+        if shutting_down.is_set():
+            return SHUTDOWN_REASON
         now = time.monotonic()
         if now - self.last_db_check >= 1.0:
             self.last_db_check = now
@@ -173,6 +194,8 @@ class NodeRun:
     def _fail_or_cancel(self, reason: str, log_tail: str | None = None) -> StepFailed:
         if reason == "cancelled":
             return StepFailed("cancelled", None, log_tail)
+        if reason == SHUTDOWN_REASON:
+            return StepFailed("interrupted", reason, log_tail)
         return StepFailed("failed", f"stopped: {reason}", log_tail)
 
     def _step(self, index: int, first: bool) -> None:
@@ -200,9 +223,15 @@ class NodeRun:
                                         else ([], []))
         command = self._command(stage, config, out, input_ref, extra_inputs, extra_versions)
         env = {**os.environ, JOB_MARKER: node_tag(self.job_id, self.rank), "PYTHONUNBUFFERED": "1"}
+        if self.rank == 0 and out.exists():
+            # An earlier attempt's output that was never registered (a job moves on to the next
+            # step only once it is): the stage writes it again, from its resumable state if any.
+            shutil.rmtree(out)
         result = self._executor()(command, env, self.log_path, lambda e: self._on_event(index, e), self.stop_reason,
                            self._on_started, self.s.cancel_grace, node_tag(self.job_id, self.rank))
-        if result.stopped:
+        # A stage that finished just before a shutdown reached it is kept: registered, not rerun.
+        done_anyway = result.stopped == SHUTDOWN_REASON and result.returncode == 0 and result.finished is not None
+        if result.stopped and not done_anyway:
             raise self._fail_or_cancel(result.stopped, result.log_tail)
         if result.returncode != 0:
             cause = result.last_error or f"exit code {result.returncode}"
@@ -236,6 +265,9 @@ class NodeRun:
             # DESIGN.md: an --input-version for each input the stage reads.
             for version in [f"{input_ref['name']}:{input_ref['version']}", *extra_versions]:
                 cmd += ["--input-version", version]
+        if resumable(stage) and resume_dir(out).is_dir():
+            # An earlier attempt on this host was cut off after a resumable save.
+            cmd += ["--resume"]
         return cmd
 
     def _report_inputs(self, index: int, input_ref: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -422,6 +454,43 @@ def finish_node(db: Database, job_id: str, node_rank: int, worker: str, attempt:
                 job.step_index, job.error = len(job.spec["steps"]) - 1, None
 
 
+def requeue_interrupted(ctx: Context, job_id: str, node_rank: int, attempt: int) -> None:
+    """A node stopped by its worker's shutdown: the job goes back to the queue as a new attempt
+    (from the step that was cut off), unless it was cancelled, ended or moved on meanwhile."""
+    with ctx.db.session() as s:
+        s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank,
+                                        JobNode.status == "running", JobNode.worker == ctx.name)
+                  .values(status="queued", pgid=None, heartbeat_at=None))
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.status in TERMINAL or job.attempts != attempt:
+            return
+        if job.cancel_requested:
+            job.status, job.finished_at = "cancelled", time.time()
+            return
+        job.attempts += 1
+        job.status = "queued"
+        job.error = (f"queued again (attempt {job.attempts + 1}): worker {ctx.name} shut down during step "
+                     f"{job.step_index + 1} ({job.current_stage})")
+        for node in job.nodes:
+            node.status, node.pgid, node.heartbeat_at = "queued", None, None
+        new_attempt, nnodes = job.attempts, job.nnodes
+    try:
+        enqueue_job(ctx.settings, ctx.redis, job_id, nnodes, new_attempt)
+    except Exception:
+        # The reaper queues a queued node's missing task again once Redis answers.
+        log.exception("job %s: could not queue it again", job_id)
+    log.warning("job queued again: worker %s shut down", ctx.name, extra={"job_id": job_id})
+
+
+class Worker(SimpleWorker):
+    """RQ's SimpleWorker, except that a stop request also stops the running stage (see the module
+    docstring) instead of waiting for it to end."""
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        shutting_down.set()
+        super().request_stop(signum, frame)
+
+
 def _touch_loop(path: Path, interval: float) -> None:
     while True:
         path.touch()
@@ -455,7 +524,7 @@ def main(burst: bool = False) -> None:
     if settings.heartbeat_file is not None:
         threading.Thread(target=_touch_loop, args=(settings.heartbeat_file, settings.heartbeat_interval),
                          name="liveness", daemon=True).start()
-    worker = SimpleWorker([make_queue(settings, ctx.redis)], connection=ctx.redis, name=ctx.name,
+    worker = Worker([make_queue(settings, ctx.redis)], connection=ctx.redis, name=ctx.name,
                           serializer=JSONSerializer)
     log.info("worker %s on queue %s (host %s)", ctx.name, settings.queue_name, settings.host)
     worker.work(burst=burst, with_scheduler=False)

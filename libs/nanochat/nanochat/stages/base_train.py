@@ -42,8 +42,6 @@ from nanochat.stages.train_loop import (ProgressMeter, StepTimer, all_reduce_sum
 
 
 def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    if not options.out:
-        raise ValueError("--out is required: the folder of the new base checkpoint")
     tokenizer = load_tokenizer_version(single_input(options, "tokenizer version"))
     compute, ctx = setup(options)
     rank, world = compute.rank, compute.world_size

@@ -83,8 +83,6 @@ def policy_gradient_backward(model: torch.nn.Module, sequences: list[list[int]],
 
 
 def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    if not options.out:
-        raise ValueError("--out is required: the folder of the new rl checkpoint")
     folder = single_input(options, "sft checkpoint")
     compute, ctx = setup(options)
     rank, world = compute.rank, compute.world_size

@@ -34,8 +34,6 @@ from nanochat.tasks.mixtures import sft_mixture
 
 
 def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    if not options.out:
-        raise ValueError("--out is required: the folder of the new sft checkpoint")
     folder = single_input(options, "mid checkpoint")
     compute, ctx = setup(options)
     rank, world = compute.rank, compute.world_size

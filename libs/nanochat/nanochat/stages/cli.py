@@ -31,11 +31,7 @@ from pydantic import ValidationError
 
 import nanochat
 from nanochat.stages.events import EventEmitter, is_rank_zero
-from nanochat.stages.options import PRESETS, StageOptions, preset_options, stage_info
-
-
-class OptionsError(Exception):
-    """Options that failed validation; the message is one line naming the field."""
+from nanochat.stages.options import OUT_REQUIRED, PRESETS, OptionsError, StageOptions, preset_options, stage_info
 
 
 class StageInterrupted(Exception):
@@ -162,6 +158,9 @@ def run_stage(stage: str, body: StageBody, argv: Sequence[str] | None = None, ra
     emitter = EventEmitter(stage)
     try:
         options = parse_options(stage, argv)
+        # Optional in the model (the trainer validates job options without it), required to run.
+        if options is not None and stage in OUT_REQUIRED and not options.out:
+            raise OptionsError(f"invalid option --out: required, the folder {stage} writes its {OUT_REQUIRED[stage]} to")
     except OptionsError as e:
         print(f"{stage}: {e}", file=sys.stderr, flush=True)
         emitter.error(str(e))
@@ -180,6 +179,11 @@ def run_stage(stage: str, body: StageBody, argv: Sequence[str] | None = None, ra
         log(str(e))
         emitter.error(str(e))
         sys.exit(143)
+    except OptionsError as e:
+        # Options that pass alone but not together at run time (e.g. the batch for this world size).
+        print(f"{stage}: {e}", file=sys.stderr, flush=True)
+        emitter.error(str(e))
+        sys.exit(2)
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         emitter.error(f"{type(e).__name__}: {e}")

@@ -21,6 +21,11 @@ Every train/test pair is disjoint. Everything is written to a temp folder inside
 first and moved in at the end (the stamp `make_data.json` last), so a killed run leaves no
 partial data. A rerun with the same options finds the stamp and reuses the data (a pipeline can
 run twice on one data volume); other options need `--overwrite`.
+
+`--source download` fetches the real data instead (the d20 preset): `--fineweb-shards` FineWeb-Edu
+shards plus the last one as the validation split, every task split the loaders read, and the
+CORE eval bundle, into the same layout (only the identity conversations are made here). Each
+file is downloaded to `.part` and renamed, so an interrupted download resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ import random
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nanochat.dataset import shard_name
+from nanochat.dataset import download_file, download_shards, shard_name
+from nanochat.sources import FINEWEB_LAST_SHARD
+from nanochat.tasks.common import fetch_split
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import MakeDataOptions
@@ -405,11 +413,53 @@ def write_tasks(folder: Path, docs: list[str], options: MakeDataOptions, seed: i
     r = random.Random(seed + 6)
     put("openai/openai_humaneval", "openai_humaneval", "test", [humaneval_problem(r, i) for i in range(20)])
 
-    train, test = identity_sets(o.model_name, o.identity_train, o.identity_test, random.Random(seed + 7))
+    counts.update(write_identity(folder, o, seed))
+    return counts
+
+
+def write_identity(folder: Path, options: MakeDataOptions, seed: int) -> dict[str, int]:
+    train, test = identity_sets(options.model_name, options.identity_train, options.identity_test, random.Random(seed + 7))
     _write_jsonl(folder / "tasks" / "identity" / "train.jsonl", train)
     _write_jsonl(folder / "tasks" / "identity" / "test.jsonl", test)
-    counts["identity/train"], counts["identity/test"] = len(train), len(test)
-    return counts
+    return {"identity/train": len(train), "identity/test": len(test)}
+
+
+# ---- the real data (--source download) ---------------------------------------------------------
+
+# Every split the task loaders read, in the Hugging Face layout of `nanochat.tasks.common`.
+REAL_TASK_SPLITS = [
+    ("HuggingFaceTB/smol-smoltalk", "data", "train"), ("HuggingFaceTB/smol-smoltalk", "data", "test"),
+    ("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test"),
+    ("allenai/ai2_arc", "ARC-Easy", "train"), ("allenai/ai2_arc", "ARC-Easy", "test"),
+    ("allenai/ai2_arc", "ARC-Challenge", "train"), ("allenai/ai2_arc", "ARC-Challenge", "test"),
+    ("cais/mmlu", "all", "test"), ("cais/mmlu", "auxiliary_train", "train"),
+    ("openai/openai_humaneval", "openai_humaneval", "test"),
+]
+
+
+def download_real_data(data_dir: Path, options: MakeDataOptions, emitter: EventEmitter) -> dict[str, Any]:
+    """FineWeb-Edu shards, the task splits and the CORE bundle, straight into `data_dir`. Every
+    file appears whole (a `.part` renamed, resumed with Range), so a rerun fetches what is missing."""
+    shards = list(range(options.fineweb_shards)) + [FINEWEB_LAST_SHARD]
+    download_shards(shards, data_dir, options.fineweb_url, options.download_workers)
+    emitter.progress(step=1, total=3)
+    for repo, config, split in REAL_TASK_SPLITS:
+        fetch_split(data_dir, repo, config, split, options.datasets_url)
+    emitter.progress(step=2, total=3)
+    bundle = data_dir / "eval_bundle"
+    if not bundle.is_dir():
+        archive = download_file(options.core_bundle_url, data_dir / "eval_bundle.zip")
+        with tempfile.TemporaryDirectory(dir=data_dir, prefix=".make_data.tmp-") as tmp:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)  # zipfile drops absolute paths and ".." from member names
+            found = next(Path(tmp).rglob("core.yaml"), None)
+            if found is None:
+                raise ValueError(f"{options.core_bundle_url}: the archive holds no core.yaml")
+            os.rename(found.parent, bundle)
+        archive.unlink()
+    emitter.progress(step=3, total=3)
+    return {"source": "download", "shards": len(shards), "task_splits": len(REAL_TASK_SPLITS),
+            "bytes": sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file())}
 
 
 # ---- the stage ---------------------------------------------------------------------------------
@@ -426,6 +476,8 @@ def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, di
             return [], {**made["metrics"], "reused": True}
     produced = ["tasks", "eval_bundle", STAMP]
     existing = sorted(data_dir.glob("shard_*.parquet")) + [data_dir / p for p in produced if (data_dir / p).exists()]
+    if options.source == "download":
+        return [], _download(data_dir, options, emitter, recipe, existing)
     if existing and not options.overwrite:
         raise FileExistsError(f"{data_dir} already holds other data ({existing[0].name}, ...); pass --overwrite to replace it")
     rng = random.Random(options.seed)
@@ -457,6 +509,25 @@ def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, di
             os.rename(entry, data_dir / entry.name)
     log(f"data in {data_dir}: {corpus['shards']} shards, {corpus['chars']:,} chars")
     return [], metrics
+
+
+def _download(data_dir: Path, options: MakeDataOptions, emitter: EventEmitter, recipe: dict,
+              existing: list[Path]) -> dict[str, Any]:
+    stamp = data_dir / STAMP
+    made_by = json.loads(stamp.read_text()).get("recipe", {}).get("source") if stamp.is_file() else None
+    if existing and options.overwrite:
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif made_by not in (None, "download"):
+        # The tiny offline data must not mix with the real shards; an earlier download is resumed.
+        raise FileExistsError(f"{data_dir} holds make_data's offline data (--source {made_by}); pass --overwrite "
+                              "to replace it")
+    stamp.unlink(missing_ok=True)
+    metrics = download_real_data(data_dir, options, emitter)
+    metrics.update({f"tasks/{k}": v for k, v in write_identity(data_dir, options, options.seed).items()})
+    stamp.write_text(json.dumps({"recipe": recipe, "metrics": metrics}, indent=2) + "\n")
+    log(f"data in {data_dir}: {metrics['shards']} shards, {metrics['task_splits']} task splits, the CORE bundle")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ from nanochat.tasks.mixtures import mid_mixture
 
 
 def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    if not options.out:
-        raise ValueError("--out is required: the folder of the new mid checkpoint")
     folder = single_input(options, "base checkpoint")
     compute, ctx = setup(options)
     rank, world = compute.rank, compute.world_size

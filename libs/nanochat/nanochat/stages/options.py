@@ -19,12 +19,20 @@ so a job never carries a free-form command line.
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from nanochat.sources import CORE_BUNDLE_URL, FINEWEB_LAST_SHARD, FINEWEB_URL, HF_DATASETS_URL
+
 INPUT_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*:[0-9]+$")
+
+
+class OptionsError(ValueError):
+    """Options that failed validation; the message is one line naming the field (exit code 2)."""
 
 
 class StageOptions(BaseModel):
@@ -74,7 +82,12 @@ class TrainOptions(RuntimeOptions):
 
 
 class MakeDataOptions(StageOptions):
-    source: Literal["auto", "python-docs", "synthetic"] = Field("auto", description="Pretraining text: Debian's python3.11-doc reST sources (auto uses them when present) or the synthetic generator.")
+    source: Literal["auto", "python-docs", "synthetic", "download"] = Field("auto", description="auto / python-docs / synthetic: make the tiny offline data (pretraining text from Debian's python3.11-doc reST sources where present, else the synthetic generator). download: fetch the real data instead: FineWeb-Edu shards, the public task splits and the CORE eval bundle.")
+    fineweb_shards: int = Field(8, ge=1, le=FINEWEB_LAST_SHARD, description="download: training shards to fetch (~100 MB each; the speedrun needs ~240), plus the last shard as the validation split.")
+    fineweb_url: str = Field(FINEWEB_URL, min_length=1, description="download: where the FineWeb-Edu shards are served.")
+    datasets_url: str = Field(HF_DATASETS_URL, min_length=1, description="download: the Hugging Face datasets address the task splits come from.")
+    core_bundle_url: str = Field(CORE_BUNDLE_URL, min_length=1, description="download: the CORE eval bundle (a zip holding eval_bundle/).")
+    download_workers: int = Field(8, ge=1, le=64, description="download: parallel downloads.")
     docs_path: str = Field("/usr/share/doc/python3.11/html/_sources", description="Folder of the python docs' reST sources (*.txt).")
     synthetic_docs: int = Field(8000, ge=1, le=10_000_000, description="Documents the synthetic generator writes (fallback only).")
     row_group_size: int = Field(1024, ge=1, le=100_000, description="Documents per parquet row group.")
@@ -207,6 +220,12 @@ STAGES: dict[str, StageInfo] = {
     "report": StageInfo(ReportOptions, "Write the report card of a lineage.", "rl", None),
 }
 
+# Stages that cannot run without --out, and what they write there.
+OUT_REQUIRED: dict[str, str] = {
+    "tok_train": "tokenizer", "base_train": "base checkpoint", "mid_train": "mid checkpoint",
+    "chat_sft": "sft checkpoint", "chat_rl": "rl checkpoint", "report": "report card",
+}
+
 PIPELINES: dict[str, list[str]] = {
     "speedrun": [
         "make_data", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train",
@@ -239,7 +258,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "report": {},
     },
     "d20": {
-        "make_data": {},
+        "make_data": {"source": "download", "fineweb_shards": 240},
         "tok_train": {"vocab_size": 65536, "max_chars": 2_000_000_000},
         "tok_eval": {},
         "base_train": {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32,
@@ -253,6 +272,17 @@ PRESETS: dict[str, dict[str, dict]] = {
         "report": {},
     },
 }
+
+
+def resume_dir(out: str | os.PathLike) -> Path:
+    """The resumable checkpoint of a stage writing `out`: `OUT.resume` beside it (what `--resume` reads)."""
+    out = Path(out)
+    return out.with_name(out.name + ".resume")
+
+
+def resumable(stage: str) -> bool:
+    """Whether the stage takes `--resume` (the training stages that save resumable checkpoints)."""
+    return "resume" in stage_info(stage).options.model_fields
 
 
 def stage_info(name: str) -> StageInfo:
@@ -302,8 +332,8 @@ def plan_horizon(
     explicit num_iterations, then target_flops, then target_param_data_ratio)."""
     per_micro = options.device_batch_size * options.max_seq_len * world_size
     if options.total_batch_size % per_micro:
-        raise ValueError(
-            f"total_batch_size {options.total_batch_size} must be a multiple of device_batch_size "
+        raise OptionsError(
+            f"invalid option --total-batch-size: {options.total_batch_size} must be a multiple of device_batch_size "
             f"* max_seq_len * world_size = {options.device_batch_size} * {options.max_seq_len} * "
             f"{world_size} = {per_micro}"
         )

@@ -26,8 +26,6 @@ PNG_NAME = "loss.png"
 
 
 def report(options: ReportOptions, emitter: EventEmitter) -> tuple[list, dict[str, Any]]:
-    if not options.out:
-        raise ValueError("--out is required: the folder of the report card")
     if not options.init_from:
         raise ValueError("--init-from must name the lineage's checkpoint folders (and eval results, event logs)")
     lineage = read_lineage(options.init_from)

@@ -37,8 +37,6 @@ def training_texts(data_dir: str, max_chars: int, doc_cap: int, seen: dict[str, 
 
 
 def tok_train(options: TokTrainOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    if not options.out:
-        raise ValueError("--out is required: the folder of the new tokenizer version")
     seen = {"docs": 0, "chars": 0}
     t0 = time.time()
     tokenizer = Tokenizer.train_from_iterator(training_texts(options.data_dir, options.max_chars, options.doc_cap, seen), options.vocab_size)

@@ -9,8 +9,8 @@ bottom and calls these small pieces:
   `muon_momentum(step)` (0.85 -> 0.95 over 300 steps), `set_lr`, `set_momentum`.
 - `ProgressMeter`: debiased EMA of the loss, tokens/s over every token of a step, MFU, ETA.
 - `evaluate_bpb(model, batches, token_bytes, ctx)`: bits per byte, summed over every rank.
-- `resume_dir(out)`: where a stage keeps its resumable checkpoint (`OUT.resume`, beside `--out`);
-  `save_resumable` / `load_resumable` write and read it with per-rank optimizer state, loader
+- `save_resumable` / `load_resumable`: write and read the resumable checkpoint (`OUT.resume`,
+  beside `--out`; `nanochat.stages.options.resume_dir`) with per-rank optimizer state, loader
   position, step and RNG (via `nanochat.checkpoint`).
 
 Not a stage itself; the stages' docstrings say how to run them.
@@ -36,7 +36,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Muon
 from nanochat.stages.cli import log
 from nanochat.stages.events import EventEmitter
-from nanochat.stages.options import RuntimeOptions, StageOptions
+from nanochat.stages.options import RuntimeOptions, StageOptions, resume_dir
 from nanochat.tokenizer import Tokenizer
 
 H100_BF16_FLOPS = 989e12
@@ -248,12 +248,6 @@ def take(iterator: Iterator, n: int) -> Iterator:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
-
-def resume_dir(out: str | os.PathLike) -> Path:
-    """The resumable checkpoint of a stage writing `out`: `OUT.resume` beside it."""
-    out = Path(out)
-    return out.with_name(out.name + ".resume")
-
 
 def save_resumable(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any],
                    optimizers: Sequence[torch.optim.Optimizer], rank_state: dict[str, Any],

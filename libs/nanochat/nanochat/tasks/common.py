@@ -20,23 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from nanochat.dataset import download_file
-
-HF_DATASETS = "https://huggingface.co/datasets"
+from nanochat.sources import HF_DATASETS_URL
 
 
 def task_dir(data_dir: str | Path, repo: str, config: str) -> Path:
     return Path(data_dir) / "tasks" / repo / config
 
 
-def task_url(repo: str, config: str, split: str) -> str:
+def task_url(repo: str, config: str, split: str, base_url: str = HF_DATASETS_URL) -> str:
     """The Hugging Face path of a split stored as one parquet file."""
-    return f"{HF_DATASETS}/{repo}/resolve/main/{config}/{split}-00000-of-00001.parquet"
+    return f"{base_url}/{repo}/resolve/main/{config}/{split}-00000-of-00001.parquet"
 
 
-def fetch_split(data_dir: str | Path, repo: str, config: str, split: str) -> Path:
+def fetch_split(data_dir: str | Path, repo: str, config: str, split: str, base_url: str = HF_DATASETS_URL,
+                backoff: float = 1.0) -> Path:
     """Download a single-file split into the local layout (skipped when present)."""
     dest = task_dir(data_dir, repo, config) / f"{split}-00000-of-00001.parquet"
-    return download_file(task_url(repo, config, split), dest)
+    return download_file(task_url(repo, config, split, base_url), dest, backoff=backoff)
 
 
 def read_jsonl(path: str | Path) -> list[Any]:
