@@ -62,7 +62,10 @@ def newton_schulz_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximately orthogonalise G (..., rows, cols): push every singular value towards ~1."""
+    """Approximately orthogonalise G (..., rows, cols): push every singular value towards ~1.
+
+    Each step is X <- a X + (b A + c A^2) X with A = X X^T (X wide: rows <= cols). In fp32 a
+    clearly wide X (cols >= GRAM_ASPECT * rows) takes the same iteration in Gram form instead."""
     a, b, c = NS_COEFFS
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
@@ -70,18 +73,46 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
         X = X.mT
     # Dividing by the Frobenius norm bounds the spectral norm by 1, where the iteration converges.
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    batched = X.dim() == 3
-    for _ in range(steps):
-        A = X @ X.mT
-        if batched:
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
-        else:
-            B = b * A + c * (A @ A)
-            X = a * X + B @ X
+    if dtype == torch.float32 and X.size(-1) >= GRAM_ASPECT * X.size(-2):
+        X = _gram_newton_schulz(X, steps)
+    else:
+        batched = X.dim() == 3
+        for _ in range(steps):
+            A = X @ X.mT
+            if batched:
+                B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+                X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+            else:
+                B = b * A + c * (A @ A)
+                X = a * X + B @ X
     if tall:
         X = X.mT
     return X
+
+
+# Every step multiplies X on the left by P = a I + b A + c A^2, a polynomial in X0 X0^T; so
+# X_k = Q_k X0 with Q_k a rows x rows matrix, A_k = Q_k S Q_k^T (S = X0 X0^T) and Q_{k+1} = P_k Q_k.
+# Only rows x rows products remain (17 of them for 5 steps, plus S and the final Q X0), against
+# 5 * (2 rows^2 cols + rows^3) multiply-adds for the plain form: about 45% fewer for a 256 x 1024
+# MLP matrix, and equal to it in exact arithmetic (fp32 agrees to ~1e-6). bf16 keeps the plain
+# form, where the accumulated Q would lose too much precision.
+GRAM_ASPECT = 1.5
+
+
+def _gram_newton_schulz(X: torch.Tensor, steps: int) -> torch.Tensor:
+    a, b, c = NS_COEFFS
+    squeeze = X.dim() == 2
+    if squeeze:
+        X = X.unsqueeze(0)
+    S = X @ X.mT
+    Q = None
+    for _ in range(steps):
+        A = S if Q is None else Q @ S @ Q.mT
+        P = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = P if Q is None else P @ Q
+    X = Q @ X
+    return X.squeeze(0) if squeeze else X
 
 
 class _Reducing(torch.optim.Optimizer, ABC):

@@ -43,6 +43,33 @@ def test_newton_schulz_batched_equals_one_by_one():
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
+def plain_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The spec's iteration written out plainly, for one matrix in fp64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.double()
+    tall = X.size(0) > X.size(1)
+    X = X.T if tall else X
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if tall else X).float()
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 256), (3, 256, 64), (64, 128), (3, 64, 64)])
+def test_newton_schulz_equals_the_plain_iteration(shape):
+    # Wide and tall fp32 matrices take the Gram form, square ones the plain one: both equal the
+    # iteration as written, on random and on nearly low-rank (gradient-like) matrices.
+    torch.manual_seed(0)
+    for G in (torch.randn(shape), torch.randn(*shape[:-1], 4) @ torch.randn(*shape[:-2], 4, shape[-1])
+              + 1e-3 * torch.randn(shape)):
+        got = zeropower_via_newtonschulz5(G, dtype=torch.float32)
+        want = torch.stack([plain_newton_schulz(g) for g in G.reshape(-1, *G.shape[-2:])]).reshape(G.shape)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    singular = torch.linalg.svdvals(zeropower_via_newtonschulz5(torch.randn(shape), dtype=torch.float32))
+    assert 0.7 < singular.median() < 1.2 and singular.max() < 1.3
+
+
 def test_newton_schulz_dtype_choice(monkeypatch):
     monkeypatch.setenv("NANOCHAT_NS_DTYPE", "fp32")
     assert newton_schulz_dtype("cpu") == torch.float32
