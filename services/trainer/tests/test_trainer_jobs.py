@@ -96,10 +96,16 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
                                      headers={"Last-Event-ID": first[0]["id"]}).text)
         text = "\n".join(first[0]["data"]) + "\n" + "".join("\n".join(e["data"]) + "\n" for e in resumed[:-1])
         assert text == log.text
-        events = [json.loads("\n".join(e["data"])) for e in sse_events(api.get(f"/v1/jobs/{tok['id']}/events").text)
-                  if e.get("event") != "end"]
+        sse = [e for e in sse_events(api.get(f"/v1/jobs/{tok['id']}/events").text) if e.get("event") != "end"]
+        events = [json.loads("\n".join(e["data"])) for e in sse]
         assert [e["type"] for e in events][0] == "started" and events[-1]["type"] == "finished"
         assert all(e["job_id"] == tok["id"] for e in events)
+        # The events stream resumes the same way: after the first event, every later one, once.
+        after = [json.loads("\n".join(e["data"])) for e in sse_events(
+            api.get(f"/v1/jobs/{tok['id']}/events", headers={"Last-Event-ID": sse[0]["id"]}).text)
+            if e.get("event") != "end"]
+        assert after == events[1:]
+        assert api.get(f"/v1/jobs/{tok['id']}/events", headers={"Last-Event-ID": "x"}).status_code == 400
 
         # An eval stage reads the registered tokenizer (downloaded, verified) and its metrics are
         # patched onto that version.
