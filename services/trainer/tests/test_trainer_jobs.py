@@ -212,6 +212,18 @@ def test_two_workers_run_a_two_node_job_over_localhost(api, start_worker):
     assert job_processes(job) == []
 
 
+def test_two_node_job_whose_second_node_never_starts_fails_at_the_gang_barrier(api, start_worker):
+    # One worker for a two-node job: node 0 waits at the barrier, gives up after gang_timeout,
+    # and the job fails unstarted instead of waiting forever (no stage was launched).
+    worker = start_worker(gang_timeout=3, **SLEEPY)
+    job_id = api.post("/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}},
+                      headers=AUTH).json()["id"]
+    job = wait_job(api, job_id, timeout=60, worker=worker)
+    assert job["status"] == "failed" and "did not all start" in job["error"], job
+    assert "[trainer] $" not in api.get(f"/v1/jobs/{job_id}/logs?node=0").text
+    assert job_processes(job) == []
+
+
 def test_lost_worker_job_is_requeued_when_allowed(settings, start_worker):
     settings = settings.model_copy(update={"requeue_on_worker_loss": 1})
     env = {"SLEEPY_STEPS": "10"}
