@@ -118,7 +118,8 @@ export function mountJob(root, app, id) {
       const rows = [["created", formatTime(job.created_at ?? job.created)]];
       if (job.current_stage && job.pipeline) rows.push(["stage", `${job.current_stage}${job.step != null && job.total ? ` · step ${job.step}/${job.total}` : ""}`]);
       for (const made of job.produced ?? []) rows.push(["produced", `${made.name} v${made.version} (${made.stage})`]);
-      if (job.error) rows.push(["error", String(job.error)]);
+      // A job that is queued again or running says why it was re-queued; only an ended one failed.
+      if (job.error) rows.push([TERMINAL.has(job.status) ? "error" : "note", String(job.error)]);
       const latest = Object.entries(job.metrics ?? job.latest_metrics ?? {});
       for (const [key, value] of latest) if (HEADLINE.has(key)) rows.push([key, formatNumber(value)]);
       details.replaceChildren(...pairs(rows));
