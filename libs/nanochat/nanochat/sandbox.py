@@ -61,8 +61,10 @@ def _limit(cpu_seconds: int, memory_bytes: int) -> None:
 
 
 def network_isolated() -> bool:
-    """Whether this OS lets the sandbox make a private network namespace."""
-    probe = "import os; print(sorted(os.listdir('/sys/class/net')) == ['lo'])"
+    """Whether this OS lets the sandbox make a private network namespace: inside, the process's
+    own interface list (/proc/self/net/dev; /sys/class/net would show the host's) is `lo` only."""
+    probe = ("lines = open('/proc/self/net/dev').read().splitlines()[2:]\n"
+             "print([line.split(':')[0].strip() for line in lines] == ['lo'])")
     result = run_python(probe, timeout=10)
     return result.success and result.stdout.strip() == "True"
 
@@ -103,3 +105,4 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m nanochat.sandbox CODE")
     print(run_python(sys.argv[1]))
+    print(f"network namespace: {'yes' if network_isolated() else 'no (the socket prelude only)'}")
