@@ -1,12 +1,16 @@
 """The model stages' shared pieces and their CLI contract, in process: schedules, the progress
-meter, bits-per-byte, the PNG writer, and option errors (exit 2 naming the field)."""
+meter, bits-per-byte, the PNG writer, ChatCORE's letter scoring, and option errors (exit 2
+naming the field)."""
 
 import contextlib
 import json
 import math
 import struct
 import zlib
+from types import SimpleNamespace
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +20,7 @@ from nanochat.report import write_png
 from nanochat.stages.base_eval import base_eval
 from nanochat.stages.base_loss import base_loss
 from nanochat.stages.base_train import base_train
-from nanochat.stages.chat_eval import chat_eval
+from nanochat.stages.chat_eval import chat_eval, letter_ids, run_categorical
 from nanochat.stages.chat_rl import chat_rl
 from nanochat.stages.chat_sft import chat_sft
 from nanochat.stages.cli import run_stage
@@ -26,8 +30,9 @@ from nanochat.stages.mid_train import mid_train
 from nanochat.stages.report import report
 from nanochat.stages.tok_eval import tok_eval
 from nanochat.stages.tok_train import tok_train
-from nanochat.tokenizer import Tokenizer
 from nanochat.stages.train_loop import ProgressMeter, evaluate_bpb, linear_decay, muon_momentum, warmdown_lr
+from nanochat.tasks.arc import ARC
+from nanochat.tokenizer import Tokenizer
 
 
 def test_base_schedule_is_constant_then_warms_down_to_zero():
@@ -164,3 +169,37 @@ def test_eval_stage_on_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     events = list(parse_events(capsys.readouterr().out.splitlines()))
     assert events[-1].type == "error" and "does not exist" in events[-1].message
     assert json.loads(events[-1].model_dump_json())["type"] == "error"
+
+
+def test_letter_scoring_takes_the_best_answer_letter_at_each_prompts_last_position(tiny_tokenizer, tmp_path):
+    tok = Tokenizer.load(tiny_tokenizer / "tokenizer")
+    rows = [{"id": f"q{i}", "question": "the fox " * (i + 1) + "?", "answerKey": key,
+             "choices": {"text": ["red", "brown", "grey", "blue"], "label": ["A", "B", "C", "D"]}}
+            for i, key in enumerate("BDAC")]
+    folder = tmp_path / "tasks" / "allenai/ai2_arc" / "ARC-Easy"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "test-00000-of-00001.parquet")
+    task = ARC(tmp_path, "ARC-Easy", "test")
+    items = [task[i] for i in range(len(task))]
+    prompts = [tok.render_for_completion(item) for item in items]
+    assert len({len(p) for p in prompts}) == len(prompts)  # padded rows: each read at its own end
+    letters = letter_ids(tok, ["A", "B", "C", "D"])
+    picks = ["B", "D", "B", "C"]  # right, right, wrong, right
+    non_letter = tok.encode("fox")[0]
+
+    def model_for(first: int):
+        """A stand-in model for the batches starting at item `first`, one batch of all the rest."""
+        def model(idx):
+            logits = torch.zeros(idx.shape[0], idx.shape[1], tok.vocab_size)
+            for i in range(idx.shape[0]):
+                end, pick = len(prompts[first + i]) - 1, picks[first + i]
+                logits[i, :, letters[0]] = 90.0                   # "A" everywhere else: the wrong position
+                logits[i, end, letters[0]] = 0.0
+                logits[i, end, letters["ABCD".index(pick)]] = 50.0
+                logits[i, end, non_letter] = 100.0                # not an answer letter: ignored
+            return logits
+        return model
+
+    compute = SimpleNamespace(device=torch.device("cpu"))
+    assert run_categorical(model_for(0), tok, compute, contextlib.nullcontext(), items, task, batch_size=4) == 3
+    assert run_categorical(model_for(2), tok, compute, contextlib.nullcontext(), items[2:], task, batch_size=2) == 1
