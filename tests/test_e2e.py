@@ -376,7 +376,7 @@ def test_ctrl_c_mid_job_then_a_second_make_up_reuses_everything_and_resumes_the_
     assert stack.output() != first_output
     assert re.search(rf"serving {MODEL} v\d+ \(rl\)", stack.output()), stack.output()
     assert "submitted" not in stack.output()
-    job = poll(lambda: (j := stack.job(job_id))["status"] == "running" and j["attempts"] == 1 and (j["step"] or 0) > 3
+    poll(lambda: (j := stack.job(job_id))["status"] == "running" and j["attempts"] == 1 and (j["step"] or 0) > 3
                and j, 120, "the job to run again")
     log = httpx.get(f"{stack.url('trainer')}/v1/jobs/{job_id}/logs", timeout=30).text
     commands = [line for line in log.splitlines() if line.startswith("[trainer] $ ")]

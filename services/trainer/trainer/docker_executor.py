@@ -40,7 +40,7 @@ from docker.utils import parse_repository_tag
 
 from nanochat.stages.events import parse_event_line
 
-from trainer.runner import POLL_S, StageResult, _Log, _record, tail
+from trainer.runner import StageResult, _Log, _record, tail, watch
 from trainer.settings import Settings
 
 LABEL_JOB = "nanochat.job"
@@ -232,19 +232,8 @@ class DockerExecutor:
             for t in readers:
                 t.start()
             on_started(0)
-            while True:
-                try:
-                    _record(result, events.get(timeout=POLL_S), on_event)
-                    continue
-                except queue.Empty:
-                    pass
-                if not exited.empty():
-                    break
-                reason = should_stop()
-                if reason and result.stopped is None:
-                    result.stopped = reason
-                    log.write(f"[trainer] stopping the stage: {reason}".encode())
-                    _stop(container, grace)
+            watch(result, events, on_event, lambda: not exited.empty(), should_stop,
+                  lambda: _stop(container, grace), log)
         finally:
             # Whatever happened (an exception in a callback, RQ's timeout), leave no container running.
             if container is not None:

@@ -100,29 +100,10 @@ def run_stage(
     for t in readers:
         t.start()
     result = StageResult(returncode=-1)
-    last_check = 0.0
     try:
         on_started(pgid)
-        while True:
-            try:
-                event = events.get(timeout=POLL_S)
-            except queue.Empty:
-                event = None
-            if event is not None:
-                _record(result, event, on_event)
-            elif proc.poll() is not None:
-                break
-            # Checked on a clock, not only when the stage is quiet: one that emits an event every
-            # few ms must not hold off a cancel or a shutdown until it ends.
-            now = time.monotonic()
-            if now - last_check < POLL_S or result.stopped is not None:
-                continue
-            last_check = now
-            reason = should_stop()
-            if reason:
-                result.stopped = reason
-                log.write(f"[trainer] stopping the stage: {reason}".encode())
-                terminate_job(pgid, tag, grace)
+        watch(result, events, on_event, lambda: proc.poll() is not None, should_stop,
+              lambda: terminate_job(pgid, tag, grace), log)
     finally:
         # Whatever happened (an exception in a callback, RQ's timeout), leave no process behind.
         terminate_job(pgid, tag, grace)
@@ -135,6 +116,30 @@ def run_stage(
         log.close()
     result.log_tail = tail(log_path)
     return result
+
+
+def watch(result: StageResult, events: queue.Queue, on_event: Callable[[dict[str, Any]], None],
+          exited: Callable[[], bool], should_stop: Callable[[], str | None], stop: Callable[[], None],
+          log: _Log) -> None:
+    """Hand each event to `on_event` until the stage has exited and its queue is empty. `should_stop`
+    is polled on a clock, not only when the stage is quiet (one that emits an event every few ms
+    must not hold off a cancel or a shutdown until it ends); its first reason calls `stop()`."""
+    last_check = 0.0
+    while True:
+        try:
+            _record(result, events.get(timeout=POLL_S), on_event)
+        except queue.Empty:
+            if exited():
+                return
+        now = time.monotonic()
+        if result.stopped is not None or now - last_check < POLL_S:
+            continue
+        last_check = now
+        reason = should_stop()
+        if reason:
+            result.stopped = reason
+            log.write(f"[trainer] stopping the stage: {reason}".encode())
+            stop()
 
 
 def _record(result: StageResult, event: dict[str, Any], on_event: Callable[[dict[str, Any]], None]) -> None:

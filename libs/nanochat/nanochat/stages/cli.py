@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 import nanochat
 from nanochat.stages.events import EventEmitter, is_rank_zero
-from nanochat.stages.options import OUT_REQUIRED, PRESETS, OptionsError, StageOptions, preset_options, stage_info
+from nanochat.stages.options import PRESETS, OptionsError, StageOptions, preset_options, requires_out, stage_info
 
 
 class StageInterrupted(Exception):
@@ -151,6 +151,12 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise StageInterrupted(f"stopped by {signal.Signals(signum).name}")
 
 
+def _exit_bad_options(stage: str, emitter: EventEmitter, e: OptionsError) -> NoReturn:
+    print(f"{stage}: {e}", file=sys.stderr, flush=True)
+    emitter.error(str(e))
+    sys.exit(2)
+
+
 def run_stage(stage: str, body: StageBody, argv: Sequence[str] | None = None, rank_zero_only: bool = False) -> None:
     """Parse options, run `body(options, emitter) -> (outputs, metrics)` and emit its events.
 
@@ -159,12 +165,10 @@ def run_stage(stage: str, body: StageBody, argv: Sequence[str] | None = None, ra
     try:
         options = parse_options(stage, argv)
         # Optional in the model (the trainer validates job options without it), required to run.
-        if options is not None and stage in OUT_REQUIRED and not options.out:
-            raise OptionsError(f"invalid option --out: required, the folder {stage} writes its {OUT_REQUIRED[stage]} to")
+        if options is not None and requires_out(stage) and not options.out:
+            raise OptionsError(f"invalid option --out: required, the folder {stage} writes its output to")
     except OptionsError as e:
-        print(f"{stage}: {e}", file=sys.stderr, flush=True)
-        emitter.error(str(e))
-        sys.exit(2)
+        _exit_bad_options(stage, emitter, e)
     if options is None:
         return
     if rank_zero_only and not is_rank_zero():
@@ -181,9 +185,7 @@ def run_stage(stage: str, body: StageBody, argv: Sequence[str] | None = None, ra
         sys.exit(143)
     except OptionsError as e:
         # Options that pass alone but not together at run time (e.g. the batch for this world size).
-        print(f"{stage}: {e}", file=sys.stderr, flush=True)
-        emitter.error(str(e))
-        sys.exit(2)
+        _exit_bad_options(stage, emitter, e)
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         emitter.error(f"{type(e).__name__}: {e}")

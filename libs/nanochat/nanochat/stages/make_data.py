@@ -43,6 +43,7 @@ from typing import Any
 
 from nanochat.dataset import download_file, download_shards, shard_name
 from nanochat.sources import FINEWEB_LAST_SHARD
+from nanochat.tasks import arc, gsm8k, humaneval, mmlu, smoltalk
 from nanochat.tasks.common import fetch_split
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
@@ -426,14 +427,14 @@ def write_identity(folder: Path, options: MakeDataOptions, seed: int) -> dict[st
 
 # ---- the real data (--source download) ---------------------------------------------------------
 
-# Every split the task loaders read, in the Hugging Face layout of `nanochat.tasks.common`.
+# Every split the task loaders read, named by the loaders' own repo and config constants.
 REAL_TASK_SPLITS = [
-    ("HuggingFaceTB/smol-smoltalk", "data", "train"), ("HuggingFaceTB/smol-smoltalk", "data", "test"),
-    ("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test"),
-    ("allenai/ai2_arc", "ARC-Easy", "train"), ("allenai/ai2_arc", "ARC-Easy", "test"),
-    ("allenai/ai2_arc", "ARC-Challenge", "train"), ("allenai/ai2_arc", "ARC-Challenge", "test"),
-    ("cais/mmlu", "all", "test"), ("cais/mmlu", "auxiliary_train", "train"),
-    ("openai/openai_humaneval", "openai_humaneval", "test"),
+    (smoltalk.REPO, smoltalk.CONFIG, "train"), (smoltalk.REPO, smoltalk.CONFIG, "test"),
+    (gsm8k.REPO, gsm8k.CONFIG, "train"), (gsm8k.REPO, gsm8k.CONFIG, "test"),
+    (arc.REPO, "ARC-Easy", "train"), (arc.REPO, "ARC-Easy", "test"),
+    (arc.REPO, "ARC-Challenge", "train"), (arc.REPO, "ARC-Challenge", "test"),
+    (mmlu.REPO, "all", "test"), (mmlu.REPO, "auxiliary_train", "train"),
+    (humaneval.REPO, humaneval.CONFIG, "test"),
 ]
 
 

@@ -220,12 +220,6 @@ STAGES: dict[str, StageInfo] = {
     "report": StageInfo(ReportOptions, "Write the report card of a lineage.", "rl", None),
 }
 
-# Stages that cannot run without --out, and what they write there.
-OUT_REQUIRED: dict[str, str] = {
-    "tok_train": "tokenizer", "base_train": "base checkpoint", "mid_train": "mid checkpoint",
-    "chat_sft": "sft checkpoint", "chat_rl": "rl checkpoint", "report": "report card",
-}
-
 PIPELINES: dict[str, list[str]] = {
     "speedrun": [
         "make_data", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train",
@@ -278,6 +272,11 @@ def resume_dir(out: str | os.PathLike) -> Path:
     """The resumable checkpoint of a stage writing `out`: `OUT.resume` beside it (what `--resume` reads)."""
     out = Path(out)
     return out.with_name(out.name + ".resume")
+
+
+def requires_out(stage: str) -> bool:
+    """Whether the stage cannot run without --out: every stage that makes a version, and report."""
+    return stage_info(stage).output_stage is not None or stage == "report"
 
 
 def resumable(stage: str) -> bool:
