@@ -2,10 +2,12 @@
 failed part or wrong bytes abort the multipart upload and leave no object behind; a staged
 (presigned) upload is read back and hashed where the store computes no checksum on copy."""
 
+import base64
 import hashlib
 import os
 import threading
 import uuid
+import zlib
 
 import boto3
 import pytest
@@ -139,3 +141,44 @@ def test_staged_upload_is_read_back_where_the_store_gives_no_checksum(s3, tmp_pa
         assert b"".join(store.read(sha)) == data
     assert wrapped.copies >= 1
     assert client.list_objects_v2(Bucket=bucket, Prefix=store.staging_key("")).get("KeyCount") == 0
+
+
+def test_parts_carry_crc32_checksums_instead_of_a_payload_hash(s3_server, tmp_path):
+    """Each part the registry sends is checked by S3 against a CRC32 header, and botocore is not
+    asked to sha256 the body once more for the signature (a second pass over every byte)."""
+    store = S3Blobs.connect(s3_server.url, f"blobs-{uuid.uuid4().hex[:8]}", "testing", "testing", "us-east-1",
+                            "blobs/", part_size=5 * MiB, parts_in_flight=2, spool_dir=tmp_path / "spool")
+    store.ensure_bucket()
+    sent = []
+    store.s3.meta.events.register("before-send.s3.UploadPart", lambda request, **_: sent.append({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}))
+    data = os.urandom(3 * 5 * MiB + 99)
+    sha = hashlib.sha256(data).hexdigest()
+    write_all(store.writer(sha, len(data)), data)
+    assert len(sent) == 4
+    for headers in sent:
+        assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+        assert "x-amz-checksum-crc32" in headers
+    head = store.s3.head_object(Bucket=store.bucket, Key=store.key(sha), ChecksumMode="ENABLED")
+    # S3's composite checksum: the CRC32 of the 4 parts' CRC32s (AWS appends "-4", moto does not).
+    parts = [data[i:i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
+    composite = zlib.crc32(b"".join(zlib.crc32(part).to_bytes(4, "big") for part in parts)).to_bytes(4, "big")
+    assert head["ChecksumCRC32"].split("-")[0] == base64.b64encode(composite).decode()
+    assert b"".join(store.read(sha)) == data
+
+
+def test_published_staged_blob_carries_its_full_sha256(s3, tmp_path):
+    """The staged object is verified by a copy onto itself with SHA256; publishing it copies that
+    full-object checksum along instead of computing it a second time."""
+    client, bucket = s3
+    store = store_over(client, bucket, tmp_path, in_flight=2)
+    data = os.urandom(5 * MiB + 10)
+    sha = hashlib.sha256(data).hexdigest()
+    upload = uuid.uuid4().hex
+    upload_id = store.start_staged(upload)
+    for number, part in [(1, data[:5 * MiB]), (2, data[5 * MiB:])]:
+        client.upload_part(Bucket=bucket, Key=store.staging_key(upload), UploadId=upload_id, PartNumber=number,
+                           Body=part, ChecksumAlgorithm="SHA256")
+    store.complete_staged(upload, upload_id, sha, len(data), 5 * MiB)
+    head = client.head_object(Bucket=bucket, Key=store.key(sha), ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == sha
+    assert b"".join(store.read(sha)) == data
