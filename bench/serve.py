@@ -4,13 +4,15 @@
     uv run python bench/serve.py --depth 20 --device cuda --vocab 65536
 
 Builds a random-weight model (perturbed, so prompts give different outputs) with a tokenizer
-trained on this repository's own text, saves it as a checkpoint folder, then for each server in
-turn starts it as its own process and replays the same chat workload at each concurrency: fixed
-prompts, greedy, up to `--max-tokens` output tokens (the same tokens on both servers, as greedy
+trained on this repository's own text, saves it as a checkpoint folder, then
+starts both servers as processes of their own and replays the same chat workload at each concurrency:
+fixed prompts, greedy, up to `--max-tokens` output tokens (the same tokens on both servers, as greedy
 output does not depend on the batch). The baseline is the seed's design: the plain `Engine`
 streaming inside the HTTP event loop, one request at a time. At concurrency c, c clients send
-one request each at once (c=1: three runs, the median reported); meanwhile a pinger GETs
-/health every 20 ms. Printed per server and concurrency: output tok/s (all tokens / wall
+requests back to back, max(c, `--min-requests`) in a round (c=1: 8 one after the other). The two
+servers take turns, level by level, for `--rounds` rounds (one at c=64) and each row is the median
+round, so the machine's drifting speed weighs on both alike (an idle server uses no CPU).
+Meanwhile a pinger GETs /health every 20 ms. Printed per server and concurrency: output tok/s (all tokens / wall
 time), TTFT p50/p99 (request sent -> first content delta), inter-token latency p50/p99, /health
 p99, errors (429s apart). Results go to bench/results/serve.json.
 """
@@ -215,32 +217,43 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
     }
 
 
-async def bench_server(kind: str, folder: Path, args) -> list[dict]:
-    port = free_port()
-    proc = start_server(kind, folder, port, args.device, args.slots)
-    url = f"http://127.0.0.1:{port}"
+async def bench_servers(folder: Path, args) -> list[dict]:
+    """Start both servers, then measure them in turns: level by level, round by round.
+
+    This machine's speed drifts by tens of percent over minutes; measuring the baseline first and
+    ours minutes later would fold that drift into the ratio. Alternating the two servers within
+    each round puts both under the same drift, and each row reports the median round."""
+    servers = {kind: (start_server(kind, folder, port, args.device, args.slots), f"http://127.0.0.1:{port}")
+               for kind, port in (("baseline", free_port()), ("ours", free_port()))}
     try:
-        # The baseline loads its model before it listens; ours listens first and loads beside.
-        await wait_up(url, "/ready" if kind == "ours" else "/health")
-        async with httpx.AsyncClient(timeout=600) as http:  # warm-up: first-call allocations, lazy inits
-            await one_request(http, url, PROMPTS[0], 8)
+        for kind, (_, url) in servers.items():
+            # The baseline loads its model before it listens; ours listens first and loads beside.
+            await wait_up(url, "/ready" if kind == "ours" else "/health")
+            async with httpx.AsyncClient(timeout=600) as http:  # warm-up: first-call allocations, lazy inits
+                await one_request(http, url, PROMPTS[0], 8)
         rows = []
-        levels = [c for c in args.concurrency if kind == "ours" or c <= args.baseline_max_concurrency]
-        for c in levels:
-            runs = [await run_level(url, c, c, args.max_tokens)
-                    for _ in range(3 if c == 1 else 1)]
-            row = sorted(runs, key=lambda r: r["tok_per_s"])[len(runs) // 2]  # the median run
-            row["server"] = kind
-            rows.append(row)
-            print(f"  {kind:8s} c={c:<3d} {row['tok_per_s']:8.1f} tok/s  ttft p50 {row['ttft_p50']:.3f}s", flush=True)
+        for c in args.concurrency:
+            kinds = [k for k in servers if k == "ours" or c <= args.baseline_max_concurrency]
+            runs: dict[str, list[dict]] = {k: [] for k in kinds}
+            for _ in range(args.rounds if c < 64 else 1):
+                for kind in kinds:
+                    runs[kind].append(await run_level(servers[kind][1], c, max(c, args.min_requests), args.max_tokens))
+            for kind in kinds:
+                row = sorted(runs[kind], key=lambda r: r["tok_per_s"])[len(runs[kind]) // 2]  # the median round
+                row["server"], row["rounds_tok_per_s"] = kind, [r["tok_per_s"] for r in runs[kind]]
+                rows.append(row)
+                print(f"  {kind:8s} c={c:<3d} {row['tok_per_s']:8.1f} tok/s  ttft p50 {row['ttft_p50']:.3f}s  "
+                      f"(rounds: {', '.join(f'{t:.0f}' for t in row['rounds_tok_per_s'])})", flush=True)
         return rows
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:  # the baseline does not stop in the middle of a generation
-            proc.kill()
-            proc.wait()
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:  # the baseline does not stop in the middle of a generation
+                proc.kill()
+                proc.wait()
 
 
 def main() -> None:
@@ -252,6 +265,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per level below 64 (the median is reported)")
+    parser.add_argument("--min-requests", type=int, default=8,
+                        help="requests per round at least (c=1: that many one after the other)")
     parser.add_argument("--baseline-max-concurrency", type=int, default=1 << 30,
                         help="skip the baseline above this concurrency (it serves one request at a time, "
                              "so its tok/s stays flat while a level of c requests takes c times as long)")
@@ -267,10 +283,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_checkpoint(Path(tmp) / "model", args.depth, args.vocab, args.sequence_len)
-        rows = []
-        for kind in ("baseline", "ours"):
-            print(f"benchmarking {kind} ...", flush=True)
-            rows += asyncio.run(bench_server(kind, folder, args))
+        rows = asyncio.run(bench_servers(folder, args))
 
     print(f"\ndepth {args.depth}, vocab {args.vocab} (incl. 9 specials), random weights, greedy, up to "
           f"{args.max_tokens} output tokens, {args.slots} slots, device {args.device}, {platform.processor() or platform.machine()}")
