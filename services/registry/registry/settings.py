@@ -37,9 +37,12 @@ class Settings(BaseSettings):
     # `s3_parts_in_flight` of them at once: disk per upload is part size x (parts in flight + 1).
     s3_part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
     s3_parts_in_flight: int = Field(default=4, ge=1, le=32)
-    # With the S3 backend, clients may send big files straight to S3 through presigned part URLs;
-    # the public endpoint is where clients reach S3 when it differs from s3_endpoint.
-    presigned_uploads: bool = True
+    # Opt-in: with the S3 backend, clients may send big files straight to S3 through presigned part
+    # URLs. That spares the registry the bytes, but every client must reach S3 (at the public
+    # endpoint, when it differs from s3_endpoint) and the store makes two server-side copies per
+    # file (verify the whole sha256, publish); through the registry an upload streams once
+    # (bench/registry.py compares both with boto3 straight to S3).
+    presigned_uploads: bool = False
     s3_public_endpoint: str | None = None
     presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     redis_url: str | None = None

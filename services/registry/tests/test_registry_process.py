@@ -29,7 +29,7 @@ def registry_process(postgres_server, s3_server, redis_server, tmp_path_factory)
         "REGISTRY_BLOB_BACKEND": "s3", "REGISTRY_S3_ENDPOINT": s3_server.url,
         "REGISTRY_S3_BUCKET": f"proc-{uuid.uuid4().hex[:8]}", "REGISTRY_S3_ACCESS_KEY": "testing",
         "REGISTRY_S3_SECRET_KEY": "testing", "REGISTRY_REDIS_URL": redis_server.url,
-        "REGISTRY_WRITE_TOKEN": TOKEN, "REGISTRY_LOG_LEVEL": "WARNING",
+        "REGISTRY_WRITE_TOKEN": TOKEN, "REGISTRY_LOG_LEVEL": "WARNING", "REGISTRY_PRESIGNED_UPLOADS": "true",
     }
     log = open(data_dir / "registry.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "registry"], env=env, stdout=log, stderr=subprocess.STDOUT)
