@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
+from nanochat.calculator import calculate
 from nanochat.engine import Engine, SamplingParams, sample_token
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -289,13 +290,28 @@ def test_calculator_result_is_forced_and_masked(tool_engine, tok):
     assert out[:len(code)] == code and mask[:len(code)] == [1] * len(code)
     assert out[len(code):len(code) + len(forced)] == forced
     assert mask[len(code):len(code) + len(forced)] == [0] * len(forced)
-    # After the block the model may call the tool again (it was trained on "99", not "21"); each
-    # call 7*3 is forced again. What lies outside the output blocks was sampled: mask 1.
-    inside = False
-    for token, m in zip(out, mask):
-        inside = inside or token == sp("<|output_start|>")
-        assert m == (0 if inside else 1), (tok.decode(out), mask)
-        inside = inside and token != sp("<|output_end|>")
+    # After the block the tiny overfit model may write anything (it was trained on "99", not "21"):
+    # another call, or an output block of its own. Replaying the tool rules over what it wrote, the
+    # tokens forced after each complete call are exactly the calculator's block with mask 0, and
+    # every other token, a sampled <|output_start|> included, is sampled: mask 1.
+    expected, expr, in_python, i = [], [], False, 0
+    while i < len(out):
+        token = out[i]
+        expected.append(1)
+        if token == sp("<|python_start|>"):
+            in_python, expr = True, []
+        elif token == sp("<|python_end|>") and in_python:
+            in_python = False
+            result = calculate(tok.decode(expr))
+            if result is not None:
+                block = ([sp("<|output_start|>")] + tok.encode(result) + [sp("<|output_end|>")])[:len(out) - i - 1]
+                assert out[i + 1:i + 1 + len(block)] == block, tok.decode(out)
+                expected += [0] * len(block)
+                i += len(block)
+        elif in_python:
+            expr.append(token)
+        i += 1
+    assert mask == expected, (tok.decode(out), mask)
     assert tok.decode(out).startswith("<|python_start|>7*3<|python_end|><|output_start|>21<|output_end|>")
 
 
