@@ -1,15 +1,21 @@
 """Training benchmarks: Muon+AdamW throughput against AdamW only, and loss parity with the original.
 
-    uv run python bench/train.py [--repeats 3] [--steps 3]    # CPU tokens/s, depth 4, vocab 4,096
+    uv run python bench/train.py [--steps 9]                  # CPU tokens/s, depth 4, vocab 4,096
     uv run python bench/train.py --parity [--steps 300]       # bits per byte after 300 steps
     uv run python bench/train.py --stage base [--nproc 1 2] [--depth 4]   # the real base_train stage
     (either with --threads N to fix torch's thread count)
 
 Throughput: a depth-4 model (vocab 4,096) trains with AdamW on every parameter, and with the
 real set-up (Muon for the block matrices, AdamW for embedding and lm_head), at B=8, T=256 and
-at B=32, T=512, on random tokens, fp32. The two set-ups alternate within one run (`--repeats`
-rounds of `--steps` timed steps each, after a warm-up step) and each reports the median round.
-The table also gives the CPU's bf16 flags and the Newton-Schulz dtype chosen from them.
+at B=32, T=512, on random tokens, fp32. After a warm-up step each, the two set-ups take turns
+step by step (`--steps` timed steps each; which one goes first alternates), because this
+machine's speed drifts by tens of percent over minutes and rounds of several steps folded that
+drift into the ratio. tok/s is B*T over a set-up's median step time. Two ratios are printed:
+the median of the paired steps' ratios, and one from the parts of a step: forward+backward is the
+same work under both set-ups, so its median over all steps of both is shared, and each set-up
+adds its own median optimizer step. Single steps here vary by up to 40% from one to the next
+(other load on the host), which the paired ratio still carries; the parts ratio does not. The
+table also gives the CPU's bf16 flags and the Newton-Schulz dtype chosen from them.
 
 Parity: the bench corpus of bench/tokenizer.py as one string, 4,096 ranks trained on it with
 rustbpe (no specials), encoded with tiktoken's encode_ordinary (no BOS); the first 95% of the ids
@@ -81,13 +87,18 @@ def adamw_only(model: GPT) -> list[torch.optim.Optimizer]:
     ])]
 
 
-def train_step(model: GPT, optimizers: list, x: torch.Tensor, y: torch.Tensor) -> None:
+def train_step(model: GPT, optimizers: list, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """One training step; (whole step, optimizer step) in seconds."""
+    t0 = time.perf_counter()
     model(x, y).backward()
+    t1 = time.perf_counter()
     optim.step(optimizers)
+    t2 = time.perf_counter()
     model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, t2 - t1
 
 
-def throughput(repeats: int, steps: int) -> dict:
+def throughput(steps: int) -> dict:
     flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"})
     ns_dtype = newton_schulz_dtype("cpu")
     print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
@@ -104,23 +115,36 @@ def throughput(repeats: int, steps: int) -> dict:
         x, y = data[:, :-1], data[:, 1:]
         for model, opts in setups.values():
             train_step(model, opts, x, y)  # warm-up: allocations, optimizer state
-        tok_s: dict[str, list[float]] = {name: [] for name in setups}
-        for _ in range(repeats):
-            for name, (model, opts) in setups.items():
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    train_step(model, opts, x, y)
-                tok_s[name].append(B * T * steps / (time.perf_counter() - t0))
-        base, muon = statistics.median(tok_s["adamw"]), statistics.median(tok_s["muon+adamw"])
-        rows.append({"B": B, "T": T, "adamw_tok_s": base, "muon_adamw_tok_s": muon, "ratio": muon / base,
-                     "target": 0.9 if (B, T) == (8, 256) else 0.95, "rounds": tok_s})
-    print(f"\n{'B':>3} {'T':>4} | {'AdamW only tok/s':>16} | {'Muon+AdamW tok/s':>16} | {'ratio':>6} | target")
-    print("-" * 66)
+        step_s: dict[str, list[float]] = {name: [] for name in setups}
+        opt_s: dict[str, list[float]] = {name: [] for name in setups}
+        ratios = []
+        for i in range(steps):
+            order = list(setups) if i % 2 == 0 else list(reversed(setups))
+            for name in order:
+                whole, opt = train_step(*setups[name], x, y)
+                step_s[name].append(whole)
+                opt_s[name].append(opt)
+            ratios.append(step_s["adamw"][-1] / step_s["muon+adamw"][-1])
+        med = {name: statistics.median(v) for name, v in step_s.items()}
+        opt = {name: statistics.median(v) for name, v in opt_s.items()}
+        fwd_bwd = statistics.median([w - o for name in setups for w, o in zip(step_s[name], opt_s[name])])
+        rows.append({"B": B, "T": T, "adamw_tok_s": B * T / med["adamw"],
+                     "muon_adamw_tok_s": B * T / med["muon+adamw"], "ratio": statistics.median(ratios),
+                     "parts_ratio": (fwd_bwd + opt["adamw"]) / (fwd_bwd + opt["muon+adamw"]),
+                     "fwd_bwd_ms": 1e3 * fwd_bwd,
+                     "adamw_opt_ms": 1e3 * opt["adamw"], "muon_adamw_opt_ms": 1e3 * opt["muon+adamw"],
+                     "target": 0.9 if (B, T) == (8, 256) else 0.95,
+                     "step_seconds": step_s, "pair_ratios": ratios})
+    print(f"\n{'B':>3} {'T':>4} | {'AdamW only tok/s':>16} | {'Muon+AdamW tok/s':>16} | ratio: paired / parts"
+          f" | target | ms: fwd+bwd, optimizer AdamW / Muon+AdamW")
+    print("-" * 121)
     for r in rows:
         print(f"{r['B']:>3} {r['T']:>4} | {r['adamw_tok_s']:>16,.0f} | {r['muon_adamw_tok_s']:>16,.0f} | "
-              f"{r['ratio']:>6.3f} | >= {r['target']}")
+              f"{r['ratio']:>12.3f} / {r['parts_ratio']:.3f} | >= {r['target']:<4} | "
+              f"{r['fwd_bwd_ms']:.0f}, {r['adamw_opt_ms']:.1f} / {r['muon_adamw_opt_ms']:.1f}")
+        print(f"{'':>10} pair ratios: {' '.join(f'{q:.3f}' for q in r['pair_ratios'])}")
     return {"cpu_flags": flags, "ns_dtype": str(ns_dtype), "threads": torch.get_num_threads(),
-            "repeats": repeats, "steps": steps, "rows": rows}
+            "steps": steps, "rows": rows}
 
 
 def parity(steps: int) -> dict:
@@ -241,16 +265,16 @@ def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parity", action="store_true", help="run the loss-parity check instead")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds per set-up")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (3) or parity steps (300)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per set-up (12), parity steps (300) or stage steps (30)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 avoids spin-waiting on a busy machine")
     parser.add_argument("--stage", choices=["base"], help="benchmark the real stage under torchrun instead")
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="process counts for --stage")
     parser.add_argument("--depth", type=int, default=4, help="model depth for --stage (12 on a GPU)")
     args = parser.parse_args()
-    if args.repeats < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--repeats and --steps must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -261,7 +285,7 @@ def main() -> None:
     elif args.parity:
         result, out = parity(args.steps or 300), RESULTS / "train_parity.json"
     else:
-        result, out = throughput(args.repeats, args.steps or 3), RESULTS / "train.json"
+        result, out = throughput(args.steps or 12), RESULTS / "train.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
