@@ -1,6 +1,6 @@
 """Training benchmarks: Muon+AdamW throughput against AdamW only, and loss parity with the original.
 
-    uv run python bench/train.py [--steps 9]                  # CPU tokens/s, depth 4, vocab 4,096
+    uv run python bench/train.py [--steps 12]                 # CPU tokens/s, depth 4, vocab 4,096
     uv run python bench/train.py --parity [--steps 300]       # bits per byte after 300 steps
     uv run python bench/train.py --stage base [--nproc 1 2] [--depth 4]   # the real base_train stage
     (either with --threads N to fix torch's thread count)
