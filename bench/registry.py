@@ -84,13 +84,12 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_registry(label: str, env_extra: dict, src: Path, work: Path, total: int, args) -> dict:
-    slug = label.replace(" ", "-")
-    data_dir = work / f"registry-{slug}"
-    data_dir.mkdir()
+def bench_registry(path: str, env_extra: dict, src: Path, work: Path, total: int, args) -> dict:
+    data_dir = Path(tempfile.mkdtemp(prefix="registry-", dir=work))
+    cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
     proc, url = start_registry(env_extra, data_dir)
     try:
-        with RegistryClient(url, token=TOKEN, cache_dir=work / f"cache-{slug}", concurrency=args.concurrency,
+        with RegistryClient(url, token=TOKEN, cache_dir=cache_dir, concurrency=args.concurrency,
                             part_size=args.part_mb * MB, timeout=1800) as rc:
             holder = {}
             up = timed(lambda: holder.setdefault("v", rc.upload_folder(src, "bench", stage="sft")))
@@ -99,9 +98,9 @@ def bench_registry(label: str, env_extra: dict, src: Path, work: Path, total: in
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    shutil.rmtree(work / f"cache-{slug}", ignore_errors=True)
+    shutil.rmtree(cache_dir, ignore_errors=True)
     shutil.rmtree(data_dir, ignore_errors=True)
-    return {"path": f"registry ({label})", "upload_MBps": total / MB / up, "download_MBps": total / MB / down,
+    return {"path": path, "upload_MBps": total / MB / up, "download_MBps": total / MB / down,
             "upload_s": up, "download_s": down, "registry_peak_rss_MB": rss}
 
 
@@ -139,25 +138,28 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
-    paths = ["boto3 direct to S3", "registry (s3 via server)", "registry (s3 presigned)", "registry (local)"]
+    paths = {"boto3 direct to S3": "boto3", "registry (s3 via server)": "s3",
+             "registry (s3 presigned)": "s3 presigned", "registry (local)": "local"}
     runs: dict[str, list[dict]] = {p: [] for p in paths}
     try:
         src = work / "ckpt"
         total = make_checkpoint(src, args.size_mb)
         for _ in range(args.rounds):
-            for path in paths:
+            for path, kind in paths.items():
                 # A fresh S3 server per measurement: moto keeps every object in its own process, and a
                 # server already holding the earlier paths' gigabytes is slower for the later ones.
-                s3 = start_s3() if "s3" in path.lower() else None
+                s3 = None if kind == "local" else start_s3()
                 try:
-                    s3_env = {} if s3 is None else {
-                        "REGISTRY_BLOB_BACKEND": "s3", "REGISTRY_S3_ENDPOINT": s3.url, "REGISTRY_S3_BUCKET": "bench",
-                        "REGISTRY_S3_ACCESS_KEY": "testing", "REGISTRY_S3_SECRET_KEY": "testing",
-                        "REGISTRY_S3_PART_SIZE": str(args.part_mb * MB),
-                        "REGISTRY_S3_PARTS_IN_FLIGHT": str(args.concurrency),
-                        "REGISTRY_PRESIGNED_UPLOADS": "true" if "presigned" in path else "false"}
-                    row = (bench_boto3(s3.url, src, work, total, args) if path.startswith("boto3")
-                           else bench_registry(path[len("registry ("):-1], s3_env, src, work, total, args))
+                    if kind == "boto3":
+                        row = bench_boto3(s3.url, src, work, total, args)
+                    else:
+                        env = {} if s3 is None else {
+                            "REGISTRY_BLOB_BACKEND": "s3", "REGISTRY_S3_ENDPOINT": s3.url, "REGISTRY_S3_BUCKET": "bench",
+                            "REGISTRY_S3_ACCESS_KEY": "testing", "REGISTRY_S3_SECRET_KEY": "testing",
+                            "REGISTRY_S3_PART_SIZE": str(args.part_mb * MB),
+                            "REGISTRY_S3_PARTS_IN_FLIGHT": str(args.concurrency),
+                            "REGISTRY_PRESIGNED_UPLOADS": str(kind == "s3 presigned").lower()}
+                        row = bench_registry(path, env, src, work, total, args)
                 finally:
                     if s3 is not None:
                         s3.stop()

@@ -4,16 +4,16 @@
     uv run python bench/serve.py --depth 20 --device cuda --vocab 65536
 
 Builds a random-weight model (perturbed, so prompts give different outputs) with a tokenizer
-trained on this repository's own text, saves it as a checkpoint folder, then
-starts both servers as processes of their own and replays the same chat workload at each concurrency:
-fixed prompts, greedy, up to `--max-tokens` output tokens (the same tokens on both servers, as greedy
-output does not depend on the batch). The baseline is the seed's design: the plain `Engine`
-streaming inside the HTTP event loop, one request at a time. At concurrency c, c clients send
-requests back to back, max(c, `--min-requests`) in a round (c=1: 8 one after the other). The two
-servers take turns, level by level, for `--rounds` rounds (one at c=64) and each row is the median
-round, so the machine's drifting speed weighs on both alike (an idle server uses no CPU).
-Meanwhile a pinger GETs /health every 20 ms. Printed per server and concurrency: output tok/s (all tokens / wall
-time), TTFT p50/p99 (request sent -> first content delta), inter-token latency p50/p99, /health
+trained on this repository's own text, saves it as a checkpoint folder, then starts both servers
+as processes of their own and replays the same chat workload at each concurrency: fixed prompts,
+greedy, up to `--max-tokens` output tokens (the same tokens on both servers, as greedy output does
+not depend on the batch). The baseline is the seed's design: the plain `Engine` streaming inside
+the HTTP event loop, one request at a time. At concurrency c, c clients send requests back to
+back, max(c, `--min-requests`) in a round (c=1: 8 one after the other). The two servers take
+turns, level by level, for `--rounds` rounds (one at c=64) and each row is the median round, so
+the machine's drifting speed weighs on both alike (an idle server uses no CPU). Meanwhile a
+pinger GETs /health every 20 ms. Printed per server and concurrency: output tok/s (all tokens /
+wall time), TTFT p50/p99 (request sent -> first content delta), inter-token latency p50/p99, /health
 p99, errors (429s apart). Results go to bench/results/serve.json.
 """
 

@@ -30,8 +30,7 @@ def backend(request, tmp_path_factory):
         data_dir=tmp_path_factory.mktemp("registry-pg"), database_url=db_url, blob_backend="s3",
         s3_endpoint=s3.url, s3_bucket=f"reg-{uuid.uuid4().hex[:8]}", s3_access_key="testing",
         s3_secret_key="testing", s3_part_size=5 * 1024 * 1024, presigned_uploads=True, redis_url=redis.url,
-        write_token=TOKEN,
-        log_level="WARNING",
+        write_token=TOKEN, log_level="WARNING",
     )
     yield {"kind": request.param, "settings": settings, "redis": redis, "s3": s3}
 

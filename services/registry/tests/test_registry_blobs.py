@@ -150,7 +150,11 @@ def test_parts_carry_crc32_checksums_instead_of_a_payload_hash(s3_server, tmp_pa
                             "blobs/", part_size=5 * MiB, parts_in_flight=2, spool_dir=tmp_path / "spool")
     store.ensure_bucket()
     sent = []
-    store.s3.meta.events.register("before-send.s3.UploadPart", lambda request, **_: sent.append({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}))
+
+    def record(request, **_):
+        sent.append({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()})
+
+    store.s3.meta.events.register("before-send.s3.UploadPart", record)
     data = os.urandom(3 * 5 * MiB + 99)
     sha = hashlib.sha256(data).hexdigest()
     write_all(store.writer(sha, len(data)), data)
