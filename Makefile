@@ -4,7 +4,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_PYTHON ?= 3.11
 
-.PHONY: setup test test-fast bench-tokenizer speedrun-tiny up clean
+.PHONY: setup tools browser test test-fast bench-tokenizer speedrun-tiny up clean
 
 # uv itself comes from PyPI when missing; `uv sync` then builds the venv, the Rust extension
 # (maturin, rebuilt only when its sources change) and every workspace member from the lock file.
@@ -14,6 +14,26 @@ $(UV):
 setup: $(UV)
 	$(UV) sync --locked
 
+# What `make test` cannot fetch from a package registry: a Rust toolchain and Go (the infra
+# validators). Checked first, so a machine without them stops in seconds, not minutes in.
+tools:
+	@missing=""; for t in cargo go; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then echo "make test needs:$$missing (cargo from https://rustup.rs, go from https://go.dev/dl)" >&2; exit 1; fi
+
+# Debian's chromium, the browser the web UI tests drive through Playwright (Playwright's own
+# download needs its CDN): installed with apt-get when we are root or have passwordless sudo;
+# otherwise the run stops here, in its first seconds, with the command to run. $$CHROMIUM may
+# name another binary.
+browser:
+	@if [ -z "$$CHROMIUM" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo"; else \
+			echo "make test needs Debian's chromium for the browser tests and cannot install it here" \
+				"(not root, no passwordless sudo). Run:" >&2; \
+			echo "    sudo apt-get update && sudo apt-get install -y chromium" >&2; exit 1; fi; \
+		echo "installing Debian's chromium for the browser tests: $${sudo:+sudo }apt-get install chromium"; \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
 # Each suite runs in its own pytest process: suites share module names (conftest, test_events).
 # A suite that fails, or collects no test (pytest's exit 5), stops the run with its exit code;
 # `make test-fast` deselects slow tests, so there a suite left empty (exit 5) is fine.
@@ -22,7 +42,7 @@ SUITES := rustbpe/tests libs/nanochat/tests libs/testing/tests libs/registry_cli
 PYTEST_ARGS ?=
 ALLOW_EMPTY ?=
 
-test: setup
+test: tools browser setup
 	cargo test --release --quiet --manifest-path rustbpe/Cargo.toml
 	cd infra/validate && go test -count=1 ./...
 	@for suite in $(wildcard $(SUITES)); do \

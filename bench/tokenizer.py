@@ -2,8 +2,9 @@
 
     uv run python bench/tokenizer.py [--repeats 3] [--original-python PATH]
 
-Corpus: Debian's python3.11-doc reST sources, concatenated in sorted path order, the first
-10,000,000 bytes decoded as UTF-8 (errors ignored). Each trainer learns 4,096 ranks (the 256
+Corpus: the running interpreter's standard-library sources (make_data's default `stdlib` text:
+tests, codec tables and pydoc topics left out), concatenated in sorted path order, the first
+10,000,000 bytes (or all, when fewer) decoded as UTF-8 (errors ignored). Each trainer learns 4,096 ranks (the 256
 bytes included, no specials) from the whole corpus passed as one string, `iter([text])`.
 
 The original crate (PyPI `rustbpe==0.1.0`) has the same module name as ours, so it is installed
@@ -29,7 +30,8 @@ import rustbpe
 import tiktoken
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
+from nanochat.stages.make_data import stdlib_files
+
 CORPUS_BYTES = 10_000_000
 RANKS = 4096
 RESULTS = Path(__file__).parent / "results"
@@ -59,12 +61,9 @@ print(json.dumps({"seconds": one_s, "docs_seconds": docs_s, "ranks": merges, "do
 
 
 def load_corpus() -> str:
-    if not SOURCES.is_dir():
-        sys.exit(f"corpus not found: {SOURCES} (apt-get install python3.11-doc)")
-    paths = sorted(str(p) for p in SOURCES.rglob("*.txt"))
     data = bytearray()
-    for path in paths:
-        data += Path(path).read_bytes()
+    for path in stdlib_files():
+        data += path.read_bytes()
         if len(data) >= CORPUS_BYTES:
             break
     return bytes(data[:CORPUS_BYTES]).decode("utf-8", errors="ignore")

@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from nanochat_testing.browser import launch_chromium
 from playwright.sync_api import expect, sync_playwright
 from registry_client import RegistryClient
 
@@ -38,9 +39,6 @@ MODEL = "nanochat"
 # Screenshots of the web UI on the real stack (ignored by git; the README's pictures come from here).
 SHOTS = Path(__file__).parent / "output"
 CHAIN = ["tokenizer", "base", "mid", "sft", "rl"]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HEARTBEAT_LIMIT_S = 6.0
 # Every stage of the speedrun, each cut to seconds on a CPU. The model keeps 256 positions so a
 # streamed answer lasts long enough to be cut off mid-way.
@@ -273,12 +271,10 @@ def test_chat_through_the_openai_sdk(stack, speedrun):
 
 
 def test_chat_in_the_web_ui(stack, speedrun):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/run does)")
     rl = next(p["version"] for p in speedrun["produced"] if p["stage"] == "rl")
     wait_served(stack, rl)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page()
             errors: list[str] = []

@@ -51,9 +51,10 @@ def test_corpus_is_fineweb_format(data):
         assert all(pf.metadata.row_group(g).num_rows <= 1024 for g in range(pf.num_row_groups))
     val = pq.ParquetFile(shards[-1])
     assert (val.metadata.num_rows, val.num_row_groups) == (2048, 2)  # one row group per rank at world size 2
-    if finished.metrics["source"] == "python-docs":
-        text = pq.read_table(shards[0]).column("text").to_pylist()
-        assert any("Python" in doc for doc in text)
+    # The default text is this interpreter's standard library, e.g. genericpath.isfile's docstring.
+    assert finished.metrics["source"] == "stdlib"
+    text = [doc for path in shards for doc in pq.read_table(path).column("text").to_pylist()]
+    assert sum("Test whether a path is a regular file" in doc for doc in text) == 1
     assert finished.type == "finished" and finished.outputs == []
 
 
@@ -103,7 +104,7 @@ def test_mixtures_and_core_bundle(data):
     assert all(len(t.items()) == 20 for t in tasks)
 
 
-def test_deterministic_given_seed_and_synthetic_fallback(tmp_path, data):
+def test_deterministic_given_seed_and_the_other_sources(tmp_path, data):
     root, first = data
     rerun = make(root)
     assert rerun.metrics == {**first.metrics, "reused": True}
@@ -111,8 +112,14 @@ def test_deterministic_given_seed_and_synthetic_fallback(tmp_path, data):
     for name in ["shard_00000.parquet", "tasks/openai/gsm8k/main/train-00000-of-00001.parquet"]:
         assert pq.read_table(root / name).equals(pq.read_table(tmp_path / "again" / name))
     assert (root / "tasks/identity/test.jsonl").read_text() == (tmp_path / "again/tasks/identity/test.jsonl").read_text()
-    finished = make(tmp_path / "synthetic", "--docs-path", str(tmp_path / "absent"), "--synthetic-docs", "3000")
+    finished = make(tmp_path / "synthetic", "--source", "synthetic", "--synthetic-docs", "3000")
     assert finished.metrics["source"] == "synthetic" and finished.metrics["docs"] == 3000
+    # The Debian docs are used only when asked for; when absent that is an error, never a silent fallback.
+    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(tmp_path / "docs"),
+                           "--source", "python-docs", "--docs-path", str(tmp_path / "absent")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert f"no python-docs text files under {tmp_path / 'absent'}" in list(parse_events(proc.stdout.splitlines()))[-1].message
     other_seed = make(tmp_path / "seeded", "--source", "synthetic", "--synthetic-docs", "3000", "--seed", "7")
     assert other_seed.metrics["chars"] != finished.metrics["chars"]
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,21 @@ def test_tok_train_refuses_an_existing_out(tokenizer_version):
     data, out, _ = tokenizer_version
     proc, events = run("tok_train", "--data-dir", str(data), "--out", str(out), "--vocab-size", "300")
     assert proc.returncode == 1 and events[-1].type == "error" and "already exists" in events[-1].message
+
+
+def test_tok_train_fails_when_the_corpus_cannot_reach_the_vocab(tokenizer_version, tmp_path):
+    # 2,000 chars hold at most 1,999 adjacent pairs, so at most 1,999 merges: 4,096 is out of reach.
+    data, _, _ = tokenizer_version
+    out = tmp_path / "small"
+    proc, events = run("tok_train", "--data-dir", str(data), "--out", str(out), "--vocab-size", "4096",
+                       "--max-chars", "2000")
+    assert proc.returncode == 1 and events[-1].type == "error"
+    message = events[-1].message
+    assert re.search(r"vocab asked 4096, vocab reached (\d+), corpus ([\d,]+) chars", message), message
+    reached = int(re.search(r"vocab reached (\d+)", message).group(1))
+    chars = int(re.search(r"corpus ([\d,]+) chars", message).group(1).replace(",", ""))
+    assert 256 + 9 <= reached < 4096 and 2000 <= chars < 2000 + 3000  # the last document passes max_chars
+    assert not out.exists()
 
 
 def test_tok_eval_compares_with_verified_gpt2_and_gpt4(tokenizer_version):

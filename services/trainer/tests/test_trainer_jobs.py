@@ -86,6 +86,13 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
         paths = {f.path for f in version.files}
         assert "meta.json" in paths and any(p.startswith("tokenizer/") for p in paths)
 
+        # A vocab the corpus cannot reach fails the job with the numbers, never a smaller tokenizer.
+        short = api.post("/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 4096, "max_chars": 2000}},
+                         headers=AUTH).json()
+        failed = wait_job(api, short["id"], worker=worker)
+        assert failed["status"] == "failed" and failed["produced"] == []
+        assert "the corpus cannot reach the vocab asked: vocab asked 4096, vocab reached" in failed["error"]
+
         log = api.get(f"/v1/jobs/{tok['id']}/logs")
         assert "trained 291 ranks" in log.text and int(log.headers["X-Next-Offset"]) == len(log.content)
         assert api.get(f"/v1/jobs/{tok['id']}/logs?offset=10").content == log.content[10:]
@@ -132,7 +139,7 @@ def test_failing_stage_fails_with_its_error_event_and_log_tail(api, start_worker
                                                                    "docs_path": "/nonexistent/docs"}}, headers=AUTH)
     job = wait_job(api, r.json()["id"], worker=worker)
     assert job["status"] == "failed"
-    assert "FileNotFoundError: no python docs (*.txt) under /nonexistent/docs" in job["error"]
+    assert "FileNotFoundError: no python-docs text files under /nonexistent/docs" in job["error"]
     assert job["log_tail"].endswith("[trainer] stage exited with code 1")
     assert "FileNotFoundError" in api.get(f"/v1/jobs/{job['id']}/logs").text
     assert job["finished_at"] >= job["started_at"] >= job["created_at"]

@@ -1,32 +1,25 @@
-"""The web UI in a real browser: Playwright drives Debian's Chromium against the web UI server
-process, which proxies to the fake upstream process (webui_fake_upstream.py). Every wait is for
-a state of the page or of the server, never a fixed sleep. Screenshots go to tests/output/."""
-
-from pathlib import Path
+"""The web UI in a real browser: Playwright drives Debian's Chromium (nanochat_testing.browser)
+against the web UI server process, which proxies to the fake upstream process
+(webui_fake_upstream.py). Every wait is for a state of the page or of the server, never a fixed
+sleep. Screenshots go to tests/output/."""
 
 import httpx
 import pytest
 from conftest import ADMIN_TOKEN, OUTPUT, poll, start_fake, start_webui
+from nanochat_testing.browser import launch_chromium
 from playwright.sync_api import Page, expect, sync_playwright
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-# The flags the environment notes list: no sandbox as root, and no background connections,
-# which this machine's closed network would refuse.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/run does)")
     OUTPUT.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        b = launch_chromium(p)
         yield b
         b.close()
 

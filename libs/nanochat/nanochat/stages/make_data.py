@@ -1,6 +1,6 @@
 """make_data: the tiny offline data of the CPU speedrun, made at run time into `--data-dir`.
 
-    python -m nanochat.stages.make_data --data-dir data [--seed 42] [--source auto]
+    python -m nanochat.stages.make_data --data-dir data [--seed 42] [--source stdlib]
 
 Writes, all deterministic given `--seed`:
 - `shard_XXXXX.parquet`: a pretraining corpus in the FineWeb-Edu format (one `text` column, row
@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import sysconfig
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -65,9 +66,10 @@ def _is_heading(paragraph: str) -> bool:
     return any(HEADING_RE.match(line) for line in lines[:3]) and len(lines) <= 3
 
 
-def docs_from_rst(text: str, max_chars: int) -> list[str]:
-    """Cut one reST file into documents: a new one at each section heading, or when adding the
-    next paragraph would pass `max_chars` (a longer paragraph is cut at line ends)."""
+def split_documents(text: str, max_chars: int) -> list[str]:
+    """Cut one file (reST or Python) into documents: a new one at each section heading, or when adding
+    the next paragraph (in code: the next blank-line-separated block) would pass `max_chars` (a
+    longer paragraph is cut at line ends)."""
     docs: list[str] = []
     current: list[str] = []
 
@@ -99,6 +101,17 @@ def python_doc_files(docs_path: str | Path) -> list[Path]:
     return sorted(root.rglob("*.txt")) if root.is_dir() else []
 
 
+# Parts of the standard library that are not text a person wrote: test suites, the codecs' generated
+# mapping tables and the docs' pickled topic strings.
+STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library sources, in sorted path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in sorted(root.rglob("*.py")) if not STDLIB_SKIP & set(p.relative_to(root).parts[:-1])]
+
+
 SUBJECTS = ["the river", "a small robot", "the old library", "my neighbour", "the committee", "a curious cat",
             "the mountain village", "our teacher", "the spacecraft", "a young painter", "the market", "the compiler"]
 VERBS = ["visited", "described", "repaired", "ignored", "studied", "painted", "counted", "followed", "built", "measured"]
@@ -108,7 +121,7 @@ CONNECTORS = ["Later,", "Meanwhile,", "After that,", "In the morning,", "Surpris
 
 
 def synthetic_docs(n: int, rng: random.Random) -> list[str]:
-    """Fallback corpus: grammatical, repetitive English with numbers, for machines without the docs."""
+    """Generated corpus: grammatical, repetitive English with numbers (small and fast, for tests)."""
     docs = []
     for _ in range(n):
         sentences = []
@@ -482,15 +495,15 @@ def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, di
     if existing and not options.overwrite:
         raise FileExistsError(f"{data_dir} already holds other data ({existing[0].name}, ...); pass --overwrite to replace it")
     rng = random.Random(options.seed)
-    files = python_doc_files(options.docs_path) if options.source != "synthetic" else []
-    if options.source == "python-docs" and not files:
-        raise FileNotFoundError(f"no python docs (*.txt) under {options.docs_path}; install python3.11-doc or use --source synthetic")
-    if files:
-        docs = [d for f in files for d in docs_from_rst(f.read_text(encoding="utf-8", errors="replace"), options.max_doc_chars)]
-        source = "python-docs"
-    else:
+    source = options.source
+    if source == "synthetic":
         docs = synthetic_docs(options.synthetic_docs, rng)
-        source = "synthetic"
+    else:
+        files = python_doc_files(options.docs_path) if source == "python-docs" else stdlib_files()
+        if not files:
+            where = options.docs_path if source == "python-docs" else sysconfig.get_paths()["stdlib"]
+            raise FileNotFoundError(f"no {source} text files under {where}; use --source stdlib or synthetic")
+        docs = [d for f in files for d in split_documents(f.read_text(encoding="utf-8", errors="replace"), options.max_doc_chars)]
     rng.shuffle(docs)
     log(f"{len(docs)} documents from {source}")
     total_steps = 3

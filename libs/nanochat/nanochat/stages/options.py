@@ -82,14 +82,14 @@ class TrainOptions(RuntimeOptions):
 
 
 class MakeDataOptions(StageOptions):
-    source: Literal["auto", "python-docs", "synthetic", "download"] = Field("auto", description="auto / python-docs / synthetic: make the tiny offline data (pretraining text from Debian's python3.11-doc reST sources where present, else the synthetic generator). download: fetch the real data instead: FineWeb-Edu shards, the public task splits and the CORE eval bundle.")
+    source: Literal["stdlib", "python-docs", "synthetic", "download"] = Field("stdlib", description="stdlib / python-docs / synthetic: make the tiny offline data, its pretraining text from the running interpreter's standard-library sources (every Python has them), Debian's python3.11-doc reST sources (--docs-path), or a synthetic English generator. download: fetch the real data instead: FineWeb-Edu shards, the public task splits and the CORE eval bundle.")
     fineweb_shards: int = Field(8, ge=1, le=FINEWEB_LAST_SHARD, description="download: training shards to fetch (~100 MB each; the speedrun needs ~240), plus the last shard as the validation split.")
     fineweb_url: str = Field(FINEWEB_URL, min_length=1, description="download: where the FineWeb-Edu shards are served.")
     datasets_url: str = Field(HF_DATASETS_URL, min_length=1, description="download: the Hugging Face datasets address the task splits come from.")
     core_bundle_url: str = Field(CORE_BUNDLE_URL, min_length=1, description="download: the CORE eval bundle (a zip holding eval_bundle/).")
     download_workers: int = Field(8, ge=1, le=64, description="download: parallel downloads.")
-    docs_path: str = Field("/usr/share/doc/python3.11/html/_sources", description="Folder of the python docs' reST sources (*.txt).")
-    synthetic_docs: int = Field(8000, ge=1, le=10_000_000, description="Documents the synthetic generator writes (fallback only).")
+    docs_path: str = Field("/usr/share/doc/python3.11/html/_sources", description="--source python-docs: the folder of the python docs' reST sources (*.txt).")
+    synthetic_docs: int = Field(8000, ge=1, le=10_000_000, description="--source synthetic: documents the generator writes.")
     row_group_size: int = Field(1024, ge=1, le=100_000, description="Documents per parquet row group.")
     docs_per_shard: int = Field(2048, ge=1, le=10_000_000, description="Documents per training shard.")
     val_docs: int = Field(2048, ge=1, le=10_000_000, description="Documents in the last shard (the validation split); two row groups so two ranks each read one.")

@@ -6,7 +6,8 @@
 Reads the train split's documents (each cut to `--doc-cap` chars) until `--max-chars`, trains
 with rustbpe (`--vocab-size` counts the 9 special tokens; vocab_size - 9 ranks are trained) and
 writes `--out` atomically with exactly `tokenizer/`, `meta.json` and `manifest.json`. The
-`finished` event names the folder with registry stage `tokenizer`.
+`finished` event names the folder with registry stage `tokenizer`. A corpus too small for
+`--vocab-size` fails the stage with the vocab asked, the vocab reached and the corpus size.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def tok_train(options: TokTrainOptions, emitter: EventEmitter) -> tuple[list[dic
     train_s = time.time() - t0
     if seen["docs"] == 0:
         raise ValueError(f"the train split of {options.data_dir} has no documents")
+    if tokenizer.vocab_size < options.vocab_size:
+        # BPE stops merging when no pair repeats: a smaller vocab would change every later stage's shapes.
+        raise ValueError(
+            f"the corpus cannot reach the vocab asked: vocab asked {options.vocab_size}, vocab reached "
+            f"{tokenizer.vocab_size}, corpus {seen['chars']:,} chars in {seen['docs']:,} documents of "
+            f"{options.data_dir}'s train split; give more text (--max-chars, more data) or a smaller --vocab-size")
     metrics = {"vocab_size": tokenizer.vocab_size, "num_ranks": tokenizer.num_ranks, "train_docs": seen["docs"],
                "train_chars": seen["chars"], "train_seconds": round(train_s, 3)}
     log(f"trained {tokenizer.num_ranks} ranks (+9 specials) on {seen['chars']:,} chars in {train_s:.1f}s")
