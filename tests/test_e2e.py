@@ -45,7 +45,7 @@ HEARTBEAT_LIMIT_S = 6.0
 _TRAIN = {"max_seq_len": 256, "device_batch_size": 2, "total_batch_size": 512, "eval_every": -1,
           "eval_tokens": 512, "save_every": -1}
 FAST_OPTIONS = {
-    "make_data": {"synthetic_docs": 300, "docs_per_shard": 256, "val_docs": 256, "chat_train": 100,
+    "make_data": {"source": "synthetic", "synthetic_docs": 300, "docs_per_shard": 256, "val_docs": 256, "chat_train": 100,
                   "chat_test": 20, "math_train": 50, "math_test": 10, "mc_train": 50, "mc_test": 10,
                   "identity_train": 30, "identity_test": 10, "core_items": 8},
     "tok_train": {"vocab_size": 512, "max_chars": 300_000},
@@ -220,13 +220,15 @@ def test_report_card_covers_the_whole_lineage(stack, speedrun, tmp_path):
     rl = next(p["version"] for p in speedrun["produced"] if p["stage"] == "rl")
     with RegistryClient(stack.url("registry"), cache_dir=tmp_path) as client:
         info = client.get_version(MODEL, rl)
-        assert {"report.md", "loss.png"} <= {a.path for a in info.attachments}
+        assert {"report.md", "loss.svg"} <= {a.path for a in info.attachments}
         report = client.read_attachment(MODEL, rl, "report.md").decode()
-        assert client.read_attachment(MODEL, rl, "loss.png").startswith(b"\x89PNG")
+        assert client.read_attachment(MODEL, rl, "loss.svg").startswith(b"<svg ")
     assert "| Metric | BASE | MID | SFT | RL |" in report
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in report.splitlines() if line.startswith("| ") and line.count("|") == 6}
-    assert rows["CORE"][0], f"no base CORE in the report:\n{report}"
+    # make_data's bundle is no real CORE bundle, and the card says so in the row's name.
+    core = rows["CORE (offline bundle, 4 items per task, not comparable to the real CORE)"]
+    assert core[0], f"no base CORE in the report:\n{report}"
     assert all(rows["ARC-Easy"][1:]), f"ARC-Easy missing for mid/sft/rl:\n{report}"
     assert "## Stage times" in report and "| base_train |" in report
     # The trainer names every version the report reads, one --input-version each (DESIGN.md).

@@ -35,6 +35,7 @@ from nanochat.tokenizer import Tokenizer
 
 Scorer = Callable[[list[list[int]]], list[tuple[Sequence[float], Sequence[int]]]]
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+OFFLINE_MARKER = "offline.json"  # in a bundle make_data generated: its CORE is not the real CORE
 
 
 @dataclass
@@ -192,7 +193,9 @@ def evaluate_core(bundle_dir: str | Path, tokenizer: Tokenizer, scorer: Scorer, 
             "accuracy": accuracy,
             "centered": centered(accuracy, task.random_baseline),
             "items": total,
+            "random_baseline": task.random_baseline,
         }
     scores = [t["centered"] for t in results["tasks"].values()]
     results["core"] = sum(scores) / len(scores) if scores else 0.0
+    results["offline"] = (Path(bundle_dir) / OFFLINE_MARKER).is_file()
     return results

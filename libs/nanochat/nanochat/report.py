@@ -9,19 +9,19 @@ Inputs the `report` stage reads (any mix, in any order):
 
 `render_report` makes the markdown: environment, the summary table of the spec (CORE, ARC-E,
 ARC-C, MMLU, GSM8K, HumanEval, ChatCORE; plus bits-per-byte and identity accuracy) for
-BASE / MID / SFT / RL, stage times, and one section per stage. `write_png` is a tiny
-dependency-free line-plot writer (zlib + the PNG chunk format; no matplotlib), used for the
-training-loss curves.
+BASE / MID / SFT / RL, each eval with its item count and 95% interval, stage times, the estimated
+cost and the code size, and one section per stage. `write_svg` draws the training-loss curves as
+an SVG line plot.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import math
 import os
 import platform
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,31 @@ STAGE_ORDER = ("tokenizer", "base", "mid", "sft", "rl")
 SUMMARY_ROWS = [
     ("val bpb", "val_bpb"), ("CORE", "core"), ("ARC-Challenge", "ARC-Challenge"), ("ARC-Easy", "ARC-Easy"),
     ("GSM8K", "GSM8K"), ("HumanEval", "HumanEval"), ("MMLU", "MMLU"), ("ChatCORE", "chatcore"),
+    ("ChatCORE, partial", "chatcore_partial"),
     ("identity", "identity"),
 ]
 COLOURS = {"base": (31, 119, 180), "mid": (255, 127, 14), "sft": (44, 160, 44), "rl": (214, 39, 40)}
+
+
+def ci95(accuracy: float, items: int) -> float:
+    """Half-width of the 95% interval of an accuracy measured on `items` items.
+
+    Normal approximation with the Agresti-Coull adjustment (2 successes and 2 failures added to
+    the variance), so a score of 0 or 1 on a few items still gets an honest, non-zero width."""
+    if items <= 0:
+        return float("nan")
+    p = (accuracy * items + 2) / (items + 4)
+    return 1.96 * math.sqrt(p * (1 - p) / (items + 4))
+
+
+def centered_ci95(tasks: list[tuple[float, int, float]]) -> float:
+    """Half-width of the 95% interval of mean((acc - baseline) / (1 - baseline)) over independent
+    tasks given as (accuracy, items, baseline): the tasks' variances, each scaled by 1/(1-b)^2,
+    summed and divided by the number of tasks squared."""
+    if not tasks:
+        return float("nan")
+    variance = sum((ci95(acc, n) / 1.96) ** 2 / (1 - b) ** 2 for acc, n, b in tasks) / len(tasks) ** 2
+    return 1.96 * math.sqrt(variance)
 
 
 def write_eval_result(out: str | os.PathLike, made_by: str, options: Any, metrics: dict[str, Any]) -> Path:
@@ -120,44 +142,97 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def environment() -> dict[str, str]:
-    """Where the report was made: Python, torch, the accelerator, the CPU."""
-    env = {"python": platform.python_version(), "platform": platform.platform(), "cpus": str(os.cpu_count())}
+def environment() -> dict[str, Any]:
+    """Where this process runs: Python, torch, the CPUs and the GPUs (name, count, memory)."""
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
     try:
         import torch
-
-        env["torch"] = torch.__version__
-        env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
     except ImportError:
-        env["torch"] = "not installed"
+        return {**env, "torch": "not installed", "gpus": 0}
+    env["torch"] = torch.__version__
+    env["gpus"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if env["gpus"]:
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = props.name
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return env
 
 
-def render_report(lineage: Lineage, title: str, png_name: str | None) -> str:
-    stages = [s for s in STAGE_ORDER[1:] if s in lineage.metrics]
-    lines = [f"# {title}", "", f"Made {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "", "## Environment", ""]
-    lines += [f"- {k}: {v}" for k, v in environment().items()]
+def code_size(root: Path) -> dict[str, int]:
+    """Files, lines and characters of the Python code under `root`; tokens estimated as chars / 4."""
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.rglob("*.py"))]
+    chars = sum(map(len, texts))
+    return {"files": len(texts), "lines": sum(t.count("\n") for t in texts), "chars": chars, "tokens": chars // 4}
+
+
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    """A summary value with its 95% interval and item count when the eval recorded them."""
+    value = metrics.get(key)
+    if value is None:
+        return ""
+    text = _fmt(value)
+    if metrics.get(f"{key}/ci95") is not None:
+        text += f" ± {metrics[f'{key}/ci95']:.3f}"
+    if metrics.get(f"{key}/items") is not None:
+        text += f" (n={metrics[f'{key}/items']})"
+    return text
+
+
+def _row_label(label: str, key: str, per_stage: list[dict[str, Any]]) -> str:
+    if key == "core" and any(m.get("core/offline") for m in per_stage):
+        items = next(m["core/items_per_task"] for m in per_stage if m.get("core/items_per_task"))
+        return f"CORE (offline bundle, {items} items per task, not comparable to the real CORE)"
+    if key == "chatcore_partial":
+        tasks = next(m["chatcore_partial/tasks"] for m in per_stage if m.get("chatcore_partial/tasks"))
+        return f"ChatCORE, partial ({tasks} of 5 tasks)"
+    return label
+
+
+def _environment_lines(lineage: Lineage, gpu_hour_price: float) -> list[str]:
+    # The hardware the training ran on (recorded in base's meta), else this machine's.
+    trained_on = next((lineage.meta[s]["hardware"] for s in ("base", "mid", "sft", "rl")
+                       if (lineage.meta.get(s) or {}).get("hardware")), None)
+    env = trained_on or environment()
+    lines = [f"- {k}: {v}" for k, v in env.items()]
+    if not trained_on:
+        lines.append("- (hardware of the machine that wrote the report: the checkpoints recorded none)")
     code = next((m.get("code_version") for m in lineage.meta.values() if m.get("code_version")), None)
     if code:
-        lines.append(f"- nanochat code version: {code}")
-    lines += ["", "## Summary", "", "| Metric | " + " | ".join(s.upper() for s in stages) + " |",
-              "|---|" + "---|" * len(stages)]
+        commit = code.split("+g", 1)[1] if "+g" in code else "unknown (not a git checkout)"
+        dirty = commit.endswith(".dirty")
+        lines.append(f"- nanochat {code.split('+', 1)[0]}, git commit {commit.removesuffix('.dirty')}"
+                     + (", dirty: uncommitted changes" if dirty else ", clean" if "+g" in code else ""))
+    seconds = sum(s for _, s in lineage.durations)
+    gpus = int(env.get("gpus") or 0)
+    if gpus:
+        hours = seconds / 3600 * gpus
+        lines.append(f"- estimated cost: {hours:.2f} GPU-hours x ${gpu_hour_price:.2f} = ${hours * gpu_hour_price:.2f}")
+    else:
+        lines.append("- estimated cost: no GPU (CPU run), 0 GPU-hours")
+    size = code_size(Path(__file__).parent)
+    lines.append(f"- code size (the nanochat library): {size['files']} files, {size['lines']:,} lines, "
+                 f"{size['chars']:,} characters, ~{size['tokens']:,} tokens (characters / 4)")
+    return lines
+
+
+def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_price: float = 3.0) -> str:
+    stages = [s for s in STAGE_ORDER[1:] if s in lineage.metrics]
+    lines = [f"# {title}", "", f"Made {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "", "## Environment", ""]
+    lines += _environment_lines(lineage, gpu_hour_price)
+    lines += ["", "## Summary", "", "Evals show the score ± the half-width of its 95% interval and (n=) the items scored.",
+              "", "| Metric | " + " | ".join(s.upper() for s in stages) + " |", "|---|" + "---|" * len(stages)]
     for label, key in SUMMARY_ROWS:
-        values = [lineage.metrics[s].get(key) for s in stages]
-        if any(v is not None for v in values):
-            lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " |")
+        per_stage = [lineage.metrics[s] for s in stages]
+        if any(m.get(key) is not None for m in per_stage):
+            lines.append(f"| {_row_label(label, key, per_stage)} | " + " | ".join(_cell(m, key) for m in per_stage) + " |")
     if lineage.durations:
         total = sum(s for _, s in lineage.durations)
         lines += ["", "## Stage times", "", "| Stage | Seconds |", "|---|---|"]
         lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in lineage.durations]
         lines.append(f"| **total** | **{total:.1f}** ({total / 60:.1f} min) |")
-    if png_name:
-        series = loss_series(lineage)
-        legend = ", ".join(f"{s} rgb{COLOURS[s]}" for s in series)
-        values = [v for pts in series.values() for _, v in pts]
-        legend += f"; y axis {min(values):.3f} (bottom) to {max(values):.3f} (top)" if values else ""
-        lines += ["", "## Training loss", "", f"![training loss]({png_name})", "",
-                  f"Debiased EMA of the training loss per step, the stages one after the other ({legend})."]
+    if plot_name:
+        lines += ["", "## Training loss", "", f"![training loss]({plot_name})", "",
+                  "Debiased EMA of the training loss per step, the stages one after the other."]
     for stage in STAGE_ORDER:
         meta = lineage.meta.get(stage)
         if meta is None and stage not in lineage.metrics:
@@ -186,45 +261,38 @@ def loss_series(lineage: Lineage) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
-def write_png(path: str | os.PathLike, series: dict[str, list[tuple[float, float]]],
-              width: int = 800, height: int = 400, margin: int = 30) -> Path:
-    """A line plot of the series (colours from COLOURS) with a frame and 5 horizontal grid lines."""
-    pixels = bytearray(b"\xff" * (width * height * 3))
-
-    def dot(x: int, y: int, colour: tuple[int, int, int]) -> None:
-        if 0 <= x < width and 0 <= y < height:
-            i = (y * width + x) * 3
-            pixels[i:i + 3] = bytes(colour)
-
-    def line(x0: float, y0: float, x1: float, y1: float, colour: tuple[int, int, int]) -> None:
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        for k in range(n + 1):
-            t = k / n
-            dot(round(x0 + (x1 - x0) * t), round(y0 + (y1 - y0) * t), colour)
-
+def write_svg(path: str | os.PathLike, series: dict[str, list[tuple[float, float]]],
+              width: int = 800, height: int = 400, margin: int = 50) -> Path:
+    """A line plot of the series (colours from COLOURS) with a frame, 5 labelled grid lines,
+    the step range under the x axis and a legend."""
     points = [p for pts in series.values() for p in pts]
-    if points:
-        xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
-        ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
-        xspan, yspan = (xmax - xmin) or 1.0, (ymax - ymin) or 1.0
-        sx = lambda x: margin + (x - xmin) / xspan * (width - 2 * margin)  # noqa: E731
-        sy = lambda y: height - margin - (y - ymin) / yspan * (height - 2 * margin)  # noqa: E731
-        for g in range(5):
-            y = margin + g * (height - 2 * margin) / 4
-            line(margin, y, width - margin, y, (225, 225, 225))
-        for name, pts in series.items():
-            colour = COLOURS.get(name, (0, 0, 0))
-            for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
-                line(sx(xa), sy(ya), sx(xb), sy(yb), colour)
-    for x0, y0, x1, y1 in ((margin, margin, width - margin, margin), (margin, height - margin, width - margin, height - margin),
-                           (margin, margin, margin, height - margin), (width - margin, margin, width - margin, height - margin)):
-        line(x0, y0, x1, y1, (0, 0, 0))
+    xmin, xmax = (min(p[0] for p in points), max(p[0] for p in points)) if points else (0.0, 1.0)
+    ymin, ymax = (min(p[1] for p in points), max(p[1] for p in points)) if points else (0.0, 1.0)
+    xspan, yspan = (xmax - xmin) or 1.0, (ymax - ymin) or 1.0
+    inner_w, inner_h = width - 2 * margin, height - 2 * margin
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    def sx(x: float) -> float:
+        return margin + (x - xmin) / xspan * inner_w
 
-    rows = b"".join(b"\x00" + bytes(pixels[y * width * 3:(y + 1) * width * 3]) for y in range(height))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    def sy(y: float) -> float:
+        return height - margin - (y - ymin) / yspan * inner_h
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>']
+    for g in range(5):
+        value = ymin + yspan * g / 4
+        y = sy(value)
+        out.append(f'<line x1="{margin}" y1="{y:.1f}" x2="{width - margin}" y2="{y:.1f}" stroke="#e1e1e1"/>')
+        out.append(f'<text x="{margin - 4}" y="{y + 4:.1f}" text-anchor="end">{value:.3f}</text>')
+    out.append(f'<rect x="{margin}" y="{margin}" width="{inner_w}" height="{inner_h}" fill="none" stroke="black"/>')
+    out.append(f'<text x="{margin}" y="{height - margin + 16}">step {xmin:g}</text>')
+    out.append(f'<text x="{width - margin}" y="{height - margin + 16}" text-anchor="end">step {xmax:g}</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        colour = "rgb({},{},{})".format(*COLOURS.get(name, (0, 0, 0)))
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
+        out.append(f'<text x="{margin + 8 + 60 * i}" y="{margin - 10}" fill="{colour}">{html.escape(name)}</text>')
+    out.append("</svg>")
+    Path(path).write_text("\n".join(out) + "\n")
     return Path(path)

@@ -29,7 +29,8 @@ SMALL = ["--chat-train", "200", "--chat-test", "20", "--math-train", "100", "--m
 
 
 def make(data_dir, *extra):
-    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(data_dir), *SMALL, *extra],
+    small = ["--identity-train", "100", "--identity-test", "30"] if "download" in extra else SMALL
+    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(data_dir), *small, *extra],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return list(parse_events(proc.stdout.splitlines()))[-1]

@@ -139,3 +139,21 @@ def test_depth_option_agrees_with_the_model_shape_rule():
             assert "power of two" in str(e)
             accepted = False
         assert accepted == buildable, depth
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["--synthetic-docs", "5"], "--synthetic-docs: only read by --source synthetic, not --source stdlib"),
+    (["--source", "synthetic", "--docs-path", "/x"], "--docs-path: only read by --source python-docs"),
+    (["--source", "download", "--core-items", "10", "--val-docs", "3"],
+     "--core-items, --val-docs: only read by --source stdlib or python-docs or synthetic, not --source download"),
+    (["--fineweb-shards", "3"], "--fineweb-shards: only read by --source download, not --source stdlib"),
+])
+def test_make_data_refuses_an_option_its_source_never_reads(argv, refused):
+    with pytest.raises(OptionsError, match=refused):
+        parse_options("make_data", argv)
+
+
+def test_make_data_takes_the_options_of_its_source():
+    options = parse_options("make_data", ["--source", "synthetic", "--synthetic-docs", "5", "--core-items", "10"])
+    assert (options.synthetic_docs, options.core_items) == (5, 10)
+    assert parse_options("make_data", ["--source", "download", "--fineweb-shards", "3"]).fineweb_shards == 3

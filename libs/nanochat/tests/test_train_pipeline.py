@@ -125,15 +125,18 @@ def test_short_chain_lowers_bpb_and_writes_the_report(workdir):
     assert loss[-1].outputs == [] and loss[-1].metrics["val_bpb"] < metrics["val_bpb_step0"]
     assert {e.version for e in loss if e.type == "eval"} == {"nanochat:1"}
     core = run("base_eval", "--data-dir", data, "--init-from", str(base), "--max-per-task", "4", "--out", str(root / "eval_core"))
-    assert -1.0 <= core[-1].metrics["core"] <= 1.0
+    core_metrics = core[-1].metrics
+    assert -1.0 <= core_metrics["core"] <= 1.0 and core_metrics["core/ci95"] > 0
+    assert (core_metrics["core/items"], core_metrics["core/items_per_task"], core_metrics["core/offline"]) == (12, 4, 1)
 
     mid, sft, rl = root / "chain_mid", root / "chain_sft", root / "chain_rl"
     run("mid_train", *STAGE_OPTIONS["mid_train"], "--data-dir", data, "--init-from", str(base), "--out", str(mid),
         "--num-iterations", "10", "--eval-every", "-1")
     evals = run("chat_eval", "--data-dir", data, "--init-from", str(mid), "--max-problems", "4", "--max-new-tokens", "8",
                 "--device-batch-size", "4", "--out", str(root / "eval_mid"))[-1].metrics
-    assert set(evals) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "identity", "chatcore"}
-    assert all(0.0 <= evals[k] <= 1.0 for k in evals if k != "chatcore")
+    tasks = {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "identity"}
+    assert {k for k in evals if "/" not in k} == tasks | {"chatcore"}
+    assert all(0.0 <= evals[k] <= 1.0 and evals[f"{k}/items"] == 4 and evals[f"{k}/ci95"] > 0 for k in tasks)
     run("chat_sft", *STAGE_OPTIONS["chat_sft"], "--data-dir", data, "--init-from", str(mid), "--out", str(sft),
         "--num-iterations", "6", "--eval-every", "-1")
     rl_events = run("chat_rl", "--data-dir", data, "--init-from", str(sft), "--out", str(rl), "--num-iterations", "1",
@@ -145,6 +148,7 @@ def test_short_chain_lowers_bpb_and_writes_the_report(workdir):
     run("report", "--out", str(report_dir), "--init-from", str(root / "tok"), str(base), str(mid), str(sft), str(rl),
         str(root / "eval_loss"), str(root / "eval_core"), str(root / "eval_mid"))
     text = (report_dir / "report.md").read_text()
-    assert "| Metric | BASE | MID | SFT | RL |" in text and "| CORE |" in text and "| ChatCORE |" in text
-    assert (report_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| Metric | BASE | MID | SFT | RL |" in text and "| ChatCORE |" in text
+    assert "| CORE (offline bundle, 4 items per task, not comparable to the real CORE) |" in text
+    assert (report_dir / "loss.svg").read_text().startswith("<svg ")
     shutil.rmtree(report_dir)

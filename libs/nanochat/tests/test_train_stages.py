@@ -1,12 +1,10 @@
 """The model stages' shared pieces and their CLI contract, in process: schedules, the progress
-meter, bits-per-byte, the PNG writer, ChatCORE's letter scoring, and option errors (exit 2
+meter, bits-per-byte, ChatCORE's letter scoring, and option errors (exit 2
 naming the field)."""
 
 import contextlib
 import json
 import math
-import struct
-import zlib
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -16,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.report import write_png
 from nanochat.stages.base_eval import base_eval
 from nanochat.stages.base_loss import base_loss
 from nanochat.stages.base_train import base_train
@@ -85,23 +82,6 @@ def test_bits_per_byte_matches_a_direct_computation():
                 nats += float(F.cross_entropy(logits[b, t][None], torch.tensor([target])))
                 bytes_ += int(token_bytes[target])
     assert got == pytest.approx(nats / (math.log(2) * bytes_), rel=1e-6)
-
-
-def test_png_writer_makes_a_valid_image(tmp_path):
-    path = write_png(tmp_path / "loss.png", {"base": [(0, 5.0), (10, 3.0), (20, 2.5)], "mid": [(20, 2.0), (30, 1.5)]},
-                     width=120, height=100)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    length, kind = struct.unpack(">I4s", data[8:16])
-    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    assert (kind, width, height, depth, colour) == (b"IHDR", 120, 100, 8, 2)
-    idat_at = data.index(b"IDAT")
-    (idat_len,) = struct.unpack(">I", data[idat_at - 4:idat_at])
-    raw = zlib.decompress(data[idat_at + 4:idat_at + 4 + idat_len])
-    assert len(raw) == 100 * (1 + 120 * 3)
-    rows = [raw[r * 361 + 1:(r + 1) * 361] for r in range(100)]
-    pixels = {row[i:i + 3] for row in rows for i in range(0, len(row), 3)}
-    assert {bytes((31, 119, 180)), bytes((255, 127, 14)), bytes((0, 0, 0))} <= pixels  # both curves and the frame
 
 
 BAD_OPTIONS = [

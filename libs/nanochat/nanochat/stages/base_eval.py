@@ -4,7 +4,9 @@
     python -m nanochat.stages.base_eval --init-from runs/base --max-per-task 100
 
 Items of each task are split across ranks (rank r scores r, r+W, ...) and the counts summed.
-Metrics: `core` and per task `core/<label>` (centred) and `core/<label>/accuracy`; as `eval`
+Metrics: `core`, its 95% interval `core/ci95`, `core/items` (all tasks) and `core/items_per_task`,
+`core/offline` (1 when make_data generated the bundle: then CORE is not comparable to the real one),
+and per task `core/<label>` (centred) and `core/<label>/accuracy`; as `eval`
 events (with the `--input-version` measured) and in `finished`, which has no outputs: the trainer
 patches the metrics onto the measured version. With `--out`, the metrics are also written to
 `OUT/eval.json` (how the local speedrun hands them to `report`).
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from nanochat.common import Compute, compute_cleanup
 from nanochat.core_eval import evaluate_core
 from nanochat.gpt import GPT
-from nanochat.report import write_eval_result
+from nanochat.report import centered_ci95, write_eval_result
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import BaseEvalOptions
@@ -83,14 +85,21 @@ def base_eval(options: BaseEvalOptions, emitter: EventEmitter) -> tuple[list, di
     results = core_metric(ckpt.model, ckpt.tokenizer, compute, ctx, options.data_dir, options.bundle,
                           options.max_per_task, ckpt.config.sequence_len)
     version = options.input_version[0] if options.input_version else None
-    metrics: dict[str, Any] = {"core": results["core"]}
+    tasks = results["tasks"].values()
+    metrics: dict[str, Any] = {
+        "core": results["core"],
+        "core/items": sum(t["items"] for t in tasks),
+        "core/items_per_task": max((t["items"] for t in tasks), default=0),
+        "core/ci95": centered_ci95([(t["accuracy"], t["items"], t["random_baseline"] / 100) for t in tasks]),
+        "core/offline": int(results["offline"]),
+    }
     for label, task in results["tasks"].items():
         metrics[f"core/{label}"] = task["centered"]
         metrics[f"core/{label}/accuracy"] = task["accuracy"]
         log(f"{label:>24}: accuracy {task['accuracy']:.4f} centred {task['centered']:+.4f} ({task['items']} items)")
     for name, value in metrics.items():
         emitter.eval(name, value, version)
-    log(f"CORE {results['core']:.4f}")
+    log(f"CORE {results['core']:.4f} ± {metrics['core/ci95']:.4f}" + (" (offline bundle)" if results["offline"] else ""))
     if options.out and compute.is_master:
         write_eval_result(options.out, "base_eval", options, metrics)
     compute_cleanup()

@@ -11,9 +11,11 @@ tool): `--temperature 0` is greedy; with `--num-samples k` a question counts whe
 right. HumanEval code runs only in the sandbox subprocess (time and memory limits).
 
 Items are split across ranks (r, r+W, ...) and the counts summed. Metrics: each task's accuracy
-under its own name, and `chatcore` = the mean of (acc - baseline) / (1 - baseline) over the
-ChatCORE tasks evaluated (baselines 0.25 for ARC/MMLU, 0 for GSM8K/HumanEval; identity is not
-part of it). `eval` events carry the `--input-version` measured; `finished` has no outputs (the
+under its own name, its item count `<task>/items` and the half-width of its 95% interval
+`<task>/ci95`, and `chatcore` = the mean of (acc - baseline) / (1 - baseline) over the ChatCORE
+tasks (baselines 0.25 for ARC/MMLU, 0 for GSM8K/HumanEval; identity is not part of it) with
+`chatcore/ci95`. When only some ChatCORE tasks ran, the mean is `chatcore_partial` (with
+`chatcore_partial/tasks`), never `chatcore`. `eval` events carry the `--input-version` measured; `finished` has no outputs (the
 trainer patches the metrics onto that version); `--out` also writes `OUT/eval.json` for `report`.
 """
 
@@ -27,7 +29,7 @@ import torch
 from nanochat.common import Compute, compute_cleanup
 from nanochat.engine import Engine
 from nanochat.gpt import GPT
-from nanochat.report import write_eval_result
+from nanochat.report import centered_ci95, ci95, write_eval_result
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import ChatEvalOptions
@@ -105,11 +107,11 @@ def run_generative(engine: Engine, tokenizer: Tokenizer, items: list[dict], task
 
 
 def evaluate_chat_tasks(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: contextlib.AbstractContextManager,
-                        options: ChatEvalOptions) -> dict[str, float]:
+                        options: ChatEvalOptions) -> dict[str, float | int]:
     """Accuracy of every requested task plus chatcore, over all ranks."""
     model.eval()
     engine = Engine(model, tokenizer)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | int] = {}
     for name in options.tasks:
         task = load_task(name, options.data_dir)
         count = len(task) if options.max_problems < 0 else min(len(task), options.max_problems)
@@ -121,9 +123,15 @@ def evaluate_chat_tasks(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx:
         correct, total = all_reduce_sum(correct, len(items))
         metrics[name] = correct / total if total else 0.0
         log(f"{name:>14}: {int(correct)}/{int(total)} = {metrics[name]:.4f}")
-    scored = [(metrics[n] - b) / (1 - b) for n, b in BASELINES.items() if n in metrics]
+        metrics[f"{name}/items"] = int(total)
+        metrics[f"{name}/ci95"] = ci95(metrics[name], int(total))
+    scored = [(metrics[n], metrics[f"{n}/items"], b) for n, b in BASELINES.items() if n in metrics]
     if scored:
-        metrics["chatcore"] = sum(scored) / len(scored)
+        key = "chatcore" if len(scored) == len(BASELINES) else "chatcore_partial"
+        metrics[key] = sum((acc - b) / (1 - b) for acc, _, b in scored) / len(scored)
+        metrics[f"{key}/ci95"] = centered_ci95(scored)
+        if key == "chatcore_partial":
+            metrics[f"{key}/tasks"] = len(scored)
     return metrics
 
 

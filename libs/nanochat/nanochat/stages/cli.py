@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 import nanochat
+from nanochat.report import environment
 from nanochat.stages.events import EventEmitter, is_rank_zero
 from nanochat.stages.options import PRESETS, OptionsError, StageOptions, preset_options, requires_out, stage_info
 
@@ -115,15 +116,18 @@ def log(message: str) -> None:
 
 
 def code_version() -> str:
-    """nanochat's version plus the git commit when the code runs from a checkout."""
+    """nanochat's version plus the git commit when the code runs from a checkout, with `.dirty`
+    when tracked files have uncommitted changes (e.g. `0.1.0+g1a2b3c4d5e6f.dirty`)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(nanochat.__file__).parent, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(nanochat.__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
+        sha = git("rev-parse", "--short=12", "HEAD")
+        dirty = bool(sha) and bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.TimeoutExpired):
-        sha = ""
-    return f"{nanochat.__version__}+g{sha}" if sha else nanochat.__version__
+        sha, dirty = "", False
+    return f"{nanochat.__version__}+g{sha}{'.dirty' if dirty else ''}" if sha else nanochat.__version__
 
 
 def build_meta(stage: str, options: StageOptions, registry_stage: str | None, step: int | None = None,
@@ -140,6 +144,7 @@ def build_meta(stage: str, options: StageOptions, registry_stage: str | None, st
         "init_from": options.init_from,
         "job_id": options.job_id,
         "code_version": code_version(),
+        "hardware": environment(),
         "created": time.time(),
     }
 

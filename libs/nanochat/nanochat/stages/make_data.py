@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nanochat.core_eval import OFFLINE_MARKER
 from nanochat.dataset import download_file, download_shards, shard_name
 from nanochat.sources import FINEWEB_LAST_SHARD
 from nanochat.tasks import arc, gsm8k, humaneval, mmlu, smoltalk
@@ -377,6 +378,7 @@ def core_bundle(folder: Path, val_docs: list[str], n: int, rng: random.Random) -
     meta = ["Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?"]
     meta += [f"{label},tiny,{kind},{shots},{len(items)},{rb},yes" for label, _, kind, shots, items, rb in tasks]
     (folder / "eval_meta_data.csv").write_text("\n".join(meta) + "\n")
+    (folder / OFFLINE_MARKER).write_text(json.dumps({"made_by": "make_data", "items_per_task": n}) + "\n")
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nanochat.sources import CORE_BUNDLE_URL, FINEWEB_LAST_SHARD, FINEWEB_URL, HF_DATASETS_URL
 
@@ -81,6 +81,16 @@ class TrainOptions(RuntimeOptions):
     log_every: int = Field(1, ge=1, description="Emit a progress event every N steps.")
 
 
+OFFLINE_SOURCES = ("stdlib", "python-docs", "synthetic")
+MAKE_DATA_SOURCE_OPTIONS: dict[tuple[str, ...], set[str]] = {
+    ("download",): {"fineweb_shards", "fineweb_url", "datasets_url", "core_bundle_url", "download_workers"},
+    ("python-docs",): {"docs_path"},
+    ("synthetic",): {"synthetic_docs"},
+    OFFLINE_SOURCES: {"row_group_size", "docs_per_shard", "val_docs", "max_doc_chars", "chat_train", "chat_test",
+                      "math_train", "math_test", "mc_train", "mc_test", "core_items"},
+}
+
+
 class MakeDataOptions(StageOptions):
     source: Literal["stdlib", "python-docs", "synthetic", "download"] = Field("stdlib", description="stdlib / python-docs / synthetic: make the tiny offline data, its pretraining text from the running interpreter's standard-library sources (every Python has them), Debian's python3.11-doc reST sources (--docs-path), or a synthetic English generator. download: fetch the real data instead: FineWeb-Edu shards, the public task splits and the CORE eval bundle.")
     fineweb_shards: int = Field(8, ge=1, le=FINEWEB_LAST_SHARD, description="download: training shards to fetch (~100 MB each; the speedrun needs ~240), plus the last shard as the validation split.")
@@ -105,6 +115,16 @@ class MakeDataOptions(StageOptions):
     core_items: int = Field(100, ge=4, le=100_000, description="Items per task of the CORE mini bundle.")
     model_name: str = Field("nanochat", min_length=1, max_length=64, description="The name the identity conversations teach the model.")
     overwrite: bool = Field(False, description="Replace existing data in --data-dir.")
+
+    @model_validator(mode="after")
+    def _options_belong_to_the_source(self) -> "MakeDataOptions":
+        # An option the chosen source never reads would be silently ignored: refuse it instead.
+        for source_set, names in MAKE_DATA_SOURCE_OPTIONS.items():
+            wrong = sorted(n for n in names & self.model_fields_set if self.source not in source_set)
+            if wrong:
+                given = ", ".join("--" + n.replace("_", "-") for n in wrong)
+                raise ValueError(f"{given}: only read by --source {' or '.join(source_set)}, not --source {self.source}")
+        return self
 
 
 class TokTrainOptions(StageOptions):
@@ -197,6 +217,8 @@ class ChatEvalOptions(RuntimeOptions):
 
 class ReportOptions(StageOptions):
     title: str = Field("nanochat report card", max_length=200, description="Title of the report.")
+    # The original's speedrun prices an 8xH100 node at about $24 an hour.
+    gpu_hour_price: float = Field(3.0, ge=0, le=1000, description="Price of one GPU-hour (USD) for the estimated cost.")
 
 
 class StageInfo(NamedTuple):

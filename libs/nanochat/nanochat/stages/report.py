@@ -6,8 +6,9 @@
 `--init-from` takes checkpoint folders (meta.json: stage, metrics, loss curves), eval result
 folders (`eval.json`, from an eval stage run with `--out`) and stage event logs (`*.jsonl`, for
 each stage's wall time); see `nanochat.report`. Writes `OUT/report.md` (environment, the summary
-table BASE / MID / SFT / RL, stage times, one section per stage) and `OUT/loss.png` (training
-loss of every training stage, drawn by nanochat.report's own PNG writer), atomically. The
+table BASE / MID / SFT / RL with items and 95% intervals, stage times, estimated cost at
+`--gpu-hour-price`, code size, one section per stage) and `OUT/loss.svg` (training loss of every
+training stage), atomically. The
 trainer attaches both files to the final version; `finished` has no outputs and the summary
 table's numbers as metrics.
 """
@@ -17,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from nanochat.manifest import atomic_folder
-from nanochat.report import SUMMARY_ROWS, loss_series, read_lineage, render_report, write_png
+from nanochat.report import SUMMARY_ROWS, loss_series, read_lineage, render_report, write_svg
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import ReportOptions
 
-PNG_NAME = "loss.png"
+PLOT_NAME = "loss.svg"
 
 
 def report(options: ReportOptions, emitter: EventEmitter) -> tuple[list, dict[str, Any]]:
@@ -32,8 +33,9 @@ def report(options: ReportOptions, emitter: EventEmitter) -> tuple[list, dict[st
     series = loss_series(lineage)
     with atomic_folder(options.out, replace=True) as tmp:
         if series:
-            write_png(tmp / PNG_NAME, series)
-        (tmp / "report.md").write_text(render_report(lineage, options.title, PNG_NAME if series else None))
+            write_svg(tmp / PLOT_NAME, series)
+        plot = PLOT_NAME if series else None
+        (tmp / "report.md").write_text(render_report(lineage, options.title, plot, options.gpu_hour_price))
     metrics = {f"{stage}/{key}": lineage.metrics[stage][key]
                for stage in lineage.metrics for _, key in SUMMARY_ROWS if key in lineage.metrics[stage]}
     if lineage.durations:
