@@ -1,6 +1,7 @@
 """Training benchmarks: Muon+AdamW throughput against AdamW only, and loss parity with the original.
 
     uv run python bench/train.py [--steps 12]                 # CPU tokens/s, depth 4, vocab 4,096
+    uv run python bench/train.py --compile [--steps 12]       # torch.compile against eager, fwd+bwd
     uv run python bench/train.py --parity [--steps 300]       # bits per byte after 300 steps
     uv run python bench/train.py --stage base [--nproc 1 2] [--depth 4]   # the real base_train stage
     (either with --threads N to fix torch's thread count)
@@ -16,6 +17,13 @@ same work under both set-ups, so its median over all steps of both is shared, an
 adds its own median optimizer step. Single steps here vary by up to 40% from one to the next
 (other load on the host), which the paired ratio still carries; the parts ratio does not. The
 table also gives the CPU's bf16 flags and the Newton-Schulz dtype chosen from them.
+
+Compile (`--compile`): the same depth-4 model at B=8, T=256 (fp32 on CPU), eager and under
+`torch.compile(dynamic=False)` (what `--compile on` runs): the first compiled call's time, less one
+compiled step, is the compile time, reported apart; then the two take turns for `--steps` timed
+forward+backward passes each, and the table gives each one's median, tokens/s and their ratio.
+`--compile auto` on CPU assumes a 20% saving and 60 s of compiling (train_loop.TrainingForward);
+this row says what this machine gives.
 
 Parity: the bench corpus of bench/tokenizer.py as one string, 4,096 ranks trained on it with
 rustbpe (no specials), encoded with tiktoken's encode_ordinary (no BOS); the first 95% of the ids
@@ -147,6 +155,39 @@ def throughput(steps: int) -> dict:
             "steps": steps, "rows": rows}
 
 
+def fwd_bwd(model, params: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One forward+backward of `model` (eager or compiled) in seconds; `params`' grads cleared after."""
+    t0 = time.perf_counter()
+    model(x, y).backward()
+    seconds = time.perf_counter() - t0
+    params.zero_grad(set_to_none=True)
+    return seconds
+
+
+def compile_speed(steps: int, B: int = 8, T: int = 256) -> dict:
+    eager = build(T)
+    compiled_model = build(T)
+    compiled = torch.compile(compiled_model, dynamic=False)
+    data = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = data[:, :-1], data[:, 1:]
+    runs = {"eager": (eager, eager), "compiled": (compiled, compiled_model)}
+    first = fwd_bwd(*runs["compiled"], x, y)
+    fwd_bwd(*runs["eager"], x, y)  # warm-up
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for i in range(steps):
+        for name in (["eager", "compiled"] if i % 2 == 0 else ["compiled", "eager"]):
+            times[name].append(fwd_bwd(*runs[name], x, y))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    row = {"B": B, "T": T, "compile_seconds": first - med["compiled"], "eager_ms": 1e3 * med["eager"],
+           "compiled_ms": 1e3 * med["compiled"], "eager_tok_s": B * T / med["eager"],
+           "compiled_tok_s": B * T / med["compiled"], "speedup": med["eager"] / med["compiled"], "times": times}
+    print(f"compile: {row['compile_seconds']:.1f} s; fwd+bwd B{B} x T{T}: eager {row['eager_ms']:.0f} ms "
+          f"({row['eager_tok_s']:,.0f} tok/s), compiled {row['compiled_ms']:.0f} ms ({row['compiled_tok_s']:,.0f} tok/s): "
+          f"{row['speedup']:.3f}x")
+    return {"cpu_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"}),
+            "threads": torch.get_num_threads(), "steps": steps, "rows": [row]}
+
+
 def parity(steps: int) -> dict:
     B, T = 8, 256
     text = load_corpus()
@@ -265,6 +306,7 @@ def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parity", action="store_true", help="run the loss-parity check instead")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile against eager instead")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per set-up (12), parity steps (300) or stage steps (30)")
     parser.add_argument("--threads", type=int, default=None,
@@ -282,6 +324,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.stage:
         result, out = stage_base(args.nproc, args.depth, args.steps or 30), RESULTS / "train_stage_base.json"
+    elif args.compile:
+        result, out = compile_speed(args.steps or 12), RESULTS / "train_compile.json"
     elif args.parity:
         result, out = parity(args.steps or 300), RESULTS / "train_parity.json"
     else:

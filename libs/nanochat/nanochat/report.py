@@ -8,10 +8,10 @@ Inputs the `report` stage reads (any mix, in any order):
 - event logs (`*.jsonl`): a stage's stdout; `started` -> `finished`/`error` gives its wall time.
 
 `render_report` makes the markdown: environment, the summary table of the spec (CORE, ARC-E,
-ARC-C, MMLU, GSM8K, HumanEval, ChatCORE; plus bits-per-byte and identity accuracy) for
-BASE / MID / SFT / RL, each eval with its item count and 95% interval, stage times, the estimated
-cost and the code size, and one section per stage. `write_svg` draws the training-loss curves as
-an SVG line plot.
+ARC-C, MMLU, GSM8K, HumanEval, ChatCORE; plus bits-per-byte, identity accuracy and chat_rl's
+GSM8K pass@1..pass@8) for BASE / MID / SFT / RL, each eval with its item count and 95% interval,
+stage times, the estimated cost and the code size, and one section per stage. `write_svg` draws
+the training-loss curves as an SVG line plot.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ SUMMARY_ROWS = [
     ("GSM8K", "GSM8K"), ("HumanEval", "HumanEval"), ("MMLU", "MMLU"), ("ChatCORE", "chatcore"),
     ("ChatCORE, partial", "chatcore_partial"),
     ("identity", "identity"),
+    # chat_rl's own eval: a question counts when any of its first k samples at temperature 1.0 is right.
+    *[(f"GSM8K pass@{k} (temperature 1.0)", f"gsm8k/pass@{k}") for k in range(1, 9)],
 ]
 COLOURS = {"base": (31, 119, 180), "mid": (255, 127, 14), "sft": (44, 160, 44), "rl": (214, 39, 40)}
 
@@ -60,8 +62,10 @@ def centered_ci95(tasks: list[tuple[float, int, float]]) -> float:
     return 1.96 * math.sqrt(variance)
 
 
-def write_eval_result(out: str | os.PathLike, made_by: str, options: Any, metrics: dict[str, Any]) -> Path:
-    """Write an eval stage's metrics to `OUT/eval.json` (atomically, replacing an older result)."""
+def write_eval_result(out: str | os.PathLike, made_by: str, options: Any, metrics: dict[str, Any],
+                      samples: list[dict[str, str]] | None = None) -> Path:
+    """Write an eval stage's metrics (and any model samples) to `OUT/eval.json` (atomically,
+    replacing an older result)."""
     record = {
         "made_by": made_by,
         "measured": [str(Path(p).resolve()) for p in options.init_from],
@@ -70,6 +74,8 @@ def write_eval_result(out: str | os.PathLike, made_by: str, options: Any, metric
         "metrics": metrics,
         "created": time.time(),
     }
+    if samples is not None:
+        record["samples"] = samples
     with atomic_folder(out, replace=True) as tmp:
         (tmp / EVAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return Path(out)
@@ -82,6 +88,7 @@ class Lineage:
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     durations: list[tuple[str, float]] = field(default_factory=list)
+    samples: dict[str, tuple[str, list[dict[str, str]]]] = field(default_factory=dict)  # stage: (made by, samples)
 
 
 def _read_json(path: Path) -> Any:
@@ -122,6 +129,9 @@ def read_lineage(paths: list[str]) -> Lineage:
                 raise ValueError(f"{p}/meta.json: unknown stage {stage!r}")
             lineage.meta[stage] = meta
             lineage.metrics.setdefault(stage, {}).update(meta.get("metrics") or {})
+            if meta.get("samples"):
+                lineage.samples.setdefault(stage, (f"{meta.get('made_by')} at step {meta['samples']['step']}",
+                                                   meta["samples"]["samples"]))
             stage_of[str(p.resolve())] = stage
         else:
             raise ValueError(f"{p} is neither a checkpoint folder (meta.json), an eval result ({EVAL_FILE}) nor an event log (.jsonl)")
@@ -130,7 +140,11 @@ def read_lineage(paths: list[str]) -> Lineage:
         if len(stages) != 1:
             raise ValueError(f"eval result of {record.get('made_by')} measured {record.get('measured')}, "
                              f"which is not one of the checkpoints given to the report")
-        lineage.metrics.setdefault(stages.pop(), {}).update(record.get("metrics") or {})
+        stage = stages.pop()
+        lineage.metrics.setdefault(stage, {}).update(record.get("metrics") or {})
+        if record.get("samples"):
+            # An eval of the finished checkpoint wins over the samples taken while training.
+            lineage.samples[stage] = (str(record.get("made_by")), record["samples"])
     return lineage
 
 
@@ -233,6 +247,9 @@ def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_
     if plot_name:
         lines += ["", "## Training loss", "", f"![training loss]({plot_name})", "",
                   "Debiased EMA of the training loss per step, the stages one after the other."]
+    for stage, (made_by, samples) in lineage.samples.items():
+        lines += ["", f"## {stage.upper()} samples", "", f"Greedy completions ({made_by}):", ""]
+        lines += [f"- {s['prompt']} **{s['completion'].strip().replace(chr(10), ' ↵ ')}**" for s in samples]
     for stage in STAGE_ORDER:
         meta = lineage.meta.get(stage)
         if meta is None and stage not in lineage.metrics:

@@ -157,3 +157,12 @@ def test_make_data_takes_the_options_of_its_source():
     options = parse_options("make_data", ["--source", "synthetic", "--synthetic-docs", "5", "--core-items", "10"])
     assert (options.synthetic_docs, options.core_items) == (5, 10)
     assert parse_options("make_data", ["--source", "download", "--fineweb-shards", "3"]).fineweb_shards == 3
+
+
+def test_make_data_accepts_every_option_at_its_default_as_the_trainer_passes_them():
+    from nanochat.stages.options import MakeDataOptions
+
+    dumped = {**MakeDataOptions().model_dump(), "source": "synthetic", "synthetic_docs": 50}
+    assert MakeDataOptions(**dumped).synthetic_docs == 50
+    with pytest.raises(ValueError, match="--fineweb-shards: only read by --source download"):
+        MakeDataOptions(**{**dumped, "fineweb_shards": 9})

@@ -1,10 +1,12 @@
 """The report card: intervals worked out by hand, honest labels, the environment facts, the SVG plot."""
 
+import json
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
 
-from nanochat.report import Lineage, centered_ci95, ci95, render_report, write_svg
+from nanochat.report import Lineage, centered_ci95, ci95, read_lineage, render_report, write_eval_result, write_svg
 
 
 def test_ci95_is_the_agresti_coull_half_width():
@@ -63,3 +65,30 @@ def test_svg_plot_draws_each_series(tmp_path):
     # x: 20 + step / 20 * 160; y: 80 - (loss - 1.5) / 3.5 * 60. base (0, 5.0) -> (20, 20); mid (20, 1.5) -> (180, 80).
     assert lines[0].get("points").split()[0] == "20.0,20.0"
     assert lines[1].get("points").split()[-1] == "180.0,80.0"
+
+
+def test_report_prints_the_base_samples_of_the_last_measurement(tmp_path):
+    base, evaluated = tmp_path / "base", tmp_path / "eval_loss"
+    base.mkdir()
+    trained = {"step": 60, "samples": [{"prompt": "The capital of France is", "completion": " Lyon, the"}]}
+    (base / "meta.json").write_text(json.dumps({"stage": "base", "made_by": "base_train", "samples": trained}))
+    text = render_report(read_lineage([str(base)]), "card", None)
+    assert "## BASE samples\n\nGreedy completions (base_train at step 60):\n\n- The capital of France is **Lyon, the**" in text
+
+    write_eval_result(evaluated, "base_loss", SimpleNamespace(init_from=[str(base)], input_version=[], job_id=None),
+                      {"val_bpb": 1.5}, [{"prompt": "The capital of France is", "completion": " Paris.\nThe"}])
+    text = render_report(read_lineage([str(base), str(evaluated)]), "card", None)
+    assert "Greedy completions (base_loss):\n\n- The capital of France is **Paris. ↵ The**" in text
+    assert "Lyon" not in text
+
+
+def test_report_shows_rl_pass_at_k_with_items_and_interval(tmp_path):
+    rl = tmp_path / "rl"
+    rl.mkdir()
+    metrics = {"gsm8k/pass@1": 0.5, "gsm8k/pass@1/items": 96, "gsm8k/pass@1/ci95": 0.098,
+               "gsm8k/pass@8": 0.75, "gsm8k/pass@8/items": 96, "gsm8k/pass@8/ci95": 0.086}
+    (rl / "meta.json").write_text(json.dumps({"stage": "rl", "made_by": "chat_rl", "metrics": metrics}))
+    text = render_report(read_lineage([str(rl)]), "card", None)
+    assert "| GSM8K pass@1 (temperature 1.0) | 0.5000 ± 0.098 (n=96) |" in text
+    assert "| GSM8K pass@8 (temperature 1.0) | 0.7500 ± 0.086 (n=96) |" in text
+    assert "pass@2 (temperature" not in text  # a k the run did not measure gets no row

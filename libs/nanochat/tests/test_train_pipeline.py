@@ -2,6 +2,7 @@
 no half folder, `--resume` reaches the weights of an uninterrupted run (CPU fp32, <= 1e-5), and a
 short chain (base under torchrun x2 -> evals -> mid -> SFT -> RL -> report) lowers the bpb."""
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from nanochat.manifest import verify_manifest
 from nanochat.stages.events import parse_event_line, parse_events
+from nanochat.stages.train_loop import BASE_PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -119,11 +121,15 @@ def test_short_chain_lowers_bpb_and_writes_the_report(workdir):
     assert progress and all(e.tok_per_s > 0 and e.eta_s >= 0 and e.total == 60 for e in progress)
     assert all(e.job_id == "job-7" and e.input_versions == ["tok:1"] for e in events)
     verify_manifest(base)
+    trained = json.loads((base / "meta.json").read_text())["samples"]
+    assert trained["step"] == 60 and [x["prompt"] for x in trained["samples"]] == list(BASE_PROMPTS)
 
     loss = run("base_loss", "--data-dir", data, "--init-from", str(base), "--max-seq-len", "32", "--device-batch-size", "2",
                "--split-tokens", "256", "--input-version", "nanochat:1", "--out", str(root / "eval_loss"))
     assert loss[-1].outputs == [] and loss[-1].metrics["val_bpb"] < metrics["val_bpb_step0"]
     assert {e.version for e in loss if e.type == "eval"} == {"nanochat:1"}
+    measured = json.loads((root / "eval_loss" / "eval.json").read_text())["samples"]
+    assert len(measured) == 7 and all(isinstance(x["completion"], str) for x in measured)
     core = run("base_eval", "--data-dir", data, "--init-from", str(base), "--max-per-task", "4", "--out", str(root / "eval_core"))
     core_metrics = core[-1].metrics
     assert -1.0 <= core_metrics["core"] <= 1.0 and core_metrics["core/ci95"] > 0
@@ -137,18 +143,28 @@ def test_short_chain_lowers_bpb_and_writes_the_report(workdir):
     tasks = {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "identity"}
     assert {k for k in evals if "/" not in k} == tasks | {"chatcore"}
     assert all(0.0 <= evals[k] <= 1.0 and evals[f"{k}/items"] == 4 and evals[f"{k}/ci95"] > 0 for k in tasks)
-    run("chat_sft", *STAGE_OPTIONS["chat_sft"], "--data-dir", data, "--init-from", str(mid), "--out", str(sft),
-        "--num-iterations", "6", "--eval-every", "-1")
+    sft_events = run("chat_sft", *STAGE_OPTIONS["chat_sft"], "--data-dir", data, "--init-from", str(mid), "--out", str(sft),
+                     "--num-iterations", "6", "--eval-every", "-1", "--eval-metrics-every", "4")
+    # MMLU and ARC-Easy at step 4 and at the end (6 test items each in this data).
+    assert [e.name for e in sft_events if e.type == "eval" and e.name.endswith("_acc")] == ["mmlu_acc", "arc_easy_acc"] * 2
+    sft_metrics = sft_events[-1].metrics
+    assert sft_metrics["mmlu_acc/items"] == sft_metrics["arc_easy_acc/items"] == 6 and sft_metrics["mmlu_acc/ci95"] > 0
     rl_events = run("chat_rl", "--data-dir", data, "--init-from", str(sft), "--out", str(rl), "--num-iterations", "1",
-                    "--examples-per-step", "2", "--num-samples", "2", "--max-new-tokens", "8", "--eval-every", "-1",
-                    "--save-every", "-1")
-    assert [e.name for e in rl_events if e.type == "eval"] == ["mean_reward"]
+                    "--examples-per-step", "2", "--num-samples", "2", "--max-new-tokens", "8", "--eval-every", "1",
+                    "--eval-examples", "3", "--eval-samples", "2", "--save-every", "-1")
+    # pass@1 and pass@2 (each with its item count and interval) at step 0 and at the end.
+    pass_at_k = [f"gsm8k/pass@{k}{part}" for k in (1, 2) for part in ("", "/items", "/ci95")]
+    assert [e.name for e in rl_events if e.type == "eval"] == [*pass_at_k, "mean_reward", *pass_at_k]
+    assert rl_events[-1].metrics["gsm8k/pass@2/items"] == 3
 
     report_dir = root / "report"
     run("report", "--out", str(report_dir), "--init-from", str(root / "tok"), str(base), str(mid), str(sft), str(rl),
         str(root / "eval_loss"), str(root / "eval_core"), str(root / "eval_mid"))
     text = (report_dir / "report.md").read_text()
     assert "| Metric | BASE | MID | SFT | RL |" in text and "| ChatCORE |" in text
+    pass_row = next(line for line in text.splitlines() if line.startswith("| GSM8K pass@2 (temperature 1.0) |"))
+    assert pass_row.startswith("| GSM8K pass@2 (temperature 1.0) |  |  |  | ") and pass_row.endswith(" (n=3) |")
     assert "| CORE (offline bundle, 4 items per task, not comparable to the real CORE) |" in text
     assert (report_dir / "loss.svg").read_text().startswith("<svg ")
+    assert "## BASE samples\n\nGreedy completions (base_loss):\n\n- The capital of France is **" in text
     shutil.rmtree(report_dir)

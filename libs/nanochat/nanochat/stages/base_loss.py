@@ -6,7 +6,8 @@
 Each split is read with the pretraining loader (rank-strided row groups, BOS per document) for
 `--split-tokens` tokens over all ranks. Metrics `train_bpb` and `val_bpb` go out as `eval` events
 for the `--input-version` measured and in `finished` (no outputs; the trainer patches them onto
-that version); with `--out` they are also written to `OUT/eval.json` for `report`.
+that version); with `--out` they are also written to `OUT/eval.json` for `report`, with the greedy
+completions of the seven fixed prompts (`train_loop.BASE_PROMPTS`), which are also logged.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from nanochat.report import write_eval_result
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import BaseLossOptions
-from nanochat.stages.train_loop import evaluate_bpb, load_model, setup, single_input, take, token_bytes_tensor
+from nanochat.stages.train_loop import base_samples, evaluate_bpb, load_model, setup, single_input, take, token_bytes_tensor
 
 
 def base_loss(options: BaseLossOptions, emitter: EventEmitter) -> tuple[list, dict[str, Any]]:
@@ -38,8 +39,12 @@ def base_loss(options: BaseLossOptions, emitter: EventEmitter) -> tuple[list, di
         metrics[f"{split}_bpb"] = bpb
         emitter.eval(f"{split}_bpb", bpb, version)
         log(f"{split} bpb: {bpb:.4f}")
-    if options.out and compute.is_master:
-        write_eval_result(options.out, "base_loss", options, metrics)
+    if compute.is_master:
+        samples = base_samples(ckpt.model, ckpt.tokenizer)
+        for sample in samples:
+            log(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
+        if options.out:
+            write_eval_result(options.out, "base_loss", options, metrics, samples)
     compute_cleanup()
     return [], metrics
 

@@ -35,10 +35,10 @@ from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import BaseTrainOptions, plan_horizon
 from nanochat.stages.tok_eval import load_tokenizer_version
-from nanochat.stages.train_loop import (ProgressMeter, StepTimer, all_reduce_sum, evaluate_bpb, finish_output,
-                                        load_resumable, muon_momentum, new_model, peak_flops, save_resumable,
-                                        set_lr, set_momentum, setup, single_input, take, token_bytes_tensor,
-                                        warmdown_lr)
+from nanochat.stages.train_loop import (ProgressMeter, StepTimer, TrainingForward, all_reduce_sum, base_samples,
+                                        evaluate_bpb, finish_output, load_resumable, muon_momentum, new_model,
+                                        peak_flops, save_resumable, set_lr, set_momentum, setup, single_input, take,
+                                        token_bytes_tensor, warmdown_lr)
 
 
 def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
@@ -83,6 +83,8 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
                               rank, world, compute.device)
         return evaluate_bpb(model, take(val, eval_steps), token_bytes, ctx)
 
+    samples: dict[str, Any] | None = None
+    forward = TrainingForward(model, options.compile, compute.device)
     for step in range(start, steps + 1):
         last = step == steps
         resumed_here = options.resume and step == start
@@ -99,6 +101,11 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
                                options.core_metric_max_per_task, options.max_seq_len)
             metrics["core"] = core["core"]
             emitter.eval("core", core["core"], version)
+        if not resumed_here and compute.is_master and (last or (options.sample_every > 0 and step > 0
+                                                               and step % options.sample_every == 0)):
+            samples = {"step": step, "samples": base_samples(model, tokenizer)}
+            for sample in samples["samples"]:
+                log(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
         if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start) and not last:
             rank_state = {"step": step, "loader": loader.state_dict(), "meter": meter.state_dict(),
                           "history": history, "metrics": metrics}
@@ -111,7 +118,7 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
             total_loss = 0.0
             for x, y in itertools.islice(loader, accum):
                 with ctx:
-                    loss = model(x, y)
+                    loss = forward(x, y)
                 (loss / accum).backward()
                 total_loss += loss.item() / accum
             lr = warmdown_lr(step / steps, options.warmup_ratio, options.warmdown_ratio, options.final_lr_frac)
@@ -121,17 +128,20 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
             model.zero_grad(set_to_none=True)
         loss_avg = all_reduce_sum(total_loss)[0] / world
         numbers = meter.update(step, loss_avg, options.total_batch_size, timer.seconds)
+        forward.after_first_step(all_reduce_sum(timer.seconds)[0] / world, steps - step - 1)
         history["train_loss"].append([step + 1, numbers["loss"]])
         if step % options.log_every == 0 or step + 1 == steps:
             emitter.progress(step=step + 1, total=steps, lr=lr, **numbers)
             log(f"step {step + 1}/{steps} loss {numbers['loss']:.4f} lr {lr:.3f} "
                 f"{numbers['tok_per_s']:,.0f} tok/s eta {numbers['eta_s']:.0f}s")
 
-    metrics.update({"steps": steps, "num_params": num_params, "tokens": horizon.total_tokens,
+    metrics.update({"steps": steps, "compiled": int(forward.compiled), "num_params": num_params, "tokens": horizon.total_tokens,
                     "train_seconds": round(meter.train_seconds, 2), "final_train_loss": history["train_loss"][-1][1]
                     if history["train_loss"] else None})
     meta = build_meta("base_train", options, "base", steps, metrics)
     meta["history"] = history
+    if samples is not None:
+        meta["samples"] = samples
     finish_output(options.out, model, tokenizer, meta, compute.is_master)
     compute_cleanup()
     return [{"path": str(options.out), "registry_stage": "base"}], metrics

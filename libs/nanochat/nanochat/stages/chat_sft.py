@@ -10,7 +10,10 @@ padded with `<|assistant_end|>`; only the assistant's tokens are trained on (mas
 the gap to device_batch_size * world_size); `--num-iterations -1` runs `--num-epochs` passes.
 
 Schedule: each group's LR starts at `--init-lr-frac` (0.02) x its base LR and decays linearly
-to 0 (1 - step/steps); no clipping, no momentum ramp. Validation: mean loss on SmolTalk test.
+to 0 (1 - step/steps); no clipping, no momentum ramp. Validation: mean loss on SmolTalk test every
+`--eval-every` steps; MMLU and ARC-Easy accuracy (test, `--eval-metrics-max-problems` items, the
+chat_eval scoring) every `--eval-metrics-every` steps and at the end, as `mmlu_acc` / `arc_easy_acc`
+(with `/items` and `/ci95` in the final metrics).
 Resume as `base_train` (`OUT.resume`, `--resume`); `finished` names `OUT` as an `sft` version.
 """
 
@@ -26,7 +29,8 @@ from nanochat.common import compute_cleanup
 from nanochat.dataloader import SFTLoader
 from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
-from nanochat.stages.options import ChatSftOptions
+from nanochat.stages.chat_eval import evaluate_chat_tasks
+from nanochat.stages.options import ChatEvalOptions, ChatSftOptions
 from nanochat.stages.train_loop import (ProgressMeter, StepTimer, all_reduce_sum, finish_output, linear_decay,
                                         load_model, load_resumable, peak_flops, save_resumable, scale_initial_lr,
                                         set_lr, setup, single_input, take)
@@ -80,9 +84,27 @@ def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[
         total, count = all_reduce_sum(total, count)
         return total / max(count, 1)
 
+    accuracy_options = ChatEvalOptions(data_dir=options.data_dir, tasks=["MMLU", "ARC-Easy"],
+                                       max_problems=options.eval_metrics_max_problems,
+                                       device_batch_size=options.device_batch_size * 2)
+
+    def task_accuracy() -> dict[str, float | int]:
+        scores = evaluate_chat_tasks(model, tokenizer, compute, ctx, accuracy_options)
+        model.train()
+        return {f"{key}_acc{rest}": scores[f"{task}{rest}"] for task, key in (("MMLU", "mmlu"), ("ARC-Easy", "arc_easy"))
+                for rest in ("", "/items", "/ci95")}
+
     for step in range(start, steps + 1):
         last = step == steps
-        if not (options.resume and step == start) and (last or (options.eval_every > 0 and step % options.eval_every == 0)):
+        resumed_here = options.resume and step == start
+        if not resumed_here and (last or (options.eval_metrics_every > 0 and step > 0
+                                          and step % options.eval_metrics_every == 0)):
+            accuracy = task_accuracy()
+            metrics.update(accuracy)
+            for name in ("mmlu_acc", "arc_easy_acc"):
+                emitter.eval(name, accuracy[name], version)
+            log(f"step {step}/{steps}: MMLU {accuracy['mmlu_acc']:.4f}, ARC-Easy {accuracy['arc_easy_acc']:.4f}")
+        if not resumed_here and (last or (options.eval_every > 0 and step % options.eval_every == 0)):
             loss = val_loss()
             history["val_loss"].append([step, loss])
             metrics["val_loss"] = loss

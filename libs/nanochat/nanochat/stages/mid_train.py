@@ -28,8 +28,8 @@ from nanochat.dataloader import ConversationLoader
 from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import MidTrainOptions, plan_horizon
-from nanochat.stages.train_loop import (ProgressMeter, StepTimer, all_reduce_sum, any_rank, evaluate_bpb,
-                                        finish_output, load_model, load_resumable, muon_momentum, peak_flops,
+from nanochat.stages.train_loop import (ProgressMeter, StepTimer, TrainingForward, all_reduce_sum, any_rank,
+                                        evaluate_bpb, finish_output, load_model, load_resumable, muon_momentum, peak_flops,
                                         save_resumable, set_lr, set_momentum, setup, single_input, take,
                                         token_bytes_tensor, warmdown_lr)
 from nanochat.tasks.mixtures import mid_mixture
@@ -77,6 +77,7 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
         emitter.eval("mixture_val_bpb", bpb, version)
         log(f"step {at}: val bpb {bpb:.4f}")
 
+    forward = TrainingForward(model, options.compile, compute.device)
     start = step
     while True:
         if not (options.resume and step == start) and options.eval_every > 0 and step % options.eval_every == 0:
@@ -97,7 +98,7 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
             total_loss = 0.0
             for x, y in batches:
                 with ctx:
-                    loss = model(x, y)
+                    loss = forward(x, y)
                 (loss / accum).backward()
                 total_loss += loss.item() / accum
             lr = warmdown_lr(progress, 0.0, options.warmdown_ratio, 0.0)
@@ -105,7 +106,9 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
             set_momentum(optimizers, muon_momentum(step))
             optim.step(optimizers, None)
             model.zero_grad(set_to_none=True)
+        step_seconds = all_reduce_sum(timer.seconds)[0] / world
         numbers = meter.update(step, all_reduce_sum(total_loss)[0] / world, options.total_batch_size, timer.seconds)
+        forward.after_first_step(step_seconds, (max_steps or est_steps) - step - 1)
         step += 1
         history["train_loss"].append([step, numbers["loss"]])
         if step % options.log_every == 0:
@@ -114,7 +117,7 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
                 f"{numbers['tok_per_s']:,.0f} tok/s")
     if not history["val_bpb"] or history["val_bpb"][-1][0] != step:
         record_eval(step)
-    metrics.update({"steps": step, "train_seconds": round(meter.train_seconds, 2),
+    metrics.update({"steps": step, "compiled": int(forward.compiled), "train_seconds": round(meter.train_seconds, 2),
                     "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None})
     meta = build_meta("mid_train", options, "mid", step, metrics)
     meta["history"] = history

@@ -118,9 +118,11 @@ class MakeDataOptions(StageOptions):
 
     @model_validator(mode="after")
     def _options_belong_to_the_source(self) -> "MakeDataOptions":
-        # An option the chosen source never reads would be silently ignored: refuse it instead.
+        # An option the chosen source never reads would be silently ignored: refuse it instead. Only a
+        # value other than the default counts: the trainer hands a stage all of its options, dumped.
         for source_set, names in MAKE_DATA_SOURCE_OPTIONS.items():
-            wrong = sorted(n for n in names & self.model_fields_set if self.source not in source_set)
+            wrong = sorted(n for n in names if self.source not in source_set
+                           and getattr(self, n) != type(self).model_fields[n].default)
             if wrong:
                 given = ", ".join("--" + n.replace("_", "-") for n in wrong)
                 raise ValueError(f"{given}: only read by --source {' or '.join(source_set)}, not --source {self.source}")
@@ -137,7 +139,13 @@ class TokEvalOptions(StageOptions):
     max_chars: int = Field(200_000, ge=1, description="Characters of each sample text (validation docs, code) measured.")
 
 
-class BaseTrainOptions(TrainOptions):
+class CompiledTrainOptions(TrainOptions):
+    """base and mid training, whose fixed-shape steps torch.compile speeds up."""
+
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model for the training steps. auto: on for CUDA; on CPU the first step runs eager and compiling starts when the remaining steps would win back its cost (train_loop.TrainingForward).")
+
+
+class BaseTrainOptions(CompiledTrainOptions):
     depth: int = Field(20, ge=1, le=128, description="Transformer layers; n_embd = 64 * depth, head_dim 128.")
 
     @field_validator("depth")
@@ -158,6 +166,7 @@ class BaseTrainOptions(TrainOptions):
     warmdown_ratio: float = Field(0.2, ge=0, le=1, description="Fraction of final steps of linear LR warm-down.")
     final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR multiplier at the end of the warm-down.")
     core_metric_every: int = Field(2000, ge=-1, description="Run the CORE metric every N steps (-1: never during training).")
+    sample_every: int = Field(2000, ge=-1, description="Greedy completions of the seven fixed prompts every N steps and at the end (-1: only at the end), logged and kept in meta.json for the report.")
     core_metric_max_per_task: int = Field(500, ge=-1, description="Items per CORE task during training (-1: all).")
 
 
@@ -171,7 +180,7 @@ class BaseEvalOptions(RuntimeOptions):
     bundle: str = Field("eval_bundle", description="CORE bundle folder, relative to --data-dir unless absolute.")
 
 
-class MidTrainOptions(TrainOptions):
+class MidTrainOptions(CompiledTrainOptions):
     warmdown_ratio: float = Field(0.2, ge=0, le=1, description="Fraction of the data pass of linear LR warm-down (we keep the base shape; see mid_train).")
     eval_every: int = Field(150, ge=-1, description="Evaluate validation loss every N steps (-1: only at the end).")
 
@@ -184,20 +193,23 @@ class ChatSftOptions(TrainOptions):
     eval_every: int = Field(100, ge=-1, description="Validation loss every N steps.")
     eval_steps: int = Field(100, ge=1, description="Validation batches per evaluation.")
     identity_in_mixture: bool = Field(True, description="Include the identity conversations in the mixture.")
+    eval_metrics_every: int = Field(200, ge=-1, description="MMLU and ARC-Easy accuracy (test) every N steps and at the end (-1: only at the end).")
+    eval_metrics_max_problems: int = Field(1024, ge=-1, description="Items of each of those two tasks per evaluation (-1: all).")
 
 
 class ChatRlOptions(RuntimeOptions):
     device_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per forward pass while sampling and training.")
     examples_per_step: int = Field(16, ge=1, description="GSM8K questions per step over all ranks.")
     num_samples: int = Field(16, ge=1, le=1024, description="Samples per question.")
-    max_new_tokens: int = Field(256, ge=1, le=65536, description="Tokens generated per sample.")
-    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature.")
-    top_k: int = Field(50, ge=0, description="Top-k sampling (0: off).")
+    max_new_tokens: int = Field(256, ge=1, le=65536, description="Tokens generated per sample (training rollouts and pass@k).")
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature of the training rollouts (pass@k always samples at 1.0).")
+    top_k: int = Field(50, ge=0, description="Top-k sampling of the training rollouts and pass@k (0: off).")
     num_epochs: int = Field(1, ge=1, le=1000, description="Passes over GSM8K train.")
     num_iterations: int = Field(-1, ge=-1, description="Steps; -1 derives them from num_epochs.")
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="Initial LR as a fraction of each group's base LR; decays linearly to 0.")
-    eval_every: int = Field(60, ge=-1, description="pass@k on GSM8K test every N steps.")
-    eval_examples: int = Field(400, ge=1, description="GSM8K test questions per evaluation.")
+    eval_every: int = Field(60, ge=-1, description="pass@k on GSM8K test at step 0 and every N steps, and at the end (-1: only at the end).")
+    eval_examples: int = Field(400, ge=1, description="GSM8K test questions per pass@k evaluation.")
+    eval_samples: int = Field(8, ge=1, le=1024, description="Samples per test question at temperature 1.0; pass@1 .. pass@N of them.")
     save_every: int = Field(60, ge=-1, description="Save every N steps (-1: only at the end).")
 
 

@@ -3,7 +3,8 @@
 const CONVERSATIONS = "nanochat.conversations.v1";
 const SETTINGS = "nanochat.settings.v1";
 
-export const DEFAULT_SETTINGS = { system: "", temperature: 0.6, top_k: 50, max_tokens: 512 };
+// The original nanochat web chat's sampling defaults (its terminal chat uses temperature 0.6).
+export const DEFAULT_SETTINGS = { system: "", temperature: 0.8, top_k: 50, max_tokens: 512 };
 
 function read(key, fallback) {
   try {
