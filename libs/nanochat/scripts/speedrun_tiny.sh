@@ -4,6 +4,7 @@
 #
 #   libs/nanochat/scripts/speedrun_tiny.sh [RUN_DIR]      (what `make speedrun-tiny` runs)
 #   SOURCE=python-docs libs/nanochat/scripts/speedrun_tiny.sh RUN_DIR   (make_data's --source; default stdlib)
+#   SOURCE=python-docs DOCS_PATH=/x/_sources libs/nanochat/scripts/speedrun_tiny.sh RUN_DIR   (its --docs-path)
 #
 # RUN_DIR (default runs/speedrun-tiny) gets data/ (kept between runs: make_data reuses it),
 # the artifacts (tokenizer, base, mid, sft, rl), eval results (eval_*), each stage's event log
@@ -31,7 +32,7 @@ stage() {
   echo "   $name took $((SECONDS - start))s" | tee -a "$RUN/log.txt" >&2
 }
 
-stage make_data      $PY -m nanochat.stages.make_data  --source "${SOURCE:-stdlib}"
+stage make_data      $PY -m nanochat.stages.make_data  --source "${SOURCE:-stdlib}" ${DOCS_PATH:+--docs-path "$DOCS_PATH"}
 stage tok_train      $PY -m nanochat.stages.tok_train  --out "$RUN/tokenizer"
 stage tok_eval       $PY -m nanochat.stages.tok_eval   --init-from "$RUN/tokenizer"
 stage base_train     torchrun --standalone --nproc_per_node 2 -m nanochat.stages.base_train \
