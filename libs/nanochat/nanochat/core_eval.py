@@ -13,8 +13,10 @@ item idx gets `num_fewshot` examples drawn by `random.Random(1234 + idx)` from t
 items, joined with blank lines before it. multiple_choice scores each choice by the mean loss of
 its tokens after the prompts' common prefix; schema scores each context option by the mean loss
 of the common continuation (the prompts' common suffix); the lowest loss must be `gold`.
-language_modeling is right when greedy decoding reproduces every continuation token. A task's
-centred score is (acc - rb/100) / (1 - rb/100); CORE is their mean.
+language_modeling is right when greedy decoding reproduces every continuation token; its contexts
+(few-shot and the item's) are stripped of surrounding whitespace, and the prompt without the
+continuation is stripped as a whole. A task's centred score is (acc - rb/100) / (1 - rb/100); CORE
+is their mean.
 
 The model enters as a `Scorer`: a callable taking a list of token-id sequences and returning, per
 sequence of length n, `(losses, predictions)`, both of length n-1: the cross-entropy (nats) of
@@ -97,7 +99,7 @@ def _example_text(item: dict[str, Any], task_type: str, delim: str) -> str:
         return f"{item['query']}{delim}{item['choices'][item['gold']]}"
     if task_type == "schema":
         return f"{item['context_options'][item['gold']]}{delim}{item['continuation']}"
-    return f"{item['context']}{delim}{item['continuation']}"
+    return f"{item['context'].strip()}{delim}{item['continuation']}"
 
 
 def build_prompts(item: dict[str, Any], task_type: str, delim: str, fewshot: Sequence[dict[str, Any]]) -> list[str]:
@@ -107,9 +109,10 @@ def build_prompts(item: dict[str, Any], task_type: str, delim: str, fewshot: Seq
         return [f"{context}{item['query']}{delim}{choice}" for choice in item["choices"]]
     if task_type == "schema":
         return [f"{context}{option}{delim}{item['continuation']}" for option in item["context_options"]]
-    without = f"{context}{item['context']}{delim}"
-    # The delimiter's trailing space belongs to the continuation's first token once tokenized.
-    return [without.rstrip(), without + item["continuation"]]
+    without = f"{context}{item['context'].strip()}{delim}"
+    # The delimiter's trailing space belongs to the continuation's first token once tokenized, so
+    # the prompt without it ends before that space and is a clean token prefix of the full one.
+    return [without.strip(), without + item["continuation"]]
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:

@@ -83,9 +83,15 @@ def test_fewshot_uses_seeded_draws_from_the_shuffled_items_and_cap(tmp_path):
     assert split == [2, 1, 1]
 
 
-def test_language_modeling_continuation_after_the_delimiter():
-    prompts = build_prompts({"context": "The sky is", "continuation": "blue"}, "language_modeling", " ", [])
-    assert prompts == ["The sky is", "The sky is blue"]
+def test_language_modeling_prompts_strip_contexts_and_the_prompt_without_continuation():
+    assert build_prompts({"context": "The sky is", "continuation": "blue"}, "language_modeling", " ", []) == \
+        ["The sky is", "The sky is blue"]
+    shot = {"context": "\n Grass is \t", "continuation": "green"}
+    item = {"context": "  The sky is \n", "continuation": "blue"}
+    assert build_prompts(item, "language_modeling", " ", [shot]) == \
+        ["Grass is green\n\nThe sky is", "Grass is green\n\nThe sky is blue"]
+    # A newline delimiter goes too from the prompt without continuation, but stays before it.
+    assert build_prompts(item, "language_modeling", "\n", []) == ["The sky is", "The sky is\nblue"]
 
 
 def test_broken_bundles_are_clear_errors(tmp_path):
