@@ -9,10 +9,10 @@ Bundle layout:
 - `eval_meta_data.csv`: keyed by its `Eval Task` column, with `Random baseline` in percent.
 
 Scoring: each task's items are shuffled with `random.Random(1337)`, then capped when a cap is set;
-item idx gets `num_fewshot` examples drawn by `random.Random(1234 + idx)` from the other (shuffled)
-items, joined with blank lines before it. multiple_choice scores each choice by the mean loss of
-its tokens after the prompts' common prefix; schema scores each context option by the mean loss
-of the common continuation (the prompts' common suffix); the lowest loss must be `gold`.
+item idx gets `num_fewshot` examples drawn by `random.Random(1234 + idx)` from the other items of
+that capped list, joined with blank lines before it. multiple_choice scores each choice by the mean
+loss of its tokens after the prompts' common prefix; schema scores each context option by the mean
+loss of the common continuation (the prompts' common suffix); the lowest loss must be `gold`.
 language_modeling is right when greedy decoding reproduces every continuation token; its contexts
 (few-shot and the item's) are stripped of surrounding whitespace, and the prompt without the
 continuation is stripped as a whole. A task's centred score is (acc - rb/100) / (1 - rb/100); CORE
@@ -170,8 +170,9 @@ def evaluate_task(task: CoreTask, tokenizer: Tokenizer, scorer: Scorer, max_item
     for idx in range(rank, len(capped), world_size):
         fewshot = []
         if task.num_fewshot:
-            others = [i for i in range(len(items)) if i != idx]
-            fewshot = [items[i] for i in random.Random(1234 + idx).sample(others, min(task.num_fewshot, len(others)))]
+            # As the original: a capped run draws its examples from the capped items only.
+            others = [i for i in range(len(capped)) if i != idx]
+            fewshot = [capped[i] for i in random.Random(1234 + idx).sample(others, min(task.num_fewshot, len(others)))]
         correct += score_item(capped[idx], task.task_type, task.delimiter, fewshot, tokenizer, scorer, max_seq_len)
         total += 1
     return correct, total

@@ -64,7 +64,7 @@ def test_scored_span_is_only_the_continuation(tmp_path):
     assert evaluate_core(tmp_path, TOK, rule_scorer(bad=b"P"))["tasks"]["mc"]["accuracy"] == 0.0  # tie -> first
 
 
-def test_fewshot_uses_seeded_draws_from_the_shuffled_items_and_cap(tmp_path):
+def test_fewshot_is_drawn_from_the_capped_shuffled_items(tmp_path):
     items = [{"query": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(10)]
     make_bundle(tmp_path, [("mc", "multiple_choice", 3, items, 50)])
     task = load_bundle(tmp_path)[0]
@@ -73,12 +73,14 @@ def test_fewshot_uses_seeded_draws_from_the_shuffled_items_and_cap(tmp_path):
     assert total == 4
     shuffled = list(items)
     random.Random(1337).shuffle(shuffled)
+    capped = [item["query"] for item in shuffled[:4]]
     for idx in range(4):
-        others = [i for i in range(10) if i != idx]
-        shots = [shuffled[i] for i in random.Random(1234 + idx).sample(others, 3)]
-        expected = build_prompts(shuffled[idx], "multiple_choice", " ", shots)[0]
-        assert TOK.decode(calls[2 * idx][1:]) == expected
-    assert expected.count("\n\n") == 3
+        blocks = TOK.decode(calls[2 * idx][1:]).split("\n\n")  # two choices per item: [2 idx] is "a"
+        assert blocks[-1] == f"{capped[idx]} a"
+        # Three shots out of the three other capped items: exactly those, none of the six cut off.
+        others = [i for i in range(4) if i != idx]
+        assert sorted(blocks[:-1]) == sorted(f"{capped[i]} a" for i in others)
+        assert blocks[:-1] == [f"{capped[i]} a" for i in random.Random(1234 + idx).sample(others, 3)]
     split = [evaluate_task(task, TOK, rule_scorer(), max_items=4, rank=r, world_size=3)[1] for r in range(3)]
     assert split == [2, 1, 1]
 
