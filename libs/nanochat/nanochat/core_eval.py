@@ -18,6 +18,9 @@ language_modeling is right when greedy decoding reproduces every continuation to
 continuation is stripped as a whole. A task's centred score is (acc - rb/100) / (1 - rb/100); CORE
 is their mean.
 
+Sequences longer than `max_seq_len` keep their last `max_seq_len` tokens. For a nanochat model
+that is its rotary table, not its training length: the original never crops for its own models.
+
 The model enters as a `Scorer`: a callable taking a list of token-id sequences and returning, per
 sequence of length n, `(losses, predictions)`, both of length n-1: the cross-entropy (nats) of
 token i+1 given tokens 0..i, and the argmax id at position i. No torch is needed here.

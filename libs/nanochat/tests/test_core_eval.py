@@ -1,11 +1,17 @@
-"""nanochat.core_eval: bundle parsing, the three task types, few-shot sampling, capping, centring."""
+"""nanochat.core_eval: bundle parsing, the three task types, few-shot sampling, capping, centring;
+base_eval.core_metric's cropping."""
 
+import contextlib
 import json
 import random
 
 import pytest
+import torch
 
+from nanochat.common import Compute
 from nanochat.core_eval import build_prompts, centered, evaluate_core, evaluate_task, load_bundle
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.stages.base_eval import core_metric
 from nanochat.tokenizer import Tokenizer
 
 TOK = Tokenizer({bytes([i]): i for i in range(256)})
@@ -94,6 +100,23 @@ def test_language_modeling_prompts_strip_contexts_and_the_prompt_without_continu
         ["Grass is green\n\nThe sky is", "Grass is green\n\nThe sky is blue"]
     # A newline delimiter goes too from the prompt without continuation, but stays before it.
     assert build_prompts(item, "language_modeling", "\n", []) == ["The sky is", "The sky is\nblue"]
+
+
+def test_core_metric_crops_only_past_the_rotary_table(tmp_path):
+    config = GPTConfig.from_depth(1, TOK.vocab_size, sequence_len=8)
+    model = GPT(config)
+    model.init_weights()
+    assert model.rotary_len == 80
+    # With BOS, "<30 x a> b" is 33 tokens (past sequence_len 8, scored whole) and "<100 x a> b"
+    # 103 (past the table: its last 80 tokens).
+    items = [{"context": "a" * 30, "continuation": "b"}, {"context": "a" * 100, "continuation": "b"}]
+    make_bundle(tmp_path, [("lm", "language_modeling", 0, items, 0)])
+    lengths = []
+    model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    compute = Compute(device=torch.device("cpu"), dtype=torch.float32, rank=0, local_rank=0, world_size=1)
+    results = core_metric(model, TOK, compute, contextlib.nullcontext(), str(tmp_path), str(tmp_path), -1)
+    assert results["tasks"]["lm"]["items"] == 2
+    assert sorted(lengths) == [33, 80]
 
 
 def test_broken_bundles_are_clear_errors(tmp_path):

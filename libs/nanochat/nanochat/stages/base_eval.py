@@ -59,8 +59,10 @@ def model_scorer(model: GPT, compute: Compute, ctx: contextlib.AbstractContextMa
 
 
 def core_metric(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: contextlib.AbstractContextManager,
-                data_dir: str, bundle: str, max_per_task: int, max_seq_len: int | None) -> dict[str, Any]:
-    """CORE over every rank's share of the bundle's items."""
+                data_dir: str, bundle: str, max_per_task: int) -> dict[str, Any]:
+    """CORE over every rank's share of the bundle's items. Items are cropped only past the model's
+    rotary table (10x sequence_len), never to sequence_len: the original scores its models on
+    whole items, and the reference CORE was measured so."""
     folder = Path(bundle) if Path(bundle).is_absolute() else Path(data_dir) / bundle
     if not (folder / "core.yaml").is_file():
         raise FileNotFoundError(f"no CORE bundle at {folder} (core.yaml missing); run make_data first")
@@ -73,7 +75,7 @@ def core_metric(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: context
         return int(correct), int(total)
 
     results = evaluate_core(folder, tokenizer, scorer, max_per_task, compute.rank, compute.world_size,
-                            max_seq_len, reduce=reduce)
+                            model.rotary_len, reduce=reduce)
     model.train(was_training)
     return results
 
@@ -83,7 +85,7 @@ def base_eval(options: BaseEvalOptions, emitter: EventEmitter) -> tuple[list, di
     compute, ctx = setup(options)
     ckpt = load_model(folder, compute)
     results = core_metric(ckpt.model, ckpt.tokenizer, compute, ctx, options.data_dir, options.bundle,
-                          options.max_per_task, ckpt.config.sequence_len)
+                          options.max_per_task)
     version = options.input_version[0] if options.input_version else None
     tasks = results["tasks"].values()
     metrics: dict[str, Any] = {

@@ -98,7 +98,7 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
             log(f"step {step}/{steps}: val bpb {bpb:.4f}")
         if not resumed_here and options.core_metric_every > 0 and (last or step % options.core_metric_every == 0) and step > 0:
             core = core_metric(model, tokenizer, compute, ctx, options.data_dir, "eval_bundle",
-                               options.core_metric_max_per_task, options.max_seq_len)
+                               options.core_metric_max_per_task)
             metrics["core"] = core["core"]
             emitter.eval("core", core["core"], version)
         if not resumed_here and compute.is_master and (last or (options.sample_every > 0 and step > 0
