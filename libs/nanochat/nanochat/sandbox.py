@@ -2,8 +2,8 @@
 
 `run_python(code)` writes the code into a fresh temp folder and runs it with this interpreter in
 isolated mode (`-I`: no site-packages of the user, no PYTHON* variables), in its own session, with
-- rlimits: CPU seconds, address space (memory), file size (which also caps stdout/stderr, written
-  to files), no core dumps, few open files;
+- rlimits: CPU seconds, address space (memory: 256 MB unless asked, the original's HumanEval
+  limit), file size (which also caps stdout/stderr, written to files), no core dumps, few open files;
 - no network where the OS allows it: a new user + network namespace (only a loopback that is down),
   and in any case a prelude that makes `socket` unusable;
 - a wall-clock timeout after which the whole process group is killed.
@@ -69,7 +69,7 @@ def network_isolated() -> bool:
     return result.success and result.stdout.strip() == "True"
 
 
-def run_python(code: str, timeout: float = 5.0, memory_mb: int = 1024) -> RunResult:
+def run_python(code: str, timeout: float = 5.0, memory_mb: int = 256) -> RunResult:
     """Run `code` in a limited subprocess; success means exit code 0 within the timeout."""
     if timeout <= 0 or memory_mb <= 0:
         raise ValueError("timeout and memory_mb must be positive")

@@ -2,8 +2,12 @@
 `entry_point`; one split, `test` (164 problems).
 
 The user asks with the prompt; the reference answer is prompt + solution. A response is graded by
-running its code (the last fenced block if any, else the text) with the problem's imports, its
-`check(candidate)` test and `check(entry_point)` in the sandbox of `nanochat.sandbox`.
+running its code with the problem's imports, its `check(candidate)` test and `check(entry_point)`
+in the sandbox of `nanochat.sandbox` (5 s, 256 MB), graded as the original grades it:
+- the code is the first fenced block (opened by three backticks, `python` optional) if any, else
+  the whole response, stripped;
+- the imports are the prompt's leading `import`/`from` lines (blank and comment lines among them
+  skipped), up to its first other line.
 """
 
 from __future__ import annotations
@@ -15,16 +19,25 @@ from nanochat.sandbox import run_python
 from nanochat.tasks.common import Task, read_rows
 
 REPO, CONFIG = "openai/openai_humaneval", "openai_humaneval"
-FENCE_RE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
+FENCE_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 
 
 def extract_code(response: str) -> str:
-    blocks = FENCE_RE.findall(response)
-    return blocks[-1] if blocks else response
+    """The code of a response: its first fenced block, else all of it; stripped."""
+    match = FENCE_RE.search(response)
+    return (match.group(1) if match else response).strip()
 
 
 def imports_of(prompt: str) -> str:
-    return "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
+    """The prompt's leading imports, stripped; an import after the signature is the body's own."""
+    imports = []
+    for line in prompt.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
 
 
 class HumanEval(Task):
