@@ -14,7 +14,7 @@ Reading: `iter_row_groups` yields the documents of each row group, the row group
 strided by rank (rank r reads groups r, r+W, r+2W, ...), together with the position of the NEXT
 group, `(shard, row_group)`, so a loader can resume exactly where it stopped.
 
-    python -m nanochat.dataset -n 8 --data-dir data    # download the first 8 train shards + val
+    python -m nanochat.dataset -n 8 --data-dir data    # shards 0..7: 7 train, the last (7) val
 """
 
 from __future__ import annotations
@@ -193,15 +193,16 @@ def iter_documents(data_dir: str | os.PathLike, split: str, rank: int = 0, world
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Download FineWeb-Edu shards (the last one is the val split).")
-    parser.add_argument("-n", "--num-train-shards", type=int, default=8, help="Train shards to fetch (-1: all).")
+    parser = argparse.ArgumentParser(description="Download FineWeb-Edu shards 0..N-1 (the last one is the val split).")
+    parser.add_argument("-n", "--num-shards", type=int, default=8, help="Shards to fetch, train and val together (-1: all).")
     parser.add_argument("--data-dir", default="data", help="Destination folder.")
     parser.add_argument("--workers", type=int, default=8, help="Parallel downloads.")
     parser.add_argument("--base-url", default=BASE_URL, help="Where the shards are served.")
     args = parser.parse_args(argv)
-    n = MAX_SHARD if args.num_train_shards < 0 else min(args.num_train_shards, MAX_SHARD)
-    indices = list(range(n)) + [MAX_SHARD]
-    paths = download_shards(indices, args.data_dir, args.base_url, args.workers)
+    n = MAX_SHARD + 1 if args.num_shards < 0 else min(args.num_shards, MAX_SHARD + 1)
+    if n < 2:
+        parser.error("-n must be at least 2: a train shard and the val shard")
+    paths = download_shards(list(range(n)), args.data_dir, args.base_url, args.workers)
     print(f"{len(paths)} shards in {args.data_dir}", file=sys.stderr)
 
 

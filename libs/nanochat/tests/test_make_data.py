@@ -132,7 +132,7 @@ def hub(tmp_path, data):
     root, _ = data
     site = tmp_path / "site"
     shards = list_shards(root)
-    for i, src in [(0, shards[0]), (1, shards[1 % len(shards)]), (1822, shards[-1])]:
+    for i, src in [(0, shards[0]), (1, shards[-1])]:
         dest = site / "fineweb" / shard_name(i)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dest)
@@ -163,8 +163,11 @@ def test_download_source_fetches_the_real_layout_and_resumes(tmp_path, hub):
     dest = tmp_path / "real"
     finished = make(dest, *hub["args"], "--fineweb-shards", "2")
     assert finished.type == "finished" and finished.metrics["source"] == "download"
-    assert [p.name for p in list_shards(dest)] == [shard_name(0), shard_name(1), shard_name(1822)]
-    assert [p.name for p in split_shards(dest, "val")] == [shard_name(1822)]
+    # As the original's download: shards 0..N-1 and no other, the last of them the validation split.
+    assert sorted(r for r in hub["requests"] if "fineweb" in r) == [f"/fineweb/{shard_name(0)}", f"/fineweb/{shard_name(1)}"]
+    assert [p.name for p in list_shards(dest)] == [shard_name(0), shard_name(1)]
+    assert [p.name for p in split_shards(dest, "train")] == [shard_name(0)]
+    assert [p.name for p in split_shards(dest, "val")] == [shard_name(1)]
     for repo, config, split in REAL_TASK_SPLITS:
         name = f"{split}-00000-of-00001.parquet"
         assert (dest / "tasks" / repo / config / name).read_bytes() == \
@@ -179,6 +182,7 @@ def test_download_source_fetches_the_real_layout_and_resumes(tmp_path, hub):
     make(dest, *hub["args"], "--fineweb-shards", "3")
     assert [r for r in hub["requests"] if "fineweb" in r] and \
         all(shard_name(2) in r for r in hub["requests"] if "fineweb" in r), hub["requests"]
+    assert [p.name for p in split_shards(dest, "val")] == [shard_name(2)]
     assert not any("eval_bundle" in r or "datasets" in r for r in hub["requests"]), hub["requests"]
 
 

@@ -157,6 +157,11 @@ def test_make_data_takes_the_options_of_its_source():
     options = parse_options("make_data", ["--source", "synthetic", "--synthetic-docs", "5", "--core-items", "10"])
     assert (options.synthetic_docs, options.core_items) == (5, 10)
     assert parse_options("make_data", ["--source", "download", "--fineweb-shards", "3"]).fineweb_shards == 3
+    # Shards 0..N-1 with the last as validation: all 1,823 can be asked for, but never fewer than train + val.
+    assert parse_options("make_data", ["--source", "download", "--fineweb-shards", "1823"]).fineweb_shards == 1823
+    for refused in ("1", "1824"):
+        with pytest.raises(OptionsError, match="--fineweb-shards"):
+            parse_options("make_data", ["--source", "download", "--fineweb-shards", refused])
 
 
 def test_make_data_accepts_every_option_at_its_default_as_the_trainer_passes_them():

@@ -22,10 +22,11 @@ first and moved in at the end (the stamp `make_data.json` last), so a killed run
 partial data. A rerun with the same options finds the stamp and reuses the data (a pipeline can
 run twice on one data volume); other options need `--overwrite`.
 
-`--source download` fetches the real data instead (the d20 preset): `--fineweb-shards` FineWeb-Edu
-shards plus the last one as the validation split, every task split the loaders read, and the
-CORE eval bundle, into the same layout (only the identity conversations are made here). Each
-file is downloaded to `.part` and renamed, so an interrupted download resumes where it stopped.
+`--source download` fetches the real data instead (the d20 preset): FineWeb-Edu shards
+`shard_00000` .. `--fineweb-shards` - 1, the last of them the validation split as in the original,
+every task split the loaders read, and the CORE eval bundle, into the same layout (only the
+identity conversations are made here). Each file is downloaded to `.part` and renamed, so an
+interrupted download resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from typing import Any
 
 from nanochat.core_eval import OFFLINE_MARKER
 from nanochat.dataset import download_file, download_shards, shard_name
-from nanochat.sources import FINEWEB_LAST_SHARD
 from nanochat.tasks import arc, gsm8k, humaneval, mmlu, smoltalk
 from nanochat.tasks.common import fetch_split
 from nanochat.stages.cli import log, run_stage
@@ -456,7 +456,7 @@ REAL_TASK_SPLITS = [
 def download_real_data(data_dir: Path, options: MakeDataOptions, emitter: EventEmitter) -> dict[str, Any]:
     """FineWeb-Edu shards, the task splits and the CORE bundle, straight into `data_dir`. Every
     file appears whole (a `.part` renamed, resumed with Range), so a rerun fetches what is missing."""
-    shards = list(range(options.fineweb_shards)) + [FINEWEB_LAST_SHARD]
+    shards = list(range(options.fineweb_shards))  # the last is the validation split (dataset.split_shards)
     download_shards(shards, data_dir, options.fineweb_url, options.download_workers)
     emitter.progress(step=1, total=3)
     for repo, config, split in REAL_TASK_SPLITS:

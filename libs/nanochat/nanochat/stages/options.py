@@ -93,7 +93,7 @@ MAKE_DATA_SOURCE_OPTIONS: dict[tuple[str, ...], set[str]] = {
 
 class MakeDataOptions(StageOptions):
     source: Literal["stdlib", "python-docs", "synthetic", "download"] = Field("stdlib", description="stdlib / python-docs / synthetic: make the tiny offline data, its pretraining text from the running interpreter's standard-library sources (every Python has them), Debian's python3.11-doc reST sources (--docs-path), or a synthetic English generator. download: fetch the real data instead: FineWeb-Edu shards, the public task splits and the CORE eval bundle.")
-    fineweb_shards: int = Field(8, ge=1, le=FINEWEB_LAST_SHARD, description="download: training shards to fetch (~100 MB each; the speedrun needs ~240), plus the last shard as the validation split.")
+    fineweb_shards: int = Field(8, ge=2, le=FINEWEB_LAST_SHARD + 1, description="download: FineWeb-Edu shards to fetch, shard_00000 .. N-1 (~100 MB each); the last of them is the validation split, the others train, as in the original (whose speedrun downloads 240).")
     fineweb_url: str = Field(FINEWEB_URL, min_length=1, description="download: where the FineWeb-Edu shards are served.")
     datasets_url: str = Field(HF_DATASETS_URL, min_length=1, description="download: the Hugging Face datasets address the task splits come from.")
     core_bundle_url: str = Field(CORE_BUNDLE_URL, min_length=1, description="download: the CORE eval bundle (a zip holding eval_bundle/).")
@@ -286,6 +286,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "report": {},
     },
     "d20": {
+        # The original speedrun's download (NANOCHAT_SPEC "Data"): 240 shards, the last the validation split.
         "make_data": {"source": "download", "fineweb_shards": 240},
         "tok_train": {"vocab_size": 65536, "max_chars": 2_000_000_000},
         "tok_eval": {},
