@@ -4,8 +4,9 @@ Packing (NANOCHAT_SPEC "Loader"): documents are tokenized in batches with `<|bos
 one and concatenated into one stream; a step takes B*T+1 contiguous tokens, inputs = the first B*T
 viewed as (B, T), targets = the last B*T. The last token of a step (only a target there) stays in
 the stream as the first input of the next step, so every token is an input exactly once and
-nothing is padded. Midtraining packs rendered conversations the same way, training on every token
-(the loss mask is ignored, as in the original).
+nothing is padded. Midtraining packs rendered conversations the same way, each cut at its first
+2,048 tokens (`MID_MAX_TOKENS`) and trained on every token (the loss mask is ignored), both as in
+the original.
 
 SFT batches are one conversation per row, padded with `<|assistant_end|>` to the batch's longest;
 targets are -1 (ignored) where the loss mask is 0 and on padding.
@@ -27,6 +28,9 @@ import torch
 
 from nanochat.dataset import iter_row_groups
 from nanochat.tokenizer import Tokenizer
+
+# The original's render cap for midtraining conversations, whatever the sequence length.
+MID_MAX_TOKENS = 2048
 
 # A source maps a position to an iterator of (token lists, position after them).
 Source = Callable[[Any], Iterator[tuple[list[list[int]], Any]]]
@@ -88,8 +92,8 @@ def pretrain_loader(tokenizer: Tokenizer, data_dir: str, split: str, batch_size:
 
 
 class ConversationLoader(PackedLoader):
-    """Midtraining: rendered conversations (rank r takes r, r+W, ...) packed like pretraining,
-    one pass. Position = index of the next conversation."""
+    """Midtraining: rendered conversations (rank r takes r, r+W, ...), each cut at MID_MAX_TOKENS,
+    packed like pretraining, one pass. Position = index of the next conversation."""
 
     def __init__(self, tokenizer: Tokenizer, conversations: Sequence[dict], batch_size: int, seq_len: int,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
@@ -99,7 +103,7 @@ class ConversationLoader(PackedLoader):
         def source(position: int) -> Iterator[tuple[list[list[int]], int]]:
             for first in range(position, n, chunk * world_size):
                 indices = range(first, min(n, first + chunk * world_size), world_size)
-                rendered = [tokenizer.render_conversation(conversations[i], max_tokens=None)[0] for i in indices]
+                rendered = [tokenizer.render_conversation(conversations[i], max_tokens=MID_MAX_TOKENS)[0] for i in indices]
                 yield rendered, indices[-1] + world_size
 
         super().__init__(source, rank, batch_size, seq_len, device, state)

@@ -88,6 +88,20 @@ def test_midtraining_packs_whole_conversations_ignoring_the_mask():
     assert torch.equal(next(resumed)[0], batches[1][0])
 
 
+def test_midtraining_cuts_each_conversation_at_2048_tokens():
+    # As the original: a conversation renders to at most 2,048 tokens before packing, whatever T is.
+    long = {"messages": [{"role": "user", "content": "u" * 3000}, {"role": "assistant", "content": "never reached"}]}
+    short = {"messages": [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a"}]}
+    special = TOK.encode_special
+    kept_long = [BOS, special("<|user_start|>")] + [ord("u")] * 2046  # 2,048 tokens
+    whole_short = [BOS, special("<|user_start|>"), ord("q"), ord("0"), special("<|user_end|>"),
+                   special("<|assistant_start|>"), ord("a"), special("<|assistant_end|>")]
+    stream = kept_long + whole_short  # 2,056 tokens: one batch of B=1, T=2,055
+    batches = list(ConversationLoader(TOK, [long, short], 1, len(stream) - 1))
+    assert len(batches) == 1
+    assert batches[0][0][0].tolist() == stream[:-1] and batches[0][1][0].tolist() == stream[1:]
+
+
 def test_sft_pads_with_assistant_end_and_ignores_masked_targets():
     loader = SFTLoader(TOK, CONVERSATIONS[:3], batch_size=3)
     x, y = next(loader)
