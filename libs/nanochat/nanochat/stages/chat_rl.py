@@ -5,27 +5,39 @@
 
 Each step (NANOCHAT_SPEC "RL"): `--examples-per-step` GSM8K train questions over all ranks,
 `--num-samples` completions each through the engine (temperature 1.0, top-k 50, up to
-`--max-new-tokens` tokens, calculator tool on); reward = 1 for the exact final answer, else 0;
-advantage = reward - the question's mean reward (no std division); the loss is the token-level
-normalised policy gradient -sum(logp * advantage) / (sampled tokens), trained only on sampled
-tokens: the prompt and the calculator's forced output tokens carry mask 0. No KL term, no PPO
-clipping. LR: `--init-lr-frac` (0.05) x each group's base LR, linear to 0; no clip, no ramp.
+`--max-new-tokens` tokens, calculator tool on), sampled `--device-batch-size` rows per engine
+batch (`sample_rows`); reward = 1 for the exact final answer, else 0; advantage = reward - the
+question's mean reward (no std division). Training rows (`training_rows`): a question's samples
+padded to the longest with `<|assistant_end|>` under mask 0, targets -1 wherever the mask is 0
+(the prompt, the calculator's forced output, the padding). The engine leaves the stop token out
+of its sequences, so, as in the original, RL never trains on a stop token. The rows go through
+the model `--device-batch-size` at a time; each pass's loss -sum(logp * advantage) is divided by
+that pass's own count of trained tokens, by the question's number of passes and by the questions
+per rank (`pass_loss`). No KL term, no PPO clipping. LR: `--init-lr-frac` (0.05) x each group's
+base LR, linear to 0; no clip, no ramp.
 
-`--eval-every N` measures pass@1 (greedy) on `--eval-examples` GSM8K test questions (also at the
-end); `--save-every N` keeps the latest weights and optimizer state in `OUT.resume`. Progress
-events carry the policy-gradient loss; `eval` events the mean reward of each step; `finished`
-names `OUT` as an `rl` version.
+Evaluation (`evaluate_pass_at_k`), at step 0 and every `--eval-every` steps as in the original,
+and always at the end: `--eval-samples` (8) samples at temperature 1.0 of each of the first
+`--eval-examples` (400) GSM8K test questions, with the training top-k and token budget (the
+original's eval defaults are the same 50 and 256); `gsm8k/pass@k` for k = 1..eval_samples is the
+fraction of questions with a correct answer among their first k samples, with `gsm8k/pass@k/items`
+and `gsm8k/pass@k/ci95`, each sent as an `eval` event and kept in the metrics (the report card
+shows them). `--save-every N` keeps the latest weights and optimizer state in `OUT.resume`.
+Progress events carry the policy-gradient loss; `eval` events also the mean reward of each step;
+`finished` names `OUT` as an `rl` version.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
 from nanochat import optim
 from nanochat.common import compute_cleanup
-from nanochat.engine import Engine
+from nanochat.engine import Engine, row_seed
+from nanochat.report import ci95
 from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import ChatRlOptions
@@ -33,53 +45,96 @@ from nanochat.stages.train_loop import (ProgressMeter, StepTimer, all_reduce_sum
                                         load_model, save_resumable, scale_initial_lr, set_lr, setup, single_input)
 from nanochat.tasks.gsm8k import GSM8K
 
-
-def rollouts(engine: Engine, conversations: list[dict], options: ChatRlOptions, seed: int, task: GSM8K,
-             assistant_end: int) -> list[tuple[list[list[int]], list[list[int]], list[float]]]:
-    """num_samples completions of each question, all in one engine batch: per question its token
-    sequences, masks (1 = sampled) and rewards."""
-    tokenizer = engine.tokenizer
-    prompts = [tokenizer.render_for_completion(c) for c in conversations]
-    sequences, masks = engine.generate_batch(prompts, num_samples=options.num_samples, max_tokens=options.max_new_tokens,
-                                             temperature=options.temperature, top_k=options.top_k or None, seed=seed)
-    out = []
-    for q, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-        rows = range(q * options.num_samples, (q + 1) * options.num_samples)
-        seqs, row_masks, rewards = [sequences[i] for i in rows], [masks[i] for i in rows], []
-        for seq, mask in zip(seqs, row_masks):
-            rewards.append(task.reward(conversation, tokenizer.decode(seq[len(prompt):])))
-            # A row shorter than the budget ended on <|assistant_end|>: train on that choice too.
-            if len(seq) - len(prompt) < options.max_new_tokens:
-                seq.append(assistant_end)
-                mask.append(1)
-        out.append((seqs, row_masks, rewards))
-    return out
+# The original measures pass@k on samples at temperature 1.0, whatever temperature trains.
+EVAL_TEMPERATURE = 1.0
 
 
-def policy_gradient_backward(model: torch.nn.Module, sequences: list[list[int]], masks: list[list[int]],
-                             advantages: list[float], pad: int, batch_size: int, scale: float,
-                             device: torch.device, ctx: Any) -> float:
-    """Backpropagate -sum(logp * advantage) / (sampled tokens) * scale; returns that loss."""
-    width = max(len(s) for s in sequences) - 1
-    inputs = torch.full((len(sequences), width), pad, dtype=torch.long)
-    targets = torch.full((len(sequences), width), -1, dtype=torch.long)
-    for i, (seq, mask) in enumerate(zip(sequences, masks)):
-        ids = torch.tensor(seq)
-        keep = torch.tensor(mask[1:], dtype=torch.bool)
-        inputs[i, :len(seq) - 1] = ids[:-1]
-        targets[i, :len(seq) - 1] = torch.where(keep, ids[1:], torch.tensor(-1))
-    adv = torch.tensor(advantages, dtype=torch.float32)
-    num_tokens = max(1, int((targets >= 0).sum()))
+def sample_rows(engine: Engine, prompt: list[int], count: int, batch_size: int, max_tokens: int,
+                temperature: float, top_k: int | None, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """`count` completions of one prompt, at most `batch_size` rows per engine batch: sequences
+    (prompt + generated, the stop token left out) and masks (1 = sampled, 0 = prompt or forced).
+
+    The engine seeds a batch's rows from the batch seed, so batch c gets its own, row_seed(seed, c):
+    two batches of one seed would repeat each other's samples."""
+    sequences: list[list[int]] = []
+    masks: list[list[int]] = []
+    for chunk, start in enumerate(range(0, count, batch_size)):
+        seqs, row_masks = engine.generate_batch(prompt, num_samples=min(batch_size, count - start),
+                                                max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                                seed=row_seed(seed, chunk))
+        sequences += seqs
+        masks += row_masks
+    return sequences, masks
+
+
+def training_rows(sequences: list[list[int]], masks: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (rows, longest - 1) of one question's samples: each row padded to the
+    longest with `pad` under mask 0; inputs = ids[:, :-1], targets = ids[:, 1:] with -1 wherever
+    the target's mask is 0, so the prompt, the forced tokens and the padding are never trained."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], dtype=torch.long)
+    keep = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.bool)
+    return ids[:, :-1], torch.where(keep[:, 1:], ids[:, 1:], -1)
+
+
+def pass_loss(nll: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor, divisor: int) -> torch.Tensor:
+    """The policy-gradient loss of one forward pass: sum(-logp * advantage) over its trained tokens,
+    divided by its own count of trained tokens (at least 1) and by `divisor` (the original's
+    passes per question x questions per rank). `nll` is the model's per-token -logp, 0 where the
+    target is -1."""
+    num_valid = (targets >= 0).sum().clamp(min=1)
+    return (nll * advantages[:, None]).sum() / (num_valid * divisor)
+
+
+def policy_gradient_backward(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                             advantages: torch.Tensor, batch_size: int, questions: int, device: torch.device,
+                             ctx: contextlib.AbstractContextManager) -> float:
+    """Backpropagate one question's rows, `batch_size` rows per pass (`pass_loss` each, with
+    `questions` the questions per rank); returns the sum of the passes' losses."""
+    num_passes = -(-len(inputs) // batch_size)
     total = 0.0
-    for start in range(0, len(sequences), batch_size):
-        x = inputs[start:start + batch_size].to(device)
+    for start in range(0, len(inputs), batch_size):
         y = targets[start:start + batch_size].to(device)
         with ctx:
-            nll = model(x, y, loss_reduction="none")  # -log p per token, 0 where ignored
-        loss = (nll * adv[start:start + batch_size, None].to(device)).sum() / num_tokens * scale
+            nll = model(inputs[start:start + batch_size].to(device), y, loss_reduction="none")
+        loss = pass_loss(nll, y, advantages[start:start + batch_size].to(device), num_passes * questions)
         loss.backward()
         total += loss.item()
     return total
+
+
+def pass_at_k_counts(outcomes: list[list[bool]], k_max: int) -> list[int]:
+    """For k = 1..k_max: how many questions have a correct answer among their first k samples."""
+    return [sum(any(correct[:k]) for correct in outcomes) for k in range(1, k_max + 1)]
+
+
+def pass_at_k_metrics(counts: list[float], questions: int) -> dict[str, float | int]:
+    """`gsm8k/pass@k` (counts[k-1] / questions) with its `/items` and `/ci95` for each k."""
+    metrics: dict[str, float | int] = {}
+    for k, count in enumerate(counts, start=1):
+        name = f"gsm8k/pass@{k}"
+        metrics[name] = count / questions
+        metrics[f"{name}/items"] = questions
+        metrics[f"{name}/ci95"] = ci95(metrics[name], questions)
+    return metrics
+
+
+def evaluate_pass_at_k(engine: Engine, test: GSM8K, options: ChatRlOptions, rank: int,
+                       world: int) -> dict[str, float | int]:
+    """pass@1..pass@eval_samples over the first eval_examples test questions, summed over ranks
+    (rank r takes questions r, r + world, ...). Question i is seeded from i alone, as the
+    original seeds every evaluation alike: two evaluations differ by the model, not by the draw."""
+    tokenizer = engine.tokenizer
+    outcomes = []
+    for i in range(rank, min(len(test), options.eval_examples), world):
+        conversation = test[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, _ = sample_rows(engine, prompt, options.eval_samples, options.device_batch_size,
+                                   options.max_new_tokens, EVAL_TEMPERATURE, options.top_k or None,
+                                   row_seed(options.seed, i))
+        outcomes.append([test.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences])
+    *counts, questions = all_reduce_sum(*pass_at_k_counts(outcomes, options.eval_samples), len(outcomes))
+    return pass_at_k_metrics(counts, int(questions))
 
 
 def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
@@ -92,6 +147,8 @@ def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[st
     ckpt = load_model(folder, compute)
     model, tokenizer = ckpt.model, ckpt.tokenizer
     train, test = GSM8K(options.data_dir, "train"), GSM8K(options.data_dir, "test")
+    if not len(test):
+        raise ValueError("GSM8K test has no questions to measure pass@k on")
     steps = options.num_iterations if options.num_iterations > 0 else \
         len(train) // options.examples_per_step * options.num_epochs
     if steps < 1:
@@ -100,45 +157,48 @@ def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[st
     optimizers = model.setup_optimizers()
     scale_initial_lr(optimizers, options.init_lr_frac)
     engine = Engine(model, tokenizer)
-    pad = assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    # Padding only: it sits under mask 0, so it is never a target.
+    pad = tokenizer.encode_special("<|assistant_end|>")
+    top_k = options.top_k or None
     meter = ProgressMeter(steps, None, None, world)
-    history: dict[str, list] = {"train_loss": [], "reward": [], "gsm8k": []}
+    history: dict[str, list] = {"train_loss": [], "reward": [], "gsm8k_pass_at_k": []}
     metrics: dict[str, Any] = {}
     log(f"rl: {steps} steps of {options.examples_per_step} questions x {options.num_samples} samples")
 
-    @torch.no_grad()
-    def pass_at_1(step: int) -> None:
+    def evaluate(step: int) -> None:
         model.eval()
-        items = [test[i] for i in range(rank, min(len(test), options.eval_examples), world)]
-        correct = 0
-        for conversation in items:
-            prompt = tokenizer.render_for_completion(conversation)
-            seqs, _ = engine.generate_batch(prompt, max_tokens=options.max_new_tokens, temperature=0.0)
-            correct += test.evaluate(conversation, tokenizer.decode(seqs[0][len(prompt):]))
-        correct, total = all_reduce_sum(correct, len(items))
-        metrics["gsm8k_pass1"] = correct / max(total, 1)
-        history["gsm8k"].append([step, metrics["gsm8k_pass1"]])
-        emitter.eval("gsm8k_pass1", metrics["gsm8k_pass1"], version)
-        log(f"step {step}: GSM8K pass@1 {metrics['gsm8k_pass1']:.4f} ({int(total)} questions)")
+        passes = evaluate_pass_at_k(engine, test, options, rank, world)
+        metrics.update(passes)
+        scores = [passes[f"gsm8k/pass@{k}"] for k in range(1, options.eval_samples + 1)]
+        history["gsm8k_pass_at_k"].append([step, scores])
+        for name, value in passes.items():
+            emitter.eval(name, value, version)
+        log(f"step {step}: GSM8K " + ", ".join(f"pass@{k} {v:.4f}" for k, v in enumerate(scores, start=1))
+            + f" ({passes['gsm8k/pass@1/items']} questions x {options.eval_samples} samples at T={EVAL_TEMPERATURE})")
 
     for step in range(steps):
         if options.eval_every > 0 and step % options.eval_every == 0:
-            pass_at_1(step)
+            evaluate(step)
         if options.save_every > 0 and step % options.save_every == 0 and step > 0:
             save_resumable(options.out, model, tokenizer, build_meta("chat_rl", options, "rl", step, metrics),
                            optimizers, {"step": step}, emitter, step)
         with StepTimer(compute.device) as timer:
             total_loss, rewards_sum, tokens = 0.0, 0.0, 0
             indices = [(step * options.examples_per_step + rank + k * world) % len(train) for k in range(per_rank)]
-            model.eval()
-            with torch.no_grad():
-                groups = rollouts(engine, [train[i] for i in indices], options,
-                                  options.seed + 1_000_003 * step + rank, train, assistant_end)
-            model.train()
-            for seqs, masks, rewards in groups:
+            for index in indices:
+                conversation = train[index]
+                prompt = tokenizer.render_for_completion(conversation)
+                model.eval()
+                seqs, masks = sample_rows(engine, prompt, options.num_samples, options.device_batch_size,
+                                          options.max_new_tokens, options.temperature, top_k,
+                                          row_seed(row_seed(options.seed, step), index))
+                rewards = [train.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in seqs]
                 mean = sum(rewards) / len(rewards)
-                total_loss += policy_gradient_backward(model, seqs, masks, [r - mean for r in rewards], pad,
-                                                       options.device_batch_size, 1.0 / per_rank, compute.device, ctx)
+                inputs, targets = training_rows(seqs, masks, pad)
+                advantages = torch.tensor([r - mean for r in rewards], dtype=torch.float32)
+                model.train()
+                total_loss += policy_gradient_backward(model, inputs, targets, advantages, options.device_batch_size,
+                                                       per_rank, compute.device, ctx)
                 rewards_sum += sum(rewards)
                 tokens += sum(len(s) for s in seqs)
             lr = linear_decay(step, steps)
@@ -153,8 +213,7 @@ def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[st
         emitter.progress(step=step + 1, total=steps, lr=lr, **numbers)
         emitter.eval("mean_reward", mean_reward, version)
         log(f"step {step + 1}/{steps} pg loss {loss_all / world:+.4f} mean reward {mean_reward:.3f} lr {lr:.3f}")
-    if options.eval_every > 0:
-        pass_at_1(steps)
+    evaluate(steps)
     metrics.update({"steps": steps, "train_seconds": round(meter.train_seconds, 2),
                     "mean_reward": sum(r for _, r in history["reward"]) / len(history["reward"])})
     meta = build_meta("chat_rl", options, "rl", steps, metrics)
