@@ -10,6 +10,7 @@ Inputs the `report` stage reads (any mix, in any order):
 `render_report` makes the markdown: environment, the summary table of the spec (CORE, ARC-E,
 ARC-C, MMLU, GSM8K, HumanEval, ChatCORE; plus bits-per-byte, identity accuracy and chat_rl's
 GSM8K pass@1..pass@8) for BASE / MID / SFT / RL, each eval with its item count and 95% interval,
+the deviations from the original's recipe that the stages' recorded options show (`deviations`),
 stage times, the estimated cost and the code size, and one section per stage. `write_svg` draws
 the training-loss curves as an SVG line plot.
 """
@@ -229,6 +230,17 @@ def _environment_lines(lineage: Lineage, gpu_hour_price: float) -> list[str]:
     return lines
 
 
+def deviations(lineage: Lineage) -> list[str]:
+    """Where the run's recorded options left the original's recipe, so its numbers are not read as
+    the original's: one sentence each, from the stages' meta.json options."""
+    found = []
+    sft_options = (lineage.meta.get("sft") or {}).get("options") or {}
+    if sft_options.get("identity_in_mixture"):
+        found.append("SFT mixture: the identity conversations were added (`identity_in_mixture`); the original's "
+                     "is ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk conversations.")
+    return found
+
+
 def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_price: float = 3.0) -> str:
     stages = [s for s in STAGE_ORDER[1:] if s in lineage.metrics]
     lines = [f"# {title}", "", f"Made {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "", "## Environment", ""]
@@ -239,6 +251,8 @@ def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_
         per_stage = [lineage.metrics[s] for s in stages]
         if any(m.get(key) is not None for m in per_stage):
             lines.append(f"| {_row_label(label, key, per_stage)} | " + " | ".join(_cell(m, key) for m in per_stage) + " |")
+    if found := deviations(lineage):
+        lines += ["", "## Deviations from the original", ""] + [f"- {d}" for d in found]
     if lineage.durations:
         total = sum(s for _, s in lineage.durations)
         lines += ["", "## Stage times", "", "| Stage | Seconds |", "|---|---|"]

@@ -95,8 +95,9 @@ def test_humaneval_references_pass_their_tests(data):
 def test_mixtures_and_core_bundle(data):
     root, _ = data
     assert len(mid_mixture(root)) == 200 + 100 + 100
-    sft = sft_mixture(root)
-    assert len(sft) == 100 + 100 + 100 + 200 + 100
+    # The original's SFT mixture (ARC-Easy, ARC-Challenge, GSM8K, SmolTalk); identity only when asked for.
+    assert len(sft_mixture(root)) == 100 + 100 + 100 + 200
+    assert len(sft_mixture(root, identity=True)) == 100 + 100 + 100 + 200 + 100
     identity_q = {IdentityTask(root, "train")[i]["messages"][0]["content"] for i in range(100)}
     mid = mid_mixture(root)
     assert not any(mid[i]["messages"][0]["content"] in identity_q for i in range(len(mid)))

@@ -46,6 +46,12 @@ def test_tiny_base_train_is_the_cpu_shape():
     assert parse_options("tok_train", ["--preset", "tiny"]).vocab_size == 4096
 
 
+def test_sft_mixture_is_the_originals_in_d20_and_identity_only_in_tiny():
+    assert parse_options("chat_sft", []).identity_in_mixture is False
+    assert parse_options("chat_sft", ["--preset", "d20"]).identity_in_mixture is False
+    assert parse_options("chat_sft", ["--preset", "tiny"]).identity_in_mixture is True
+
+
 def test_d20_derived_numbers_at_world_size_8():
     torch = pytest.importorskip("torch")
     from nanochat.gpt import GPT, GPTConfig

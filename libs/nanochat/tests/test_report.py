@@ -92,3 +92,16 @@ def test_report_shows_rl_pass_at_k_with_items_and_interval(tmp_path):
     assert "| GSM8K pass@1 (temperature 1.0) | 0.5000 ± 0.098 (n=96) |" in text
     assert "| GSM8K pass@8 (temperature 1.0) | 0.7500 ± 0.086 (n=96) |" in text
     assert "pass@2 (temperature" not in text  # a k the run did not measure gets no row
+
+
+def test_report_lists_the_identity_conversations_in_sft_as_a_deviation(tmp_path):
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    meta = {"stage": "sft", "made_by": "chat_sft", "metrics": {"val_loss": 1.0}, "options": {"identity_in_mixture": True}}
+    (sft / "meta.json").write_text(json.dumps(meta))
+    text = render_report(read_lineage([str(sft)]), "card", None)
+    assert ("## Deviations from the original\n\n- SFT mixture: the identity conversations were added "
+            "(`identity_in_mixture`); the original's is ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk conversations.\n"
+            in text)
+    (sft / "meta.json").write_text(json.dumps({**meta, "options": {"identity_in_mixture": False}}))
+    assert "Deviations from the original" not in render_report(read_lineage([str(sft)]), "card", None)

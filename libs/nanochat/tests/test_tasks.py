@@ -1,8 +1,10 @@
 """nanochat.tasks and nanochat.sandbox: each loader on hand-written rows in the public format."""
 
 import json
+import re
 import socket
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,18 +15,43 @@ from nanochat.tasks.common import TaskMixture, render_mc, task_url
 from nanochat.tasks.customjson import CustomJSON, IdentityTask
 from nanochat.tasks.gsm8k import GSM8K, extract_answer
 from nanochat.tasks.humaneval import HumanEval
+from nanochat.tasks.mixtures import mid_mixture, sft_mixture
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tokenizer import Tokenizer
 
 
-def put(root, repo, config, split, rows, fmt="parquet"):
+def put(root, repo, config, split, rows, fmt="parquet", files=1):
     folder = root / "tasks" / repo / config
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
-        pq.write_table(pa.Table.from_pylist(rows), folder / f"{split}-00000-of-00001.parquet")
+        size = -(-len(rows) // files)
+        for f in range(files):
+            pq.write_table(pa.Table.from_pylist(rows[f * size : (f + 1) * size]), folder / f"{split}-{f:05d}-of-{files:05d}.parquet")
     else:
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def smoltalk_rows(n, tag="s"):
+    return [{"messages": [{"role": "user", "content": f"{tag}{i}"}, {"role": "assistant", "content": "ok"}]} for i in range(n)]
+
+
+def mmlu_rows(n):
+    return [{"question": f"m{i}", "subject": "x", "choices": ["a", "b", "c", "d"], "answer": 0} for i in range(n)]
+
+
+def arc_rows(n, tag="a"):
+    return [{"id": str(i), "question": f"{tag}{i}", "choices": {"text": ["p", "q"], "label": ["A", "B"]}, "answerKey": "A"}
+            for i in range(n)]
+
+
+def gsm8k_rows(n):
+    return [{"question": f"g{i}", "answer": f"#### {i}"} for i in range(n)]
+
+
+def row_numbers(task, tag):
+    """Which source row each item of `task` is: the number after `tag` in its first message."""
+    return [int(re.search(rf"\b{tag}(\d+)\b", task[k]["messages"][0]["content"]).group(1)) for k in range(len(task))]
 
 
 def test_multiple_choice_rendering_matches_the_spec():
@@ -60,8 +87,9 @@ def test_arc_rows_use_their_labels(tmp_path):
             {"id": "x2", "question": "Pick one", "choices": {"text": ["p", "q", "r"], "label": ["1", "2", "3"]}, "answerKey": "3"}]
     put(tmp_path, "allenai/ai2_arc", "ARC-Challenge", "test", rows, fmt="jsonl")
     task = ARC(tmp_path, "ARC-Challenge", "test")
-    assert task[0]["messages"][1]["content"] == "B" and task[1]["letters"] == ["1", "2", "3"]
-    assert task.evaluate(task[1], "3")
+    # Shuffled at load: default_rng(42).permutation(2) is [1, 0], so x2 comes first.
+    assert task[1]["messages"][1]["content"] == "B" and task[0]["letters"] == ["1", "2", "3"]
+    assert task.evaluate(task[0], "3")
     with pytest.raises(ValueError, match="ARC subset"):
         ARC(tmp_path, "ARC-Medium")
 
@@ -136,7 +164,9 @@ def test_slices_and_mixture_are_deterministic(tmp_path):
     rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(10)]
     put(tmp_path, "openai/gsm8k", "main", "train", rows)
     sliced = GSM8K(tmp_path, "train", start=2, stop=9, step=3)
-    assert [sliced[i]["messages"][0]["content"] for i in range(len(sliced))] == ["q2", "q5", "q8"]
+    # The slice is of the shuffled order, default_rng(42).permutation(10) = [5, 6, 0, 7, 3, 2, 4, 9, 1, 8]:
+    # positions 2, 5, 8 hold rows 0, 2, 1.
+    assert [sliced[i]["messages"][0]["content"] for i in range(len(sliced))] == ["q0", "q2", "q1"]
     with pytest.raises(IndexError):
         sliced[3]
     a, b = TaskMixture([GSM8K(tmp_path, "train"), sliced]), TaskMixture([GSM8K(tmp_path, "train"), sliced])
@@ -146,3 +176,54 @@ def test_slices_and_mixture_are_deterministic(tmp_path):
 def test_download_paths_are_kept():
     assert task_url("openai/gsm8k", "main", "test") == \
         "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet"
+
+
+def test_every_loader_shuffles_its_split_once_with_seed_42(tmp_path):
+    # The original loads every split with datasets' `.shuffle(seed=42)`, which puts row
+    # numpy.random.default_rng(42).permutation(n)[i] at position i. For 12 rows:
+    order = [0, 7, 6, 9, 11, 3, 5, 2, 4, 10, 1, 8]
+    assert np.random.default_rng(42).permutation(12).tolist() == order
+    put(tmp_path, "HuggingFaceTB/smol-smoltalk", "data", "train", smoltalk_rows(12), files=2)  # two files, one split
+    put(tmp_path, "cais/mmlu", "all", "test", mmlu_rows(12))
+    put(tmp_path, "cais/mmlu", "auxiliary_train", "train", [{"train": row} for row in mmlu_rows(12)])
+    put(tmp_path, "allenai/ai2_arc", "ARC-Easy", "train", arc_rows(12), fmt="jsonl")
+    put(tmp_path, "openai/gsm8k", "main", "train", gsm8k_rows(12))
+    humaneval = [{"task_id": f"HumanEval/{i}", "prompt": f"def h{i}():\n", "canonical_solution": "    return 1\n",
+                  "test": "def check(c):\n    assert c() == 1\n", "entry_point": f"h{i}"} for i in range(12)]
+    put(tmp_path, "openai/openai_humaneval", "openai_humaneval", "test", humaneval)
+    loaders = [(SmolTalk(tmp_path, "train"), "s"), (MMLU(tmp_path, "all", "test"), "m"),
+               (MMLU(tmp_path, "auxiliary_train", "train"), "m"), (ARC(tmp_path, "ARC-Easy", "train"), "a"),
+               (GSM8K(tmp_path, "train"), "g"), (HumanEval(tmp_path), "h")]
+    for task, tag in loaders:
+        assert row_numbers(task, tag) == order, type(task).__name__
+    # A capped view (an eval's max_problems, RL's eval_examples, SFT's SmolTalk 10K) is a prefix of that order.
+    assert row_numbers(GSM8K(tmp_path, "train", stop=5), "g") == [0, 7, 6, 9, 11]
+    # Conversation files keep their order, as the original's CustomJSON does.
+    path = tmp_path / "convs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in smoltalk_rows(12, tag="c")))
+    assert row_numbers(CustomJSON(path), "c") == list(range(12))
+
+
+def test_mixture_caps_take_the_first_rows_of_the_shuffled_splits(tmp_path):
+    put(tmp_path, "HuggingFaceTB/smol-smoltalk", "data", "test", smoltalk_rows(30))
+    put(tmp_path, "cais/mmlu", "all", "test", mmlu_rows(5300))
+    put(tmp_path, "openai/gsm8k", "main", "test", gsm8k_rows(500))
+    val = mid_mixture(tmp_path, "test")
+    # The original's midtraining validation: all of SmolTalk test, MMLU test capped at 5,200 rows and GSM8K
+    # test at 420, each cap taken after the seed-42 shuffle.
+    assert len(val) == 30 + 5200 + 420
+    firsts = [val[i]["messages"][0]["content"] for i in range(len(val))]
+    mmlu = {int(m.group(1)) for text in firsts if (m := re.search(r"question: m(\d+)\n", text))}
+    gsm = {int(text[1:]) for text in firsts if re.fullmatch(r"g\d+", text)}
+    assert mmlu == set(np.random.default_rng(42).permutation(5300)[:5200].tolist())
+    assert gsm == set(np.random.default_rng(42).permutation(500)[:420].tolist())
+
+    put(tmp_path, "HuggingFaceTB/smol-smoltalk", "data", "train", smoltalk_rows(12))
+    put(tmp_path, "allenai/ai2_arc", "ARC-Easy", "train", arc_rows(3, tag="e"))
+    put(tmp_path, "allenai/ai2_arc", "ARC-Challenge", "train", arc_rows(2, tag="c"))
+    put(tmp_path, "openai/gsm8k", "main", "train", gsm8k_rows(4))
+    sft = sft_mixture(tmp_path, "train", smoltalk_cap=5)
+    # ARC-Easy 3 + ARC-Challenge 2 + GSM8K 4 + SmolTalk capped at 5; no identity conversations (none on disk).
+    assert len(sft) == 3 + 2 + 4 + 5
+    smol = {int(text[1:]) for text in (sft[i]["messages"][0]["content"] for i in range(len(sft))) if re.fullmatch(r"s\d+", text)}
+    assert smol == {0, 7, 6, 9, 11}  # the first 5 of default_rng(42).permutation(12)

@@ -164,7 +164,9 @@ def test_letter_scoring_takes_the_best_answer_letter_at_each_prompts_last_positi
     prompts = [tok.render_for_completion(item) for item in items]
     assert len({len(p) for p in prompts}) == len(prompts)  # padded rows: each read at its own end
     letters = letter_ids(tok, ["A", "B", "C", "D"])
-    picks = ["B", "D", "B", "C"]  # right, right, wrong, right
+    # The loader's seed-42 order, default_rng(42).permutation(4) = [3, 2, 1, 0], has keys C, A, D, B.
+    assert [item["messages"][1]["content"] for item in items] == ["C", "A", "D", "B"]
+    picks = ["C", "A", "B", "B"]  # right, right, wrong, right
     non_letter = tok.encode("fox")[0]
 
     def model_for(first: int):

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 -m nanochat.stages.chat_sft --init-from runs/mid --data-dir data --out runs/sft
     python -m nanochat.stages.chat_sft --preset tiny --init-from runs/mid --out runs/sft
 
-Mixture (NANOCHAT_SPEC "Data"): ARC-Easy + ARC-Challenge + GSM8K + SmolTalk train, plus the
-identity conversations (`--no-identity-in-mixture` leaves them out). One conversation per row,
+Mixture (NANOCHAT_SPEC "Data"): ARC-Easy + ARC-Challenge + GSM8K + the first 10K of SmolTalk
+train, the original's; `--identity-in-mixture` adds the identity conversations (the tiny preset
+does; the report card lists it as a deviation). One conversation per row,
 padded with `<|assistant_end|>`; only the assistant's tokens are trained on (mask 1).
 `--target-examples-per-step` conversations per step over all ranks (gradient accumulation fills
 the gap to device_batch_size * world_size); `--num-iterations -1` runs `--num-epochs` passes.

@@ -4,9 +4,11 @@
     python -m nanochat.stages.mid_train --preset tiny --init-from runs/base --out runs/mid
 
 The mixture (NANOCHAT_SPEC "Data"): SmolTalk + MMLU auxiliary_train + GSM8K train, one pass,
-rendered conversations packed like pretraining and trained on every token (the loss mask is
-ignored, as in the original). `--num-iterations -1` runs the whole pass; a positive value stops
-there (or earlier when the data runs out). Validation bits-per-byte on SmolTalk/MMLU/GSM8K test (`mixture_val_bpb`).
+rendered conversations (each cut at 2,048 tokens) packed like pretraining and trained on every
+token (the loss mask is ignored, as in the original). `--num-iterations -1` runs the whole pass;
+a positive value stops there (or earlier when the data runs out). Validation bits-per-byte
+(`mixture_val_bpb`) on SmolTalk test + the first 5,200 rows of MMLU test + the first 420 of GSM8K
+test, the original's validation mix (`tasks.mixtures.mid_mixture`).
 
 Schedule: Muon momentum 0.85 -> 0.95 over 300 steps as in base, no gradient clipping, and the
 base LR shape: constant, then linear warm-down over the last `--warmdown-ratio` of the run.

@@ -5,6 +5,11 @@ locally at `DATA_DIR/tasks/REPO/CONFIG/` with the same file names (`SPLIT.jsonl`
 so a download and `make_data` produce the same tree. `task_url` is the original download path
 and `fetch_split` fetches a single-file split there when the network allows it.
 
+`read_rows` hands every loader its split already shuffled with seed 42, the order of the
+original's `load_dataset(...).shuffle(seed=42)`; a `stop=` cap, an eval's first `max_problems`
+items and the mixtures are all taken from that order, so they are the original's rows too.
+(Conversation files read by `customjson` keep their order, as the original's CustomJSON does.)
+
 A task item is a conversation dict `{"messages": [...]}`; categorical tasks add `"letters"` (the
 answer choices the model picks from by logits). `Task.evaluate(conversation, response)` grades a
 model's answer text.
@@ -18,6 +23,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from nanochat.dataset import download_file
 from nanochat.sources import HF_DATASETS_URL
@@ -53,17 +60,28 @@ def read_jsonl(path: str | Path) -> list[Any]:
     return rows
 
 
+SHUFFLE_SEED = 42  # the seed of the original's every `.shuffle(seed=42)`
+
+
+def shuffle_rows(rows: Sequence[Any]) -> list[Any]:
+    """`rows` in the order `datasets.Dataset.shuffle(seed=42)` gives them: row i of the result is
+    `rows[numpy.random.default_rng(42).permutation(len(rows))[i]]`."""
+    return [rows[i] for i in np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))]
+
+
 def read_rows(data_dir: str | Path, repo: str, config: str, split: str) -> list[dict]:
-    """Every row of a split: its parquet files (`SPLIT-*.parquet`, `SPLIT.parquet`) or `SPLIT.jsonl`."""
+    """Every row of a split, shuffled once with seed 42 (`shuffle_rows`): its parquet files
+    (`SPLIT-*.parquet`, `SPLIT.parquet`, concatenated in name order as `load_dataset` does) or
+    `SPLIT.jsonl`."""
     folder = task_dir(data_dir, repo, config)
     parquet = sorted(folder.glob(f"{split}-*.parquet")) + sorted(folder.glob(f"{split}.parquet"))
     if parquet:
         import pyarrow.parquet as pq
 
-        return [row for path in parquet for row in pq.read_table(path).to_pylist()]
+        return shuffle_rows([row for path in parquet for row in pq.read_table(path).to_pylist()])
     jsonl = folder / f"{split}.jsonl"
     if jsonl.is_file():
-        return read_jsonl(jsonl)
+        return shuffle_rows(read_jsonl(jsonl))
     raise FileNotFoundError(
         f"no {split} split of {repo}/{config} in {folder} (expected {split}-*.parquet or {split}.jsonl); "
         f"make it with `python -m nanochat.stages.make_data` or fetch {task_url(repo, config, split)}"
