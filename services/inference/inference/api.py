@@ -21,19 +21,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from service_kit.app import create_app as create_service_app
+from service_kit.auth import Tokens, require_read
+from service_kit.errors import APIError, error_body
+from service_kit.ops import Readiness
 
 from nanochat.engine import SamplingParams
-from nanochat.scheduler import QueueFull
+from nanochat.scheduler import QueueFull, Stats
 from nanochat.tokenizer import ConversationError
 
 from inference import schemas
@@ -46,52 +47,6 @@ from inference.settings import Settings
 log = logging.getLogger("inference.api")
 
 DISCONNECT_POLL_S = 0.25
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.headers = headers
-
-
-class BodyTooLarge(StarletteHTTPException):
-    """Raised while reading a body without Content-Length that grows past the limit."""
-
-
-def error_json(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    body = schemas.ErrorResponse(error=schemas.ErrorDetail(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a request body over `max_bytes`, announced or not."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            response = error_json(413, f"the request body is larger than {self.max_bytes} bytes",
-                                  "invalid_request_error", "request_too_large")
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(413, f"the request body is larger than {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, limited, send)
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -117,10 +72,25 @@ def sse(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+def readiness(request: Request) -> Readiness:
+    manager: ModelManager = request.app.state.manager
+    manager.check_alive()
+    served = manager.current
+    if served is None:
+        return Readiness({"model": manager.load_error or "loading"})
+    info = served.info
+    return Readiness({"model": "ok"}, {"model": info.name, "version": info.version, "stage": info.stage})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     manager = ModelManager(settings)
-    metrics = Metrics()
+
+    def stats() -> Stats | None:
+        served = manager.current
+        return served.scheduler.stats() if served is not None else None
+
+    metrics = Metrics(stats)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -128,47 +98,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await asyncio.to_thread(manager.close)
 
-    app = FastAPI(title="nanochat inference", lifespan=lifespan,
-                  description="OpenAI-compatible chat and completions over a continuous-batching engine.")
+    # OpenAI answers a request it cannot parse with 400, and so does this server (not 422).
+    app = create_service_app("inference", tokens=Tokens(read_token=settings.api_token,
+                                                        reads_need_token=settings.api_token is not None),
+                             readiness=readiness, metrics=metrics.registry, max_body_bytes=settings.max_body_bytes,
+                             validation_status=400, title="nanochat inference", lifespan=lifespan,
+                             description="OpenAI-compatible chat and completions over a continuous-batching "
+                             "engine.")
     app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return error_json(e.status, e.message, e.type, e.code, e.param, e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        if first.get("type") == "json_invalid":
-            return error_json(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
-        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
-        return error_json(400, message, "invalid_request_error", "invalid_value", where or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
-        return error_json(e.status_code, str(e.detail), "invalid_request_error", code)
-
-    def authorize(request: Request) -> None:
-        if not settings.api_token:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
-            raise APIError(401, "missing or wrong bearer token (Authorization: Bearer ...)",
-                           "authentication_error", "invalid_api_key")
 
     def acquire(model: str | None) -> ServedModel:
         try:
             served = manager.acquire()
         except NoModel as e:
-            raise APIError(503, f"no model is loaded yet: {e}", "service_unavailable", "model_not_loaded",
+            raise APIError(503, f"no model is loaded yet: {e}", code="model_not_loaded",
                            headers={"Retry-After": "5"}) from None
         if model is not None and model != served.info.name:
             manager.release(served)
             raise APIError(404, f"the model {model!r} does not exist; this server serves {served.info.name!r}",
-                           "invalid_request_error", "model_not_found", "model")
+                           code="model_not_found", param="model")
         return served
 
     def sampling(body: schemas.SamplingFields, max_tokens: int | None) -> SamplingParams:
@@ -187,7 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if len(prompt) >= context:
                 raise APIError(400, f"this model's context is {context} tokens but the prompt has {len(prompt)} "
                                f"tokens; it must be shorter than the context to leave room for a reply",
-                               "invalid_request_error", "context_length_exceeded", "messages")
+                               code="context_length_exceeded", param="messages")
         if body.n > served.scheduler.slots:
             raise APIError(400, f"n is {body.n} but the server runs at most {served.scheduler.slots} samples at once",
                            param="n", code="invalid_value")
@@ -198,11 +146,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return Generation(served, prompts, sampling(body, max_tokens), body.n, body.stop,
                               body.stop_token_ids or [], metrics)
         except ModelGone as e:
-            raise APIError(503, f"{e}; retry shortly", "service_unavailable", "model_not_loaded",
-                           headers={"Retry-After": "5"}) from None
+            raise APIError(503, f"{e}; retry shortly", code="model_not_loaded", headers={"Retry-After": "5"}) from None
         except QueueFull as e:
-            raise APIError(429, f"{e}; retry shortly", "rate_limit_error", "queue_full",
-                           headers={"Retry-After": "1"}) from None
+            raise APIError(429, f"{e}; retry shortly", code="queue_full", headers={"Retry-After": "1"}) from None
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -255,8 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except GenerationError as e:
                 outcome = "error"
                 log.warning("%s %s failed: %s", endpoint, rid, e, extra={"request_id": rid})
-                yield sse(json.dumps({"error": {"message": str(e), "type": "server_error", "param": None,
-                                                "code": "generation_failed"}}))
+                yield sse(json.dumps(error_body(500, str(e), code="generation_failed")))
             finally:
                 close()
 
@@ -273,7 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             done = await run_to_end(gen, request)
         except GenerationError as e:
             finished(rid, endpoint, "error", gen)
-            raise APIError(500, str(e), "server_error", "generation_failed") from None
+            raise APIError(500, str(e), code="generation_failed") from None
         finally:
             manager.release(served)
         finished(rid, endpoint, "ok" if done else "disconnected", gen)
@@ -381,29 +326,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             id=info.name, created=int(info.loaded_at), version=info.version, stage=info.stage,
             context_length=served.context_length, max_model_len=served.context_length)])
 
-    auth = [Depends(authorize)]
+    auth = [require_read]
+    # The bare paths are the seed's spelling, which existing clients of nanochat's server use.
     for prefix in ("/v1", ""):
         app.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"], dependencies=auth)
         app.add_api_route(f"{prefix}/completions", completions, methods=["POST"], dependencies=auth)
         app.add_api_route(f"{prefix}/models", list_models, methods=["GET"], dependencies=auth)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        manager.check_alive()
-        served = manager.current
-        if served is None:
-            return JSONResponse({"status": "loading", "detail": manager.load_error}, status_code=503)
-        return JSONResponse({"status": "ready", "model": served.info.name, "version": served.info.version,
-                             "stage": served.info.stage})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        served = manager.current
-        stats = served.scheduler.stats() if served is not None else None
-        return Response(metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     return app

@@ -6,8 +6,11 @@ import logging
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from conftest import SCRIPT_WORDS, start_server, wait_for
+from inference.api import create_app
+from inference.settings import Settings
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7*3?"}]
 
@@ -206,7 +209,7 @@ def test_metrics(server, client):
 
 
 def test_request_id_in_header_and_json_logs(server, caplog):
-    from inference.__main__ import JsonFormatter
+    from service_kit.logs import JsonFormatter
 
     caplog.set_level(logging.INFO, logger="inference.api")
     body = {"messages": CHAT, "max_tokens": 3, "stream": True}
@@ -224,3 +227,18 @@ def test_request_id_in_header_and_json_logs(server, caplog):
     # A stream's end is logged after its last byte went out, so the client may read it first.
     wait_for(lambda: {rid, plain.json()["id"]} <= set(logged()), what="both requests' log lines")
     assert "ok" in logged()[rid]["message"]
+
+
+def test_401_404_and_400_share_the_error_shape():
+    # OpenAI's dialect: a request that fails validation is a 400 here (422 on the other services).
+    shape = {"message", "type", "param", "code"}
+    with TestClient(create_app(Settings(api_token="s3cret"))) as c:
+        refused = c.post("/v1/chat/completions", json={"messages": CHAT})
+        unknown_route = c.get("/v1/no-such-route", headers={"Authorization": "Bearer s3cret"})
+        invalid = c.post("/v1/chat/completions", json={"messages": CHAT, "n": 0},
+                         headers={"Authorization": "Bearer s3cret"})
+    for r, status in [(refused, 401), (unknown_route, 404), (invalid, 400)]:
+        assert r.status_code == status and set(r.json()) == {"error"} and set(r.json()["error"]) == shape, r.text
+    assert refused.json()["error"]["type"] == "authentication_error"
+    assert unknown_route.json()["error"]["code"] == "not_found"
+    assert invalid.json()["error"]["param"] == "n" and invalid.json()["error"]["code"] == "invalid_value"

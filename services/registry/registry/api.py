@@ -9,26 +9,23 @@ REGISTRY_READ_TOKEN_REQUIRED is set (the read or the write token).
 import asyncio
 import logging
 import re
-import secrets
-import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from service_kit.app import create_app as create_service_app
+from service_kit.auth import Tokens, require_read, require_write
+from service_kit.errors import ErrorResponse, error_response
+from service_kit.ops import Readiness, probe
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry import core, schemas
 from registry.blobs import BlobMismatch, LocalBlobs, S3Blobs
 from registry.db import STAGES, make_engine, make_sessionmaker, migrate
 from registry.events import EventPublisher
-from registry.logs import request_id, setup_logging
 from registry.settings import Settings
 
 log = logging.getLogger("registry.api")
@@ -37,59 +34,19 @@ UPLOAD_BUFFER = 1024 * 1024
 Name = Annotated[str, Path(min_length=1, max_length=128, description="model name")]
 VersionNo = Annotated[int, Path(ge=1, le=2**31 - 1)]
 FilePath = Annotated[str, Path(min_length=1, description="relative path inside the version")]
-ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 401, 404, 409, 416, 422)}
-
-
-class Unauthorized(core.RegistryError):
-    status, type = 401, "unauthorized"
-
-
-def error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 416, 422)}
+NO_WRITE_TOKEN = ("writes are disabled: the registry has no REGISTRY_WRITE_TOKEN set "
+                  "(set one, or REGISTRY_ALLOW_ANONYMOUS_WRITES=true for a private dev setup)")
 
 
 class Metrics:
+    """The registry's own metrics; the HTTP ones come from the service kit, into the same registry."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("registry_requests_total", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("registry_request_seconds", "HTTP request latency", ["route"], registry=self.registry)
         self.uploaded = Counter("registry_upload_bytes_total", "bytes received in uploads", registry=self.registry)
         self.downloaded = Counter("registry_download_bytes_total", "bytes sent in downloads", registry=self.registry)
         self.events_pending = Gauge("registry_events_pending", "events waiting for Redis", registry=self.registry)
-
-
-class RequestContext:
-    """ASGI middleware: request id (taken from X-Request-ID or made), access log, request metrics."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
-        token = request_id.set(rid)
-        start, status = time.perf_counter(), [500]
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode("latin-1"))]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            elapsed = time.perf_counter() - start
-            self.metrics.requests.labels(scope["method"], route, str(status[0])).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status[0],
-                                       "duration_ms": round(elapsed * 1000, 1)})
-            request_id.reset(token)
 
 
 def make_registry(settings: Settings) -> core.Registry:
@@ -124,16 +81,29 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def readiness(request: Request) -> Readiness:
+    reg: core.Registry = request.app.state.registry
+
+    def database() -> None:
+        with reg.sessions() as s:
+            s.execute(text("SELECT 1"))
+
+    return Readiness({"database": probe(database), "blobs": probe(reg.blobs.check)})
+
+
+async def registry_error(request: Request, e: core.RegistryError) -> JSONResponse:
+    return error_response(e.status, e.message, code=e.type)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    setup_logging(settings.log_level)
     metrics = Metrics()
-    bearer = HTTPBearer(auto_error=False)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         reg = await run_in_threadpool(make_registry, settings)
         app.state.registry = reg
+        metrics.events_pending.set_function(reg.events.pending)
         if not settings.write_token and settings.allow_anonymous_writes:
             log.warning("REGISTRY_ALLOW_ANONYMOUS_WRITES is set and no write token: anyone who can reach this "
                         "port can write")
@@ -155,77 +125,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             task.cancel()
             await run_in_threadpool(reg.events.close)
 
-    app = FastAPI(title="nanochat model registry", version="0.1.0", lifespan=lifespan,
-                  description="Versioned, verified checkpoints with aliases, lineage and events.")
-    app.add_middleware(RequestContext, metrics=metrics)
-
-    def _token_ok(creds: HTTPAuthorizationCredentials | None, tokens: list[str | None]) -> bool:
-        given = creds.credentials if creds else ""
-        return any(t and secrets.compare_digest(given.encode(), t.encode()) for t in tokens)
-
-    def require_write(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if not settings.write_token:
-            if settings.allow_anonymous_writes:
-                return
-            raise Unauthorized("writes are disabled: the registry has no REGISTRY_WRITE_TOKEN set "
-                               "(set one, or REGISTRY_ALLOW_ANONYMOUS_WRITES=true for a private dev setup)")
-        if not _token_ok(creds, [settings.write_token]):
-            raise Unauthorized("missing or wrong bearer token")
-
-    def require_read(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if settings.read_token_required and not _token_ok(creds, [settings.read_token, settings.write_token]):
-            raise Unauthorized("missing or wrong bearer token")
-
-    Write, Read = [Depends(require_write)], [Depends(require_read)]
+    tokens = Tokens(write_token=settings.write_token, read_token=settings.read_token,
+                    reads_need_token=settings.read_token_required, anonymous_writes=settings.allow_anonymous_writes,
+                    no_write_token=NO_WRITE_TOKEN)
+    # No body limit: uploads stream model files of any size, counted against their manifest.
+    app = create_service_app("registry", tokens=tokens, readiness=readiness, metrics=metrics.registry,
+                             title="nanochat model registry", version="0.1.0", lifespan=lifespan,
+                             description="Versioned, verified checkpoints with aliases, lineage and events.")
+    app.exception_handler(core.RegistryError)(registry_error)
+    Write, Read = [require_write], [require_read]
 
     def reg(request: Request) -> core.Registry:
         return request.app.state.registry
-
-    @app.exception_handler(core.RegistryError)
-    async def _registry_error(request: Request, e: core.RegistryError):
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(e, Unauthorized) else None
-        return error(e.status, e.type, e.message, headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        parts = ["/".join(str(x) for x in err.get("loc", ())) + ": " + err.get("msg", "") for err in e.errors()]
-        return error(422, "validation_error", "; ".join(parts)[:2000])
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        return error(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, e: Exception):
-        log.exception("internal error")
-        return error(500, "internal_error", f"internal error (request id {request_id.get()})")
-
-    @app.get("/health", tags=["ops"])
-    def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready", tags=["ops"])
-    def ready(request: Request) -> JSONResponse:
-        r = reg(request)
-        checks = {}
-        try:
-            with r.sessions() as s:
-                s.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as e:
-            checks["database"] = f"error: {e}"
-        try:
-            r.blobs.check()
-            checks["blobs"] = "ok"
-        except Exception as e:
-            checks["blobs"] = f"error: {e}"
-        ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
-
-    @app.get("/metrics", tags=["ops"])
-    def prometheus(request: Request) -> Response:
-        metrics.events_pending.set(reg(request).events.pending())
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=Read, responses=ERRORS)
     def list_models(request: Request) -> schemas.ModelList:
@@ -356,8 +267,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if rng and (if_range is None or if_range == etag):
             parsed = _parse_range(rng, f["size"])
             if parsed is None:
-                return error(416, "range_not_satisfiable", f"cannot serve {rng!r} of {f['size']} bytes",
-                             {"Content-Range": f"bytes */{f['size']}"})
+                return error_response(416, f"cannot serve {rng!r} of {f['size']} bytes",
+                                      headers={"Content-Range": f"bytes */{f['size']}"})
             start, end, status = parsed[0], parsed[1], 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{f['size']}"
         headers["Content-Length"] = str(end - start)

@@ -157,12 +157,3 @@ class Lineage(BaseModel):
     version: VersionOut
     parents: list[VersionOut] = Field(description="parent first, then its parent, up to the root")
     children: list[VersionOut]
-
-
-class ErrorBody(BaseModel):
-    type: str
-    message: str
-
-
-class ErrorOut(BaseModel):
-    error: ErrorBody

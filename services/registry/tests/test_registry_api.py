@@ -161,7 +161,7 @@ def test_writes_need_the_token(client, name):
     body = {"stage": "sft", "files": {"a": blob(b"a")}}
     assert client.post(f"/v1/models/{name}/versions", json=body).status_code == 401
     wrong = client.post(f"/v1/models/{name}/versions", json=body, headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert client.put(f"/v1/models/{name}/aliases/x", json={"version": 1}).status_code == 401
     assert client.get("/v1/models").status_code == 200
 
@@ -226,11 +226,11 @@ def test_concurrent_creates_get_distinct_numbers(reg, name):
 def test_health_ready_metrics_openapi(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready").json()
-    assert ready["status"] == "ok" and set(ready["checks"]) == {"database", "blobs"}
+    assert ready["status"] == "ready" and ready["checks"] == {"database": "ok", "blobs": "ok"}
     r = client.get("/health", headers={"X-Request-ID": "abc123"})
     assert r.headers["x-request-id"] == "abc123"
     text = client.get("/metrics").text
-    assert 'registry_requests_total{method="GET",route="/health",status="200"}' in text
+    assert 'registry_http_requests_total{method="GET",route="/health",status="200"}' in text
     assert "/v1/models/{name}/versions" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
 
@@ -312,3 +312,16 @@ def test_a_blob_claimed_while_the_sweeper_runs_is_kept(client, reg, name, monkey
         client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=files[path], headers=AUTH)
     assert client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH).status_code == 200
     assert client.get(f"/v1/models/{name}/versions/{v}/files/model.safetensors").content == files["model.safetensors"]
+
+
+def test_401_404_422_share_the_error_shape(client, name):
+    shape = {"message", "type", "param", "code"}
+    refused = client.post(f"/v1/models/{name}/versions", json={"stage": "sft", "files": {}})
+    missing = client.get(f"/v1/models/{name}/versions/999999")
+    unknown_route = client.get("/v1/no-such-route")
+    invalid = client.get(f"/v1/models/{name}/versions", params={"limit": 0})
+    for r, status in [(refused, 401), (missing, 404), (unknown_route, 404), (invalid, 422)]:
+        assert r.status_code == status and set(r.json()) == {"error"} and set(r.json()["error"]) == shape, r.text
+    assert refused.json()["error"]["type"] == "authentication_error"
+    assert missing.json()["error"]["code"] == unknown_route.json()["error"]["code"] == "not_found"
+    assert invalid.json()["error"]["param"] == "limit" and invalid.json()["error"]["code"] == "invalid_value"

@@ -44,13 +44,13 @@ def test_submit_answers_202_with_the_job_on_both_paths(api, path):
 def test_bad_options_are_422_naming_the_field_and_queue_nothing(api):
     r = submit(api, {"stage": "base_train", "options": {"depth": 0}, "input": {"name": "m", "version": 1}})
     assert r.status_code == 422
-    assert r.json()["detail"][0]["loc"] == ["body", "options", "depth"]
+    assert r.json()["error"]["param"] == "options.depth"
     r = submit(api, {"stage": "tok_train", "options": {"vocab_sise": 300}})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "options", "vocab_sise"]
+    assert r.status_code == 422 and r.json()["error"]["param"] == "options.vocab_sise"
     r = submit(api, {"pipeline": "speedrun", "preset": "tiny", "options": {"base_train": {"matrix_lr": -1}}})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "options", "base_train", "matrix_lr"]
+    assert r.status_code == 422 and r.json()["error"]["param"] == "options.base_train.matrix_lr"
     r = submit(api, {"stage": "make_data", "options": {"data_dir": "/etc"}})
-    assert r.status_code == 422 and "set by the trainer" in r.json()["detail"][0]["msg"]
+    assert r.status_code == 422 and "set by the trainer" in r.json()["error"]["message"]
     r = submit(api, {"stage": "no_such_stage"})
     assert r.status_code == 422 and "unknown stage" in r.text
     r = submit(api, {"stage": "make_data", "resources": {"nproc_per_node": 0}})
@@ -75,6 +75,19 @@ def test_writes_need_the_bearer_token(api):
     assert api.post("/v1/jobs", json={"stage": "make_data"}, headers={"Authorization": "Bearer nope"}).status_code == 401
     assert api.post("/v1/jobs/x/cancel").status_code == 401
     assert api.get("/v1/jobs").status_code == 200
+
+
+def test_401_404_422_share_the_error_shape(api):
+    shape = {"message", "type", "param", "code"}
+    refused = api.post("/v1/jobs", json={"stage": "make_data"})
+    missing = api.get("/v1/jobs/no-such-job")
+    unknown_route = api.get("/v1/no-such-route")
+    invalid = api.get("/v1/jobs", params={"limit": 0})
+    for r, status in [(refused, 401), (missing, 404), (unknown_route, 404), (invalid, 422)]:
+        assert r.status_code == status and set(r.json()) == {"error"} and set(r.json()["error"]) == shape, r.text
+    assert refused.json()["error"]["type"] == "authentication_error"
+    assert missing.json()["error"]["code"] == unknown_route.json()["error"]["code"] == "not_found"
+    assert invalid.json()["error"]["param"] == "limit" and invalid.json()["error"]["code"] == "invalid_value"
 
 
 def test_idempotency_key_returns_the_same_job(api):
@@ -103,7 +116,7 @@ def test_input_is_resolved_against_the_registry(api, registry_url, tmp_path):
     missing = submit(api, {"stage": "tok_eval", "input": {"name": "absent-model", "version": 7}})
     assert missing.status_code == 404
     needs = submit(api, {"stage": "tok_eval"})
-    assert needs.status_code == 422 and needs.json()["detail"][0]["loc"] == ["body", "input"]
+    assert needs.status_code == 422 and needs.json()["error"]["param"] == "input"
     unexpected = submit(api, {"stage": "tok_train", "input": {"name": "m", "version": 1}})
     assert unexpected.status_code == 422
     both = submit(api, {"stage": "tok_eval", "input": {"name": "m", "version": 1, "alias": "serving"}})

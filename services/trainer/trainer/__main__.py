@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer import logs
+from service_kit import logs
+
 from trainer.doctor import PARTS
 from trainer.settings import get_settings
 

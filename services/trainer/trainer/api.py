@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,15 +23,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from nanochat.stages.options import PIPELINES, PRESETS
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from redis import Redis
+from service_kit import logs
+from service_kit.app import create_app as create_service_app
+from service_kit.auth import AuthFirstRoute, Tokens, require_write
+from service_kit.ops import Readiness, probe
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from trainer import logs
 from trainer.db import STATUSES, TERMINAL, Database, Job, JobNode, migrate
 from trainer.dispatch import cancel_tasks, enqueue_job, queue_depth, request_cancel
 from trainer.reaper import Reaper
@@ -63,18 +65,6 @@ def _state(request: Request) -> State:
 
 
 StateDep = Annotated[State, Depends(_state)]
-
-
-def _require_writer(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    token = _state(request).settings.write_token
-    if not token:
-        raise HTTPException(401, "writes are disabled: the server has no TRAINER_WRITE_TOKEN")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
-        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-
-
-Writer = Depends(_require_writer)
 
 
 def _job_url(request: Request, job_id: str) -> str:
@@ -118,13 +108,13 @@ def _resolve_input(state: State, body: JobRequest, steps: list[dict[str, Any]]) 
     expected = first_input_stage(steps)
     if body.input is None:
         if expected is not None:
-            raise HTTPException(422, [{"loc": ["body", "input"], "type": "missing",
-                                       "msg": f"this job reads a {expected} model first: give input "
-                                              "{name, version | alias | stage}"}])
+            raise RequestValidationError([{"loc": ["body", "input"], "type": "missing",
+                                           "msg": f"this job reads a {expected} model first: give input "
+                                                  "{name, version | alias | stage}"}])
         return None
     if expected is None:
-        raise HTTPException(422, [{"loc": ["body", "input"], "type": "unexpected",
-                                   "msg": "this job reads no input model (it makes what it reads)"}])
+        raise RequestValidationError([{"loc": ["body", "input"], "type": "unexpected",
+                                       "msg": "this job reads no input model (it makes what it reads)"}])
     spec = body.input
     try:
         found = state.registry.resolve(spec.name, version=spec.version, alias=spec.alias, stage=spec.stage)
@@ -133,9 +123,9 @@ def _resolve_input(state: State, body: JobRequest, steps: list[dict[str, Any]]) 
     except RegistryUnavailable as e:
         raise HTTPException(503, f"the registry cannot be reached to resolve the input: {e}") from None
     if found.stage not in ACCEPTED_INPUTS[expected]:
-        raise HTTPException(422, [{"loc": ["body", "input"], "type": "wrong_stage",
-                                   "msg": f"{found.name}:{found.version} is a {found.stage} version; this job "
-                                          f"needs {' or '.join(sorted(ACCEPTED_INPUTS[expected]))}"}])
+        raise RequestValidationError([{"loc": ["body", "input"], "type": "wrong_stage",
+                                       "msg": f"{found.name}:{found.version} is a {found.stage} version; this "
+                                              f"job needs {' or '.join(sorted(ACCEPTED_INPUTS[expected]))}"}])
     return {"name": found.name, "version": found.version, "stage": found.stage}
 
 
@@ -203,7 +193,7 @@ def _read_events(path: Path) -> Iterator[dict[str, Any]]:
                 continue
 
 
-router = APIRouter()
+router = APIRouter(route_class=AuthFirstRoute)
 
 
 @router.get("/stages", response_model=StagesOut)
@@ -212,7 +202,7 @@ def list_stages() -> StagesOut:
     return StagesOut(stages=job_option_schemas(), pipelines=PIPELINES, presets=sorted(PRESETS))
 
 
-@router.post("/jobs", status_code=202, response_model=JobOut, dependencies=[Writer])
+@router.post("/jobs", status_code=202, response_model=JobOut, dependencies=[require_write])
 def submit_job(body: JobRequest, request: Request, state: StateDep, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Queue a stage or a pipeline; 202 with the job and its URL (`Location`)."""
@@ -225,7 +215,7 @@ def submit_job(body: JobRequest, request: Request, state: StateDep, response: Re
     try:
         steps = plan_steps(body)
     except OptionsInvalid as e:
-        raise HTTPException(422, e.errors) from None
+        raise RequestValidationError(e.errors) from None
     resolved = _resolve_input(state, body, steps)
     nnodes = body.resources.nnodes
     job_id = uuid.uuid4().hex
@@ -345,7 +335,7 @@ def job_metrics(job_id: str, state: StateDep, stage: str | None = None) -> Metri
     return MetricsOut(stage=stage, series=by_stage.get(stage, {}), stages=trained)
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, dependencies=[Writer])
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, dependencies=[require_write])
 def cancel_job(job_id: str, request: Request, state: StateDep) -> JobOut:
     """Cancel: a queued job ends at once; a running one gets SIGTERM to its process group, a grace
     period, then SIGKILL, and is `cancelled` once no process of it is left."""
@@ -399,8 +389,15 @@ class JobCollector:
         yield durations
 
 
+def readiness(request: Request) -> Readiness:
+    state = _state(request)
+    return Readiness({"database": probe(state.db.ping), "redis": probe(state.redis.ping),
+                      "registry": probe(state.registry.ping)})
+
+
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or get_settings()
+    metrics = CollectorRegistry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -408,69 +405,22 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         state = State(settings, registry)
         app.state.trainer = state
         state.reaper.start()
-        metrics = CollectorRegistry()
-        metrics.register(JobCollector(state))
-        app.state.metrics = metrics
-        app.state.requests = Counter("trainer_http_requests", "HTTP requests.", ["method", "status"], registry=metrics)
-        app.state.latency = Histogram("trainer_http_request_seconds", "HTTP request latency.", registry=metrics)
+        jobs = JobCollector(state)
+        metrics.register(jobs)
         yield
+        metrics.unregister(jobs)
         state.reaper.stop()
         state.db.engine.dispose()
 
-    app = FastAPI(title="nanochat trainer", version="0.1.0", lifespan=lifespan,
-                  description="Launch and watch nanochat training jobs: stages and pipelines run under torchrun.")
+    tokens = Tokens(write_token=settings.write_token,
+                    no_write_token="writes are disabled: the server has no TRAINER_WRITE_TOKEN")
+    app = create_service_app("trainer", tokens=tokens, readiness=readiness, metrics=metrics,
+                             max_body_bytes=settings.max_body_bytes, title="nanochat trainer", version="0.1.0",
+                             lifespan=lifespan, description="Launch and watch nanochat training jobs: stages and "
+                             "pipelines run under torchrun.")
+    # The bare paths are the mission's spelling (`POST /jobs`); /v1 is canonical and documented.
     app.include_router(router, prefix="/v1")
     app.include_router(router, include_in_schema=False)
-
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Any) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        token = logs.request_id.set(rid)
-        start = time.perf_counter()
-        try:
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                response: Response = JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes"},
-                                                  status_code=413)
-            else:
-                response = await call_next(request)
-            response.headers["X-Request-ID"] = rid
-            elapsed = time.perf_counter() - start
-            if hasattr(request.app.state, "requests"):
-                request.app.state.requests.labels(request.method, str(response.status_code)).inc()
-                request.app.state.latency.observe(elapsed)
-            log.info("request", extra={"method": request.method, "path": request.url.path,
-                                       "status_code": response.status_code, "duration_ms": round(elapsed * 1000, 1)})
-            return response
-        finally:
-            logs.request_id.reset(token)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    def ready(request: Request) -> JSONResponse:
-        state = _state(request)
-        checks: dict[str, str] = {}
-        for name, probe in (("database", state.db.ping), ("redis", state.redis.ping), ("registry", state.registry.ping)):
-            try:
-                probe()
-                checks[name] = "ok"
-            except Exception as e:
-                checks[name] = f"unavailable: {type(e).__name__}: {e}"
-        ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    def metrics(request: Request) -> Response:
-        return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
-
     return app
 
 
@@ -479,4 +429,5 @@ def main() -> None:
 
     settings = get_settings()
     logs.configure(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None)
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None,
+                access_log=False)

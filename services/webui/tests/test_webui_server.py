@@ -36,7 +36,8 @@ def test_health_and_page_with_strict_csp(client):
     assert page.headers["x-content-type-options"] == "nosniff"
     assert client.get("/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/../pyproject.toml").status_code == 404
-    assert client.get("/ready").json() == {"ready": True, "services": {"inference": True, "trainer": True, "registry": True}}
+    assert client.get("/ready").json() == {"status": "ready",
+                                           "checks": {"inference": "ok", "trainer": "ok", "registry": "ok"}}
 
 
 def test_proxy_passes_path_query_and_only_safe_headers(client):
@@ -104,8 +105,27 @@ def test_unreachable_service_and_oversized_body(fake):
         assert c.get("/ready").status_code == 503
         c.post("/api/session", json={"token": ADMIN_TOKEN})
         big = c.post("/api/trainer/_test/echo/x", content=b"x" * 5000)
-        assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+        def chunked():
+            yield from [b"x" * 600] * 2
+        streamed = c.post("/api/trainer/_test/echo/x", content=chunked())
+        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "request_too_large"
         assert c.post("/api/trainer/_test/echo/x", content=b"x" * 500).json()["body"] == "x" * 500
+
+
+def test_401_404_422_share_the_error_shape(fake):
+    shape = {"message", "type", "param", "code"}
+    with TestClient(create_app(settings_for(fake.url, chat_token="chat-token"))) as c:
+        refused = c.get("/api/inference/v1/models")
+        unknown_service = c.get("/api/elsewhere/v1/x")
+        unknown_file = c.get("/no-such-file.js")
+        invalid = c.post("/api/session", json={"token": ""})
+    for r, status in [(refused, 401), (unknown_service, 404), (unknown_file, 404), (invalid, 422)]:
+        assert r.status_code == status and set(r.json()) == {"error"} and set(r.json()["error"]) == shape, r.text
+    assert refused.json()["error"]["type"] == "authentication_error"
+    assert unknown_service.json()["error"]["code"] == unknown_file.json()["error"]["code"] == "not_found"
+    assert invalid.json()["error"]["param"] == "token" and invalid.json()["error"]["code"] == "invalid_value"
 
 
 def test_upstream_errors_pass_through_with_retry_after(client):

@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
+from service_kit.errors import error_response, validation_response
 
 INFERENCE_TOKEN = "inference-secret"
 TRAINER_TOKEN = "trainer-secret"
@@ -27,11 +28,6 @@ state = {
     "active": 0, "finished": 0, "disconnected": 0, "replies": 0, "busy_left": 1,
     "last_chat": None, "last_headers": None,
 }
-
-
-def openai_error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}},
-                        status_code=status, headers=headers)
 
 
 @app.get("/{service}/health")
@@ -82,14 +78,15 @@ async def chat(request: Request):
     state["last_chat"] = body
     state["last_headers"] = dict(request.headers)
     if request.headers.get("authorization") != f"Bearer {INFERENCE_TOKEN}":
-        return openai_error(401, "missing or wrong bearer token", "invalid_api_key")
+        return error_response(401, "missing or wrong bearer token")
     last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
     if "context" in last.lower():
-        return openai_error(400, "The prompt has 4100 tokens but the context is 2048 tokens.",
-                            "context_length_exceeded")
+        return error_response(400, "The prompt has 4100 tokens but the context is 2048 tokens.",
+                              code="context_length_exceeded")
     if "busy" in last.lower() and state["busy_left"] > 0:
         state["busy_left"] -= 1
-        return openai_error(429, "The waiting queue is full.", "rate_limit_exceeded", {"Retry-After": "1"})
+        return error_response(429, "The waiting queue is full.", code="queue_full",
+                              headers={"Retry-After": "1"})
     deltas, pause = reply_for(last)
 
     async def events():
@@ -150,7 +147,7 @@ async def list_jobs() -> dict:
 @app.get("/trainer/v1/jobs/{job_id}")
 async def get_job(job_id: str):
     if job_id not in jobs:
-        return JSONResponse({"detail": "no such job"}, status_code=404)
+        return error_response(404, "no such job")
     return jobs[job_id]
 
 
@@ -223,18 +220,17 @@ async def drop() -> dict:
 @app.post("/trainer/v1/jobs")
 async def create_job(request: Request):
     if request.headers.get("authorization") != f"Bearer {TRAINER_TOKEN}":
-        return JSONResponse({"detail": "bad token"}, status_code=401)
+        return error_response(401, "bad token")
     body = await request.json()
     if body.get("stage") == "base_train":
         try:
             options = BaseTrainOptions.model_validate(body.get("options", {}))
         except ValidationError as exc:
-            return JSONResponse({"detail": [{"loc": ["body", "options", *e["loc"]], "msg": e["msg"], "type": e["type"]}
-                                            for e in exc.errors()]}, status_code=422)
+            return validation_response([{**e, "loc": ["body", "options", *e["loc"]]} for e in exc.errors()], 422)
         if options.depth % 2 and (options.depth + 1) & options.depth:
-            return JSONResponse({"detail": [{"loc": ["body", "options", "depth"], "type": "value_error",
-                                             "msg": f"depth {options.depth}: an odd depth needs depth+1 to be a power of two"}]},
-                                status_code=422)
+            return validation_response([{"loc": ["body", "options", "depth"], "type": "value_error",
+                                         "msg": f"depth {options.depth}: an odd depth needs depth+1 to be a power of two"}],
+                                       422)
     job_id = f"job-{len(jobs) + 1}"
     jobs[job_id] = {"id": job_id, "stage": body.get("stage"), "pipeline": body.get("pipeline"), "status": "queued",
                     "created_at": time.time(), "progress": 0.0, "metrics": {}, "produced": [], "request": body}
@@ -244,7 +240,7 @@ async def create_job(request: Request):
 @app.post("/trainer/v1/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request):
     if request.headers.get("authorization") != f"Bearer {TRAINER_TOKEN}":
-        return JSONResponse({"detail": "bad token"}, status_code=401)
+        return error_response(401, "bad token")
     jobs[job_id]["status"] = "cancelled"
     return {"id": job_id, "status": "cancelled"}
 
@@ -278,7 +274,7 @@ async def registry_versions(name: str) -> dict:
 async def registry_lineage(name: str, version: int):
     by_version = {v["version"]: {"attachments": [], **v, "name": name} for v in versions}
     if version not in by_version:
-        return JSONResponse({"error": {"type": "not_found", "message": "no such version"}}, status_code=404)
+        return error_response(404, "no such version")
     parents, parent = [], by_version[version]["parent"]
     while parent:
         parents.append(by_version[parent["version"]])
@@ -300,10 +296,10 @@ class AliasMove(BaseModel):
 @app.put("/registry/v1/models/{name}/aliases/{alias}")
 async def move_alias(name: str, alias: str, move: AliasMove, request: Request):
     if request.headers.get("authorization") != f"Bearer {REGISTRY_TOKEN}":
-        return JSONResponse({"detail": "bad token"}, status_code=401)
+        return error_response(401, "bad token")
     target = next((v for v in versions if v["version"] == move.version), None)
     if target is None:
-        return JSONResponse({"detail": "no such version"}, status_code=404)
+        return error_response(404, "no such version")
     aliases[alias] = move.version
     if alias == "serving":
         # What inference does on alias.moved: serve the version the alias now names.

@@ -3,6 +3,7 @@
 import logging
 
 import uvicorn
+from service_kit import logs
 
 from webui.app import create_app
 from webui.settings import Settings
@@ -10,10 +11,10 @@ from webui.settings import Settings
 
 def main() -> None:
     settings = Settings()
-    # The server's own lines are JSON already; uvicorn's access log would only repeat them.
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logs.configure("INFO")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call is ours already
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
+    # uvicorn's own lines go through the root logger (JSON); the kit writes the access log.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
                 log_level="info")
 
 

@@ -12,10 +12,8 @@ this origin. Run it with `python -m webui`.
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Literal
@@ -24,8 +22,11 @@ import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, Field
+from service_kit.app import create_app as create_service_app
+from service_kit.errors import error_response
+from service_kit.ops import Readiness
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from webui.settings import Settings
@@ -54,11 +55,6 @@ log = logging.getLogger("webui")
 
 class Login(BaseModel):
     token: str = Field(min_length=1, max_length=4096)
-
-
-def error_body(message: str, code: str) -> dict:
-    """OpenAI's error shape, which the inference service uses too, so the UI reads one format."""
-    return {"error": {"message": message, "type": code, "code": code}}
 
 
 class Sessions:
@@ -108,8 +104,9 @@ class Metrics:
                                   ["service"], registry=self.registry)
 
 
-class EdgeMiddleware:
-    """Request id, security headers and one JSON access-log line for every request."""
+class SecurityHeaders:
+    """The browser-facing headers of every answer: no sniffing, no referrer, and a CSP that is
+    strict for the UI's pages and a sandbox for proxied files."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -118,27 +115,16 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = time.perf_counter()
         is_proxy = scope["path"].startswith("/api/") and not scope["path"].startswith("/api/session")
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 extra = [
-                    (b"x-request-id", request_id.encode()),
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"),
                     (b"content-security-policy", (PROXY_CSP if is_proxy else PAGE_CSP).encode()),
                 ]
                 message["headers"] = list(message.get("headers", [])) + extra
-                log.info(json.dumps({
-                    "msg": "request", "request_id": request_id, "method": scope["method"],
-                    "path": scope["path"], "status": message["status"],
-                    "ms": round((time.perf_counter() - started) * 1000, 1),
-                }))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -174,8 +160,8 @@ class UpstreamStream(Response):
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             if forward in done and forward.exception() is not None and not isinstance(forward.exception(), OSError):
-                log.warning(json.dumps({"msg": "upstream stream broke", "service": self.service,
-                                        "error": repr(forward.exception())}))
+                log.warning("upstream stream broke", extra={"service": self.service,
+                                                            "error": repr(forward.exception())})
         finally:
             await self.upstream.aclose()
             gauge.dec()
@@ -192,6 +178,21 @@ class UpstreamStream(Response):
     async def _watch_disconnect(receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+
+
+async def readiness(request: Request) -> Readiness:
+    """Each service answers its /health (liveness: the UI can reach it; its own /ready is its business)."""
+    client: httpx.AsyncClient = request.app.state.client
+    bases: dict[str, str] = request.app.state.bases
+
+    async def probe(service: str) -> str:
+        try:
+            response = await client.get(f"{bases[service]}/health", timeout=2.0)
+        except httpx.HTTPError as e:
+            return f"unreachable: {type(e).__name__}"
+        return "ok" if response.status_code == 200 else f"/health answered {response.status_code}"
+
+    return Readiness(dict(zip(SERVICES, await asyncio.gather(*(probe(s) for s in SERVICES)))))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -217,34 +218,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.client = client
             yield
 
-    app = FastAPI(title="nanochat web UI", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(EdgeMiddleware)
+    app = create_service_app("webui", readiness=readiness, metrics=metrics.registry,
+                             max_body_bytes=settings.max_body_bytes, title="nanochat web UI", lifespan=lifespan,
+                             docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(SecurityHeaders)
+    app.state.bases = bases
 
     def role_of(request: Request) -> Role | None:
         return sessions.role_of(request.cookies.get(SESSION_COOKIE))
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
-        client: httpx.AsyncClient = request.app.state.client
-
-        async def probe(service: str) -> bool:
-            try:
-                response = await client.get(f"{bases[service]}/health", timeout=2.0)
-                return response.status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        results = dict(zip(SERVICES, await asyncio.gather(*(probe(s) for s in SERVICES))))
-        return JSONResponse({"ready": all(results.values()), "services": results},
-                            status_code=200 if all(results.values()) else 503)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/session")
     async def session(request: Request) -> dict:
@@ -258,7 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def login(body: Login) -> JSONResponse:
         role = sessions.role_for_token(body.token)
         if role is None:
-            return JSONResponse(error_body("That token is not valid here.", "invalid_token"), status_code=401)
+            return error_response(401, "That token is not valid here.", code="invalid_token")
         response = JSONResponse({"role": role})
         response.set_cookie(SESSION_COOKIE, sessions.issue(role), max_age=sessions.max_age, httponly=True,
                             samesite="strict", secure=settings.secure_cookies, path="/")
@@ -273,23 +254,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.api_route("/api/{service}/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
     async def proxy(service: str, path: str, request: Request) -> Response:
         if service not in bases:
-            return JSONResponse(error_body(f"Unknown service {service!r}; the UI proxies "
-                                           f"{', '.join(SERVICES)}.", "not_found"), status_code=404)
+            return error_response(404, f"Unknown service {service!r}; the UI proxies {', '.join(SERVICES)}.")
         role = role_of(request)
         if service == "inference" and sessions.chat is not None and role is None:
-            return JSONResponse(error_body("Chat needs a token here: sign in first.", "login_required"),
-                                status_code=401)
+            return error_response(401, "Chat needs a token here: sign in first.", code="login_required")
         if service != "inference" and request.method not in ("GET", "HEAD") and role != "admin":
-            return JSONResponse(error_body("Changing jobs or models needs the admin token: sign in as admin.",
-                                           "admin_required"), status_code=403)
-        declared = request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > settings.max_body_bytes:
-            return JSONResponse(error_body("Request body too large.", "body_too_large"), status_code=413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_body_bytes:
-                return JSONResponse(error_body("Request body too large.", "body_too_large"), status_code=413)
+            return error_response(403, "Changing jobs or models needs the admin token: sign in as admin.",
+                                  code="admin_required")
+        # The service kit's body limit stops this read at WEBUI_MAX_BODY_BYTES, chunked or not.
+        body = await request.body()
 
         # The raw path keeps the browser's percent-encoding: the service gets exactly what was typed.
         raw_path = request.scope["raw_path"].decode("latin-1")
@@ -297,18 +270,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         query = request.scope["query_string"].decode("latin-1")
         url = bases[service] + rest + (f"?{query}" if query else "")
         headers = {k: v for k, v in request.headers.items() if k in FORWARDED_REQUEST_HEADERS}
-        headers["x-request-id"] = request.scope["state"]["request_id"]
+        headers["x-request-id"] = request.state.request_id
         if tokens[service] is not None:
             headers["authorization"] = f"Bearer {tokens[service].get_secret_value()}"
         client: httpx.AsyncClient = request.app.state.client
-        upstream_request = client.build_request(request.method, url, headers=headers, content=bytes(body))
+        upstream_request = client.build_request(request.method, url, headers=headers, content=body)
         try:
             upstream = await client.send(upstream_request, stream=True)
         except httpx.HTTPError as exc:
             metrics.requests.labels(service, "unreachable").inc()
-            log.warning(json.dumps({"msg": "upstream unreachable", "service": service, "error": repr(exc)}))
-            return JSONResponse(error_body(f"The {service} service cannot be reached right now.",
-                                           "upstream_unavailable"), status_code=502)
+            log.warning("upstream unreachable", extra={"service": service, "error": repr(exc)})
+            return error_response(502, f"The {service} service cannot be reached right now.")
         metrics.requests.labels(service, str(upstream.status_code)).inc()
         return UpstreamStream(upstream, service, metrics)
 

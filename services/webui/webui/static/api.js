@@ -1,12 +1,13 @@
-// Calls to the services through this origin's /api proxy, errors turned into one readable shape.
+// Calls to the services through this origin's /api proxy. Every service (and this server)
+// answers errors in one shape, OpenAI's: {"error": {"message", "type", "param", "code"}}.
 
 export class ApiError extends Error {
-  constructor(status, code, message, retryAfter = null, detail = null) {
+  constructor(status, code, message, retryAfter = null, param = null) {
     super(message);
     this.status = status;
     this.code = code;
     this.retryAfter = retryAfter;
-    this.detail = detail;
+    this.param = param; // the request field at fault, as a dotted path ("options.depth"), or null
   }
 }
 
@@ -24,22 +25,18 @@ function describe(status, code, message, service) {
 async function toError(response, service) {
   let code = `http_${response.status}`;
   let message = "";
-  let detail = null;
+  let param = null;
   try {
-    const body = await response.json();
-    if (body && body.error) {
-      code = body.error.code || body.error.type || code;
-      message = body.error.message || "";
-    } else if (body && body.detail !== undefined) {
-      detail = body.detail;
-      message = typeof body.detail === "string" ? body.detail : "The request was not valid.";
-    }
+    const { error } = await response.json();
+    code = error.code || error.type || code;
+    message = error.message || "";
+    param = error.param ?? null;
   } catch {
-    message = response.statusText;
+    message = response.statusText; // not JSON: a proxy or server in between answered
   }
   const retry = Number.parseFloat(response.headers.get("retry-after"));
   return new ApiError(response.status, code, describe(response.status, code, message, service),
-    Number.isFinite(retry) ? retry : null, detail);
+    Number.isFinite(retry) ? retry : null, param);
 }
 
 export async function request(path, { method = "GET", body, signal } = {}) {

@@ -200,20 +200,15 @@ export function mountLaunch(root, app) {
       const id = created?.id ?? created?.job_id;
       location.hash = id ? `#/jobs/${encodeURIComponent(id)}` : "#/jobs";
     } catch (err) {
-      if (err instanceof ApiError && Array.isArray(err.detail)) {
-        // FastAPI's 422: each error's loc ends with the field it is about.
-        // For a pipeline, loc is [body, options, stage, field, ...].
-        const byField = {};
+      if (err instanceof ApiError && err.status === 422 && err.param) {
+        // The trainer's 422 names the first field at fault in `param`: "options.depth", or
+        // "options.base_train.depth" for a pipeline's stage; the message lists every problem.
         const known = new Set([...fields.map((f) => f.key), ...Object.keys(common)]);
-        const loose = [];
-        for (const d of err.detail) {
-          const loc = d.loc || [];
-          const staged = loc[1] === "options" && known.has(`${loc[2]}-${loc[3]}`) ? `${loc[2]}-${loc[3]}` : null;
-          const name = staged ?? [...loc].reverse().find((part) => known.has(part));
-          if (name) byField[name] = d.msg;
-          else loose.push(`${(d.loc || []).slice(1).join(".")}: ${d.msg}`);
-        }
-        showErrors(byField, loose.length ? loose.join("; ") : "The trainer rejected some fields: see below.");
+        const path = err.param.split(".");
+        const staged = path[0] === "options" && known.has(`${path[1]}-${path[2]}`) ? `${path[1]}-${path[2]}` : null;
+        const name = staged ?? [...path].reverse().find((part) => known.has(part));
+        if (name) showErrors({ [name]: err.message }, "The trainer rejected a field: see below.");
+        else showErrors({}, err.message);
       } else {
         showErrors({}, err.message);
       }
