@@ -142,7 +142,7 @@ class TokEvalOptions(StageOptions):
 class CompiledTrainOptions(TrainOptions):
     """base and mid training, whose fixed-shape steps torch.compile speeds up."""
 
-    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model for the training steps. auto: on for CUDA; on CPU the first step runs eager and compiling starts when the remaining steps would win back its cost (train_loop.TrainingForward).")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model for the training steps. auto: on for CUDA; on CPU two steps run eager and compiling starts when the second one's time says the remaining steps win back its cost (train_loop.TrainingForward).")
 
 
 class BaseTrainOptions(CompiledTrainOptions):

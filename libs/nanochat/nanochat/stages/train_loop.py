@@ -9,7 +9,7 @@ bottom and calls these small pieces:
   `muon_momentum(step)` (0.85 -> 0.95 over 300 steps), `set_lr`, `set_momentum`.
 - `ProgressMeter`: debiased EMA of the loss, tokens/s over every token of a step, MFU, ETA.
 - `TrainingForward(model, mode, device)`: the training steps' model call, `torch.compile`d per
-  `--compile` (auto: on CUDA; on CPU when the first step's time says the run wins it back).
+  `--compile` (auto: on CUDA; on CPU when the second step's time says the run wins it back).
 - `evaluate_bpb(model, batches, token_bytes, ctx)`: bits per byte, summed over every rank.
 - `base_samples(model, tokenizer)`: greedy completions of the original's seven fixed prompts
   (base_train at the end and every `--sample-every` steps, base_loss; the report prints them).
@@ -227,14 +227,15 @@ class TrainingForward:
     """The model call of the training steps, eager or `torch.compile`d (`--compile`).
 
     on: compiled from the first step. auto: compiled at once on CUDA (the original compiles its
-    model, and its speedrun time counts on it); on CPU the first step runs eager and its time
-    decides: compile when the remaining steps would save more (CPU_COMPILE_GAIN of each) than
-    compiling costs (CPU_COMPILE_SECONDS). Only the training steps use it: evals, samples and
+    model, and its speedrun time counts on it); on CPU the first two steps run eager and the
+    second one's time decides (the first carries one-time warm-up): compile when the remaining
+    steps would save more (CPU_COMPILE_GAIN of each) than compiling costs (CPU_COMPILE_SECONDS). Only the training steps use it: evals, samples and
     checkpoints use the model itself, whose parameters the compiled module shares."""
 
     def __init__(self, model: GPT, mode: str, device: torch.device):
         self.model = model
         self.undecided = mode == "auto" and device.type == "cpu"
+        self.eager_steps = 0
         self.forward = torch.compile(model, dynamic=False) if mode == "on" or (mode == "auto" and device.type == "cuda") \
             else model
 
@@ -245,9 +246,12 @@ class TrainingForward:
     def compiled(self) -> bool:
         return self.forward is not self.model
 
-    def after_first_step(self, step_seconds: float, remaining_steps: int) -> None:
-        """auto on CPU: compile now when the rest of the run wins back the compile time."""
+    def after_step(self, step_seconds: float, remaining_steps: int) -> None:
+        """auto on CPU: after the second eager step, compile when the rest of the run wins the cost back."""
         if not self.undecided:
+            return
+        self.eager_steps += 1
+        if self.eager_steps < 2 and remaining_steps > 0:
             return
         self.undecided = False
         saving = CPU_COMPILE_GAIN * step_seconds * remaining_steps
