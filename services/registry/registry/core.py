@@ -1,8 +1,9 @@
 """Registry logic as plain functions over a `Registry` (database sessions, blob store, events).
 
-The HTTP layer (`registry.api`) only parses requests and calls these; tests can call them
-directly. Every function raises a `RegistryError` subclass for anything the caller got wrong,
-which the HTTP layer turns into a JSON error with the matching status.
+The HTTP layer (`registry.routes`, mounted by `registry.api`) only parses requests and calls
+these; tests can call them directly. Every function raises a `RegistryError` subclass for
+anything the caller got wrong, which the HTTP layer turns into a JSON error with the matching
+status.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from registry import core
 from registry.api import create_app
 from registry.db import Blob, Version, utcnow
+from registry.ranges import parse_range
 from registry.schemas import VersionCreate
 from registry.settings import Settings
 
@@ -196,6 +197,13 @@ def test_traversal_in_url_is_refused(client, name):
         assert client.get(f"/v1/models/{name}/versions/{v}/files/{raw}").status_code == 400
     assert client.post("/v1/models/bad%20name/versions", headers=AUTH,
                        json={"stage": "sft", "files": {"a": blob(b"a")}}).status_code == 400
+
+
+def test_parse_range_forms():
+    assert parse_range("bytes=0-9", 100) == (0, 10) and parse_range("bytes=90-", 100) == (90, 100)
+    assert parse_range("bytes=-5", 100) == (95, 100) and parse_range("bytes=50-500", 100) == (50, 100)
+    for unsatisfiable in ["bytes=100-", "bytes=9-3", "bytes=-0", "bytes=-", "items=0-1", "bytes=0-1,4-5"]:
+        assert parse_range(unsatisfiable, 100) is None, unsatisfiable
 
 
 def test_range_downloads(client, name):
