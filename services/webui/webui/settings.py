@@ -7,6 +7,8 @@ Service tokens stay here on the server: the browser never sees them.
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+SERVICES = ("inference", "trainer", "registry")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WEBUI_")
@@ -35,6 +37,15 @@ class Settings(BaseSettings):
 
     connect_timeout_s: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+
+    def upstream(self, service: str) -> tuple[str, SecretStr | None]:
+        """The base URL (without a trailing slash) and the bearer token of a proxied service."""
+        url, token = {
+            "inference": (self.inference_url, self.inference_token),
+            "trainer": (self.trainer_url, self.trainer_token),
+            "registry": (self.registry_url, self.registry_token),
+        }[service]
+        return str(url).rstrip("/"), token
 
     @field_validator("inference_token", "trainer_token", "registry_token", "admin_token", "chat_token",
                      "session_secret", mode="before")

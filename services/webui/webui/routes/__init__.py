@@ -1,0 +1,1 @@
+"""The web UI server's routes: the login session and the proxy to the services."""

@@ -1,0 +1,78 @@
+"""Responses of the proxied services, streamed through to the browser, and the proxy's metrics."""
+
+import asyncio
+import logging
+
+import httpx
+from fastapi import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.types import Receive, Scope, Send
+
+# Only these request headers reach a service: the browser's cookies and Authorization stay here.
+FORWARDED_REQUEST_HEADERS = ("accept", "content-type", "last-event-id", "if-none-match", "range")
+# Connection-level headers (RFC 9110 7.6.1) and the ones the ASGI server sets itself.
+DROPPED_RESPONSE_HEADERS = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "set-cookie", "www-authenticate", "server", "date",
+}
+
+log = logging.getLogger("webui.upstream")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("webui_proxy_requests", "Proxied requests by service and status",
+                                ["service", "status"], registry=self.registry)
+        self.open_streams = Gauge("webui_proxy_open_streams", "Proxied responses still streaming",
+                                  ["service"], registry=self.registry)
+
+
+class UpstreamStream(Response):
+    """Streams an upstream response to the browser chunk by chunk, without buffering.
+
+    It watches for the browser going away at the same time, so a client that stops reading
+    (the chat's Stop button, a closed tab) closes the upstream connection at once, even while
+    the service sends nothing; the service sees the disconnect and frees the request.
+    """
+
+    def __init__(self, upstream: httpx.Response, service: str, metrics: Metrics):
+        super().__init__(status_code=upstream.status_code)
+        self.upstream = upstream
+        self.service = service
+        self.metrics = metrics
+        self.raw_headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in upstream.headers.multi_items() if k.lower() not in DROPPED_RESPONSE_HEADERS
+        ] + [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gauge = self.metrics.open_streams.labels(self.service)
+        gauge.inc()
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            forward = asyncio.create_task(self._forward(send))
+            watch = asyncio.create_task(self._watch_disconnect(receive))
+            done, pending = await asyncio.wait({forward, watch}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if forward in done and forward.exception() is not None and not isinstance(forward.exception(), OSError):
+                log.warning("upstream stream broke", extra={"service": self.service,
+                                                            "error": repr(forward.exception())})
+        finally:
+            await self.upstream.aclose()
+            gauge.dec()
+
+    async def _forward(self, send: Send) -> None:
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError:
+            pass  # the service went away mid-stream: end the response, the browser sees it cut short
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _watch_disconnect(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
