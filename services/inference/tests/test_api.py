@@ -211,7 +211,7 @@ def test_metrics(server, client):
 def test_request_id_in_header_and_json_logs(server, caplog):
     from service_kit.logs import JsonFormatter
 
-    caplog.set_level(logging.INFO, logger="inference.api")
+    caplog.set_level(logging.INFO, logger="inference.runs")
     body = {"messages": CHAT, "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
         events = sse_events(r)

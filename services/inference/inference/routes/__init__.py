@@ -1,0 +1,1 @@
+"""The OpenAI-compatible routes, one module per endpoint; `inference.api` mounts them."""

@@ -1,0 +1,84 @@
+"""`POST /chat/completions`: OpenAI's chat completions, calculator use included.
+
+Streams carry the python expression and its result in `delta.nanochat_tool`; whole answers in
+`message.nanochat_parts` (next to the plain `content` OpenAI clients read).
+"""
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from service_kit.auth import AuthFirstRoute, require_read
+from service_kit.errors import APIError
+
+from nanochat.tokenizer import ConversationError
+
+from inference import schemas
+from inference.deps import RunnerDep
+from inference.generation import Generation, Update, merge_text
+from inference.runs import sse, usage
+
+router = APIRouter(route_class=AuthFirstRoute, dependencies=[require_read])
+
+
+@dataclass
+class ChatStream:
+    """A chat completion as `chat.completion.chunk` events."""
+
+    rid: str
+    created: int
+    model: str
+
+    def chunk(self, choices: list[schemas.ChatChunkChoice], u: schemas.Usage | None = None) -> bytes:
+        return sse(schemas.ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=choices,
+                                               usage=u).model_dump_json())
+
+    def first(self, gen: Generation) -> list[bytes]:
+        return [self.chunk([schemas.ChatChunkChoice(index=c.index, delta={"role": "assistant", "content": ""})
+                            for c in gen.choices])]
+
+    def chunks(self, updates: list[Update]) -> list[bytes]:
+        out = []
+        for u in updates:
+            for kind, text in merge_text(u.parts):
+                delta = {"content": text} if kind == "text" else {"nanochat_tool": {"type": kind, "text": text}}
+                out.append(self.chunk([schemas.ChatChunkChoice(index=u.choice, delta=delta)]))
+            if u.finish_reason is not None:
+                out.append(self.chunk([schemas.ChatChunkChoice(index=u.choice, delta={},
+                                                               finish_reason=u.finish_reason)]))
+        return out
+
+    def usage(self, u: schemas.Usage) -> bytes:
+        return self.chunk([], u)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: schemas.ChatCompletionRequest, request: Request, runner: RunnerDep) -> Response:
+    served = runner.acquire(body.model)
+    try:
+        try:
+            conversation = [{"role": m.role, "content": m.rendered_content()} for m in body.messages]
+            prompt = served.tokenizer.render_for_completion({"messages": conversation})
+        except (ConversationError, ValueError) as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value") from None
+        gen = runner.start(served, [prompt], body, body.max_completion_tokens or body.max_tokens)
+    except BaseException:
+        runner.release(served)
+        raise
+    rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.info.name
+    if body.stream:
+        return runner.stream(gen, served, rid, "chat", ChatStream(rid, created, name), body.include_usage)
+
+    if not await runner.finish_plain(gen, served, request, rid, "chat"):
+        return Response(status_code=499)
+    choices = []
+    for c in gen.choices:
+        parts = merge_text(c.parts)
+        content = "".join(text for kind, text in parts if kind == "text")
+        message = schemas.AssistantMessage(content=content, nanochat_parts=[
+            schemas.ToolPart(type=kind, text=text) for kind, text in parts])
+        choices.append(schemas.ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason))
+    return JSONResponse(schemas.ChatCompletion(id=rid, created=created, model=name, choices=choices,
+                                               usage=usage(gen)).model_dump(), headers={"X-Request-Id": rid})
