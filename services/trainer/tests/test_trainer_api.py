@@ -8,6 +8,7 @@ import json
 import pytest
 from registry_client import RegistryClient
 
+from trainer.curves import curves
 from trainer.worker import events_path
 from nanochat_testing.data import TINY_DATA
 from trainer_testlib import AUTH, REGISTRY_TOKEN
@@ -157,6 +158,17 @@ def test_metrics_series_default_to_the_last_stage_that_trained(api, settings):
     assert body["series"]["loss"] == [[1, 8.0], [2, 7.0]] and body["series"]["val_bpb"] == [[2, 3.1]]
     assert api.get(f"/v1/jobs/{job['id']}/metrics", params={"stage": "base_eval"}).json()["series"] == {
         "core": [[0, 0.1]]}
+
+
+def test_curves_follow_the_current_stage_while_it_trains():
+    events = [{"stage": "base_train", "type": "progress", "step": 1, "loss": 8.0},
+              {"stage": "mid_train", "type": "progress", "step": 3, "loss": 6.0, "mfu": 0.2},
+              {"stage": "mid_train", "type": "eval", "name": "val_bpb", "value": 2.5}]
+    now = curves(events, None, "mid_train")
+    assert now.stage == "mid_train" and now.stages == ["base_train", "mid_train"]
+    assert now.series == {"loss": [(3, 6.0)], "mfu": [(3, 0.2)], "val_bpb": [(3, 2.5)]}
+    assert curves(events, "tok_train", "mid_train").series == {}
+    assert curves([], None, "make_data").model_dump() == {"stage": "make_data", "series": {}, "stages": []}
 
 
 def test_health_ready_and_metrics(api):
