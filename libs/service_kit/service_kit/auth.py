@@ -56,6 +56,9 @@ class Tokens:
 
 
 class TokenCheck(HTTPBearer):
+    """An HTTPBearer, so OpenAPI documents the scheme, that lets a request of `role` through or
+    raises the 401; it hands the route nothing, hence the narrower `__call__`."""
+
     def __init__(self, role: Literal["read", "write"]):
         super().__init__(scheme_name="HTTPBearer", auto_error=False)
         self.role = role
