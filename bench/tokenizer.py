@@ -30,7 +30,7 @@ import rustbpe
 import tiktoken
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nanochat.stages.make_data import stdlib_files
+from nanochat.offline_corpus import stdlib_files
 
 CORPUS_BYTES = 10_000_000
 RANKS = 4096

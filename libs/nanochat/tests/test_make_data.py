@@ -22,7 +22,7 @@ from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.mixtures import mid_mixture, sft_mixture
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
-from nanochat.stages.make_data import REAL_TASK_SPLITS
+from nanochat.real_data import REAL_TASK_SPLITS
 
 SMALL = ["--chat-train", "200", "--chat-test", "20", "--math-train", "100", "--math-test", "20", "--mc-train", "100",
          "--mc-test", "20", "--identity-train", "100", "--identity-test", "30", "--core-items", "20"]

@@ -11,7 +11,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.manifest import ManifestError
 from nanochat.optim import step
-from nanochat.stages.make_data import synthetic_docs
+from nanochat.offline_corpus import synthetic_docs
 from nanochat.tokenizer import Tokenizer
 
 STEPS, BATCH, SEQ = 50, 8, 64
