@@ -37,7 +37,7 @@ browser:
 # Each suite runs in its own pytest process: suites share module names (conftest, test_events).
 # A suite that fails, or collects no test (pytest's exit 5), stops the run with its exit code;
 # `make test-fast` deselects slow tests, so there a suite left empty (exit 5) is fine.
-SUITES := rustbpe/tests libs/nanochat/tests libs/testing/tests libs/registry_client/tests libs/service_kit/tests \
+SUITES := rustbpe/tests libs/nanochat/tests libs/testing/tests libs/registry_client/tests libs/service_kit/tests libs/contracts/tests \
 	services/registry/tests services/trainer/tests services/inference/tests services/webui/tests tests
 PYTEST_ARGS ?=
 ALLOW_EMPTY ?=

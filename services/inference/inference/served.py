@@ -6,9 +6,10 @@ cache) in a model process of its own (`model_process.py`). `ModelManager` holds 
 model while streams on the old one run to their end; the old one is stopped and freed when its
 last request is released.
 
-Sources (DESIGN.md "What inference serves"): a local folder (`INFERENCE_MODEL_DIR`), or the
-registry: the version the `serving` alias points at, else the newest ready sft/rl version,
-downloaded into the cache and hash-checked by `registry_client`. A background thread listens on
+Sources: a local folder (`INFERENCE_MODEL_DIR`), or the registry: the version the serving rule
+(`nanochat_contracts.serving`) names, which the registry's resolve picks (the `serving` alias,
+else the newest ready sft/rl version), downloaded into the cache and hash-checked by
+`registry_client`. A background thread listens on
 the Redis channel for `model.registered` (sft/rl) and `alias.moved` (serving) and resolves again;
 without Redis (unset or down) it polls the registry every `poll_interval_s`, so an outage delays
 a swap but never loses it. If the served version disappears from the registry it stays served.
@@ -26,6 +27,7 @@ from pathlib import Path
 import redis
 from nanochat.checkpoint import TOKENIZER_DIR
 from nanochat.tokenizer import Tokenizer
+from nanochat_contracts.serving import SERVED_STAGES
 from registry_client import RegistryClient, RegistryError
 from registry_client.client import VersionInfo
 
@@ -33,8 +35,6 @@ from inference.model_process import ModelProcess
 from inference.settings import Settings
 
 log = logging.getLogger("inference.served")
-
-SERVED_STAGES = ("sft", "rl")
 
 
 class NoModel(Exception):
@@ -183,15 +183,16 @@ class ModelManager:
             log.exception("loading %s failed", self.settings.model_dir)
 
     def resolve(self) -> VersionInfo | None:
-        """The version the rules name: the serving alias, else the newest ready sft/rl version."""
+        """The version the serving rule names, as the registry's resolve picks it: the serving
+        alias, else its default (the newest ready sft/rl version); None when there is neither."""
         name = self.settings.model_name
-        try:
-            return self._registry.resolve(name, alias=self.settings.serving_alias)
-        except RegistryError as e:
-            if e.status != 404:
-                raise
-        newest = self._registry.list_versions(name, stage=list(SERVED_STAGES), state=["ready"], limit=1)
-        return newest[0] if newest else None
+        for alias in (self.settings.serving_alias, None):
+            try:
+                return self._registry.resolve(name, alias=alias)
+            except RegistryError as e:
+                if e.status != 404:
+                    raise
+        return None
 
     def refresh(self) -> None:
         """Resolve again and swap when the rules name another version than the one served."""

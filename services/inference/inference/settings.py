@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nanochat_contracts.serving import SERVING_ALIAS
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -27,7 +28,7 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path("~/.cache/nanochat/models")
     # The registry model name served; `GET /v1/models` lists it under this id.
     model_name: str = "nanochat"
-    serving_alias: str = "serving"
+    serving_alias: str = SERVING_ALIAS
     redis_url: str | None = None
     events_channel: str = "nanochat:events"
     # How often to resolve again when Redis is unset or unreachable (events are then missed).

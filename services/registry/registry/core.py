@@ -20,6 +20,8 @@ from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from nanochat_contracts import names, serving
+
 from registry.blobs import MAX_PART, MAX_PARTS, MIN_PART, BlobMismatch, BlobStore, BlobWriter, PartsMissing
 from registry.db import Alias, Blob, File, Model, Upload, Version, utcnow
 from registry.events import EventPublisher
@@ -27,9 +29,6 @@ from registry.schemas import VersionCreate
 
 log = logging.getLogger("registry.core")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
-DEFAULT_RESOLVE_STAGES = ("rl", "sft")
 
 
 class RegistryError(Exception):
@@ -65,14 +64,16 @@ class Registry:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise BadRequest(f"invalid model name {name!r}: letters, digits, '.', '_', '-', at most 128, starting alnum")
+    if not names.is_name(name):
+        raise BadRequest(f"invalid model name {name!r}: letters, digits, '.', '_', '-', "
+                         f"at most {names.NAME_MAX}, starting alnum")
     return name
 
 
 def check_alias(alias: str) -> str:
-    if not ALIAS_RE.match(alias):
-        raise BadRequest(f"invalid alias {alias!r}: letters, digits, '.', '_', '-', at most 64, starting with a letter")
+    if not names.is_alias(alias):
+        raise BadRequest(f"invalid alias {alias!r}: letters, digits, '.', '_', '-', "
+                         f"at most {names.ALIAS_MAX}, starting with a letter")
     return alias
 
 
@@ -477,7 +478,8 @@ def delete_alias(reg: Registry, name: str, alias: str) -> None:
 
 
 def resolve(reg: Registry, name: str, stages: list[str] | None = None, alias: str | None = None) -> dict:
-    """The version an alias points at, or the newest ready version of the first stage present."""
+    """The version an alias points at, or the newest ready version whose stage is one of `stages`
+    (sft or rl when none are given): the serving rule, `nanochat_contracts.serving`."""
     check_name(name)
     if alias is not None and stages:
         raise BadRequest("give either alias or stage, not both")
@@ -487,12 +489,15 @@ def resolve(reg: Registry, name: str, stages: list[str] | None = None, alias: st
             if a is None:
                 raise NotFound(f"{name} has no alias {alias!r}")
             return version_dict(s, _version(s, name, a.version, ("ready",)))
-        for stage in stages or DEFAULT_RESOLVE_STAGES:
-            v = s.scalar(select(Version).where(Version.name == name, Version.stage == stage, Version.state == "ready")
-                         .order_by(Version.version.desc()).limit(1))
-            if v is not None:
-                return version_dict(s, v)
-    raise NotFound(f"{name} has no ready version of stage {'/'.join(stages or DEFAULT_RESOLVE_STAGES)}")
+        stages = stages or list(serving.SERVED_STAGES)
+        # The rule itself runs on the (version, stage, state) rows, so it is the contract's code, not
+        # a copy of it in SQL; the WHERE only keeps the rows small (one model has tens of versions).
+        rows = s.execute(select(Version.version, Version.stage, Version.state)
+                         .where(Version.name == name, Version.state == "ready", Version.stage.in_(stages))).all()
+        chosen = serving.newest(rows, stages)
+        if chosen is not None:
+            return version_dict(s, _version(s, name, chosen.version))
+    raise NotFound(f"{name} has no ready version of stage {'/'.join(stages)}")
 
 
 def lineage(reg: Registry, name: str, version: int) -> dict:

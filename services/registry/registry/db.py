@@ -16,7 +16,6 @@ from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-STAGES = ("tokenizer", "base", "mid", "sft", "rl")
 STATES = ("pending", "ready", "failed", "deleted")
 
 

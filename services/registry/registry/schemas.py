@@ -7,9 +7,9 @@ from typing import Literal
 
 import json
 
+from nanochat_contracts.stages import Stage
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Stage = Literal["tokenizer", "base", "mid", "sft", "rl"]
 State = Literal["pending", "ready", "failed", "deleted"]
 SHA256 = Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")
 

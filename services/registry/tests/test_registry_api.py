@@ -4,9 +4,11 @@ auth, path validation, Range downloads, attachments, events and the sweeper."""
 import os
 import uuid
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
+from nanochat_contracts import serving
 from registry_testlib import AUTH, blob, files_of, publish
 from sqlalchemy import select, update
 
@@ -124,6 +126,24 @@ def test_aliases_move_and_guard_deletes(client, name):
     assert client.get(f"/v1/resolve/{name}").json()["version"] == v1
     assert client.put(f"/v1/models/{name}/aliases/serving", json={"version": v2}, headers=AUTH).status_code == 404
     assert client.put(f"/v1/models/{name}/aliases/serving", json={"version": 999}, headers=AUTH).status_code == 404
+
+
+def test_resolve_is_the_serving_rule(client, name):
+    """With no stage, resolve answers `nanochat_contracts.serving.newest` over the model's versions:
+    the newest ready sft/rl version, an SFT after an RL included (inference serves this answer)."""
+    for stage in ("sft", "rl", "sft", "base"):
+        publish(client, name, files_of(stage), stage=stage)
+    # A newer rl version still uploading is passed over.
+    pending = client.post(f"/v1/models/{name}/versions", headers=AUTH,
+                          json={"stage": "rl", "files": {p: blob(d) for p, d in files_of("up").items()}}).json()
+    listed = client.get(f"/v1/models/{name}/versions", params={"state": ["ready", "pending"]}).json()["items"]
+    versions = [SimpleNamespace(version=v["version"], stage=v["stage"], state=v["state"]) for v in listed]
+    expected = serving.newest(versions)
+    assert expected is not None and expected.stage == "sft" and expected.version < pending["version"]
+    assert client.get(f"/v1/resolve/{name}").json()["version"] == expected.version
+    assert client.get(f"/v1/resolve/{name}", params={"stage": "rl,sft"}).json()["version"] == expected.version
+    assert client.get(f"/v1/resolve/{name}", params={"stage": "rl"}).json()["version"] == \
+        serving.newest(versions, ["rl"]).version
 
 
 def test_lineage_and_metrics_patch(client, name):

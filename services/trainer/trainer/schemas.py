@@ -9,13 +9,13 @@ model from `nanochat.stages.options` (no torch needed). The fields the trainer i
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from nanochat.stages.options import PIPELINES, PRESETS, STAGES, preset_options, stage_schemas
+from nanochat_contracts.names import ALIAS_PATTERN, NAME_PATTERN
+from nanochat_contracts.stages import Stage
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RegistryStage = Literal["tokenizer", "base", "mid", "sft", "rl"]
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TRAINER_FIELDS = ("data_dir", "out", "init_from", "job_id", "input_version")
 # A chat model stage reads any chat model (chat_eval runs after mid, SFT and RL alike).
 ACCEPTED_INPUTS: dict[str, set[str]] = {
@@ -34,8 +34,8 @@ class InputSpec(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     version: int | None = Field(None, ge=1, le=2**31 - 1)
-    alias: str | None = Field(None, pattern=NAME_PATTERN)
-    stage: RegistryStage | None = None
+    alias: str | None = Field(None, pattern=ALIAS_PATTERN)
+    stage: Stage | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> InputSpec:

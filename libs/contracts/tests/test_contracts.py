@@ -1,0 +1,77 @@
+"""nanochat_contracts: the serving rule on hand-made version lists, the name and alias patterns' edges."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+from pydantic import BaseModel, Field, ValidationError
+
+from nanochat_contracts import names, serving
+from nanochat_contracts.stages import STAGES
+
+
+class V(NamedTuple):
+    version: int
+    stage: str
+    state: str = "ready"
+
+
+def test_stages_are_the_pipeline_order() -> None:
+    assert STAGES == ("tokenizer", "base", "mid", "sft", "rl")
+    assert set(serving.SERVED_STAGES) <= set(STAGES)
+
+
+@pytest.mark.parametrize(("versions", "expected"), [
+    ([], None),
+    ([V(1, "tokenizer"), V(2, "base"), V(3, "mid")], None),  # no chat model yet
+    ([V(1, "sft"), V(2, "rl")], 2),
+    # The newest wins whatever its stage: an SFT after an RL is served (rl is not preferred).
+    ([V(1, "sft"), V(2, "rl"), V(3, "sft")], 3),
+    # Later versions of other stages, and versions not ready, are passed over.
+    ([V(1, "sft"), V(2, "base"), V(3, "rl", "pending"), V(4, "sft", "failed"), V(5, "rl", "deleted")], 1),
+    ([V(7, "rl"), V(3, "sft")], 7),  # the order of the list does not matter
+])
+def test_serving_rule(versions: list[V], expected: int | None) -> None:
+    chosen = serving.newest(versions)
+    assert (chosen.version if chosen is not None else None) == expected
+
+
+def test_serving_rule_over_other_stages() -> None:
+    versions = [V(1, "base"), V(2, "sft"), V(3, "base", "pending")]
+    assert serving.newest(versions, ["base"]) == V(1, "base")
+    assert serving.newest(versions, ["base", "sft"]) == V(2, "sft")
+
+
+@pytest.mark.parametrize(("name", "ok"), [
+    ("nanochat", True), ("a", True), ("0", True), ("d20.run-2_b", True),
+    ("a" * names.NAME_MAX, True), ("a" * (names.NAME_MAX + 1), False),
+    ("", False), (".hidden", False), ("-x", False), ("_x", False),
+    ("has space", False), ("a/b", False), ("a:1", False), ("ünï", False),
+    ("nanochat\n", False),  # `$` alone would let one trailing newline through
+])
+def test_name_pattern(name: str, ok: bool) -> None:
+    assert names.is_name(name) is ok
+
+
+@pytest.mark.parametrize(("alias", "ok"), [
+    ("serving", True), ("best-2", True), ("a" * names.ALIAS_MAX, True),
+    ("a" * (names.ALIAS_MAX + 1), False), ("2", False), ("", False), ("-x", False), ("serving\n", False),
+])
+def test_alias_pattern(alias: str, ok: bool) -> None:
+    assert names.is_alias(alias) is ok
+
+
+class _Named(BaseModel):
+    name: str = Field(pattern=names.NAME_PATTERN)
+
+
+@pytest.mark.parametrize("name", ["a" * names.NAME_MAX, "a" * (names.NAME_MAX + 1), "x\n", "ok.1"])
+def test_pydantic_fields_agree_with_is_name(name: str) -> None:
+    """The trainer checks names as pydantic field patterns, the registry with `is_name`: one answer."""
+    try:
+        _Named(name=name)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted is names.is_name(name)
