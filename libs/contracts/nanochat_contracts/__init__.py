@@ -3,4 +3,5 @@
 - `stages`: the registry stages a model version can have.
 - `names`: the model-name and alias patterns.
 - `serving`: which version the inference server serves.
+- `events`: the JSON lines a stage writes on stdout and the trainer reads.
 """

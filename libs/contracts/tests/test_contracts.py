@@ -7,7 +7,7 @@ from typing import NamedTuple
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
-from nanochat_contracts import names, serving
+from nanochat_contracts import events, names, serving
 from nanochat_contracts.stages import STAGES
 
 
@@ -75,3 +75,13 @@ def test_pydantic_fields_agree_with_is_name(name: str) -> None:
     except ValidationError:
         accepted = False
     assert accepted is names.is_name(name)
+
+
+def test_event_outputs_name_a_registry_stage() -> None:
+    line = ('{"type": "finished", "stage": "tok_train", "job_id": "j1", "input_versions": [], "ts": 1.7e9, '
+            '"outputs": [{"path": "runs/tok", "registry_stage": "%s"}], "metrics": {}}')
+    finished = events.parse_event_line(line % "tokenizer")
+    assert isinstance(finished, events.Finished) and finished.outputs[0].registry_stage == "tokenizer"
+    # A stage the registry does not know makes the line no event, as any malformed line.
+    assert events.parse_event_line(line % "chat") is None
+    assert list(events.parse_events(["plain log", line % "sft"]))[0].outputs[0].path == "runs/tok"

@@ -101,7 +101,7 @@ def _read_json(path: Path) -> Any:
 
 def event_durations(path: Path) -> list[tuple[str, float]]:
     """(stage, seconds) for each started -> finished/error pair of an event log."""
-    from nanochat.stages.events import parse_events
+    from nanochat_contracts.events import parse_events
 
     out, started = [], {}
     with open(path, encoding="utf-8") as f:

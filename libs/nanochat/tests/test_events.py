@@ -1,4 +1,5 @@
-"""nanochat.stages.events: the JSON-lines schema, emitter, tolerant parser, and real stage streams."""
+"""The event contract (nanochat_contracts.events) and its writer (nanochat.stages.events): the JSON-lines
+schema, emitter, tolerant parser, and real stage streams."""
 
 import io
 import json
@@ -10,7 +11,8 @@ import time
 
 import pytest
 
-from nanochat.stages.events import EventEmitter, Finished, Progress, parse_event_line, parse_events
+from nanochat.stages.events import EventEmitter
+from nanochat_contracts.events import Finished, Progress, parse_event_line, parse_events
 
 
 def test_emitter_writes_one_flushed_object_per_line_with_lineage():

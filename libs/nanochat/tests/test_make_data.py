@@ -14,7 +14,7 @@ import pytest
 
 from nanochat.core_eval import load_bundle
 from nanochat.dataset import list_shards, shard_name, split_shards
-from nanochat.stages.events import parse_events
+from nanochat_contracts.events import parse_events
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.customjson import IdentityTask
 from nanochat.tasks.gsm8k import GSM8K, extract_answer

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from nanochat.manifest import ManifestError, verify_manifest
-from nanochat.stages.events import parse_events
+from nanochat_contracts.events import parse_events
 from nanochat.tokenizer import Tokenizer
 
 

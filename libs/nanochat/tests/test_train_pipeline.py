@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from nanochat.manifest import verify_manifest
-from nanochat.stages.events import parse_event_line, parse_events
+from nanochat_contracts.events import parse_event_line, parse_events
 from nanochat.stages.train_loop import BASE_PROMPTS
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from nanochat.stages.chat_eval import chat_eval, letter_ids, run_categorical
 from nanochat.stages.chat_rl import chat_rl
 from nanochat.stages.chat_sft import chat_sft
 from nanochat.stages.cli import run_stage
-from nanochat.stages.events import parse_events
+from nanochat_contracts.events import parse_events
 from nanochat.stages.make_data import make_data
 from nanochat.stages.mid_train import mid_train
 from nanochat.stages.report import report

@@ -38,7 +38,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount
 from docker.utils import parse_repository_tag
 
-from nanochat.stages.events import parse_event_line
+from nanochat_contracts.events import parse_event_line
 
 from trainer.runner import StageResult, _Log, _record, tail, watch
 from trainer.settings import Settings

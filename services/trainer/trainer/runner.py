@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from nanochat.stages.events import parse_event_line
+from nanochat_contracts.events import parse_event_line
 
 from trainer.procs import terminate_job
 
