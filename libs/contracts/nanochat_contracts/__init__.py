@@ -4,4 +4,5 @@
 - `names`: the model-name and alias patterns.
 - `serving`: which version the inference server serves.
 - `events`: the JSON lines a stage writes on stdout and the trainer reads.
+- `manifest`: the `manifest.json` of an artifact folder: writing, checking, reading it.
 """

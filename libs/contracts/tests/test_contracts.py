@@ -1,13 +1,15 @@
-"""nanochat_contracts: the serving rule on hand-made version lists, the name and alias patterns' edges."""
+"""nanochat_contracts: the serving rule on hand-made version lists, the name and alias patterns'
+edges, an event line, and the manifest's round trip and checks."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
-from nanochat_contracts import events, names, serving
+from nanochat_contracts import events, manifest, names, serving
 from nanochat_contracts.stages import STAGES
 
 
@@ -85,3 +87,34 @@ def test_event_outputs_name_a_registry_stage() -> None:
     # A stage the registry does not know makes the line no event, as any malformed line.
     assert events.parse_event_line(line % "chat") is None
     assert list(events.parse_events(["plain log", line % "sft"]))[0].outputs[0].path == "runs/tok"
+
+
+def test_manifest_round_trip_and_what_it_names(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    (tmp_path / "sub" / "tok.json").write_text("{}")
+    written = manifest.write_manifest(tmp_path)
+    assert sorted(written["files"]) == ["model.bin", "sub/tok.json"]  # relpaths with '/', itself unlisted
+    # The download cache's marker is bookkeeping, not an unexpected file.
+    (tmp_path / manifest.CACHE_MARKER).write_text("{}")
+    assert manifest.verify_manifest(tmp_path) == written == manifest.read_manifest(tmp_path)
+
+    (tmp_path / "model.bin").write_bytes(b"weightz")  # same size, other bytes
+    assert manifest.read_manifest(tmp_path) == written  # sizes only: the upload hashes as it reads
+    with pytest.raises(manifest.ManifestError, match="model.bin does not match its sha256"):
+        manifest.verify_manifest(tmp_path)
+    manifest.verify_manifest(tmp_path, only=["sub/tok.json"])  # just the files asked for
+    with pytest.raises(manifest.ManifestError, match="extra.bin is not in the manifest"):
+        manifest.verify_manifest(tmp_path, only=["extra.bin"])
+    (tmp_path / "extra.bin").write_bytes(b"x")
+    with pytest.raises(manifest.ManifestError, match="extra.bin"):
+        manifest.read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("entry", [{"size": -1, "sha256": "0" * 64}, {"size": 1, "sha256": "A" * 64},
+                                   {"size": "1", "sha256": "0" * 64}, "not an object"])
+def test_manifest_entries_are_checked_for_shape(entry: object) -> None:
+    with pytest.raises(manifest.ManifestError, match="needs an int size"):
+        manifest.parse_manifest({"files": {"f": entry}})
+    with pytest.raises(manifest.ManifestError):
+        manifest.parse_manifest([])

@@ -12,7 +12,7 @@ A checkpoint is one folder:
     manifest.json              size and sha256 of every other file
 
 `save_checkpoint` writes into a hidden temp folder that is renamed into place only when complete
-(`nanochat.manifest.atomic_folder`), so a crash leaves no half folder. Under torch.distributed it
+(`nanochat.artifacts.atomic_folder`), so a crash leaves no half folder. Under torch.distributed it
 is collective: call it on every rank; rank 0 writes the model files, every rank its optimizer
 state (ranks other than 0 stage theirs beside the target, so the folder must be on a file system
 all ranks share, as for the original), and rank 0 moves them in, writes the manifest and renames.
@@ -40,10 +40,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
+from nanochat_contracts.manifest import ManifestError, verify_manifest, write_manifest
 from safetensors.torch import load_file, save_file
 
+from nanochat.artifacts import atomic_folder
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.manifest import MANIFEST_FILE, ManifestError, atomic_folder, sha256_file, verify_manifest, write_manifest
 from nanochat.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -210,7 +211,7 @@ def load_optimizer_state(folder: str | os.PathLike, optimizers: Sequence[torch.o
     saved_world = len(list((folder / OPTIM_DIR).glob("rank*.json")))
     if saved_world != world:
         raise ValueError(f"{folder} was saved by {saved_world} processes; resume needs the same world size, this run has {world}")
-    _verify_files(folder, rels)
+    verify_manifest(folder, only=rels)  # the model files were checked at load
     info = _read_json(folder / rels[1])
     tensors = load_file(str(folder / rels[0]))
     described = info.get("optimizers", [])
@@ -237,21 +238,6 @@ def load_optimizer_state(folder: str | os.PathLike, optimizers: Sequence[torch.o
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
     return info.get("rank_state", {})
-
-
-def _verify_files(folder: Path, rels: Sequence[str]) -> None:
-    """Check just these files against the manifest (the model files were checked at load)."""
-    manifest = _read_json(folder / MANIFEST_FILE)
-    listed = manifest.get("files", {}) if isinstance(manifest, dict) else {}
-    for rel in rels:
-        path = folder / rel
-        entry = listed.get(rel)
-        if entry is None:
-            raise ManifestError(f"{folder}: {rel} is not in the manifest")
-        if not path.is_file():
-            raise ManifestError(f"{folder}: {rel} is listed in the manifest but missing")
-        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
-            raise ManifestError(f"{folder}: {rel} does not match its size/sha256 in the manifest")
 
 
 def _read_json(path: Path) -> Any:

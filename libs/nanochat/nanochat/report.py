@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanochat.manifest import atomic_folder
+from nanochat.artifacts import atomic_folder
 
 EVAL_FILE = "eval.json"
 STAGE_ORDER = ("tokenizer", "base", "mid", "sft", "rl")

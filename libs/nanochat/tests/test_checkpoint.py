@@ -9,7 +9,7 @@ import torch
 from nanochat import optim
 from nanochat.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.manifest import ManifestError
+from nanochat_contracts.manifest import ManifestError
 from nanochat.tokenizer import Tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Numbers 12 345 6789 and symbols !?" * 20

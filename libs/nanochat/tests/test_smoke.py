@@ -9,7 +9,7 @@ import torch
 from nanochat.checkpoint import load_checkpoint, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.manifest import ManifestError
+from nanochat_contracts.manifest import ManifestError
 from nanochat.optim import step
 from nanochat.offline_corpus import synthetic_docs
 from nanochat.tokenizer import Tokenizer

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nanochat.manifest import ManifestError, verify_manifest
+from nanochat_contracts.manifest import ManifestError, verify_manifest
 from nanochat_contracts.events import parse_events
 from nanochat.tokenizer import Tokenizer
 
@@ -108,7 +108,8 @@ def test_other_ranks_do_nothing(tokenizer_version, tmp_path):
 
 
 def test_atomic_folder_publishes_whole_or_nothing(tmp_path):
-    from nanochat.manifest import atomic_folder, write_manifest
+    from nanochat.artifacts import atomic_folder
+    from nanochat_contracts.manifest import write_manifest
 
     with pytest.raises(RuntimeError):
         with atomic_folder(tmp_path / "v1") as tmp:

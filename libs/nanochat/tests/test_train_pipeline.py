@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from nanochat.manifest import verify_manifest
+from nanochat_contracts.manifest import verify_manifest
 from nanochat_contracts.events import parse_event_line, parse_events
 from nanochat.stages.train_loop import BASE_PROMPTS
 

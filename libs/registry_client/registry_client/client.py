@@ -1,4 +1,4 @@
-"""RegistryClient: typed access to the registry over HTTP (httpx only, no torch).
+"""RegistryClient: typed access to the registry over HTTP (httpx and nanochat_contracts, no torch).
 
     from registry_client import RegistryClient
     rc = RegistryClient("http://127.0.0.1:8002", token="...", cache_dir="~/.cache/nanochat/registry")
@@ -28,10 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
-from registry_client.manifest import CHUNK, MANIFEST_FILE, file_digest, read_manifest
-
-CACHE_MARKER = ".registry-verified.json"
+from nanochat_contracts.manifest import CACHE_MARKER, CHUNK, MANIFEST_FILE, file_digest, read_manifest
 
 
 class RegistryError(Exception):

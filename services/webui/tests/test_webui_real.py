@@ -21,7 +21,7 @@ from test_webui_browser import browser, last_assistant, open_page, send  # noqa:
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.manifest import write_manifest
+from nanochat_contracts.manifest import write_manifest
 from nanochat.stages.options import PRESETS
 from nanochat_testing.data import make_tiny_data
 from nanochat.tokenizer import Tokenizer

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanochat.manifest import atomic_folder
+from nanochat.artifacts import atomic_folder
 from nanochat.report import SUMMARY_ROWS, loss_series, read_lineage, render_report, write_svg
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import tiktoken
+from nanochat_contracts.manifest import sha256_file, verify_manifest
 
 from nanochat.dataset import iter_documents
-from nanochat.manifest import sha256_file, verify_manifest
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import TokEvalOptions

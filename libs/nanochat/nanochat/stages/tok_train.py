@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nanochat_contracts.manifest import write_manifest
+
+from nanochat.artifacts import atomic_folder
 from nanochat.dataset import iter_documents
-from nanochat.manifest import atomic_folder, write_manifest
 from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import TokTrainOptions
