@@ -9,7 +9,7 @@ import pytest
 from registry_client import RegistryClient
 
 from trainer.curves import curves
-from trainer.worker import events_path
+from trainer.paths import events_path
 from nanochat_testing.data import TINY_DATA
 from trainer_testlib import AUTH, REGISTRY_TOKEN
 

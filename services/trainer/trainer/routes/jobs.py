@@ -19,11 +19,11 @@ from trainer.curves import curves
 from trainer.db import STATUSES, TERMINAL, Job, JobNode
 from trainer.deps import State, StateDep, load_job
 from trainer.dispatch import cancel_tasks, enqueue_job, request_cancel
+from trainer.paths import events_path, log_path
 from trainer.registry import RegistryUnavailable, VersionNotFound
 from trainer.schemas import (ACCEPTED_INPUTS, JobOut, JobPage, JobRequest, MetricsOut, NodeOut, OptionsInvalid,
                              StepOut, first_input_stage, plan_steps)
 from trainer.tail import read_events, read_from, sse_tail, start_offset
-from trainer.worker import events_path, log_path
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", route_class=AuthFirstRoute)
