@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanochat_contracts.stages import STAGES
+
 from nanochat.artifacts import atomic_folder
 
 EVAL_FILE = "eval.json"
-STAGE_ORDER = ("tokenizer", "base", "mid", "sft", "rl")
 SUMMARY_ROWS = [
     ("val bpb", "val_bpb"), ("CORE", "core"), ("ARC-Challenge", "ARC-Challenge"), ("ARC-Easy", "ARC-Easy"),
     ("GSM8K", "GSM8K"), ("HumanEval", "HumanEval"), ("MMLU", "MMLU"), ("ChatCORE", "chatcore"),
@@ -126,7 +127,7 @@ def read_lineage(paths: list[str]) -> Lineage:
         elif (p / "meta.json").is_file():
             meta = _read_json(p / "meta.json")
             stage = meta.get("stage")
-            if stage not in STAGE_ORDER:
+            if stage not in STAGES:
                 raise ValueError(f"{p}/meta.json: unknown stage {stage!r}")
             lineage.meta[stage] = meta
             lineage.metrics.setdefault(stage, {}).update(meta.get("metrics") or {})
@@ -242,7 +243,7 @@ def deviations(lineage: Lineage) -> list[str]:
 
 
 def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_price: float = 3.0) -> str:
-    stages = [s for s in STAGE_ORDER[1:] if s in lineage.metrics]
+    stages = [s for s in STAGES[1:] if s in lineage.metrics]
     lines = [f"# {title}", "", f"Made {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "", "## Environment", ""]
     lines += _environment_lines(lineage, gpu_hour_price)
     lines += ["", "## Summary", "", "Evals show the score ± the half-width of its 95% interval and (n=) the items scored.",
@@ -264,7 +265,7 @@ def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_
     for stage, (made_by, samples) in lineage.samples.items():
         lines += ["", f"## {stage.upper()} samples", "", f"Greedy completions ({made_by}):", ""]
         lines += [f"- {s['prompt']} **{s['completion'].strip().replace(chr(10), ' ↵ ')}**" for s in samples]
-    for stage in STAGE_ORDER:
+    for stage in STAGES:
         meta = lineage.meta.get(stage)
         if meta is None and stage not in lineage.metrics:
             continue

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from nanochat_contracts.stages import Stage
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nanochat.sources import CORE_BUNDLE_URL, FINEWEB_LAST_SHARD, FINEWEB_URL, HF_DATASETS_URL
@@ -236,8 +237,8 @@ class ReportOptions(StageOptions):
 class StageInfo(NamedTuple):
     options: type[StageOptions]
     description: str
-    input_stage: str | None
-    output_stage: str | None
+    input_stage: Stage | None
+    output_stage: Stage | None
 
 
 STAGES: dict[str, StageInfo] = {
