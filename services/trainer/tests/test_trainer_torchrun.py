@@ -11,8 +11,9 @@ TORCHRUN = ["/venv/bin/python", "-m", "torch.distributed.run"]
 
 def test_one_node_standalone_without_input() -> None:
     argv = torchrun_argv(torchrun=TORCHRUN, nproc_per_node=2, nnodes=1, node_rank=0, rdzv_endpoint="10.0.0.1:29400",
-                         job_id="j1", module="nanochat.stages.base_train", config=Path("/runs/jobs/j1/step02-base_train.json"),
-                         data_dir=Path("/data"), out=Path("/runs/jobs/j1/steps/02-base_train"), inputs=None, resume=False)
+                         job_id="j1", module="nanochat.stages.base_train",
+                         config=Path("/runs/jobs/j1/step02-base_train.json"), data_dir=Path("/data"),
+                         out=Path("/runs/jobs/j1/steps/02-base_train"), inputs=None, resume=False)
     assert argv == ["/venv/bin/python", "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
                     "-m", "nanochat.stages.base_train", "--config", "/runs/jobs/j1/step02-base_train.json",
                     "--data-dir", "/data", "--out", "/runs/jobs/j1/steps/02-base_train", "--job-id", "j1"]
