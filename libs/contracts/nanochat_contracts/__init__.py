@@ -4,5 +4,6 @@
 - `names`: the model-name and alias patterns.
 - `serving`: which version the inference server serves.
 - `events`: the JSON lines a stage writes on stdout and the trainer reads.
+- `registry_events`: what the registry publishes on Redis when its versions change.
 - `manifest`: the `manifest.json` of an artifact folder: writing, checking, reading it.
 """

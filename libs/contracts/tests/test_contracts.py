@@ -1,15 +1,16 @@
 """nanochat_contracts: the serving rule on hand-made version lists, the name and alias patterns'
-edges, an event line, and the manifest's round trip and checks."""
+edges, a stage event line, registry event payloads, and the manifest's round trip and checks."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
-from nanochat_contracts import events, manifest, names, serving
+from nanochat_contracts import events, manifest, names, registry_events, serving
 from nanochat_contracts.stages import STAGES
 
 
@@ -118,3 +119,14 @@ def test_manifest_entries_are_checked_for_shape(entry: object) -> None:
         manifest.parse_manifest({"files": {"f": entry}})
     with pytest.raises(manifest.ManifestError):
         manifest.parse_manifest([])
+
+
+def test_registry_event_payloads() -> None:
+    moved = registry_events.RegistryEvent(type="alias.moved", name="m", version=2, stage="sft", alias="serving")
+    registered = registry_events.RegistryEvent(type="model.registered", name="m", version=3, stage="rl")
+    assert "alias" not in registered.payload() and moved.payload()["alias"] == "serving"
+    assert registry_events.parse_registry_event(json.dumps(moved.payload())) == moved
+    # Fields a reader does not know are ignored; a payload without the contract's fields is no event.
+    assert registry_events.parse_registry_event(json.dumps({**registered.payload(), "new": 1})) == registered
+    assert registry_events.parse_registry_event('{"type": "model.registered", "name": "m"}') is None
+    assert registry_events.parse_registry_event(b"\xff") is None

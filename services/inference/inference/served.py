@@ -17,7 +17,6 @@ a swap but never loses it. If the served version disappears from the registry it
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import redis
 from nanochat.checkpoint import TOKENIZER_DIR
 from nanochat.tokenizer import Tokenizer
+from nanochat_contracts.registry_events import parse_registry_event
 from nanochat_contracts.serving import SERVED_STAGES
 from registry_client import RegistryClient, RegistryError
 from registry_client.client import VersionInfo
@@ -212,15 +212,12 @@ class ModelManager:
             log.warning("resolving the served model failed: %s", e)
 
     def _relevant(self, data: bytes | str) -> bool:
-        try:
-            event = json.loads(data)
-        except ValueError:
+        event = parse_registry_event(data)
+        if event is None or event.name != self.settings.model_name:
             return False
-        if not isinstance(event, dict) or event.get("name") != self.settings.model_name:
-            return False
-        if event.get("type") == "model.registered":
-            return event.get("stage") in SERVED_STAGES
-        return event.get("type") == "alias.moved" and event.get("alias") == self.settings.serving_alias
+        if event.type == "model.registered":
+            return event.stage in SERVED_STAGES
+        return event.type == "alias.moved" and event.alias == self.settings.serving_alias
 
     def _watch(self) -> None:
         while not self._stop.is_set():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nanochat_contracts.registry_events import CHANNEL
 from nanochat_contracts.serving import SERVING_ALIAS
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,7 +31,7 @@ class Settings(BaseSettings):
     model_name: str = "nanochat"
     serving_alias: str = SERVING_ALIAS
     redis_url: str | None = None
-    events_channel: str = "nanochat:events"
+    events_channel: str = CHANNEL
     # How often to resolve again when Redis is unset or unreachable (events are then missed).
     poll_interval_s: float = Field(default=5.0, gt=0)
     api_token: str | None = None

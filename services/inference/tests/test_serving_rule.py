@@ -2,12 +2,14 @@
 
 `ModelManager.resolve` runs against the real registry app (SQLite, local blobs) through a
 TestClient: the versions it picks are the registry's default resolve and `serving.newest` of the
-versions listed, an SFT after an RL included; the `serving` alias overrides both.
+versions listed, an SFT after an RL included; the `serving` alias overrides both. The registry's
+event payloads are the ones inference's listener acts on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
@@ -15,7 +17,9 @@ from fastapi.testclient import TestClient
 from inference.served import ModelManager
 from inference.settings import Settings
 from nanochat_contracts import serving
+from nanochat_contracts.registry_events import CHANNEL, STREAM
 from registry.api import create_app as create_registry
+from registry.events import EventPublisher
 from registry.settings import Settings as RegistrySettings
 
 TOKEN = "registry-write"
@@ -59,3 +63,21 @@ def test_inference_serves_the_registrys_resolve(tmp_path) -> None:
                             headers=AUTH).status_code == 200
         assert manager.resolve().version == rl
     manager._registry.close()
+
+
+def test_the_registrys_events_that_make_inference_resolve_again() -> None:
+    """The payloads the registry's publisher makes (without Redis it returns them) against
+    inference's filter: a served stage registered, or its serving alias moved, of its model."""
+    publisher = EventPublisher(None, CHANNEL, STREAM, stream_maxlen=10)
+    manager = ModelManager(Settings())
+    cases = [
+        (publisher.publish("model.registered", "nanochat", 3, "sft"), True),
+        (publisher.publish("model.registered", "nanochat", 4, "rl"), True),
+        (publisher.publish("model.registered", "nanochat", 5, "base"), False),
+        (publisher.publish("model.registered", "other", 6, "sft"), False),
+        (publisher.publish("alias.moved", "nanochat", 3, "sft", alias=serving.SERVING_ALIAS), True),
+        (publisher.publish("alias.moved", "nanochat", 3, "sft", alias="best"), False),
+        (publisher.publish("version.deleted", "nanochat", 4, "rl"), False),
+    ]
+    assert [manager._relevant(json.dumps(event)) for event, _ in cases] == [want for _, want in cases]
+    assert not manager._relevant(b"not json") and not manager._relevant('{"type": "model.registered"}')

@@ -1,8 +1,8 @@
 """Registry events on Redis: pub/sub channel `nanochat:events` plus a capped stream for late readers.
 
-Payload: {"type": "model.registered" | "alias.moved" | "version.deleted", "name", "version",
-"stage", "alias"?, "ts"}. `publish` only queues the event; a background thread delivers it and,
-while Redis is unreachable, keeps it and retries, so a Redis outage never fails a commit.
+The payload is the contract `nanochat_contracts.registry_events.RegistryEvent`. `publish` only
+queues the event; a background thread delivers it and, while Redis is unreachable, keeps it and
+retries, so a Redis outage never fails a commit.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import logging
 import threading
 import time
 from collections import deque
+
+from nanochat_contracts.registry_events import EventType, RegistryEvent
+from nanochat_contracts.stages import Stage
 
 log = logging.getLogger("registry.events")
 
@@ -33,10 +36,8 @@ class EventPublisher:
             self.thread = threading.Thread(target=self._run, name="registry-events", daemon=True)
             self.thread.start()
 
-    def publish(self, type_: str, name: str, version: int, stage: str, alias: str | None = None) -> dict:
-        event = {"type": type_, "name": name, "version": version, "stage": stage, "ts": time.time()}
-        if alias is not None:
-            event["alias"] = alias
+    def publish(self, type_: EventType, name: str, version: int, stage: Stage, alias: str | None = None) -> dict:
+        event = RegistryEvent(type=type_, name=name, version=version, stage=stage, alias=alias).payload()
         if self.redis is None:
             return event
         with self.cond:

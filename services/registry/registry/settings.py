@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from nanochat_contracts.registry_events import CHANNEL, STREAM
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -46,8 +47,8 @@ class Settings(BaseSettings):
     s3_public_endpoint: str | None = None
     presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     redis_url: str | None = None
-    events_channel: str = "nanochat:events"
-    events_stream: str = "nanochat:events:stream"
+    events_channel: str = CHANNEL
+    events_stream: str = STREAM
     events_stream_maxlen: int = 10_000
     # Unset refuses every write, unless anonymous writes are asked for explicitly (a private dev box).
     write_token: str | None = None
