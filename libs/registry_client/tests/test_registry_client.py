@@ -6,6 +6,7 @@ import os
 import uuid
 
 import pytest
+from nanochat_contracts.manifest import CACHE_MARKER, MANIFEST_FILE
 
 from registry_client import IntegrityError, ManifestError, RegistryClient, RegistryError, UploadError, build_manifest
 
@@ -24,7 +25,7 @@ def make_checkpoint(folder, with_manifest=True, big=200_000):
 
 def same_tree(a, b):
     files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-                          if p.is_file() and p.name != ".registry-verified.json"}
+                          if p.is_file() and p.name != CACHE_MARKER}
     return files(a) == files(b)
 
 
@@ -142,7 +143,7 @@ def test_attach_metrics_lineage_and_delete(rc, tmp_path):
     folder = rc.download(name, sft.version)
     listed = json.loads((folder / "manifest.json").read_text())["files"]
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert present - {"manifest.json", ".registry-verified.json"} == set(listed)
+    assert present - {MANIFEST_FILE, CACHE_MARKER} == set(listed)
     assert rc.patch_metrics(name, sft.version, {"chat_eval": 0.3}).metrics == {"chat_eval": 0.3}
     assert [p["version"] for p in rc.lineage(name, sft.version)["parents"]] == [tok.version]
     assert [x.version for x in rc.list_versions(name)] == [sft.version, tok.version]
