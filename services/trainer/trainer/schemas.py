@@ -9,7 +9,7 @@ model from `nanochat.stages.options` (no torch needed). The fields the trainer i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from nanochat.stages.options import PIPELINES, PRESETS, STAGES, preset_options, stage_schemas
 from nanochat_contracts.names import ALIAS_PATTERN, NAME_PATTERN
