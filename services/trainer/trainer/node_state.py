@@ -8,7 +8,6 @@ the claiming worker's row is closed: after a re-queue the row may belong to anot
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from sqlalchemy import select, update
 from trainer.db import TERMINAL, Database, Job, JobNode
 from trainer.dispatch import enqueue_job
 from trainer.node_context import Context
+from trainer.periodic import Periodic
 
 log = logging.getLogger("trainer.worker")  # these lines are the worker's, whichever module writes them
 
@@ -63,29 +63,17 @@ def record_started(ctx: Context, job_id: str, node_rank: int, pgid: int) -> None
                   .values(pgid=pgid, host=ctx.settings.host, heartbeat_at=time.time()))
 
 
-class Heartbeat:
+class Heartbeat(Periodic):
     """A thread stamping the node's heartbeat every `heartbeat_interval` s while it runs."""
 
     def __init__(self, ctx: Context, job_id: str, node_rank: int):
+        super().__init__(f"heartbeat-{job_id}", ctx.settings.heartbeat_interval)
         self.ctx, self.job_id, self.rank = ctx, job_id, node_rank
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self.stopped.wait(self.ctx.settings.heartbeat_interval):
-            try:
-                with self.ctx.db.session() as s:
-                    s.execute(update(JobNode).where(JobNode.job_id == self.job_id, JobNode.node_rank == self.rank,
-                                                    JobNode.status == "running").values(heartbeat_at=time.time()))
-            except Exception:
-                log.exception("heartbeat of job %s failed", self.job_id)
+    def tick(self) -> None:
+        with self.ctx.db.session() as s:
+            s.execute(update(JobNode).where(JobNode.job_id == self.job_id, JobNode.node_rank == self.rank,
+                                            JobNode.status == "running").values(heartbeat_at=time.time()))
 
 
 def finish_node(db: Database, job_id: str, node_rank: int, worker: str, attempt: int, status: str,

@@ -15,7 +15,6 @@ delivery of a task is harmless, the worker claims a node only while it is still 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from redis import Redis
@@ -23,6 +22,7 @@ from sqlalchemy import select, update
 
 from trainer.db import TERMINAL, Database, Job, JobNode
 from trainer.dispatch import enqueue_job, lost_tasks
+from trainer.periodic import Periodic
 from trainer.procs import node_tag, terminate_job
 from trainer.settings import Settings
 
@@ -31,25 +31,13 @@ log = logging.getLogger("trainer.reaper")
 FOREIGN_HOST_FACTOR = 3
 
 
-class Reaper:
+class Reaper(Periodic):
     def __init__(self, settings: Settings, db: Database, redis: Redis):
+        super().__init__("reaper", settings.reap_interval)
         self.settings, self.db, self.redis = settings, db, redis
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self.stopped.wait(self.settings.reap_interval):
-            try:
-                self.reap_once()
-            except Exception:
-                log.exception("reaper scan failed")
+    def tick(self) -> list[str]:
+        return self.reap_once()
 
     def reap_once(self) -> list[str]:
         """One scan; returns the ids of the jobs it ended or re-queued."""

@@ -1,0 +1,34 @@
+"""A daemon thread that runs `tick()` every `interval` seconds until stopped: the node heartbeat
+and the reaper. A failing tick is logged and the next one still runs, so one bad database round
+trip never ends the loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger("trainer.periodic")
+
+
+class Periodic:
+    def __init__(self, name: str, interval: float):
+        self.name, self.interval = name, interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def tick(self) -> object:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("%s failed", self.name)
