@@ -63,17 +63,15 @@ def record_started(ctx: Context, job_id: str, node_rank: int, pgid: int) -> None
                   .values(pgid=pgid, host=ctx.settings.host, heartbeat_at=time.time()))
 
 
-class Heartbeat(Periodic):
+def heartbeat(ctx: Context, job_id: str, node_rank: int) -> Periodic:
     """A thread stamping the node's heartbeat every `heartbeat_interval` s while it runs."""
 
-    def __init__(self, ctx: Context, job_id: str, node_rank: int):
-        super().__init__(f"heartbeat-{job_id}", ctx.settings.heartbeat_interval)
-        self.ctx, self.job_id, self.rank = ctx, job_id, node_rank
-
-    def tick(self) -> None:
-        with self.ctx.db.session() as s:
-            s.execute(update(JobNode).where(JobNode.job_id == self.job_id, JobNode.node_rank == self.rank,
+    def stamp() -> None:
+        with ctx.db.session() as s:
+            s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank,
                                             JobNode.status == "running").values(heartbeat_at=time.time()))
+
+    return Periodic(f"heartbeat-{job_id}", ctx.settings.heartbeat_interval, stamp)
 
 
 def finish_node(db: Database, job_id: str, node_rank: int, worker: str, attempt: int, status: str,

@@ -1,4 +1,4 @@
-"""A daemon thread that runs `tick()` every `interval` seconds until stopped: the node heartbeat
+"""A daemon thread that calls `tick` every `interval` seconds until stopped: the node heartbeat
 and the reaper. A failing tick is logged and the next one still runs, so one bad database round
 trip never ends the loop."""
 
@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger("trainer.periodic")
 
 
 class Periodic:
-    def __init__(self, name: str, interval: float):
-        self.name, self.interval = name, interval
+    def __init__(self, name: str, interval: float, tick: Callable[[], object]):
+        self.name, self.interval, self.tick = name, interval, tick
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-
-    def tick(self) -> object:
-        raise NotImplementedError
 
     def start(self) -> None:
         self.thread.start()

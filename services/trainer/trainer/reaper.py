@@ -33,11 +33,8 @@ FOREIGN_HOST_FACTOR = 3
 
 class Reaper(Periodic):
     def __init__(self, settings: Settings, db: Database, redis: Redis):
-        super().__init__("reaper", settings.reap_interval)
+        super().__init__("reaper", settings.reap_interval, self.reap_once)
         self.settings, self.db, self.redis = settings, db, redis
-
-    def tick(self) -> list[str]:
-        return self.reap_once()
 
     def reap_once(self) -> list[str]:
         """One scan; returns the ids of the jobs it ended or re-queued."""

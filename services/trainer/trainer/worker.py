@@ -51,7 +51,7 @@ from trainer.db import TERMINAL, Job, migrate
 from trainer.dispatch import BarrierAborted, barrier, cancel_requested, make_queue
 from trainer.inputs import input_for, report_inputs
 from trainer.node_context import Context, Node, StepFailed, context
-from trainer.node_state import Heartbeat, claim_node, finish_node, record_started, requeue_interrupted
+from trainer.node_state import claim_node, finish_node, heartbeat, record_started, requeue_interrupted
 from trainer.paths import job_dir, report_inputs_dir, step_config, step_out
 from trainer.procs import JOB_MARKER, node_tag
 from trainer.progress import StepEvents
@@ -92,7 +92,7 @@ class NodeRun:
             return "skipped"
         self.spec, self.attempt, self.nnodes = claim.spec, claim.attempt, claim.nnodes
         self.dir.mkdir(parents=True, exist_ok=True)
-        beat = Heartbeat(self.ctx, self.job_id, self.rank)
+        beat = heartbeat(self.ctx, self.job_id, self.rank)
         beat.start()
         status, error, log_tail = "succeeded", None, None
         try:

@@ -128,7 +128,7 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
             model.zero_grad(set_to_none=True)
         loss_avg = all_reduce_sum(total_loss)[0] / world
         numbers = meter.update(step, loss_avg, options.total_batch_size, timer.seconds)
-        forward.after_step(all_reduce_sum(timer.seconds)[0] / world, steps - step - 1)
+        forward.after_step(timer.seconds, steps - step - 1)
         history["train_loss"].append([step + 1, numbers["loss"]])
         if step % options.log_every == 0 or step + 1 == steps:
             emitter.progress(step=step + 1, total=steps, lr=lr, **numbers)

@@ -108,9 +108,8 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
             set_momentum(optimizers, muon_momentum(step))
             optim.step(optimizers, None)
             model.zero_grad(set_to_none=True)
-        step_seconds = all_reduce_sum(timer.seconds)[0] / world
         numbers = meter.update(step, all_reduce_sum(total_loss)[0] / world, options.total_batch_size, timer.seconds)
-        forward.after_step(step_seconds, (max_steps or est_steps) - step - 1)
+        forward.after_step(timer.seconds, (max_steps or est_steps) - step - 1)
         step += 1
         history["train_loss"].append([step, numbers["loss"]])
         if step % options.log_every == 0:

@@ -247,13 +247,17 @@ class TrainingForward:
         return self.forward is not self.model
 
     def after_step(self, step_seconds: float, remaining_steps: int) -> None:
-        """auto on CPU: after the second eager step, compile when the rest of the run wins the cost back."""
+        """auto on CPU: after the second eager step, compile when the rest of the run wins the cost back.
+        `step_seconds` is this rank's; the ranks' mean decides, reduced once, at the decision (every
+        rank reaches it at the same step), so the other steps pay no collective for it."""
         if not self.undecided:
             return
         self.eager_steps += 1
         if self.eager_steps < 2 and remaining_steps > 0:
             return
         self.undecided = False
+        total, ranks = all_reduce_sum(step_seconds, 1.0)
+        step_seconds = total / ranks
         saving = CPU_COMPILE_GAIN * step_seconds * remaining_steps
         if saving > CPU_COMPILE_SECONDS:
             self.forward = torch.compile(self.model, dynamic=False)
