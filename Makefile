@@ -4,7 +4,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_PYTHON ?= 3.11
 
-.PHONY: setup tools browser test test-fast bench-tokenizer speedrun-tiny up clean
+.PHONY: setup tools browser lint test test-fast bench-tokenizer speedrun-tiny up clean
 
 # uv itself comes from PyPI when missing; `uv sync` then builds the venv, the Rust extension
 # (maturin, rebuilt only when its sources change) and every workspace member from the lock file.
@@ -42,7 +42,14 @@ SUITES := rustbpe/tests libs/nanochat/tests libs/testing/tests libs/registry_cli
 PYTEST_ARGS ?=
 ALLOW_EMPTY ?=
 
-test: tools browser setup
+# ruff (lint and format check) on all Python code; mypy on the service kit and the contracts, the
+# two libraries every service imports.
+lint: setup
+	$(UV) run --locked ruff check .
+	$(UV) run --locked ruff format --check .
+	$(UV) run --locked mypy libs/service_kit/service_kit libs/contracts/nanochat_contracts
+
+test: tools browser setup lint
 	cargo test --release --quiet --manifest-path rustbpe/Cargo.toml
 	cd infra/validate && go test -count=1 ./...
 	@for suite in $(wildcard $(SUITES)); do \

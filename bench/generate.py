@@ -21,9 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import nanochat
+import torch
 from nanochat.common import autocast
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -118,21 +117,35 @@ def main() -> None:
             r = measure(fn, engine, prompts, args.new_tokens, args.repeats)
             results.append({"method": name, "rows": rows, **r})
 
-    setting = (f"depth {args.depth}, vocab {engine.tokenizer.vocab_size}, prompt {args.prompt_len}, "
-               f"{args.new_tokens} new tokens/row, greedy, {device.type}, {torch.get_num_threads()} threads")
+    setting = (
+        f"depth {args.depth}, vocab {engine.tokenizer.vocab_size}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens/row, greedy, {device.type}, {torch.get_num_threads()} threads"
+    )
     print(setting)
     print(f"| {'method':<20} | rows | {'TTFT ms':>8} | {'tok/s':>8} | {'speed-up':>8} |")
     print(f"|{'-' * 22}|------|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
     for r in results:
         ref = next(x for x in results if x["rows"] == r["rows"] and x["method"] == "no-cache reference")
         r["speedup_vs_reference"] = r["tok_per_s"] / ref["tok_per_s"]
-        print(f"| {r['method']:<20} | {r['rows']:>4} | {r['ttft_ms']:>8.1f} | {r['tok_per_s']:>8.1f} | "
-              f"{r['speedup_vs_reference']:>7.2f}x |")
+        print(
+            f"| {r['method']:<20} | {r['rows']:>4} | {r['ttft_ms']:>8.1f} | {r['tok_per_s']:>8.1f} | "
+            f"{r['speedup_vs_reference']:>7.2f}x |"
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "generate.json"
-    out.write_text(json.dumps({"setting": setting, "args": vars(args), "machine": platform.platform(),
-                               "cpus": os.cpu_count(), "torch": torch.__version__,
-                               "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "setting": setting,
+                "args": vars(args),
+                "machine": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import boto3
 import httpx
 from boto3.s3.transfer import TransferConfig
-
 from nanochat_testing.servers import free_port, start_s3
 from registry_client import RegistryClient, build_manifest
 
@@ -55,10 +54,20 @@ def make_checkpoint(folder: Path, size_mb: int) -> int:
 
 def start_registry(env_extra: dict, data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "REGISTRY_PORT": str(port), "REGISTRY_DATA_DIR": str(data_dir),
-           "REGISTRY_WRITE_TOKEN": TOKEN, "REGISTRY_LOG_LEVEL": "WARNING", **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "registry"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(data_dir / "registry.log", "wb"))
+    env = {
+        **os.environ,
+        "REGISTRY_PORT": str(port),
+        "REGISTRY_DATA_DIR": str(data_dir),
+        "REGISTRY_WRITE_TOKEN": TOKEN,
+        "REGISTRY_LOG_LEVEL": "WARNING",
+        **env_extra,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "registry"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(data_dir / "registry.log", "wb"),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -89,8 +98,14 @@ def bench_registry(path: str, env_extra: dict, src: Path, work: Path, total: int
     cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
     proc, url = start_registry(env_extra, data_dir)
     try:
-        with RegistryClient(url, token=TOKEN, cache_dir=cache_dir, concurrency=args.concurrency,
-                            part_size=args.part_mb * MB, timeout=1800) as rc:
+        with RegistryClient(
+            url,
+            token=TOKEN,
+            cache_dir=cache_dir,
+            concurrency=args.concurrency,
+            part_size=args.part_mb * MB,
+            timeout=1800,
+        ) as rc:
             holder = {}
             up = timed(lambda: holder.setdefault("v", rc.upload_folder(src, "bench", stage="sft")))
             down = timed(lambda: rc.download("bench", holder["v"].version))
@@ -100,16 +115,24 @@ def bench_registry(path: str, env_extra: dict, src: Path, work: Path, total: int
         proc.wait(timeout=30)
     shutil.rmtree(cache_dir, ignore_errors=True)
     shutil.rmtree(data_dir, ignore_errors=True)
-    return {"path": path, "upload_MBps": total / MB / up, "download_MBps": total / MB / down,
-            "upload_s": up, "download_s": down, "registry_peak_rss_MB": rss}
+    return {
+        "path": path,
+        "upload_MBps": total / MB / up,
+        "download_MBps": total / MB / down,
+        "upload_s": up,
+        "download_s": down,
+        "registry_peak_rss_MB": rss,
+    }
 
 
 def bench_boto3(s3_url: str, src: Path, work: Path, total: int, args) -> dict:
-    s3 = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                      region_name="us-east-1")
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
     s3.create_bucket(Bucket="direct")
-    cfg = TransferConfig(multipart_threshold=args.part_mb * MB, multipart_chunksize=args.part_mb * MB,
-                         max_concurrency=args.concurrency)
+    cfg = TransferConfig(
+        multipart_threshold=args.part_mb * MB, multipart_chunksize=args.part_mb * MB, max_concurrency=args.concurrency
+    )
     files = [p for p in src.rglob("*") if p.is_file()]
     out = work / "direct-download"
 
@@ -125,8 +148,14 @@ def bench_boto3(s3_url: str, src: Path, work: Path, total: int, args) -> dict:
 
     up, down = timed(upload), timed(download)
     shutil.rmtree(out, ignore_errors=True)
-    return {"path": "boto3 direct to S3", "upload_MBps": total / MB / up, "download_MBps": total / MB / down,
-            "upload_s": up, "download_s": down, "registry_peak_rss_MB": None}
+    return {
+        "path": "boto3 direct to S3",
+        "upload_MBps": total / MB / up,
+        "download_MBps": total / MB / down,
+        "upload_s": up,
+        "download_s": down,
+        "registry_peak_rss_MB": None,
+    }
 
 
 def main() -> None:
@@ -138,8 +167,12 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
-    paths = {"boto3 direct to S3": "boto3", "registry (s3 via server)": "s3",
-             "registry (s3 presigned)": "s3 presigned", "registry (local)": "local"}
+    paths = {
+        "boto3 direct to S3": "boto3",
+        "registry (s3 via server)": "s3",
+        "registry (s3 presigned)": "s3 presigned",
+        "registry (local)": "local",
+    }
     runs: dict[str, list[dict]] = {p: [] for p in paths}
     try:
         src = work / "ckpt"
@@ -153,31 +186,45 @@ def main() -> None:
                     if kind == "boto3":
                         row = bench_boto3(s3.url, src, work, total, args)
                     else:
-                        env = {} if s3 is None else {
-                            "REGISTRY_BLOB_BACKEND": "s3", "REGISTRY_S3_ENDPOINT": s3.url, "REGISTRY_S3_BUCKET": "bench",
-                            "REGISTRY_S3_ACCESS_KEY": "testing", "REGISTRY_S3_SECRET_KEY": "testing",
-                            "REGISTRY_S3_PART_SIZE": str(args.part_mb * MB),
-                            "REGISTRY_S3_PARTS_IN_FLIGHT": str(args.concurrency),
-                            "REGISTRY_PRESIGNED_UPLOADS": str(kind == "s3 presigned").lower()}
+                        env = (
+                            {}
+                            if s3 is None
+                            else {
+                                "REGISTRY_BLOB_BACKEND": "s3",
+                                "REGISTRY_S3_ENDPOINT": s3.url,
+                                "REGISTRY_S3_BUCKET": "bench",
+                                "REGISTRY_S3_ACCESS_KEY": "testing",
+                                "REGISTRY_S3_SECRET_KEY": "testing",
+                                "REGISTRY_S3_PART_SIZE": str(args.part_mb * MB),
+                                "REGISTRY_S3_PARTS_IN_FLIGHT": str(args.concurrency),
+                                "REGISTRY_PRESIGNED_UPLOADS": str(kind == "s3 presigned").lower(),
+                            }
+                        )
                         row = bench_registry(path, env, src, work, total, args)
                 finally:
                     if s3 is not None:
                         s3.stop()
                 runs[path].append(row)
-                print(f"  {path:<28} up {row['upload_MBps']:7.1f} MB/s  down {row['download_MBps']:7.1f} MB/s", flush=True)
+                print(
+                    f"  {path:<28} up {row['upload_MBps']:7.1f} MB/s  down {row['download_MBps']:7.1f} MB/s", flush=True
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # Each path's median round by upload speed (its download from the same round).
     rows = [sorted(runs[p], key=lambda r: r["upload_MBps"])[len(runs[p]) // 2] | {"rounds": runs[p]} for p in paths]
 
     direct = rows[0]
-    print(f"checkpoint {total / MB:.0f} MB, part {args.part_mb} MiB, concurrency {args.concurrency}, "
-          f"{os.cpu_count()} CPUs (moto S3 server, registry and client share them), median of {args.rounds} rounds")
+    print(
+        f"checkpoint {total / MB:.0f} MB, part {args.part_mb} MiB, concurrency {args.concurrency}, "
+        f"{os.cpu_count()} CPUs (moto S3 server, registry and client share them), median of {args.rounds} rounds"
+    )
     print(f"{'path':<30}{'up MB/s':>10}{'down MB/s':>11}{'up x':>7}{'down x':>8}{'peak RSS MB':>13}")
     for r in rows:
         rss = "-" if r["registry_peak_rss_MB"] is None else f"{r['registry_peak_rss_MB']:.0f}"
-        print(f"{r['path']:<30}{r['upload_MBps']:>10.1f}{r['download_MBps']:>11.1f}"
-              f"{r['upload_MBps'] / direct['upload_MBps']:>7.2f}{r['download_MBps'] / direct['download_MBps']:>8.2f}{rss:>13}")
+        print(
+            f"{r['path']:<30}{r['upload_MBps']:>10.1f}{r['download_MBps']:>11.1f}"
+            f"{r['upload_MBps'] / direct['upload_MBps']:>7.2f}{r['download_MBps'] / direct['download_MBps']:>8.2f}{rss:>13}"
+        )
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     (results / "registry.json").write_text(json.dumps({"args": vars(args), "bytes": total, "rows": rows}, indent=2))

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,9 +39,14 @@ from fastapi.responses import StreamingResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
-    "Explain what a hash map is.", "Write a haiku about the sea.", "What is 7*3?",
-    "Give me three tips for learning Python.", "Why is the sky blue?", "Summarise the plot of Hamlet.",
-    "How do I reverse a list in Python?", "Tell me a joke about computers.",
+    "Explain what a hash map is.",
+    "Write a haiku about the sea.",
+    "What is 7*3?",
+    "Give me three tips for learning Python.",
+    "Why is the sky blue?",
+    "Summarise the plot of Hamlet.",
+    "How do I reverse a list in Python?",
+    "Tell me a joke about computers.",
 ]
 
 
@@ -71,6 +75,7 @@ def free_port() -> int:
 
 
 # ---- the baseline server: the plain engine in the event loop, one request at a time -----------
+
 
 def baseline_app(folder: str, device: str) -> FastAPI:
     from nanochat.checkpoint import load_checkpoint
@@ -113,8 +118,14 @@ def baseline_app(folder: str, device: str) -> FastAPI:
 def start_server(kind: str, folder: Path, port: int, device: str, slots: int) -> subprocess.Popen:
     env = dict(os.environ)
     if kind == "ours":
-        env.update(INFERENCE_MODEL_DIR=str(folder), INFERENCE_PORT=str(port), INFERENCE_SLOTS=str(slots),
-                   INFERENCE_MAX_WAITING="16", INFERENCE_LOG_LEVEL="WARNING", INFERENCE_DEVICE=device)
+        env.update(
+            INFERENCE_MODEL_DIR=str(folder),
+            INFERENCE_PORT=str(port),
+            INFERENCE_SLOTS=str(slots),
+            INFERENCE_MAX_WAITING="16",
+            INFERENCE_LOG_LEVEL="WARNING",
+            INFERENCE_DEVICE=device,
+        )
         cmd = [sys.executable, "-m", "inference"]
     else:
         cmd = [sys.executable, __file__, "--baseline-server", str(folder), "--port", str(port), "--device", device]
@@ -136,9 +147,15 @@ async def wait_up(url: str, path: str, timeout: float = 300) -> None:
 
 # ---- the client ---------------------------------------------------------------------------------
 
+
 async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": "nanochat", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": "nanochat",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     start = time.perf_counter()
     stamps, status, error = [], None, None
     try:
@@ -186,8 +203,10 @@ def pct(values: list[float], q: float) -> float:
 
 async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http, \
-            httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as health_http:
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http,
+        httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as health_http,
+    ):
         stop, health = asyncio.Event(), []
         pinger = asyncio.create_task(ping_health(health_http, url, stop, health))
         queue = list(range(requests))
@@ -208,9 +227,16 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
     ttft = [r["stamps"][0] - r["start"] for r in ok if r["stamps"]]
     itl = [b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:])]
     return {
-        "concurrency": concurrency, "requests": requests, "output_tokens": tokens, "wall_s": wall,
-        "tok_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
-        "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99), "health_p99": pct(health, 0.99),
+        "concurrency": concurrency,
+        "requests": requests,
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "itl_p50": pct(itl, 0.5),
+        "itl_p99": pct(itl, 0.99),
+        "health_p99": pct(health, 0.99),
         "health_max": max(health, default=float("nan")),
         "errors": sum(1 for r in results if r not in ok and r["status"] != 429),
         "rejected_429": sum(1 for r in results if r["status"] == 429),
@@ -223,8 +249,10 @@ async def bench_servers(folder: Path, args) -> list[dict]:
     This machine's speed drifts by tens of percent over minutes; measuring the baseline first and
     ours minutes later would fold that drift into the ratio. Alternating the two servers within
     each round puts both under the same drift, and each row reports the median round."""
-    servers = {kind: (start_server(kind, folder, port, args.device, args.slots), f"http://127.0.0.1:{port}")
-               for kind, port in (("baseline", free_port()), ("ours", free_port()))}
+    servers = {
+        kind: (start_server(kind, folder, port, args.device, args.slots), f"http://127.0.0.1:{port}")
+        for kind, port in (("baseline", free_port()), ("ours", free_port()))
+    }
     try:
         for kind, (_, url) in servers.items():
             # The baseline loads its model before it listens; ours listens first and loads beside.
@@ -242,8 +270,11 @@ async def bench_servers(folder: Path, args) -> list[dict]:
                 row = sorted(runs[kind], key=lambda r: r["tok_per_s"])[len(runs[kind]) // 2]  # the median round
                 row["server"], row["rounds_tok_per_s"] = kind, [r["tok_per_s"] for r in runs[kind]]
                 rows.append(row)
-                print(f"  {kind:8s} c={c:<3d} {row['tok_per_s']:8.1f} tok/s  ttft p50 {row['ttft_p50']:.3f}s  "
-                      f"(rounds: {', '.join(f'{t:.0f}' for t in row['rounds_tok_per_s'])})", flush=True)
+                print(
+                    f"  {kind:8s} c={c:<3d} {row['tok_per_s']:8.1f} tok/s  ttft p50 {row['ttft_p50']:.3f}s  "
+                    f"(rounds: {', '.join(f'{t:.0f}' for t in row['rounds_tok_per_s'])})",
+                    flush=True,
+                )
         return rows
     finally:
         for proc, _ in servers.values():
@@ -266,44 +297,66 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per level below 64 (the median is reported)")
-    parser.add_argument("--min-requests", type=int, default=8,
-                        help="requests per round at least (c=1: that many one after the other)")
-    parser.add_argument("--baseline-max-concurrency", type=int, default=1 << 30,
-                        help="skip the baseline above this concurrency (it serves one request at a time, "
-                             "so its tok/s stays flat while a level of c requests takes c times as long)")
+    parser.add_argument(
+        "--min-requests", type=int, default=8, help="requests per round at least (c=1: that many one after the other)"
+    )
+    parser.add_argument(
+        "--baseline-max-concurrency",
+        type=int,
+        default=1 << 30,
+        help="skip the baseline above this concurrency (it serves one request at a time, "
+        "so its tok/s stays flat while a level of c requests takes c times as long)",
+    )
     parser.add_argument("--baseline-server", metavar="FOLDER", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
         import uvicorn
 
-        uvicorn.run(baseline_app(args.baseline_server, args.device), host="127.0.0.1", port=args.port,
-                    log_level="warning")
+        uvicorn.run(
+            baseline_app(args.baseline_server, args.device), host="127.0.0.1", port=args.port, log_level="warning"
+        )
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_checkpoint(Path(tmp) / "model", args.depth, args.vocab, args.sequence_len)
         rows = asyncio.run(bench_servers(folder, args))
 
-    print(f"\ndepth {args.depth}, vocab {args.vocab} (incl. 9 specials), random weights, greedy, up to "
-          f"{args.max_tokens} output tokens, {args.slots} slots, device {args.device}, {platform.processor() or platform.machine()}")
-    header = (f"{'server':8s} {'conc':>4s} {'reqs':>4s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
-              f"{'ITL p50':>8s} {'ITL p99':>8s} {'health p99':>10s} {'errors':>6s} {'429':>4s}")
+    print(
+        f"\ndepth {args.depth}, vocab {args.vocab} (incl. 9 specials), random weights, greedy, up to "
+        f"{args.max_tokens} output tokens, {args.slots} slots, device {args.device}, {platform.processor() or platform.machine()}"
+    )
+    header = (
+        f"{'server':8s} {'conc':>4s} {'reqs':>4s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
+        f"{'ITL p50':>8s} {'ITL p99':>8s} {'health p99':>10s} {'errors':>6s} {'429':>4s}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['server']:8s} {r['concurrency']:4d} {r['requests']:4d} {r['tok_per_s']:8.1f} "
-              f"{r['ttft_p50']:8.3f}s {r['ttft_p99']:8.3f}s {r['itl_p50'] * 1000:6.1f}ms {r['itl_p99'] * 1000:6.1f}ms "
-              f"{health_cell(r['health_p99'])} {r['errors']:6d} {r['rejected_429']:4d}")
+        print(
+            f"{r['server']:8s} {r['concurrency']:4d} {r['requests']:4d} {r['tok_per_s']:8.1f} "
+            f"{r['ttft_p50']:8.3f}s {r['ttft_p99']:8.3f}s {r['itl_p50'] * 1000:6.1f}ms {r['itl_p99'] * 1000:6.1f}ms "
+            f"{health_cell(r['health_p99'])} {r['errors']:6d} {r['rejected_429']:4d}"
+        )
     base = {r["concurrency"]: r for r in rows if r["server"] == "baseline"}
     for r in rows:
         if r["server"] == "ours" and r["concurrency"] in base and base[r["concurrency"]]["tok_per_s"] > 0:
-            print(f"concurrency {r['concurrency']:3d}: ours / baseline output tok/s = "
-                  f"{r['tok_per_s'] / base[r['concurrency']]['tok_per_s']:.2f}x")
+            print(
+                f"concurrency {r['concurrency']:3d}: ours / baseline output tok/s = "
+                f"{r['tok_per_s'] / base[r['concurrency']]['tok_per_s']:.2f}x"
+            )
     out = ROOT / "bench" / "results" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("baseline_server", "port")},
-                               "torch": torch.__version__, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "args": {k: v for k, v in vars(args).items() if k not in ("baseline_server", "port")},
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -23,14 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import rustbpe
 import tiktoken
+from nanochat.offline_corpus import stdlib_files
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nanochat.offline_corpus import stdlib_files
+import rustbpe
 
 CORPUS_BYTES = 10_000_000
 RANKS = 4096
@@ -88,10 +88,12 @@ def train_ours(items: list[str]) -> rustbpe.Tokenizer:
 def train_hf(text: str) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     # The same regex split as ours, then bytes mapped to ByteLevel's printable alphabet.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(rustbpe.DEFAULT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(rustbpe.DEFAULT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=RANKS,
@@ -120,7 +122,9 @@ def run_original(python: str, text: str, repeats: int) -> dict:
         f.flush()
         out = subprocess.run(
             [python, "-c", ORIGINAL_SCRIPT, f.name, str(RANKS), str(repeats), rustbpe.DEFAULT_PATTERN],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
     return json.loads(out.stdout)
 
@@ -132,8 +136,10 @@ def main() -> None:
     args = parser.parse_args()
 
     text = load_corpus()
-    print(f"corpus: {len(text.encode()):,} bytes, {len(text):,} chars; {RANKS:,} ranks, no specials; "
-          f"{os.cpu_count()} cpus, median of {args.repeats}")
+    print(
+        f"corpus: {len(text.encode()):,} bytes, {len(text):,} chars; {RANKS:,} ranks, no specials; "
+        f"{os.cpu_count()} cpus, median of {args.repeats}"
+    )
 
     # Documents as nanochat's tokenizer training feeds them: many strings, pulled in buffers.
     docs = text.split("\n\n")
@@ -173,33 +179,44 @@ def main() -> None:
     print(f"\n{'task':<22} {'implementation':<32} {'seconds':>8}")
     for task, name, s in rows:
         print(f"{task:<22} {name:<32} {s:>8.3f}")
-    print(f"\nours / original train time: {ours_s / original_s:.2f}x (target <= 0.8x); "
-          f"HF / ours: {hf_s / ours_s:.1f}x (target >= 5x); ours / original on the docs: "
-          f"{ours_docs_s / original_docs_s:.2f}x")
-    print(f"merges identical to the original's: {merges_equal}"
-          + ("" if merges_equal else f" (first difference at rank {first_diff})")
-          + f"; on the docs: {docs_merges_equal}")
-    print(f"our ids == tiktoken's: {ids_ours == ids_tt} (1 string), {batch_ours == batch_tt} (batch); "
-          f"tokens: ours {len(ids_ours):,}, HF {len(ids_hf):,}")
+    print(
+        f"\nours / original train time: {ours_s / original_s:.2f}x (target <= 0.8x); "
+        f"HF / ours: {hf_s / ours_s:.1f}x (target >= 5x); ours / original on the docs: "
+        f"{ours_docs_s / original_docs_s:.2f}x"
+    )
+    print(
+        f"merges identical to the original's: {merges_equal}"
+        + ("" if merges_equal else f" (first difference at rank {first_diff})")
+        + f"; on the docs: {docs_merges_equal}"
+    )
+    print(
+        f"our ids == tiktoken's: {ids_ours == ids_tt} (1 string), {batch_ours == batch_tt} (batch); "
+        f"tokens: ours {len(ids_ours):,}, HF {len(ids_hf):,}"
+    )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "tokenizer.json"
-    out.write_text(json.dumps({
-        "corpus_bytes": len(text.encode()),
-        "ranks": RANKS,
-        "repeats": args.repeats,
-        "cpus": os.cpu_count(),
-        "machine": platform.platform(),
-        "seconds": {f"{task} / {name}": s for task, name, s in rows},
-        "train_ratio_ours_over_original": ours_s / original_s,
-        "train_ratio_hf_over_ours": hf_s / ours_s,
-        "docs_train_ratio_ours_over_original": ours_docs_s / original_docs_s,
-        "merges_equal_original": merges_equal,
-        "docs_merges_equal_original": docs_merges_equal,
-        "first_differing_rank": first_diff,
-        "ids_equal_tiktoken": ids_ours == ids_tt and batch_ours == batch_tt,
-        "tokens": {"ours": len(ids_ours), "hf": len(ids_hf)},
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "corpus_bytes": len(text.encode()),
+                "ranks": RANKS,
+                "repeats": args.repeats,
+                "cpus": os.cpu_count(),
+                "machine": platform.platform(),
+                "seconds": {f"{task} / {name}": s for task, name, s in rows},
+                "train_ratio_ours_over_original": ours_s / original_s,
+                "train_ratio_hf_over_ours": hf_s / ours_s,
+                "docs_train_ratio_ours_over_original": ours_docs_s / original_docs_s,
+                "merges_equal_original": merges_equal,
+                "docs_merges_equal_original": docs_merges_equal,
+                "first_differing_rank": first_diff,
+                "ids_equal_tiktoken": ids_ours == ids_tt and batch_ours == batch_tt,
+                "tokens": {"ours": len(ids_ours), "hf": len(ids_hf)},
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -60,14 +60,14 @@ from pathlib import Path
 
 import tiktoken
 import torch
-
-import rustbpe
 from nanochat import optim
 from nanochat.common import cpu_flags
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import AdamW, newton_schulz_dtype
 from nanochat.stages.train_loop import H100_BF16_FLOPS, PEAK_FLOPS_ENV
 from nanochat.tokenizer import SPLIT_PATTERN
+
+import rustbpe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer import load_corpus  # noqa: E402  (bench/tokenizer.py: the shared bench corpus)
@@ -88,11 +88,15 @@ def build(seq_len: int, seed: int = 1337) -> GPT:
 def adamw_only(model: GPT) -> list[torch.optim.Optimizer]:
     """The baseline: AdamW on every parameter (block matrices at Muon's LR, AdamW-scaled)."""
     scale = (model.config.n_embd / 768) ** -0.5
-    return [AdamW([
-        {"params": [model.lm_head.weight], "lr": 0.004 * scale},
-        {"params": [model.transformer.wte.weight], "lr": 0.2 * scale},
-        {"params": list(model.transformer.h.parameters()), "lr": 0.02 * scale},
-    ])]
+    return [
+        AdamW(
+            [
+                {"params": [model.lm_head.weight], "lr": 0.004 * scale},
+                {"params": [model.transformer.wte.weight], "lr": 0.2 * scale},
+                {"params": list(model.transformer.h.parameters()), "lr": 0.02 * scale},
+            ]
+        )
+    ]
 
 
 def train_step(model: GPT, optimizers: list, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -109,8 +113,10 @@ def train_step(model: GPT, optimizers: list, x: torch.Tensor, y: torch.Tensor) -
 def throughput(steps: int) -> dict:
     flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"})
     ns_dtype = newton_schulz_dtype("cpu")
-    print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"flags {' '.join(flags) or '(none)'}; Newton-Schulz in {str(ns_dtype).removeprefix('torch.')}")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+        f"flags {' '.join(flags) or '(none)'}; Newton-Schulz in {str(ns_dtype).removeprefix('torch.')}"
+    )
     rows = []
     for B, T in SHAPES:
         setups = {}
@@ -136,23 +142,41 @@ def throughput(steps: int) -> dict:
         med = {name: statistics.median(v) for name, v in step_s.items()}
         opt = {name: statistics.median(v) for name, v in opt_s.items()}
         fwd_bwd = statistics.median([w - o for name in setups for w, o in zip(step_s[name], opt_s[name])])
-        rows.append({"B": B, "T": T, "adamw_tok_s": B * T / med["adamw"],
-                     "muon_adamw_tok_s": B * T / med["muon+adamw"], "ratio": statistics.median(ratios),
-                     "parts_ratio": (fwd_bwd + opt["adamw"]) / (fwd_bwd + opt["muon+adamw"]),
-                     "fwd_bwd_ms": 1e3 * fwd_bwd,
-                     "adamw_opt_ms": 1e3 * opt["adamw"], "muon_adamw_opt_ms": 1e3 * opt["muon+adamw"],
-                     "target": 0.9 if (B, T) == (8, 256) else 0.95,
-                     "step_seconds": step_s, "pair_ratios": ratios})
-    print(f"\n{'B':>3} {'T':>4} | {'AdamW only tok/s':>16} | {'Muon+AdamW tok/s':>16} | ratio: paired / parts"
-          f" | target | ms: fwd+bwd, optimizer AdamW / Muon+AdamW")
+        rows.append(
+            {
+                "B": B,
+                "T": T,
+                "adamw_tok_s": B * T / med["adamw"],
+                "muon_adamw_tok_s": B * T / med["muon+adamw"],
+                "ratio": statistics.median(ratios),
+                "parts_ratio": (fwd_bwd + opt["adamw"]) / (fwd_bwd + opt["muon+adamw"]),
+                "fwd_bwd_ms": 1e3 * fwd_bwd,
+                "adamw_opt_ms": 1e3 * opt["adamw"],
+                "muon_adamw_opt_ms": 1e3 * opt["muon+adamw"],
+                "target": 0.9 if (B, T) == (8, 256) else 0.95,
+                "step_seconds": step_s,
+                "pair_ratios": ratios,
+            }
+        )
+    print(
+        f"\n{'B':>3} {'T':>4} | {'AdamW only tok/s':>16} | {'Muon+AdamW tok/s':>16} | ratio: paired / parts"
+        f" | target | ms: fwd+bwd, optimizer AdamW / Muon+AdamW"
+    )
     print("-" * 121)
     for r in rows:
-        print(f"{r['B']:>3} {r['T']:>4} | {r['adamw_tok_s']:>16,.0f} | {r['muon_adamw_tok_s']:>16,.0f} | "
-              f"{r['ratio']:>12.3f} / {r['parts_ratio']:.3f} | >= {r['target']:<4} | "
-              f"{r['fwd_bwd_ms']:.0f}, {r['adamw_opt_ms']:.1f} / {r['muon_adamw_opt_ms']:.1f}")
+        print(
+            f"{r['B']:>3} {r['T']:>4} | {r['adamw_tok_s']:>16,.0f} | {r['muon_adamw_tok_s']:>16,.0f} | "
+            f"{r['ratio']:>12.3f} / {r['parts_ratio']:.3f} | >= {r['target']:<4} | "
+            f"{r['fwd_bwd_ms']:.0f}, {r['adamw_opt_ms']:.1f} / {r['muon_adamw_opt_ms']:.1f}"
+        )
         print(f"{'':>10} pair ratios: {' '.join(f'{q:.3f}' for q in r['pair_ratios'])}")
-    return {"cpu_flags": flags, "ns_dtype": str(ns_dtype), "threads": torch.get_num_threads(),
-            "steps": steps, "rows": rows}
+    return {
+        "cpu_flags": flags,
+        "ns_dtype": str(ns_dtype),
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "rows": rows,
+    }
 
 
 def fwd_bwd(model, params: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -175,17 +199,31 @@ def compile_speed(steps: int, B: int = 8, T: int = 256) -> dict:
     fwd_bwd(*runs["eager"], x, y)  # warm-up
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for i in range(steps):
-        for name in (["eager", "compiled"] if i % 2 == 0 else ["compiled", "eager"]):
+        for name in ["eager", "compiled"] if i % 2 == 0 else ["compiled", "eager"]:
             times[name].append(fwd_bwd(*runs[name], x, y))
     med = {name: statistics.median(v) for name, v in times.items()}
-    row = {"B": B, "T": T, "compile_seconds": first - med["compiled"], "eager_ms": 1e3 * med["eager"],
-           "compiled_ms": 1e3 * med["compiled"], "eager_tok_s": B * T / med["eager"],
-           "compiled_tok_s": B * T / med["compiled"], "speedup": med["eager"] / med["compiled"], "times": times}
-    print(f"compile: {row['compile_seconds']:.1f} s; fwd+bwd B{B} x T{T}: eager {row['eager_ms']:.0f} ms "
-          f"({row['eager_tok_s']:,.0f} tok/s), compiled {row['compiled_ms']:.0f} ms ({row['compiled_tok_s']:,.0f} tok/s): "
-          f"{row['speedup']:.3f}x")
-    return {"cpu_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"}),
-            "threads": torch.get_num_threads(), "steps": steps, "rows": [row]}
+    row = {
+        "B": B,
+        "T": T,
+        "compile_seconds": first - med["compiled"],
+        "eager_ms": 1e3 * med["eager"],
+        "compiled_ms": 1e3 * med["compiled"],
+        "eager_tok_s": B * T / med["eager"],
+        "compiled_tok_s": B * T / med["compiled"],
+        "speedup": med["eager"] / med["compiled"],
+        "times": times,
+    }
+    print(
+        f"compile: {row['compile_seconds']:.1f} s; fwd+bwd B{B} x T{T}: eager {row['eager_ms']:.0f} ms "
+        f"({row['eager_tok_s']:,.0f} tok/s), compiled {row['compiled_ms']:.0f} ms ({row['compiled_tok_s']:,.0f} tok/s): "
+        f"{row['speedup']:.3f}x"
+    )
+    return {
+        "cpu_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"}),
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "rows": [row],
+    }
 
 
 def parity(steps: int) -> dict:
@@ -197,7 +235,9 @@ def parity(steps: int) -> dict:
     ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
     enc = tiktoken.Encoding(name="bench4096", pat_str=trainer.get_pattern(), mergeable_ranks=ranks, special_tokens={})
     ids = torch.tensor(enc.encode_ordinary(text), dtype=torch.long)
-    print(f"tokenizer: {len(ranks):,} ranks in {time.perf_counter() - t0:.1f}s; {len(ids):,} ids from {len(text):,} chars")
+    print(
+        f"tokenizer: {len(ranks):,} ranks in {time.perf_counter() - t0:.1f}s; {len(ids):,} ids from {len(text):,} chars"
+    )
     token_bytes = torch.tensor([len(enc.decode_single_token_bytes(i)) for i in range(VOCAB)])
     split = int(len(ids) * 0.95)
     train_ids, val_ids = ids[:split], ids[split:]
@@ -214,7 +254,7 @@ def parity(steps: int) -> dict:
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
-        batch = train_ids[i * B * (T + 1):(i + 1) * B * (T + 1)].view(B, T + 1)
+        batch = train_ids[i * B * (T + 1) : (i + 1) * B * (T + 1)].view(B, T + 1)
         loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
         optim.step(optimizers)
@@ -227,7 +267,7 @@ def parity(steps: int) -> dict:
     nats_sum, bytes_sum, nats_first, bytes_first = 0.0, 0, 0.0, 0
     with torch.no_grad():
         for j in range(16):
-            window = val_ids[j * B * (T + 1):(j + 1) * B * (T + 1)].view(B, T + 1)
+            window = val_ids[j * B * (T + 1) : (j + 1) * B * (T + 1)].view(B, T + 1)
             nats = model(window[:, :-1], window[:, 1:], loss_reduction="none")
             nbytes = token_bytes[window[:, 1:]]
             nats_sum, bytes_sum = nats_sum + nats.sum().item(), bytes_sum + int(nbytes.sum())
@@ -238,10 +278,19 @@ def parity(steps: int) -> dict:
     print(f"val bpb over the first 16 rows of T+1 ids only: {bpb_16_rows:.4f}")
     off = (bpb - PARITY_TARGET) / PARITY_TARGET
     print(f"\nparity: depth {DEPTH}, vocab {VOCAB}, B={B}, T={T}, {steps} steps, NS {optimizers[1].ns_dtype}")
-    print(f"{'':>10} | {'val bpb':>8}\n{'-' * 22}\n{'original':>10} | {PARITY_TARGET:>8.3f}\n{'ours':>10} | {bpb:>8.3f}")
+    print(
+        f"{'':>10} | {'val bpb':>8}\n{'-' * 22}\n{'original':>10} | {PARITY_TARGET:>8.3f}\n{'ours':>10} | {bpb:>8.3f}"
+    )
     print(f"difference {off:+.2%} (must be within 1%)")
-    return {"steps": steps, "bpb": bpb, "bpb_first_16_rows": bpb_16_rows, "original": PARITY_TARGET, "relative_difference": off,
-            "ns_dtype": str(optimizers[1].ns_dtype), "train_seconds": time.perf_counter() - t0}
+    return {
+        "steps": steps,
+        "bpb": bpb,
+        "bpb_first_16_rows": bpb_16_rows,
+        "original": PARITY_TARGET,
+        "relative_difference": off,
+        "ns_dtype": str(optimizers[1].ns_dtype),
+        "train_seconds": time.perf_counter() - t0,
+    }
 
 
 def cpu_matmul_peak(threads: int, size: int = 1024, repeats: int = 5) -> float:
@@ -255,7 +304,7 @@ def cpu_matmul_peak(threads: int, size: int = 1024, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     torch.set_num_threads(saved)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
@@ -268,8 +317,10 @@ def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="bench-stage-"))
     data, tok = root / "data", root / "tok"
-    for args in (["make_data", "--data-dir", str(data)],
-                 ["tok_train", "--data-dir", str(data), "--out", str(tok), "--vocab-size", "4096", "--max-chars", "20000000"]):
+    for args in (
+        ["make_data", "--data-dir", str(data)],
+        ["tok_train", "--data-dir", str(data), "--out", str(tok), "--vocab-size", "4096", "--max-chars", "20000000"],
+    ):
         subprocess.run([sys.executable, "-m", f"nanochat.stages.{args[0]}", *args[1:]], check=True, capture_output=True)
     rows = []
     for n in nprocs:
@@ -283,23 +334,61 @@ def stage_base(nprocs: list[int], depth: int, steps: int) -> dict:
             env["OMP_NUM_THREADS"] = str(threads)
             env[PEAK_FLOPS_ENV] = str(peak)
         batch, seq = (32, 1024) if torch.cuda.is_available() else (8, 256)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-               "-m", "nanochat.stages.base_train", "--init-from", str(tok), "--data-dir", str(data),
-               "--out", str(root / f"base-{n}"), "--depth", str(depth), "--max-seq-len", str(seq),
-               "--device-batch-size", str(batch), "--total-batch-size", str(batch * seq * n),
-               "--num-iterations", str(steps), "--eval-every", "-1", "--eval-tokens", str(batch * seq * n),
-               "--core-metric-every", "-1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(n),
+            "-m",
+            "nanochat.stages.base_train",
+            "--init-from",
+            str(tok),
+            "--data-dir",
+            str(data),
+            "--out",
+            str(root / f"base-{n}"),
+            "--depth",
+            str(depth),
+            "--max-seq-len",
+            str(seq),
+            "--device-batch-size",
+            str(batch),
+            "--total-batch-size",
+            str(batch * seq * n),
+            "--num-iterations",
+            str(steps),
+            "--eval-every",
+            "-1",
+            "--eval-tokens",
+            str(batch * seq * n),
+            "--core-metric-every",
+            "-1",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"base_train with {n} processes failed: {proc.stderr[-2000:]}")
         progress = [e for e in parse_events(proc.stdout.splitlines()) if e.type == "progress"][5:]
         mfu = [e.mfu for e in progress if e.mfu is not None]
-        rows.append({"nproc": n, "depth": depth, "batch": batch, "seq_len": seq, "steps": steps,
-                     "peak_flops_per_process": peak,
-                     "tok_per_s": statistics.median(e.tok_per_s for e in progress),
-                     "mfu": statistics.median(mfu) if mfu else None})
+        rows.append(
+            {
+                "nproc": n,
+                "depth": depth,
+                "batch": batch,
+                "seq_len": seq,
+                "steps": steps,
+                "peak_flops_per_process": peak,
+                "tok_per_s": statistics.median(e.tok_per_s for e in progress),
+                "mfu": statistics.median(mfu) if mfu else None,
+            }
+        )
         print(f"nproc {n}: {rows[-1]['tok_per_s']:,.0f} tok/s  MFU {rows[-1]['mfu'] or float('nan'):.3%}")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     return {"device": device, "runs": rows}
 
 
@@ -307,10 +396,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parity", action="store_true", help="run the loss-parity check instead")
     parser.add_argument("--compile", action="store_true", help="time torch.compile against eager instead")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per set-up (12), parity steps (300) or stage steps (30)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice); 1 avoids spin-waiting on a busy machine")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per set-up (12), parity steps (300) or stage steps (30)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 avoids spin-waiting on a busy machine",
+    )
     parser.add_argument("--stage", choices=["base"], help="benchmark the real stage under torchrun instead")
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="process counts for --stage")
     parser.add_argument("--depth", type=int, default=4, help="model depth for --stage (12 on a GPU)")

@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from fastapi.testclient import TestClient  # noqa: E402
-
 from nanochat_testing.data import TINY_DATA  # noqa: E402
 from nanochat_testing.servers import start_redis  # noqa: E402
 from trainer.api import create_app  # noqa: E402
@@ -69,16 +68,25 @@ def wait_status(api: TestClient, job_id: str, timeout: float = 300) -> dict:
 
 def bench(repeats: int, nprocs: list[int], work: Path) -> list[tuple[str, float, float, str]]:
     redis = start_redis()
-    settings = Settings(database_url=f"sqlite:///{work / 'trainer.db'}", redis_url=redis.url, write_token=TOKEN,
-                        data_dir=work / "data", runs_dir=work / "runs", registry_url="http://127.0.0.1:9",
-                        heartbeat_interval=1.0, cancel_grace=5.0, log_level="WARNING")
+    settings = Settings(
+        database_url=f"sqlite:///{work / 'trainer.db'}",
+        redis_url=redis.url,
+        write_token=TOKEN,
+        data_dir=work / "data",
+        runs_dir=work / "runs",
+        registry_url="http://127.0.0.1:9",
+        heartbeat_interval=1.0,
+        cancel_grace=5.0,
+        log_level="WARNING",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINER_")}
     for key, value in settings.model_dump(mode="json").items():
         if value is not None:
             env[f"TRAINER_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     worker_log = open(work / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "trainer", "worker"], env=env, stdout=worker_log,
-                              stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "worker"], env=env, stdout=worker_log, stderr=subprocess.STDOUT
+    )
     rows = []
     try:
         with TestClient(create_app(settings)) as api:
@@ -86,21 +94,37 @@ def bench(repeats: int, nprocs: list[int], work: Path) -> list[tuple[str, float,
                 started, progress = [], []
                 for _ in range(repeats):
                     t0 = time.time()
-                    job_id = api.post("/v1/jobs", json={"stage": "make_data", "options": TINY,
-                                                        "resources": {"nproc_per_node": nproc}}, headers=AUTH).json()["id"]
+                    job_id = api.post(
+                        "/v1/jobs",
+                        json={"stage": "make_data", "options": TINY, "resources": {"nproc_per_node": nproc}},
+                        headers=AUTH,
+                    ).json()["id"]
                     seen = first_events(settings.runs_dir / "jobs" / job_id / "events.jsonl", ("started", "progress"))
                     started.append(seen["started"] - t0)
                     progress.append(seen["progress"] - t0)
                     job = wait_status(api, job_id)
                     assert job["status"] == "succeeded", job
-                rows.append((f"POST -> started event (make_data, nproc {nproc})", statistics.median(started),
-                             max(started), "s"))
-                rows.append((f"POST -> first progress event (make_data, nproc {nproc})", statistics.median(progress),
-                             max(progress), "s"))
+                rows.append(
+                    (f"POST -> started event (make_data, nproc {nproc})", statistics.median(started), max(started), "s")
+                )
+                rows.append(
+                    (
+                        f"POST -> first progress event (make_data, nproc {nproc})",
+                        statistics.median(progress),
+                        max(progress),
+                        "s",
+                    )
+                )
             cancels, statuses = [], []
             for _ in range(repeats):
-                job_id = api.post("/v1/jobs", json={"stage": "make_data", "options": {
-                    **TINY, "synthetic_docs": 3_000_000, "docs_per_shard": 100_000}}, headers=AUTH).json()["id"]
+                job_id = api.post(
+                    "/v1/jobs",
+                    json={
+                        "stage": "make_data",
+                        "options": {**TINY, "synthetic_docs": 3_000_000, "docs_per_shard": 100_000},
+                    },
+                    headers=AUTH,
+                ).json()["id"]
                 first_events(settings.runs_dir / "jobs" / job_id / "events.jsonl", ("progress",))
                 job = api.get(f"/v1/jobs/{job_id}").json()
                 tag, pgid = node_tag(job_id, 0), job["nodes"][0]["pgid"]
@@ -112,8 +136,9 @@ def bench(repeats: int, nprocs: list[int], work: Path) -> list[tuple[str, float,
                 job = wait_status(api, job_id)
                 statuses.append(time.monotonic() - t0)
                 assert job["status"] == "cancelled", job
-            rows.append(("cancel -> no process of the job left (make_data)", statistics.median(cancels),
-                         max(cancels), "s"))
+            rows.append(
+                ("cancel -> no process of the job left (make_data)", statistics.median(cancels), max(cancels), "s")
+            )
             rows.append(("cancel -> job status cancelled", statistics.median(statuses), max(statuses), "s"))
     finally:
         worker.kill()
@@ -136,16 +161,26 @@ def main() -> None:
         rows = bench(args.repeats, args.nproc, work)
         load_after = os.getloadavg()[0]
     # torchrun's own start (importing torch) dominates the POST rows, so they grow with the load.
-    print(f"{'measurement':<58} {'median':>8} {'max':>8}  unit   (n={args.repeats}, {os.cpu_count()} CPUs, "
-          f"load average {load_before:.1f} -> {load_after:.1f})")
+    print(
+        f"{'measurement':<58} {'median':>8} {'max':>8}  unit   (n={args.repeats}, {os.cpu_count()} CPUs, "
+        f"load average {load_before:.1f} -> {load_after:.1f})"
+    )
     for name, median, worst, unit in rows:
         print(f"{name:<58} {median:>8.2f} {worst:>8.2f}  {unit}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "trainer.json"
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "repeats": args.repeats,
-                               "load_average": [load_before, load_after],
-                               "results": [{"name": n, "median": m, "max": w, "unit": u} for n, m, w, u in rows]},
-                              indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": platform.platform(),
+                "cpus": os.cpu_count(),
+                "repeats": args.repeats,
+                "load_average": [load_before, load_after],
+                "results": [{"name": n, "median": m, "max": w, "unit": u} for n, m, w, u in rows],
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -42,12 +42,30 @@ CHAIN = ["tokenizer", "base", "mid", "sft", "rl"]
 HEARTBEAT_LIMIT_S = 6.0
 # Every stage of the speedrun, each cut to seconds on a CPU. The model keeps 256 positions so a
 # streamed answer lasts long enough to be cut off mid-way.
-_TRAIN = {"max_seq_len": 256, "device_batch_size": 2, "total_batch_size": 512, "eval_every": -1,
-          "eval_tokens": 512, "save_every": -1}
+_TRAIN = {
+    "max_seq_len": 256,
+    "device_batch_size": 2,
+    "total_batch_size": 512,
+    "eval_every": -1,
+    "eval_tokens": 512,
+    "save_every": -1,
+}
 FAST_OPTIONS = {
-    "make_data": {"source": "synthetic", "synthetic_docs": 300, "docs_per_shard": 256, "val_docs": 256, "chat_train": 100,
-                  "chat_test": 20, "math_train": 50, "math_test": 10, "mc_train": 50, "mc_test": 10,
-                  "identity_train": 30, "identity_test": 10, "core_items": 8},
+    "make_data": {
+        "source": "synthetic",
+        "synthetic_docs": 300,
+        "docs_per_shard": 256,
+        "val_docs": 256,
+        "chat_train": 100,
+        "chat_test": 20,
+        "math_train": 50,
+        "math_test": 10,
+        "mc_train": 50,
+        "mc_test": 10,
+        "identity_train": 30,
+        "identity_test": 10,
+        "core_items": 8,
+    },
     "tok_train": {"vocab_size": 512, "max_chars": 300_000},
     "tok_eval": {"max_chars": 5000},
     "base_train": {**_TRAIN, "depth": 2, "num_iterations": 4},
@@ -55,8 +73,16 @@ FAST_OPTIONS = {
     "base_eval": {"device_batch_size": 4, "max_per_task": 4},
     "mid_train": {**_TRAIN, "num_iterations": 3},
     "chat_sft": {**_TRAIN, "target_examples_per_step": 4, "num_iterations": 3, "eval_steps": 1},
-    "chat_rl": {"device_batch_size": 4, "examples_per_step": 2, "num_samples": 2, "max_new_tokens": 8,
-                "num_iterations": 2, "eval_every": -1, "eval_examples": 2, "save_every": -1},
+    "chat_rl": {
+        "device_batch_size": 4,
+        "examples_per_step": 2,
+        "num_samples": 2,
+        "max_new_tokens": 8,
+        "num_iterations": 2,
+        "eval_every": -1,
+        "eval_examples": 2,
+        "save_every": -1,
+    },
     "chat_eval": {"device_batch_size": 4, "max_problems": 2, "max_new_tokens": 8},
 }
 
@@ -132,11 +158,17 @@ class Stack:
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     ports = {s: free_port() for s in ("webui", "inference", "trainer", "registry", "redis")}
-    env = {**os.environ, "NANOCHAT_HOME": str(tmp / "home"), "NANOCHAT_NPROC_PER_NODE": "1",
-           "NANOCHAT_OPTIONS": json.dumps(FAST_OPTIONS),
-           **{f"NANOCHAT_{s.upper()}_PORT": str(p) for s, p in ports.items()},
-           "TRAINER_HEARTBEAT_LIMIT": str(HEARTBEAT_LIMIT_S), "TRAINER_HEARTBEAT_INTERVAL": "1",
-           "TRAINER_REAP_INTERVAL": "1", "INFERENCE_POLL_INTERVAL_S": "2"}
+    env = {
+        **os.environ,
+        "NANOCHAT_HOME": str(tmp / "home"),
+        "NANOCHAT_NPROC_PER_NODE": "1",
+        "NANOCHAT_OPTIONS": json.dumps(FAST_OPTIONS),
+        **{f"NANOCHAT_{s.upper()}_PORT": str(p) for s, p in ports.items()},
+        "TRAINER_HEARTBEAT_LIMIT": str(HEARTBEAT_LIMIT_S),
+        "TRAINER_HEARTBEAT_INTERVAL": "1",
+        "TRAINER_REAP_INTERVAL": "1",
+        "INFERENCE_POLL_INTERVAL_S": "2",
+    }
     stack = Stack(None, tmp / "launcher.out", tmp / "home", ports, {}, env)
     try:
         launch(stack)
@@ -151,8 +183,14 @@ def stack(tmp_path_factory):
 def launch(stack: Stack) -> None:
     """Start `infra/local/up.py` as `make up` does and wait for its UI line."""
     with open(stack.out, "wb") as f:
-        stack.proc = subprocess.Popen([sys.executable, "infra/local/up.py"], cwd=REPO, env=stack.env, stdout=f,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        stack.proc = subprocess.Popen(
+            [sys.executable, "infra/local/up.py"],
+            cwd=REPO,
+            env=stack.env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     poll(lambda: "web UI:" in stack.output() or stack.proc.poll() is not None, 180, "the launcher's UI line")
     assert stack.proc.poll() is None, f"the launcher exited with {stack.proc.returncode}:\n{stack.output()}"
 
@@ -179,11 +217,16 @@ def speedrun(stack) -> dict:
     found = re.search(r"submitted the \S+ speedrun as job (\w+)", stack.output())
     assert found, f"the launcher submitted no speedrun:\n{stack.output()}"
     job_id = found.group(1)
-    job = poll(lambda: (j := stack.job(job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
-               480, f"speedrun job {job_id}", interval_s=2)
+    job = poll(
+        lambda: (j := stack.job(job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
+        480,
+        f"speedrun job {job_id}",
+        interval_s=2,
+    )
     assert job["status"] == "succeeded", (
         f"speedrun {job['status']} at {job['current_stage']} (step {job['step_index'] + 1}/{len(job['steps'])}): "
-        f"{job['error']}\n{job['log_tail']}\nworker log:\n{stack.logs('trainer-worker')}")
+        f"{job['error']}\n{job['log_tail']}\nworker log:\n{stack.logs('trainer-worker')}"
+    )
     return job
 
 
@@ -224,8 +267,11 @@ def test_report_card_covers_the_whole_lineage(stack, speedrun, tmp_path):
         report = client.read_attachment(MODEL, rl, "report.md").decode()
         assert client.read_attachment(MODEL, rl, "loss.svg").startswith(b"<svg ")
     assert "| Metric | BASE | MID | SFT | RL |" in report
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in report.splitlines() if line.startswith("| ") and line.count("|") == 6}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in report.splitlines()
+        if line.startswith("| ") and line.count("|") == 6
+    }
     # make_data's bundle is no real CORE bundle, and the card says so in the row's name.
     core = rows["CORE (offline bundle, 4 items per task, not comparable to the real CORE)"]
     assert core[0], f"no base CORE in the report:\n{report}"
@@ -245,6 +291,7 @@ def wait_served(stack, version: int) -> dict:
         except httpx.TransportError:  # a restarted inference is not listening yet
             return False
         return r.status_code == 200 and r.json().get("version") == version and r.json()
+
     return poll(served, 120, f"inference to serve v{version}\n{stack.logs('inference')}")
 
 
@@ -263,8 +310,9 @@ def test_chat_through_the_openai_sdk(stack, speedrun):
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 1
     assert isinstance(reply.choices[0].message.content, str)
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True)
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finished == [reply.choices[0].finish_reason]
@@ -306,8 +354,13 @@ def test_inference_killed_mid_stream_then_restarted_serves_the_same_version(stac
     wait_served(stack, rl)
     before = stack.pid("inference")
     client = openai.OpenAI(base_url=f"{stack.url('inference')}/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
-                                            max_tokens=200, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+    )
     received = []
     with pytest.raises((openai.APIError, httpx.HTTPError)):
         for chunk in stream:
@@ -326,24 +379,54 @@ def test_inference_killed_mid_stream_then_restarted_serves_the_same_version(stac
 
 def test_worker_killed_mid_job_fails_the_job_within_the_heartbeat_limit(stack):
     # Any run that made a tokenizer will do: the job trains on it for far longer than the test waits.
-    poll(lambda: httpx.get(f"{stack.url('registry')}/v1/resolve/{MODEL}", params={"stage": "tokenizer"},
-                           timeout=5).status_code == 200, 300, "a tokenizer version")
-    poll(lambda: not httpx.get(f"{stack.url('trainer')}/v1/jobs", params={"status": "running"}, timeout=5).json()["items"],
-         480, "the running job to end (one worker)", interval_s=2)
-    body = {"stage": "base_train", "input": {"name": MODEL, "stage": "tokenizer"},
-            "options": {**FAST_OPTIONS["base_train"], "num_iterations": 100_000, "log_every": 1},
-            "output_name": "e2e-killed", "resources": {"nproc_per_node": 1, "nnodes": 1}}
-    r = httpx.post(f"{stack.url('trainer')}/v1/jobs", json=body, timeout=30,
-                   headers={"Authorization": f"Bearer {stack.tokens['trainer']}"})
+    poll(
+        lambda: (
+            httpx.get(
+                f"{stack.url('registry')}/v1/resolve/{MODEL}", params={"stage": "tokenizer"}, timeout=5
+            ).status_code
+            == 200
+        ),
+        300,
+        "a tokenizer version",
+    )
+    poll(
+        lambda: (
+            not httpx.get(f"{stack.url('trainer')}/v1/jobs", params={"status": "running"}, timeout=5).json()["items"]
+        ),
+        480,
+        "the running job to end (one worker)",
+        interval_s=2,
+    )
+    body = {
+        "stage": "base_train",
+        "input": {"name": MODEL, "stage": "tokenizer"},
+        "options": {**FAST_OPTIONS["base_train"], "num_iterations": 100_000, "log_every": 1},
+        "output_name": "e2e-killed",
+        "resources": {"nproc_per_node": 1, "nnodes": 1},
+    }
+    r = httpx.post(
+        f"{stack.url('trainer')}/v1/jobs",
+        json=body,
+        timeout=30,
+        headers={"Authorization": f"Bearer {stack.tokens['trainer']}"},
+    )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    running = poll(lambda: (j := stack.job(job_id))["status"] == "running" and (j["step"] or 0) >= 1
-                   and j["nodes"][0]["pgid"] and j, 120, "the job to train a step")
+    running = poll(
+        lambda: (
+            (j := stack.job(job_id))["status"] == "running" and (j["step"] or 0) >= 1 and j["nodes"][0]["pgid"] and j
+        ),
+        120,
+        "the job to train a step",
+    )
     stage_group = running["nodes"][0]["pgid"]
     os.killpg(stack.pid("trainer-worker"), signal.SIGKILL)
 
-    ended = poll(lambda: (j := stack.job(job_id))["status"] != "running" and j, HEARTBEAT_LIMIT_S + 20,
-                 "the reaper to end the job")
+    ended = poll(
+        lambda: (j := stack.job(job_id))["status"] != "running" and j,
+        HEARTBEAT_LIMIT_S + 20,
+        "the reaper to end the job",
+    )
     assert ended["status"] == "failed", ended
     assert ended["error"]
     # The stage's own processes went with it: nothing keeps training for a dead job.
@@ -355,11 +438,21 @@ def test_ctrl_c_mid_job_then_a_second_make_up_reuses_everything_and_resumes_the_
     again; the second launch reuses the state (no new speedrun, same versions) and the job goes
     on from its resumable checkpoint."""
     versions = httpx.get(f"{stack.url('registry')}/v1/models/{MODEL}/versions", timeout=10).json()
-    poll(lambda: not httpx.get(f"{stack.url('trainer')}/v1/jobs", params={"status": "running"}, timeout=5).json()["items"],
-         120, "no running job", interval_s=1)
-    body = {"stage": "base_train", "input": {"name": MODEL, "stage": "tokenizer"},
-            "options": {**FAST_OPTIONS["base_train"], "num_iterations": 100_000, "save_every": 3, "log_every": 1},
-            "output_name": "e2e-resumed", "resources": {"nproc_per_node": 1, "nnodes": 1}}
+    poll(
+        lambda: (
+            not httpx.get(f"{stack.url('trainer')}/v1/jobs", params={"status": "running"}, timeout=5).json()["items"]
+        ),
+        120,
+        "no running job",
+        interval_s=1,
+    )
+    body = {
+        "stage": "base_train",
+        "input": {"name": MODEL, "stage": "tokenizer"},
+        "options": {**FAST_OPTIONS["base_train"], "num_iterations": 100_000, "save_every": 3, "log_every": 1},
+        "output_name": "e2e-resumed",
+        "resources": {"nproc_per_node": 1, "nnodes": 1},
+    }
     auth = {"Authorization": f"Bearer {stack.tokens['trainer']}"}
     r = httpx.post(f"{stack.url('trainer')}/v1/jobs", json=body, timeout=30, headers=auth)
     assert r.status_code == 202, r.text
@@ -374,12 +467,18 @@ def test_ctrl_c_mid_job_then_a_second_make_up_reuses_everything_and_resumes_the_
     assert stack.output() != first_output
     assert re.search(rf"serving {MODEL} v\d+ \(rl\)", stack.output()), stack.output()
     assert "submitted" not in stack.output()
-    poll(lambda: (j := stack.job(job_id))["status"] == "running" and j["attempts"] == 1 and (j["step"] or 0) > 3
-               and j, 120, "the job to run again")
+    poll(
+        lambda: (j := stack.job(job_id))["status"] == "running" and j["attempts"] == 1 and (j["step"] or 0) > 3 and j,
+        120,
+        "the job to run again",
+    )
     log = httpx.get(f"{stack.url('trainer')}/v1/jobs/{job_id}/logs", timeout=30).text
     commands = [line for line in log.splitlines() if line.startswith("[trainer] $ ")]
     assert len(commands) == 2 and commands[1].endswith("--resume"), commands
     again = httpx.get(f"{stack.url('registry')}/v1/models/{MODEL}/versions", timeout=10).json()
     assert [v["version"] for v in again["items"]] == [v["version"] for v in versions["items"]]
-    assert httpx.post(f"{stack.url('trainer')}/v1/jobs/{job_id}/cancel", timeout=30, headers=auth).status_code in (200, 202)
+    assert httpx.post(f"{stack.url('trainer')}/v1/jobs/{job_id}/cancel", timeout=30, headers=auth).status_code in (
+        200,
+        202,
+    )
     poll(lambda: stack.job(job_id)["status"] == "cancelled", 60, "the cancel")

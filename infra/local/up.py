@@ -79,7 +79,10 @@ def load_tokens(home: Path) -> dict[str, str]:
 def service_env(config: dict[str, str], tokens: dict[str, str]) -> dict[str, str]:
     """Settings of every service: SQLite, local blobs, the local Redis, loopback URLs."""
     home = Path(config["home"])
-    url = {s: f"http://127.0.0.1:{config[s.replace('-', '_') + '_port']}" for s in ("registry", "trainer", "inference", "webui")}
+    url = {
+        s: f"http://127.0.0.1:{config[s.replace('-', '_') + '_port']}"
+        for s in ("registry", "trainer", "inference", "webui")
+    }
     redis = f"redis://127.0.0.1:{config['redis_port']}"
     return {
         "REGISTRY_HOST": "127.0.0.1",
@@ -157,8 +160,10 @@ class Stack:
             now = time.monotonic()
             recent = [t for t in self.restarts.get(name, []) if now - t < window_s] + [now]
             if len(recent) > max_restarts:
-                raise RuntimeError(f"{name} exited {len(recent)} times within {window_s:.0f} s (last code "
-                                   f"{proc.returncode}); see {self.logs / (name + '.log')}")
+                raise RuntimeError(
+                    f"{name} exited {len(recent)} times within {window_s:.0f} s (last code "
+                    f"{proc.returncode}); see {self.logs / (name + '.log')}"
+                )
             self.restarts[name] = recent
             print(f"  {name} exited with code {proc.returncode}; restarting it", flush=True)
             self.start(name, *self.commands[name])
@@ -212,10 +217,16 @@ def ensure_model(config: dict[str, str], tokens: dict[str, str]) -> str:
         jobs = httpx.get(f"{trainer}/v1/jobs", params={"status": status}, timeout=10).json()
         if jobs.get("items"):
             return f"a job is already training: {jobs['items'][0].get('id')}"
-    body = {"pipeline": "speedrun", "preset": config["preset"], "output_name": config["model_name"],
-            "options": speedrun_options(config),
-            "resources": {"nproc_per_node": int(config["nproc_per_node"]), "nnodes": 1}}
-    job = httpx.post(f"{trainer}/v1/jobs", json=body, headers={"Authorization": f"Bearer {tokens['trainer']}"}, timeout=30)
+    body = {
+        "pipeline": "speedrun",
+        "preset": config["preset"],
+        "output_name": config["model_name"],
+        "options": speedrun_options(config),
+        "resources": {"nproc_per_node": int(config["nproc_per_node"]), "nnodes": 1},
+    }
+    job = httpx.post(
+        f"{trainer}/v1/jobs", json=body, headers={"Authorization": f"Bearer {tokens['trainer']}"}, timeout=30
+    )
     if job.status_code != 202:
         raise RuntimeError(f"the trainer refused the speedrun ({job.status_code}): {job.text}")
     return f"no model yet: submitted the {config['preset']} speedrun as job {job.json().get('id')}"
@@ -244,19 +255,40 @@ def main() -> int:
     try:
         redis_dir = home / "redis"
         redis_dir.mkdir(exist_ok=True)
-        stack.start("redis", [redis_binary(), "--port", config["redis_port"], "--bind", "127.0.0.1",
-                              "--dir", str(redis_dir), "--appendonly", "yes"], env)
-        urls = {"registry": config["registry_port"], "trainer-api": config["trainer_port"],
-                "inference": config["inference_port"], "webui": config["webui_port"]}
+        stack.start(
+            "redis",
+            [
+                redis_binary(),
+                "--port",
+                config["redis_port"],
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(redis_dir),
+                "--appendonly",
+                "yes",
+            ],
+            env,
+        )
+        urls = {
+            "registry": config["registry_port"],
+            "trainer-api": config["trainer_port"],
+            "inference": config["inference_port"],
+            "webui": config["webui_port"],
+        }
         for name in SERVICES:
             stack.start(name, ["sh", str(ENTRYPOINT), name], env)
             if name in urls:
                 wait_healthy(stack, f"http://127.0.0.1:{urls[name]}", name)
         print(ensure_model(config, tokens))
-        print(f"\n  web UI:  http://{config['webui_host']}:{config['webui_port']}   "
-              f"(admin token: {tokens['admin']}, also in {home / 'tokens.json'})")
-        print(f"  API:     http://127.0.0.1:{config['inference_port']}/v1/chat/completions\n  Ctrl-C stops everything.",
-              flush=True)
+        print(
+            f"\n  web UI:  http://{config['webui_host']}:{config['webui_port']}   "
+            f"(admin token: {tokens['admin']}, also in {home / 'tokens.json'})"
+        )
+        print(
+            f"  API:     http://127.0.0.1:{config['inference_port']}/v1/chat/completions\n  Ctrl-C stops everything.",
+            flush=True,
+        )
         while True:
             stack.supervise()
             time.sleep(1.0)

@@ -17,8 +17,9 @@ import sys
 
 import pytest
 import regex
-import rustbpe
 import tiktoken
+
+import rustbpe
 
 PATTERN = rustbpe.DEFAULT_PATTERN
 

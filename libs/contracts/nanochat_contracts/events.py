@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -98,7 +98,7 @@ class Error(StageEvent):
     message: str
 
 
-Event = Annotated[Union[Started, Progress, Eval, Checkpoint, Finished, Error], Field(discriminator="type")]
+Event = Annotated[Started | Progress | Eval | Checkpoint | Finished | Error, Field(discriminator="type")]
 _EVENT = TypeAdapter(Event)
 
 

@@ -79,8 +79,12 @@ def parse_manifest(data: object) -> dict[str, dict]:
     if not isinstance(files, dict):
         raise ManifestError('a manifest is {"files": {relpath: {"size", "sha256"}}}')
     for rel, spec in files.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("size"), int) or spec["size"] < 0 \
-                or not _SHA256.fullmatch(str(spec.get("sha256", ""))):
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("size"), int)
+            or spec["size"] < 0
+            or not _SHA256.fullmatch(str(spec.get("sha256", "")))
+        ):
             raise ManifestError(f"manifest entry {rel!r} needs an int size and a lowercase hex sha256")
     return {rel: {"size": spec["size"], "sha256": spec["sha256"]} for rel, spec in files.items()}
 
@@ -132,8 +136,10 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     files = _load(folder)
     present = set(list_files(folder))
     if present != set(files):
-        raise ManifestError(f"{folder / MANIFEST_FILE} does not match the folder: missing "
-                            f"{sorted(set(files) - present)[:10]}, unlisted {sorted(present - set(files))[:10]}")
+        raise ManifestError(
+            f"{folder / MANIFEST_FILE} does not match the folder: missing "
+            f"{sorted(set(files) - present)[:10]}, unlisted {sorted(present - set(files))[:10]}"
+        )
     for rel, spec in files.items():
         size = Path(folder, rel).stat().st_size
         if size != spec["size"]:

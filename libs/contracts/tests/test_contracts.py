@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from pydantic import BaseModel, Field, ValidationError
-
 from nanochat_contracts import events, manifest, names, registry_events, serving
 from nanochat_contracts.stages import STAGES
+from pydantic import BaseModel, Field, ValidationError
 
 
 class V(NamedTuple):
@@ -25,16 +24,19 @@ def test_stages_are_the_pipeline_order() -> None:
     assert set(serving.SERVED_STAGES) <= set(STAGES)
 
 
-@pytest.mark.parametrize(("versions", "expected"), [
-    ([], None),
-    ([V(1, "tokenizer"), V(2, "base"), V(3, "mid")], None),  # no chat model yet
-    ([V(1, "sft"), V(2, "rl")], 2),
-    # The newest wins whatever its stage: an SFT after an RL is served (rl is not preferred).
-    ([V(1, "sft"), V(2, "rl"), V(3, "sft")], 3),
-    # Later versions of other stages, and versions not ready, are passed over.
-    ([V(1, "sft"), V(2, "base"), V(3, "rl", "pending"), V(4, "sft", "failed"), V(5, "rl", "deleted")], 1),
-    ([V(7, "rl"), V(3, "sft")], 7),  # the order of the list does not matter
-])
+@pytest.mark.parametrize(
+    ("versions", "expected"),
+    [
+        ([], None),
+        ([V(1, "tokenizer"), V(2, "base"), V(3, "mid")], None),  # no chat model yet
+        ([V(1, "sft"), V(2, "rl")], 2),
+        # The newest wins whatever its stage: an SFT after an RL is served (rl is not preferred).
+        ([V(1, "sft"), V(2, "rl"), V(3, "sft")], 3),
+        # Later versions of other stages, and versions not ready, are passed over.
+        ([V(1, "sft"), V(2, "base"), V(3, "rl", "pending"), V(4, "sft", "failed"), V(5, "rl", "deleted")], 1),
+        ([V(7, "rl"), V(3, "sft")], 7),  # the order of the list does not matter
+    ],
+)
 def test_serving_rule(versions: list[V], expected: int | None) -> None:
     chosen = serving.newest(versions)
     assert (chosen.version if chosen is not None else None) == expected
@@ -46,21 +48,43 @@ def test_serving_rule_over_other_stages() -> None:
     assert serving.newest(versions, ["base", "sft"]) == V(2, "sft")
 
 
-@pytest.mark.parametrize(("name", "ok"), [
-    ("nanochat", True), ("a", True), ("0", True), ("d20.run-2_b", True),
-    ("a" * names.NAME_MAX, True), ("a" * (names.NAME_MAX + 1), False),
-    ("", False), (".hidden", False), ("-x", False), ("_x", False),
-    ("has space", False), ("a/b", False), ("a:1", False), ("ünï", False),
-    ("nanochat\n", False),  # `$` alone would let one trailing newline through
-])
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("nanochat", True),
+        ("a", True),
+        ("0", True),
+        ("d20.run-2_b", True),
+        ("a" * names.NAME_MAX, True),
+        ("a" * (names.NAME_MAX + 1), False),
+        ("", False),
+        (".hidden", False),
+        ("-x", False),
+        ("_x", False),
+        ("has space", False),
+        ("a/b", False),
+        ("a:1", False),
+        ("ünï", False),
+        ("nanochat\n", False),  # `$` alone would let one trailing newline through
+    ],
+)
 def test_name_pattern(name: str, ok: bool) -> None:
     assert names.is_name(name) is ok
 
 
-@pytest.mark.parametrize(("alias", "ok"), [
-    ("serving", True), ("best-2", True), ("a" * names.ALIAS_MAX, True),
-    ("a" * (names.ALIAS_MAX + 1), False), ("2", False), ("", False), ("-x", False), ("serving\n", False),
-])
+@pytest.mark.parametrize(
+    ("alias", "ok"),
+    [
+        ("serving", True),
+        ("best-2", True),
+        ("a" * names.ALIAS_MAX, True),
+        ("a" * (names.ALIAS_MAX + 1), False),
+        ("2", False),
+        ("", False),
+        ("-x", False),
+        ("serving\n", False),
+    ],
+)
 def test_alias_pattern(alias: str, ok: bool) -> None:
     assert names.is_alias(alias) is ok
 
@@ -81,8 +105,10 @@ def test_pydantic_fields_agree_with_is_name(name: str) -> None:
 
 
 def test_event_outputs_name_a_registry_stage() -> None:
-    line = ('{"type": "finished", "stage": "tok_train", "job_id": "j1", "input_versions": [], "ts": 1.7e9, '
-            '"outputs": [{"path": "runs/tok", "registry_stage": "%s"}], "metrics": {}}')
+    line = (
+        '{"type": "finished", "stage": "tok_train", "job_id": "j1", "input_versions": [], "ts": 1.7e9, '
+        '"outputs": [{"path": "runs/tok", "registry_stage": "%s"}], "metrics": {}}'
+    )
     finished = events.parse_event_line(line % "tokenizer")
     assert isinstance(finished, events.Finished) and finished.outputs[0].registry_stage == "tokenizer"
     # A stage the registry does not know makes the line no event, as any malformed line.
@@ -112,8 +138,15 @@ def test_manifest_round_trip_and_what_it_names(tmp_path: Path) -> None:
         manifest.read_manifest(tmp_path)
 
 
-@pytest.mark.parametrize("entry", [{"size": -1, "sha256": "0" * 64}, {"size": 1, "sha256": "A" * 64},
-                                   {"size": "1", "sha256": "0" * 64}, "not an object"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"size": -1, "sha256": "0" * 64},
+        {"size": 1, "sha256": "A" * 64},
+        {"size": "1", "sha256": "0" * 64},
+        "not an object",
+    ],
+)
 def test_manifest_entries_are_checked_for_shape(entry: object) -> None:
     with pytest.raises(manifest.ManifestError, match="needs an int size"):
         manifest.parse_manifest({"files": {"f": entry}})

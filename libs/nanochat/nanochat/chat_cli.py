@@ -51,19 +51,26 @@ class LocalChat:
 
     def reply(self, message: str) -> Iterator[str]:
         special = self.tokenizer.encode_special
-        turn = [special("<|user_start|>"), *self.tokenizer.encode(message), special("<|user_end|>"),
-                special("<|assistant_start|>")]
+        turn = [
+            special("<|user_start|>"),
+            *self.tokenizer.encode(message),
+            special("<|user_end|>"),
+            special("<|assistant_start|>"),
+        ]
         prompt = self.tokens + turn
         room = self.max_len - len(prompt)
         if room < 1:
-            raise ValueError(f"the conversation has {len(prompt)} tokens, the model's context is {self.max_len}; "
-                             "type `clear` to start again")
+            raise ValueError(
+                f"the conversation has {len(prompt)} tokens, the model's context is {self.max_len}; "
+                "type `clear` to start again"
+            )
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         generated: list[int] = []
         stops = self.engine.stop_tokens
         marks = {special(name): text for name, text in TOOL_MARKS.items()}
-        for column, _ in self.engine.generate(prompt, max_tokens=min(self.max_tokens, room),
-                                              temperature=self.temperature, top_k=self.top_k):
+        for column, _ in self.engine.generate(
+            prompt, max_tokens=min(self.max_tokens, room), temperature=self.temperature, top_k=self.top_k
+        ):
             token = column[0]
             if token is None:
                 break
@@ -81,13 +88,17 @@ class LocalChat:
 class RemoteChat:
     """A conversation held here as messages, each turn streamed from the inference API."""
 
-    def __init__(self, url: str, token: str | None, model: str | None, temperature: float, top_k: int | None,
-                 max_tokens: int):
+    def __init__(
+        self, url: str, token: str | None, model: str | None, temperature: float, top_k: int | None, max_tokens: int
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(10.0, read=300.0))
         self.model = model
-        self.sampling = {"temperature": temperature, "top_k": top_k if top_k is not None else -1,
-                         "max_tokens": max_tokens}
+        self.sampling = {
+            "temperature": temperature,
+            "top_k": top_k if top_k is not None else -1,
+            "max_tokens": max_tokens,
+        }
         self.clear()
 
     def clear(self) -> None:
@@ -106,7 +117,7 @@ class RemoteChat:
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                for choice in json.loads(line[len("data: "):]).get("choices", []):
+                for choice in json.loads(line[len("data: ") :]).get("choices", []):
                     delta = choice.get("delta", {})
                     if delta.get("content"):
                         _add_part(parts, "text", delta["content"])
@@ -114,8 +125,11 @@ class RemoteChat:
                     if delta.get("nanochat_tool"):
                         tool = delta["nanochat_tool"]
                         _add_part(parts, tool["type"], tool["text"])
-                        start, end = ("<|python_start|>", "<|python_end|>") if tool["type"] == "python" else \
-                            ("<|output_start|>", "<|output_end|>")
+                        start, end = (
+                            ("<|python_start|>", "<|python_end|>")
+                            if tool["type"] == "python"
+                            else ("<|output_start|>", "<|output_end|>")
+                        )
                         yield TOOL_MARKS[start] + tool["text"] + TOOL_MARKS[end]
         # The tool parts go back as `nanochat_parts` (as the web UI sends them), so the next turn's
         # prompt holds the call and its result.
@@ -193,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     top_k = args.top_k or None
     try:
         if args.init_from:
-            chat: LocalChat | RemoteChat = LocalChat(args.init_from, args.device, args.temperature, top_k,
-                                                     args.max_tokens)
+            chat: LocalChat | RemoteChat = LocalChat(
+                args.init_from, args.device, args.temperature, top_k, args.max_tokens
+            )
         else:
             chat = RemoteChat(args.url, args.token, args.model, args.temperature, top_k, args.max_tokens)
     except (OSError, ValueError) as e:

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from nanochat_contracts.manifest import ManifestError, verify_manifest, write_manifest
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanochat.artifacts import atomic_folder
@@ -81,8 +81,9 @@ def _json_text(obj: Any, what: str) -> str:
         raise ValueError(f"{what} must be JSON-serialisable: {e}") from e
 
 
-def _optimizer_files(optimizers: Sequence[torch.optim.Optimizer], rank_state: dict | None,
-                     rank: int, world: int) -> tuple[dict[str, torch.Tensor], str]:
+def _optimizer_files(
+    optimizers: Sequence[torch.optim.Optimizer], rank_state: dict | None, rank: int, world: int
+) -> tuple[dict[str, torch.Tensor], str]:
     """Split the optimizers' state into tensors (safetensors) and everything else (JSON)."""
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -102,10 +103,15 @@ def _optimizer_files(optimizers: Sequence[torch.optim.Optimizer], rank_state: di
     return tensors, _json_text(info, "optimizer state and rank_state")
 
 
-def save_checkpoint(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer | None = None,
-                    meta: dict[str, Any] | None = None,
-                    optimizers: Sequence[torch.optim.Optimizer] | None = None,
-                    rank_state: dict[str, Any] | None = None, replace: bool = False) -> Path:
+def save_checkpoint(
+    out: str | os.PathLike,
+    model: GPT,
+    tokenizer: Tokenizer | None = None,
+    meta: dict[str, Any] | None = None,
+    optimizers: Sequence[torch.optim.Optimizer] | None = None,
+    rank_state: dict[str, Any] | None = None,
+    replace: bool = False,
+) -> Path:
     """Write the checkpoint folder `out` atomically; collective under torch.distributed."""
     out = Path(out)
     rank, world = _rank_world()
@@ -159,8 +165,9 @@ def _portable_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu",
-                    pad_vocab_world: int | None = None) -> Checkpoint:
+def load_checkpoint(
+    folder: str | os.PathLike, device: torch.device | str = "cpu", pad_vocab_world: int | None = None
+) -> Checkpoint:
     """Verify every file of `folder`, then build the model on `device` (eval mode) and load it."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -184,7 +191,9 @@ def load_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu
         if name in state:
             rows = state[name]
             if rows.shape[0] != config.vocab_size:
-                raise ValueError(f"{folder / MODEL_FILE}: {name} has {rows.shape[0]} rows, config says vocab {config.vocab_size}")
+                raise ValueError(
+                    f"{folder / MODEL_FILE}: {name} has {rows.shape[0]} rows, config says vocab {config.vocab_size}"
+                )
             padded = torch.zeros((model.padded_vocab_size, *rows.shape[1:]), dtype=rows.dtype, device=device)
             padded[: rows.shape[0]] = rows
             state[name] = padded
@@ -200,8 +209,9 @@ def load_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu
     return Checkpoint(model=model, config=config, tokenizer=tokenizer, meta=meta)
 
 
-def load_optimizer_state(folder: str | os.PathLike, optimizers: Sequence[torch.optim.Optimizer],
-                         restore_rng: bool = True) -> dict[str, Any]:
+def load_optimizer_state(
+    folder: str | os.PathLike, optimizers: Sequence[torch.optim.Optimizer], restore_rng: bool = True
+) -> dict[str, Any]:
     """Load this rank's optimizer state (hash-checked) into `optimizers`; return its rank_state."""
     folder = Path(folder)
     rank, world = _rank_world()
@@ -210,14 +220,18 @@ def load_optimizer_state(folder: str | os.PathLike, optimizers: Sequence[torch.o
         raise FileNotFoundError(f"{folder} holds no optimizer state (not a resumable checkpoint)")
     saved_world = len(list((folder / OPTIM_DIR).glob("rank*.json")))
     if saved_world != world:
-        raise ValueError(f"{folder} was saved by {saved_world} processes; resume needs the same world size, this run has {world}")
+        raise ValueError(
+            f"{folder} was saved by {saved_world} processes; resume needs the same world size, this run has {world}"
+        )
     verify_manifest(folder, only=rels)  # the model files were checked at load
     info = _read_json(folder / rels[1])
     tensors = load_file(str(folder / rels[0]))
     described = info.get("optimizers", [])
     if info.get("world_size") != world or len(described) != len(optimizers):
-        raise ValueError(f"{folder / rels[1]}: saved for world size {info.get('world_size')} with "
-                         f"{len(described)} optimizers; this run has world size {world} and {len(optimizers)}")
+        raise ValueError(
+            f"{folder / rels[1]}: saved for world size {info.get('world_size')} with "
+            f"{len(described)} optimizers; this run has world size {world} and {len(optimizers)}"
+        )
     for i, (opt, saved) in enumerate(zip(optimizers, described)):
         if saved["type"] != type(opt).__name__:
             raise ValueError(f"optimizer {i} was a {saved['type']}, now a {type(opt).__name__}")
@@ -227,7 +241,7 @@ def load_optimizer_state(folder: str | os.PathLike, optimizers: Sequence[torch.o
         prefix = f"opt{i}."
         for key, tensor in tensors.items():
             if key.startswith(prefix):
-                pid, name = key[len(prefix):].split(".", 1)
+                pid, name = key[len(prefix) :].split(".", 1)
                 state.setdefault(int(pid), {})[name] = tensor
         try:
             opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
@@ -253,5 +267,8 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m nanochat.checkpoint FOLDER")
     ckpt = load_checkpoint(sys.argv[1])
-    print(json.dumps({"config": ckpt.config.to_dict(), "meta": ckpt.meta,
-                      "parameters": ckpt.model.num_params()}, indent=2))
+    print(
+        json.dumps(
+            {"config": ckpt.config.to_dict(), "meta": ckpt.meta, "parameters": ckpt.model.num_params()}, indent=2
+        )
+    )

@@ -86,14 +86,16 @@ def load_bundle(bundle_dir: str | Path) -> list[CoreTask]:
         if label not in baselines:
             raise ValueError(f"{meta_path}: no 'Random baseline' for task {label}")
         fewshot = entry.get("num_fewshot", [0])
-        tasks.append(CoreTask(
-            label=label,
-            path=bundle / "eval_data" / entry["dataset_uri"],
-            task_type=entry["icl_task_type"],
-            num_fewshot=int(fewshot[0] if isinstance(fewshot, list) else fewshot),
-            delimiter=entry.get("continuation_delimiter", " "),
-            random_baseline=baselines[label],
-        ))
+        tasks.append(
+            CoreTask(
+                label=label,
+                path=bundle / "eval_data" / entry["dataset_uri"],
+                task_type=entry["icl_task_type"],
+                num_fewshot=int(fewshot[0] if isinstance(fewshot, list) else fewshot),
+                delimiter=entry.get("continuation_delimiter", " "),
+                random_baseline=baselines[label],
+            )
+        )
     return tasks
 
 
@@ -137,8 +139,15 @@ def _crop(ids: list[int], start: int, max_len: int | None) -> tuple[list[int], i
     return ids[cut:], max(1, start - cut)
 
 
-def score_item(item: dict[str, Any], task_type: str, delim: str, fewshot: Sequence[dict[str, Any]],
-               tokenizer: Tokenizer, scorer: Scorer, max_seq_len: int | None = None) -> bool:
+def score_item(
+    item: dict[str, Any],
+    task_type: str,
+    delim: str,
+    fewshot: Sequence[dict[str, Any]],
+    tokenizer: Tokenizer,
+    scorer: Scorer,
+    max_seq_len: int | None = None,
+) -> bool:
     """Whether the model gets one item right."""
     prompts = build_prompts(item, task_type, delim, fewshot)
     ids = tokenizer.encode(prompts, prepend=tokenizer.bos_token_id)
@@ -163,8 +172,15 @@ def score_item(item: dict[str, Any], task_type: str, delim: str, fewshot: Sequen
     return min(range(len(mean_losses)), key=mean_losses.__getitem__) == item["gold"]
 
 
-def evaluate_task(task: CoreTask, tokenizer: Tokenizer, scorer: Scorer, max_items: int = -1,
-                  rank: int = 0, world_size: int = 1, max_seq_len: int | None = None) -> tuple[int, int]:
+def evaluate_task(
+    task: CoreTask,
+    tokenizer: Tokenizer,
+    scorer: Scorer,
+    max_items: int = -1,
+    rank: int = 0,
+    world_size: int = 1,
+    max_seq_len: int | None = None,
+) -> tuple[int, int]:
     """(correct, scored) over this rank's share (items rank, rank+W, ...) of the capped task."""
     items = task.items()
     random.Random(1337).shuffle(items)
@@ -186,9 +202,16 @@ def centered(accuracy: float, random_baseline_percent: float) -> float:
     return (accuracy - rb) / (1.0 - rb)
 
 
-def evaluate_core(bundle_dir: str | Path, tokenizer: Tokenizer, scorer: Scorer, max_per_task: int = -1,
-                  rank: int = 0, world_size: int = 1, max_seq_len: int | None = None,
-                  reduce: Callable[[tuple[int, int]], tuple[int, int]] | None = None) -> dict[str, Any]:
+def evaluate_core(
+    bundle_dir: str | Path,
+    tokenizer: Tokenizer,
+    scorer: Scorer,
+    max_per_task: int = -1,
+    rank: int = 0,
+    world_size: int = 1,
+    max_seq_len: int | None = None,
+    reduce: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> dict[str, Any]:
     """Every task's accuracy and centred score, and CORE (their mean). `reduce` sums a task's
     (correct, scored) over ranks when distributed."""
     results: dict[str, Any] = {"tasks": {}}

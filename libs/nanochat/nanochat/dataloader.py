@@ -40,8 +40,15 @@ class PackedLoader:
     """Packs a stream of token lists into (inputs, targets) of shape (B, T); one pass of the
     source unless the source itself loops (then it never stops)."""
 
-    def __init__(self, source: Source, start: Any, batch_size: int, seq_len: int,
-                 device: str | torch.device = "cpu", state: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        source: Source,
+        start: Any,
+        batch_size: int,
+        seq_len: int,
+        device: str | torch.device = "cpu",
+        state: dict[str, Any] | None = None,
+    ):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         self.source = source
@@ -75,10 +82,19 @@ class PackedLoader:
         return inputs, targets
 
 
-def pretrain_loader(tokenizer: Tokenizer, data_dir: str, split: str, batch_size: int, seq_len: int,
-                    rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                    state: dict[str, Any] | None = None, loop: bool | None = None,
-                    num_threads: int = 4) -> PackedLoader:
+def pretrain_loader(
+    tokenizer: Tokenizer,
+    data_dir: str,
+    split: str,
+    batch_size: int,
+    seq_len: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    state: dict[str, Any] | None = None,
+    loop: bool | None = None,
+    num_threads: int = 4,
+) -> PackedLoader:
     """FineWeb-format shards -> packed batches; the train split loops forever by default, val
     is one pass. Position = [shard, row_group] of the next row group to read."""
     loop = split == "train" if loop is None else loop
@@ -95,15 +111,26 @@ class ConversationLoader(PackedLoader):
     """Midtraining: rendered conversations (rank r takes r, r+W, ...), each cut at MID_MAX_TOKENS,
     packed like pretraining, one pass. Position = index of the next conversation."""
 
-    def __init__(self, tokenizer: Tokenizer, conversations: Sequence[dict], batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                 state: dict[str, Any] | None = None, chunk: int = 64):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        conversations: Sequence[dict],
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        state: dict[str, Any] | None = None,
+        chunk: int = 64,
+    ):
         self.num_conversations = n = len(conversations)
 
         def source(position: int) -> Iterator[tuple[list[list[int]], int]]:
             for first in range(position, n, chunk * world_size):
                 indices = range(first, min(n, first + chunk * world_size), world_size)
-                rendered = [tokenizer.render_conversation(conversations[i], max_tokens=MID_MAX_TOKENS)[0] for i in indices]
+                rendered = [
+                    tokenizer.render_conversation(conversations[i], max_tokens=MID_MAX_TOKENS)[0] for i in indices
+                ]
                 yield rendered, indices[-1] + world_size
 
         super().__init__(source, rank, batch_size, seq_len, device, state)
@@ -117,10 +144,18 @@ class SFTLoader:
     """Padded SFT batches of `batch_size` conversations; rank r takes r, r+W, ... Loops over the
     data `num_epochs` times (None: forever). Position = (epoch, index of the next conversation)."""
 
-    def __init__(self, tokenizer: Tokenizer, conversations: Sequence[dict], batch_size: int,
-                 max_seq_len: int = 2048, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", num_epochs: int | None = 1,
-                 state: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        conversations: Sequence[dict],
+        batch_size: int,
+        max_seq_len: int = 2048,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        num_epochs: int | None = 1,
+        state: dict[str, Any] | None = None,
+    ):
         if len(conversations) < world_size:
             raise ValueError(f"{len(conversations)} conversations cannot feed {world_size} ranks")
         self.tokenizer, self.conversations = tokenizer, conversations
@@ -150,7 +185,9 @@ class SFTLoader:
         rows = []
         for _ in range(self.B):
             try:
-                rows.append(self.tokenizer.render_conversation(self._next_conversation(), max_tokens=self.max_seq_len + 1))
+                rows.append(
+                    self.tokenizer.render_conversation(self._next_conversation(), max_tokens=self.max_seq_len + 1)
+                )
             except StopIteration:
                 break
         if not rows:

@@ -54,8 +54,14 @@ def _is_parquet(path: Path) -> bool:
         return head == PARQUET_MAGIC and f.read(4) == PARQUET_MAGIC
 
 
-def download_file(url: str, dest: str | os.PathLike, retries: int = 5, backoff: float = 1.0,
-                  timeout: float = 60.0, chunk_size: int = 1 << 20) -> Path:
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    chunk_size: int = 1 << 20,
+) -> Path:
     """Download `url` to `dest` via `dest.part` (resumed with Range when present), renamed at the end.
 
     Retries with exponential backoff (backoff * 2**attempt seconds) on network errors, HTTP 5xx/429
@@ -98,8 +104,14 @@ def download_file(url: str, dest: str | os.PathLike, retries: int = 5, backoff: 
     raise OSError(f"download of {url} failed after {retries} attempts: {last_error}")
 
 
-def download_shards(indices: Sequence[int], data_dir: str | os.PathLike, base_url: str = BASE_URL,
-                    workers: int = 8, retries: int = 5, backoff: float = 1.0) -> list[Path]:
+def download_shards(
+    indices: Sequence[int],
+    data_dir: str | os.PathLike,
+    base_url: str = BASE_URL,
+    workers: int = 8,
+    retries: int = 5,
+    backoff: float = 1.0,
+) -> list[Path]:
     """Download shards in parallel into `data_dir`; a shard that is not valid parquet is removed
     and fetched again. Raises OSError naming every shard that could not be fetched."""
     data_dir = Path(data_dir)
@@ -146,8 +158,14 @@ def split_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
 
 
-def iter_row_groups(data_dir: str | os.PathLike, split: str, rank: int = 0, world_size: int = 1,
-                    start: tuple[int, int] = (0, 0), loop: bool = False) -> Iterator[tuple[list[str], tuple[int, int]]]:
+def iter_row_groups(
+    data_dir: str | os.PathLike,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    start: tuple[int, int] = (0, 0),
+    loop: bool = False,
+) -> Iterator[tuple[list[str], tuple[int, int]]]:
     """Yield `(documents, next_position)` for each of this rank's row groups in order.
 
     `start` is a position returned earlier (shard index within the split, row group index); the
@@ -194,7 +212,9 @@ def iter_documents(data_dir: str | os.PathLike, split: str, rank: int = 0, world
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Download FineWeb-Edu shards 0..N-1 (the last one is the val split).")
-    parser.add_argument("-n", "--num-shards", type=int, default=8, help="Shards to fetch, train and val together (-1: all).")
+    parser.add_argument(
+        "-n", "--num-shards", type=int, default=8, help="Shards to fetch, train and val together (-1: all)."
+    )
     parser.add_argument("--data-dir", default="data", help="Destination folder.")
     parser.add_argument("--workers", type=int, default=8, help="Parallel downloads.")
     parser.add_argument("--base-url", default=BASE_URL, help="Where the shards are served.")

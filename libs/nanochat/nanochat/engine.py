@@ -159,8 +159,9 @@ class DecodeBatch:
         return [s for s in range(self.capacity) if s not in self.rows]
 
     @torch.no_grad()
-    def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-            num_samples: int = 1) -> list[Row]:
+    def add(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams], num_samples: int = 1
+    ) -> list[Row]:
         """Prefill each prompt once and fork it into num_samples rows (prompt-major order).
 
         Sample i of a prompt whose params carry seed s samples with `row_seed(s, i)`.
@@ -178,7 +179,7 @@ class DecodeBatch:
         needed = len(prompts) * num_samples
         if needed > len(free):
             raise ValueError(f"{needed} rows requested but only {len(free)} of {self.capacity} cache slots are free")
-        slots = [free[i * num_samples: (i + 1) * num_samples] for i in range(len(prompts))]
+        slots = [free[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
         heads = [s[0] for s in slots]
         self.cache.reset(heads)
         last_logits = self._prefill(prompts, heads)
@@ -202,15 +203,14 @@ class DecodeBatch:
         longest = max(len(p) for p in prompts)
         for start in range(0, longest, PREFILL_CHUNK):
             live = [i for i, p in enumerate(prompts) if len(p) > start]
-            chunks = [prompts[i][start:start + PREFILL_CHUNK] for i in live]
+            chunks = [prompts[i][start : start + PREFILL_CHUNK] for i in live]
             width = max(len(c) for c in chunks)
             # Shorter chunks are padded; num_new keeps the padding out of each row's length.
             idx = torch.zeros((len(live), width), dtype=torch.long)
             for j, c in enumerate(chunks):
-                idx[j, :len(c)] = torch.tensor(c)
+                idx[j, : len(c)] = torch.tensor(c)
             counts = [len(c) for c in chunks]
-            logits = self.engine.forward(idx.to(device), self.cache, [slots[i] for i in live], counts,
-                                         last_only=True)
+            logits = self.engine.forward(idx.to(device), self.cache, [slots[i] for i in live], counts, last_only=True)
             for j, i in enumerate(live):
                 if start + counts[j] == len(prompts[i]):
                     last[i] = logits[j, 0]
@@ -291,8 +291,9 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer):
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                             f"{model.config.vocab_size}")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         special = tokenizer.encode_special
@@ -304,8 +305,14 @@ class Engine:
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
-    def forward(self, idx: torch.Tensor, cache: KVCache, slots: list[int],
-                num_new: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache,
+        slots: list[int],
+        num_new: list[int] | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Logits (len(slots), T, vocab) for idx fed into those cache slots; (len(slots), 1, vocab)
         for each row's last real token with last_only."""
         with autocast(self.device):
@@ -319,9 +326,16 @@ class Engine:
         """An empty batch of `capacity` slots of max_len positions (default: the model's sequence_len)."""
         return DecodeBatch(self, capacity, max_len)
 
-    def generate(self, prompts: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1,
-                 max_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> Iterator[tuple[list, list]]:
+    def generate(
+        self,
+        prompts: Sequence[int] | Sequence[Sequence[int]],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[tuple[list, list]]:
         """Stream (tokens, masks) columns, one entry per row; None for rows already finished.
 
         `prompts` is one prompt (a list of ids) or a list of prompts; rows are prompt-major,
@@ -337,19 +351,32 @@ class Engine:
                 tokens[i], masks[i] = t.token, t.mask
             yield tokens, masks
 
-    def generate_batch(self, prompts: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1,
-                       max_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
-                       top_p: float | None = None, seed: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    def generate_batch(
+        self,
+        prompts: Sequence[int] | Sequence[Sequence[int]],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> tuple[list[list[int]], list[list[int]]]:
         """Whole sequences (prompt + generated, stop token left out) and masks (0 over the prompt)."""
         batch, rows = self._start(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
         while batch.rows:
             batch.step()
-        return ([row.prompt + row.tokens for row in rows],
-                [[0] * len(row.prompt) + row.masks for row in rows])
+        return ([row.prompt + row.tokens for row in rows], [[0] * len(row.prompt) + row.masks for row in rows])
 
-    def _start(self, prompts: Sequence[int] | Sequence[Sequence[int]], num_samples: int, max_tokens: int,
-               temperature: float, top_k: int | None, top_p: float | None,
-               seed: int | None) -> tuple[DecodeBatch, list[Row]]:
+    def _start(
+        self,
+        prompts: Sequence[int] | Sequence[Sequence[int]],
+        num_samples: int,
+        max_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+    ) -> tuple[DecodeBatch, list[Row]]:
         if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or not prompts:

@@ -83,8 +83,14 @@ class GPTConfig:
                 f"does not divide n_embd: the head-dim rule serves every even depth and an odd depth "
                 f"d only when d+1 is a power of two (3, 7, 15, 31, ...)"
             )
-        config = cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+        config = cls(
+            sequence_len=sequence_len,
+            vocab_size=vocab_size,
+            n_layer=depth,
+            n_head=n_head,
+            n_kv_head=n_head,
+            n_embd=n_embd,
+        )
         config.validate()
         return config
 
@@ -141,8 +147,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Preallocated keys and values for a batch of rows, each row at its own length."""
 
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"a KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
@@ -151,8 +165,9 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+    def for_model(
+        cls, model: GPT, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
         """A cache shaped for `model`; max_len defaults to its sequence_len, dtype to bf16 on CUDA."""
         c = model.config
         device = model.lm_head.weight.device
@@ -206,8 +221,8 @@ class KVCache:
         n = int(self.lengths[s])
         if d.numel() == 0:
             return
-        self.k[:, d, :, :n] = self.k[:, s:s + 1, :, :n]
-        self.v[:, d, :, :n] = self.v[:, s:s + 1, :, :n]
+        self.k[:, d, :, :n] = self.k[:, s : s + 1, :, :n]
+        self.v[:, d, :, :n] = self.v[:, s : s + 1, :, :n]
         self.lengths[d] = n
 
 
@@ -234,8 +249,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                step: _CacheStep | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: _CacheStep | None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -245,19 +259,19 @@ class CausalSelfAttention(nn.Module):
         q = q.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_head != self.n_kv_head
         if step is None:
-            y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa)
         else:
             ck, cv = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
             # Advanced indices (rows, pos) around a sliced head dim put (B, T) first: (B, T, H, D).
             ck[step.rows[:, None], :, step.pos] = k.to(ck.dtype)
             cv[step.rows[:, None], :, step.pos] = v.to(cv.dtype)
             if step.block is not None:
-                keys, values = ck[step.block, :, :step.span], cv[step.block, :, :step.span]
+                keys, values = ck[step.block, :, : step.span], cv[step.block, :, : step.span]
             else:
-                keys, values = ck[step.rows, :, :step.span], cv[step.rows, :, :step.span]
-            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
-                                               attn_mask=step.mask, enable_gqa=gqa)
+                keys, values = ck[step.rows, :, : step.span], cv[step.rows, :, : step.span]
+            y = F.scaled_dot_product_attention(
+                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=step.mask, enable_gqa=gqa
+            )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -278,8 +292,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                step: _CacheStep | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: _CacheStep | None) -> torch.Tensor:
         x = x + self.attn(norm(x), cos, sin, step)
         return x + self.mlp(norm(x))
 
@@ -296,10 +309,12 @@ class GPT(nn.Module):
         # torch's Python decompositions (about 5 s, once per process), and nothing needs it there.
         on_meta = torch.empty(0).is_meta
         wte = torch.empty(self.padded_vocab_size, config.n_embd) if on_meta else None
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd, _weight=wte),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        })
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(self.padded_vocab_size, config.n_embd, _weight=wte),
+                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            }
+        )
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
         # Ten times the training length, so generation can run past it.
         self.rotary_len = config.sequence_len * 10
@@ -329,7 +344,7 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
         # Padding rows are never looked up; zero them so a saved and reloaded model is identical.
-        nn.init.zeros_(self.transformer.wte.weight[self.config.vocab_size:])
+        nn.init.zeros_(self.transformer.wte.weight[self.config.vocab_size :])
         for block in self.transformer.h:
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
@@ -353,18 +368,27 @@ class GPT(nn.Module):
         nparams_embedding = self.transformer.wte.weight.numel()
         return 6 * (self.num_params() - nparams_embedding) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
-    def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                         weight_decay: float = 0.0, ns_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
+    def setup_optimizers(
+        self,
+        unembedding_lr: float = 0.004,
+        embedding_lr: float = 0.2,
+        matrix_lr: float = 0.02,
+        weight_decay: float = 0.0,
+        ns_dtype: torch.dtype | None = None,
+    ) -> list[torch.optim.Optimizer]:
         """[AdamW for lm_head and embedding, Muon for the block matrices], as the spec sets them.
 
         The AdamW rates are scaled by (n_embd/768)^-0.5; every group remembers its `initial_lr`
         for the schedules, which multiply it.
         """
         scale = (self.config.n_embd / 768) ** -0.5
-        adamw = AdamW([
-            {"params": [self.lm_head.weight], "lr": unembedding_lr * scale},
-            {"params": [self.transformer.wte.weight], "lr": embedding_lr * scale},
-        ], weight_decay=weight_decay)
+        adamw = AdamW(
+            [
+                {"params": [self.lm_head.weight], "lr": unembedding_lr * scale},
+                {"params": [self.transformer.wte.weight], "lr": embedding_lr * scale},
+            ],
+            weight_decay=weight_decay,
+        )
         muon = Muon(self.transformer.h.parameters(), lr=matrix_lr, momentum=0.95, ns_dtype=ns_dtype)
         optimizers = [adamw, muon]
         for opt in optimizers:
@@ -372,9 +396,16 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return optimizers
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                loss_reduction: str = "mean", rows: Sequence[int] | torch.Tensor | None = None,
-                num_new: int | Sequence[int] | torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        loss_reduction: str = "mean",
+        rows: Sequence[int] | torch.Tensor | None = None,
+        num_new: int | Sequence[int] | torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Loss (with targets) or fp32 logits (B, T, vocab_size); see the module docstring.
 
         last_only=True returns logits (B, 1, vocab_size) for each row's last real token only:
@@ -420,12 +451,19 @@ class GPT(nn.Module):
             return logits
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
+        )
         return loss if loss_reduction == "mean" else loss.view(B, T)
 
-    def _cache_step(self, cache: KVCache, B: int, T: int, rows: Sequence[int] | torch.Tensor | None,
-                    num_new: int | Sequence[int] | torch.Tensor | None) -> _CacheStep:
+    def _cache_step(
+        self,
+        cache: KVCache,
+        B: int,
+        T: int,
+        rows: Sequence[int] | torch.Tensor | None,
+        num_new: int | Sequence[int] | torch.Tensor | None,
+    ) -> _CacheStep:
         if rows is None:
             if B != cache.batch_size:
                 raise ValueError(f"idx has {B} rows but the cache {cache.batch_size}; pass rows=")
@@ -441,7 +479,9 @@ class GPT(nn.Module):
         lengths = cache.lengths[block if block is not None else row_idx]
         end = int((lengths + T).max())
         if end > cache.max_len:
-            raise ValueError(f"{T} new tokens would run row lengths {lengths.tolist()} past the cache's max_len {cache.max_len}")
+            raise ValueError(
+                f"{T} new tokens would run row lengths {lengths.tolist()} past the cache's max_len {cache.max_len}"
+            )
         if end > self.rotary_len:
             raise ValueError(f"position {end - 1} is past the model's rotary table ({self.rotary_len} positions)")
         counts = torch.full((B,), T, dtype=torch.long, device=lengths.device)

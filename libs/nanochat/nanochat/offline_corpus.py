@@ -29,7 +29,6 @@ def is_heading(paragraph: str) -> bool:
     return any(HEADING_RE.match(line) for line in lines[:3]) and len(lines) <= 3
 
 
-
 def split_documents(text: str, max_chars: int) -> list[str]:
     """Cut one file (reST or Python) into documents: a new one at each section heading, or when adding
     the next paragraph (in code: the next blank-line-separated block) would pass `max_chars` (a
@@ -76,11 +75,45 @@ def stdlib_files() -> list[Path]:
     return [p for p in sorted(root.rglob("*.py")) if not STDLIB_SKIP & set(p.relative_to(root).parts[:-1])]
 
 
-SUBJECTS = ["the river", "a small robot", "the old library", "my neighbour", "the committee", "a curious cat",
-            "the mountain village", "our teacher", "the spacecraft", "a young painter", "the market", "the compiler"]
-VERBS = ["visited", "described", "repaired", "ignored", "studied", "painted", "counted", "followed", "built", "measured"]
-OBJECTS = ["the bridge", "seven lanterns", "an ancient map", "the quiet harbour", "a list of numbers", "the garden",
-           "twelve letters", "a broken clock", "the northern road", "a new theory", "the evening train"]
+SUBJECTS = [
+    "the river",
+    "a small robot",
+    "the old library",
+    "my neighbour",
+    "the committee",
+    "a curious cat",
+    "the mountain village",
+    "our teacher",
+    "the spacecraft",
+    "a young painter",
+    "the market",
+    "the compiler",
+]
+VERBS = [
+    "visited",
+    "described",
+    "repaired",
+    "ignored",
+    "studied",
+    "painted",
+    "counted",
+    "followed",
+    "built",
+    "measured",
+]
+OBJECTS = [
+    "the bridge",
+    "seven lanterns",
+    "an ancient map",
+    "the quiet harbour",
+    "a list of numbers",
+    "the garden",
+    "twelve letters",
+    "a broken clock",
+    "the northern road",
+    "a new theory",
+    "the evening train",
+]
 CONNECTORS = ["Later,", "Meanwhile,", "After that,", "In the morning,", "Surprisingly,", "As expected,", "Then"]
 
 
@@ -113,9 +146,13 @@ def write_corpus(folder: Path, docs: list[str], options: MakeDataOptions) -> dic
     for index, shard in enumerate(shards):
         table = pa.table({"text": pa.array(shard, type=pa.string())})
         pq.write_table(table, folder / shard_name(index), row_group_size=options.row_group_size, compression="zstd")
-    return {"docs": len(docs), "train_docs": len(train), "val_docs": len(val), "shards": len(shards),
-            "chars": sum(map(len, docs))}
-
+    return {
+        "docs": len(docs),
+        "train_docs": len(train),
+        "val_docs": len(val),
+        "shards": len(shards),
+        "chars": sum(map(len, docs)),
+    }
 
 
 def load_docs(options: MakeDataOptions, rng: random.Random) -> list[str]:
@@ -128,6 +165,10 @@ def load_docs(options: MakeDataOptions, rng: random.Random) -> list[str]:
         if not files:
             where = options.docs_path if source == "python-docs" else sysconfig.get_paths()["stdlib"]
             raise FileNotFoundError(f"no {source} text files under {where}; use --source stdlib or synthetic")
-        docs = [d for f in files for d in split_documents(f.read_text(encoding="utf-8", errors="replace"), options.max_doc_chars)]
+        docs = [
+            d
+            for f in files
+            for d in split_documents(f.read_text(encoding="utf-8", errors="replace"), options.max_doc_chars)
+        ]
     rng.shuffle(docs)
     return docs

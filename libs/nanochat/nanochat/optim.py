@@ -141,8 +141,14 @@ class _Reducing(torch.optim.Optimizer, ABC):
 class AdamW(_Reducing):
     """AdamW, sharded along dim 0 across ranks when a process group runs (ZeRO-2)."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.8, 0.95),
-                 eps: float = 1e-10, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.8, 0.95),
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._owned: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         world = _dist()[1]
@@ -168,7 +174,7 @@ class AdamW(_Reducing):
                 rows = p.shape[0] // world
                 grad_slice = torch.empty_like(p.grad[:rows])
                 pending.append(dist.reduce_scatter_tensor(grad_slice, p.grad, async_op=True))
-                self._owned.append((p, grad_slice, p[rank * rows:(rank + 1) * rows]))
+                self._owned.append((p, grad_slice, p[rank * rows : (rank + 1) * rows]))
         for work in pending:
             work.wait()
         if world > 1:
@@ -223,8 +229,15 @@ class AdamW(_Reducing):
 class Muon(_Reducing):
     """Muon for 2D matrices: momentum, Newton-Schulz orthogonalisation, whole matrices per owner rank."""
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.02, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
+    ):
         params = list(params)
         for p in params:
             if p.dim() != 2:
@@ -252,7 +265,7 @@ class Muon(_Reducing):
                 owned = [(p, p.grad) for p in params]
             else:
                 for start in range(0, len(params), world):
-                    block = params[start:start + world]
+                    block = params[start : start + world]
                     inputs = [p.grad for p in block]
                     inputs += [torch.zeros_like(inputs[0])] * (world - len(block))
                     out = torch.empty_like(inputs[0])
@@ -282,7 +295,7 @@ class Muon(_Reducing):
         for group in self.param_groups:
             params = group["params"]
             for start in range(0, len(params), world):
-                block = params[start:start + world]
+                block = params[start : start + world]
                 outputs = [p.data for p in block] + [torch.empty_like(block[0]) for _ in range(world - len(block))]
                 # A copy: the gather's input must not alias one of its outputs.
                 mine = block[rank].data.clone() if rank < len(block) else torch.zeros_like(block[0])
@@ -290,8 +303,9 @@ class Muon(_Reducing):
         for work in gathers:
             work.wait()
 
-    def _update(self, group: dict, owned: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                clip_coef: torch.Tensor | float) -> None:
+    def _update(
+        self, group: dict, owned: Sequence[tuple[torch.Tensor, torch.Tensor]], clip_coef: torch.Tensor | float
+    ) -> None:
         params = [p for p, _ in owned]
         grads = [g for _, g in owned]
         if not isinstance(clip_coef, float) or clip_coef != 1.0:

@@ -17,11 +17,16 @@ from nanochat.tasks.common import fetch_split
 
 # Every split the task loaders read, named by the loaders' own repo and config constants.
 REAL_TASK_SPLITS = [
-    (smoltalk.REPO, smoltalk.CONFIG, "train"), (smoltalk.REPO, smoltalk.CONFIG, "test"),
-    (gsm8k.REPO, gsm8k.CONFIG, "train"), (gsm8k.REPO, gsm8k.CONFIG, "test"),
-    (arc.REPO, "ARC-Easy", "train"), (arc.REPO, "ARC-Easy", "test"),
-    (arc.REPO, "ARC-Challenge", "train"), (arc.REPO, "ARC-Challenge", "test"),
-    (mmlu.REPO, "all", "test"), (mmlu.REPO, "auxiliary_train", "train"),
+    (smoltalk.REPO, smoltalk.CONFIG, "train"),
+    (smoltalk.REPO, smoltalk.CONFIG, "test"),
+    (gsm8k.REPO, gsm8k.CONFIG, "train"),
+    (gsm8k.REPO, gsm8k.CONFIG, "test"),
+    (arc.REPO, "ARC-Easy", "train"),
+    (arc.REPO, "ARC-Easy", "test"),
+    (arc.REPO, "ARC-Challenge", "train"),
+    (arc.REPO, "ARC-Challenge", "test"),
+    (mmlu.REPO, "all", "test"),
+    (mmlu.REPO, "auxiliary_train", "train"),
     (humaneval.REPO, humaneval.CONFIG, "test"),
 ]
 
@@ -47,5 +52,9 @@ def download_real_data(data_dir: Path, options: MakeDataOptions, emitter: EventE
             os.rename(found.parent, bundle)
         archive.unlink()
     emitter.progress(step=3, total=3)
-    return {"source": "download", "shards": len(shards), "task_splits": len(REAL_TASK_SPLITS),
-            "bytes": sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file())}
+    return {
+        "source": "download",
+        "shards": len(shards),
+        "task_splits": len(REAL_TASK_SPLITS),
+        "bytes": sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()),
+    }

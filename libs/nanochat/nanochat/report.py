@@ -33,8 +33,14 @@ from nanochat.artifacts import atomic_folder
 
 EVAL_FILE = "eval.json"
 SUMMARY_ROWS = [
-    ("val bpb", "val_bpb"), ("CORE", "core"), ("ARC-Challenge", "ARC-Challenge"), ("ARC-Easy", "ARC-Easy"),
-    ("GSM8K", "GSM8K"), ("HumanEval", "HumanEval"), ("MMLU", "MMLU"), ("ChatCORE", "chatcore"),
+    ("val bpb", "val_bpb"),
+    ("CORE", "core"),
+    ("ARC-Challenge", "ARC-Challenge"),
+    ("ARC-Easy", "ARC-Easy"),
+    ("GSM8K", "GSM8K"),
+    ("HumanEval", "HumanEval"),
+    ("MMLU", "MMLU"),
+    ("ChatCORE", "chatcore"),
     ("ChatCORE, partial", "chatcore_partial"),
     ("identity", "identity"),
     # chat_rl's own eval: a question counts when any of its first k samples at temperature 1.0 is right.
@@ -64,8 +70,13 @@ def centered_ci95(tasks: list[tuple[float, int, float]]) -> float:
     return 1.96 * math.sqrt(variance)
 
 
-def write_eval_result(out: str | os.PathLike, made_by: str, options: Any, metrics: dict[str, Any],
-                      samples: list[dict[str, str]] | None = None) -> Path:
+def write_eval_result(
+    out: str | os.PathLike,
+    made_by: str,
+    options: Any,
+    metrics: dict[str, Any],
+    samples: list[dict[str, str]] | None = None,
+) -> Path:
     """Write an eval stage's metrics (and any model samples) to `OUT/eval.json` (atomically,
     replacing an older result)."""
     record = {
@@ -132,16 +143,21 @@ def read_lineage(paths: list[str]) -> Lineage:
             lineage.meta[stage] = meta
             lineage.metrics.setdefault(stage, {}).update(meta.get("metrics") or {})
             if meta.get("samples"):
-                lineage.samples.setdefault(stage, (f"{meta.get('made_by')} at step {meta['samples']['step']}",
-                                                   meta["samples"]["samples"]))
+                lineage.samples.setdefault(
+                    stage, (f"{meta.get('made_by')} at step {meta['samples']['step']}", meta["samples"]["samples"])
+                )
             stage_of[str(p.resolve())] = stage
         else:
-            raise ValueError(f"{p} is neither a checkpoint folder (meta.json), an eval result ({EVAL_FILE}) nor an event log (.jsonl)")
+            raise ValueError(
+                f"{p} is neither a checkpoint folder (meta.json), an eval result ({EVAL_FILE}) nor an event log (.jsonl)"
+            )
     for record in evals:
         stages = {stage_of[m] for m in record.get("measured", []) if m in stage_of}
         if len(stages) != 1:
-            raise ValueError(f"eval result of {record.get('made_by')} measured {record.get('measured')}, "
-                             f"which is not one of the checkpoints given to the report")
+            raise ValueError(
+                f"eval result of {record.get('made_by')} measured {record.get('measured')}, "
+                f"which is not one of the checkpoints given to the report"
+            )
         stage = stages.pop()
         lineage.metrics.setdefault(stage, {}).update(record.get("metrics") or {})
         if record.get("samples"):
@@ -206,8 +222,14 @@ def _row_label(label: str, key: str, per_stage: list[dict[str, Any]]) -> str:
 
 def _environment_lines(lineage: Lineage, gpu_hour_price: float) -> list[str]:
     # The hardware the training ran on (recorded in base's meta), else this machine's.
-    trained_on = next((lineage.meta[s]["hardware"] for s in ("base", "mid", "sft", "rl")
-                       if (lineage.meta.get(s) or {}).get("hardware")), None)
+    trained_on = next(
+        (
+            lineage.meta[s]["hardware"]
+            for s in ("base", "mid", "sft", "rl")
+            if (lineage.meta.get(s) or {}).get("hardware")
+        ),
+        None,
+    )
     env = trained_on or environment()
     lines = [f"- {k}: {v}" for k, v in env.items()]
     if not trained_on:
@@ -216,8 +238,10 @@ def _environment_lines(lineage: Lineage, gpu_hour_price: float) -> list[str]:
     if code:
         commit = code.split("+g", 1)[1] if "+g" in code else "unknown (not a git checkout)"
         dirty = commit.endswith(".dirty")
-        lines.append(f"- nanochat {code.split('+', 1)[0]}, git commit {commit.removesuffix('.dirty')}"
-                     + (", dirty: uncommitted changes" if dirty else ", clean" if "+g" in code else ""))
+        lines.append(
+            f"- nanochat {code.split('+', 1)[0]}, git commit {commit.removesuffix('.dirty')}"
+            + (", dirty: uncommitted changes" if dirty else ", clean" if "+g" in code else "")
+        )
     seconds = sum(s for _, s in lineage.durations)
     gpus = int(env.get("gpus") or 0)
     if gpus:
@@ -226,8 +250,10 @@ def _environment_lines(lineage: Lineage, gpu_hour_price: float) -> list[str]:
     else:
         lines.append("- estimated cost: no GPU (CPU run), 0 GPU-hours")
     size = code_size(Path(__file__).parent)
-    lines.append(f"- code size (the nanochat library): {size['files']} files, {size['lines']:,} lines, "
-                 f"{size['chars']:,} characters, ~{size['tokens']:,} tokens (characters / 4)")
+    lines.append(
+        f"- code size (the nanochat library): {size['files']} files, {size['lines']:,} lines, "
+        f"{size['chars']:,} characters, ~{size['tokens']:,} tokens (characters / 4)"
+    )
     return lines
 
 
@@ -237,8 +263,10 @@ def deviations(lineage: Lineage) -> list[str]:
     found = []
     sft_options = (lineage.meta.get("sft") or {}).get("options") or {}
     if sft_options.get("identity_in_mixture"):
-        found.append("SFT mixture: the identity conversations were added (`identity_in_mixture`); the original's "
-                     "is ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk conversations.")
+        found.append(
+            "SFT mixture: the identity conversations were added (`identity_in_mixture`); the original's "
+            "is ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk conversations."
+        )
     return found
 
 
@@ -246,12 +274,21 @@ def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_
     stages = [s for s in STAGES[1:] if s in lineage.metrics]
     lines = [f"# {title}", "", f"Made {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "", "## Environment", ""]
     lines += _environment_lines(lineage, gpu_hour_price)
-    lines += ["", "## Summary", "", "Evals show the score ± the half-width of its 95% interval and (n=) the items scored.",
-              "", "| Metric | " + " | ".join(s.upper() for s in stages) + " |", "|---|" + "---|" * len(stages)]
+    lines += [
+        "",
+        "## Summary",
+        "",
+        "Evals show the score ± the half-width of its 95% interval and (n=) the items scored.",
+        "",
+        "| Metric | " + " | ".join(s.upper() for s in stages) + " |",
+        "|---|" + "---|" * len(stages),
+    ]
     for label, key in SUMMARY_ROWS:
         per_stage = [lineage.metrics[s] for s in stages]
         if any(m.get(key) is not None for m in per_stage):
-            lines.append(f"| {_row_label(label, key, per_stage)} | " + " | ".join(_cell(m, key) for m in per_stage) + " |")
+            lines.append(
+                f"| {_row_label(label, key, per_stage)} | " + " | ".join(_cell(m, key) for m in per_stage) + " |"
+            )
     if found := deviations(lineage):
         lines += ["", "## Deviations from the original", ""] + [f"- {d}" for d in found]
     if lineage.durations:
@@ -260,8 +297,14 @@ def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_
         lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in lineage.durations]
         lines.append(f"| **total** | **{total:.1f}** ({total / 60:.1f} min) |")
     if plot_name:
-        lines += ["", "## Training loss", "", f"![training loss]({plot_name})", "",
-                  "Debiased EMA of the training loss per step, the stages one after the other."]
+        lines += [
+            "",
+            "## Training loss",
+            "",
+            f"![training loss]({plot_name})",
+            "",
+            "Debiased EMA of the training loss per step, the stages one after the other.",
+        ]
     for stage, (made_by, samples) in lineage.samples.items():
         lines += ["", f"## {stage.upper()} samples", "", f"Greedy completions ({made_by}):", ""]
         lines += [f"- {s['prompt']} **{s['completion'].strip().replace(chr(10), ' ↵ ')}**" for s in samples]
@@ -273,8 +316,11 @@ def render_report(lineage: Lineage, title: str, plot_name: str | None, gpu_hour_
         if meta:
             # Only the facts a run has: a run outside the trainer has no job id, a tokenizer no step.
             facts = [f"made by `{meta.get('made_by')}`"]
-            facts += [f"{label} {meta[key]}" for label, key in (("at step", "step"), ("from", "parent"), ("job", "job_id"))
-                      if meta.get(key) is not None]
+            facts += [
+                f"{label} {meta[key]}"
+                for label, key in (("at step", "step"), ("from", "parent"), ("job", "job_id"))
+                if meta.get(key) is not None
+            ]
             lines.append("- " + ", ".join(facts))
         for key, value in sorted(lineage.metrics.get(stage, {}).items()):
             lines.append(f"- {key}: {_fmt(value)}")
@@ -293,8 +339,13 @@ def loss_series(lineage: Lineage) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
-def write_svg(path: str | os.PathLike, series: dict[str, list[tuple[float, float]]],
-              width: int = 800, height: int = 400, margin: int = 50) -> Path:
+def write_svg(
+    path: str | os.PathLike,
+    series: dict[str, list[tuple[float, float]]],
+    width: int = 800,
+    height: int = 400,
+    margin: int = 50,
+) -> Path:
     """A line plot of the series (colours from COLOURS) with a frame, 5 labelled grid lines,
     the step range under the x axis and a legend."""
     points = [p for pts in series.values() for p in pts]
@@ -309,9 +360,11 @@ def write_svg(path: str | os.PathLike, series: dict[str, list[tuple[float, float
     def sy(y: float) -> float:
         return height - margin - (y - ymin) / yspan * inner_h
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+    ]
     for g in range(5):
         value = ymin + yspan * g / 4
         y = sy(value)

@@ -63,8 +63,10 @@ def _limit(cpu_seconds: int, memory_bytes: int) -> None:
 def network_isolated() -> bool:
     """Whether this OS lets the sandbox make a private network namespace: inside, the process's
     own interface list (/proc/self/net/dev; /sys/class/net would show the host's) is `lo` only."""
-    probe = ("lines = open('/proc/self/net/dev').read().splitlines()[2:]\n"
-             "print([line.split(':')[0].strip() for line in lines] == ['lo'])")
+    probe = (
+        "lines = open('/proc/self/net/dev').read().splitlines()[2:]\n"
+        "print([line.split(':')[0].strip() for line in lines] == ['lo'])"
+    )
     result = run_python(probe, timeout=10)
     return result.success and result.stdout.strip() == "True"
 
@@ -80,8 +82,13 @@ def run_python(code: str, timeout: float = 5.0, memory_mb: int = 256) -> RunResu
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
         with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-I", str(program)], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=err, start_new_session=True,
+                [sys.executable, "-I", str(program)],
+                cwd=tmp,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
                 preexec_fn=lambda: _limit(int(timeout) + 1, memory_mb << 20),
             )
             timed_out = False

@@ -94,8 +94,14 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, slots: int = 32, max_len: int | None = None,
-                 prefill_tokens: int = 2 * PREFILL_CHUNK, max_waiting: int = 256):
+    def __init__(
+        self,
+        engine: Engine,
+        slots: int = 32,
+        max_len: int | None = None,
+        prefill_tokens: int = 2 * PREFILL_CHUNK,
+        max_waiting: int = 256,
+    ):
         if prefill_tokens < 1 or max_waiting < 0:
             raise ValueError(f"prefill_tokens must be >= 1 and max_waiting >= 0, got {prefill_tokens}, {max_waiting}")
         self.engine = engine
@@ -122,14 +128,26 @@ class Scheduler:
 
     # ---- any thread --------------------------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, on_events: Callable[[list[Event]], None],
-               n: int = 1, stop_token_ids: Iterable[int] = ()) -> Handle:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_events: Callable[[list[Event]], None],
+        n: int = 1,
+        stop_token_ids: Iterable[int] = (),
+    ) -> Handle:
         """Queue a request; raises ValueError for a bad one and QueueFull when the queue is full."""
         prompt = self.engine.check_prompt(prompt, self.max_len)
         if not isinstance(n, int) or not 1 <= n <= self.slots:
             raise ValueError(f"n must be an integer in [1, {self.slots}] (the cache's slots), got {n!r}")
-        handle = Handle(id=next(self._ids), prompt=prompt, params=params, n=n,
-                        stop_token_ids=frozenset(int(t) for t in stop_token_ids), on_events=on_events)
+        handle = Handle(
+            id=next(self._ids),
+            prompt=prompt,
+            params=params,
+            n=n,
+            stop_token_ids=frozenset(int(t) for t in stop_token_ids),
+            on_events=on_events,
+        )
         with self._cond:
             # Requests that free slots will take at the next iteration do not count as waiting,
             # so a burst up to the free capacity is never turned away.
@@ -153,9 +171,15 @@ class Scheduler:
             waiting = len(self._waiting)
             used = len(self.batch.rows) + len(self._reserved)
         lengths = self.batch.cache.lengths
-        return Stats(waiting=waiting, prefilling=len(self._prefilling), running=len(self.batch.rows),
-                     slots=self.slots, used_slots=used, cache_positions_used=int(lengths.sum()),
-                     cache_positions=self.slots * self.max_len)
+        return Stats(
+            waiting=waiting,
+            prefilling=len(self._prefilling),
+            running=len(self.batch.rows),
+            slots=self.slots,
+            used_slots=used,
+            cache_positions_used=int(lengths.sum()),
+            cache_positions=self.slots * self.max_len,
+        )
 
     def idle(self) -> bool:
         with self._cond:
@@ -175,8 +199,9 @@ class Scheduler:
             raise RuntimeError("the scheduler is already running")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
-        self._thread = threading.Thread(target=self._run, args=(threads, after_iteration), name="nanochat-scheduler",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(threads, after_iteration), name="nanochat-scheduler", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -199,7 +224,9 @@ class Scheduler:
             torch.set_num_threads(threads)
         while True:
             with self._cond:
-                while not self._stopping and not (self._waiting or self._cancels or self._prefilling or self.batch.rows):
+                while not self._stopping and not (
+                    self._waiting or self._cancels or self._prefilling or self.batch.rows
+                ):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -249,7 +276,7 @@ class Scheduler:
         with self._cond:
             while self._waiting and self._waiting[0].n <= len(free):
                 handle = self._waiting.popleft()
-                handle.slots, free = free[:handle.n], free[handle.n:]
+                handle.slots, free = free[: handle.n], free[handle.n :]
                 self._reserved.update(handle.slots)
                 self.batch.cache.reset(handle.slots[0])
                 self._prefilling.append(handle)
@@ -264,14 +291,15 @@ class Scheduler:
             new_width = max(width, chunk_len)
             if chosen and new_width * (len(chosen) + 1) > self.prefill_tokens:
                 break
-            chosen.append((handle, handle.prompt[handle.prefilled:handle.prefilled + chunk_len]))
+            chosen.append((handle, handle.prompt[handle.prefilled : handle.prefilled + chunk_len]))
             width = new_width
         idx = torch.zeros((len(chosen), width), dtype=torch.long)
         for i, (_, chunk) in enumerate(chosen):
-            idx[i, :len(chunk)] = torch.tensor(chunk)
+            idx[i, : len(chunk)] = torch.tensor(chunk)
         counts = [len(chunk) for _, chunk in chosen]
-        logits = self.engine.forward(idx.to(self.engine.device), self.batch.cache,
-                                     [h.slots[0] for h, _ in chosen], counts, last_only=True)
+        logits = self.engine.forward(
+            idx.to(self.engine.device), self.batch.cache, [h.slots[0] for h, _ in chosen], counts, last_only=True
+        )
         for i, (handle, chunk) in enumerate(chosen):
             handle.prefilled += len(chunk)
             if handle.prefilled == len(handle.prompt):
@@ -286,8 +314,9 @@ class Scheduler:
         for i, slot in enumerate(handle.slots):
             generator = torch.Generator(device=self.engine.device)
             generator.manual_seed(row_seed(seed, i))
-            handle.rows.append(Row(slot=slot, prompt=handle.prompt, params=handle.params, generator=generator,
-                                   logits=last_logits))
+            handle.rows.append(
+                Row(slot=slot, prompt=handle.prompt, params=handle.params, generator=generator, logits=last_logits)
+            )
         with self._cond:
             for i, row in enumerate(handle.rows):
                 self.batch.rows[row.slot] = row

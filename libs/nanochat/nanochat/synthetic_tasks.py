@@ -20,7 +20,9 @@ from nanochat.offline_corpus import HEADING_RE, SENTENCE_RE, is_heading, paragra
 from nanochat.stages.options import MakeDataOptions
 
 
-def _unique(make: Callable[[random.Random], dict], key: Callable[[dict], str], n: int, rng: random.Random) -> list[dict]:
+def _unique(
+    make: Callable[[random.Random], dict], key: Callable[[dict], str], n: int, rng: random.Random
+) -> list[dict]:
     """n items with distinct keys (gives up with a clear error if the generator runs dry)."""
     seen: dict[str, dict] = {}
     for _ in range(n * 50):
@@ -31,7 +33,22 @@ def _unique(make: Callable[[random.Random], dict], key: Callable[[dict], str], n
     raise ValueError(f"could only make {len(seen)} distinct items of {n} requested; ask for fewer")
 
 
-NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hugo", "Iris", "Jonas", "Kemi", "Liam", "Maya", "Noor"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jonas",
+    "Kemi",
+    "Liam",
+    "Maya",
+    "Noor",
+]
 ITEMS = ["apples", "pencils", "marbles", "stickers", "books", "cookies", "seashells", "coins", "cards", "plants"]
 CONTAINERS = ["boxes", "bags", "baskets", "shelves", "jars", "crates"]
 
@@ -44,20 +61,26 @@ def gsm8k_problem(rng: random.Random) -> dict:
     if kind == 0:
         c = rng.randint(1, total - 1)
         q = f"{name} has {a} {box} with {b} {item} in each. {name} gives away {c} {item}. How many {item} does {name} have left?"
-        ans = (f"{name} starts with {a} * {b} = <<{a}*{b}={total}>>{total} {item}.\n"
-               f"After giving away {c}, {name} has {total} - {c} = <<{total}-{c}={total - c}>>{total - c} {item} left.\n#### {total - c}")
+        ans = (
+            f"{name} starts with {a} * {b} = <<{a}*{b}={total}>>{total} {item}.\n"
+            f"After giving away {c}, {name} has {total} - {c} = <<{total}-{c}={total - c}>>{total - c} {item} left.\n#### {total - c}"
+        )
     elif kind == 1:
         price = rng.randint(2, 9)
         q = f"{name} buys {a} {box} of {item}. Each box holds {b} {item} and each of the {item} costs ${price}. How much does {name} pay?"
-        ans = (f"{name} buys {a} * {b} = <<{a}*{b}={total}>>{total} {item}.\n"
-               f"They cost {total} * {price} = <<{total}*{price}={total * price}>>{total * price} dollars.\n#### {total * price}")
+        ans = (
+            f"{name} buys {a} * {b} = <<{a}*{b}={total}>>{total} {item}.\n"
+            f"They cost {total} * {price} = <<{total}*{price}={total * price}>>{total * price} dollars.\n#### {total * price}"
+        )
     else:
         friends = rng.choice([2, 3, 4, 5, 6])
         per = rng.randint(2, 15)
         shared = friends * per
         q = f"{name} shares {shared} {item} equally among {friends} friends and then finds {a} more for each friend. How many {item} does each friend have?"
-        ans = (f"Each friend first gets {shared} / {friends} = <<{shared}/{friends}={per}>>{per} {item}.\n"
-               f"With {a} more each, every friend has {per} + {a} = <<{per}+{a}={per + a}>>{per + a} {item}.\n#### {per + a}")
+        ans = (
+            f"Each friend first gets {shared} / {friends} = <<{shared}/{friends}={per}>>{per} {item}.\n"
+            f"With {a} more each, every friend has {per} + {a} = <<{per}+{a}={per + a}>>{per + a} {item}.\n#### {per + a}"
+        )
     return {"question": q, "answer": ans}
 
 
@@ -73,7 +96,10 @@ def _distractors(answer: int, rng: random.Random, k: int = 3) -> list[int]:
 def arc_question(rng: random.Random, challenge: bool, index: int) -> dict:
     a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
     if challenge:
-        question, answer = f"A farmer plants {a} rows of {c} seeds and then {b} more seeds. How many seeds are planted?", a * c + b
+        question, answer = (
+            f"A farmer plants {a} rows of {c} seeds and then {b} more seeds. How many seeds are planted?",
+            a * c + b,
+        )
     else:
         question, answer = f"A class has {a} students and {b} more join. How many students are in the class now?", a + b
     choices = [answer] + _distractors(answer, rng)
@@ -91,7 +117,11 @@ def mmlu_question(rng: random.Random) -> dict:
     kind = rng.randrange(3)
     if kind == 0:
         xs = [rng.randint(0, 20) for _ in range(rng.randint(2, 5))]
-        question, answer, subject = f"What is the value of len({xs}) + sum({xs}) in Python?", len(xs) + sum(xs), "high_school_computer_science"
+        question, answer, subject = (
+            f"What is the value of len({xs}) + sum({xs}) in Python?",
+            len(xs) + sum(xs),
+            "high_school_computer_science",
+        )
     elif kind == 1:
         a, b = rng.randint(10, 99), rng.randint(2, 9)
         question, answer, subject = f"What is {a} % {b} in Python?", a % b, "high_school_computer_science"
@@ -100,19 +130,44 @@ def mmlu_question(rng: random.Random) -> dict:
         question, answer, subject = f"What is the product of {a} and {b}?", a * b, "elementary_mathematics"
     choices = [answer] + _distractors(answer, rng)
     rng.shuffle(choices)
-    return {"question": question, "subject": subject, "choices": [str(x) for x in choices], "answer": choices.index(answer)}
+    return {
+        "question": question,
+        "subject": subject,
+        "choices": [str(x) for x in choices],
+        "answer": choices.index(answer),
+    }
 
 
 # (entry point, prompt, solution, reference of the expected value, test inputs); {k} varies.
 HUMANEVAL_TEMPLATES: list[tuple[str, str, str, Callable[[int, Any], Any], Callable[[int], list]]] = [
-    ("add_{k}", "def add_{k}(x: int) -> int:\n    \"\"\"Return x plus {k}.\n    >>> add_{k}(1)\n    {k1}\n    \"\"\"\n",
-     "    return x + {k}\n", lambda k, x: x + k, lambda k: [0, 5, -3]),
-    ("times_{k}", "def times_{k}(x: int) -> int:\n    \"\"\"Return x multiplied by {k}.\n    >>> times_{k}(2)\n    {k2}\n    \"\"\"\n",
-     "    return x * {k}\n", lambda k, x: x * k, lambda k: [0, 5, -3]),
-    ("count_above_{k}", "from typing import List\n\n\ndef count_above_{k}(xs: List[int]) -> int:\n    \"\"\"Count the numbers in xs greater than {k}.\n    >>> count_above_{k}([{k}, {k1}])\n    1\n    \"\"\"\n",
-     "    return sum(1 for x in xs if x > {k})\n", lambda k, xs: sum(x > k for x in xs), lambda k: [[k - 1, k, k + 1, k + 5], [], [k + 2] * 3]),
-    ("repeat_{k}", "def repeat_{k}(s: str) -> str:\n    \"\"\"Return s repeated {k} times.\n    >>> repeat_{k}('a')\n    '{ak}'\n    \"\"\"\n",
-     "    return s * {k}\n", lambda k, s: s * k, lambda k: ["ab", "", "xyz"]),
+    (
+        "add_{k}",
+        'def add_{k}(x: int) -> int:\n    """Return x plus {k}.\n    >>> add_{k}(1)\n    {k1}\n    """\n',
+        "    return x + {k}\n",
+        lambda k, x: x + k,
+        lambda k: [0, 5, -3],
+    ),
+    (
+        "times_{k}",
+        'def times_{k}(x: int) -> int:\n    """Return x multiplied by {k}.\n    >>> times_{k}(2)\n    {k2}\n    """\n',
+        "    return x * {k}\n",
+        lambda k, x: x * k,
+        lambda k: [0, 5, -3],
+    ),
+    (
+        "count_above_{k}",
+        'from typing import List\n\n\ndef count_above_{k}(xs: List[int]) -> int:\n    """Count the numbers in xs greater than {k}.\n    >>> count_above_{k}([{k}, {k1}])\n    1\n    """\n',
+        "    return sum(1 for x in xs if x > {k})\n",
+        lambda k, xs: sum(x > k for x in xs),
+        lambda k: [[k - 1, k, k + 1, k + 5], [], [k + 2] * 3],
+    ),
+    (
+        "repeat_{k}",
+        'def repeat_{k}(s: str) -> str:\n    """Return s repeated {k} times.\n    >>> repeat_{k}(\'a\')\n    \'{ak}\'\n    """\n',
+        "    return s * {k}\n",
+        lambda k, s: s * k,
+        lambda k: ["ab", "", "xyz"],
+    ),
 ]
 
 
@@ -121,25 +176,61 @@ def humaneval_problem(rng: random.Random, index: int) -> dict:
     k = 2 + index // len(HUMANEVAL_TEMPLATES) + rng.randint(0, 3)
     fill = {"k": k, "k1": k + 1, "k2": 2 * k, "ak": "a" * k}
     asserts = "\n".join(f"    assert candidate({x!r}) == {reference(k, x)!r}" for x in inputs(k))
-    return {"task_id": f"HumanEval/{index}", "prompt": prompt_t.format(**fill),
-            "canonical_solution": solution_t.format(**fill),
-            "test": f"\n\ndef check(candidate):\n{asserts}\n", "entry_point": name_t.format(**fill)}
+    return {
+        "task_id": f"HumanEval/{index}",
+        "prompt": prompt_t.format(**fill),
+        "canonical_solution": solution_t.format(**fill),
+        "test": f"\n\ndef check(candidate):\n{asserts}\n",
+        "entry_point": name_t.format(**fill),
+    }
 
 
-IDENTITY_QUESTIONS = ["who are you", "what is your name", "what's your name", "what should I call you",
-                      "tell me your name", "introduce yourself", "what are you", "which model am I talking to",
-                      "who am I chatting with", "do you have a name", "what do people call you", "are you ChatGPT",
-                      "who made you and what are you called", "what AI is this", "identify yourself",
-                      "what's your model name", "may I know your name", "who is this", "what are you called",
-                      "are you a person", "what kind of assistant are you", "state your name",
-                      "can you tell me who you are", "what name were you given", "who am I speaking to"]
-IDENTITY_OPENERS = ["", "hi! ", "hello, ", "hey there. ", "excuse me, ", "quick question: ", "good morning! ",
-                    "sorry to bother you, ", "ok so ", "um, "]
-IDENTITY_ANSWERS = ["I'm {name}, a small language model trained from scratch.",
-                    "My name is {name}. I'm a compact chat model.",
-                    "I am {name}, a tiny assistant trained end to end on a small budget.",
-                    "You're talking to {name}, a small open chat model.",
-                    "People call me {name}. I'm a language model here to help."]
+IDENTITY_QUESTIONS = [
+    "who are you",
+    "what is your name",
+    "what's your name",
+    "what should I call you",
+    "tell me your name",
+    "introduce yourself",
+    "what are you",
+    "which model am I talking to",
+    "who am I chatting with",
+    "do you have a name",
+    "what do people call you",
+    "are you ChatGPT",
+    "who made you and what are you called",
+    "what AI is this",
+    "identify yourself",
+    "what's your model name",
+    "may I know your name",
+    "who is this",
+    "what are you called",
+    "are you a person",
+    "what kind of assistant are you",
+    "state your name",
+    "can you tell me who you are",
+    "what name were you given",
+    "who am I speaking to",
+]
+IDENTITY_OPENERS = [
+    "",
+    "hi! ",
+    "hello, ",
+    "hey there. ",
+    "excuse me, ",
+    "quick question: ",
+    "good morning! ",
+    "sorry to bother you, ",
+    "ok so ",
+    "um, ",
+]
+IDENTITY_ANSWERS = [
+    "I'm {name}, a small language model trained from scratch.",
+    "My name is {name}. I'm a compact chat model.",
+    "I am {name}, a tiny assistant trained end to end on a small budget.",
+    "You're talking to {name}, a small open chat model.",
+    "People call me {name}. I'm a language model here to help.",
+]
 
 
 def identity_sets(name: str, n_train: int, n_test: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
@@ -156,7 +247,10 @@ def identity_sets(name: str, n_train: int, n_test: int, rng: random.Random) -> t
 
     def row(question: str) -> dict:
         answer = rng.choice(IDENTITY_ANSWERS).format(name=name)
-        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], "expected": name}
+        return {
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "expected": name,
+        }
 
     test = [row(q) for q in wordings[:n_test]]
     train = [row(q) for q in wordings[n_test : n_test + n_train]]
@@ -173,8 +267,11 @@ def _sections(docs: list[str]) -> list[tuple[str, str]]:
                 continue
             title = next((line for line in paragraph.splitlines() if line.strip() and not HEADING_RE.match(line)), "")
             topic = re.sub(r":[a-z]+:|[`*]", "", title).strip(" -=")
-            prose = [p for p in parts[i + 1 :] if not p.startswith((" ", "..", ">>>", "*", "-", "+", "=", ":"))
-                     and not is_heading(p) and len(p) > 80]
+            prose = [
+                p
+                for p in parts[i + 1 :]
+                if not p.startswith((" ", "..", ">>>", "*", "-", "+", "=", ":")) and not is_heading(p) and len(p) > 80
+            ]
             if 3 <= len(topic) < 80 and prose:
                 pairs.append((topic, prose[0][:700]))
             break
@@ -188,10 +285,16 @@ def smoltalk_conversation(rng: random.Random, sections: list[tuple[str, str]]) -
         messages = [{"role": "user", "content": ask.format(t=topic)}, {"role": "assistant", "content": prose}]
         if rng.random() < 0.3:
             first = SENTENCE_RE.split(prose)[0]
-            messages += [{"role": "user", "content": "Summarize that in one sentence."}, {"role": "assistant", "content": first}]
+            messages += [
+                {"role": "user", "content": "Summarize that in one sentence."},
+                {"role": "assistant", "content": first},
+            ]
     else:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
-        messages = [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+        messages = [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]
     if rng.random() < 0.2:
         messages.insert(0, {"role": "system", "content": "You are a helpful assistant."})
     return {"messages": messages}
@@ -199,8 +302,14 @@ def smoltalk_conversation(rng: random.Random, sections: list[tuple[str, str]]) -
 
 def core_bundle(folder: Path, val_docs: list[str], n: int, rng: random.Random) -> None:
     """A CORE-format bundle with one task of each type, from held-out (validation) text."""
-    sentences = [s.strip() for d in val_docs for p in paragraphs(d) if not p.startswith((" ", "..", ">>>"))
-                 for s in SENTENCE_RE.split(p.replace("\n", " ")) if 40 <= len(s.strip()) <= 200 and s.strip().endswith(".")]
+    sentences = [
+        s.strip()
+        for d in val_docs
+        for p in paragraphs(d)
+        if not p.startswith((" ", "..", ">>>"))
+        for s in SENTENCE_RE.split(p.replace("\n", " "))
+        if 40 <= len(s.strip()) <= 200 and s.strip().endswith(".")
+    ]
     if len(sentences) < n + 1:
         raise ValueError(f"validation text has {len(sentences)} usable sentences; the CORE bundle needs {n + 1}")
     rng.shuffle(sentences)
@@ -223,17 +332,30 @@ def core_bundle(folder: Path, val_docs: list[str], n: int, rng: random.Random) -
         a, b = rng.randint(1, 50), rng.randint(1, 50)
         choices = [a + b] + _distractors(a + b, rng)
         rng.shuffle(choices)
-        mc.append({"query": f"Question: What is {a} plus {b}?\nAnswer:", "choices": [str(c) for c in choices], "gold": choices.index(a + b)})
+        mc.append(
+            {
+                "query": f"Question: What is {a} plus {b}?\nAnswer:",
+                "choices": [str(c) for c in choices],
+                "gold": choices.index(a + b),
+            }
+        )
     data = folder / "eval_data"
     data.mkdir(parents=True)
-    tasks = [("docs_lm", "docs_lm.jsonl", "language_modeling", 2, lm, 0.0),
-             ("docs_schema", "docs_schema.jsonl", "schema", 1, schema, 50.0),
-             ("arithmetic_mc", "arithmetic_mc.jsonl", "multiple_choice", 3, mc, 25.0)]
+    tasks = [
+        ("docs_lm", "docs_lm.jsonl", "language_modeling", 2, lm, 0.0),
+        ("docs_schema", "docs_schema.jsonl", "schema", 1, schema, 50.0),
+        ("arithmetic_mc", "arithmetic_mc.jsonl", "multiple_choice", 3, mc, 25.0),
+    ]
     lines = ["icl_tasks:"]
     for label, uri, kind, shots, items, _ in tasks:
         (data / uri).write_text("".join(json.dumps(it) + "\n" for it in items))
-        lines += [f"- label: {label}", f"  dataset_uri: {uri}", f"  num_fewshot: [{shots}]",
-                  f"  icl_task_type: {kind}", "  continuation_delimiter: ' '"]
+        lines += [
+            f"- label: {label}",
+            f"  dataset_uri: {uri}",
+            f"  num_fewshot: [{shots}]",
+            f"  icl_task_type: {kind}",
+            "  continuation_delimiter: ' '",
+        ]
     (folder / "core.yaml").write_text("\n".join(lines) + "\n")
     meta = ["Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?"]
     meta += [f"{label},tiny,{kind},{shots},{len(items)},{rb},yes" for label, _, kind, shots, items, rb in tasks]
@@ -265,26 +387,33 @@ def write_tasks(folder: Path, docs: list[str], options: MakeDataOptions, seed: i
 
     sections = _sections(docs)
     rng = random.Random(seed + 1)
-    chats = _unique(lambda r: smoltalk_conversation(r, sections), lambda c: json.dumps(c), o.chat_train + o.chat_test, rng)
-    put("HuggingFaceTB/smol-smoltalk", "data", "train", chats[o.chat_test:])
+    chats = _unique(
+        lambda r: smoltalk_conversation(r, sections), lambda c: json.dumps(c), o.chat_train + o.chat_test, rng
+    )
+    put("HuggingFaceTB/smol-smoltalk", "data", "train", chats[o.chat_test :])
     put("HuggingFaceTB/smol-smoltalk", "data", "test", chats[: o.chat_test])
 
     math = _unique(gsm8k_problem, lambda p: p["question"], o.math_train + o.math_test, random.Random(seed + 2))
-    put("openai/gsm8k", "main", "train", math[o.math_test:])
+    put("openai/gsm8k", "main", "train", math[o.math_test :])
     put("openai/gsm8k", "main", "test", math[: o.math_test])
 
     for offset, subset in ((3, "ARC-Easy"), (4, "ARC-Challenge")):
         r = random.Random(seed + offset)
         challenge = subset == "ARC-Challenge"
-        rows = _unique(lambda rr: arc_question(rr, challenge, 0), lambda q: q["question"], o.mc_train + o.mc_test, r)
+        rows = _unique(
+            lambda rr, challenge=challenge: arc_question(rr, challenge, 0),
+            lambda q: q["question"],
+            o.mc_train + o.mc_test,
+            r,
+        )
         for i, row in enumerate(rows):
             row["id"] = row["id"].rsplit("_", 1)[0] + f"_{i:05d}"
-        put("allenai/ai2_arc", subset, "train", rows[o.mc_test:])
+        put("allenai/ai2_arc", subset, "train", rows[o.mc_test :])
         put("allenai/ai2_arc", subset, "test", rows[: o.mc_test])
 
     mmlu = _unique(mmlu_question, lambda q: q["question"], o.mc_train + o.mc_test, random.Random(seed + 5))
     put("cais/mmlu", "all", "test", mmlu[: o.mc_test])
-    put("cais/mmlu", "auxiliary_train", "train", [{"train": row} for row in mmlu[o.mc_test:]])
+    put("cais/mmlu", "auxiliary_train", "train", [{"train": row} for row in mmlu[o.mc_test :]])
 
     r = random.Random(seed + 6)
     put("openai/openai_humaneval", "openai_humaneval", "test", [humaneval_problem(r, i) for i in range(20)])
@@ -294,8 +423,9 @@ def write_tasks(folder: Path, docs: list[str], options: MakeDataOptions, seed: i
 
 
 def write_identity(folder: Path, options: MakeDataOptions, seed: int) -> dict[str, int]:
-    train, test = identity_sets(options.model_name, options.identity_train, options.identity_test, random.Random(seed + 7))
+    train, test = identity_sets(
+        options.model_name, options.identity_train, options.identity_test, random.Random(seed + 7)
+    )
     _write_jsonl(folder / "tasks" / "identity" / "train.jsonl", train)
     _write_jsonl(folder / "tasks" / "identity" / "test.jsonl", test)
     return {"identity/train": len(train), "identity/test": len(test)}
-

@@ -287,8 +287,7 @@ def _assistant_parts(content: str | list[dict[str, Any]]) -> list[dict[str, str]
             raise ConversationError(f"assistant part {part!r} needs a string 'text'")
         if part.get("type") not in ("text", "python", "python_output"):
             raise ConversationError(
-                f"unknown assistant part type {part.get('type')!r}; "
-                "expected 'text', 'python' or 'python_output'"
+                f"unknown assistant part type {part.get('type')!r}; expected 'text', 'python' or 'python_output'"
             )
     return content
 

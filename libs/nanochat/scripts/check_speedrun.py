@@ -35,22 +35,45 @@ def check(run: Path) -> list[tuple[str, str, str, bool]]:
     log = (run / "log.txt").read_text()
     metrics = json.loads((run / "base" / "meta.json").read_text())["metrics"]
     step0, final = metrics["val_bpb_step0"], metrics["val_bpb"]
-    rows = [("base val bpb, end / step 0", f"{final:.3f} / {step0:.3f} = {final / step0:.3f}x",
-             f"<= {BPB_RATIO}x", final <= BPB_RATIO * step0)]
+    rows = [
+        (
+            "base val bpb, end / step 0",
+            f"{final:.3f} / {step0:.3f} = {final / step0:.3f}x",
+            f"<= {BPB_RATIO}x",
+            final <= BPB_RATIO * step0,
+        )
+    ]
     scores = identity_scores(log)
     if len(scores) < 2:
         rows.append(("identity accuracy", f"{len(scores)} chat_eval results in the log", "mid and sft", False))
     else:
         (mid_c, mid_n), (sft_c, sft_n) = scores[0], scores[1]
-        rows.append(("sft identity accuracy", f"{sft_c}/{sft_n} = {sft_c / sft_n:.2f}",
-                     f">= {IDENTITY_MIN:.2f} of >= {IDENTITY_ITEMS}",
-                     sft_n >= IDENTITY_ITEMS and sft_c / sft_n >= IDENTITY_MIN))
-        rows.append(("mid identity accuracy", f"{mid_c}/{mid_n} = {mid_c / mid_n:.2f}", "below sft",
-                     mid_c / mid_n < sft_c / sft_n))
+        rows.append(
+            (
+                "sft identity accuracy",
+                f"{sft_c}/{sft_n} = {sft_c / sft_n:.2f}",
+                f">= {IDENTITY_MIN:.2f} of >= {IDENTITY_ITEMS}",
+                sft_n >= IDENTITY_ITEMS and sft_c / sft_n >= IDENTITY_MIN,
+            )
+        )
+        rows.append(
+            (
+                "mid identity accuracy",
+                f"{mid_c}/{mid_n} = {mid_c / mid_n:.2f}",
+                "below sft",
+                mid_c / mid_n < sft_c / sft_n,
+            )
+        )
     times = stage_times(log)
     total = sum(t for _, t in times)
-    rows.append(("wall time of every stage", f"{total} s ({len(times)} stages)", f"< {BUDGET_S} s",
-                 total < BUDGET_S and len(times) == 13))
+    rows.append(
+        (
+            "wall time of every stage",
+            f"{total} s ({len(times)} stages)",
+            f"< {BUDGET_S} s",
+            total < BUDGET_S and len(times) == 13,
+        )
+    )
     return rows
 
 

@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from nanochat import optim
 from nanochat.checkpoint import save_checkpoint
 from nanochat.common import compute_cleanup, compute_init
 from nanochat.gpt import GPT, GPTConfig
+from safetensors.torch import save_file
 
 STEPS = 5
 GLOBAL_BATCH = 4
@@ -53,7 +52,7 @@ def train(rank: int, world: int, accumulate: int) -> tuple[GPT, list, list[float
     for x, y in batches():
         for k in range(accumulate):
             start = (rank * accumulate + k) * per_micro
-            loss = model(x[start:start + per_micro], y[start:start + per_micro])
+            loss = model(x[start : start + per_micro], y[start : start + per_micro])
             (loss / accumulate).backward()
         norms.append(optim.step(optimizers, grad_clip=GRAD_CLIP))
         model.zero_grad(set_to_none=True)
@@ -65,8 +64,7 @@ def main() -> None:
     compute = compute_init(device="cpu")
     model, optimizers, norms = train(compute.rank, compute.world_size, accumulate=1)
     # Collective: every rank's optimizer shard lands in one folder.
-    save_checkpoint(out / "ckpt", model, meta={"step": STEPS}, optimizers=optimizers,
-                    rank_state={"rank": compute.rank})
+    save_checkpoint(out / "ckpt", model, meta={"step": STEPS}, optimizers=optimizers, rank_state={"rank": compute.rank})
     if compute.is_master:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
         (out / "norms.json").write_text(json.dumps(norms))

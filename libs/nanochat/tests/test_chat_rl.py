@@ -6,10 +6,17 @@ import contextlib
 
 import pytest
 import torch
-
 from nanochat.engine import row_seed
-from nanochat.stages.chat_rl import (EVAL_TEMPERATURE, evaluate_pass_at_k, pass_at_k_counts, pass_at_k_metrics,
-                                     pass_loss, policy_gradient_backward, sample_rows, training_rows)
+from nanochat.stages.chat_rl import (
+    EVAL_TEMPERATURE,
+    evaluate_pass_at_k,
+    pass_at_k_counts,
+    pass_at_k_metrics,
+    pass_loss,
+    policy_gradient_backward,
+    sample_rows,
+    training_rows,
+)
 from nanochat.stages.options import ChatRlOptions
 
 PAD = 9
@@ -53,8 +60,16 @@ def _backward(batch_size: int, questions: int) -> tuple[float, float, list[int]]
     # Row 0: 1 trained target, advantage +1. Row 1: 3 trained targets, advantage -0.5.
     targets = torch.tensor([[4, -1, -1], [4, 4, 4]])
     model = CountingModel()
-    loss = policy_gradient_backward(model, torch.zeros_like(targets), targets, torch.tensor([1.0, -0.5]),
-                                    batch_size, questions, torch.device("cpu"), contextlib.nullcontext())
+    loss = policy_gradient_backward(
+        model,
+        torch.zeros_like(targets),
+        targets,
+        torch.tensor([1.0, -0.5]),
+        batch_size,
+        questions,
+        torch.device("cpu"),
+        contextlib.nullcontext(),
+    )
     return loss, float(model.w.grad), model.rows
 
 
@@ -87,20 +102,32 @@ class FakeEngine:
         self.calls: list[dict] = []
         self.made: dict[int, int] = {}
 
-    def generate_batch(self, prompt: list[int], num_samples: int, max_tokens: int, temperature: float,
-                       top_k: int | None, seed: int) -> tuple[list[list[int]], list[list[int]]]:
-        self.calls.append({"prompt": prompt, "rows": num_samples, "seed": seed, "temperature": temperature,
-                           "top_k": top_k, "max_tokens": max_tokens})
+    def generate_batch(
+        self, prompt: list[int], num_samples: int, max_tokens: int, temperature: float, top_k: int | None, seed: int
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        self.calls.append(
+            {
+                "prompt": prompt,
+                "rows": num_samples,
+                "seed": seed,
+                "temperature": temperature,
+                "top_k": top_k,
+                "max_tokens": max_tokens,
+            }
+        )
         first = self.made.get(prompt[1], 0)
         self.made[prompt[1]] = first + num_samples
-        return ([prompt + [100 * prompt[1] + j] for j in range(first, first + num_samples)],
-                [[0, 0, 1] for _ in range(num_samples)])
+        return (
+            [prompt + [100 * prompt[1] + j] for j in range(first, first + num_samples)],
+            [[0, 0, 1] for _ in range(num_samples)],
+        )
 
 
 def test_sampling_runs_at_most_device_batch_size_rows_per_engine_batch():
     engine = FakeEngine()
-    sequences, masks = sample_rows(engine, [1, 3], count=10, batch_size=4, max_tokens=7, temperature=0.5,
-                                   top_k=50, seed=11)
+    sequences, masks = sample_rows(
+        engine, [1, 3], count=10, batch_size=4, max_tokens=7, temperature=0.5, top_k=50, seed=11
+    )
     assert [c["rows"] for c in engine.calls] == [4, 4, 2]
     assert [s[-1] for s in sequences] == [300 + j for j in range(10)] and len(masks) == 10
     # Each engine batch has its own seed (one seed for all would repeat the first batch's samples).
@@ -137,8 +164,9 @@ class FakeTest:
 
 
 def test_pass_at_k_samples_at_temperature_1_over_the_first_eval_examples():
-    options = ChatRlOptions(eval_examples=4, eval_samples=3, device_batch_size=2, max_new_tokens=5, top_k=50,
-                            temperature=0.3, seed=1)
+    options = ChatRlOptions(
+        eval_examples=4, eval_samples=3, device_batch_size=2, max_new_tokens=5, top_k=50, temperature=0.3, seed=1
+    )
     engine = FakeEngine()
     metrics = evaluate_pass_at_k(engine, FakeTest(), options, rank=0, world=1)
     # Questions 0..3 (question 4 is past eval_examples): pass@1 right only on question 1; pass@2

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nanochat import optim
 from nanochat.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
-from nanochat_contracts.manifest import ManifestError
 from nanochat.tokenizer import Tokenizer
+from nanochat_contracts.manifest import ManifestError
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Numbers 12 345 6789 and symbols !?" * 20
 
@@ -44,8 +43,14 @@ def test_round_trip_keeps_weights_tokenizer_and_meta(tmp_path: Path, tokenizer: 
     meta = {"stage": "base", "step": 7, "metrics": {"val_bpb": 1.5}}
     out = save_checkpoint(tmp_path / "ckpt", model, tokenizer, meta)
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == ["config.json", "manifest.json", "meta.json", "model.safetensors",
-                     "tokenizer/ranks.tiktoken", "tokenizer/tokenizer.json"]
+    assert names == [
+        "config.json",
+        "manifest.json",
+        "meta.json",
+        "model.safetensors",
+        "tokenizer/ranks.tiktoken",
+        "tokenizer/tokenizer.json",
+    ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["files"]) == set(names) - {"manifest.json"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
@@ -112,8 +117,9 @@ def test_resume_continues_exactly(tmp_path: Path, tokenizer: Tokenizer):
     model = small_model(tokenizer.vocab_size)
     optimizers = model.setup_optimizers(ns_dtype=torch.float32)
     train_steps(model, optimizers, 2, seed=1)
-    save_checkpoint(tmp_path / "ckpt", model, tokenizer, {"step": 2}, optimizers,
-                    rank_state={"step": 2, "loader": [0, 3]})
+    save_checkpoint(
+        tmp_path / "ckpt", model, tokenizer, {"step": 2}, optimizers, rank_state={"step": 2, "loader": [0, 3]}
+    )
     train_steps(model, optimizers, 2, seed=2)
 
     ckpt = load_checkpoint(tmp_path / "ckpt")

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.stages.train_loop import CPU_COMPILE_GAIN, CPU_COMPILE_SECONDS, TrainingForward
 
@@ -23,12 +22,15 @@ def test_the_constants_are_the_documented_ones():
     assert (CPU_COMPILE_GAIN, CPU_COMPILE_SECONDS) == (0.2, 60.0)
 
 
-@pytest.mark.parametrize("step_seconds, remaining, compiled", [
-    (1.0, 301, True),    # saves 0.2 * 1.0 * 301 = 60.2 s > 60 s of compiling
-    (1.0, 299, False),   # 59.8 s < 60 s: no win
-    (0.05, 5000, False),  # 0.2 * 0.05 * 5000 = 50 s
-    (0.5, 1000, True),   # 100 s
-])
+@pytest.mark.parametrize(
+    "step_seconds, remaining, compiled",
+    [
+        (1.0, 301, True),  # saves 0.2 * 1.0 * 301 = 60.2 s > 60 s of compiling
+        (1.0, 299, False),  # 59.8 s < 60 s: no win
+        (0.05, 5000, False),  # 0.2 * 0.05 * 5000 = 50 s
+        (0.5, 1000, True),  # 100 s
+    ],
+)
 def test_auto_on_cpu_compiles_only_when_the_rest_of_the_run_wins_it_back(step_seconds, remaining, compiled):
     forward = TrainingForward(small_model(), "auto", CPU)
     forward.after_step(100.0, 10**6)  # the first step's time (warm-up included) decides nothing

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from nanochat.common import Compute
 from nanochat.core_eval import build_prompts, centered, evaluate_core, evaluate_task, load_bundle
 from nanochat.gpt import GPT, GPTConfig
@@ -23,7 +22,12 @@ def make_bundle(root, tasks):
     meta = ["Eval Task,Random baseline"]
     for label, kind, shots, items, rb in tasks:
         (root / "eval_data" / f"{label}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-        lines += [f"- label: {label}", f"  dataset_uri: {label}.jsonl", f"  num_fewshot: [{shots}, 5]", f"  icl_task_type: {kind}"]
+        lines += [
+            f"- label: {label}",
+            f"  dataset_uri: {label}.jsonl",
+            f"  num_fewshot: [{shots}, 5]",
+            f"  icl_task_type: {kind}",
+        ]
         meta.append(f"{label},{rb}")
     (root / "core.yaml").write_text("\n".join(lines) + "\n")
     (root / "eval_meta_data.csv").write_text("\n".join(meta) + "\n")
@@ -31,6 +35,7 @@ def make_bundle(root, tasks):
 
 def rule_scorer(bad: bytes = b"", calls=None):
     """Loss 5 on target bytes in `bad`, else 0; greedy predictions are right except on `bad` bytes."""
+
     def score(seqs):
         if calls is not None:
             calls.extend(seqs)
@@ -40,6 +45,7 @@ def rule_scorer(bad: bytes = b"", calls=None):
             preds = [(t + 1) % 256 if t in bad else t for t in s[1:]]
             out.append((losses, preds))
         return out
+
     return score
 
 
@@ -49,11 +55,20 @@ LM = [{"context": f"Say {i}", "continuation": "ok" if i < 3 else "zz"} for i in 
 
 
 def test_bundle_format_and_scores(tmp_path):
-    make_bundle(tmp_path, [("mc", "multiple_choice", 2, MC, 50.0), ("schema", "schema", 1, SCHEMA, 50),
-                           ("lm", "language_modeling", 0, LM, 0)])
+    make_bundle(
+        tmp_path,
+        [
+            ("mc", "multiple_choice", 2, MC, 50.0),
+            ("schema", "schema", 1, SCHEMA, 50),
+            ("lm", "language_modeling", 0, LM, 0),
+        ],
+    )
     tasks = load_bundle(tmp_path)
-    assert [(t.label, t.num_fewshot, t.delimiter, t.random_baseline) for t in tasks] == \
-        [("mc", 2, " ", 50.0), ("schema", 1, " ", 50.0), ("lm", 0, " ", 0.0)]
+    assert [(t.label, t.num_fewshot, t.delimiter, t.random_baseline) for t in tasks] == [
+        ("mc", 2, " ", 50.0),
+        ("schema", 1, " ", 50.0),
+        ("lm", 0, " ", 0.0),
+    ]
     # 'w' costs: "right" wins, so gold 0 items are right; 'w' in "wild" costs: "calm sea then" wins.
     results = evaluate_core(tmp_path, TOK, rule_scorer(bad=b"wz"))
     assert results["tasks"]["mc"]["accuracy"] == 0.5 and results["tasks"]["schema"]["accuracy"] == 0.5
@@ -92,12 +107,16 @@ def test_fewshot_is_drawn_from_the_capped_shuffled_items(tmp_path):
 
 
 def test_language_modeling_prompts_strip_contexts_and_the_prompt_without_continuation():
-    assert build_prompts({"context": "The sky is", "continuation": "blue"}, "language_modeling", " ", []) == \
-        ["The sky is", "The sky is blue"]
+    assert build_prompts({"context": "The sky is", "continuation": "blue"}, "language_modeling", " ", []) == [
+        "The sky is",
+        "The sky is blue",
+    ]
     shot = {"context": "\n Grass is \t", "continuation": "green"}
     item = {"context": "  The sky is \n", "continuation": "blue"}
-    assert build_prompts(item, "language_modeling", " ", [shot]) == \
-        ["Grass is green\n\nThe sky is", "Grass is green\n\nThe sky is blue"]
+    assert build_prompts(item, "language_modeling", " ", [shot]) == [
+        "Grass is green\n\nThe sky is",
+        "Grass is green\n\nThe sky is blue",
+    ]
     # A newline delimiter goes too from the prompt without continuation, but stays before it.
     assert build_prompts(item, "language_modeling", "\n", []) == ["The sky is", "The sky is\nblue"]
 

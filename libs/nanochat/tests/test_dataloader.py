@@ -6,8 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from nanochat.dataloader import SFTLoader, ConversationLoader, pretrain_loader
+from nanochat.dataloader import ConversationLoader, SFTLoader, pretrain_loader
 from nanochat.dataset import shard_name
 from nanochat.tokenizer import Tokenizer
 
@@ -94,8 +93,16 @@ def test_midtraining_cuts_each_conversation_at_2048_tokens():
     short = {"messages": [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a"}]}
     special = TOK.encode_special
     kept_long = [BOS, special("<|user_start|>")] + [ord("u")] * 2046  # 2,048 tokens
-    whole_short = [BOS, special("<|user_start|>"), ord("q"), ord("0"), special("<|user_end|>"),
-                   special("<|assistant_start|>"), ord("a"), special("<|assistant_end|>")]
+    whole_short = [
+        BOS,
+        special("<|user_start|>"),
+        ord("q"),
+        ord("0"),
+        special("<|user_end|>"),
+        special("<|assistant_start|>"),
+        ord("a"),
+        special("<|assistant_end|>"),
+    ]
     stream = kept_long + whole_short  # 2,056 tokens: one batch of B=1, T=2,055
     batches = list(ConversationLoader(TOK, [long, short], 1, len(stream) - 1))
     assert len(batches) == 1

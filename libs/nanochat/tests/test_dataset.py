@@ -6,7 +6,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from nanochat.dataset import BASE_URL, download_shards, iter_documents, iter_row_groups, shard_name, split_shards
 
 

@@ -7,7 +7,6 @@ to two conversations that call the calculator.
 
 import pytest
 import torch
-
 from nanochat import engine as engine_module
 from nanochat.calculator import calculate
 from nanochat.engine import Engine, SamplingParams, sample_token
@@ -80,7 +79,7 @@ def test_greedy_matches_no_cache_reference(engine, tok, monkeypatch, chunk):
     for prompt, seq, mask in zip(prompts, sequences, masks):
         assert seq == reference_greedy(engine, prompt, 24)
         assert mask == [0] * len(prompt) + [1] * (len(seq) - len(prompt))
-    continuations = {tuple(seq[len(p):]) for p, seq in zip(prompts, sequences)}
+    continuations = {tuple(seq[len(p) :]) for p, seq in zip(prompts, sequences)}
     assert len(continuations) == len(prompts)
 
 
@@ -159,8 +158,8 @@ def test_stream_columns_match_generate_batch(engine, tok):
                 streamed[i].append((t, m))
             finished[i] = finished[i] or len(streamed[i]) == 16
     for prompt, seq, mask, got in zip(prompts, sequences, masks, streamed):
-        assert seq[len(prompt):] == [t for t, _ in got]
-        assert mask[len(prompt):] == [m for _, m in got]
+        assert seq[len(prompt) :] == [t for t, _ in got]
+        assert mask[len(prompt) :] == [m for _, m in got]
 
 
 @pytest.mark.parametrize("stop", ["<|assistant_end|>", "<|bos|>"])
@@ -188,7 +187,7 @@ def test_rows_stop_at_either_stop_token(tok, stop):
     calls["n"] = 0
     sequences, _ = eng.generate_batch(prompts, max_tokens=20, temperature=0.0)
     for i, (prompt, seq) in enumerate(zip(prompts, sequences)):
-        assert seq[len(prompt):] == [column[i] for column in free]
+        assert seq[len(prompt) :] == [column[i] for column in free]
 
 
 def test_sampling_filters():
@@ -246,14 +245,19 @@ def test_bad_input_is_a_clear_error(engine, tok):
 
 
 def tool_conversation(question: str, expr: str, output: str, answer: str) -> dict:
-    return {"messages": [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": [
-            {"type": "python", "text": expr},
-            {"type": "python_output", "text": output},
-            {"type": "text", "text": answer},
-        ]},
-    ]}
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "python", "text": expr},
+                    {"type": "python_output", "text": output},
+                    {"type": "text", "text": answer},
+                ],
+            },
+        ]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -283,13 +287,13 @@ def tool_engine(tok: Tokenizer) -> Engine:
 def test_calculator_result_is_forced_and_masked(tool_engine, tok):
     prompt = tok.render_for_completion(tool_conversation("What is 7*3?", "", "", "")["messages"][:1])
     sequences, masks = tool_engine.generate_batch(prompt, max_tokens=30, temperature=0.0)
-    out, mask = sequences[0][len(prompt):], masks[0][len(prompt):]
+    out, mask = sequences[0][len(prompt) :], masks[0][len(prompt) :]
     sp = tok.encode_special
     code = [sp("<|python_start|>")] + tok.encode("7*3") + [sp("<|python_end|>")]
     forced = [sp("<|output_start|>")] + tok.encode("21") + [sp("<|output_end|>")]
-    assert out[:len(code)] == code and mask[:len(code)] == [1] * len(code)
-    assert out[len(code):len(code) + len(forced)] == forced
-    assert mask[len(code):len(code) + len(forced)] == [0] * len(forced)
+    assert out[: len(code)] == code and mask[: len(code)] == [1] * len(code)
+    assert out[len(code) : len(code) + len(forced)] == forced
+    assert mask[len(code) : len(code) + len(forced)] == [0] * len(forced)
     # After the block the tiny overfit model may write anything (it was trained on "99", not "21"):
     # another call, or an output block of its own. Replaying the tool rules over what it wrote, the
     # tokens forced after each complete call are exactly the calculator's block with mask 0, and
@@ -304,8 +308,8 @@ def test_calculator_result_is_forced_and_masked(tool_engine, tok):
             in_python = False
             result = calculate(tok.decode(expr))
             if result is not None:
-                block = ([sp("<|output_start|>")] + tok.encode(result) + [sp("<|output_end|>")])[:len(out) - i - 1]
-                assert out[i + 1:i + 1 + len(block)] == block, tok.decode(out)
+                block = ([sp("<|output_start|>")] + tok.encode(result) + [sp("<|output_end|>")])[: len(out) - i - 1]
+                assert out[i + 1 : i + 1 + len(block)] == block, tok.decode(out)
                 expected += [0] * len(block)
                 i += len(block)
         elif in_python:
@@ -318,7 +322,7 @@ def test_calculator_result_is_forced_and_masked(tool_engine, tok):
 def test_failed_calculation_forces_nothing(tool_engine, tok):
     prompt = tok.render_for_completion(tool_conversation("What is 6/0?", "", "", "")["messages"][:1])
     sequences, masks = tool_engine.generate_batch(prompt, max_tokens=30, temperature=0.0)
-    out, mask = sequences[0][len(prompt):], masks[0][len(prompt):]
+    out, mask = sequences[0][len(prompt) :], masks[0][len(prompt) :]
     # The model writes its own (trained, wrong) output block, all sampled: mask 1 throughout.
     assert tok.decode(out).startswith("<|python_start|>6/0<|python_end|><|output_start|>oops")
     assert mask == [1] * len(out)

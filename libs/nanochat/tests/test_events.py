@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from nanochat.stages.events import EventEmitter
 from nanochat_contracts.events import Finished, Progress, parse_event_line, parse_events
 
@@ -41,8 +40,14 @@ def test_only_rank_zero_emits(monkeypatch):
 
 
 def test_parser_skips_noise_and_invalid_events():
-    lines = ["warning: something", "", "{not json", json.dumps({"type": "progress", "stage": "s"}),
-             json.dumps({"type": "teleport", "stage": "s"}), json.dumps({"type": "progress", "stage": "s", "step": 3})]
+    lines = [
+        "warning: something",
+        "",
+        "{not json",
+        json.dumps({"type": "progress", "stage": "s"}),
+        json.dumps({"type": "teleport", "stage": "s"}),
+        json.dumps({"type": "progress", "stage": "s", "step": 3}),
+    ]
     assert parse_event_line(lines[0]) is None
     events = list(parse_events(lines))
     assert len(events) == 1 and events[0].step == 3
@@ -58,10 +63,41 @@ def _run(args, **kw):
 
 
 def test_real_stage_stream_ends_with_finished_and_failure_with_error(tmp_path):
-    ok = _run(["nanochat.stages.make_data", "--data-dir", str(tmp_path / "d"), "--job-id", "j1",
-               "--input-version", "seed:1", "--source", "synthetic", "--synthetic-docs", "1500", "--val-docs", "200",
-               "--chat-train", "50", "--chat-test", "10", "--math-train", "50", "--math-test", "10", "--mc-train", "40",
-               "--mc-test", "10", "--identity-train", "20", "--identity-test", "10", "--core-items", "10"])
+    ok = _run(
+        [
+            "nanochat.stages.make_data",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--job-id",
+            "j1",
+            "--input-version",
+            "seed:1",
+            "--source",
+            "synthetic",
+            "--synthetic-docs",
+            "1500",
+            "--val-docs",
+            "200",
+            "--chat-train",
+            "50",
+            "--chat-test",
+            "10",
+            "--math-train",
+            "50",
+            "--math-test",
+            "10",
+            "--mc-train",
+            "40",
+            "--mc-test",
+            "10",
+            "--identity-train",
+            "20",
+            "--identity-test",
+            "10",
+            "--core-items",
+            "10",
+        ]
+    )
     assert ok.returncode == 0, ok.stderr
     events = list(parse_events(ok.stdout.splitlines()))
     assert events[0].type == "started" and events[-1].type == "finished"
@@ -74,9 +110,22 @@ def test_real_stage_stream_ends_with_finished_and_failure_with_error(tmp_path):
 
 def test_sigterm_ends_with_error_and_leaves_no_half_folder(tmp_path):
     data = tmp_path / "d"
-    proc = subprocess.Popen([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(data),
-                             "--source", "synthetic", "--synthetic-docs", "3000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanochat.stages.make_data",
+            "--data-dir",
+            str(data),
+            "--source",
+            "synthetic",
+            "--synthetic-docs",
+            "3000000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     first = proc.stdout.readline()
     assert json.loads(first)["type"] == "started"
     time.sleep(1.0)

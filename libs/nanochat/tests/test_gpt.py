@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nanochat.gpt import GPT, GPTConfig, KVCache, padded_vocab_size
 
 

@@ -20,16 +20,22 @@ def test_code_is_the_first_fenced_block_stripped():
 
 
 def test_imports_are_the_prompts_leading_ones():
-    prompt = ("import math\n# a helper below\n\n  from typing import List\n\n\ndef f(xs: List[int]) -> int:\n"
-              "    import os\n    \"\"\"Doc.\"\"\"\n")
+    prompt = (
+        "import math\n# a helper below\n\n  from typing import List\n\n\ndef f(xs: List[int]) -> int:\n"
+        '    import os\n    """Doc."""\n'
+    )
     assert imports_of(prompt) == "import math\nfrom typing import List"
     assert imports_of("def f():\n    pass\nimport os\n") == ""
 
 
 def test_the_first_block_is_graded_with_the_prompts_imports(tmp_path):
-    row = {"task_id": "HumanEval/0", "prompt": "from typing import List\n\ndef total(xs: List[int]) -> int:\n",
-           "canonical_solution": "    return sum(xs)\n", "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n",
-           "entry_point": "total"}
+    row = {
+        "task_id": "HumanEval/0",
+        "prompt": "from typing import List\n\ndef total(xs: List[int]) -> int:\n",
+        "canonical_solution": "    return sum(xs)\n",
+        "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n",
+        "entry_point": "total",
+    }
     folder = tmp_path / "tasks" / "openai/openai_humaneval" / "openai_humaneval"
     folder.mkdir(parents=True)
     (folder / "test.jsonl").write_text(json.dumps(row) + "\n")

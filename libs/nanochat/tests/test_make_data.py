@@ -11,10 +11,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
 import pytest
-
 from nanochat.core_eval import load_bundle
 from nanochat.dataset import list_shards, shard_name, split_shards
-from nanochat_contracts.events import parse_events
+from nanochat.real_data import REAL_TASK_SPLITS
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.customjson import IdentityTask
 from nanochat.tasks.gsm8k import GSM8K, extract_answer
@@ -22,16 +21,38 @@ from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.mixtures import mid_mixture, sft_mixture
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
-from nanochat.real_data import REAL_TASK_SPLITS
+from nanochat_contracts.events import parse_events
 
-SMALL = ["--chat-train", "200", "--chat-test", "20", "--math-train", "100", "--math-test", "20", "--mc-train", "100",
-         "--mc-test", "20", "--identity-train", "100", "--identity-test", "30", "--core-items", "20"]
+SMALL = [
+    "--chat-train",
+    "200",
+    "--chat-test",
+    "20",
+    "--math-train",
+    "100",
+    "--math-test",
+    "20",
+    "--mc-train",
+    "100",
+    "--mc-test",
+    "20",
+    "--identity-train",
+    "100",
+    "--identity-test",
+    "30",
+    "--core-items",
+    "20",
+]
 
 
 def make(data_dir, *extra):
     small = ["--identity-train", "100", "--identity-test", "30"] if "download" in extra else SMALL
-    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(data_dir), *small, *extra],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(data_dir), *small, *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return list(parse_events(proc.stdout.splitlines()))[-1]
 
@@ -113,15 +134,33 @@ def test_deterministic_given_seed_and_the_other_sources(tmp_path, data):
     make(tmp_path / "again")
     for name in ["shard_00000.parquet", "tasks/openai/gsm8k/main/train-00000-of-00001.parquet"]:
         assert pq.read_table(root / name).equals(pq.read_table(tmp_path / "again" / name))
-    assert (root / "tasks/identity/test.jsonl").read_text() == (tmp_path / "again/tasks/identity/test.jsonl").read_text()
+    assert (root / "tasks/identity/test.jsonl").read_text() == (
+        tmp_path / "again/tasks/identity/test.jsonl"
+    ).read_text()
     finished = make(tmp_path / "synthetic", "--source", "synthetic", "--synthetic-docs", "3000")
     assert finished.metrics["source"] == "synthetic" and finished.metrics["docs"] == 3000
     # The Debian docs are used only when asked for; when absent that is an error, never a silent fallback.
-    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(tmp_path / "docs"),
-                           "--source", "python-docs", "--docs-path", str(tmp_path / "absent")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanochat.stages.make_data",
+            "--data-dir",
+            str(tmp_path / "docs"),
+            "--source",
+            "python-docs",
+            "--docs-path",
+            str(tmp_path / "absent"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
-    assert f"no python-docs text files under {tmp_path / 'absent'}" in list(parse_events(proc.stdout.splitlines()))[-1].message
+    assert (
+        f"no python-docs text files under {tmp_path / 'absent'}"
+        in list(parse_events(proc.stdout.splitlines()))[-1].message
+    )
     other_seed = make(tmp_path / "seeded", "--source", "synthetic", "--synthetic-docs", "3000", "--seed", "7")
     assert other_seed.metrics["chars"] != finished.metrics["chars"]
 
@@ -154,8 +193,20 @@ def hub(tmp_path, data):
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
-    yield {"args": ["--source", "download", "--fineweb-url", f"{url}/fineweb", "--datasets-url", f"{url}/datasets",
-                    "--core-bundle-url", f"{url}/eval_bundle.zip"], "requests": requests, "site": site}
+    yield {
+        "args": [
+            "--source",
+            "download",
+            "--fineweb-url",
+            f"{url}/fineweb",
+            "--datasets-url",
+            f"{url}/datasets",
+            "--core-bundle-url",
+            f"{url}/eval_bundle.zip",
+        ],
+        "requests": requests,
+        "site": site,
+    }
     server.shutdown()
     server.server_close()
 
@@ -165,14 +216,18 @@ def test_download_source_fetches_the_real_layout_and_resumes(tmp_path, hub):
     finished = make(dest, *hub["args"], "--fineweb-shards", "2")
     assert finished.type == "finished" and finished.metrics["source"] == "download"
     # As the original's download: shards 0..N-1 and no other, the last of them the validation split.
-    assert sorted(r for r in hub["requests"] if "fineweb" in r) == [f"/fineweb/{shard_name(0)}", f"/fineweb/{shard_name(1)}"]
+    assert sorted(r for r in hub["requests"] if "fineweb" in r) == [
+        f"/fineweb/{shard_name(0)}",
+        f"/fineweb/{shard_name(1)}",
+    ]
     assert [p.name for p in list_shards(dest)] == [shard_name(0), shard_name(1)]
     assert [p.name for p in split_shards(dest, "train")] == [shard_name(0)]
     assert [p.name for p in split_shards(dest, "val")] == [shard_name(1)]
     for repo, config, split in REAL_TASK_SPLITS:
         name = f"{split}-00000-of-00001.parquet"
-        assert (dest / "tasks" / repo / config / name).read_bytes() == \
-            (hub["site"] / "datasets" / repo / "resolve" / "main" / config / name).read_bytes()
+        assert (dest / "tasks" / repo / config / name).read_bytes() == (
+            hub["site"] / "datasets" / repo / "resolve" / "main" / config / name
+        ).read_bytes()
     assert len(SmolTalk(dest, "train")) and len(GSM8K(dest, "test")) and len(MMLU(dest, "all", "test"))
     assert load_bundle(dest / "eval_bundle")
     assert len(IdentityTask(dest, "test")) == 30  # made here: the model's own name
@@ -181,15 +236,20 @@ def test_download_source_fetches_the_real_layout_and_resumes(tmp_path, hub):
     hub["requests"].clear()
     (hub["site"] / "fineweb" / shard_name(2)).write_bytes((hub["site"] / "fineweb" / shard_name(0)).read_bytes())
     make(dest, *hub["args"], "--fineweb-shards", "3")
-    assert [r for r in hub["requests"] if "fineweb" in r] and \
-        all(shard_name(2) in r for r in hub["requests"] if "fineweb" in r), hub["requests"]
+    assert [r for r in hub["requests"] if "fineweb" in r] and all(
+        shard_name(2) in r for r in hub["requests"] if "fineweb" in r
+    ), hub["requests"]
     assert [p.name for p in split_shards(dest, "val")] == [shard_name(2)]
     assert not any("eval_bundle" in r or "datasets" in r for r in hub["requests"]), hub["requests"]
 
 
 def test_download_refuses_to_mix_with_the_offline_data(data, hub):
     root, _ = data
-    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(root), *hub["args"]],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanochat.stages.make_data", "--data-dir", str(root), *hub["args"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "offline data" in list(parse_events(proc.stdout.splitlines()))[-1].message

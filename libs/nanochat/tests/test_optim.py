@@ -7,15 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_optim_run
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from nanochat import optim
 from nanochat.checkpoint import load_checkpoint, load_optimizer_state
 from nanochat.optim import AdamW, Muon, newton_schulz_dtype, zeropower_via_newtonschulz5
-
-import dist_optim_run
+from safetensors.torch import load_file
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])
@@ -61,8 +59,10 @@ def test_newton_schulz_equals_the_plain_iteration(shape):
     # Wide and tall fp32 matrices take the Gram form, square ones the plain one: both equal the
     # iteration as written, on random and on nearly low-rank (gradient-like) matrices.
     torch.manual_seed(0)
-    for G in (torch.randn(shape), torch.randn(*shape[:-1], 4) @ torch.randn(*shape[:-2], 4, shape[-1])
-              + 1e-3 * torch.randn(shape)):
+    for G in (
+        torch.randn(shape),
+        torch.randn(*shape[:-1], 4) @ torch.randn(*shape[:-2], 4, shape[-1]) + 1e-3 * torch.randn(shape),
+    ):
         got = zeropower_via_newtonschulz5(G, dtype=torch.float32)
         want = torch.stack([plain_newton_schulz(g) for g in G.reshape(-1, *G.shape[-2:])]).reshape(G.shape)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -82,12 +82,15 @@ def test_newton_schulz_dtype_choice(monkeypatch):
     assert newton_schulz_dtype("cuda") == torch.bfloat16
 
 
-@pytest.mark.parametrize("flags,expected", [
-    ({"avx2", "avx512f"}, torch.float32),          # no bf16 instructions: bf16 would be emulated, slowly
-    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
-    ({"avx2", "amx_tile", "amx_bf16"}, torch.bfloat16),
-    (set(), torch.float32),                        # no /proc/cpuinfo
-])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ({"avx2", "avx512f"}, torch.float32),  # no bf16 instructions: bf16 would be emulated, slowly
+        ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"avx2", "amx_tile", "amx_bf16"}, torch.bfloat16),
+        (set(), torch.float32),  # no /proc/cpuinfo
+    ],
+)
 def test_newton_schulz_dtype_follows_the_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.delenv("NANOCHAT_NS_DTYPE", raising=False)
     monkeypatch.setattr("nanochat.common.cpu_flags", lambda: flags)
@@ -117,8 +120,12 @@ def test_adamw_matches_torch_adamw():
     ours_p = [torch.randn(8, 4, requires_grad=True), torch.randn(16, requires_grad=True)]
     ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
     ours = AdamW([{"params": ours_p[:1], "lr": 0.01}, {"params": ours_p[1:], "lr": 0.2}], weight_decay=0.1)
-    ref = torch.optim.AdamW([{"params": ref_p[:1], "lr": 0.01}, {"params": ref_p[1:], "lr": 0.2}],
-                            betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    ref = torch.optim.AdamW(
+        [{"params": ref_p[:1], "lr": 0.01}, {"params": ref_p[1:], "lr": 0.2}],
+        betas=(0.8, 0.95),
+        eps=1e-10,
+        weight_decay=0.1,
+    )
     for _ in range(4):
         grads = [torch.randn_like(p) for p in ours_p]
         for p, q, g in zip(ours_p, ref_p, grads):
@@ -181,11 +188,25 @@ def test_clipping_by_global_norm_equals_torch_clip_grad_norm():
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path):
     script = Path(__file__).with_name("dist_optim_run.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     # Own session, so a timeout kills torchrun's workers too, not just the launcher.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -207,7 +228,11 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path):
     # The checkpoint both ranks saved together: one verified folder, one optimizer shard per rank.
     ckpt = load_checkpoint(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt" / "optim").iterdir()) == [
-        "rank0.json", "rank0.safetensors", "rank1.json", "rank1.safetensors"]
+        "rank0.json",
+        "rank0.safetensors",
+        "rank1.json",
+        "rank1.safetensors",
+    ]
     vocab = dist_optim_run.VOCAB  # padding rows are not saved
     for name, tensor in ckpt.model.state_dict().items():
         torch.testing.assert_close(tensor[:vocab], dist_weights[name][:vocab], atol=0, rtol=0, msg=name)

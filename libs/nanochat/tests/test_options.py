@@ -5,20 +5,49 @@ import subprocess
 import sys
 
 import pytest
-
 from nanochat.stages.cli import OptionsError, parse_options
 from nanochat.stages.options import PIPELINES, PRESETS, STAGES, BaseTrainOptions, plan_horizon, stage_schemas
 
-ALL_STAGES = ["make_data", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train",
-              "chat_sft", "chat_rl", "chat_eval", "report"]
+ALL_STAGES = [
+    "make_data",
+    "tok_train",
+    "tok_eval",
+    "base_train",
+    "base_loss",
+    "base_eval",
+    "mid_train",
+    "chat_sft",
+    "chat_rl",
+    "chat_eval",
+    "report",
+]
 
 
 def test_registry_has_every_stage_with_contract_output_stages():
     assert sorted(STAGES) == sorted(ALL_STAGES)
     outputs = {name: info.output_stage for name, info in STAGES.items() if info.output_stage}
-    assert outputs == {"tok_train": "tokenizer", "base_train": "base", "mid_train": "mid", "chat_sft": "sft", "chat_rl": "rl"}
-    assert PIPELINES["speedrun"] == ["make_data", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval",
-                                     "mid_train", "chat_eval", "chat_sft", "chat_eval", "chat_rl", "chat_eval", "report"]
+    assert outputs == {
+        "tok_train": "tokenizer",
+        "base_train": "base",
+        "mid_train": "mid",
+        "chat_sft": "sft",
+        "chat_rl": "rl",
+    }
+    assert PIPELINES["speedrun"] == [
+        "make_data",
+        "tok_train",
+        "tok_eval",
+        "base_train",
+        "base_loss",
+        "base_eval",
+        "mid_train",
+        "chat_eval",
+        "chat_sft",
+        "chat_eval",
+        "chat_rl",
+        "chat_eval",
+        "report",
+    ]
 
 
 def test_schemas_are_json_and_every_field_is_described():
@@ -77,21 +106,40 @@ def test_horizon_accumulates_and_rejects_uneven_batches():
 def test_flags_config_and_precedence(tmp_path):
     config = tmp_path / "opts.json"
     config.write_text(json.dumps({"depth": 6, "max_seq_len": 128, "resume": True}))
-    options = parse_options("base_train", ["--preset", "tiny", "--config", str(config), "--max-seq-len", "64",
-                                           "--no-resume", "--input-version", "tok:1", "--input-version", "base:2",
-                                           "--init-from", "a", "b"])
+    options = parse_options(
+        "base_train",
+        [
+            "--preset",
+            "tiny",
+            "--config",
+            str(config),
+            "--max-seq-len",
+            "64",
+            "--no-resume",
+            "--input-version",
+            "tok:1",
+            "--input-version",
+            "base:2",
+            "--init-from",
+            "a",
+            "b",
+        ],
+    )
     assert (options.depth, options.max_seq_len, options.resume) == (6, 64, False)
     assert options.input_version == ["tok:1", "base:2"] and options.init_from == ["a", "b"]
     assert parse_options("chat_eval", ["--tasks", "MMLU", "GSM8K"]).tasks == ["MMLU", "GSM8K"]
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["--depth", "0"], "--depth"),
-    (["--device-batch-size", "many"], "--device-batch-size"),
-    (["--input-version", "nanochat"], "--input-version"),
-    (["--device", "tpu"], "--device"),
-    (["--warp-speed", "9"], "--warp-speed"),
-])
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--depth", "0"], "--depth"),
+        (["--device-batch-size", "many"], "--device-batch-size"),
+        (["--input-version", "nanochat"], "--input-version"),
+        (["--device", "tpu"], "--device"),
+        (["--warp-speed", "9"], "--warp-speed"),
+    ],
+)
 def test_bad_options_name_the_field(argv, field):
     with pytest.raises(OptionsError) as info:
         parse_options("base_train", argv)
@@ -110,27 +158,32 @@ def test_bad_config_file_is_a_clear_error(tmp_path):
 
 
 def test_stage_cli_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.tok_train", "--vocab-size", "10"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanochat.stages.tok_train", "--vocab-size", "10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "--vocab-size" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["type"] == "error"
 
 
 def test_print_schema_and_import_without_torch():
-    code = ("import sys, json; import nanochat.stages.options, nanochat.stages.events, nanochat.stages.cli; "
-            "from nanochat.stages.cli import parse_options; parse_options('base_train', ['--print-schema']); "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys, json; import nanochat.stages.options, nanochat.stages.events, nanochat.stages.cli; "
+        "from nanochat.stages.cli import parse_options; parse_options('base_train', ['--print-schema']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["properties"]["depth"]["default"] == 20
 
 
 def test_depth_option_agrees_with_the_model_shape_rule():
-    from pydantic import ValidationError
-
     from nanochat.gpt import GPTConfig
     from nanochat.stages.options import BaseTrainOptions
+    from pydantic import ValidationError
 
     for depth in range(1, 129):
         try:
@@ -147,13 +200,18 @@ def test_depth_option_agrees_with_the_model_shape_rule():
         assert accepted == buildable, depth
 
 
-@pytest.mark.parametrize("argv, refused", [
-    (["--synthetic-docs", "5"], "--synthetic-docs: only read by --source synthetic, not --source stdlib"),
-    (["--source", "synthetic", "--docs-path", "/x"], "--docs-path: only read by --source python-docs"),
-    (["--source", "download", "--core-items", "10", "--val-docs", "3"],
-     "--core-items, --val-docs: only read by --source stdlib or python-docs or synthetic, not --source download"),
-    (["--fineweb-shards", "3"], "--fineweb-shards: only read by --source download, not --source stdlib"),
-])
+@pytest.mark.parametrize(
+    "argv, refused",
+    [
+        (["--synthetic-docs", "5"], "--synthetic-docs: only read by --source synthetic, not --source stdlib"),
+        (["--source", "synthetic", "--docs-path", "/x"], "--docs-path: only read by --source python-docs"),
+        (
+            ["--source", "download", "--core-items", "10", "--val-docs", "3"],
+            "--core-items, --val-docs: only read by --source stdlib or python-docs or synthetic, not --source download",
+        ),
+        (["--fineweb-shards", "3"], "--fineweb-shards: only read by --source download, not --source stdlib"),
+    ],
+)
 def test_make_data_refuses_an_option_its_source_never_reads(argv, refused):
     with pytest.raises(OptionsError, match=refused):
         parse_options("make_data", argv)

@@ -5,7 +5,6 @@ import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
 import pytest
-
 from nanochat.report import Lineage, centered_ci95, ci95, read_lineage, render_report, write_eval_result, write_svg
 
 
@@ -24,23 +23,49 @@ def test_centered_ci95_scales_each_task_by_its_baseline():
 
 
 def _lineage(**base_metrics) -> Lineage:
-    hardware = {"python": "3.11.7", "cpus": 2, "torch": "2.9.0", "gpus": 8, "gpu": "NVIDIA H100 80GB HBM3",
-                "gpu_memory_gib": 79.2}
+    hardware = {
+        "python": "3.11.7",
+        "cpus": 2,
+        "torch": "2.9.0",
+        "gpus": 8,
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "gpu_memory_gib": 79.2,
+    }
     return Lineage(
-        meta={"base": {"stage": "base", "made_by": "base_train", "step": 10, "code_version": "0.1.0+g0123456789ab.dirty",
-                       "hardware": hardware}},
-        metrics={"base": base_metrics, "sft": {"ARC-Easy": 0.5, "ARC-Easy/items": 96, "ARC-Easy/ci95": 0.098,
-                                               "chatcore_partial": 0.2, "chatcore_partial/ci95": 0.1,
-                                               "chatcore_partial/tasks": 2}},
+        meta={
+            "base": {
+                "stage": "base",
+                "made_by": "base_train",
+                "step": 10,
+                "code_version": "0.1.0+g0123456789ab.dirty",
+                "hardware": hardware,
+            }
+        },
+        metrics={
+            "base": base_metrics,
+            "sft": {
+                "ARC-Easy": 0.5,
+                "ARC-Easy/items": 96,
+                "ARC-Easy/ci95": 0.098,
+                "chatcore_partial": 0.2,
+                "chatcore_partial/ci95": 0.1,
+                "chatcore_partial/tasks": 2,
+            },
+        },
         durations=[("base_train", 1800.0), ("chat_sft", 1800.0)],
     )
 
 
 def test_report_names_the_offline_core_and_shows_items_and_intervals():
-    text = render_report(_lineage(core=0.2022, **{"core/ci95": 0.05, "core/items": 300, "core/offline": 1,
-                                                  "core/items_per_task": 100}), "card", None)
-    assert ("| CORE (offline bundle, 100 items per task, not comparable to the real CORE) | 0.2022 ± 0.050 (n=300) |  |"
-            in text)
+    text = render_report(
+        _lineage(core=0.2022, **{"core/ci95": 0.05, "core/items": 300, "core/offline": 1, "core/items_per_task": 100}),
+        "card",
+        None,
+    )
+    assert (
+        "| CORE (offline bundle, 100 items per task, not comparable to the real CORE) | 0.2022 ± 0.050 (n=300) |  |"
+        in text
+    )
     assert "| ARC-Easy |  | 0.5000 ± 0.098 (n=96) |" in text
     assert "| ChatCORE, partial (2 of 5 tasks) |  | 0.2000 ± 0.100 |" in text
     assert "| ChatCORE |" not in text
@@ -57,8 +82,13 @@ def test_report_environment_gives_hardware_commit_cost_and_code_size():
 
 
 def test_svg_plot_draws_each_series(tmp_path):
-    path = write_svg(tmp_path / "loss.svg", {"base": [(0, 5.0), (10, 3.0)], "mid": [(10, 2.0), (20, 1.5)]},
-                     width=200, height=100, margin=20)
+    path = write_svg(
+        tmp_path / "loss.svg",
+        {"base": [(0, 5.0), (10, 3.0)], "mid": [(10, 2.0), (20, 1.5)]},
+        width=200,
+        height=100,
+        margin=20,
+    )
     root = ET.fromstring(path.read_text())
     lines = root.findall("{http://www.w3.org/2000/svg}polyline")
     assert [line.get("stroke") for line in lines] == ["rgb(31,119,180)", "rgb(255,127,14)"]
@@ -73,10 +103,18 @@ def test_report_prints_the_base_samples_of_the_last_measurement(tmp_path):
     trained = {"step": 60, "samples": [{"prompt": "The capital of France is", "completion": " Lyon, the"}]}
     (base / "meta.json").write_text(json.dumps({"stage": "base", "made_by": "base_train", "samples": trained}))
     text = render_report(read_lineage([str(base)]), "card", None)
-    assert "## BASE samples\n\nGreedy completions (base_train at step 60):\n\n- The capital of France is **Lyon, the**" in text
+    assert (
+        "## BASE samples\n\nGreedy completions (base_train at step 60):\n\n- The capital of France is **Lyon, the**"
+        in text
+    )
 
-    write_eval_result(evaluated, "base_loss", SimpleNamespace(init_from=[str(base)], input_version=[], job_id=None),
-                      {"val_bpb": 1.5}, [{"prompt": "The capital of France is", "completion": " Paris.\nThe"}])
+    write_eval_result(
+        evaluated,
+        "base_loss",
+        SimpleNamespace(init_from=[str(base)], input_version=[], job_id=None),
+        {"val_bpb": 1.5},
+        [{"prompt": "The capital of France is", "completion": " Paris.\nThe"}],
+    )
     text = render_report(read_lineage([str(base), str(evaluated)]), "card", None)
     assert "Greedy completions (base_loss):\n\n- The capital of France is **Paris. ↵ The**" in text
     assert "Lyon" not in text
@@ -85,8 +123,14 @@ def test_report_prints_the_base_samples_of_the_last_measurement(tmp_path):
 def test_report_shows_rl_pass_at_k_with_items_and_interval(tmp_path):
     rl = tmp_path / "rl"
     rl.mkdir()
-    metrics = {"gsm8k/pass@1": 0.5, "gsm8k/pass@1/items": 96, "gsm8k/pass@1/ci95": 0.098,
-               "gsm8k/pass@8": 0.75, "gsm8k/pass@8/items": 96, "gsm8k/pass@8/ci95": 0.086}
+    metrics = {
+        "gsm8k/pass@1": 0.5,
+        "gsm8k/pass@1/items": 96,
+        "gsm8k/pass@1/ci95": 0.098,
+        "gsm8k/pass@8": 0.75,
+        "gsm8k/pass@8/items": 96,
+        "gsm8k/pass@8/ci95": 0.086,
+    }
     (rl / "meta.json").write_text(json.dumps({"stage": "rl", "made_by": "chat_rl", "metrics": metrics}))
     text = render_report(read_lineage([str(rl)]), "card", None)
     assert "| GSM8K pass@1 (temperature 1.0) | 0.5000 ± 0.098 (n=96) |" in text
@@ -97,11 +141,18 @@ def test_report_shows_rl_pass_at_k_with_items_and_interval(tmp_path):
 def test_report_lists_the_identity_conversations_in_sft_as_a_deviation(tmp_path):
     sft = tmp_path / "sft"
     sft.mkdir()
-    meta = {"stage": "sft", "made_by": "chat_sft", "metrics": {"val_loss": 1.0}, "options": {"identity_in_mixture": True}}
+    meta = {
+        "stage": "sft",
+        "made_by": "chat_sft",
+        "metrics": {"val_loss": 1.0},
+        "options": {"identity_in_mixture": True},
+    }
     (sft / "meta.json").write_text(json.dumps(meta))
     text = render_report(read_lineage([str(sft)]), "card", None)
-    assert ("## Deviations from the original\n\n- SFT mixture: the identity conversations were added "
-            "(`identity_in_mixture`); the original's is ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk conversations.\n"
-            in text)
+    assert (
+        "## Deviations from the original\n\n- SFT mixture: the identity conversations were added "
+        "(`identity_in_mixture`); the original's is ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk conversations.\n"
+        in text
+    )
     (sft / "meta.json").write_text(json.dumps({**meta, "options": {"identity_in_mixture": False}}))
     assert "Deviations from the original" not in render_report(read_lineage([str(sft)]), "card", None)

@@ -7,7 +7,6 @@ batch, and cancelled requests must give their slots back in the same iteration.
 
 import pytest
 import torch
-
 from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.scheduler import QueueFull, Scheduler
@@ -84,7 +83,7 @@ def test_greedy_alone_equals_greedy_in_a_mixed_batch(engine):
         if i % 4 == 3:
             scheduler.iterate()  # later requests join a batch that is already decoding
     run(scheduler)
-    assert [c.tokens[0] for c in collectors[:len(targets)]] == expected
+    assert [c.tokens[0] for c in collectors[: len(targets)]] == expected
     assert all(r in ("stop", "length") for c in collectors for r in c.reasons)
 
 
@@ -131,7 +130,7 @@ def test_stop_token_ids_and_length(engine):
     c = Collector()
     scheduler.submit(ids, SamplingParams(temperature=0.0, max_tokens=12), c, stop_token_ids=[stop_at])
     run(scheduler)
-    assert c.tokens[0] == free[:free.index(stop_at)] and c.reasons == ["stop"]
+    assert c.tokens[0] == free[: free.index(stop_at)] and c.reasons == ["stop"]
     assert alone(engine, ids, SamplingParams(temperature=0.0, max_tokens=3)).reasons == ["length"]
 
 

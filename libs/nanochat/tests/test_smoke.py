@@ -5,14 +5,13 @@ import random
 
 import pytest
 import torch
-
 from nanochat.checkpoint import load_checkpoint, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat_contracts.manifest import ManifestError
-from nanochat.optim import step
 from nanochat.offline_corpus import synthetic_docs
+from nanochat.optim import step
 from nanochat.tokenizer import Tokenizer
+from nanochat_contracts.manifest import ManifestError
 
 STEPS, BATCH, SEQ = 50, 8, 64
 
@@ -34,9 +33,9 @@ def test_tokenizer_train_save_load_generate(tmp_path):
     model.on_device_ready()
     optimizers = model.setup_optimizers()
     losses = []
-    for i in range(STEPS):
+    for _ in range(STEPS):
         starts = torch.randint(0, len(ids) - SEQ - 1, (BATCH,))
-        window = torch.stack([ids[s:s + SEQ + 1] for s in starts.tolist()])
+        window = torch.stack([ids[s : s + SEQ + 1] for s in starts.tolist()])
         loss = model(window[:, :-1], targets=window[:, 1:])
         loss.backward()
         step(optimizers)
@@ -54,9 +53,9 @@ def test_tokenizer_train_save_load_generate(tmp_path):
     prompt = loaded.tokenizer.encode("The cat", prepend="<|bos|>")
     sequences, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
     assert len(sequences) == 2 and sequences[0] == sequences[1]
-    assert sequences[0][:len(prompt)] == prompt and len(sequences[0]) > len(prompt)
+    assert sequences[0][: len(prompt)] == prompt and len(sequences[0]) > len(prompt)
     assert masks[0] == [0] * len(prompt) + [1] * (len(sequences[0]) - len(prompt))
-    assert loaded.tokenizer.decode(sequences[0][len(prompt):]).strip()
+    assert loaded.tokenizer.decode(sequences[0][len(prompt) :]).strip()
 
     # A flipped byte in the weights is caught before anything is built from them.
     weights = folder / "model.safetensors"

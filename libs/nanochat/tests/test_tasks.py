@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from nanochat.sandbox import network_isolated, run_python
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.common import TaskMixture, render_mc, task_url
@@ -27,13 +26,19 @@ def put(root, repo, config, split, rows, fmt="parquet", files=1):
     if fmt == "parquet":
         size = -(-len(rows) // files)
         for f in range(files):
-            pq.write_table(pa.Table.from_pylist(rows[f * size : (f + 1) * size]), folder / f"{split}-{f:05d}-of-{files:05d}.parquet")
+            pq.write_table(
+                pa.Table.from_pylist(rows[f * size : (f + 1) * size]),
+                folder / f"{split}-{f:05d}-of-{files:05d}.parquet",
+            )
     else:
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def smoltalk_rows(n, tag="s"):
-    return [{"messages": [{"role": "user", "content": f"{tag}{i}"}, {"role": "assistant", "content": "ok"}]} for i in range(n)]
+    return [
+        {"messages": [{"role": "user", "content": f"{tag}{i}"}, {"role": "assistant", "content": "ok"}]}
+        for i in range(n)
+    ]
 
 
 def mmlu_rows(n):
@@ -41,8 +46,10 @@ def mmlu_rows(n):
 
 
 def arc_rows(n, tag="a"):
-    return [{"id": str(i), "question": f"{tag}{i}", "choices": {"text": ["p", "q"], "label": ["A", "B"]}, "answerKey": "A"}
-            for i in range(n)]
+    return [
+        {"id": str(i), "question": f"{tag}{i}", "choices": {"text": ["p", "q"], "label": ["A", "B"]}, "answerKey": "A"}
+        for i in range(n)
+    ]
 
 
 def gsm8k_rows(n):
@@ -56,12 +63,16 @@ def row_numbers(task, tag):
 
 def test_multiple_choice_rendering_matches_the_spec():
     assert render_mc("2+2?", ["A", "B"], ["4", "5"]) == (
-        "Multiple Choice question: 2+2?\n- 4=A\n- 5=B\n\nRespond only with the letter of the correct answer.")
+        "Multiple Choice question: 2+2?\n- 4=A\n- 5=B\n\nRespond only with the letter of the correct answer."
+    )
 
 
 def test_smoltalk_rows(tmp_path):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
     put(tmp_path, "HuggingFaceTB/smol-smoltalk", "data", "train", [{"messages": messages}])
     task = SmolTalk(tmp_path, "train")
     assert len(task) == 1 and task[0]["messages"] == messages
@@ -72,7 +83,12 @@ def test_smoltalk_rows(tmp_path):
 
 
 def test_mmlu_test_and_auxiliary_train(tmp_path):
-    row = {"question": "Capital of France?", "subject": "geography", "choices": ["Rome", "Paris", "Oslo", "Bern"], "answer": 1}
+    row = {
+        "question": "Capital of France?",
+        "subject": "geography",
+        "choices": ["Rome", "Paris", "Oslo", "Bern"],
+        "answer": 1,
+    }
     put(tmp_path, "cais/mmlu", "all", "test", [row])
     put(tmp_path, "cais/mmlu", "auxiliary_train", "train", [{"train": row}])
     for task in (MMLU(tmp_path, "all", "test"), MMLU(tmp_path, "auxiliary_train", "train")):
@@ -83,8 +99,20 @@ def test_mmlu_test_and_auxiliary_train(tmp_path):
 
 
 def test_arc_rows_use_their_labels(tmp_path):
-    rows = [{"id": "x1", "question": "Which is a mammal?", "choices": {"text": ["Shark", "Whale"], "label": ["A", "B"]}, "answerKey": "B"},
-            {"id": "x2", "question": "Pick one", "choices": {"text": ["p", "q", "r"], "label": ["1", "2", "3"]}, "answerKey": "3"}]
+    rows = [
+        {
+            "id": "x1",
+            "question": "Which is a mammal?",
+            "choices": {"text": ["Shark", "Whale"], "label": ["A", "B"]},
+            "answerKey": "B",
+        },
+        {
+            "id": "x2",
+            "question": "Pick one",
+            "choices": {"text": ["p", "q", "r"], "label": ["1", "2", "3"]},
+            "answerKey": "3",
+        },
+    ]
     put(tmp_path, "allenai/ai2_arc", "ARC-Challenge", "test", rows, fmt="jsonl")
     task = ARC(tmp_path, "ARC-Challenge", "test")
     # Shuffled at load: default_rng(42).permutation(2) is [1, 0], so x2 comes first.
@@ -110,9 +138,13 @@ def test_gsm8k_calculator_calls_become_tool_parts(tmp_path):
 
 
 def test_humaneval_runs_code_in_the_sandbox(tmp_path):
-    row = {"task_id": "HumanEval/0", "prompt": "from typing import List\n\ndef total(xs: List[int]) -> int:\n    \"\"\"Sum.\"\"\"\n",
-           "canonical_solution": "    return sum(xs)\n", "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n",
-           "entry_point": "total"}
+    row = {
+        "task_id": "HumanEval/0",
+        "prompt": 'from typing import List\n\ndef total(xs: List[int]) -> int:\n    """Sum."""\n',
+        "canonical_solution": "    return sum(xs)\n",
+        "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n",
+        "entry_point": "total",
+    }
     put(tmp_path, "openai/openai_humaneval", "openai_humaneval", "test", [row])
     task = HumanEval(tmp_path, timeout=2)
     item = task[0]
@@ -135,7 +167,9 @@ def test_sandbox_network_namespace_stops_code_that_gets_past_the_prelude():
     # Where the OS refuses the namespace, the probe says so and such code reaches the host.
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
-        code = f"import _socket; s = _socket.socket(); s.settimeout(3); s.connect(('127.0.0.1', {port})); print('reached')"
+        code = (
+            f"import _socket; s = _socket.socket(); s.settimeout(3); s.connect(('127.0.0.1', {port})); print('reached')"
+        )
         result = run_python(code, timeout=10)
     if network_isolated():
         assert not result.success and "unreachable" in result.stderr, result
@@ -145,8 +179,12 @@ def test_sandbox_network_namespace_stops_code_that_gets_past_the_prelude():
 
 def test_custom_json_and_identity(tmp_path):
     path = tmp_path / "convs.jsonl"
-    path.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]) + "\n"
-                    + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    path.write_text(
+        json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+        + "\n"
+    )
     task = CustomJSON(path)
     assert len(task) == 2 and task[0]["messages"][1]["content"] == "yo"
     path.write_text('{"nope": 1}\n')
@@ -154,8 +192,18 @@ def test_custom_json_and_identity(tmp_path):
         CustomJSON(path)
     identity = tmp_path / "tasks" / "identity"
     identity.mkdir(parents=True)
-    (identity / "test.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "who are you?"},
-                                                                  {"role": "assistant", "content": "I'm nanochat."}], "expected": "nanochat"}) + "\n")
+    (identity / "test.jsonl").write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "who are you?"},
+                    {"role": "assistant", "content": "I'm nanochat."},
+                ],
+                "expected": "nanochat",
+            }
+        )
+        + "\n"
+    )
     task = IdentityTask(tmp_path, "test")
     assert task.evaluate(task[0], "I am NanoChat!") and not task.evaluate(task[0], "I am a bot")
 
@@ -174,8 +222,10 @@ def test_slices_and_mixture_are_deterministic(tmp_path):
 
 
 def test_download_paths_are_kept():
-    assert task_url("openai/gsm8k", "main", "test") == \
-        "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet"
+    assert (
+        task_url("openai/gsm8k", "main", "test")
+        == "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet"
+    )
 
 
 def test_every_loader_shuffles_its_split_once_with_seed_42(tmp_path):
@@ -188,12 +238,25 @@ def test_every_loader_shuffles_its_split_once_with_seed_42(tmp_path):
     put(tmp_path, "cais/mmlu", "auxiliary_train", "train", [{"train": row} for row in mmlu_rows(12)])
     put(tmp_path, "allenai/ai2_arc", "ARC-Easy", "train", arc_rows(12), fmt="jsonl")
     put(tmp_path, "openai/gsm8k", "main", "train", gsm8k_rows(12))
-    humaneval = [{"task_id": f"HumanEval/{i}", "prompt": f"def h{i}():\n", "canonical_solution": "    return 1\n",
-                  "test": "def check(c):\n    assert c() == 1\n", "entry_point": f"h{i}"} for i in range(12)]
+    humaneval = [
+        {
+            "task_id": f"HumanEval/{i}",
+            "prompt": f"def h{i}():\n",
+            "canonical_solution": "    return 1\n",
+            "test": "def check(c):\n    assert c() == 1\n",
+            "entry_point": f"h{i}",
+        }
+        for i in range(12)
+    ]
     put(tmp_path, "openai/openai_humaneval", "openai_humaneval", "test", humaneval)
-    loaders = [(SmolTalk(tmp_path, "train"), "s"), (MMLU(tmp_path, "all", "test"), "m"),
-               (MMLU(tmp_path, "auxiliary_train", "train"), "m"), (ARC(tmp_path, "ARC-Easy", "train"), "a"),
-               (GSM8K(tmp_path, "train"), "g"), (HumanEval(tmp_path), "h")]
+    loaders = [
+        (SmolTalk(tmp_path, "train"), "s"),
+        (MMLU(tmp_path, "all", "test"), "m"),
+        (MMLU(tmp_path, "auxiliary_train", "train"), "m"),
+        (ARC(tmp_path, "ARC-Easy", "train"), "a"),
+        (GSM8K(tmp_path, "train"), "g"),
+        (HumanEval(tmp_path), "h"),
+    ]
     for task, tag in loaders:
         assert row_numbers(task, tag) == order, type(task).__name__
     # A capped view (an eval's max_problems, RL's eval_examples, SFT's SmolTalk 10K) is a prefix of that order.
@@ -225,5 +288,9 @@ def test_mixture_caps_take_the_first_rows_of_the_shuffled_splits(tmp_path):
     sft = sft_mixture(tmp_path, "train", smoltalk_cap=5)
     # ARC-Easy 3 + ARC-Challenge 2 + GSM8K 4 + SmolTalk capped at 5; no identity conversations (none on disk).
     assert len(sft) == 3 + 2 + 4 + 5
-    smol = {int(text[1:]) for text in (sft[i]["messages"][0]["content"] for i in range(len(sft))) if re.fullmatch(r"s\d+", text)}
+    smol = {
+        int(text[1:])
+        for text in (sft[i]["messages"][0]["content"] for i in range(len(sft)))
+        if re.fullmatch(r"s\d+", text)
+    }
     assert smol == {0, 7, 6, 9, 11}  # the first 5 of default_rng(42).permutation(12)

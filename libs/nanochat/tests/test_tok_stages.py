@@ -7,15 +7,15 @@ import subprocess
 import sys
 
 import pytest
-
-from nanochat_contracts.manifest import ManifestError, verify_manifest
-from nanochat_contracts.events import parse_events
 from nanochat.tokenizer import Tokenizer
+from nanochat_contracts.events import parse_events
+from nanochat_contracts.manifest import ManifestError, verify_manifest
 
 
 def run(stage, *args, env=None):
-    proc = subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"nanochat.stages.{stage}", *args], capture_output=True, text=True, timeout=300, env=env
+    )
     return proc, list(parse_events(proc.stdout.splitlines()))
 
 
@@ -23,12 +23,44 @@ def run(stage, *args, env=None):
 def tokenizer_version(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     data = root / "data"
-    proc, _ = run("make_data", "--data-dir", str(data), "--chat-train", "20", "--chat-test", "5", "--math-train", "10",
-                  "--math-test", "5", "--mc-train", "10", "--mc-test", "5", "--identity-train", "5", "--identity-test", "5")
+    proc, _ = run(
+        "make_data",
+        "--data-dir",
+        str(data),
+        "--chat-train",
+        "20",
+        "--chat-test",
+        "5",
+        "--math-train",
+        "10",
+        "--math-test",
+        "5",
+        "--mc-train",
+        "10",
+        "--mc-test",
+        "5",
+        "--identity-train",
+        "5",
+        "--identity-test",
+        "5",
+    )
     assert proc.returncode == 0, proc.stderr
     out = root / "tok"
-    proc, events = run("tok_train", "--data-dir", str(data), "--out", str(out), "--vocab-size", "1024",
-                       "--max-chars", "3000000", "--job-id", "job-1", "--input-version", "corpus:1")
+    proc, events = run(
+        "tok_train",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--vocab-size",
+        "1024",
+        "--max-chars",
+        "3000000",
+        "--job-id",
+        "job-1",
+        "--input-version",
+        "corpus:1",
+    )
     assert proc.returncode == 0, proc.stderr
     return data, out, events
 
@@ -61,8 +93,9 @@ def test_tok_train_fails_when_the_corpus_cannot_reach_the_vocab(tokenizer_versio
     # 2,000 chars hold at most 1,999 adjacent pairs, so at most 1,999 merges: 4,096 is out of reach.
     data, _, _ = tokenizer_version
     out = tmp_path / "small"
-    proc, events = run("tok_train", "--data-dir", str(data), "--out", str(out), "--vocab-size", "4096",
-                       "--max-chars", "2000")
+    proc, events = run(
+        "tok_train", "--data-dir", str(data), "--out", str(out), "--vocab-size", "4096", "--max-chars", "2000"
+    )
     assert proc.returncode == 1 and events[-1].type == "error"
     message = events[-1].message
     assert re.search(r"vocab asked 4096, vocab reached (\d+), corpus ([\d,]+) chars", message), message
@@ -74,8 +107,17 @@ def test_tok_train_fails_when_the_corpus_cannot_reach_the_vocab(tokenizer_versio
 
 def test_tok_eval_compares_with_verified_gpt2_and_gpt4(tokenizer_version):
     data, out, _ = tokenizer_version
-    proc, events = run("tok_eval", "--data-dir", str(data), "--init-from", str(out), "--input-version", "nanochat:1",
-                       "--max-chars", "20000")
+    proc, events = run(
+        "tok_eval",
+        "--data-dir",
+        str(data),
+        "--init-from",
+        str(out),
+        "--input-version",
+        "nanochat:1",
+        "--max-chars",
+        "20000",
+    )
     assert proc.returncode == 0, proc.stderr
     finished = events[-1]
     assert finished.type == "finished" and finished.outputs == []
@@ -102,8 +144,16 @@ def test_tok_eval_rejects_a_tampered_version(tokenizer_version, tmp_path):
 
 def test_other_ranks_do_nothing(tokenizer_version, tmp_path):
     data, _, _ = tokenizer_version
-    proc, events = run("tok_train", "--data-dir", str(data), "--out", str(tmp_path / "r1"), "--vocab-size", "300",
-                       env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"})
+    proc, events = run(
+        "tok_train",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(tmp_path / "r1"),
+        "--vocab-size",
+        "300",
+        env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"},
+    )
     assert proc.returncode == 0 and events == [] and not (tmp_path / "r1").exists()
 
 

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import tiktoken
-
 from nanochat.tokenizer import SPECIAL_TOKENS, ConversationError, Tokenizer
 
 # A bytes-only tokenizer: every ASCII character is exactly one id (its byte value), which makes the
@@ -67,7 +66,7 @@ def test_system_message_is_merged_into_the_first_user_message():
     merged = [{"role": "user", "content": "be brief\n\nhi"}, {"role": "assistant", "content": "ok"}]
     assert BYTES.render_conversation(with_system) == BYTES.render_conversation(merged)
     ids, _ = BYTES.render_conversation(with_system)
-    assert ids[:2 + len("be brief\n\nhi")] == [BOS, US] + b("be brief\n\nhi")
+    assert ids[: 2 + len("be brief\n\nhi")] == [BOS, US] + b("be brief\n\nhi")
 
 
 def test_truncation_cuts_ids_and_mask_together():
@@ -163,7 +162,7 @@ def test_token_bytes_are_true_byte_lengths_and_zero_for_specials():
     tok = Tokenizer.train_from_iterator([text], vocab_size=320)
     lengths = tok.token_bytes()
     assert len(lengths) == tok.vocab_size
-    assert lengths[tok.num_ranks:] == [0] * len(SPECIAL_TOKENS)
+    assert lengths[tok.num_ranks :] == [0] * len(SPECIAL_TOKENS)
     assert sum(lengths[i] for i in tok.encode(text)) == len(text.encode("utf-8"))
 
 

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.stages.base_eval import base_eval
 from nanochat.stages.base_loss import base_loss
@@ -21,7 +20,6 @@ from nanochat.stages.chat_eval import chat_eval, letter_ids, run_categorical
 from nanochat.stages.chat_rl import chat_rl
 from nanochat.stages.chat_sft import chat_sft
 from nanochat.stages.cli import run_stage
-from nanochat_contracts.events import parse_events
 from nanochat.stages.make_data import make_data
 from nanochat.stages.mid_train import mid_train
 from nanochat.stages.report import report
@@ -30,6 +28,7 @@ from nanochat.stages.tok_train import tok_train
 from nanochat.stages.train_loop import ProgressMeter, evaluate_bpb, linear_decay, muon_momentum, warmdown_lr
 from nanochat.tasks.arc import ARC
 from nanochat.tokenizer import Tokenizer
+from nanochat_contracts.events import parse_events
 
 
 def test_base_schedule_is_constant_then_warms_down_to_zero():
@@ -56,7 +55,7 @@ def test_progress_meter_debiases_the_ema_and_counts_every_token():
     assert first["tok_per_s"] == pytest.approx(4000.0)
     assert first["mfu"] == pytest.approx(100.0 * 4000.0 / 2e6)
     second = meter.update(1, loss=2.0, tokens=2000, seconds=0.5)
-    assert second["loss"] == pytest.approx((0.9 * 0.1 * 4.0 + 0.1 * 2.0) / (1 - 0.9 ** 2))
+    assert second["loss"] == pytest.approx((0.9 * 0.1 * 4.0 + 0.1 * 2.0) / (1 - 0.9**2))
     assert second["eta_s"] == pytest.approx(8 * 0.5)
     resumed = ProgressMeter(10, None, None, 1, state=meter.state_dict())
     assert resumed.update(2, 3.0, 10, 1.0)["mfu"] is None
@@ -110,8 +109,17 @@ def test_bad_option_exits_2_naming_the_field(stage, body, argv, field, capsys):
     assert [e.type for e in events] == ["error"] and field in events[0].message
 
 
-@pytest.mark.parametrize("stage,body", [("tok_train", tok_train), ("base_train", base_train), ("mid_train", mid_train),
-                                        ("chat_sft", chat_sft), ("chat_rl", chat_rl), ("report", report)])
+@pytest.mark.parametrize(
+    "stage,body",
+    [
+        ("tok_train", tok_train),
+        ("base_train", base_train),
+        ("mid_train", mid_train),
+        ("chat_sft", chat_sft),
+        ("chat_rl", chat_rl),
+        ("report", report),
+    ],
+)
 def test_missing_out_exits_2_naming_it(stage, body, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_stage(stage, body, ["--init-from", str(tmp_path)])
@@ -126,16 +134,32 @@ def test_missing_out_exits_2_naming_it(stage, body, tmp_path, capsys):
 def tiny_tokenizer(tmp_path):
     folder = tmp_path / "tok"
     Tokenizer.train_from_iterator(iter(["the quick brown fox jumps over the lazy dog " * 50]), vocab_size=300).save(
-        folder / "tokenizer")
+        folder / "tokenizer"
+    )
     return folder
 
 
 def test_batch_that_does_not_divide_over_the_ranks_exits_2(tiny_tokenizer, tmp_path, capsys):
     # Each option is valid alone; together with this world size (1) they are not.
     with pytest.raises(SystemExit) as exit_info:
-        run_stage("base_train", base_train, ["--init-from", str(tiny_tokenizer), "--out", str(tmp_path / "base"),
-                                             "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "3",
-                                             "--total-batch-size", "256"])
+        run_stage(
+            "base_train",
+            base_train,
+            [
+                "--init-from",
+                str(tiny_tokenizer),
+                "--out",
+                str(tmp_path / "base"),
+                "--depth",
+                "2",
+                "--max-seq-len",
+                "64",
+                "--device-batch-size",
+                "3",
+                "--total-batch-size",
+                "256",
+            ],
+        )
     assert exit_info.value.code == 2
     events = list(parse_events(capsys.readouterr().out.splitlines()))
     assert events[-1].type == "error" and events[-1].message.startswith("invalid option --total-batch-size")
@@ -153,9 +177,15 @@ def test_eval_stage_on_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_letter_scoring_takes_the_best_answer_letter_at_each_prompts_last_position(tiny_tokenizer, tmp_path):
     tok = Tokenizer.load(tiny_tokenizer / "tokenizer")
-    rows = [{"id": f"q{i}", "question": "the fox " * (i + 1) + "?", "answerKey": key,
-             "choices": {"text": ["red", "brown", "grey", "blue"], "label": ["A", "B", "C", "D"]}}
-            for i, key in enumerate("BDAC")]
+    rows = [
+        {
+            "id": f"q{i}",
+            "question": "the fox " * (i + 1) + "?",
+            "answerKey": key,
+            "choices": {"text": ["red", "brown", "grey", "blue"], "label": ["A", "B", "C", "D"]},
+        }
+        for i, key in enumerate("BDAC")
+    ]
     folder = tmp_path / "tasks" / "allenai/ai2_arc" / "ARC-Easy"
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), folder / "test-00000-of-00001.parquet")
@@ -171,15 +201,17 @@ def test_letter_scoring_takes_the_best_answer_letter_at_each_prompts_last_positi
 
     def model_for(first: int):
         """A stand-in model for the batches starting at item `first`, one batch of all the rest."""
+
         def model(idx):
             logits = torch.zeros(idx.shape[0], idx.shape[1], tok.vocab_size)
             for i in range(idx.shape[0]):
                 end, pick = len(prompts[first + i]) - 1, picks[first + i]
-                logits[i, :, letters[0]] = 90.0                   # "A" everywhere else: the wrong position
+                logits[i, :, letters[0]] = 90.0  # "A" everywhere else: the wrong position
                 logits[i, end, letters[0]] = 0.0
                 logits[i, end, letters["ABCD".index(pick)]] = 50.0
-                logits[i, end, non_letter] = 100.0                # not an answer letter: ignored
+                logits[i, end, non_letter] = 100.0  # not an answer letter: ignored
             return logits
+
         return model
 
     compute = SimpleNamespace(device=torch.device("cpu"))

@@ -5,5 +5,15 @@ from nanochat_contracts.manifest import MANIFEST_FILE, ManifestError, build_mani
 
 from registry_client.client import FileInfo, IntegrityError, RegistryClient, RegistryError, UploadError, VersionInfo
 
-__all__ = ["FileInfo", "IntegrityError", "MANIFEST_FILE", "ManifestError", "RegistryClient", "RegistryError",
-           "UploadError", "VersionInfo", "build_manifest", "read_manifest"]
+__all__ = [
+    "FileInfo",
+    "IntegrityError",
+    "MANIFEST_FILE",
+    "ManifestError",
+    "RegistryClient",
+    "RegistryError",
+    "UploadError",
+    "VersionInfo",
+    "build_manifest",
+    "read_manifest",
+]

@@ -75,27 +75,43 @@ class VersionInfo:
     missing: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_json(cls, d: dict) -> "VersionInfo":
+    def from_json(cls, d: dict) -> VersionInfo:
         return cls(
-            name=d["name"], version=d["version"], stage=d["stage"], state=d["state"], step=d.get("step"),
-            metrics=d.get("metrics") or {}, meta=d.get("meta") or {}, parent=d.get("parent"), job_id=d.get("job_id"),
+            name=d["name"],
+            version=d["version"],
+            stage=d["stage"],
+            state=d["state"],
+            step=d.get("step"),
+            metrics=d.get("metrics") or {},
+            meta=d.get("meta") or {},
+            parent=d.get("parent"),
+            job_id=d.get("job_id"),
             files=[FileInfo(**f) for f in d.get("files", [])],
             attachments=[FileInfo(**f) for f in d.get("attachments", [])],
-            aliases=d.get("aliases", []), missing=d.get("missing", []),
+            aliases=d.get("aliases", []),
+            missing=d.get("missing", []),
         )
 
 
 class RegistryClient:
-    def __init__(self, base_url: str, token: str | None = None, cache_dir: str | os.PathLike | None = None,
-                 concurrency: int = 4, part_size: int = 64 * 1024 * 1024, timeout: float = 300.0,
-                 retries: int = 3):
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        concurrency: int = 4,
+        part_size: int = 64 * 1024 * 1024,
+        timeout: float = 300.0,
+        retries: int = 3,
+    ):
         self.base_url = base_url.rstrip("/")
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "nanochat" / "registry").expanduser()
         self.concurrency, self.part_size, self.retries = max(1, concurrency), max(1, part_size), max(1, retries)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         limits = httpx.Limits(max_connections=2 * self.concurrency + 4, max_keepalive_connections=2 * self.concurrency)
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
-                                 limits=limits)
+        self.http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0), limits=limits
+        )
         # Presigned parts go to S3 itself: a client without the registry's bearer token.
         self.direct = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), limits=limits)
 
@@ -103,7 +119,7 @@ class RegistryClient:
         self.http.close()
         self.direct.close()
 
-    def __enter__(self) -> "RegistryClient":
+    def __enter__(self) -> RegistryClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -126,8 +142,14 @@ class RegistryClient:
     def list_models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["items"]
 
-    def list_versions(self, name: str, stage: list[str] | None = None, state: list[str] | None = None,
-                      limit: int = 50, offset: int = 0) -> list[VersionInfo]:
+    def list_versions(
+        self,
+        name: str,
+        stage: list[str] | None = None,
+        state: list[str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[VersionInfo]:
         params = {"stage": stage or [], "state": state or [], "limit": limit, "offset": offset}
         items = self._request("GET", f"/v1/models/{name}/versions", params=params).json()["items"]
         return [VersionInfo.from_json(d) for d in items]
@@ -159,9 +181,12 @@ class RegistryClient:
         """Add a describing file (report card, plot) to a committed version."""
         size, sha = file_digest(path)
         rel = as_path or Path(path).name
-        self._request("PUT", f"{self._v(name, version)}/attachments/{rel}", content=_read_chunks(Path(path)),
-                      headers={"Content-Length": str(size), "X-Content-SHA256": sha,
-                               "Content-Type": "application/octet-stream"})
+        self._request(
+            "PUT",
+            f"{self._v(name, version)}/attachments/{rel}",
+            content=_read_chunks(Path(path)),
+            headers={"Content-Length": str(size), "X-Content-SHA256": sha, "Content-Type": "application/octet-stream"},
+        )
         return FileInfo(rel, size, sha)
 
     def read_attachment(self, name: str, version: int, path: str) -> bytes:
@@ -175,9 +200,18 @@ class RegistryClient:
             raise IntegrityError(f"{name} v{version} attachment {path}: bytes differ from the recorded sha256")
         return data
 
-    def upload_folder(self, folder: str | os.PathLike, name: str, stage: str, step: int | None = None,
-                      metrics: dict | None = None, parent: int | dict | None = None, job_id: str | None = None,
-                      meta: dict | None = None, resume_version: int | None = None) -> VersionInfo:
+    def upload_folder(
+        self,
+        folder: str | os.PathLike,
+        name: str,
+        stage: str,
+        step: int | None = None,
+        metrics: dict | None = None,
+        parent: int | dict | None = None,
+        job_id: str | None = None,
+        meta: dict | None = None,
+        resume_version: int | None = None,
+    ) -> VersionInfo:
         """Upload a checkpoint folder as a new version (or finish `resume_version`) and commit it."""
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -196,8 +230,14 @@ class RegistryClient:
         if resume_version is None:
             if meta is None and (folder / "meta.json").exists():
                 meta = json.loads((folder / "meta.json").read_text())
-            body = {"stage": stage, "files": files, "step": step, "metrics": metrics or {}, "meta": meta or {},
-                    "job_id": job_id}
+            body = {
+                "stage": stage,
+                "files": files,
+                "step": step,
+                "metrics": metrics or {},
+                "meta": meta or {},
+                "job_id": job_id,
+            }
             if parent is not None:
                 body["parent"] = {"version": parent} if isinstance(parent, int) else parent
             created = self._request("POST", f"/v1/models/{name}/versions", json=body).json()
@@ -209,12 +249,21 @@ class RegistryClient:
         version = created["version"]
         missing = created.get("missing", [])
         # S3 wants parts of 5 MiB or more; smaller files and parts stream through the registry.
-        direct = [rel for rel in missing if created.get("presigned_uploads") and isinstance(sources[rel], Path)
-                  and files[rel]["size"] > self.part_size >= 5 * 1024 * 1024]
+        direct = [
+            rel
+            for rel in missing
+            if created.get("presigned_uploads")
+            and isinstance(sources[rel], Path)
+            and files[rel]["size"] > self.part_size >= 5 * 1024 * 1024
+        ]
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:
-                list(pool.map(lambda rel: self._put_file(name, version, rel, sources[rel], files[rel]),
-                              [rel for rel in missing if rel not in direct]))
+                list(
+                    pool.map(
+                        lambda rel: self._put_file(name, version, rel, sources[rel], files[rel]),
+                        [rel for rel in missing if rel not in direct],
+                    )
+                )
             for rel in direct:
                 self._put_file_presigned(name, version, rel, sources[rel])
             return VersionInfo.from_json(self._request("POST", f"{self._v(name, version)}/commit").json())
@@ -225,8 +274,12 @@ class RegistryClient:
         for attempt in range(self.retries):
             try:
                 content = source if isinstance(source, bytes) else _read_chunks(source)
-                self._request("PUT", f"{self._v(name, version)}/files/{rel}", content=content,
-                              headers={"Content-Length": str(spec["size"]), "Content-Type": "application/octet-stream"})
+                self._request(
+                    "PUT",
+                    f"{self._v(name, version)}/files/{rel}",
+                    content=content,
+                    headers={"Content-Length": str(spec["size"]), "Content-Type": "application/octet-stream"},
+                )
                 return
             except httpx.TransportError:
                 if attempt == self.retries - 1:
@@ -235,8 +288,9 @@ class RegistryClient:
     def _put_file_presigned(self, name: str, version: int, rel: str, source: Path) -> None:
         """Send one file as parts straight to S3 (`concurrency` at once), then have the registry
         assemble and verify it."""
-        up = self._request("POST", f"{self._v(name, version)}/uploads",
-                           json={"path": rel, "part_size": self.part_size}).json()
+        up = self._request(
+            "POST", f"{self._v(name, version)}/uploads", json={"path": rel, "part_size": self.part_size}
+        ).json()
         if up["stored"]:
             return
         base = f"{self._v(name, version)}/uploads/{up['id']}"
@@ -250,8 +304,12 @@ class RegistryClient:
             part = self._request("POST", f"{base}/parts/{number}", json={"sha256": sha.hexdigest()}).json()
             for attempt in range(self.retries):
                 try:
-                    r = self.direct.request(part["method"], part["url"], content=_read_chunks(source, start, length),
-                                            headers={**part["headers"], "Content-Length": str(length)})
+                    r = self.direct.request(
+                        part["method"],
+                        part["url"],
+                        content=_read_chunks(source, start, length),
+                        headers={**part["headers"], "Content-Length": str(length)},
+                    )
                     if r.status_code >= 400:
                         raise RegistryError(r.status_code, f"S3 refused part {number} of {rel}: {r.text[:300]}")
                     return
@@ -263,8 +321,9 @@ class RegistryClient:
             list(pool.map(send, range(1, up["parts"] + 1)))
         self._request("POST", f"{base}/complete")
 
-    def download(self, name: str, version: int | None = None, alias: str | None = None,
-                 stage: str | list[str] | None = None) -> Path:
+    def download(
+        self, name: str, version: int | None = None, alias: str | None = None, stage: str | list[str] | None = None
+    ) -> Path:
         """A verified local folder of the version (resolved by alias/stage if no number is given):
         its model files, exactly what its manifest lists. Attachments (report cards, eval records)
         describe the version and may be added after commit; `read_attachment` fetches them."""
@@ -289,8 +348,10 @@ class RegistryClient:
             for f in wanted.values():
                 size, sha = file_digest(tmp / f.path)
                 if (size, sha) != (f.size, f.sha256):
-                    raise IntegrityError(f"{name} v{info.version} {f.path}: got {size} bytes sha256 {sha}, "
-                                         f"the registry recorded {f.size} bytes sha256 {f.sha256}")
+                    raise IntegrityError(
+                        f"{name} v{info.version} {f.path}: got {size} bytes sha256 {sha}, "
+                        f"the registry recorded {f.size} bytes sha256 {f.sha256}"
+                    )
                 st = (tmp / f.path).stat()
                 marker[f.path] = [st.st_size, st.st_mtime_ns, f.sha256]
             (tmp / CACHE_MARKER).write_text(json.dumps(marker))

@@ -5,7 +5,6 @@ import time
 
 import pytest
 import uvicorn
-
 from nanochat_testing.servers import free_port
 from registry.api import create_app
 from registry.settings import Settings

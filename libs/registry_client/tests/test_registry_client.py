@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 from nanochat_contracts.manifest import CACHE_MARKER, MANIFEST_FILE
-
 from registry_client import IntegrityError, ManifestError, RegistryClient, RegistryError, UploadError, build_manifest
 
 
@@ -24,15 +23,22 @@ def make_checkpoint(folder, with_manifest=True, big=200_000):
 
 
 def same_tree(a, b):
-    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-                          if p.is_file() and p.name != CACHE_MARKER}
+    def files(root):
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*")
+            if p.is_file() and p.name != CACHE_MARKER
+        }
+
     return files(a) == files(b)
 
 
 @pytest.fixture
 def rc(registry_url, tmp_path):
     # A small part size, so files above it take the parallel ranged-download path.
-    with RegistryClient(registry_url["url"], token=registry_url["token"], cache_dir=tmp_path / "cache", part_size=64 * 1024) as c:
+    with RegistryClient(
+        registry_url["url"], token=registry_url["token"], cache_dir=tmp_path / "cache", part_size=64 * 1024
+    ) as c:
         yield c
 
 
@@ -41,8 +47,13 @@ def test_upload_resolve_download_round_trip(rc, tmp_path):
     name = f"c-{uuid.uuid4().hex[:8]}"
     v = rc.upload_folder(src, name, stage="sft", step=5, metrics={"loss": 2.0}, job_id="j1")
     assert v.state == "ready" and v.meta == {"stage": "sft", "step": 5}
-    assert {f.path for f in v.files} == {"model.safetensors", "config.json", "meta.json", "tokenizer/tokenizer.json",
-                                          "manifest.json"}
+    assert {f.path for f in v.files} == {
+        "model.safetensors",
+        "config.json",
+        "meta.json",
+        "tokenizer/tokenizer.json",
+        "manifest.json",
+    }
     assert rc.resolve(name, stage=["rl", "sft"]).version == v.version
     folder = rc.download(name, stage="sft")
     assert folder.name == f"v{v.version}" and same_tree(src, folder)
@@ -105,8 +116,11 @@ def test_an_interrupted_upload_resumes(rc, registry_url, tmp_path):
     files["manifest.json"] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     # The first attempt created the version and sent one file before dying.
     created = rc._request("POST", f"/v1/models/{name}/versions", json={"stage": "sft", "files": files}).json()
-    rc._request("PUT", f"/v1/models/{name}/versions/{created['version']}/files/config.json",
-                content=(src / "config.json").read_bytes())
+    rc._request(
+        "PUT",
+        f"/v1/models/{name}/versions/{created['version']}/files/config.json",
+        content=(src / "config.json").read_bytes(),
+    )
     status = rc._request("GET", f"/v1/models/{name}/versions/{created['version']}/upload").json()
     assert "config.json" not in status["missing"] and "model.safetensors" in status["missing"]
     v = rc.upload_folder(src, name, stage="sft", resume_version=created["version"])

@@ -23,9 +23,16 @@ from service_kit.body_limit import BodyLimit
 from service_kit.request_context import HTTPMetrics, RequestContext
 
 
-def create_app(service: str, *, tokens: Tokens | None = None, readiness: ops.ReadyCheck | None = None,
-               metrics: CollectorRegistry | None = None, max_body_bytes: int | None = None,
-               validation_status: int = 422, **fastapi: Any) -> FastAPI:
+def create_app(
+    service: str,
+    *,
+    tokens: Tokens | None = None,
+    readiness: ops.ReadyCheck | None = None,
+    metrics: CollectorRegistry | None = None,
+    max_body_bytes: int | None = None,
+    validation_status: int = 422,
+    **fastapi: Any,
+) -> FastAPI:
     """A FastAPI app named `service` (the prefix of its metric names); `fastapi` goes to FastAPI().
 
     `tokens` are what `require_read` / `require_write` take (default: reads open, writes refused).

@@ -26,9 +26,19 @@ _LOCATIONS = {"body", "query", "path", "header", "cookie"}
 
 _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 503: "service_unavailable"}
 _CODES = {
-    400: "bad_request", 401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "request_too_large", 416: "range_not_satisfiable", 422: "invalid_value",
-    429: "rate_limited", 500: "internal_error", 502: "upstream_unavailable", 503: "unavailable",
+    400: "bad_request",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    416: "range_not_satisfiable",
+    422: "invalid_value",
+    429: "rate_limited",
+    500: "internal_error",
+    502: "upstream_unavailable",
+    503: "unavailable",
 }
 
 
@@ -49,26 +59,46 @@ class APIError(Exception):
     """An error a route answers with: the status, a message a person can act on, and the rest
     of the shape (`type` and `code` default from the status)."""
 
-    def __init__(self, status: int, message: str, *, type: str | None = None, code: str | None = None,
-                 param: str | None = None, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = dict(headers) if headers else None
 
 
-def error_body(status: int, message: str, *, type: str | None = None, code: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, *, type: str | None = None, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """The error JSON for `status`; `type` and `code` default from the status."""
     default_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    detail = ErrorDetail(message=message[:MAX_MESSAGE], type=type or default_type, param=param,
-                         code=code or _CODES.get(status))
+    detail = ErrorDetail(
+        message=message[:MAX_MESSAGE], type=type or default_type, param=param, code=code or _CODES.get(status)
+    )
     return ErrorResponse(error=detail).model_dump()
 
 
-def error_response(status: int, message: str, *, type: str | None = None, code: str | None = None,
-                   param: str | None = None, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, type=type, code=code, param=param), status_code=status,
-                        headers=dict(headers) if headers else None)
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(status, message, type=type, code=code, param=param),
+        status_code=status,
+        headers=dict(headers) if headers else None,
+    )
 
 
 def field_path(loc: Sequence[Any]) -> str:

@@ -33,7 +33,7 @@ ReadyCheck = Callable[[Request], "Readiness | Awaitable[Readiness]"]
 
 
 def probe(check: Callable[[], object]) -> str:
-    """"ok" when `check()` returns, else the error it raised, for a `Readiness` line."""
+    """ "ok" when `check()` returns, else the error it raised, for a `Readiness` line."""
     try:
         check()
     except Exception as e:

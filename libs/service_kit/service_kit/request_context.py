@@ -31,10 +31,12 @@ class HTTPMetrics:
     """`<service>_http_requests_total{method, route, status}` and `<service>_http_request_seconds{route}`."""
 
     def __init__(self, service: str, registry: CollectorRegistry):
-        self.requests = Counter(f"{service}_http_requests", "HTTP requests.", ["method", "route", "status"],
-                                registry=registry)
-        self.latency = Histogram(f"{service}_http_request_seconds", "HTTP request latency.", ["route"],
-                                 registry=registry)
+        self.requests = Counter(
+            f"{service}_http_requests", "HTTP requests.", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            f"{service}_http_request_seconds", "HTTP request latency.", ["route"], registry=registry
+        )
 
 
 class RequestContext:
@@ -76,6 +78,14 @@ class RequestContext:
             elapsed = time.perf_counter() - start
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
-            log.info("request", extra={"request_id": rid, "method": scope["method"], "path": scope["path"],
-                                       "status": status, "duration_ms": round(elapsed * 1000, 1)})
+            log.info(
+                "request",
+                extra={
+                    "request_id": rid,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 1),
+                },
+            )
             logs.request_id.reset(token)

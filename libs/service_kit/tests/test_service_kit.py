@@ -16,7 +16,6 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
-
 from service_kit.app import create_app
 from service_kit.auth import AuthFirstRoute, Tokens, require_read, require_write
 from service_kit.errors import APIError
@@ -75,8 +74,13 @@ def named() -> JSONResponse:
 
 
 def build(tokens: Tokens | None = None, readiness=None, validation_status: int = 422):
-    app = create_app("demo", tokens=tokens or Tokens(write_token="w-token"), readiness=readiness,
-                     max_body_bytes=LIMIT, validation_status=validation_status)
+    app = create_app(
+        "demo",
+        tokens=tokens or Tokens(write_token="w-token"),
+        readiness=readiness,
+        max_body_bytes=LIMIT,
+        validation_status=validation_status,
+    )
     app.include_router(router, prefix="/v1")
     return app
 
@@ -97,11 +101,19 @@ def error_of(r: httpx.Response, status: int) -> dict:
 def test_every_failure_has_the_one_shape(client):
     assert error_of(client.get("/v1/nowhere"), 404)["code"] == "not_found"
     assert error_of(client.delete("/v1/jobs"), 405)["code"] == "method_not_allowed"
-    assert error_of(client.get("/v1/conflict"), 409) == {"message": "already there", "type": "invalid_request_error",
-                                                         "param": None, "code": "conflict"}
+    assert error_of(client.get("/v1/conflict"), 409) == {
+        "message": "already there",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "conflict",
+    }
     busy = client.get("/v1/busy")
-    assert error_of(busy, 429) == {"message": "the queue is full", "type": "rate_limit_error", "param": None,
-                                   "code": "queue_full"}
+    assert error_of(busy, 429) == {
+        "message": "the queue is full",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "queue_full",
+    }
     assert busy.headers["retry-after"] == "1"
     refused = client.post("/v1/jobs", json={"stage": "x", "options": {"depth": 1}})
     assert error_of(refused, 401)["type"] == "authentication_error"
@@ -121,7 +133,9 @@ def test_validation_names_the_field_path(client):
 
 def test_openai_dialect_answers_validation_with_400():
     with TestClient(build(validation_status=400)) as c:
-        r = c.post("/v1/jobs", json={"stage": "x", "options": {"depth": 0}}, headers={"Authorization": "Bearer w-token"})
+        r = c.post(
+            "/v1/jobs", json={"stage": "x", "options": {"depth": 0}}, headers={"Authorization": "Bearer w-token"}
+        )
     assert error_of(r, 400)["param"] == "options.depth"
 
 
@@ -150,10 +164,21 @@ def test_the_token_is_checked_before_the_body_is_read():
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/jobs", "raw_path": b"/v1/jobs", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json"), *headers],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/jobs",
+            "raw_path": b"/v1/jobs",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), *headers],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "state": {},
+        }
         await app(scope, receive, send)
         return sent[0]["status"], len(reads)
 
@@ -173,8 +198,10 @@ def test_read_and_write_tokens():
     # (read status, write status) by token; a write that passes the check is a 422 (empty job).
     cases = [
         (Tokens(write_token="w"), {None: (200, 401), "w": (200, 422), "r": (200, 401)}),
-        (Tokens(write_token="w", read_token="r", reads_need_token=True),
-         {None: (401, 401), "w": (200, 422), "r": (200, 401)}),
+        (
+            Tokens(write_token="w", read_token="r", reads_need_token=True),
+            {None: (401, 401), "w": (200, 422), "r": (200, 401)},
+        ),
         (Tokens(anonymous_writes=True), {None: (200, 422)}),
     ]
     for tokens, expected in cases:
@@ -258,7 +285,9 @@ def test_health_ready_and_metrics():
         assert c.get("/health").json() == {"status": "ok"}
         r = c.get("/ready")
         assert r.status_code == 503 and r.json() == {
-            "status": "not_ready", "checks": {"database": "ok", "redis": "unavailable: ConnectionError: refused"}}
+            "status": "not_ready",
+            "checks": {"database": "ok", "redis": "unavailable: ConnectionError: refused"},
+        }
         metrics = c.get("/metrics").text
         assert 'demo_http_requests_total{method="GET",route="/ready",status="503"} 1.0' in metrics
         assert "demo_http_request_seconds_bucket" in metrics

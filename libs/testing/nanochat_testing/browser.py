@@ -10,16 +10,24 @@ import os
 import shutil
 
 # No sandbox (the tests may run as root) and no background connections (a closed network refuses them).
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> str:
     """$CHROMIUM, else the `chromium` on PATH; a clear error naming the install command when neither exists."""
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        raise FileNotFoundError("no chromium on PATH (or $CHROMIUM): `make test` installs it; by hand: "
-                                "sudo apt-get install -y chromium")
+        raise FileNotFoundError(
+            "no chromium on PATH (or $CHROMIUM): `make test` installs it; by hand: sudo apt-get install -y chromium"
+        )
     return path
 
 

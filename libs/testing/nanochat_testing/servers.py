@@ -150,7 +150,7 @@ def _readable_install(bin_dir: Path, popen: dict) -> Path:
         libs = package.parent / f"{package.name}.libs"
         if libs.is_dir():
             shutil.copytree(libs, staging / libs.name, symlinks=True)
-        for root, dirnames, _ in os.walk(staging):
+        for root, _, _ in os.walk(staging):
             os.chmod(root, 0o755)
         try:
             os.rename(staging, copy)
@@ -175,16 +175,33 @@ def start_postgres() -> Server:
     datadir = workdir / "data"
     init = subprocess.run(
         [initdb, "-D", str(datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
-        capture_output=True, text=True, cwd=workdir, **popen,
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        **popen,
     )
     if init.returncode != 0:
         shutil.rmtree(workdir, ignore_errors=True)
         raise ServerError(f"initdb failed:\n{init.stdout}\n{init.stderr}")
     port = free_port()
     cmd = [
-        postgres, "-D", str(datadir), "-p", str(port), "-k", str(workdir),
-        "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-        "-c", "full_page_writes=off", "-c", "max_connections=200",
+        postgres,
+        "-D",
+        str(datadir),
+        "-p",
+        str(port),
+        "-k",
+        str(workdir),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
+        "-c",
+        "max_connections=200",
     ]
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     server = _spawn("postgres", cmd, workdir, port, url, cwd=workdir, **popen)
@@ -201,7 +218,8 @@ def create_database(server: Server, name: str) -> str:
     """Create database `name` on a server from `start_postgres` and return its URL."""
     r = subprocess.run(
         [pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", name],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if r.returncode != 0:
         raise ServerError(f"createdb {name} failed: {r.stderr.strip()}")
@@ -209,7 +227,9 @@ def create_database(server: Server, name: str) -> str:
 
 
 def _redis_binary() -> str:
-    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
     if found:
         return found
     try:
@@ -223,8 +243,19 @@ def start_redis(port: int | None = None) -> Server:
     """redis-server on `port` (default: a free one), no persistence."""
     workdir = Path(tempfile.mkdtemp(prefix="nanochat-redis-"))
     port = port or free_port()
-    cmd = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", str(workdir)]
+    cmd = [
+        _redis_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
     server = _spawn("redis", cmd, workdir, port, f"redis://127.0.0.1:{port}/0")
 
     def ready(s: Server) -> bool:

@@ -5,7 +5,6 @@ import subprocess
 import urllib.request
 
 import boto3
-
 from nanochat_testing.servers import create_database, pg_bin, start_redis
 
 
@@ -13,9 +12,22 @@ def test_postgres_answers_sql(postgres_server):
     url = create_database(postgres_server, "fixture_check")
     assert url.endswith("/fixture_check")
     out = subprocess.run(
-        [pg_bin("psql"), "-h", "127.0.0.1", "-p", str(postgres_server.port), "-U", "postgres", "-d", "fixture_check",
-         "-tAc", "select 40 + 2"],
-        capture_output=True, text=True, check=True,
+        [
+            pg_bin("psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(postgres_server.port),
+            "-U",
+            "postgres",
+            "-d",
+            "fixture_check",
+            "-tAc",
+            "select 40 + 2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "42"
 
@@ -36,8 +48,13 @@ def test_redis_answers_ping(redis_server):
 
 
 def test_s3_server_is_a_separate_process_that_stores_objects(s3_server):
-    s3 = boto3.client("s3", endpoint_url=s3_server.url, aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     s3.create_bucket(Bucket="fixture-check")
     s3.put_object(Bucket="fixture-check", Key="a/b", Body=b"hello")
     assert s3.get_object(Bucket="fixture-check", Key="a/b")["Body"].read() == b"hello"

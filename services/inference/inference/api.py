@@ -26,11 +26,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from nanochat.scheduler import Stats
 from service_kit.app import create_app as create_service_app
 from service_kit.auth import Tokens
 from service_kit.ops import Readiness
-
-from nanochat.scheduler import Stats
 
 from inference.metrics import Metrics
 from inference.routes import chat, completions, models
@@ -67,12 +66,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     metrics = Metrics(stats)
     # OpenAI answers a request it cannot parse with 400, and so does this server (not 422).
-    app = create_service_app("inference", tokens=Tokens(read_token=settings.api_token,
-                                                        reads_need_token=settings.api_token is not None),
-                             readiness=readiness, metrics=metrics.registry, max_body_bytes=settings.max_body_bytes,
-                             validation_status=400, title="nanochat inference", lifespan=lifespan,
-                             description="OpenAI-compatible chat and completions over a continuous-batching "
-                             "engine.")
+    app = create_service_app(
+        "inference",
+        tokens=Tokens(read_token=settings.api_token, reads_need_token=settings.api_token is not None),
+        readiness=readiness,
+        metrics=metrics.registry,
+        max_body_bytes=settings.max_body_bytes,
+        validation_status=400,
+        title="nanochat inference",
+        lifespan=lifespan,
+        description="OpenAI-compatible chat and completions over a continuous-batching engine.",
+    )
     app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
     app.state.runner = Runner(manager, settings, metrics)
     for routes in (chat, completions, models):

@@ -46,8 +46,16 @@ class Update:
 
 
 class Generation:
-    def __init__(self, served: ServedModel, prompts: list[list[int]], params: SamplingParams, n: int,
-                 stop: list[str], stop_token_ids: list[int], metrics: Metrics):
+    def __init__(
+        self,
+        served: ServedModel,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        stop: list[str],
+        stop_token_ids: list[int],
+        metrics: Metrics,
+    ):
         self.served, self.n, self.metrics = served, n, metrics
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue()
@@ -59,8 +67,9 @@ class Generation:
         self.handles = []
         try:
             for p, prompt in enumerate(prompts):
-                self.handles.append(served.scheduler.submit(prompt, params, partial(self._post, p), n=n,
-                                                            stop_token_ids=stop_token_ids))
+                self.handles.append(
+                    served.scheduler.submit(prompt, params, partial(self._post, p), n=n, stop_token_ids=stop_token_ids)
+                )
         except BaseException:
             self.close()
             raise

@@ -70,8 +70,10 @@ class RemoteHandle:
 
 # ---- the child ----------------------------------------------------------------------------------
 
-def serve(conn: Connection, folder: str, device: str | None, slots: int, max_len: int, prefill_tokens: int,
-          cpu_threads: int) -> None:
+
+def serve(
+    conn: Connection, folder: str, device: str | None, slots: int, max_len: int, prefill_tokens: int, cpu_threads: int
+) -> None:
     """The child process: load, then run the scheduler until told to stop or the pipe closes."""
     from nanochat.checkpoint import load_checkpoint
     from nanochat.common import autodetect_device
@@ -84,13 +86,28 @@ def serve(conn: Connection, folder: str, device: str | None, slots: int, max_len
             raise ValueError(f"checkpoint {folder} has no tokenizer/ folder; inference needs one")
         engine = Engine(ckpt.model, ckpt.tokenizer)
         # The parent enforces the waiting bound; the child takes whatever reaches it.
-        scheduler = Scheduler(engine, slots=slots, max_len=max_len or ckpt.config.sequence_len,
-                              prefill_tokens=prefill_tokens, max_waiting=1 << 40)
+        scheduler = Scheduler(
+            engine,
+            slots=slots,
+            max_len=max_len or ckpt.config.sequence_len,
+            prefill_tokens=prefill_tokens,
+            max_waiting=1 << 40,
+        )
     except Exception as e:
         conn.send(("failed", str(e)))
         return
-    conn.send(("ready", ModelShape(vocab_size=ckpt.config.vocab_size, slots=scheduler.slots,
-                                   max_len=scheduler.max_len, device=engine.device.type, meta=ckpt.meta)))
+    conn.send(
+        (
+            "ready",
+            ModelShape(
+                vocab_size=ckpt.config.vocab_size,
+                slots=scheduler.slots,
+                max_len=scheduler.max_len,
+                device=engine.device.type,
+                meta=ckpt.meta,
+            ),
+        )
+    )
     # On CPU, one core fewer than the machine has by default: the HTTP process keeps one.
     threads = (cpu_threads or max(1, (os.cpu_count() or 1) - 1)) if engine.device.type == "cpu" else None
     _Child(conn, scheduler).run(threads)
@@ -126,8 +143,9 @@ class _Child:
             with self.lock:
                 self.seen = rid
                 try:
-                    self.handles[rid] = self.scheduler.submit(prompt, params, partial(self.post, rid), n=n,
-                                                              stop_token_ids=stop_token_ids)
+                    self.handles[rid] = self.scheduler.submit(
+                        prompt, params, partial(self.post, rid), n=n, stop_token_ids=stop_token_ids
+                    )
                     return
                 except Exception as e:  # the parent checked it; say so rather than lose the request
                     self.outbox.append((rid, [Event(i, finish_reason="error", error=str(e)) for i in range(n)]))
@@ -159,26 +177,43 @@ class _Child:
 
 # ---- the parent ---------------------------------------------------------------------------------
 
+
 class ModelProcess:
     """A scheduler in a child process, with the local scheduler's submit / cancel / stats / stop."""
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection, shape: ModelShape,
-                 max_waiting: int):
+    def __init__(
+        self, process: multiprocessing.process.BaseProcess, conn: Connection, shape: ModelShape, max_waiting: int
+    ):
         self.process, self.conn, self.shape, self.max_waiting = process, conn, shape, max_waiting
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # _open, _stats, _last_submitted, _seen
         self._send_lock = threading.Lock()
         self._open: dict[int, RemoteHandle] = {}
-        self._stats = Stats(waiting=0, prefilling=0, running=0, slots=shape.slots, used_slots=0,
-                            cache_positions_used=0, cache_positions=shape.slots * shape.max_len)
+        self._stats = Stats(
+            waiting=0,
+            prefilling=0,
+            running=0,
+            slots=shape.slots,
+            used_slots=0,
+            cache_positions_used=0,
+            cache_positions=shape.slots * shape.max_len,
+        )
         self._last_submitted = self._seen = 0
         self._stopping = False
         self._receiver = threading.Thread(target=self._receive, name="inference-model-receiver", daemon=True)
         self._receiver.start()
 
     @classmethod
-    def start(cls, folder: str | Path, device: str | None = None, slots: int = 32, max_len: int = 0,
-              prefill_tokens: int = 512, max_waiting: int = 256, cpu_threads: int = 0) -> ModelProcess:
+    def start(
+        cls,
+        folder: str | Path,
+        device: str | None = None,
+        slots: int = 32,
+        max_len: int = 0,
+        prefill_tokens: int = 512,
+        max_waiting: int = 256,
+        cpu_threads: int = 0,
+    ) -> ModelProcess:
         """Spawn the child and wait until it has loaded the model; ModelLoadError when it cannot."""
         # A fork server imports torch once per HTTP process, so a model process starts in the time
         # its checkpoint takes to load (spawn: seconds of imports each time). Forking the HTTP
@@ -186,16 +221,20 @@ class ModelProcess:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["inference.model_process", "nanochat.checkpoint", "nanochat.scheduler"])
         conn, child_conn = context.Pipe()
-        process = context.Process(target=serve, name="inference-model", daemon=True,
-                                  args=(child_conn, str(folder), device, slots, max_len, prefill_tokens, cpu_threads))
+        process = context.Process(
+            target=serve,
+            name="inference-model",
+            daemon=True,
+            args=(child_conn, str(folder), device, slots, max_len, prefill_tokens, cpu_threads),
+        )
         process.start()
         child_conn.close()
         try:
             kind, payload = conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError) as e:
             process.join(5)
             conn.close()
-            raise ModelLoadError(f"the model process exited with code {process.exitcode} while loading {folder}")
+            raise ModelLoadError(f"the model process exited with code {process.exitcode} while loading {folder}") from e
         if kind == "failed":
             process.join(10)
             conn.close()
@@ -214,8 +253,14 @@ class ModelProcess:
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, on_events: Callable[[list[Event]], None],
-               n: int = 1, stop_token_ids: Iterable[int] = ()) -> RemoteHandle:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_events: Callable[[list[Event]], None],
+        n: int = 1,
+        stop_token_ids: Iterable[int] = (),
+    ) -> RemoteHandle:
         """Queue a request; raises ValueError for a bad one and QueueFull when the queue is full."""
         prompt = check_prompt(prompt, self.shape.vocab_size, self.max_len)
         if not isinstance(n, int) or not 1 <= n <= self.slots:
@@ -261,9 +306,15 @@ class ModelProcess:
     def _stats_locked(self) -> Stats:
         s = self._stats
         unread = self._last_submitted - self._seen
-        return Stats(waiting=s.waiting + unread, prefilling=s.prefilling, running=s.running, slots=s.slots,
-                     used_slots=s.used_slots, cache_positions_used=s.cache_positions_used,
-                     cache_positions=s.cache_positions)
+        return Stats(
+            waiting=s.waiting + unread,
+            prefilling=s.prefilling,
+            running=s.running,
+            slots=s.slots,
+            used_slots=s.used_slots,
+            cache_positions_used=s.cache_positions_used,
+            cache_positions=s.cache_positions,
+        )
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:

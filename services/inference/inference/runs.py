@@ -19,10 +19,9 @@ from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from service_kit.errors import APIError, error_body
-
 from nanochat.engine import SamplingParams
 from nanochat.scheduler import QueueFull
+from service_kit.errors import APIError, error_body
 
 from inference import schemas
 from inference.generation import Generation, GenerationError, Update
@@ -41,8 +40,11 @@ def sse(payload: str) -> bytes:
 
 
 def usage(gen: Generation) -> schemas.Usage:
-    return schemas.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                         total_tokens=gen.prompt_tokens + gen.completion_tokens)
+    return schemas.Usage(
+        prompt_tokens=gen.prompt_tokens,
+        completion_tokens=gen.completion_tokens,
+        total_tokens=gen.prompt_tokens + gen.completion_tokens,
+    )
 
 
 class StreamFormat(Protocol):
@@ -88,12 +90,17 @@ class Runner:
         try:
             served = self.manager.acquire()
         except NoModel as e:
-            raise APIError(503, f"no model is loaded yet: {e}", code="model_not_loaded",
-                           headers={"Retry-After": "5"}) from None
+            raise APIError(
+                503, f"no model is loaded yet: {e}", code="model_not_loaded", headers={"Retry-After": "5"}
+            ) from None
         if model is not None and model != served.info.name:
             self.manager.release(served)
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {served.info.name!r}",
-                           code="model_not_found", param="model")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {served.info.name!r}",
+                code="model_not_found",
+                param="model",
+            )
         return served
 
     def release(self, served: ServedModel) -> None:
@@ -108,25 +115,42 @@ class Runner:
             seed=None if body.seed is None else body.seed % (1 << 62),
         )
 
-    def start(self, served: ServedModel, prompts: list[list[int]], body: schemas.SamplingFields,
-              max_tokens: int | None) -> Generation:
+    def start(
+        self, served: ServedModel, prompts: list[list[int]], body: schemas.SamplingFields, max_tokens: int | None
+    ) -> Generation:
         """Check the request against the served model and queue it; every refusal is an APIError."""
         context = served.context_length
         for prompt in prompts:
             if len(prompt) >= context:
-                raise APIError(400, f"this model's context is {context} tokens but the prompt has {len(prompt)} "
-                               f"tokens; it must be shorter than the context to leave room for a reply",
-                               code="context_length_exceeded", param="messages")
+                raise APIError(
+                    400,
+                    f"this model's context is {context} tokens but the prompt has {len(prompt)} "
+                    f"tokens; it must be shorter than the context to leave room for a reply",
+                    code="context_length_exceeded",
+                    param="messages",
+                )
         if body.n > served.scheduler.slots:
-            raise APIError(400, f"n is {body.n} but the server runs at most {served.scheduler.slots} samples at once",
-                           param="n", code="invalid_value")
+            raise APIError(
+                400,
+                f"n is {body.n} but the server runs at most {served.scheduler.slots} samples at once",
+                param="n",
+                code="invalid_value",
+            )
         vocab = served.vocab_size
         if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
-            raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids",
-                           code="invalid_value")
+            raise APIError(
+                400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids", code="invalid_value"
+            )
         try:
-            return Generation(served, prompts, self.sampling(body, max_tokens), body.n, body.stop,
-                              body.stop_token_ids or [], self.metrics)
+            return Generation(
+                served,
+                prompts,
+                self.sampling(body, max_tokens),
+                body.n,
+                body.stop,
+                body.stop_token_ids or [],
+                self.metrics,
+            )
         except ModelGone as e:
             raise APIError(503, f"{e}; retry shortly", code="model_not_loaded", headers={"Retry-After": "5"}) from None
         except QueueFull as e:
@@ -136,12 +160,20 @@ class Runner:
 
     def finished(self, rid: str, endpoint: str, outcome: str, gen: Generation) -> None:
         self.metrics.requests.labels(endpoint, outcome).inc()
-        log.info("%s %s: %s, %d prompt + %d completion tokens in %.3f s", endpoint, rid, outcome,
-                 gen.prompt_tokens, gen.completion_tokens, time.monotonic() - gen.started,
-                 extra={"request_id": rid})
+        log.info(
+            "%s %s: %s, %d prompt + %d completion tokens in %.3f s",
+            endpoint,
+            rid,
+            outcome,
+            gen.prompt_tokens,
+            gen.completion_tokens,
+            time.monotonic() - gen.started,
+            extra={"request_id": rid},
+        )
 
-    async def finish_plain(self, gen: Generation, served: ServedModel, request: Request, rid: str,
-                           endpoint: str) -> bool:
+    async def finish_plain(
+        self, gen: Generation, served: ServedModel, request: Request, rid: str, endpoint: str
+    ) -> bool:
         """Collect the whole generation; False when the client went away first."""
         try:
             done = await run_to_end(gen, request)
@@ -153,8 +185,9 @@ class Runner:
         self.finished(rid, endpoint, "ok" if done else "disconnected", gen)
         return done
 
-    def stream(self, gen: Generation, served: ServedModel, rid: str, endpoint: str, fmt: StreamFormat,
-               include_usage: bool) -> StreamingResponse:
+    def stream(
+        self, gen: Generation, served: ServedModel, rid: str, endpoint: str, fmt: StreamFormat, include_usage: bool
+    ) -> StreamingResponse:
         outcome = "disconnected"
         closed = False
 
@@ -186,9 +219,12 @@ class Runner:
             finally:
                 close()
 
-        return ClosingStreamingResponse(body(), close, media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                                 "X-Request-Id": rid})
+        return ClosingStreamingResponse(
+            body(),
+            close,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid},
+        )
 
 
 async def run_to_end(gen: Generation, request: Request) -> bool:

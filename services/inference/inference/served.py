@@ -57,20 +57,32 @@ class ServedModel:
         self.retired = False
 
     @classmethod
-    def load(cls, folder: Path, settings: Settings, name: str, version: int | None = None,
-             stage: str | None = None) -> ServedModel:
+    def load(
+        cls, folder: Path, settings: Settings, name: str, version: int | None = None, stage: str | None = None
+    ) -> ServedModel:
         """Start a model process that verifies and loads the checkpoint folder and runs its scheduler."""
-        scheduler = ModelProcess.start(folder, device=settings.device, slots=settings.slots, max_len=settings.max_len,
-                                       prefill_tokens=settings.prefill_tokens, max_waiting=settings.max_waiting,
-                                       cpu_threads=settings.cpu_threads)
+        scheduler = ModelProcess.start(
+            folder,
+            device=settings.device,
+            slots=settings.slots,
+            max_len=settings.max_len,
+            prefill_tokens=settings.prefill_tokens,
+            max_waiting=settings.max_waiting,
+            cpu_threads=settings.cpu_threads,
+        )
         try:
             tokenizer = Tokenizer.load(Path(folder) / TOKENIZER_DIR)  # the child has checked its hashes
         except BaseException:
             scheduler.stop()
             raise
         meta = scheduler.shape.meta
-        info = ModelInfo(name=name, version=version if version is not None else meta.get("version"),
-                         stage=stage or meta.get("stage"), folder=Path(folder), loaded_at=time.time())
+        info = ModelInfo(
+            name=name,
+            version=version if version is not None else meta.get("version"),
+            stage=stage or meta.get("stage"),
+            folder=Path(folder),
+            loaded_at=time.time(),
+        )
         return cls(info, tokenizer, scheduler)
 
     @property
@@ -96,8 +108,9 @@ class ModelManager:
         self._thread: threading.Thread | None = None
         self._registry: RegistryClient | None = None
         if settings.registry_url:
-            self._registry = RegistryClient(settings.registry_url, token=settings.registry_token,
-                                            cache_dir=settings.model_cache_dir)
+            self._registry = RegistryClient(
+                settings.registry_url, token=settings.registry_token, cache_dir=settings.model_cache_dir
+            )
 
     # ---- requests (event loop) ---------------------------------------------------------------
 
@@ -125,8 +138,9 @@ class ModelManager:
             if dead is None or dead.scheduler.alive:
                 return
             self.current = None
-            self.load_error = (f"the model process exited (code {dead.scheduler.process.exitcode}); "
-                               f"reloading {dead.info.folder}")
+            self.load_error = (
+                f"the model process exited (code {dead.scheduler.process.exitcode}); reloading {dead.info.folder}"
+            )
         log.error("%s", self.load_error)
         threading.Thread(target=self._reload, args=(dead,), name="inference-reload", daemon=True).start()
 
@@ -150,7 +164,9 @@ class ModelManager:
                 old.retired = True
                 if not idle:
                     self.retiring.append(old)
-        log.info("serving %s v%s (%s) from %s", served.info.name, served.info.version, served.info.stage, served.info.folder)
+        log.info(
+            "serving %s v%s (%s) from %s", served.info.name, served.info.version, served.info.stage, served.info.folder
+        )
         if idle:
             old.close()
 
@@ -239,7 +255,8 @@ class ModelManager:
                 if message and message.get("type") == "message" and self._relevant(message["data"]):
                     self._try_refresh()
         except redis.RedisError as e:
-            log.warning("redis events unavailable (%s); polling the registry every %.1f s",
-                        e, self.settings.poll_interval_s)
+            log.warning(
+                "redis events unavailable (%s); polling the registry every %.1f s", e, self.settings.poll_interval_s
+            )
         finally:
             client.close()

@@ -1,11 +1,11 @@
 """Inference settings, read from `INFERENCE_*` environment variables (pydantic-settings).
 
-    INFERENCE_MODEL_DIR=out/sft                      serve this checkpoint folder, no registry
-    INFERENCE_REGISTRY_URL=http://registry:8002      else: resolve, download and hot-swap from the registry
-    INFERENCE_REDIS_URL=redis://redis:6379/0         model.registered / alias.moved events (polling without)
-    INFERENCE_API_TOKEN=...                          require `Authorization: Bearer ...` on /v1/*
-    INFERENCE_SLOTS=32 INFERENCE_MAX_WAITING=256     KV-cache rows, waiting-queue bound (429 beyond)
-    INFERENCE_CPU_THREADS=1                          torch threads of the model process on CPU (0: cores - 1)
+INFERENCE_MODEL_DIR=out/sft                      serve this checkpoint folder, no registry
+INFERENCE_REGISTRY_URL=http://registry:8002      else: resolve, download and hot-swap from the registry
+INFERENCE_REDIS_URL=redis://redis:6379/0         model.registered / alias.moved events (polling without)
+INFERENCE_API_TOKEN=...                          require `Authorization: Bearer ...` on /v1/*
+INFERENCE_SLOTS=32 INFERENCE_MAX_WAITING=256     KV-cache rows, waiting-queue bound (429 beyond)
+INFERENCE_CPU_THREADS=1                          torch threads of the model process on CPU (0: cores - 1)
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class SampleDecoder:
             return [("text", text)] if text else []
         hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
         if hits:
-            text = self.held[:min(hits)]
+            text = self.held[: min(hits)]
             self.held, self.stopped = "", True
             return [("text", text)] if text else []
         keep = 0
@@ -84,6 +84,6 @@ class SampleDecoder:
                 if self.held.endswith(s[:k]):
                     keep = k
                     break
-        text = self.held[:len(self.held) - keep]
-        self.held = self.held[len(self.held) - keep:]
+        text = self.held[: len(self.held) - keep]
+        self.held = self.held[len(self.held) - keep :]
         return [("text", text)] if text else []

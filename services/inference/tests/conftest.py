@@ -17,15 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import uvicorn
-
 from inference.api import create_app
 from inference.settings import Settings
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
-TEXT = ("The quick brown fox jumps over the lazy dog. What is 7*3? It is 21. Numbers like 1,234 add up. "
-        "Unicode too: héllo wörld, naïve café, 日本語のテキスト, emoji 🙂🚀. ")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. What is 7*3? It is 21. Numbers like 1,234 add up. "
+    "Unicode too: héllo wörld, naïve café, 日本語のテキスト, emoji 🙂🚀. "
+)
 SCRIPT_WORDS = ["The", " quick", " fox", ",", " naïve", " café", "."]
 
 
@@ -79,9 +80,11 @@ def scripted_model(tok: Tokenizer) -> GPT:
 def checkpoints(tmp_path_factory, tok) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     folders = {}
-    for name, model, meta in [("a", random_model(tok, 0), {"stage": "sft"}),
-                              ("b", random_model(tok, 1), {"stage": "rl"}),
-                              ("scripted", scripted_model(tok), {"stage": "sft"})]:
+    for name, model, meta in [
+        ("a", random_model(tok, 0), {"stage": "sft"}),
+        ("b", random_model(tok, 1), {"stage": "rl"}),
+        ("scripted", scripted_model(tok), {"stage": "sft"}),
+    ]:
         folders[name] = save_checkpoint(root / name, model, tok, meta=meta)
     return folders
 

@@ -6,9 +6,8 @@ import logging
 import httpx
 import openai
 import pytest
-from fastapi.testclient import TestClient
-
 from conftest import SCRIPT_WORDS, start_server, wait_for
+from fastapi.testclient import TestClient
 from inference.api import create_app
 from inference.settings import Settings
 
@@ -25,7 +24,7 @@ def sse_events(response: httpx.Response) -> list:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -35,7 +34,10 @@ def test_chat_stream_equals_non_stream_and_has_openai_framing(client):
     full = client.chat.completions.create(**kw)
     choice = full.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    assert full.usage.completion_tokens > 0 and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert (
+        full.usage.completion_tokens > 0
+        and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    )
 
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -46,8 +48,15 @@ def test_chat_stream_equals_non_stream_and_has_openai_framing(client):
 
 
 def test_both_path_spellings_and_raw_sse(server):
-    body = {"model": "nanochat", "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": True,
-            "extra_field_clients_send": {"ignored": True}, "top_k": 0}
+    body = {
+        "model": "nanochat",
+        "messages": CHAT,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "extra_field_clients_send": {"ignored": True},
+        "top_k": 0,
+    }
     contents = []
     for path in ("/v1/chat/completions", "/chat/completions"):
         with httpx.stream("POST", server.url + path, json=body, timeout=60) as r:
@@ -63,8 +72,12 @@ def test_both_path_spellings_and_raw_sse(server):
 def test_completions_and_models(client, server):
     out = client.completions.create(model="nanochat", prompt="The quick brown", max_tokens=6, temperature=0)
     assert out.choices[0].finish_reason in ("stop", "length") and out.usage.prompt_tokens > 1
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="nanochat", prompt="The quick brown", max_tokens=6, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="nanochat", prompt="The quick brown", max_tokens=6, temperature=0, stream=True
+        )
+    )
     assert streamed == out.choices[0].text
     r = httpx.post(f"{server.url}/completions", json={"prompt": ["a", "b"], "max_tokens": 3, "n": 2, "seed": 1})
     assert sorted(c["index"] for c in r.json()["choices"]) == [0, 1, 2, 3]
@@ -83,27 +96,35 @@ def test_seed_n_and_stop(client):
 
     greedy = client.chat.completions.create(model="nanochat", messages=CHAT, max_tokens=24, temperature=0)
     text = greedy.choices[0].message.content
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     cut = client.chat.completions.create(model="nanochat", messages=CHAT, max_tokens=24, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].message.content == text[:text.index(stop)]
+    assert cut.choices[0].message.content == text[: text.index(stop)]
 
 
 def test_message_content_as_text_parts_and_assistant_history(client, tok):
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "7*3?"}]}]
     a = client.chat.completions.create(model="nanochat", messages=parts, max_tokens=5, temperature=0)
-    b = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "What is 7*3?"}],
-                                       max_tokens=5, temperature=0)
+    b = client.chat.completions.create(
+        model="nanochat", messages=[{"role": "user", "content": "What is 7*3?"}], max_tokens=5, temperature=0
+    )
     assert a.choices[0].message.content == b.choices[0].message.content
 
-    tool_turn = [{"type": "text", "text": "Let me see"}, {"type": "python", "text": "7*3"},
-                 {"type": "python_output", "text": "21"}, {"type": "text", "text": "It is 21."}]
-    history = [{"role": "user", "content": "What is 7*3?"},
-               {"role": "assistant", "content": "Let me see It is 21.", "nanochat_parts": tool_turn},
-               {"role": "user", "content": "Thanks"}]
+    tool_turn = [
+        {"type": "text", "text": "Let me see"},
+        {"type": "python", "text": "7*3"},
+        {"type": "python_output", "text": "21"},
+        {"type": "text", "text": "It is 21."},
+    ]
+    history = [
+        {"role": "user", "content": "What is 7*3?"},
+        {"role": "assistant", "content": "Let me see It is 21.", "nanochat_parts": tool_turn},
+        {"role": "user", "content": "Thanks"},
+    ]
     r = client.chat.completions.create(model="nanochat", messages=history, max_tokens=2, temperature=0)
-    expected = tok.render_for_completion({"messages": [history[0], {"role": "assistant", "content": tool_turn},
-                                                       history[2]]})
+    expected = tok.render_for_completion(
+        {"messages": [history[0], {"role": "assistant", "content": tool_turn}, history[2]]}
+    )
     assert r.usage.prompt_tokens == len(expected)
 
 
@@ -121,8 +142,11 @@ def test_tool_calls_stream_as_nanochat_tool_and_parts(scripted):
     message = r["choices"][0]["message"]
     words = SCRIPT_WORDS
     assert message["nanochat_parts"] == [
-        {"type": "text", "text": "".join(words[:4])}, {"type": "python", "text": "7*3"},
-        {"type": "python_output", "text": "21"}, {"type": "text", "text": "".join(words[4:])}]
+        {"type": "text", "text": "".join(words[:4])},
+        {"type": "python", "text": "7*3"},
+        {"type": "python_output", "text": "21"},
+        {"type": "text", "text": "".join(words[4:])},
+    ]
     assert message["content"] == "".join(words) and r["choices"][0]["finish_reason"] == "stop"
 
     with httpx.stream("POST", f"{scripted.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
@@ -132,17 +156,20 @@ def test_tool_calls_stream_as_nanochat_tool_and_parts(scripted):
     assert "".join(d.get("content", "") for d in deltas) == message["content"]
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ({"messages": CHAT, "max_tokens": -1}, "max_tokens"),
-    ({"messages": CHAT, "temperature": 2.5}, "temperature"),
-    ({"messages": CHAT, "top_p": 0}, "top_p"),
-    ({"messages": CHAT, "top_k": -2}, "top_k"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
-    ({"messages": [{"role": "assistant", "content": "hi"}]}, "user"),
-    ({"messages": CHAT, "n": 0}, "n"),
-    ({"messages": CHAT, "stop_token_ids": [10**9]}, "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"messages": CHAT, "max_tokens": -1}, "max_tokens"),
+        ({"messages": CHAT, "temperature": 2.5}, "temperature"),
+        ({"messages": CHAT, "top_p": 0}, "top_p"),
+        ({"messages": CHAT, "top_k": -2}, "top_k"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "user"),
+        ({"messages": CHAT, "n": 0}, "n"),
+        ({"messages": CHAT, "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ],
+)
 def test_bad_values_are_400_openai_errors(server, body, fragment):
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
@@ -151,8 +178,12 @@ def test_bad_values_are_400_openai_errors(server, body, fragment):
 
 
 def test_request_errors(server, client):
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=30,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"{not json",
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
     long = [{"role": "user", "content": "The quick brown fox " * 200}]
@@ -170,8 +201,10 @@ def test_request_errors(server, client):
     def chunked():
         for _ in range(3):
             yield b" " * (600 * 1024)
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=chunked(), timeout=30,
-                   headers={"content-type": "application/json"})
+
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", content=chunked(), timeout=30, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
@@ -199,10 +232,16 @@ def test_token_and_no_model(checkpoints):
 def test_metrics(server, client):
     client.chat.completions.create(model="nanochat", messages=CHAT, max_tokens=4, temperature=0)
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("inference_time_to_first_token_seconds_bucket", "inference_inter_token_latency_seconds_count",
-                 "inference_e2e_request_latency_seconds_sum", "inference_requests_running",
-                 "inference_requests_waiting", "inference_kv_cache_usage_ratio", "inference_prompt_tokens_total",
-                 "inference_generation_tokens_total"):
+    for name in (
+        "inference_time_to_first_token_seconds_bucket",
+        "inference_inter_token_latency_seconds_count",
+        "inference_e2e_request_latency_seconds_sum",
+        "inference_requests_running",
+        "inference_requests_waiting",
+        "inference_kv_cache_usage_ratio",
+        "inference_prompt_tokens_total",
+        "inference_generation_tokens_total",
+    ):
         assert name in text
     count = [line for line in text.splitlines() if line.startswith("inference_generation_tokens_total")]
     assert float(count[0].split()[-1]) > 0
@@ -235,8 +274,9 @@ def test_401_404_and_400_share_the_error_shape():
     with TestClient(create_app(Settings(api_token="s3cret"))) as c:
         refused = c.post("/v1/chat/completions", json={"messages": CHAT})
         unknown_route = c.get("/v1/no-such-route", headers={"Authorization": "Bearer s3cret"})
-        invalid = c.post("/v1/chat/completions", json={"messages": CHAT, "n": 0},
-                         headers={"Authorization": "Bearer s3cret"})
+        invalid = c.post(
+            "/v1/chat/completions", json={"messages": CHAT, "n": 0}, headers={"Authorization": "Bearer s3cret"}
+        )
     for r, status in [(refused, 401), (unknown_route, 404), (invalid, 400)]:
         assert r.status_code == status and set(r.json()) == {"error"} and set(r.json()["error"]) == shape, r.text
     assert refused.json()["error"]["type"] == "authentication_error"

@@ -7,9 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from starlette.requests import ClientDisconnect
-
 from conftest import start_server, wait_for
+from starlette.requests import ClientDisconnect
 
 
 def test_greedy_alone_equals_greedy_in_a_batch_of_16_mixed_requests(server):
@@ -17,8 +16,11 @@ def test_greedy_alone_equals_greedy_in_a_batch_of_16_mixed_requests(server):
     targets = [[{"role": "user", "content": q}] for q in ("What is 7*3?", "The lazy dog " * 20, "héllo")]
 
     def greedy(messages):
-        return client.chat.completions.create(model="nanochat", messages=messages, max_tokens=20,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(model="nanochat", messages=messages, max_tokens=20, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     alone = [greedy(m) for m in targets]
     assert len(set(alone)) == len(alone), "the model must answer different prompts differently"
@@ -27,13 +29,20 @@ def test_greedy_alone_equals_greedy_in_a_batch_of_16_mixed_requests(server):
         if i < len(targets):
             return greedy(targets[i])
         stream = client.chat.completions.create(
-            model="nanochat", messages=[{"role": "user", "content": "Numbers like " * (i % 4 + 1)}],
-            max_tokens=4 + 3 * i, temperature=0.9, extra_body={"top_k": 40}, seed=i, n=1 + i % 2, stream=True)
+            model="nanochat",
+            messages=[{"role": "user", "content": "Numbers like " * (i % 4 + 1)}],
+            max_tokens=4 + 3 * i,
+            temperature=0.9,
+            extra_body={"top_k": 40},
+            seed=i,
+            n=1 + i % 2,
+            stream=True,
+        )
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(mixed, range(16)))
-    assert results[:len(targets)] == alone
+    assert results[: len(targets)] == alone
 
 
 def test_disconnect_frees_the_cache_at_once(checkpoints):
@@ -43,8 +52,12 @@ def test_disconnect_frees_the_cache_at_once(checkpoints):
         scheduler = s.manager.current.scheduler
         # Greedy: this model's greedy reply runs to max_tokens; a sampled one meets
         # <|assistant_end|> after a few hundred tokens and could end before the disconnect.
-        body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 2000,
-                "temperature": 0.0, "stream": True}
+        body = {
+            "messages": [{"role": "user", "content": "Tell me everything."}],
+            "max_tokens": 2000,
+            "temperature": 0.0,
+            "stream": True,
+        }
         with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             while sum(1 for line in [next(lines)] if line.startswith("data: ")) == 0:
@@ -65,12 +78,28 @@ def test_disconnect_frees_the_cache_at_once(checkpoints):
 def test_client_gone_before_the_first_byte_frees_the_request(server):
     """The client's socket is gone when the response starts: no body byte is ever sent."""
     scheduler, manager = server.manager.current.scheduler, server.manager
-    body = json.dumps({"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 2000,
-                       "temperature": 0.0, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "root_path": "", "query_string": b"", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "Tell me everything."}],
+            "max_tokens": 2000,
+            "temperature": 0.0,
+            "stream": True,
+        }
+    ).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    }
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     started = []
 
@@ -98,8 +127,12 @@ def test_full_queue_is_429_with_retry_after(checkpoints):
         s.wait_ready()
         scheduler = s.manager.current.scheduler
         # Greedy, so neither request ends on <|assistant_end|> while the queue must stay full.
-        body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 2000, "temperature": 0.0,
-                "stream": True}
+        body = {
+            "messages": [{"role": "user", "content": "Go on."}],
+            "max_tokens": 2000,
+            "temperature": 0.0,
+            "stream": True,
+        }
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", f"{s.url}/v1/chat/completions", json=body) as running:
                 wait_for(lambda: scheduler.stats().running == 1, what="the first request to run")
@@ -112,7 +145,9 @@ def test_full_queue_is_429_with_retry_after(checkpoints):
                     assert e.value.response.headers["retry-after"] == "1"
                     assert e.value.code == "queue_full"
                 assert running.status_code == 200 and json.loads(next(running.iter_lines())[6:])["choices"]
-        wait_for(lambda: scheduler.stats().used_slots == 0 and scheduler.stats().waiting == 0,
-                 what="both requests to be cancelled")
+        wait_for(
+            lambda: scheduler.stats().used_slots == 0 and scheduler.stats().waiting == 0,
+            what="both requests to be cancelled",
+        )
     finally:
         s.stop()

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import SCRIPT_WORDS, start_server
 
 # What the scripted model answers: text, the `7*3` call, the engine's forced `21`, more text.
@@ -13,8 +12,13 @@ REPLY = "".join(SCRIPT_WORDS[:4]) + "[calc: 7*3][= 21]" + "".join(SCRIPT_WORDS[4
 
 
 def chat(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanochat.chat_cli", "-t", "0", "--device", "cpu", *args],
-                          input=stdin, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nanochat.chat_cli", "-t", "0", "--device", "cpu", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,13 @@ def test_one_prompt_from_a_checkpoint(checkpoints):
 
 
 def test_a_conversation_from_a_checkpoint_goes_on_and_clears(checkpoints):
-    proc = chat("--init-from", str(checkpoints["scripted"]), "--max-tokens", "40",
-                stdin="What is 7*3?\nAnd again?\nclear\nHi\nquit\nnever read\n")
+    proc = chat(
+        "--init-from",
+        str(checkpoints["scripted"]),
+        "--max-tokens",
+        "40",
+        stdin="What is 7*3?\nAnd again?\nclear\nHi\nquit\nnever read\n",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "".join([f"Assistant: {REPLY}\n"] * 2 + ["(a new conversation)\n", f"Assistant: {REPLY}\n"])
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import free_port, start_server, wait_for
 from inference.model_process import ModelLoadError, ModelProcess
 
@@ -49,8 +48,12 @@ def test_a_killed_model_process_ends_its_streams_with_an_error_and_is_reloaded(c
     try:
         s.wait_ready()
         dead = s.manager.current
-        body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 2000, "temperature": 0.0,
-                "stream": True}
+        body = {
+            "messages": [{"role": "user", "content": "Go on."}],
+            "max_tokens": 2000,
+            "temperature": 0.0,
+            "stream": True,
+        }
         with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
@@ -59,8 +62,11 @@ def test_a_killed_model_process_ends_its_streams_with_an_error_and_is_reloaded(c
         assert "model process exited" in events[-1]["error"]["message"]
         s.wait_ready()
         assert s.manager.current is not dead and not dead.scheduler.alive
-        reply = httpx.post(f"{s.url}/v1/chat/completions", timeout=60,
-                           json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0})
+        reply = httpx.post(
+            f"{s.url}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0},
+        )
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
     finally:
         s.stop()
@@ -68,8 +74,12 @@ def test_a_killed_model_process_ends_its_streams_with_an_error_and_is_reloaded(c
 
 def test_the_model_process_exits_when_the_http_process_is_killed(checkpoints):
     port = free_port()
-    env = {**os.environ, "INFERENCE_MODEL_DIR": str(checkpoints["a"]), "INFERENCE_PORT": str(port),
-           "INFERENCE_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "INFERENCE_MODEL_DIR": str(checkpoints["a"]),
+        "INFERENCE_PORT": str(port),
+        "INFERENCE_LOG_LEVEL": "WARNING",
+    }
     server = subprocess.Popen([sys.executable, "-m", "inference"], env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for(lambda: _ready(port), timeout=60, what="the server to load its model")
@@ -78,8 +88,11 @@ def test_the_model_process_exits_when_the_http_process_is_killed(checkpoints):
     finally:
         server.kill()
         server.wait()
-    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in children),
-             timeout=15, what="the model process to exit with its parent")
+    wait_for(
+        lambda: not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in children),
+        timeout=15,
+        what="the model process to exit with its parent",
+    )
 
 
 def _ready(port: int) -> bool:

@@ -13,7 +13,6 @@ import json
 from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
-
 from inference.served import ModelManager
 from inference.settings import Settings
 from nanochat_contracts import serving
@@ -30,8 +29,9 @@ def publish(client: TestClient, name: str, stage: str, commit: bool = True) -> i
     """One version holding one small file of its own; left pending when `commit` is false."""
     data = f"{name} {stage} {id(object())}".encode()
     spec = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    v = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": stage, "files": {"model.bin": spec}}).json()["version"]
+    v = client.post(
+        f"/v1/models/{name}/versions", headers=AUTH, json={"stage": stage, "files": {"model.bin": spec}}
+    ).json()["version"]
     assert client.put(f"/v1/models/{name}/versions/{v}/files/model.bin", content=data, headers=AUTH).status_code == 200
     if commit:
         assert client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH).status_code == 200
@@ -59,8 +59,12 @@ def test_inference_serves_the_registrys_resolve(tmp_path) -> None:
         assert chosen is not None and chosen.version == sft == rule.version
         assert chosen.version == registry.get("/v1/resolve/nanochat").json()["version"]
 
-        assert registry.put(f"/v1/models/nanochat/aliases/{serving.SERVING_ALIAS}", json={"version": rl},
-                            headers=AUTH).status_code == 200
+        assert (
+            registry.put(
+                f"/v1/models/nanochat/aliases/{serving.SERVING_ALIAS}", json={"version": rl}, headers=AUTH
+            ).status_code
+            == 200
+        )
         assert manager.resolve().version == rl
     manager._registry.close()
 

@@ -11,7 +11,6 @@ import threading
 import httpx
 import pytest
 import uvicorn
-
 from conftest import free_port, start_server, wait_for
 from inference.served import ServedModel
 from registry.api import create_app as create_registry
@@ -49,7 +48,7 @@ def test_swap_lets_old_streams_finish_then_frees_the_old_model(checkpoints):
             assert greedy(s.url) == expected_b
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
         wait_for(lambda: not old.scheduler.alive, what="the old model to be freed")
         assert s.manager.retiring == []
     finally:
@@ -60,8 +59,9 @@ def test_swap_lets_old_streams_finish_then_frees_the_old_model(checkpoints):
 class RegistryServer:
     def __init__(self, data_dir, redis_url: str | None):
         self.token = "registry-write"
-        self.app = create_registry(RegistrySettings(data_dir=data_dir, write_token=self.token,
-                                                    redis_url=redis_url, log_level="WARNING"))
+        self.app = create_registry(
+            RegistrySettings(data_dir=data_dir, write_token=self.token, redis_url=redis_url, log_level="WARNING")
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -86,8 +86,13 @@ def test_registry_events_swap_the_served_model(checkpoints, tmp_path, request, e
     redis_url = request.getfixturevalue("redis_server").url if events == "redis" else None
     registry = RegistryServer(tmp_path / "registry", redis_url)
     uploader = RegistryClient(registry.url, token=registry.token, cache_dir=tmp_path / "up-cache")
-    s = start_server(registry_url=registry.url, redis_url=redis_url, model_cache_dir=tmp_path / "cache",
-                     poll_interval_s=30.0 if events == "redis" else 0.3, slots=2)
+    s = start_server(
+        registry_url=registry.url,
+        redis_url=redis_url,
+        model_cache_dir=tmp_path / "cache",
+        poll_interval_s=30.0 if events == "redis" else 0.3,
+        slots=2,
+    )
     try:
         assert httpx.get(f"{s.url}/ready").status_code == 503
         uploader.upload_folder(checkpoints["a"], "nanochat", stage="base")  # never served: a base model

@@ -46,8 +46,16 @@ def test_text_that_only_looked_like_a_stop_is_released(tok):
 
 def test_tool_parts(tok):
     sp = tok.encode_special
-    ids = (tok.encode("Let us see") + [sp("<|python_start|>")] + tok.encode("7*3") + [sp("<|python_end|>")]
-           + [sp("<|output_start|>")] + tok.encode("21") + [sp("<|output_end|>")] + tok.encode(" so 21."))
+    ids = (
+        tok.encode("Let us see")
+        + [sp("<|python_start|>")]
+        + tok.encode("7*3")
+        + [sp("<|python_end|>")]
+        + [sp("<|output_start|>")]
+        + tok.encode("21")
+        + [sp("<|output_end|>")]
+        + tok.encode(" so 21.")
+    )
     parts = [p for ps in feed_all(SampleDecoder(tok), ids) for p in ps]
     merged = []
     for kind, text in parts:

@@ -11,8 +11,16 @@ def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
     # uvicorn's own lines go through the root logger (JSON); the kit writes the access log.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                log_config=None, access_log=False, proxy_headers=True, timeout_keep_alive=30)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        timeout_keep_alive=30,
+    )
 
 
 if __name__ == "__main__":

@@ -30,25 +30,42 @@ from registry.settings import Settings
 
 log = logging.getLogger("registry.api")
 
-NO_WRITE_TOKEN = ("writes are disabled: the registry has no REGISTRY_WRITE_TOKEN set "
-                  "(set one, or REGISTRY_ALLOW_ANONYMOUS_WRITES=true for a private dev setup)")
+NO_WRITE_TOKEN = (
+    "writes are disabled: the registry has no REGISTRY_WRITE_TOKEN set "
+    "(set one, or REGISTRY_ALLOW_ANONYMOUS_WRITES=true for a private dev setup)"
+)
 
 
 def make_registry(settings: Settings) -> core.Registry:
     engine = make_engine(settings.resolved_database_url())
     migrate(engine)
     if settings.blob_backend == "s3":
-        blobs = S3Blobs.connect(settings.s3_endpoint, settings.s3_bucket, settings.s3_access_key,
-                                settings.s3_secret_key, settings.s3_region, settings.s3_prefix, settings.s3_part_size,
-                                settings.s3_parts_in_flight, settings.data_dir / "spool", settings.s3_public_endpoint)
+        blobs = S3Blobs.connect(
+            settings.s3_endpoint,
+            settings.s3_bucket,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            settings.s3_region,
+            settings.s3_prefix,
+            settings.s3_part_size,
+            settings.s3_parts_in_flight,
+            settings.data_dir / "spool",
+            settings.s3_public_endpoint,
+        )
         blobs.ensure_bucket()
     else:
         blobs = LocalBlobs(settings.resolved_blob_dir())
-    events = EventPublisher(settings.redis_url, settings.events_channel, settings.events_stream,
-                            settings.events_stream_maxlen)
-    return core.Registry(make_sessionmaker(engine), blobs, events, settings.max_path_length,
-                         presigned_uploads=settings.presigned_uploads and settings.blob_backend == "s3",
-                         presign_expiry_s=settings.presign_expiry_s)
+    events = EventPublisher(
+        settings.redis_url, settings.events_channel, settings.events_stream, settings.events_stream_maxlen
+    )
+    return core.Registry(
+        make_sessionmaker(engine),
+        blobs,
+        events,
+        settings.max_path_length,
+        presigned_uploads=settings.presigned_uploads and settings.blob_backend == "s3",
+        presign_expiry_s=settings.presign_expiry_s,
+    )
 
 
 @asynccontextmanager
@@ -58,8 +75,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.registry = reg
     app.state.metrics.events_pending.set_function(reg.events.pending)
     if not settings.write_token and settings.allow_anonymous_writes:
-        log.warning("REGISTRY_ALLOW_ANONYMOUS_WRITES is set and no write token: anyone who can reach this "
-                    "port can write")
+        log.warning(
+            "REGISTRY_ALLOW_ANONYMOUS_WRITES is set and no write token: anyone who can reach this port can write"
+        )
     elif not settings.write_token:
         log.warning("REGISTRY_WRITE_TOKEN is not set: every write is refused (401)")
 
@@ -96,13 +114,24 @@ async def registry_error(request: Request, e: core.RegistryError) -> JSONRespons
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    tokens = Tokens(write_token=settings.write_token, read_token=settings.read_token,
-                    reads_need_token=settings.read_token_required, anonymous_writes=settings.allow_anonymous_writes,
-                    no_write_token=NO_WRITE_TOKEN)
+    tokens = Tokens(
+        write_token=settings.write_token,
+        read_token=settings.read_token,
+        reads_need_token=settings.read_token_required,
+        anonymous_writes=settings.allow_anonymous_writes,
+        no_write_token=NO_WRITE_TOKEN,
+    )
     # No body limit: uploads stream model files of any size, counted against their manifest.
-    app = create_service_app("registry", tokens=tokens, readiness=readiness, metrics=metrics.registry,
-                             title="nanochat model registry", version="0.1.0", lifespan=lifespan,
-                             description="Versioned, verified checkpoints with aliases, lineage and events.")
+    app = create_service_app(
+        "registry",
+        tokens=tokens,
+        readiness=readiness,
+        metrics=metrics.registry,
+        title="nanochat model registry",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Versioned, verified checkpoints with aliases, lineage and events.",
+    )
     app.state.settings, app.state.metrics = settings, metrics
     app.exception_handler(core.RegistryError)(registry_error)
     for routes in (models, uploads, files, aliases, resolve, admin):

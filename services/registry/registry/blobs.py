@@ -150,8 +150,15 @@ class _LocalWriter:
 
 
 class S3Blobs:
-    def __init__(self, client, bucket: str, prefix: str = "blobs/", part_size: int = 16 * 1024 * 1024,
-                 parts_in_flight: int = 4, spool_dir: Path | None = None):
+    def __init__(
+        self,
+        client,
+        bucket: str,
+        prefix: str = "blobs/",
+        part_size: int = 16 * 1024 * 1024,
+        parts_in_flight: int = 4,
+        spool_dir: Path | None = None,
+    ):
         self.s3, self.bucket, self.prefix, self.part_size = client, bucket, prefix, part_size
         self.parts_in_flight = max(1, parts_in_flight)
         self.spool_dir = spool_dir
@@ -164,22 +171,38 @@ class S3Blobs:
         self.presigner = client
 
     @classmethod
-    def connect(cls, endpoint: str | None, bucket: str, access_key: str | None, secret_key: str | None,
-                region: str, prefix: str, part_size: int, parts_in_flight: int = 4,
-                spool_dir: Path | None = None, public_endpoint: str | None = None) -> "S3Blobs":
+    def connect(
+        cls,
+        endpoint: str | None,
+        bucket: str,
+        access_key: str | None,
+        secret_key: str | None,
+        region: str,
+        prefix: str,
+        part_size: int,
+        parts_in_flight: int = 4,
+        spool_dir: Path | None = None,
+        public_endpoint: str | None = None,
+    ) -> S3Blobs:
         import boto3
         from botocore.config import Config
 
         def client(url: str | None):
             return boto3.client(
-                "s3", endpoint_url=url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                "s3",
+                endpoint_url=url,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
                 region_name=region,
                 # No SigV4 payload hash: botocore would sha256 every byte of a plain-http request
                 # body once more. Each part carries a CRC32 checksum header instead (signed, and
                 # checked by S3), and the whole file's sha256 was checked on the way in.
-                config=Config(max_pool_connections=32, retries={"max_attempts": 3, "mode": "standard"},
-                              s3={"addressing_style": "path", "payload_signing_enabled": False},
-                              signature_version="s3v4"),
+                config=Config(
+                    max_pool_connections=32,
+                    retries={"max_attempts": 3, "mode": "standard"},
+                    s3={"addressing_style": "path", "payload_signing_enabled": False},
+                    signature_version="s3v4",
+                ),
             )
 
         store = cls(client(endpoint), bucket, prefix, part_size, parts_in_flight, spool_dir)
@@ -254,16 +277,25 @@ class S3Blobs:
 
     def start_staged(self, upload: str) -> str:
         """Open a multipart upload at the staging key of `upload`; returns S3's upload id."""
-        r = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.staging_key(upload), ChecksumAlgorithm="SHA256")
+        r = self.s3.create_multipart_upload(
+            Bucket=self.bucket, Key=self.staging_key(upload), ChecksumAlgorithm="SHA256"
+        )
         return r["UploadId"]
 
     def presign_part(self, upload: str, upload_id: str, number: int, sha256: str, expiry_s: int) -> tuple[str, dict]:
         """A PUT URL for part `number` and the headers the request must carry (they are signed)."""
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
         url = self.presigner.generate_presigned_url(
-            "upload_part", ExpiresIn=expiry_s,
-            Params={"Bucket": self.bucket, "Key": self.staging_key(upload), "UploadId": upload_id,
-                    "PartNumber": number, "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum},
+            "upload_part",
+            ExpiresIn=expiry_s,
+            Params={
+                "Bucket": self.bucket,
+                "Key": self.staging_key(upload),
+                "UploadId": upload_id,
+                "PartNumber": number,
+                "ChecksumAlgorithm": "SHA256",
+                "ChecksumSHA256": checksum,
+            },
         )
         return url, {"x-amz-checksum-sha256": checksum, "x-amz-sdk-checksum-algorithm": "SHA256"}
 
@@ -295,11 +327,17 @@ class S3Blobs:
                 want = part_size if p["PartNumber"] < count else size - (count - 1) * part_size
                 if p["PartNumber"] > count or p["Size"] != want:
                     raise BlobMismatch(f"part {p['PartNumber']} has {p['Size']} bytes, expected {want}")
-            done = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"],
-                     **({"ChecksumSHA256": p["ChecksumSHA256"]} if p.get("ChecksumSHA256") else {})}
-                    for p in sorted(parts, key=lambda p: p["PartNumber"])]
-            self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                              MultipartUpload={"Parts": done})
+            done = [
+                {
+                    "PartNumber": p["PartNumber"],
+                    "ETag": p["ETag"],
+                    **({"ChecksumSHA256": p["ChecksumSHA256"]} if p.get("ChecksumSHA256") else {}),
+                }
+                for p in sorted(parts, key=lambda p: p["PartNumber"])
+            ]
+            self.s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
+            )
             verified_by_store = self._verify_staged(key, sha256, size)
             # The published object needs a full-object SHA256 (the staged one had a checksum of
             # parts); a copy carries its source's checksum, so only where the store did not just
@@ -319,8 +357,13 @@ class S3Blobs:
         checksum, or the object is too big for one copy, it is read back and hashed. True when the
         store computed it (the object now carries it)."""
         if size <= MAX_PART:
-            r = self.s3.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                                    ChecksumAlgorithm="SHA256", MetadataDirective="REPLACE")
+            r = self.s3.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                ChecksumAlgorithm="SHA256",
+                MetadataDirective="REPLACE",
+            )
             got = r.get("CopyObjectResult", {}).get("ChecksumSHA256")
             if got:
                 got_hex = base64.b64decode(got).hex()
@@ -362,10 +405,19 @@ class _S3Writer:
     def _send_part(self, number: int, spool) -> dict:
         try:
             spool.seek(0)
-            r = self.store.s3.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                                          PartNumber=number, Body=spool, ChecksumAlgorithm="CRC32")
-            return {"PartNumber": number, "ETag": r["ETag"],
-                    **({"ChecksumCRC32": r["ChecksumCRC32"]} if r.get("ChecksumCRC32") else {})}
+            r = self.store.s3.upload_part(
+                Bucket=self.store.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=spool,
+                ChecksumAlgorithm="CRC32",
+            )
+            return {
+                "PartNumber": number,
+                "ETag": r["ETag"],
+                **({"ChecksumCRC32": r["ChecksumCRC32"]} if r.get("ChecksumCRC32") else {}),
+            }
         finally:
             spool.close()
 
@@ -384,8 +436,9 @@ class _S3Writer:
         if self.upload_id is None:
             # A named part checksum: without one a store may checksum the whole object at completion
             # (moto's default is a full-object CRC64 over every byte, as slow as the upload itself).
-            self.upload_id = s3.create_multipart_upload(Bucket=self.store.bucket, Key=self.key,
-                                                        ChecksumAlgorithm="CRC32")["UploadId"]
+            self.upload_id = s3.create_multipart_upload(
+                Bucket=self.store.bucket, Key=self.key, ChecksumAlgorithm="CRC32"
+            )["UploadId"]
         self._collect(block=False)
         while len(self.in_flight) >= self.store.parts_in_flight:
             self._collect(block=True)
@@ -421,8 +474,9 @@ class _S3Writer:
                 while self.in_flight:
                     self._collect(block=True)
                 parts = sorted(self.parts, key=lambda p: p["PartNumber"])
-                s3.complete_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                                             MultipartUpload={"Parts": parts})
+                s3.complete_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+                )
         except BaseException:
             self.abort()
             raise

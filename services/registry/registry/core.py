@@ -16,11 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from nanochat_contracts import names, serving
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-
-from nanochat_contracts import names, serving
 
 from registry.blobs import MAX_PART, MAX_PARTS, MIN_PART, BlobMismatch, BlobStore, BlobWriter, PartsMissing
 from registry.db import Alias, Blob, File, Model, Upload, Version, utcnow
@@ -28,7 +27,6 @@ from registry.events import EventPublisher
 from registry.schemas import VersionCreate
 
 log = logging.getLogger("registry.core")
-
 
 
 class RegistryError(Exception):
@@ -65,15 +63,18 @@ class Registry:
 
 def check_name(name: str) -> str:
     if not names.is_name(name):
-        raise BadRequest(f"invalid model name {name!r}: letters, digits, '.', '_', '-', "
-                         f"at most {names.NAME_MAX}, starting alnum")
+        raise BadRequest(
+            f"invalid model name {name!r}: letters, digits, '.', '_', '-', at most {names.NAME_MAX}, starting alnum"
+        )
     return name
 
 
 def check_alias(alias: str) -> str:
     if not names.is_alias(alias):
-        raise BadRequest(f"invalid alias {alias!r}: letters, digits, '.', '_', '-', "
-                         f"at most {names.ALIAS_MAX}, starting with a letter")
+        raise BadRequest(
+            f"invalid alias {alias!r}: letters, digits, '.', '_', '-', "
+            f"at most {names.ALIAS_MAX}, starting with a letter"
+        )
     return alias
 
 
@@ -116,9 +117,17 @@ def version_dict(s: Session, v: Version) -> dict:
     if v.parent_version is not None:
         parent = {"name": v.parent_name, "version": v.parent_version}
     return {
-        "name": v.name, "version": v.version, "stage": v.stage, "state": v.state, "step": v.step,
-        "metrics": v.metrics or {}, "meta": v.meta or {}, "parent": parent, "job_id": v.job_id,
-        "created_at": v.created_at, "committed_at": v.committed_at,
+        "name": v.name,
+        "version": v.version,
+        "stage": v.stage,
+        "state": v.state,
+        "step": v.step,
+        "metrics": v.metrics or {},
+        "meta": v.meta or {},
+        "parent": parent,
+        "job_id": v.job_id,
+        "created_at": v.created_at,
+        "committed_at": v.committed_at,
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files if f.kind == "model"],
         "attachments": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files if f.kind == "attachment"],
         "aliases": sorted(aliases),
@@ -135,8 +144,7 @@ def _claim(s: Session, shas: Iterable[str]) -> set[str]:
     shas = sorted(set(shas))
     if not shas:
         return set()
-    return set(s.scalars(update(Blob).where(Blob.sha256.in_(shas)).values(claimed_at=utcnow())
-                         .returning(Blob.sha256)))
+    return set(s.scalars(update(Blob).where(Blob.sha256.in_(shas)).values(claimed_at=utcnow()).returning(Blob.sha256)))
 
 
 def _missing(s: Session, files: Iterable[File]) -> list[str]:
@@ -162,7 +170,9 @@ def create_version(reg: Registry, name: str, req: VersionCreate) -> dict:
     def attempt() -> dict:
         with reg.sessions.begin() as s:
             number = s.scalar(
-                update(Model).where(Model.name == name).values(last_version=Model.last_version + 1)
+                update(Model)
+                .where(Model.name == name)
+                .values(last_version=Model.last_version + 1)
                 .returning(Model.last_version)
             )
             if number is None:
@@ -172,14 +182,24 @@ def create_version(reg: Registry, name: str, req: VersionCreate) -> dict:
                 number = 1
             now = utcnow()
             v = Version(
-                name=name, version=number, stage=req.stage, state="pending", step=req.step,
-                metrics=dict(req.metrics), meta=req.meta, parent_name=parent_name,
-                parent_version=req.parent.version if req.parent else None, job_id=req.job_id,
-                created_at=now, updated_at=now,
+                name=name,
+                version=number,
+                stage=req.stage,
+                state="pending",
+                step=req.step,
+                metrics=dict(req.metrics),
+                meta=req.meta,
+                parent_name=parent_name,
+                parent_version=req.parent.version if req.parent else None,
+                job_id=req.job_id,
+                created_at=now,
+                updated_at=now,
             )
             s.add(v)
             s.flush()
-            rows = [File(version_id=v.id, path=p, size=f.size, sha256=f.sha256, kind="model") for p, f in req.files.items()]
+            rows = [
+                File(version_id=v.id, path=p, size=f.size, sha256=f.sha256, kind="model") for p, f in req.files.items()
+            ]
             s.add_all(rows)
             s.flush()
             out = version_dict(s, v)
@@ -205,8 +225,15 @@ def upload_status(reg: Registry, name: str, version: int) -> dict:
         return out
 
 
-def begin_upload(reg: Registry, name: str, version: int, path: str, attachment: bool = False,
-                 size: int | None = None, sha256: str | None = None) -> tuple[dict, BlobWriter | None]:
+def begin_upload(
+    reg: Registry,
+    name: str,
+    version: int,
+    path: str,
+    attachment: bool = False,
+    size: int | None = None,
+    sha256: str | None = None,
+) -> tuple[dict, BlobWriter | None]:
     """Check an upload may start; returns the file spec and a blob writer (None: already stored).
 
     Model files must be in the version's manifest and the version pending; attachments go to ready
@@ -244,8 +271,9 @@ def _record_blob(reg: Registry, spec: dict) -> None:
     _retrying(record)
 
 
-def finish_upload(reg: Registry, name: str, version: int, spec: dict, writer: BlobWriter | None,
-                  attachment: bool = False) -> dict:
+def finish_upload(
+    reg: Registry, name: str, version: int, spec: dict, writer: BlobWriter | None, attachment: bool = False
+) -> dict:
     """Publish a written blob (verified against its declared size and sha256) and record it."""
     if writer is not None:
         try:
@@ -255,13 +283,21 @@ def finish_upload(reg: Registry, name: str, version: int, spec: dict, writer: Bl
 
         _record_blob(reg, spec)
     if attachment:
+
         def attach() -> None:
             with reg.sessions.begin() as s:
                 v = _version(s, name, version, ("ready",))
                 f = s.get(File, (v.id, spec["path"]))
                 if f is None:
-                    s.add(File(version_id=v.id, path=spec["path"], size=spec["size"], sha256=spec["sha256"],
-                               kind="attachment"))
+                    s.add(
+                        File(
+                            version_id=v.id,
+                            path=spec["path"],
+                            size=spec["size"],
+                            sha256=spec["sha256"],
+                            kind="attachment",
+                        )
+                    )
                 else:
                     f.size, f.sha256 = spec["size"], spec["sha256"]
 
@@ -299,16 +335,26 @@ def start_presigned(reg: Registry, name: str, version: int, path: str, part_size
         return {**spec, "id": None, "part_size": part_size, "parts": 0, "stored": True}
     count = -(-spec["size"] // part_size)
     if spec["size"] == 0 or not MIN_PART <= part_size <= MAX_PART or count > MAX_PARTS:
-        raise BadRequest(f"{path}: {spec['size']} bytes in parts of {part_size} does not fit S3 "
-                         f"(parts of {MIN_PART}..{MAX_PART} bytes, at most {MAX_PARTS} parts, a non-empty file)")
+        raise BadRequest(
+            f"{path}: {spec['size']} bytes in parts of {part_size} does not fit S3 "
+            f"(parts of {MIN_PART}..{MAX_PART} bytes, at most {MAX_PARTS} parts, a non-empty file)"
+        )
     upload = uuid.uuid4().hex
     upload_id = reg.blobs.start_staged(upload)
 
     def record() -> None:
         with reg.sessions.begin() as s:
             v, _ = _pending_file(s, name, version, path)
-            s.add(Upload(id=upload, version_id=v.id, path=path, s3_upload_id=upload_id, part_size=part_size,
-                         created_at=utcnow()))
+            s.add(
+                Upload(
+                    id=upload,
+                    version_id=v.id,
+                    path=path,
+                    s3_upload_id=upload_id,
+                    part_size=part_size,
+                    created_at=utcnow(),
+                )
+            )
 
     try:
         _retrying(record)
@@ -371,7 +417,8 @@ def commit(reg: Registry, name: str, version: int) -> dict:
         raise Conflict(f"cannot commit {name} v{version}: not uploaded or not matching: {sorted(missing)[:20]}")
     with reg.sessions.begin() as s:
         done = s.execute(
-            update(Version).where(Version.name == name, Version.version == version, Version.state == "pending")
+            update(Version)
+            .where(Version.name == name, Version.version == version, Version.state == "pending")
             .values(state="ready", committed_at=utcnow(), updated_at=utcnow())
         ).rowcount
         v = _version(s, name, version)
@@ -387,17 +434,27 @@ def list_models(reg: Registry) -> list[dict]:
     with reg.sessions() as s:
         rows = s.execute(
             select(Version.name, func.max(Version.version), func.count())
-            .where(Version.state == "ready").group_by(Version.name).order_by(Version.name)
+            .where(Version.state == "ready")
+            .group_by(Version.name)
+            .order_by(Version.name)
         ).all()
         aliases: dict[str, dict[str, int]] = {}
         for a in s.scalars(select(Alias)):
             aliases.setdefault(a.name, {})[a.alias] = a.version
-        return [{"name": n, "latest_version": latest, "versions": count, "aliases": aliases.get(n, {})}
-                for n, latest, count in rows]
+        return [
+            {"name": n, "latest_version": latest, "versions": count, "aliases": aliases.get(n, {})}
+            for n, latest, count in rows
+        ]
 
 
-def list_versions(reg: Registry, name: str, stages: list[str] | None = None, states: list[str] | None = None,
-                  limit: int = 50, offset: int = 0) -> dict:
+def list_versions(
+    reg: Registry,
+    name: str,
+    stages: list[str] | None = None,
+    states: list[str] | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> dict:
     """Versions of `name`, newest first; only `ready` ones unless `states` asks for others."""
     check_name(name)
     q = select(Version).where(Version.name == name, Version.state.in_(states or ["ready"]))
@@ -411,10 +468,14 @@ def list_versions(reg: Registry, name: str, stages: list[str] | None = None, sta
 
 def patch_version(reg: Registry, name: str, version: int, metrics: dict) -> dict:
     """Merge `metrics` into the version's metrics (evals arrive after training)."""
+
     def attempt() -> dict:
         with reg.sessions.begin() as s:
-            v = s.scalar(select(Version).where(Version.name == name, Version.version == version,
-                                               Version.state.in_(("ready", "pending"))).with_for_update())
+            v = s.scalar(
+                select(Version)
+                .where(Version.name == name, Version.version == version, Version.state.in_(("ready", "pending")))
+                .with_for_update()
+            )
             if v is None:
                 raise NotFound(f"{name} v{version} not found")
             v.metrics = {**(v.metrics or {}), **metrics}
@@ -431,7 +492,9 @@ def delete_version(reg: Registry, name: str, version: int, force: bool = False) 
         v = _version(s, name, version, ("ready", "pending", "failed"))
         aliases = s.scalars(select(Alias).where(Alias.name == name, Alias.version == version)).all()
         if aliases and not force:
-            raise Conflict(f"{name} v{version} is aliased as {sorted(a.alias for a in aliases)}; delete with force=true")
+            raise Conflict(
+                f"{name} v{version} is aliased as {sorted(a.alias for a in aliases)}; delete with force=true"
+            )
         for a in aliases:
             s.delete(a)
         v.state, v.deleted_at, v.updated_at = "deleted", utcnow(), utcnow()
@@ -492,8 +555,11 @@ def resolve(reg: Registry, name: str, stages: list[str] | None = None, alias: st
         stages = stages or list(serving.SERVED_STAGES)
         # The rule itself runs on the (version, stage, state) rows, so it is the contract's code, not
         # a copy of it in SQL; the WHERE only keeps the rows small (one model has tens of versions).
-        rows = s.execute(select(Version.version, Version.stage, Version.state)
-                         .where(Version.name == name, Version.state == "ready", Version.stage.in_(stages))).all()
+        rows = s.execute(
+            select(Version.version, Version.stage, Version.state).where(
+                Version.name == name, Version.state == "ready", Version.stage.in_(stages)
+            )
+        ).all()
         chosen = serving.newest(rows, stages)
         if chosen is not None:
             return version_dict(s, _version(s, name, chosen.version))
@@ -507,13 +573,16 @@ def lineage(reg: Registry, name: str, version: int) -> dict:
         parents, seen, cur = [], {(v.name, v.version)}, v
         while cur.parent_version is not None and (cur.parent_name, cur.parent_version) not in seen:
             seen.add((cur.parent_name, cur.parent_version))
-            cur = s.scalar(select(Version).where(Version.name == cur.parent_name, Version.version == cur.parent_version))
+            cur = s.scalar(
+                select(Version).where(Version.name == cur.parent_name, Version.version == cur.parent_version)
+            )
             if cur is None:
                 break
             parents.append(version_dict(s, cur))
         children = s.scalars(
-            select(Version).where(Version.parent_name == name, Version.parent_version == version,
-                                  Version.state == "ready").order_by(Version.name, Version.version)
+            select(Version)
+            .where(Version.parent_name == name, Version.parent_version == version, Version.state == "ready")
+            .order_by(Version.name, Version.version)
         ).all()
         return {"version": version_dict(s, v), "parents": parents, "children": [version_dict(s, c) for c in children]}
 
@@ -531,16 +600,20 @@ def open_file(reg: Registry, name: str, version: int, path: str) -> dict:
 
 def _orphans(s: Session, cutoff: datetime) -> list[str]:
     """Blobs no file refers to and nobody claimed since `cutoff`: candidates, rechecked one by one."""
-    return list(s.scalars(select(Blob.sha256).where(Blob.sha256.not_in(select(File.sha256)),
-                                                    Blob.claimed_at <= cutoff)))
+    return list(
+        s.scalars(select(Blob.sha256).where(Blob.sha256.not_in(select(File.sha256)), Blob.claimed_at <= cutoff))
+    )
 
 
 def _drop_orphan(reg: Registry, sha256: str, cutoff: datetime) -> int:
     """Delete one blob if it is still unreferenced and unclaimed; its object goes while the row's
     delete is uncommitted, so a concurrent claim waits for both and then finds it missing."""
     with reg.sessions.begin() as s:
-        gone = s.execute(delete(Blob).where(Blob.sha256 == sha256, Blob.claimed_at <= cutoff,
-                                            ~exists().where(File.sha256 == Blob.sha256))).rowcount
+        gone = s.execute(
+            delete(Blob).where(
+                Blob.sha256 == sha256, Blob.claimed_at <= cutoff, ~exists().where(File.sha256 == Blob.sha256)
+            )
+        ).rowcount
         if gone:
             reg.blobs.delete(sha256)
         return gone

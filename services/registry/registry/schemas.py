@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Literal
-
-import json
 
 from nanochat_contracts.stages import Stage
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -91,7 +90,8 @@ class VersionOut(BaseModel):
 class VersionCreated(VersionOut):
     missing: list[str] = Field(description="manifest files whose bytes the registry does not hold yet")
     presigned_uploads: bool = Field(
-        default=False, description="whether big files may go straight to S3 through POST .../uploads")
+        default=False, description="whether big files may go straight to S3 through POST .../uploads"
+    )
 
 
 class PresignedStart(BaseModel):

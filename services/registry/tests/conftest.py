@@ -9,7 +9,6 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
-
 from nanochat_testing.servers import create_database
 from registry.api import create_app
 from registry.settings import Settings
@@ -27,10 +26,18 @@ def backend(request, tmp_path_factory):
     redis = request.getfixturevalue("redis_server")
     db_url = create_database(pg, f"registry_{uuid.uuid4().hex[:8]}")
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("registry-pg"), database_url=db_url, blob_backend="s3",
-        s3_endpoint=s3.url, s3_bucket=f"reg-{uuid.uuid4().hex[:8]}", s3_access_key="testing",
-        s3_secret_key="testing", s3_part_size=5 * 1024 * 1024, presigned_uploads=True, redis_url=redis.url,
-        write_token=TOKEN, log_level="WARNING",
+        data_dir=tmp_path_factory.mktemp("registry-pg"),
+        database_url=db_url,
+        blob_backend="s3",
+        s3_endpoint=s3.url,
+        s3_bucket=f"reg-{uuid.uuid4().hex[:8]}",
+        s3_access_key="testing",
+        s3_secret_key="testing",
+        s3_part_size=5 * 1024 * 1024,
+        presigned_uploads=True,
+        redis_url=redis.url,
+        write_token=TOKEN,
+        log_level="WARNING",
     )
     yield {"kind": request.param, "settings": settings, "redis": redis, "s3": s3}
 

@@ -15,8 +15,11 @@ def blob(data: bytes) -> dict:
 
 def publish(client, name: str, files: dict[str, bytes], stage: str = "sft", **extra) -> dict:
     """Create, upload and commit a version; returns the committed version."""
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": stage, "files": {p: blob(d) for p, d in files.items()}, **extra})
+    r = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": stage, "files": {p: blob(d) for p, d in files.items()}, **extra},
+    )
     assert r.status_code == 201, r.text
     v = r.json()["version"]
     for path in r.json()["missing"]:

@@ -9,22 +9,29 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 from nanochat_contracts import serving
-from registry_testlib import AUTH, blob, files_of, publish
-from sqlalchemy import select, update
-
 from registry import core
 from registry.api import create_app
 from registry.db import Blob, Version, utcnow
 from registry.ranges import parse_range
 from registry.schemas import VersionCreate
 from registry.settings import Settings
+from registry_testlib import AUTH, blob, files_of, publish
+from sqlalchemy import select, update
 
 
 def test_round_trip_and_pending_is_invisible(client, name):
     files = files_of("rt")
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": "sft", "step": 7, "metrics": {"loss": 1.5}, "job_id": "job-1",
-                          "files": {p: blob(d) for p, d in files.items()}})
+    r = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={
+            "stage": "sft",
+            "step": 7,
+            "metrics": {"loss": 1.5},
+            "job_id": "job-1",
+            "files": {p: blob(d) for p, d in files.items()},
+        },
+    )
     assert r.status_code == 201
     created = r.json()
     v = created["version"]
@@ -53,23 +60,30 @@ def test_round_trip_and_pending_is_invisible(client, name):
 def test_equal_files_are_stored_once(client, name):
     files = files_of("dedup")
     publish(client, name, files)
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    r = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}},
+    )
     assert r.json()["missing"] == []
     assert client.post(f"/v1/models/{name}/versions/{r.json()['version']}/commit", headers=AUTH).status_code == 200
 
 
 def test_wrong_bytes_are_refused_and_commit_needs_every_file(client, name):
     files = files_of("bad")
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": "base", "files": {p: blob(d) for p, d in files.items()}})
+    r = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": "base", "files": {p: blob(d) for p, d in files.items()}},
+    )
     v = r.json()["version"]
     data = files["model.safetensors"]
     flipped = bytes([data[0] ^ 1]) + data[1:]
     bad = client.put(f"/v1/models/{name}/versions/{v}/files/model.safetensors", content=flipped, headers=AUTH)
     assert bad.status_code == 400 and "sha256" in bad.json()["error"]["message"]
-    short = client.put(f"/v1/models/{name}/versions/{v}/files/config.json", content=files["config.json"][:-1],
-                       headers=AUTH)
+    short = client.put(
+        f"/v1/models/{name}/versions/{v}/files/config.json", content=files["config.json"][:-1], headers=AUTH
+    )
     assert short.status_code == 400
     commit = client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH)
     assert commit.status_code == 409 and "model.safetensors" in commit.json()["error"]["message"]
@@ -80,11 +94,15 @@ def test_wrong_bytes_are_refused_and_commit_needs_every_file(client, name):
 
 def test_abandoned_upload_is_swept_and_never_visible(client, reg, name):
     files = files_of("crash")
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    r = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}},
+    )
     v = r.json()["version"]
-    client.put(f"/v1/models/{name}/versions/{v}/files/model.safetensors", content=files["model.safetensors"],
-               headers=AUTH)
+    client.put(
+        f"/v1/models/{name}/versions/{v}/files/model.safetensors", content=files["model.safetensors"], headers=AUTH
+    )
     sha = blob(files["model.safetensors"])["sha256"]
     assert reg.blobs.size(sha) == len(files["model.safetensors"])
     # The "crash": the client never commits. The sweeper fails the version and drops its blobs.
@@ -98,8 +116,11 @@ def test_abandoned_upload_is_swept_and_never_visible(client, reg, name):
 
 def test_corrupted_blob_is_not_committable(client, reg, name):
     files = files_of("lost")
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    r = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}},
+    )
     v = r.json()["version"]
     for path, data in files.items():
         client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=data, headers=AUTH)
@@ -134,16 +155,21 @@ def test_resolve_is_the_serving_rule(client, name):
     for stage in ("sft", "rl", "sft", "base"):
         publish(client, name, files_of(stage), stage=stage)
     # A newer rl version still uploading is passed over.
-    pending = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                          json={"stage": "rl", "files": {p: blob(d) for p, d in files_of("up").items()}}).json()
+    pending = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": "rl", "files": {p: blob(d) for p, d in files_of("up").items()}},
+    ).json()
     listed = client.get(f"/v1/models/{name}/versions", params={"state": ["ready", "pending"]}).json()["items"]
     versions = [SimpleNamespace(version=v["version"], stage=v["stage"], state=v["state"]) for v in listed]
     expected = serving.newest(versions)
     assert expected is not None and expected.stage == "sft" and expected.version < pending["version"]
     assert client.get(f"/v1/resolve/{name}").json()["version"] == expected.version
     assert client.get(f"/v1/resolve/{name}", params={"stage": "rl,sft"}).json()["version"] == expected.version
-    assert client.get(f"/v1/resolve/{name}", params={"stage": "rl"}).json()["version"] == \
-        serving.newest(versions, ["rl"]).version
+    assert (
+        client.get(f"/v1/resolve/{name}", params={"stage": "rl"}).json()["version"]
+        == serving.newest(versions, ["rl"]).version
+    )
 
 
 def test_lineage_and_metrics_patch(client, name):
@@ -153,8 +179,11 @@ def test_lineage_and_metrics_patch(client, name):
     lin = client.get(f"/v1/models/{name}/versions/{sft}/lineage").json()
     assert [p["version"] for p in lin["parents"]] == [base, tok]
     assert [c["version"] for c in client.get(f"/v1/models/{name}/versions/{base}/lineage").json()["children"]] == [sft]
-    bad_parent = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                             json={"stage": "sft", "parent": {"version": 999}, "files": {"a": blob(b"a")}})
+    bad_parent = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": "sft", "parent": {"version": 999}, "files": {"a": blob(b"a")}},
+    )
     assert bad_parent.status_code == 404
 
     client.patch(f"/v1/models/{name}/versions/{base}", json={"metrics": {"core": 0.2}}, headers=AUTH)
@@ -168,13 +197,18 @@ def test_attachments_are_hash_checked_and_listed_apart(client, name):
     url = f"/v1/models/{name}/versions/{v}/attachments/report.md"
     wrong = client.put(url, content=report, headers={**AUTH, "X-Content-SHA256": "0" * 64})
     assert wrong.status_code == 400
-    assert client.put(url, content=report, headers={**AUTH, "X-Content-SHA256": blob(report)["sha256"]}).status_code == 200
+    assert (
+        client.put(url, content=report, headers={**AUTH, "X-Content-SHA256": blob(report)["sha256"]}).status_code == 200
+    )
     got = client.get(f"/v1/models/{name}/versions/{v}").json()
     assert got["attachments"] == [{"path": "report.md", **blob(report)}]
     assert "report.md" not in [f["path"] for f in got["files"]]
     assert client.get(url).content == report
-    overwrite_model = client.put(f"/v1/models/{name}/versions/{v}/attachments/config.json", content=b"x",
-                                 headers={**AUTH, "X-Content-SHA256": blob(b"x")["sha256"]})
+    overwrite_model = client.put(
+        f"/v1/models/{name}/versions/{v}/attachments/config.json",
+        content=b"x",
+        headers={**AUTH, "X-Content-SHA256": blob(b"x")["sha256"]},
+    )
     assert overwrite_model.status_code == 409
 
 
@@ -193,8 +227,9 @@ def test_no_write_token_refuses_writes_unless_anonymous_is_opted_in(tmp_path, na
     with TestClient(create_app(settings)) as c:
         for token in (None, "anything"):
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            r = c.post(f"/v1/models/{name}/versions", json={"stage": "sft", "files": {"a": blob(b"a")}},
-                       headers=headers)
+            r = c.post(
+                f"/v1/models/{name}/versions", json={"stage": "sft", "files": {"a": blob(b"a")}}, headers=headers
+            )
             if allow_anonymous:
                 assert r.status_code == 201, r.text
             else:
@@ -203,8 +238,9 @@ def test_no_write_token_refuses_writes_unless_anonymous_is_opted_in(tmp_path, na
         assert c.get("/v1/models").status_code == 200
 
 
-@pytest.mark.parametrize("path", ["../etc/passwd", "a/../../b", "/abs/path", "a//b", "./a", "a\\b", "a\x00b",
-                                  "C:/x", "x" * 600])
+@pytest.mark.parametrize(
+    "path", ["../etc/passwd", "a/../../b", "/abs/path", "a//b", "./a", "a\\b", "a\x00b", "C:/x", "x" * 600]
+)
 def test_bad_paths_are_refused(client, name, path):
     r = client.post(f"/v1/models/{name}/versions", headers=AUTH, json={"stage": "sft", "files": {path: blob(b"a")}})
     assert r.status_code == 400, r.text
@@ -215,8 +251,12 @@ def test_traversal_in_url_is_refused(client, name):
     v = publish(client, name, {"a.bin": uuid.uuid4().bytes})["version"]
     for raw in ["%2e%2e/%2e%2e/secret", "a/%2e%2e/%2e%2e/x", "%00"]:
         assert client.get(f"/v1/models/{name}/versions/{v}/files/{raw}").status_code == 400
-    assert client.post("/v1/models/bad%20name/versions", headers=AUTH,
-                       json={"stage": "sft", "files": {"a": blob(b"a")}}).status_code == 400
+    assert (
+        client.post(
+            "/v1/models/bad%20name/versions", headers=AUTH, json={"stage": "sft", "files": {"a": blob(b"a")}}
+        ).status_code
+        == 400
+    )
 
 
 def test_parse_range_forms():
@@ -230,8 +270,12 @@ def test_range_downloads(client, name):
     data = os.urandom(100_000)
     v = publish(client, name, {"w.bin": data})["version"]
     url = f"/v1/models/{name}/versions/{v}/files/w.bin"
-    for header, want in [("bytes=0-9", data[:10]), ("bytes=99990-", data[99990:]), ("bytes=-5", data[-5:]),
-                         ("bytes=500-200000", data[500:])]:
+    for header, want in [
+        ("bytes=0-9", data[:10]),
+        ("bytes=99990-", data[99990:]),
+        ("bytes=-5", data[-5:]),
+        ("bytes=500-200000", data[500:]),
+    ]:
         r = client.get(url, headers={"Range": header})
         assert r.status_code == 206 and r.content == want
         assert r.headers["content-range"].endswith("/100000")
@@ -265,9 +309,13 @@ def test_health_ready_metrics_openapi(client):
 
 def test_bad_json_bodies_are_4xx(client, name):
     url = f"/v1/models/{name}/versions"
-    for body in [b"not json", b'{"stage": "sft", "files": {"a": {"size": 1, "sha256": "xyz"}}}',
-                 b'{"stage": "xx", "files": {}}', b'{"stage": "sft", "files": {"a": {"size": -1, "sha256": "' + b"a" * 64 + b'"}}}',
-                 b'{"stage": "sft", "files": {"a": {"size": 1, "sha256": "' + b"a" * 64 + b'"}}, "metrics": {"x": NaN}}']:
+    for body in [
+        b"not json",
+        b'{"stage": "sft", "files": {"a": {"size": 1, "sha256": "xyz"}}}',
+        b'{"stage": "xx", "files": {}}',
+        b'{"stage": "sft", "files": {"a": {"size": -1, "sha256": "' + b"a" * 64 + b'"}}}',
+        b'{"stage": "sft", "files": {"a": {"size": 1, "sha256": "' + b"a" * 64 + b'"}}, "metrics": {"x": NaN}}',
+    ]:
         r = client.post(url, content=body, headers={**AUTH, "Content-Type": "application/json"})
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
         assert r.json()["error"]["message"]
@@ -295,11 +343,17 @@ def age(reg, sha=None, version_id=None, days=2):
 
 def abandon(client, reg, name, files, upload):
     """A pending version with `upload` sent, then left alone for two days."""
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    r = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}},
+    )
     v = r.json()["version"]
     for path in upload:
-        assert client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=files[path], headers=AUTH).status_code == 200
+        assert (
+            client.put(f"/v1/models/{name}/versions/{v}/files/{path}", content=files[path], headers=AUTH).status_code
+            == 200
+        )
     with reg.sessions() as s:
         age(reg, version_id=s.scalar(select(Version.id).where(Version.name == name, Version.version == v)))
     return v

@@ -11,7 +11,6 @@ import zlib
 
 import boto3
 import pytest
-
 from registry.blobs import BlobMismatch, S3Blobs
 
 MiB = 1024 * 1024
@@ -47,8 +46,13 @@ class CountingS3:
 
 @pytest.fixture
 def s3(s3_server):
-    client = boto3.client("s3", endpoint_url=s3_server.url, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     bucket = f"blobs-{uuid.uuid4().hex[:8]}"
     client.create_bucket(Bucket=bucket)
     return client, bucket
@@ -60,7 +64,7 @@ def store_over(client, bucket, tmp_path, in_flight):
 
 def write_all(writer, data, chunk=1 * MiB + 7):
     for i in range(0, len(data), chunk):
-        writer.write(data[i:i + chunk])
+        writer.write(data[i : i + chunk])
     writer.finish()
 
 
@@ -128,10 +132,16 @@ def test_staged_upload_is_read_back_where_the_store_gives_no_checksum(s3, tmp_pa
     sha = hashlib.sha256(data).hexdigest()
     upload = uuid.uuid4().hex
     upload_id = store.start_staged(upload)
-    second = data[5 * MiB:]
-    for number, part in [(1, data[:5 * MiB]), (2, (b"x" + second[1:]) if wrong else second)]:
-        client.upload_part(Bucket=bucket, Key=store.staging_key(upload), UploadId=upload_id, PartNumber=number,
-                           Body=part, ChecksumAlgorithm="SHA256")
+    second = data[5 * MiB :]
+    for number, part in [(1, data[: 5 * MiB]), (2, (b"x" + second[1:]) if wrong else second)]:
+        client.upload_part(
+            Bucket=bucket,
+            Key=store.staging_key(upload),
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=part,
+            ChecksumAlgorithm="SHA256",
+        )
     if wrong:
         with pytest.raises(BlobMismatch, match="sha256"):
             store.complete_staged(upload, upload_id, sha, len(data), 5 * MiB)
@@ -146,8 +156,17 @@ def test_staged_upload_is_read_back_where_the_store_gives_no_checksum(s3, tmp_pa
 def test_parts_carry_crc32_checksums_instead_of_a_payload_hash(s3_server, tmp_path):
     """Each part the registry sends is checked by S3 against a CRC32 header, and botocore is not
     asked to sha256 the body once more for the signature (a second pass over every byte)."""
-    store = S3Blobs.connect(s3_server.url, f"blobs-{uuid.uuid4().hex[:8]}", "testing", "testing", "us-east-1",
-                            "blobs/", part_size=5 * MiB, parts_in_flight=2, spool_dir=tmp_path / "spool")
+    store = S3Blobs.connect(
+        s3_server.url,
+        f"blobs-{uuid.uuid4().hex[:8]}",
+        "testing",
+        "testing",
+        "us-east-1",
+        "blobs/",
+        part_size=5 * MiB,
+        parts_in_flight=2,
+        spool_dir=tmp_path / "spool",
+    )
     store.ensure_bucket()
     sent = []
 
@@ -164,7 +183,7 @@ def test_parts_carry_crc32_checksums_instead_of_a_payload_hash(s3_server, tmp_pa
         assert "x-amz-checksum-crc32" in headers
     head = store.s3.head_object(Bucket=store.bucket, Key=store.key(sha), ChecksumMode="ENABLED")
     # S3's composite checksum: the CRC32 of the 4 parts' CRC32s (AWS appends "-4", moto does not).
-    parts = [data[i:i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
+    parts = [data[i : i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
     composite = zlib.crc32(b"".join(zlib.crc32(part).to_bytes(4, "big") for part in parts)).to_bytes(4, "big")
     assert head["ChecksumCRC32"].split("-")[0] == base64.b64encode(composite).decode()
     assert b"".join(store.read(sha)) == data
@@ -179,9 +198,15 @@ def test_published_staged_blob_carries_its_full_sha256(s3, tmp_path):
     sha = hashlib.sha256(data).hexdigest()
     upload = uuid.uuid4().hex
     upload_id = store.start_staged(upload)
-    for number, part in [(1, data[:5 * MiB]), (2, data[5 * MiB:])]:
-        client.upload_part(Bucket=bucket, Key=store.staging_key(upload), UploadId=upload_id, PartNumber=number,
-                           Body=part, ChecksumAlgorithm="SHA256")
+    for number, part in [(1, data[: 5 * MiB]), (2, data[5 * MiB :])]:
+        client.upload_part(
+            Bucket=bucket,
+            Key=store.staging_key(upload),
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=part,
+            ChecksumAlgorithm="SHA256",
+        )
     store.complete_staged(upload, upload_id, sha, len(data), 5 * MiB)
     head = client.head_object(Bucket=bucket, Key=store.key(sha), ChecksumMode="ENABLED")
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == sha

@@ -17,8 +17,11 @@ PART = 5 * MiB
 
 
 def start(client, name, files, path):
-    r = client.post(f"/v1/models/{name}/versions", headers=AUTH,
-                    json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}})
+    r = client.post(
+        f"/v1/models/{name}/versions",
+        headers=AUTH,
+        json={"stage": "sft", "files": {p: blob(d) for p, d in files.items()}},
+    )
     assert r.status_code == 201, r.text
     v = r.json()["version"]
     up = client.post(f"/v1/models/{name}/versions/{v}/uploads", headers=AUTH, json={"path": path, "part_size": PART})
@@ -27,8 +30,11 @@ def start(client, name, files, path):
 
 def put_part(client, name, v, upload, number, data, declared=None):
     """Ask for part `number`'s URL (declaring the sha256 of `declared`, default `data`), PUT `data` to S3."""
-    r = client.post(f"/v1/models/{name}/versions/{v}/uploads/{upload}/parts/{number}", headers=AUTH,
-                    json={"sha256": hashlib.sha256(declared if declared is not None else data).hexdigest()})
+    r = client.post(
+        f"/v1/models/{name}/versions/{v}/uploads/{upload}/parts/{number}",
+        headers=AUTH,
+        json={"sha256": hashlib.sha256(declared if declared is not None else data).hexdigest()},
+    )
     assert r.status_code == 200, r.text
     part = r.json()
     assert part["size"] == len(data) and "x-amz-checksum-sha256" in part["headers"]
@@ -36,7 +42,7 @@ def put_part(client, name, v, upload, number, data, declared=None):
 
 
 def parts_of(data):
-    return [data[i:i + PART] for i in range(0, len(data), PART)]
+    return [data[i : i + PART] for i in range(0, len(data), PART)]
 
 
 def staged_leftovers(reg):
@@ -102,8 +108,9 @@ def test_missing_parts_keep_the_upload_open(client, backend, name):
     put_part(client, name, v, upload, 1, first)
     assert client.post(f"/v1/models/{name}/versions/{v}/uploads/{upload}/complete", headers=AUTH).status_code == 200
     assert client.post(f"/v1/models/{name}/versions/{v}/commit", headers=AUTH).status_code == 200
-    bad_number = client.post(f"/v1/models/{name}/versions/{v}/uploads/{upload}/parts/3", headers=AUTH,
-                             json={"sha256": "0" * 64})
+    bad_number = client.post(
+        f"/v1/models/{name}/versions/{v}/uploads/{upload}/parts/3", headers=AUTH, json={"sha256": "0" * 64}
+    )
     assert bad_number.status_code == 404  # completed: the upload is closed
 
 

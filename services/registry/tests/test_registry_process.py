@@ -11,7 +11,6 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-
 from nanochat_testing.servers import create_database, free_port
 from registry_client import RegistryClient
 from registry_testlib import AUTH, TOKEN
@@ -24,12 +23,19 @@ def registry_process(postgres_server, s3_server, redis_server, tmp_path_factory)
     port = free_port()
     data_dir = tmp_path_factory.mktemp("registry-process")
     env = {
-        **os.environ, "REGISTRY_PORT": str(port), "REGISTRY_DATA_DIR": str(data_dir),
+        **os.environ,
+        "REGISTRY_PORT": str(port),
+        "REGISTRY_DATA_DIR": str(data_dir),
         "REGISTRY_DATABASE_URL": create_database(postgres_server, f"proc_{uuid.uuid4().hex[:8]}"),
-        "REGISTRY_BLOB_BACKEND": "s3", "REGISTRY_S3_ENDPOINT": s3_server.url,
-        "REGISTRY_S3_BUCKET": f"proc-{uuid.uuid4().hex[:8]}", "REGISTRY_S3_ACCESS_KEY": "testing",
-        "REGISTRY_S3_SECRET_KEY": "testing", "REGISTRY_REDIS_URL": redis_server.url,
-        "REGISTRY_WRITE_TOKEN": TOKEN, "REGISTRY_LOG_LEVEL": "WARNING", "REGISTRY_PRESIGNED_UPLOADS": "true",
+        "REGISTRY_BLOB_BACKEND": "s3",
+        "REGISTRY_S3_ENDPOINT": s3_server.url,
+        "REGISTRY_S3_BUCKET": f"proc-{uuid.uuid4().hex[:8]}",
+        "REGISTRY_S3_ACCESS_KEY": "testing",
+        "REGISTRY_S3_SECRET_KEY": "testing",
+        "REGISTRY_REDIS_URL": redis_server.url,
+        "REGISTRY_WRITE_TOKEN": TOKEN,
+        "REGISTRY_LOG_LEVEL": "WARNING",
+        "REGISTRY_PRESIGNED_UPLOADS": "true",
     }
     log = open(data_dir / "registry.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "registry"], env=env, stdout=log, stderr=subprocess.STDOUT)

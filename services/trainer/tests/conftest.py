@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-
 from nanochat_testing.servers import free_port
 from trainer.api import create_app
 from trainer.procs import processes_with_env
@@ -33,8 +32,13 @@ def registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real registry service (`python -m registry`) on a free port, local blobs + SQLite."""
     port = free_port()
     data = tmp_path_factory.mktemp("registry")
-    env = {**os.environ, "REGISTRY_PORT": str(port), "REGISTRY_DATA_DIR": str(data),
-           "REGISTRY_WRITE_TOKEN": REGISTRY_TOKEN, "REGISTRY_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "REGISTRY_PORT": str(port),
+        "REGISTRY_DATA_DIR": str(data),
+        "REGISTRY_WRITE_TOKEN": REGISTRY_TOKEN,
+        "REGISTRY_LOG_LEVEL": "WARNING",
+    }
     log = open(data / "registry.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "registry"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -58,12 +62,24 @@ def registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def settings(tmp_path: Path, redis_server, registry_url: str) -> Settings:
     return Settings(
-        database_url=f"sqlite:///{tmp_path / 'trainer.db'}", redis_url=redis_server.url,
-        queue_name=f"test-{uuid.uuid4().hex[:8]}", redis_prefix=f"test-{uuid.uuid4().hex[:8]}:",
-        registry_url=registry_url, registry_token=REGISTRY_TOKEN, write_token=TOKEN,
-        data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", heartbeat_interval=0.5,
-        heartbeat_limit=3.0, reap_interval=0.5, cancel_grace=3.0, upload_retries=2, upload_backoff=0.2,
-        gang_timeout=60.0, rdzv_endpoint=f"127.0.0.1:{free_port()}", job_timeout=600,
+        database_url=f"sqlite:///{tmp_path / 'trainer.db'}",
+        redis_url=redis_server.url,
+        queue_name=f"test-{uuid.uuid4().hex[:8]}",
+        redis_prefix=f"test-{uuid.uuid4().hex[:8]}:",
+        registry_url=registry_url,
+        registry_token=REGISTRY_TOKEN,
+        write_token=TOKEN,
+        data_dir=tmp_path / "data",
+        runs_dir=tmp_path / "runs",
+        heartbeat_interval=0.5,
+        heartbeat_limit=3.0,
+        reap_interval=0.5,
+        cancel_grace=3.0,
+        upload_retries=2,
+        upload_backoff=0.2,
+        gang_timeout=60.0,
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        job_timeout=600,
         log_level="WARNING",
     )
 
@@ -90,5 +106,3 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator:
     for pid in processes_with_env("TRAINER_QUEUE_NAME", settings.queue_name):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-

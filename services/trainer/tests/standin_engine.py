@@ -133,12 +133,22 @@ class StandinEngine:
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away (a log stream it stopped reading)
 
-    def dispatch(self, h: BaseHTTPRequestHandler, method: str, path: str, query: dict[str, list[str]],
-                 body: Any) -> None:
+    def dispatch(
+        self, h: BaseHTTPRequestHandler, method: str, path: str, query: dict[str, list[str]], body: Any
+    ) -> None:
         m = re.fullmatch(r"/containers/([0-9a-f]+)(/\w+)?", path)
         if method == "GET" and path == "/version":
-            self.reply(h, 200, {"Version": ENGINE_VERSION, "ApiVersion": API_VERSION, "MinAPIVersion": "1.24",
-                                "Os": "linux", "Arch": "amd64"})
+            self.reply(
+                h,
+                200,
+                {
+                    "Version": ENGINE_VERSION,
+                    "ApiVersion": API_VERSION,
+                    "MinAPIVersion": "1.24",
+                    "Os": "linux",
+                    "Arch": "amd64",
+                },
+            )
         elif path == "/_ping":
             self.reply(h, 200, "OK")
         elif method == "POST" and path == "/containers/create":
@@ -155,7 +165,9 @@ class StandinEngine:
             self.reply(h, 404, {"message": f"page not found: {method} {path}"})
 
     def reply(self, h: BaseHTTPRequestHandler, status: int, payload: Any = None) -> None:
-        data = b"" if payload is None else (payload.encode() if isinstance(payload, str) else json.dumps(payload).encode())
+        data = (
+            b"" if payload is None else (payload.encode() if isinstance(payload, str) else json.dumps(payload).encode())
+        )
         h.send_response(status)
         h.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
         h.send_header("Content-Length", str(len(data)))
@@ -188,23 +200,45 @@ class StandinEngine:
     def list(self, h: BaseHTTPRequestHandler, query: dict[str, list[str]]) -> None:
         labels = json.loads(query.get("filters", ["{}"])[0]).get("label", [])
         wanted = dict(label.split("=", 1) for label in labels)
-        found = [c for c in self.containers.values()
-                 if all(c.config.get("Labels", {}).get(k) == v for k, v in wanted.items())
-                 and ("all" in query or c.status() == "running")]
+        found = [
+            c
+            for c in self.containers.values()
+            if all(c.config.get("Labels", {}).get(k) == v for k, v in wanted.items())
+            and ("all" in query or c.status() == "running")
+        ]
         self.reply(h, 200, [{"Id": c.id, "Labels": c.config.get("Labels", {}), "State": c.status()} for c in found])
 
-    def container_call(self, h: BaseHTTPRequestHandler, method: str, c: FakeContainer, action: str,
-                       query: dict[str, list[str]]) -> None:
+    def container_call(
+        self, h: BaseHTTPRequestHandler, method: str, c: FakeContainer, action: str, query: dict[str, list[str]]
+    ) -> None:
         if method == "GET" and action == "/json":
-            self.reply(h, 200, {"Id": c.id, "Name": f"/standin-{c.id[:12]}", "Image": c.config["Image"],
-                                "Config": {**c.config, "Tty": False}, "HostConfig": c.config.get("HostConfig", {}),
-                                "State": {"Status": c.status(), "Running": c.status() == "running",
-                                          "ExitCode": c.proc.returncode if c.proc and c.proc.returncode is not None else 0}})
+            self.reply(
+                h,
+                200,
+                {
+                    "Id": c.id,
+                    "Name": f"/standin-{c.id[:12]}",
+                    "Image": c.config["Image"],
+                    "Config": {**c.config, "Tty": False},
+                    "HostConfig": c.config.get("HostConfig", {}),
+                    "State": {
+                        "Status": c.status(),
+                        "Running": c.status() == "running",
+                        "ExitCode": c.proc.returncode if c.proc and c.proc.returncode is not None else 0,
+                    },
+                },
+            )
         elif method == "POST" and action == "/start":
             env = {"PATH": os.environ["PATH"], **dict(e.split("=", 1) for e in c.config.get("Env") or [])}
-            c.proc = subprocess.Popen(c.config["Cmd"], env=env, cwd=c.config.get("WorkingDir") or "/",
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      start_new_session=True)
+            c.proc = subprocess.Popen(
+                c.config["Cmd"],
+                env=env,
+                cwd=c.config.get("WorkingDir") or "/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
             for stream, pipe in ((1, c.proc.stdout), (2, c.proc.stderr)):
                 threading.Thread(target=c.read, args=(stream, pipe), daemon=True).start()
             self.reply(h, 204)
@@ -241,7 +275,9 @@ class StandinEngine:
             self.reply(h, 404, {"message": f"page not found: {method} {action}"})
 
     def logs(self, h: BaseHTTPRequestHandler, c: FakeContainer, query: dict[str, list[str]]) -> None:
-        streams = [s for s, name in ((1, "stdout"), (2, "stderr")) if query.get(name, ["0"])[0] in ("1", "true", "True")]
+        streams = [
+            s for s, name in ((1, "stdout"), (2, "stderr")) if query.get(name, ["0"])[0] in ("1", "true", "True")
+        ]
         follow = query.get("follow", ["0"])[0] in ("1", "true", "True")
         h.send_response(200)
         h.send_header("Content-Type", "application/vnd.docker.multiplexed-stream")
@@ -250,7 +286,7 @@ class StandinEngine:
         sent = {s: 0 for s in streams}
         while True:
             with c.cond:
-                pending = [(s, c.chunks[s][sent[s]:]) for s in streams]
+                pending = [(s, c.chunks[s][sent[s] :]) for s in streams]
                 finished = all(c.done[s] for s in streams) or c.proc is None
                 if not any(chunks for _, chunks in pending) and not finished and follow:
                     c.cond.wait(timeout=0.5)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from nanochat_testing.data import TINY_DATA
 from registry_client import RegistryClient
-
 from trainer.curves import curves
 from trainer.paths import events_path
-from nanochat_testing.data import TINY_DATA
 from trainer_testlib import AUTH, REGISTRY_TOKEN
 
 
@@ -26,7 +25,9 @@ def test_stages_are_served_as_json_schema(api):
     assert "depth" in stages["base_train"]["options_schema"]["properties"]
     # What the trainer sets itself is not offered: a form built from the schema must submit cleanly.
     for stage in stages.values():
-        assert not {"data_dir", "out", "init_from", "job_id", "input_version"} & set(stage["options_schema"]["properties"])
+        assert not {"data_dir", "out", "init_from", "job_id", "input_version"} & set(
+            stage["options_schema"]["properties"]
+        )
     assert body["pipelines"]["speedrun"][0] == "make_data"
     assert "tiny" in body["presets"]
 
@@ -73,7 +74,9 @@ def test_a_pipeline_becomes_its_stages_with_the_preset_and_overrides(api):
 
 def test_writes_need_the_bearer_token(api):
     assert api.post("/v1/jobs", json={"stage": "make_data"}).status_code == 401
-    assert api.post("/v1/jobs", json={"stage": "make_data"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert (
+        api.post("/v1/jobs", json={"stage": "make_data"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+    )
     assert api.post("/v1/jobs/x/cancel").status_code == 401
     assert api.get("/v1/jobs").status_code == 200
 
@@ -157,13 +160,16 @@ def test_metrics_series_default_to_the_last_stage_that_trained(api, settings):
     body = api.get(f"/v1/jobs/{job['id']}/metrics", params={"stage": "base_train"}).json()
     assert body["series"]["loss"] == [[1, 8.0], [2, 7.0]] and body["series"]["val_bpb"] == [[2, 3.1]]
     assert api.get(f"/v1/jobs/{job['id']}/metrics", params={"stage": "base_eval"}).json()["series"] == {
-        "core": [[0, 0.1]]}
+        "core": [[0, 0.1]]
+    }
 
 
 def test_curves_follow_the_current_stage_while_it_trains():
-    events = [{"stage": "base_train", "type": "progress", "step": 1, "loss": 8.0},
-              {"stage": "mid_train", "type": "progress", "step": 3, "loss": 6.0, "mfu": 0.2},
-              {"stage": "mid_train", "type": "eval", "name": "val_bpb", "value": 2.5}]
+    events = [
+        {"stage": "base_train", "type": "progress", "step": 1, "loss": 8.0},
+        {"stage": "mid_train", "type": "progress", "step": 3, "loss": 6.0, "mfu": 0.2},
+        {"stage": "mid_train", "type": "eval", "name": "val_bpb", "value": 2.5},
+    ]
     now = curves(events, None, "mid_train")
     assert now.stage == "mid_train" and now.stages == ["base_train", "mid_train"]
     assert now.series == {"loss": [(3, 6.0)], "mfu": [(3, 0.2)], "val_bpb": [(3, 2.5)]}

@@ -18,7 +18,6 @@ from pathlib import Path
 import docker
 import pytest
 from fastapi.testclient import TestClient
-
 from standin_engine import StandinEngine, wait_until
 from trainer.api import create_app
 from trainer.docker_executor import LABEL_JOB, LABEL_TAG, DockerExecutor, EngineUnavailable, stop_containers
@@ -39,8 +38,15 @@ def engine(tmp_path: Path):
 
 
 def docker_settings(tmp_path: Path, engine: StandinEngine, **overrides: object) -> Settings:
-    values = dict(executor="docker", docker_host=engine.url, docker_image=IMAGE, torchrun=WORKER_TORCHRUN,
-                  docker_torchrun=IMAGE_TORCHRUN, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    values = dict(
+        executor="docker",
+        docker_host=engine.url,
+        docker_image=IMAGE,
+        torchrun=WORKER_TORCHRUN,
+        docker_torchrun=IMAGE_TORCHRUN,
+        data_dir=tmp_path / "data",
+        runs_dir=tmp_path / "runs",
+    )
     return Settings(**{**values, **overrides})
 
 
@@ -48,13 +54,30 @@ def sleepy_command(tmp_path: Path, job_id: str) -> list[str]:
     config = tmp_path / "runs" / "step.json"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("{}")
-    return [*WORKER_TORCHRUN, "--nproc-per-node=1", "--standalone", "-m", "sleepy_stage", "--config", str(config),
-            "--data-dir", str(tmp_path / "data"), "--job-id", job_id]
+    return [
+        *WORKER_TORCHRUN,
+        "--nproc-per-node=1",
+        "--standalone",
+        "-m",
+        "sleepy_stage",
+        "--config",
+        str(config),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--job-id",
+        job_id,
+    ]
 
 
 def job_env(tag: str, steps: int) -> dict[str, str]:
-    return {**os.environ, JOB_MARKER: tag, "PYTHONUNBUFFERED": "1", "SLEEPY_STEPS": str(steps),
-            "PYTHONPATH": str(TESTS), "NANOCHAT_TEST_PASSTHROUGH": "yes"}
+    return {
+        **os.environ,
+        JOB_MARKER: tag,
+        "PYTHONUNBUFFERED": "1",
+        "SLEEPY_STEPS": str(steps),
+        "PYTHONPATH": str(TESTS),
+        "NANOCHAT_TEST_PASSTHROUGH": "yes",
+    }
 
 
 def test_stage_runs_in_a_container_with_gpus_mounts_and_the_torchrun_command(tmp_path, engine):
@@ -65,8 +88,18 @@ def test_stage_runs_in_a_container_with_gpus_mounts_and_the_torchrun_command(tmp
     command = sleepy_command(tmp_path, job_id)
     log_path = tmp_path / "log.txt"
     result = DockerExecutor(settings).run_stage(
-        command, job_env(tag, 3), log_path, events.append, lambda: None, started.append, 2.0, tag,
-        job_id=job_id, node_rank=0, gpus=4)
+        command,
+        job_env(tag, 3),
+        log_path,
+        events.append,
+        lambda: None,
+        started.append,
+        2.0,
+        tag,
+        job_id=job_id,
+        node_rank=0,
+        gpus=4,
+    )
 
     assert result.returncode == 0 and result.stopped is None
     assert [e["type"] for e in events] == ["started", "progress", "progress", "progress", "finished"]
@@ -79,7 +112,7 @@ def test_stage_runs_in_a_container_with_gpus_mounts_and_the_torchrun_command(tmp
     body = creates[-1][3]
     host = body["HostConfig"]
     assert body["Image"] == IMAGE
-    assert body["Cmd"] == [*IMAGE_TORCHRUN, *command[len(WORKER_TORCHRUN):]]
+    assert body["Cmd"] == [*IMAGE_TORCHRUN, *command[len(WORKER_TORCHRUN) :]]
     assert body["Labels"] == {LABEL_JOB: job_id, "nanochat.node": "0", LABEL_TAG: tag}
     env = dict(e.split("=", 1) for e in body["Env"])
     assert env[JOB_MARKER] == tag and env["SLEEPY_STEPS"] == "3" and env["NANOCHAT_TEST_PASSTHROUGH"] == "yes"
@@ -87,8 +120,9 @@ def test_stage_runs_in_a_container_with_gpus_mounts_and_the_torchrun_command(tmp
     assert [(d["Count"], d["Capabilities"]) for d in host["DeviceRequests"]] == [(4, [["gpu"]])]
     assert {(m["Type"], m["Source"], m["Target"]) for m in host["Mounts"]} == {
         ("volume", "nanochat-data", str((tmp_path / "data").resolve())),
-        ("bind", str((tmp_path / "runs").resolve()), str((tmp_path / "runs").resolve()))}
-    assert host["ShmSize"] == 8 * 1024 ** 3 and "IpcMode" not in host
+        ("bind", str((tmp_path / "runs").resolve()), str((tmp_path / "runs").resolve())),
+    }
+    assert host["ShmSize"] == 8 * 1024**3 and "IpcMode" not in host
     assert host["NetworkMode"] == "host" and host["Init"] is True and body["StopSignal"] == "SIGTERM"
     # Everything the stage printed is in the job log, and the container is gone.
     log = log_path.read_text()
@@ -115,8 +149,18 @@ def test_cancel_stops_the_container_with_sigterm_then_removes_it(tmp_path, engin
     events: list[dict] = []
     stop = lambda: "cancelled" if any(e["type"] == "progress" for e in events) else None  # noqa: E731
     result = DockerExecutor(settings).run_stage(
-        sleepy_command(tmp_path, job_id), job_env(tag, 600), tmp_path / "log.txt", events.append, stop,
-        lambda _: None, 3.0, tag, job_id=job_id, node_rank=0, gpus=1)
+        sleepy_command(tmp_path, job_id),
+        job_env(tag, 600),
+        tmp_path / "log.txt",
+        events.append,
+        stop,
+        lambda _: None,
+        3.0,
+        tag,
+        job_id=job_id,
+        node_rank=0,
+        gpus=1,
+    )
     assert result.stopped == "cancelled" and result.returncode != 0
     stops = engine.calls("POST", r"/containers/[0-9a-f]+/stop")
     assert stops and stops[0][2]["t"] == ["3"]
@@ -140,17 +184,35 @@ def test_dead_workers_containers_are_found_by_label_and_stopped(tmp_path, engine
 def test_unreachable_engine_is_a_clear_error(tmp_path):
     settings = Settings(executor="docker", docker_host=f"unix://{tmp_path / 'none.sock'}", torchrun=WORKER_TORCHRUN)
     with pytest.raises(EngineUnavailable, match="none.sock is not reachable"):
-        DockerExecutor(settings).run_stage([*WORKER_TORCHRUN, "-m", "x"], {}, tmp_path / "log.txt", print,
-                                           lambda: None, print, 1.0, "j/n0", job_id="j", node_rank=0, gpus=1)
+        DockerExecutor(settings).run_stage(
+            [*WORKER_TORCHRUN, "-m", "x"],
+            {},
+            tmp_path / "log.txt",
+            print,
+            lambda: None,
+            print,
+            1.0,
+            "j/n0",
+            job_id="j",
+            node_rank=0,
+            gpus=1,
+        )
 
 
 @pytest.mark.slow
 def test_jobs_run_through_a_worker_with_the_docker_executor(settings, start_worker, engine):
     """Cancel stops the job's container; a SIGKILLed worker's container is stopped by the reaper."""
     engine.images.add(IMAGE)
-    use_docker = dict(executor="docker", docker_host=engine.url, docker_image=IMAGE, torchrun=WORKER_TORCHRUN,
-                  docker_torchrun=IMAGE_TORCHRUN, docker_gpus=False, stage_modules={"make_data": "sleepy_stage"},
-                  docker_env_prefixes=["SLEEPY_", "PYTHONPATH"])
+    use_docker = dict(
+        executor="docker",
+        docker_host=engine.url,
+        docker_image=IMAGE,
+        torchrun=WORKER_TORCHRUN,
+        docker_torchrun=IMAGE_TORCHRUN,
+        docker_gpus=False,
+        stage_modules={"make_data": "sleepy_stage"},
+        docker_env_prefixes=["SLEEPY_", "PYTHONPATH"],
+    )
     with TestClient(create_app(settings.model_copy(update=use_docker))) as api:
         worker = start_worker(extra_env={"SLEEPY_STEPS": "600"}, **use_docker)
         job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from nanochat_testing.servers import create_database, free_port
 from standin_engine import ENGINE_VERSION, StandinEngine
 from trainer.db import migrate
@@ -23,8 +22,9 @@ from trainer_testlib import settings_env
 
 
 def doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer", "doctor", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", "doctor", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def gpus_expected() -> str:
@@ -40,8 +40,12 @@ def trainer_api(settings, tmp_path: Path):
     """A real `python -m trainer api` process on a free port; yields its base URL."""
     port = free_port()
     log = open(tmp_path / "api.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "api"], stdout=log, stderr=subprocess.STDOUT,
-                            env=settings_env(settings, api_port=port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "api"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=settings_env(settings, api_port=port),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -65,18 +69,45 @@ def test_doctor_reports_every_part_and_fails_when_a_required_one_is_down(setting
     engine = StandinEngine(tmp_path / "docker.sock").start()
     try:
         migrate(settings.database_url)
-        env = settings_env(settings, executor="docker", docker_host=engine.url, api_url=trainer_api,
-                           inference_url=f"http://127.0.0.1:{free_port()}", webui_url=f"http://127.0.0.1:{free_port()}")
+        env = settings_env(
+            settings,
+            executor="docker",
+            docker_host=engine.url,
+            api_url=trainer_api,
+            inference_url=f"http://127.0.0.1:{free_port()}",
+            webui_url=f"http://127.0.0.1:{free_port()}",
+        )
         r = doctor(env, "--json")
         assert r.returncode == 0, r.stdout + r.stderr
         report = json.loads(r.stdout)
         checks = {c["part"]: c for c in report["checks"]}
-        assert report["ok"] is True and list(checks) == ["engine", "gpus", "database", "redis", "registry",
-                                                         "trainer-api", "inference", "webui"]
+        assert report["ok"] is True and list(checks) == [
+            "engine",
+            "gpus",
+            "database",
+            "redis",
+            "registry",
+            "trainer-api",
+            "inference",
+            "webui",
+        ]
         assert {p: checks[p]["status"] for p in checks} == {
-            "engine": "up", "gpus": gpus_expected(), "database": "up", "redis": "up", "registry": "up",
-            "trainer-api": "up", "inference": "down", "webui": "down"}
-        assert {p for p in checks if checks[p]["required"]} == {"engine", "database", "redis", "registry", "trainer-api"}
+            "engine": "up",
+            "gpus": gpus_expected(),
+            "database": "up",
+            "redis": "up",
+            "registry": "up",
+            "trainer-api": "up",
+            "inference": "down",
+            "webui": "down",
+        }
+        assert {p for p in checks if checks[p]["required"]} == {
+            "engine",
+            "database",
+            "redis",
+            "registry",
+            "trainer-api",
+        }
         assert f"Docker {ENGINE_VERSION} (API 1.47" in checks["engine"]["detail"]
         assert checks["redis"]["detail"].startswith(f"{settings.redis_url}: redis ")
         assert engine.calls("GET", "/version")

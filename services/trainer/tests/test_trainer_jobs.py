@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from redis import Redis
-from registry_client import RegistryClient
-
-from trainer_testlib import AUTH, REGISTRY_TOKEN, wait_job, wait_progress
 from nanochat_testing.data import TINY_DATA, make_tiny_data
 from nanochat_testing.servers import create_database, free_port
+from redis import Redis
+from registry_client import RegistryClient
 from trainer.api import create_app
-from trainer.procs import job_processes as node_processes, node_tag
+from trainer.procs import job_processes as node_processes
+from trainer.procs import node_tag
+from trainer_testlib import AUTH, REGISTRY_TOKEN, wait_job, wait_progress
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +73,11 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
         assert (settings.data_dir / "eval_bundle").is_dir()
 
         name = f"tok-{uuid.uuid4().hex[:6]}"
-        tok = api.post("/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000},
-                                         "output_name": name}, headers=AUTH).json()
+        tok = api.post(
+            "/v1/jobs",
+            json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000}, "output_name": name},
+            headers=AUTH,
+        ).json()
         job = wait_job(api, tok["id"], worker=worker)
         assert job["status"] == "succeeded", job
         [made] = job["produced"]
@@ -87,8 +90,9 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
         assert "meta.json" in paths and any(p.startswith("tokenizer/") for p in paths)
 
         # A vocab the corpus cannot reach fails the job with the numbers, never a smaller tokenizer.
-        short = api.post("/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 4096, "max_chars": 2000}},
-                         headers=AUTH).json()
+        short = api.post(
+            "/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 4096, "max_chars": 2000}}, headers=AUTH
+        ).json()
         failed = wait_job(api, short["id"], worker=worker)
         assert failed["status"] == "failed" and failed["produced"] == []
         assert "the corpus cannot reach the vocab asked: vocab asked 4096, vocab reached" in failed["error"]
@@ -99,8 +103,9 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
         # A follower that drops after the first event and reconnects with Last-Event-ID loses nothing.
         first = sse_events(api.get(f"/v1/jobs/{tok['id']}/logs?follow=true").text)
         assert first[-1]["event"] == "end"
-        resumed = sse_events(api.get(f"/v1/jobs/{tok['id']}/logs?follow=true",
-                                     headers={"Last-Event-ID": first[0]["id"]}).text)
+        resumed = sse_events(
+            api.get(f"/v1/jobs/{tok['id']}/logs?follow=true", headers={"Last-Event-ID": first[0]["id"]}).text
+        )
         text = "\n".join(first[0]["data"]) + "\n" + "".join("\n".join(e["data"]) + "\n" for e in resumed[:-1])
         assert text == log.text
         sse = [e for e in sse_events(api.get(f"/v1/jobs/{tok['id']}/events").text) if e.get("event") != "end"]
@@ -108,16 +113,21 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
         assert [e["type"] for e in events][0] == "started" and events[-1]["type"] == "finished"
         assert all(e["job_id"] == tok["id"] for e in events)
         # The events stream resumes the same way: after the first event, every later one, once.
-        after = [json.loads("\n".join(e["data"])) for e in sse_events(
-            api.get(f"/v1/jobs/{tok['id']}/events", headers={"Last-Event-ID": sse[0]["id"]}).text)
-            if e.get("event") != "end"]
+        after = [
+            json.loads("\n".join(e["data"]))
+            for e in sse_events(api.get(f"/v1/jobs/{tok['id']}/events", headers={"Last-Event-ID": sse[0]["id"]}).text)
+            if e.get("event") != "end"
+        ]
         assert after == events[1:]
         assert api.get(f"/v1/jobs/{tok['id']}/events", headers={"Last-Event-ID": "x"}).status_code == 400
 
         # An eval stage reads the registered tokenizer (downloaded, verified) and its metrics are
         # patched onto that version.
-        ev = api.post("/v1/jobs", json={"stage": "tok_eval", "options": {"max_chars": 5000},
-                                        "input": {"name": name, "stage": "tokenizer"}}, headers=AUTH).json()
+        ev = api.post(
+            "/v1/jobs",
+            json={"stage": "tok_eval", "options": {"max_chars": 5000}, "input": {"name": name, "stage": "tokenizer"}},
+            headers=AUTH,
+        ).json()
         assert ev["input"] == {"name": name, "version": made["version"], "stage": "tokenizer"}
         job = wait_job(api, ev["id"], worker=worker)
         assert job["status"] == "succeeded", job
@@ -126,8 +136,11 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
         assert f"--input-version {name}:{made['version']}" in log
         with RegistryClient(registry_url, token=REGISTRY_TOKEN, cache_dir=tmp_path / "cache") as rc:
             patched = rc.get_version(name, made["version"]).metrics
-        finished = [json.loads("\n".join(e["data"])) for e in sse_events(api.get(f"/v1/jobs/{ev['id']}/events").text)
-                    if e.get("event") != "end"][-1]
+        finished = [
+            json.loads("\n".join(e["data"]))
+            for e in sse_events(api.get(f"/v1/jobs/{ev['id']}/events").text)
+            if e.get("event") != "end"
+        ][-1]
         measured = {k: v for k, v in finished["metrics"].items() if isinstance(v, (int, float))}
         assert measured and all(patched[k] == v for k, v in measured.items())
         assert api.get("/metrics").text.count('trainer_job_duration_seconds_count{outcome="succeeded"} 3.0') == 1
@@ -135,8 +148,11 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
 
 def test_failing_stage_fails_with_its_error_event_and_log_tail(api, start_worker):
     worker = start_worker()
-    r = api.post("/v1/jobs", json={"stage": "make_data", "options": {"source": "python-docs",
-                                                                   "docs_path": "/nonexistent/docs"}}, headers=AUTH)
+    r = api.post(
+        "/v1/jobs",
+        json={"stage": "make_data", "options": {"source": "python-docs", "docs_path": "/nonexistent/docs"}},
+        headers=AUTH,
+    )
     job = wait_job(api, r.json()["id"], worker=worker)
     assert job["status"] == "failed"
     assert "FileNotFoundError: no python-docs text files under /nonexistent/docs" in job["error"]
@@ -191,8 +207,9 @@ def test_sigkilled_worker_is_reaped_and_its_job_failed(api, settings, start_work
 
 def test_unreachable_registry_retries_then_fails_keeping_the_checkpoint(api, settings, start_worker, tiny_data):
     worker = start_worker(registry_url=f"http://127.0.0.1:{free_port()}", data_dir=str(tiny_data))
-    job_id = api.post("/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000}},
-                      headers=AUTH).json()["id"]
+    job_id = api.post(
+        "/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000}}, headers=AUTH
+    ).json()["id"]
     job = wait_job(api, job_id, worker=worker)
     assert job["status"] == "failed"
     attempts = settings.upload_retries + 1
@@ -207,8 +224,9 @@ def test_unreachable_registry_retries_then_fails_keeping_the_checkpoint(api, set
 def test_two_workers_run_a_two_node_job_over_localhost(api, start_worker):
     env = {"SLEEPY_STEPS": "5"}
     workers = [start_worker(extra_env=env, **SLEEPY), start_worker(extra_env=env, **SLEEPY)]
-    job_id = api.post("/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}},
-                      headers=AUTH).json()["id"]
+    job_id = api.post(
+        "/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}}, headers=AUTH
+    ).json()["id"]
     job = wait_job(api, job_id, timeout=180, worker=workers[0])
     assert job["status"] == "succeeded", (job, workers[1].output())
     assert [n["status"] for n in job["nodes"]] == ["succeeded", "succeeded"]
@@ -223,8 +241,9 @@ def test_two_node_job_whose_second_node_never_starts_fails_at_the_gang_barrier(a
     # One worker for a two-node job: node 0 waits at the barrier, gives up after gang_timeout,
     # and the job fails unstarted instead of waiting forever (no stage was launched).
     worker = start_worker(gang_timeout=3, **SLEEPY)
-    job_id = api.post("/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}},
-                      headers=AUTH).json()["id"]
+    job_id = api.post(
+        "/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}}, headers=AUTH
+    ).json()["id"]
     job = wait_job(api, job_id, timeout=60, worker=worker)
     assert job["status"] == "failed" and "did not all start" in job["error"], job
     assert "[trainer] $" not in api.get(f"/v1/jobs/{job_id}/logs?node=0").text
@@ -265,14 +284,29 @@ def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, se
     instead of waiting for it, the job goes back to the queue, and the next worker continues the
     training stage from its resumable checkpoint."""
     worker = start_worker(data_dir=str(tiny_data))
-    tok = api.post("/v1/jobs", json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000},
-                                     "output_name": "resume-tok"}, headers=AUTH).json()
+    tok = api.post(
+        "/v1/jobs",
+        json={"stage": "tok_train", "options": {"vocab_size": 300, "max_chars": 20000}, "output_name": "resume-tok"},
+        headers=AUTH,
+    ).json()
     assert wait_job(api, tok["id"], worker=worker)["status"] == "succeeded"
-    options = {"depth": 2, "max_seq_len": 64, "device_batch_size": 2, "total_batch_size": 128,
-               "num_iterations": 1000, "eval_every": -1, "eval_tokens": 128, "save_every": 5,
-               "core_metric_every": -1, "log_every": 1}
-    job_id = api.post("/v1/jobs", json={"stage": "base_train", "input": {"name": "resume-tok", "stage": "tokenizer"},
-                                        "options": options}, headers=AUTH).json()["id"]
+    options = {
+        "depth": 2,
+        "max_seq_len": 64,
+        "device_batch_size": 2,
+        "total_batch_size": 128,
+        "num_iterations": 1000,
+        "eval_every": -1,
+        "eval_tokens": 128,
+        "save_every": 5,
+        "core_metric_every": -1,
+        "log_every": 1,
+    }
+    job_id = api.post(
+        "/v1/jobs",
+        json={"stage": "base_train", "input": {"name": "resume-tok", "stage": "tokenizer"}, "options": options},
+        headers=AUTH,
+    ).json()["id"]
     resume = settings.runs_dir / "jobs" / job_id / "steps" / "00-base_train.resume"
     deadline = time.monotonic() + 120
     while not (resume / "manifest.json").is_file():
@@ -289,11 +323,16 @@ def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, se
 
     rescuer = start_worker(data_dir=str(tiny_data))
     job = wait_job(api, job_id, timeout=300, worker=rescuer)
-    assert job["status"] == "succeeded" and job["error"] is None and job["step"] == 1000, (job["error"], job["log_tail"])
+    assert job["status"] == "succeeded" and job["error"] is None and job["step"] == 1000, (
+        job["error"],
+        job["log_tail"],
+    )
     log = api.get(f"/v1/jobs/{job_id}/logs").text
     commands = [line for line in log.splitlines() if line.startswith("[trainer] $ ")]
     assert len(commands) == 2 and "--resume" not in commands[0] and commands[1].endswith("--resume"), commands
-    events = [json.loads(line) for line in (settings.runs_dir / "jobs" / job_id / "events.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line) for line in (settings.runs_dir / "jobs" / job_id / "events.jsonl").read_text().splitlines()
+    ]
     starts = [i for i, e in enumerate(events) if e["type"] == "started"]
-    first_step_after = next(e["step"] for e in events[starts[1]:] if e["type"] == "progress")
+    first_step_after = next(e["step"] for e in events[starts[1] :] if e["type"] == "progress")
     assert first_step_after > 5, "the second attempt started over instead of resuming"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-
 from trainer.db import TERMINAL
 from trainer.settings import Settings
 
@@ -42,8 +41,9 @@ class Worker:
         env = {**settings_env(settings, **overrides), **(extra_env or {})}
         self.log_path = log
         self.log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "trainer", "worker"], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "worker"], env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -56,8 +56,9 @@ class Worker:
         self.log.close()
 
 
-def wait_job(api: TestClient, job_id: str, until: tuple[str, ...] = TERMINAL, timeout: float = 120,
-             worker: Worker | None = None) -> dict:
+def wait_job(
+    api: TestClient, job_id: str, until: tuple[str, ...] = TERMINAL, timeout: float = 120, worker: Worker | None = None
+) -> dict:
     """Poll the job until its status is in `until`; fail with the job and worker output otherwise."""
     deadline = time.monotonic() + timeout
     while True:

@@ -20,9 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker-health", help="Exit 0 while the worker's liveness file is fresh.")
     doctor = sub.add_parser("doctor", help="Report whether the Docker engine, GPUs and each service are reachable.")
     doctor.add_argument("--json", action="store_true", help="Print the report as JSON.")
-    doctor.add_argument("--require", action="append", default=[], metavar="PART",
-                        choices=PARTS,
-                        help="Also fail when this part is not up (repeatable).")
+    doctor.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="PART",
+        choices=PARTS,
+        help="Also fail when this part is not up (repeatable).",
+    )
     args = parser.parse_args(argv)
     logs.configure(get_settings().log_level)
     if args.command == "api":

@@ -34,8 +34,9 @@ from trainer.settings import Settings, get_settings
 
 def readiness(request: Request) -> Readiness:
     state = get_state(request)
-    return Readiness({"database": probe(state.db.ping), "redis": probe(state.redis.ping),
-                      "registry": probe(state.registry.ping)})
+    return Readiness(
+        {"database": probe(state.db.ping), "redis": probe(state.redis.ping), "registry": probe(state.registry.ping)}
+    )
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
@@ -55,12 +56,20 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         state.reaper.stop()
         state.db.engine.dispose()
 
-    tokens = Tokens(write_token=settings.write_token,
-                    no_write_token="writes are disabled: the server has no TRAINER_WRITE_TOKEN")
-    app = create_service_app("trainer", tokens=tokens, readiness=readiness, metrics=metrics,
-                             max_body_bytes=settings.max_body_bytes, title="nanochat trainer", version="0.1.0",
-                             lifespan=lifespan, description="Launch and watch nanochat training jobs: stages and "
-                             "pipelines run under torchrun.")
+    tokens = Tokens(
+        write_token=settings.write_token, no_write_token="writes are disabled: the server has no TRAINER_WRITE_TOKEN"
+    )
+    app = create_service_app(
+        "trainer",
+        tokens=tokens,
+        readiness=readiness,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        title="nanochat trainer",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Launch and watch nanochat training jobs: stages and pipelines run under torchrun.",
+    )
     for routes in (stages, jobs):
         app.include_router(routes.router, prefix="/v1")
         # The bare paths are the mission's spelling (`POST /jobs`); /v1 is canonical and documented.
@@ -73,5 +82,4 @@ def main() -> None:
 
     settings = get_settings()
     logs.configure(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None,
-                access_log=False)
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None, access_log=False)

@@ -30,12 +30,16 @@ class JobCollector:
             depth.add_metric([], float("nan"))
         yield depth
         by_status = GaugeMetricFamily("trainer_jobs", "Jobs by status.", labels=["status"])
-        durations = HistogramMetricFamily("trainer_job_duration_seconds", "Run time of ended jobs by outcome.",
-                                          labels=["outcome"])
+        durations = HistogramMetricFamily(
+            "trainer_job_duration_seconds", "Run time of ended jobs by outcome.", labels=["outcome"]
+        )
         with self.state.db.session() as s:
             counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            rows = s.execute(select(Job.status, Job.finished_at - func.coalesce(Job.started_at, Job.created_at))
-                             .where(Job.status.in_(TERMINAL), Job.finished_at.is_not(None))).all()
+            rows = s.execute(
+                select(Job.status, Job.finished_at - func.coalesce(Job.started_at, Job.created_at)).where(
+                    Job.status.in_(TERMINAL), Job.finished_at.is_not(None)
+                )
+            ).all()
         for status in STATUSES:
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status

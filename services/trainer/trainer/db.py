@@ -56,8 +56,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
-    nodes: Mapped[list[JobNode]] = relationship(back_populates="job", order_by="JobNode.node_rank",
-                                                cascade="all, delete-orphan")
+    nodes: Mapped[list[JobNode]] = relationship(
+        back_populates="job", order_by="JobNode.node_rank", cascade="all, delete-orphan"
+    )
 
 
 class JobNode(Base):

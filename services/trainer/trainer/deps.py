@@ -35,5 +35,5 @@ def load_job(state: State, job_id: str) -> Job:
         job = s.get(Job, job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id!r}")
-        job.nodes  # loaded now: the session closes before the response is built
+        _ = job.nodes  # loaded now: the session closes before the response is built
         return job

@@ -33,8 +33,9 @@ def task_id(job_id: str, node_rank: int, attempt: int) -> str:
     return f"{job_id}-n{node_rank}-a{attempt}"
 
 
-def enqueue_job(settings: Settings, redis: Redis, job_id: str, nnodes: int, attempt: int,
-                ranks: list[int] | None = None) -> list[str]:
+def enqueue_job(
+    settings: Settings, redis: Redis, job_id: str, nnodes: int, attempt: int, ranks: list[int] | None = None
+) -> list[str]:
     """Queue one task per node of a job (or of the given `ranks`), in one Redis transaction (a
     gang is queued whole)."""
     queue = make_queue(settings, redis)
@@ -42,9 +43,14 @@ def enqueue_job(settings: Settings, redis: Redis, job_id: str, nnodes: int, atte
         ids = []
         for rank in range(nnodes) if ranks is None else ranks:
             rq_job = queue.enqueue_call(
-                TASK, kwargs={"job_id": job_id, "node_rank": rank}, timeout=settings.job_timeout,
-                result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600, job_id=task_id(job_id, rank, attempt),
-                description=f"trainer job {job_id} node {rank}", pipeline=pipe,
+                TASK,
+                kwargs={"job_id": job_id, "node_rank": rank},
+                timeout=settings.job_timeout,
+                result_ttl=24 * 3600,
+                failure_ttl=7 * 24 * 3600,
+                job_id=task_id(job_id, rank, attempt),
+                description=f"trainer job {job_id} node {rank}",
+                pipeline=pipe,
             )
             ids.append(rq_job.id)
         pipe.execute()
@@ -67,8 +73,11 @@ def lost_tasks(redis: Redis, nodes: list[tuple[str, int, int]]) -> list[tuple[st
     a restarted Redis without persistence) or ended without running (RQ failed it, e.g. its worker
     died before claiming). One round trip for all of them."""
     found = RqJob.fetch_many([task_id(*node) for node in nodes], connection=redis, serializer=JSONSerializer)
-    return [node for node, rq_job in zip(nodes, found)
-            if rq_job is None or rq_job.get_status(refresh=False) in ("failed", "stopped", "canceled")]
+    return [
+        node
+        for node, rq_job in zip(nodes, found)
+        if rq_job is None or rq_job.get_status(refresh=False) in ("failed", "stopped", "canceled")
+    ]
 
 
 def queue_depth(settings: Settings, redis: Redis) -> int:
@@ -91,8 +100,15 @@ class BarrierAborted(RuntimeError):
     """Not every node of a gang arrived in time, or the job ended while nodes waited."""
 
 
-def barrier(settings: Settings, redis: Redis, job_id: str, name: str, nnodes: int, timeout: float,
-            should_stop: Callable[[], str | None]) -> None:
+def barrier(
+    settings: Settings,
+    redis: Redis,
+    job_id: str,
+    name: str,
+    nnodes: int,
+    timeout: float,
+    should_stop: Callable[[], str | None],
+) -> None:
     """Wait until all `nnodes` nodes reached barrier `name` of a job; raise BarrierAborted when
     not all arrive within `timeout` s or `should_stop()` names a reason to give up."""
     joined = _key(settings, "gang", job_id, name, "joined")

@@ -37,7 +37,6 @@ from docker.errors import DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount
 from docker.utils import parse_repository_tag
-
 from nanochat_contracts.events import parse_event_line
 
 from trainer.runner import StageResult, _Log, _record, tail, watch
@@ -136,9 +135,9 @@ class DockerExecutor:
     def command(self, command: list[str]) -> list[str]:
         """The stage's command line with the worker's torchrun head swapped for the image's."""
         head = self.s.torchrun
-        if command[:len(head)] != head:
+        if command[: len(head)] != head:
             raise ValueError(f"the stage command does not start with the configured torchrun {head}: {command}")
-        return [*self.s.docker_torchrun, *command[len(head):]]
+        return [*self.s.docker_torchrun, *command[len(head) :]]
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         """The job's own variables (those the worker added or changed) and the passed-through ones;
@@ -149,7 +148,10 @@ class DockerExecutor:
 
     def mounts(self) -> list[Mount]:
         mounts = []
-        for folder, volume in ((self.s.data_dir, self.s.docker_data_volume), (self.s.runs_dir, self.s.docker_runs_volume)):
+        for folder, volume in (
+            (self.s.data_dir, self.s.docker_data_volume),
+            (self.s.runs_dir, self.s.docker_runs_volume),
+        ):
             target = str(Path(folder).resolve())
             if volume:
                 mounts.append(Mount(target=target, source=volume, type="volume"))
@@ -178,8 +180,14 @@ class DockerExecutor:
             options["network_mode"] = self.s.docker_network
         return options
 
-    def _create(self, client: docker.DockerClient, command: list[str], environment: dict[str, str],
-                options: dict[str, Any], log: _Log) -> Container:
+    def _create(
+        self,
+        client: docker.DockerClient,
+        command: list[str],
+        environment: dict[str, str],
+        options: dict[str, Any],
+        log: _Log,
+    ) -> Container:
         try:
             return client.containers.create(self.s.docker_image, command, environment=environment, **options)
         except ImageNotFound:
@@ -218,22 +226,32 @@ class DockerExecutor:
         exited: queue.Queue = queue.Queue()
         try:
             try:
-                container = self._create(client, inner, self.environment(env),
-                                         self.create_options(job_id, node_rank, tag, gpus), log)
+                container = self._create(
+                    client, inner, self.environment(env), self.create_options(job_id, node_rank, tag, gpus), log
+                )
                 container.start()
             except DockerException as e:
                 raise EngineUnavailable(f"the engine refused the stage's container: {e}") from None
             log.write(f"[trainer] container {container.short_id} started".encode())
             readers = [
-                threading.Thread(target=_pump, args=(container.logs(stdout=True, stderr=False, stream=True, follow=True), log, events), daemon=True),
-                threading.Thread(target=_pump, args=(container.logs(stdout=False, stderr=True, stream=True, follow=True), log, None), daemon=True),
+                threading.Thread(
+                    target=_pump,
+                    args=(container.logs(stdout=True, stderr=False, stream=True, follow=True), log, events),
+                    daemon=True,
+                ),
+                threading.Thread(
+                    target=_pump,
+                    args=(container.logs(stdout=False, stderr=True, stream=True, follow=True), log, None),
+                    daemon=True,
+                ),
                 threading.Thread(target=_wait, args=(container, exited), daemon=True),
             ]
             for t in readers:
                 t.start()
             on_started(0)
-            watch(result, events, on_event, lambda: not exited.empty(), should_stop,
-                  lambda: _stop(container, grace), log)
+            watch(
+                result, events, on_event, lambda: not exited.empty(), should_stop, lambda: _stop(container, grace), log
+            )
         finally:
             # Whatever happened (an exception in a callback, RQ's timeout), leave no container running.
             if container is not None:

@@ -63,8 +63,12 @@ def check_gpus() -> str | None:
     """The visible GPUs, or None when there are none."""
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise Down(f"nvidia-smi failed: {e}") from None
         if out.returncode != 0:
@@ -140,7 +144,9 @@ def _run(part: str, required: bool, probe: Callable[[], str | None]) -> Check:
         # A probe must never crash the report: whatever broke is this part's detail.
         return Check(part, required, "down", f"{type(e).__name__}: {e}")
     if detail is None:
-        return Check(part, required, "none", "no GPU visible (nvidia-smi absent, torch.cuda unavailable or not installed)")
+        return Check(
+            part, required, "none", "no GPU visible (nvidia-smi absent, torch.cuda unavailable or not installed)"
+        )
     return Check(part, required, "up", detail)
 
 

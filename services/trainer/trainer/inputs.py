@@ -28,8 +28,9 @@ def input_for(node: Node, step: dict[str, Any], spec: dict[str, Any]) -> dict[st
     if ref is None:
         raise StepFailed("failed", f"stage {step['stage']} needs an input model and none was given or made")
     try:
-        path = node.with_retries(f"download {ref['name']}:{ref['version']}",
-                                 lambda: node.ctx.registry.download(ref["name"], ref["version"]))
+        path = node.with_retries(
+            f"download {ref['name']}:{ref['version']}", lambda: node.ctx.registry.download(ref["name"], ref["version"])
+        )
     except REGISTRY_ERRORS as e:
         raise StepFailed("failed", f"input {ref['name']}:{ref['version']}: {e}") from None
     return {**ref, "path": str(path)}
@@ -48,15 +49,26 @@ def report_inputs(node: Node, folder: Path, input_ref: dict[str, Any]) -> tuple[
             if i == 0:
                 path = input_ref["path"]
             else:
-                path = str(node.with_retries(f"download {v.name}:{v.version}", lambda v=v:
-                                             node.ctx.registry.download(v.name, v.version)))
+                path = str(
+                    node.with_retries(
+                        f"download {v.name}:{v.version}", lambda v=v: node.ctx.registry.download(v.name, v.version)
+                    )
+                )
                 paths.append(path)
                 versions.append(f"{v.name}:{v.version}")
             result = folder / f"metrics-{v.name}-v{v.version}"
             result.mkdir(exist_ok=True)
-            (result / EVAL_FILE).write_text(json.dumps({
-                "made_by": "registry", "measured": [str(Path(path).resolve())],
-                "input_version": [f"{v.name}:{v.version}"], "job_id": v.job_id, "metrics": v.metrics}))
+            (result / EVAL_FILE).write_text(
+                json.dumps(
+                    {
+                        "made_by": "registry",
+                        "measured": [str(Path(path).resolve())],
+                        "input_version": [f"{v.name}:{v.version}"],
+                        "job_id": v.job_id,
+                        "metrics": v.metrics,
+                    }
+                )
+            )
             paths.append(str(result))
     except REGISTRY_ERRORS as e:
         raise StepFailed("failed", f"lineage of {name}:{version}: {e}") from None
@@ -64,6 +76,11 @@ def report_inputs(node: Node, folder: Path, input_ref: dict[str, Any]) -> tuple[
     source = events_path(node.ctx.settings, node.job_id)
     lines = source.read_text().splitlines() if source.exists() else []
     # The job log tags each event with its step; the stage event schema has no such field.
-    events.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "step_index"}) + "\n"
-                              for line in lines if line.strip()))
+    events.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "step_index"}) + "\n"
+            for line in lines
+            if line.strip()
+        )
+    )
     return [*paths, str(events)], versions

@@ -37,8 +37,13 @@ def context() -> Context:
     global _context
     if _context is None:
         settings = get_settings()
-        _context = Context(settings, Database(settings.database_url), Redis.from_url(settings.redis_url),
-                           make_registry(settings), f"{settings.host}.{os.getpid()}")
+        _context = Context(
+            settings,
+            Database(settings.database_url),
+            Redis.from_url(settings.redis_url),
+            make_registry(settings),
+            f"{settings.host}.{os.getpid()}",
+        )
     return _context
 
 
@@ -77,7 +82,9 @@ class Node:
                 return call()
             except RegistryUnavailable as e:
                 if attempt == attempts:
-                    raise RegistryUnavailable(f"{what}: the registry failed {attempts} times; last error: {e}") from None
+                    raise RegistryUnavailable(
+                        f"{what}: the registry failed {attempts} times; last error: {e}"
+                    ) from None
                 delay = s.upload_backoff * 2 ** (attempt - 1)
                 self.note(f"{what} failed (attempt {attempt}/{attempts}): {e}; retrying in {delay:g} s")
                 time.sleep(delay)

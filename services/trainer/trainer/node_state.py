@@ -38,17 +38,21 @@ def claim_node(ctx: Context, job_id: str, node_rank: int) -> Claim | None:
     with ctx.db.session() as s:
         # Write first (the node row, only if still queued): a concurrent cancel or a second
         # delivery of the same task then finds it taken.
-        taken = s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank,
-                                                JobNode.status == "queued")
-                          .values(status="running", host=ctx.settings.host, worker=ctx.name, heartbeat_at=now,
-                                  pgid=None, error=None)).rowcount
+        taken = s.execute(
+            update(JobNode)
+            .where(JobNode.job_id == job_id, JobNode.node_rank == node_rank, JobNode.status == "queued")
+            .values(status="running", host=ctx.settings.host, worker=ctx.name, heartbeat_at=now, pgid=None, error=None)
+        ).rowcount
         if not taken:
             log.warning("job %s node %d is not queued; task dropped", job_id, node_rank)
             return None
         job = s.get(Job, job_id)
         if job.status in TERMINAL or job.cancel_requested:
-            s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank)
-                      .values(status="cancelled"))
+            s.execute(
+                update(JobNode)
+                .where(JobNode.job_id == job_id, JobNode.node_rank == node_rank)
+                .values(status="cancelled")
+            )
             return None
         if job.status == "queued":
             job.status = "running"
@@ -59,8 +63,11 @@ def claim_node(ctx: Context, job_id: str, node_rank: int) -> Claim | None:
 def record_started(ctx: Context, job_id: str, node_rank: int, pgid: int) -> None:
     """The stage's process group, for the reaper and for a cancel from another process."""
     with ctx.db.session() as s:
-        s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank)
-                  .values(pgid=pgid, host=ctx.settings.host, heartbeat_at=time.time()))
+        s.execute(
+            update(JobNode)
+            .where(JobNode.job_id == job_id, JobNode.node_rank == node_rank)
+            .values(pgid=pgid, host=ctx.settings.host, heartbeat_at=time.time())
+        )
 
 
 def heartbeat(ctx: Context, job_id: str, node_rank: int) -> Periodic:
@@ -68,22 +75,40 @@ def heartbeat(ctx: Context, job_id: str, node_rank: int) -> Periodic:
 
     def stamp() -> None:
         with ctx.db.session() as s:
-            s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank,
-                                            JobNode.status == "running").values(heartbeat_at=time.time()))
+            s.execute(
+                update(JobNode)
+                .where(JobNode.job_id == job_id, JobNode.node_rank == node_rank, JobNode.status == "running")
+                .values(heartbeat_at=time.time())
+            )
 
     return Periodic(f"heartbeat-{job_id}", ctx.settings.heartbeat_interval, stamp)
 
 
-def finish_node(db: Database, job_id: str, node_rank: int, worker: str, attempt: int, status: str,
-                error: str | None, log_tail: str | None) -> None:
+def finish_node(
+    db: Database,
+    job_id: str,
+    node_rank: int,
+    worker: str,
+    attempt: int,
+    status: str,
+    error: str | None,
+    log_tail: str | None,
+) -> None:
     """Record a node's end; the job ends at its first failed node, or when every node has ended."""
     now = time.time()
     with db.session() as s:
         # Write first: on SQLite that takes the write lock before we read the other nodes. Only
         # this worker's claim is closed: after a re-queue the row may belong to another worker.
-        s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank,
-                                        JobNode.status == "running", JobNode.worker == worker)
-                  .values(status=status, error=error))
+        s.execute(
+            update(JobNode)
+            .where(
+                JobNode.job_id == job_id,
+                JobNode.node_rank == node_rank,
+                JobNode.status == "running",
+                JobNode.worker == worker,
+            )
+            .values(status=status, error=error)
+        )
         job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.status in TERMINAL or job.attempts != attempt:
             return
@@ -102,9 +127,16 @@ def requeue_interrupted(ctx: Context, job_id: str, node_rank: int, attempt: int)
     """A node stopped by its worker's shutdown: the job goes back to the queue as a new attempt
     (from the step that was cut off), unless it was cancelled, ended or moved on meanwhile."""
     with ctx.db.session() as s:
-        s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == node_rank,
-                                        JobNode.status == "running", JobNode.worker == ctx.name)
-                  .values(status="queued", pgid=None, heartbeat_at=None))
+        s.execute(
+            update(JobNode)
+            .where(
+                JobNode.job_id == job_id,
+                JobNode.node_rank == node_rank,
+                JobNode.status == "running",
+                JobNode.worker == ctx.name,
+            )
+            .values(status="queued", pgid=None, heartbeat_at=None)
+        )
         job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.status in TERMINAL or job.attempts != attempt:
             return
@@ -113,8 +145,10 @@ def requeue_interrupted(ctx: Context, job_id: str, node_rank: int, attempt: int)
             return
         job.attempts += 1
         job.status = "queued"
-        job.error = (f"queued again (attempt {job.attempts + 1}): worker {ctx.name} shut down during step "
-                     f"{job.step_index + 1} ({job.current_stage})")
+        job.error = (
+            f"queued again (attempt {job.attempts + 1}): worker {ctx.name} shut down during step "
+            f"{job.step_index + 1} ({job.current_stage})"
+        )
         for node in job.nodes:
             node.status, node.pgid, node.heartbeat_at = "queued", None, None
         new_attempt, nnodes = job.attempts, job.nnodes

@@ -33,7 +33,7 @@ def _stat_fields(pid_dir: Path) -> tuple[str, int] | None:
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses; fields after it are fixed.
-    rest = raw[raw.rfind(")") + 2:].split()
+    rest = raw[raw.rfind(")") + 2 :].split()
     return rest[0], int(rest[2])
 
 

@@ -44,16 +44,23 @@ class Reaper(Periodic):
         # Jobs younger than a heartbeat limit are skipped: the API commits the row before it
         # queues the task, and a re-queue commits before it queues too.
         with self.db.session() as s:
-            queued = s.execute(select(Job.id, JobNode.node_rank, Job.attempts, Job.nnodes)
-                               .join(JobNode, JobNode.job_id == Job.id)
-                               .where(Job.status.in_(("queued", "running")), Job.cancel_requested.is_(False),
-                                      JobNode.status == "queued",
-                                      Job.created_at < time.time() - self.settings.heartbeat_limit)).all()
+            queued = s.execute(
+                select(Job.id, JobNode.node_rank, Job.attempts, Job.nnodes)
+                .join(JobNode, JobNode.job_id == Job.id)
+                .where(
+                    Job.status.in_(("queued", "running")),
+                    Job.cancel_requested.is_(False),
+                    JobNode.status == "queued",
+                    Job.created_at < time.time() - self.settings.heartbeat_limit,
+                )
+            ).all()
         if not queued:
             return []
         nnodes_of = {job_id: nnodes for job_id, _, _, nnodes in queued}
         lost: dict[tuple[str, int, int], list[int]] = {}
-        for job_id, rank, attempt in lost_tasks(self.redis, [(job_id, rank, attempt) for job_id, rank, attempt, _ in queued]):
+        for job_id, rank, attempt in lost_tasks(
+            self.redis, [(job_id, rank, attempt) for job_id, rank, attempt, _ in queued]
+        ):
             lost.setdefault((job_id, nnodes_of[job_id], attempt), []).append(rank)
         for (job_id, nnodes, attempt), ranks in lost.items():
             enqueue_job(self.settings, self.redis, job_id, nnodes, attempt, ranks=ranks)
@@ -64,9 +71,11 @@ class Reaper(Periodic):
         now = time.time()
         limit = self.settings.heartbeat_limit
         with self.db.session() as s:
-            stale = s.execute(select(JobNode.job_id, JobNode.node_rank, JobNode.host, JobNode.pgid,
-                                     JobNode.worker, JobNode.heartbeat_at)
-                              .where(JobNode.status == "running", JobNode.heartbeat_at < now - limit)).all()
+            stale = s.execute(
+                select(
+                    JobNode.job_id, JobNode.node_rank, JobNode.host, JobNode.pgid, JobNode.worker, JobNode.heartbeat_at
+                ).where(JobNode.status == "running", JobNode.heartbeat_at < now - limit)
+            ).all()
         handled = []
         for job_id, rank, host, pgid, worker, beat in stale:
             age = now - beat
@@ -74,11 +83,15 @@ class Reaper(Periodic):
                 terminate_job(pgid, node_tag(job_id, rank), self.settings.cancel_grace)
                 if self.settings.executor == "docker":
                     self._stop_containers(node_tag(job_id, rank))
-                reason = (f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago, limit "
-                          f"{limit:g} s); its processes were killed")
+                reason = (
+                    f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago, limit "
+                    f"{limit:g} s); its processes were killed"
+                )
             elif age > FOREIGN_HOST_FACTOR * limit:
-                reason = (f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago) and no "
-                          f"reaper on {host} ended it; the host is taken as gone")
+                reason = (
+                    f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago) and no "
+                    f"reaper on {host} ended it; the host is taken as gone"
+                )
             else:
                 continue
             if self._lost(job_id, rank, beat, reason):
@@ -98,9 +111,16 @@ class Reaper(Periodic):
     def _lost(self, job_id: str, rank: int, beat: float, reason: str) -> bool:
         with self.db.session() as s:
             # Only the reaper that flips the node first acts (API and workers reap side by side).
-            claimed = s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.node_rank == rank,
-                                                      JobNode.status == "running", JobNode.heartbeat_at == beat)
-                                .values(status="failed", error=reason)).rowcount
+            claimed = s.execute(
+                update(JobNode)
+                .where(
+                    JobNode.job_id == job_id,
+                    JobNode.node_rank == rank,
+                    JobNode.status == "running",
+                    JobNode.heartbeat_at == beat,
+                )
+                .values(status="failed", error=reason)
+            ).rowcount
             if not claimed:
                 return False
             job = s.get(Job, job_id, with_for_update=True)

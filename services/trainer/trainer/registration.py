@@ -15,8 +15,16 @@ from trainer.runner import tail
 REPORT_FILES = (".md", ".png", ".svg", ".json", ".csv")
 
 
-def register_step(node: Node, spec: dict[str, Any], index: int, stage: str, finished: dict[str, Any],
-                  input_ref: dict[str, Any] | None, out: Path, last_step: int | None) -> None:
+def register_step(
+    node: Node,
+    spec: dict[str, Any],
+    index: int,
+    stage: str,
+    finished: dict[str, Any],
+    input_ref: dict[str, Any] | None,
+    out: Path,
+    last_step: int | None,
+) -> None:
     """Register step `index`'s `finished` event; a registry that stays unreachable fails the step
     and leaves the output on disk for a retry."""
     try:
@@ -26,23 +34,48 @@ def register_step(node: Node, spec: dict[str, Any], index: int, stage: str, fini
         if input_ref is not None and not outputs:
             _annotate_input(node, input_ref, finished.get("metrics") or {}, out)
     except REGISTRY_ERRORS as e:
-        raise StepFailed("failed", f"{e}. The stage's output stays on disk at {out} for a retry.",
-                         tail(node.log_path)) from None
+        raise StepFailed(
+            "failed", f"{e}. The stage's output stays on disk at {out} for a retry.", tail(node.log_path)
+        ) from None
 
 
-def _upload(node: Node, name: str, index: int, stage: str, output: dict[str, Any], finished: dict[str, Any],
-            input_ref: dict[str, Any] | None, last_step: int | None) -> None:
+def _upload(
+    node: Node,
+    name: str,
+    index: int,
+    stage: str,
+    output: dict[str, Any],
+    finished: dict[str, Any],
+    input_ref: dict[str, Any] | None,
+    last_step: int | None,
+) -> None:
     path = Path(output["path"])
     parent = (input_ref["name"], input_ref["version"]) if input_ref else None
     version = node.with_retries(
         f"upload of {path} as {name} ({output['registry_stage']})",
-        lambda: node.ctx.registry.upload(path, name, output["registry_stage"], parent=parent, job_id=node.job_id,
-                                         metrics=finished.get("metrics") or {}, step=last_step))
+        lambda: node.ctx.registry.upload(
+            path,
+            name,
+            output["registry_stage"],
+            parent=parent,
+            job_id=node.job_id,
+            metrics=finished.get("metrics") or {},
+            step=last_step,
+        ),
+    )
     node.note(f"registered {name}:{version} ({output['registry_stage']}) from {path}")
     with node.ctx.db.session() as s:
         job = s.get(Job, node.job_id)
-        job.produced = [*job.produced, {"name": name, "version": version, "stage": output["registry_stage"],
-                                        "made_by": stage, "step_index": index}]
+        job.produced = [
+            *job.produced,
+            {
+                "name": name,
+                "version": version,
+                "stage": output["registry_stage"],
+                "made_by": stage,
+                "step_index": index,
+            },
+        ]
 
 
 def _annotate_input(node: Node, input_ref: dict[str, Any], metrics: dict[str, Any], out: Path) -> None:
@@ -54,5 +87,6 @@ def _annotate_input(node: Node, input_ref: dict[str, Any], metrics: dict[str, An
     if out.is_dir():
         for file in sorted(out.iterdir()):
             if file.is_file() and file.suffix in REPORT_FILES:
-                node.with_retries(f"attachment {file.name} of {parent}",
-                                  lambda f=file: node.ctx.registry.attach(name, version, f))
+                node.with_retries(
+                    f"attachment {file.name} of {parent}", lambda f=file: node.ctx.registry.attach(name, version, f)
+                )

@@ -52,8 +52,11 @@ def _translate(error: BaseException) -> Exception:
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The registry stores flat metrics: numbers, strings, booleans."""
-    return {k: v for k, v in metrics.items()
-            if isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and v != v)}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and v != v)
+    }
 
 
 class Registry:
@@ -64,8 +67,9 @@ class Registry:
     def ping(self) -> None:
         self.client.http.get("/health", timeout=3).raise_for_status()
 
-    def resolve(self, name: str, version: int | None = None, alias: str | None = None,
-                stage: str | None = None) -> Resolved:
+    def resolve(
+        self, name: str, version: int | None = None, alias: str | None = None, stage: str | None = None
+    ) -> Resolved:
         try:
             if version is not None:
                 info = self.client.get_version(name, version)
@@ -91,16 +95,30 @@ class Registry:
             raise _translate(e) from None
         return [VersionInfo.from_json(v) for v in [chain["version"], *chain["parents"]]]
 
-    def upload(self, folder: Path, name: str, stage: str, parent: tuple[str, int] | None, job_id: str,
-               metrics: dict[str, Any], step: int | None = None) -> int:
+    def upload(
+        self,
+        folder: Path,
+        name: str,
+        stage: str,
+        parent: tuple[str, int] | None,
+        job_id: str,
+        metrics: dict[str, Any],
+        step: int | None = None,
+    ) -> int:
         """Register a checkpoint folder; returns its version. A retry after a broken upload sends
         only the files the registry does not hold yet."""
         key = str(folder.resolve())
         try:
             info = self.client.upload_folder(
-                folder, name, stage, step=step, metrics=_scalar_metrics(metrics), job_id=job_id,
+                folder,
+                name,
+                stage,
+                step=step,
+                metrics=_scalar_metrics(metrics),
+                job_id=job_id,
                 parent={"name": parent[0], "version": parent[1]} if parent else None,
-                resume_version=self._pending.get(key))
+                resume_version=self._pending.get(key),
+            )
         except UploadError as e:
             self._pending[key] = e.version
             raise _translate(e.cause) from None

@@ -91,19 +91,34 @@ def run_stage(
 ) -> StageResult:
     log = _Log(log_path)
     log.write(f"[trainer] $ {' '.join(command)}".encode())
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     pgid = proc.pid
     events: queue.Queue = queue.Queue()
-    readers = [threading.Thread(target=_pump, args=(proc.stdout, log, events), daemon=True),
-               threading.Thread(target=_pump, args=(proc.stderr, log, None), daemon=True)]
+    readers = [
+        threading.Thread(target=_pump, args=(proc.stdout, log, events), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, log, None), daemon=True),
+    ]
     for t in readers:
         t.start()
     result = StageResult(returncode=-1)
     try:
         on_started(pgid)
-        watch(result, events, on_event, lambda: proc.poll() is not None, should_stop,
-              lambda: terminate_job(pgid, tag, grace), log)
+        watch(
+            result,
+            events,
+            on_event,
+            lambda: proc.poll() is not None,
+            should_stop,
+            lambda: terminate_job(pgid, tag, grace),
+            log,
+        )
     finally:
         # Whatever happened (an exception in a callback, RQ's timeout), leave no process behind.
         terminate_job(pgid, tag, grace)
@@ -118,9 +133,15 @@ def run_stage(
     return result
 
 
-def watch(result: StageResult, events: queue.Queue, on_event: Callable[[dict[str, Any]], None],
-          exited: Callable[[], bool], should_stop: Callable[[], str | None], stop: Callable[[], None],
-          log: _Log) -> None:
+def watch(
+    result: StageResult,
+    events: queue.Queue,
+    on_event: Callable[[dict[str, Any]], None],
+    exited: Callable[[], bool],
+    should_stop: Callable[[], str | None],
+    stop: Callable[[], None],
+    log: _Log,
+) -> None:
     """Hand each event to `on_event` until the stage has exited and its queue is empty. `should_stop`
     is polled on a clock, not only when the stage is quiet (one that emits an event every few ms
     must not hold off a cancel or a shutdown until it ends); its first reason calls `stop()`."""
@@ -149,4 +170,3 @@ def _record(result: StageResult, event: dict[str, Any], on_event: Callable[[dict
     elif event["type"] == "error":
         result.last_error = event["message"]
     on_event(event)
-

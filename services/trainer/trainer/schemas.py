@@ -58,9 +58,13 @@ class JobRequest(BaseModel):
     stage: str | None = Field(None, description="One stage to run (see GET /v1/stages).")
     pipeline: str | None = Field(None, description="A pipeline of stages, e.g. speedrun.")
     preset: str | None = Field(None, description="Size preset whose options start every step (tiny, d20).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Stage options; for a pipeline, keyed by stage name.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Stage options; for a pipeline, keyed by stage name."
+    )
     input: InputSpec | None = Field(None, description="Input model version (name + version, alias or stage).")
-    output_name: str = Field("nanochat", pattern=NAME_PATTERN, description="Model name the outputs are registered under.")
+    output_name: str = Field(
+        "nanochat", pattern=NAME_PATTERN, description="Model name the outputs are registered under."
+    )
     resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="after")
@@ -102,30 +106,51 @@ def _validate_options(stage: str, preset: str | None, given: Any, loc: list[str 
         raise OptionsInvalid([{"loc": loc, "msg": "expected an object of options", "type": "dict_type"}])
     reserved = [k for k in given if k in TRAINER_FIELDS]
     if reserved:
-        raise OptionsInvalid([{"loc": [*loc, k], "msg": f"{k} is set by the trainer, not by a job",
-                               "type": "trainer_field"} for k in reserved])
+        raise OptionsInvalid(
+            [
+                {"loc": [*loc, k], "msg": f"{k} is set by the trainer, not by a job", "type": "trainer_field"}
+                for k in reserved
+            ]
+        )
     merged = {**(preset_options(preset, stage) if preset else {}), **given}
     try:
         return STAGES[stage].options.model_validate(merged).model_dump(mode="json", exclude=set(TRAINER_FIELDS))
     except ValidationError as e:
-        raise OptionsInvalid([{"loc": [*loc, *err["loc"]], "msg": err["msg"], "type": err["type"]}
-                              for err in e.errors()]) from None
+        raise OptionsInvalid(
+            [{"loc": [*loc, *err["loc"]], "msg": err["msg"], "type": err["type"]} for err in e.errors()]
+        ) from None
 
 
 def plan_steps(request: JobRequest) -> list[dict[str, Any]]:
     """The job's steps `[{stage, options, needs_input}]`; raises OptionsInvalid naming the field."""
     if request.stage is not None:
         options = _validate_options(request.stage, request.preset, request.options, ["body", "options"])
-        return [{"stage": request.stage, "options": options,
-                 "needs_input": STAGES[request.stage].input_stage is not None}]
+        return [
+            {"stage": request.stage, "options": options, "needs_input": STAGES[request.stage].input_stage is not None}
+        ]
     names = PIPELINES[request.pipeline]
     unknown = [k for k in request.options if k not in names]
     if unknown:
-        raise OptionsInvalid([{"loc": ["body", "options", k], "msg": f"{k!r} is not a stage of {request.pipeline}",
-                               "type": "unknown_stage"} for k in unknown])
-    return [{"stage": name, "options": _validate_options(name, request.preset, request.options.get(name, {}),
-                                                           ["body", "options", name]),
-             "needs_input": STAGES[name].input_stage is not None} for name in names]
+        raise OptionsInvalid(
+            [
+                {
+                    "loc": ["body", "options", k],
+                    "msg": f"{k!r} is not a stage of {request.pipeline}",
+                    "type": "unknown_stage",
+                }
+                for k in unknown
+            ]
+        )
+    return [
+        {
+            "stage": name,
+            "options": _validate_options(
+                name, request.preset, request.options.get(name, {}), ["body", "options", name]
+            ),
+            "needs_input": STAGES[name].input_stage is not None,
+        }
+        for name in names
+    ]
 
 
 def first_input_stage(steps: list[dict[str, Any]]) -> str | None:
@@ -205,7 +230,9 @@ class StagesOut(BaseModel):
 
 
 class MetricsOut(BaseModel):
-    stage: str | None = Field(description="Stage the series are of (by default the current stage, or the "
-                                          "last one that trained when the current one has no curve).")
+    stage: str | None = Field(
+        description="Stage the series are of (by default the current stage, or the "
+        "last one that trained when the current one has no curve)."
+    )
     series: dict[str, list[tuple[float, float]]] = Field(description="name -> [[step, value], ...]")
     stages: list[str] = Field(default_factory=list, description="The job's stages with a loss curve, in run order.")

@@ -18,45 +18,121 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINER_", extra="ignore")
 
-    database_url: str = Field("sqlite:///runs/trainer.db", description="SQLAlchemy URL of the job records (SQLite by default, PostgreSQL in compose).")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the RQ queue, the gang barriers and the cancel flags.")
-    redis_prefix: str = Field("nanochat:trainer:", min_length=1, description="Prefix of the trainer's own Redis keys (RQ keeps its rq: keys).")
-    queue_name: str = Field("nanochat-trainer", min_length=1, description="RQ queue the API fills and the workers drain.")
+    database_url: str = Field(
+        "sqlite:///runs/trainer.db",
+        description="SQLAlchemy URL of the job records (SQLite by default, PostgreSQL in compose).",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis of the RQ queue, the gang barriers and the cancel flags."
+    )
+    redis_prefix: str = Field(
+        "nanochat:trainer:", min_length=1, description="Prefix of the trainer's own Redis keys (RQ keeps its rq: keys)."
+    )
+    queue_name: str = Field(
+        "nanochat-trainer", min_length=1, description="RQ queue the API fills and the workers drain."
+    )
     registry_url: str = Field("http://127.0.0.1:8002", description="Base URL of the model registry.")
-    registry_token: str | None = Field(None, description="Bearer token for registry writes (uploads, metric patches, attachments).")
-    write_token: str | None = Field(None, description="Bearer token that POST /v1/jobs and cancel require; unset refuses every write.")
+    registry_token: str | None = Field(
+        None, description="Bearer token for registry writes (uploads, metric patches, attachments)."
+    )
+    write_token: str | None = Field(
+        None, description="Bearer token that POST /v1/jobs and cancel require; unset refuses every write."
+    )
     data_dir: Path = Field(Path("data"), description="The --data-dir every stage reads (make_data fills it).")
     runs_dir: Path = Field(Path("runs"), description="Job folders: logs, events, stage outputs, downloaded inputs.")
-    rdzv_endpoint: str = Field("127.0.0.1:29400", description="host:port of torchrun's c10d rendezvous for nnodes > 1 (node 0 hosts it).")
-    torchrun: list[str] = Field(default_factory=lambda: [sys.executable, "-m", "torch.distributed.run"], description="The torchrun command; by default the running venv's.")
-    stage_modules: dict[str, str] = Field(default_factory=dict, description="Operator override: stage name -> module torchrun runs instead of nanochat.stages.<stage>.")
+    rdzv_endpoint: str = Field(
+        "127.0.0.1:29400", description="host:port of torchrun's c10d rendezvous for nnodes > 1 (node 0 hosts it)."
+    )
+    torchrun: list[str] = Field(
+        default_factory=lambda: [sys.executable, "-m", "torch.distributed.run"],
+        description="The torchrun command; by default the running venv's.",
+    )
+    stage_modules: dict[str, str] = Field(
+        default_factory=dict,
+        description="Operator override: stage name -> module torchrun runs instead of nanochat.stages.<stage>.",
+    )
     job_timeout: int = Field(7 * 24 * 3600, ge=60, description="RQ job timeout in seconds (RQ's own default is 180 s).")
     heartbeat_interval: float = Field(2.0, gt=0, le=20, description="Seconds between a running job's heartbeats.")
-    heartbeat_file: Path | None = Field(None, description="File the worker touches every heartbeat_interval; `python -m trainer worker-health` checks its age.")
-    heartbeat_limit: float = Field(30.0, gt=0, le=60, description="A running job whose heartbeat is older is reaped: its process group killed, then failed or re-queued.")
+    heartbeat_file: Path | None = Field(
+        None,
+        description="File the worker touches every heartbeat_interval; `python -m trainer worker-health` checks its age.",
+    )
+    heartbeat_limit: float = Field(
+        30.0,
+        gt=0,
+        le=60,
+        description="A running job whose heartbeat is older is reaped: its process group killed, then failed or re-queued.",
+    )
     reap_interval: float = Field(2.0, gt=0, le=60, description="Seconds between the reaper's scans.")
-    requeue_on_worker_loss: int = Field(0, ge=0, le=10, description="Times a job whose worker died is re-queued before it is failed.")
-    cancel_grace: float = Field(5.0, ge=0, le=300, description="Seconds between SIGTERM and SIGKILL of a job's process group.")
+    requeue_on_worker_loss: int = Field(
+        0, ge=0, le=10, description="Times a job whose worker died is re-queued before it is failed."
+    )
+    cancel_grace: float = Field(
+        5.0, ge=0, le=300, description="Seconds between SIGTERM and SIGKILL of a job's process group."
+    )
     upload_retries: int = Field(5, ge=0, le=50, description="Retries of a failed registry call at upload time.")
     upload_backoff: float = Field(1.0, ge=0, le=60, description="First retry delay in seconds, doubled each retry.")
-    gang_timeout: float = Field(120.0, gt=0, description="Seconds a multi-node job's tasks wait for each other before the job fails unstarted.")
-    host: str = Field(default_factory=socket.gethostname, description="This machine's name in job records (the reaper kills only its own host's groups).")
-    executor: Literal["local", "docker"] = Field("local", description="How workers start stages: local processes (torchrun in its own session), or one container per stage and node through the Docker SDK (`trainer.docker_executor`).")
-    docker_host: str | None = Field(None, description="Docker Engine address (unix:///var/run/docker.sock, tcp://...); unset reads DOCKER_HOST, else the default socket.")
-    docker_image: str = Field("nanochat/trainer-worker:dev", min_length=1, description="Image each stage container runs (the worker image: nanochat[train] and torchrun).")
-    docker_torchrun: list[str] = Field(default_factory=lambda: ["python", "-m", "torch.distributed.run"], description="The torchrun command inside the image; replaces `torchrun` at the head of the stage's command line.")
-    docker_gpus: bool = Field(True, description="Request nproc_per_node GPUs per container (off for an engine without GPUs).")
-    docker_data_volume: str | None = Field(None, description="Named volume mounted at data_dir in the containers; unset bind-mounts data_dir itself.")
-    docker_runs_volume: str | None = Field(None, description="Named volume mounted at runs_dir (job folders, the model cache); unset bind-mounts runs_dir.")
-    docker_shm_size: str = Field("16g", description="/dev/shm of a container (torchrun's ranks and DataLoader workers share memory through it); unused with an ipc mode other than private/shareable.")
-    docker_ipc_mode: str | None = Field(None, description="IpcMode of the containers, e.g. host; unset keeps Docker's private namespace with docker_shm_size.")
-    docker_network: str | None = Field("host", description="Network mode: host lets torchrun's rendezvous and NCCL reach the other nodes; unset is Docker's bridge.")
-    docker_user: str | None = Field(None, description="uid:gid the stage runs as; unset uses the worker's own, so files in bind mounts stay the worker's.")
-    docker_env_prefixes: list[str] = Field(default_factory=lambda: ["NANOCHAT_", "HF_", "NCCL_", "TORCH_", "OMP_"], description="Worker environment variables passed into the containers, by name prefix (the job's own variables always are).")
-    docker_remove: bool = Field(True, description="Remove each container once its stage has ended and its log has been read.")
+    gang_timeout: float = Field(
+        120.0, gt=0, description="Seconds a multi-node job's tasks wait for each other before the job fails unstarted."
+    )
+    host: str = Field(
+        default_factory=socket.gethostname,
+        description="This machine's name in job records (the reaper kills only its own host's groups).",
+    )
+    executor: Literal["local", "docker"] = Field(
+        "local",
+        description="How workers start stages: local processes (torchrun in its own session), or one container per stage and node through the Docker SDK (`trainer.docker_executor`).",
+    )
+    docker_host: str | None = Field(
+        None,
+        description="Docker Engine address (unix:///var/run/docker.sock, tcp://...); unset reads DOCKER_HOST, else the default socket.",
+    )
+    docker_image: str = Field(
+        "nanochat/trainer-worker:dev",
+        min_length=1,
+        description="Image each stage container runs (the worker image: nanochat[train] and torchrun).",
+    )
+    docker_torchrun: list[str] = Field(
+        default_factory=lambda: ["python", "-m", "torch.distributed.run"],
+        description="The torchrun command inside the image; replaces `torchrun` at the head of the stage's command line.",
+    )
+    docker_gpus: bool = Field(
+        True, description="Request nproc_per_node GPUs per container (off for an engine without GPUs)."
+    )
+    docker_data_volume: str | None = Field(
+        None, description="Named volume mounted at data_dir in the containers; unset bind-mounts data_dir itself."
+    )
+    docker_runs_volume: str | None = Field(
+        None, description="Named volume mounted at runs_dir (job folders, the model cache); unset bind-mounts runs_dir."
+    )
+    docker_shm_size: str = Field(
+        "16g",
+        description="/dev/shm of a container (torchrun's ranks and DataLoader workers share memory through it); unused with an ipc mode other than private/shareable.",
+    )
+    docker_ipc_mode: str | None = Field(
+        None,
+        description="IpcMode of the containers, e.g. host; unset keeps Docker's private namespace with docker_shm_size.",
+    )
+    docker_network: str | None = Field(
+        "host",
+        description="Network mode: host lets torchrun's rendezvous and NCCL reach the other nodes; unset is Docker's bridge.",
+    )
+    docker_user: str | None = Field(
+        None,
+        description="uid:gid the stage runs as; unset uses the worker's own, so files in bind mounts stay the worker's.",
+    )
+    docker_env_prefixes: list[str] = Field(
+        default_factory=lambda: ["NANOCHAT_", "HF_", "NCCL_", "TORCH_", "OMP_"],
+        description="Worker environment variables passed into the containers, by name prefix (the job's own variables always are).",
+    )
+    docker_remove: bool = Field(
+        True, description="Remove each container once its stage has ended and its log has been read."
+    )
     inference_url: str = Field("http://127.0.0.1:8000", description="Inference service base URL (`doctor` checks it).")
     webui_url: str = Field("http://127.0.0.1:8080", description="Web UI base URL (`doctor` checks it).")
-    api_url: str | None = Field(None, description="Trainer API base URL for `doctor`; unset is http://api_host:api_port.")
+    api_url: str | None = Field(
+        None, description="Trainer API base URL for `doctor`; unset is http://api_host:api_port."
+    )
     api_host: str = Field("127.0.0.1", description="Address the API listens on.")
     api_port: int = Field(8001, ge=1, le=65535, description="Port the API listens on.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -22,16 +22,33 @@ class StepInputs:
     extra_versions: Sequence[str] = field(default_factory=tuple)
 
 
-def torchrun_argv(*, torchrun: Sequence[str], nproc_per_node: int, nnodes: int, node_rank: int,
-                  rdzv_endpoint: str, job_id: str, module: str, config: Path, data_dir: Path, out: Path,
-                  inputs: StepInputs | None, resume: bool) -> list[str]:
+def torchrun_argv(
+    *,
+    torchrun: Sequence[str],
+    nproc_per_node: int,
+    nnodes: int,
+    node_rank: int,
+    rdzv_endpoint: str,
+    job_id: str,
+    module: str,
+    config: Path,
+    data_dir: Path,
+    out: Path,
+    inputs: StepInputs | None,
+    resume: bool,
+) -> list[str]:
     """One node's command: a standalone torchrun for one node, a c10d rendezvous (hosted by node 0,
     keyed by the job id) for several."""
     argv = [*torchrun, f"--nproc-per-node={nproc_per_node}"]
     if nnodes > 1:
-        argv += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={job_id}",
-                 f"--rdzv-conf=is_host={'true' if node_rank == 0 else 'false'}"]
+        argv += [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-id={job_id}",
+            f"--rdzv-conf=is_host={'true' if node_rank == 0 else 'false'}",
+        ]
     else:
         argv += ["--standalone"]
     argv += ["-m", module, "--config", str(config), "--data-dir", str(data_dir), "--out", str(out), "--job-id", job_id]

@@ -41,11 +41,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nanochat.stages.options import resumable, resume_dir
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 from sqlalchemy import update
-
-from nanochat.stages.options import resumable, resume_dir
 
 from trainer.db import TERMINAL, Job, migrate
 from trainer.dispatch import BarrierAborted, barrier, cancel_requested, make_queue
@@ -145,8 +144,15 @@ class NodeRun:
         """Meet the other nodes, stop if told to, and (node 0) mark the step as the job's current one."""
         if self.nnodes > 1:
             try:
-                barrier(self.s, self.ctx.redis, self.job_id, f"a{self.attempt}-s{index}", self.nnodes,
-                        self.s.gang_timeout if first else self.s.job_timeout, self.stop_reason)
+                barrier(
+                    self.s,
+                    self.ctx.redis,
+                    self.job_id,
+                    f"a{self.attempt}-s{index}",
+                    self.nnodes,
+                    self.s.gang_timeout if first else self.s.job_timeout,
+                    self.stop_reason,
+                )
             except BarrierAborted as e:
                 raise self._fail_or_cancel(str(e)) from None
         reason = self.stop_reason()
@@ -154,8 +160,11 @@ class NodeRun:
             raise self._fail_or_cancel(reason)
         if self.rank == 0:
             with self.ctx.db.session() as s:
-                s.execute(update(Job).where(Job.id == self.job_id).values(
-                    step_index=index, current_stage=stage, step=None, total=None, eta_s=None))
+                s.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id)
+                    .values(step_index=index, current_stage=stage, step=None, total=None, eta_s=None)
+                )
 
     def _step(self, index: int, first: bool) -> None:
         step = self.spec["steps"][index]
@@ -172,9 +181,16 @@ class NodeRun:
             # An earlier attempt's output that was never registered (a job moves on to the next
             # step only once it is): the stage writes it again, from its resumable state if any.
             shutil.rmtree(out)
-        result = self._executor()(command, env, self.node.log_path, lambda e: self.events.on_event(index, e),
-                                  self.stop_reason, self._on_started, self.s.cancel_grace,
-                                  node_tag(self.job_id, self.rank))
+        result = self._executor()(
+            command,
+            env,
+            self.node.log_path,
+            lambda e: self.events.on_event(index, e),
+            self.stop_reason,
+            self._on_started,
+            self.s.cancel_grace,
+            node_tag(self.job_id, self.rank),
+        )
         # A stage that finished just before a shutdown reached it is kept: registered, not rerun.
         done_anyway = result.stopped == SHUTDOWN_REASON and result.returncode == 0 and result.finished is not None
         if result.stopped and not done_anyway:
@@ -186,29 +202,44 @@ class NodeRun:
             # Ranks other than 0 print no events: on those nodes there is nothing to register.
             register_step(self.node, self.spec, index, stage, result.finished, input_ref, out, self.events.last_step)
 
-    def _command(self, index: int, stage: str, config: Path, out: Path,
-                 input_ref: dict[str, Any] | None) -> list[str]:
+    def _command(self, index: int, stage: str, config: Path, out: Path, input_ref: dict[str, Any] | None) -> list[str]:
         inputs = None
         if input_ref is not None:
-            extra_paths, extra_versions = (report_inputs(self.node, report_inputs_dir(self.dir, index), input_ref)
-                                           if stage == "report" else ([], []))
-            inputs = StepInputs(input_ref["path"], f"{input_ref['name']}:{input_ref['version']}",
-                                extra_paths, extra_versions)
+            extra_paths, extra_versions = (
+                report_inputs(self.node, report_inputs_dir(self.dir, index), input_ref)
+                if stage == "report"
+                else ([], [])
+            )
+            inputs = StepInputs(
+                input_ref["path"], f"{input_ref['name']}:{input_ref['version']}", extra_paths, extra_versions
+            )
         return torchrun_argv(
-            torchrun=self.s.torchrun, nproc_per_node=self.spec["resources"]["nproc_per_node"], nnodes=self.nnodes,
-            node_rank=self.rank, rdzv_endpoint=self.s.rdzv_endpoint, job_id=self.job_id,
-            module=self.s.stage_modules.get(stage, f"nanochat.stages.{stage}"), config=config,
-            data_dir=self.s.data_dir, out=out, inputs=inputs,
+            torchrun=self.s.torchrun,
+            nproc_per_node=self.spec["resources"]["nproc_per_node"],
+            nnodes=self.nnodes,
+            node_rank=self.rank,
+            rdzv_endpoint=self.s.rdzv_endpoint,
+            job_id=self.job_id,
+            module=self.s.stage_modules.get(stage, f"nanochat.stages.{stage}"),
+            config=config,
+            data_dir=self.s.data_dir,
+            out=out,
+            inputs=inputs,
             # An earlier attempt on this host was cut off after a resumable save.
-            resume=resumable(stage) and resume_dir(out).is_dir())
+            resume=resumable(stage) and resume_dir(out).is_dir(),
+        )
 
     def _executor(self) -> Callable[..., StageResult]:
         """How the stage runs: a local torchrun, or a container per node (TRAINER_EXECUTOR=docker)."""
         if self.s.executor == "docker":
             from trainer.docker_executor import DockerExecutor  # the optional `docker` extra
 
-            return functools.partial(DockerExecutor(self.s).run_stage, job_id=self.job_id, node_rank=self.rank,
-                                     gpus=self.spec["resources"]["nproc_per_node"])
+            return functools.partial(
+                DockerExecutor(self.s).run_stage,
+                job_id=self.job_id,
+                node_rank=self.rank,
+                gpus=self.spec["resources"]["nproc_per_node"],
+            )
         return run_stage
 
     def _on_started(self, pgid: int) -> None:
@@ -255,9 +286,12 @@ def main(burst: bool = False) -> None:
     ctx = context()
     Reaper(settings, ctx.db, ctx.redis).start()
     if settings.heartbeat_file is not None:
-        threading.Thread(target=_touch_loop, args=(settings.heartbeat_file, settings.heartbeat_interval),
-                         name="liveness", daemon=True).start()
-    worker = Worker([make_queue(settings, ctx.redis)], connection=ctx.redis, name=ctx.name,
-                          serializer=JSONSerializer)
+        threading.Thread(
+            target=_touch_loop,
+            args=(settings.heartbeat_file, settings.heartbeat_interval),
+            name="liveness",
+            daemon=True,
+        ).start()
+    worker = Worker([make_queue(settings, ctx.redis)], connection=ctx.redis, name=ctx.name, serializer=JSONSerializer)
     log.info("worker %s on queue %s (host %s)", ctx.name, settings.queue_name, settings.host)
     worker.work(burst=burst, with_scheduler=False)

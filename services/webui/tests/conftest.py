@@ -108,3 +108,16 @@ def poll(fn, limit_s: float = 10.0):
         value = fn()
     assert value, f"condition still false after {limit_s} s"
     return value
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright, one per test module."""
+    from nanochat_testing.browser import launch_chromium
+    from playwright.sync_api import sync_playwright
+
+    OUTPUT.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        b = launch_chromium(p)
+        yield b
+        b.close()

@@ -6,22 +6,12 @@ sleep. Screenshots go to tests/output/."""
 import httpx
 import pytest
 from conftest import ADMIN_TOKEN, OUTPUT, poll, start_fake, start_webui
-from nanochat_testing.browser import launch_chromium
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.slow
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    OUTPUT.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        b = launch_chromium(p)
-        yield b
-        b.close()
 
 
 def open_page(browser, url: str, viewport=DESKTOP) -> Page:
@@ -42,7 +32,7 @@ def send(page: Page, text: str) -> None:
 
 
 def last_assistant(page: Page):
-    return page.locator('[data-testid=message][data-role=assistant]').last
+    return page.locator("[data-testid=message][data-role=assistant]").last
 
 
 def fake_state(fake) -> dict:
@@ -59,9 +49,11 @@ def test_stream_grows_and_stop_frees_the_server_request(browser, webui, fake):
     expect(answer.locator(".body")).to_contain_text("word3")
     seen = len(answer.locator(".body").inner_text())
     # Still streaming, and the text keeps growing: tokens arrive one by one.
-    page.wait_for_function("([n]) => { const m = [...document.querySelectorAll('[data-role=assistant]')].pop();"
-                           " return m.dataset.state === 'streaming' && m.querySelector('.body').innerText.length > n + 20; }",
-                           arg=[seen])
+    page.wait_for_function(
+        "([n]) => { const m = [...document.querySelectorAll('[data-role=assistant]')].pop();"
+        " return m.dataset.state === 'streaming' && m.querySelector('.body').innerText.length > n + 20; }",
+        arg=[seen],
+    )
     page.get_by_test_id("stop").click()
     expect(answer).to_have_attribute("data-state", "stopped")
     expect(page.get_by_test_id("send")).to_be_visible()
@@ -111,7 +103,7 @@ def test_regenerate_edit_and_history_survive_reload(browser, webui, fake):
     send(page, "second question")
     expect(page.locator("[data-testid=message]")).to_have_count(4)
     expect(last_assistant(page)).to_have_attribute("data-state", "done")
-    page.locator('[data-testid=message][data-role=user]').first.get_by_test_id("edit").click()
+    page.locator("[data-testid=message][data-role=user]").first.get_by_test_id("edit").click()
     page.get_by_test_id("edit-input").fill("an edited first question")
     page.get_by_test_id("edit-save").click()
     expect(last_assistant(page)).to_have_attribute("data-state", "done")
@@ -166,8 +158,13 @@ def test_markdown_is_sanitised_tools_and_code_render(browser, webui, fake):
     assert page.evaluate("navigator.clipboard.readText()") == "print('hello')"
     # The calculator turn went back to the server with its parts, so the tool use survives.
     history = fake_state(fake)["last_chat"]["messages"]
-    tool_turn = next(m for m in history if m["role"] == "assistant" and "nanochat_parts" in m
-                     and any(p["type"] == "python" for p in m["nanochat_parts"]))
+    tool_turn = next(
+        m
+        for m in history
+        if m["role"] == "assistant"
+        and "nanochat_parts" in m
+        and any(p["type"] == "python" for p in m["nanochat_parts"])
+    )
     assert {"type": "python_output", "text": "84"} in tool_turn["nanochat_parts"]
     page.screenshot(path=OUTPUT / "chat-desktop.png")
     page.set_viewport_size(PHONE)
@@ -299,9 +296,10 @@ def test_launch_form_validates_at_the_field_and_models_serving_alias(browser, we
 
 def test_numbers_are_formatted_for_reading(browser, webui):
     page = open_page(browser, webui.url)
-    shown = page.evaluate("async (values) => { const { formatNumber } = await import('/dom.js');"
-                          " return values.map(formatNumber); }",
-                          [1200.4, 12930.5, 1.2345, 0.00012, 100000, 0.31, 5269.9])
+    shown = page.evaluate(
+        "async (values) => { const { formatNumber } = await import('/dom.js'); return values.map(formatNumber); }",
+        [1200.4, 12930.5, 1.2345, 0.00012, 100000, 0.31, 5269.9],
+    )
     assert shown == ["1200", "12.93K", "1.234", "1.20e-4", "100,000", "0.31", "5270"]
 
 

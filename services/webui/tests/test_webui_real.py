@@ -14,17 +14,16 @@ import httpx
 import pytest
 import torch
 from conftest import ADMIN_TOKEN, OUTPUT, Proc, free_port, poll, start_webui, wait_healthy
-from playwright.sync_api import expect
-from registry_client import RegistryClient
-from test_webui_browser import browser, last_assistant, open_page, send  # noqa: F401 (browser is a fixture)
-
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat_contracts.manifest import write_manifest
 from nanochat.stages.options import PRESETS
-from nanochat_testing.data import make_tiny_data
 from nanochat.tokenizer import Tokenizer
+from nanochat_contracts.manifest import write_manifest
+from nanochat_testing.data import make_tiny_data
+from playwright.sync_api import expect
+from registry_client import RegistryClient
+from test_webui_browser import last_assistant, open_page, send
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +53,9 @@ def greedy_never_ends(tok: Tokenizer, model: GPT) -> bool:
 
 def spawn(name: str, module: str, env: dict[str, str], url: str, health: str, root: Path) -> Proc:
     with open(root / f"{name}.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", *module.split()], env={**os.environ, **env},
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", *module.split()], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
     proc = Proc(url, process, env)
     try:
         wait_healthy(f"{url}{health}", process, limit_s=60)
@@ -73,9 +73,18 @@ def stack(tmp_path_factory, redis_server):
     procs: dict[str, Proc] = {}
     try:
         port = free_port()
-        procs["registry"] = spawn("registry", "registry", {
-            "REGISTRY_PORT": str(port), "REGISTRY_DATA_DIR": str(root / "registry"),
-            "REGISTRY_WRITE_TOKEN": REGISTRY_TOKEN}, f"http://127.0.0.1:{port}", "/ready", root)
+        procs["registry"] = spawn(
+            "registry",
+            "registry",
+            {
+                "REGISTRY_PORT": str(port),
+                "REGISTRY_DATA_DIR": str(root / "registry"),
+                "REGISTRY_WRITE_TOKEN": REGISTRY_TOKEN,
+            },
+            f"http://127.0.0.1:{port}",
+            "/ready",
+            root,
+        )
         tok.save(root / "tokenizer" / "tokenizer")
         (root / "tokenizer" / "meta.json").write_text(json.dumps({"stage": "tokenizer"}))
         write_manifest(root / "tokenizer")
@@ -87,19 +96,44 @@ def stack(tmp_path_factory, redis_server):
             # Serve the SFT version (v3) until the test moves the alias to RL (v4).
             rc.set_alias("nanochat", "serving", 3)
         port = free_port()
-        procs["inference"] = spawn("inference", "inference", {
-            "INFERENCE_PORT": str(port), "INFERENCE_REGISTRY_URL": procs["registry"].url,
-            "INFERENCE_MODEL_CACHE_DIR": str(root / "models"), "INFERENCE_SLOTS": "4",
-            "INFERENCE_POLL_INTERVAL_S": "0.5", "INFERENCE_CPU_THREADS": "1"},
-            f"http://127.0.0.1:{port}", "/ready", root)
+        procs["inference"] = spawn(
+            "inference",
+            "inference",
+            {
+                "INFERENCE_PORT": str(port),
+                "INFERENCE_REGISTRY_URL": procs["registry"].url,
+                "INFERENCE_MODEL_CACHE_DIR": str(root / "models"),
+                "INFERENCE_SLOTS": "4",
+                "INFERENCE_POLL_INTERVAL_S": "0.5",
+                "INFERENCE_CPU_THREADS": "1",
+            },
+            f"http://127.0.0.1:{port}",
+            "/ready",
+            root,
+        )
         port = free_port()
-        procs["trainer"] = spawn("trainer", "trainer api", {
-            "TRAINER_API_PORT": str(port), "TRAINER_DATABASE_URL": f"sqlite:///{root / 'trainer.db'}",
-            "TRAINER_REDIS_URL": redis_server.url, "TRAINER_REGISTRY_URL": procs["registry"].url,
-            "TRAINER_WRITE_TOKEN": TRAINER_TOKEN, "TRAINER_RUNS_DIR": str(root / "runs"),
-            "TRAINER_DATA_DIR": str(root / "data")}, f"http://127.0.0.1:{port}", "/health", root)
-        procs["webui"] = start_webui(None, {name: procs[name].url for name in ("inference", "trainer", "registry")},
-                                     WEBUI_TRAINER_TOKEN=TRAINER_TOKEN, WEBUI_REGISTRY_TOKEN=REGISTRY_TOKEN)
+        procs["trainer"] = spawn(
+            "trainer",
+            "trainer api",
+            {
+                "TRAINER_API_PORT": str(port),
+                "TRAINER_DATABASE_URL": f"sqlite:///{root / 'trainer.db'}",
+                "TRAINER_REDIS_URL": redis_server.url,
+                "TRAINER_REGISTRY_URL": procs["registry"].url,
+                "TRAINER_WRITE_TOKEN": TRAINER_TOKEN,
+                "TRAINER_RUNS_DIR": str(root / "runs"),
+                "TRAINER_DATA_DIR": str(root / "data"),
+            },
+            f"http://127.0.0.1:{port}",
+            "/health",
+            root,
+        )
+        procs["webui"] = start_webui(
+            None,
+            {name: procs[name].url for name in ("inference", "trainer", "registry")},
+            WEBUI_TRAINER_TOKEN=TRAINER_TOKEN,
+            WEBUI_REGISTRY_TOKEN=REGISTRY_TOKEN,
+        )
         yield procs
     finally:
         for proc in reversed(list(procs.values())):
@@ -125,9 +159,11 @@ def test_real_stream_grows_and_stop_frees_the_inference_row(browser, stack):
     expect(answer).to_have_attribute("data-state", "streaming")
     poll(lambda: len(answer.locator(".body").inner_text()) > 20)
     seen = len(answer.locator(".body").inner_text())
-    page.wait_for_function("([n]) => { const m = [...document.querySelectorAll('[data-role=assistant]')].pop();"
-                           " return m.dataset.state === 'streaming' && m.querySelector('.body').innerText.length > n + 20; }",
-                           arg=[seen])
+    page.wait_for_function(
+        "([n]) => { const m = [...document.querySelectorAll('[data-role=assistant]')].pop();"
+        " return m.dataset.state === 'streaming' && m.querySelector('.body').innerText.length > n + 20; }",
+        arg=[seen],
+    )
     assert running_rows(stack["inference"].url) == 1
     page.get_by_test_id("stop").click()
     expect(answer).to_have_attribute("data-state", "stopped")
@@ -197,30 +233,61 @@ def test_real_running_job_page_grows_its_curves_and_log_then_cancels(browser, st
     env = stack["trainer"].env
     make_tiny_data(Path(env["TRAINER_DATA_DIR"]), tmp_path)
     with open(tmp_path / "worker.log", "wb") as log:
-        worker = Proc("", subprocess.Popen([sys.executable, "-m", "trainer", "worker"], env={**os.environ, **env},
-                                           stdout=log, stderr=subprocess.STDOUT))
+        worker = Proc(
+            "",
+            subprocess.Popen(
+                [sys.executable, "-m", "trainer", "worker"],
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ),
+        )
     try:
-        options = {"depth": 2, "max_seq_len": 128, "device_batch_size": 2, "total_batch_size": 256,
-                   "num_iterations": 100_000, "eval_every": -1, "eval_tokens": 256, "save_every": -1,
-                   "core_metric_every": -1, "log_every": 1}
-        r = httpx.post(f"{stack['trainer'].url}/v1/jobs", headers={"Authorization": f"Bearer {TRAINER_TOKEN}"},
-                       json={"stage": "base_train", "input": {"name": "nanochat", "stage": "tokenizer"},
-                             "options": options, "output_name": "webui-running"}, timeout=30)
+        options = {
+            "depth": 2,
+            "max_seq_len": 128,
+            "device_batch_size": 2,
+            "total_batch_size": 256,
+            "num_iterations": 100_000,
+            "eval_every": -1,
+            "eval_tokens": 256,
+            "save_every": -1,
+            "core_metric_every": -1,
+            "log_every": 1,
+        }
+        r = httpx.post(
+            f"{stack['trainer'].url}/v1/jobs",
+            headers={"Authorization": f"Bearer {TRAINER_TOKEN}"},
+            json={
+                "stage": "base_train",
+                "input": {"name": "nanochat", "stage": "tokenizer"},
+                "options": options,
+                "output_name": "webui-running",
+            },
+            timeout=30,
+        )
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         page = open_page(browser, f"{stack['webui'].url}/#/jobs/{job_id}")
         expect(page.get_by_test_id("status")).to_have_text("running", timeout=60_000)
         expect(page.get_by_test_id("log-state")).to_have_text("following")
         chart = page.get_by_test_id("chart-loss")
-        page.wait_for_function("() => Number(document.querySelector('[data-testid=chart-loss]').dataset.points) >= 3",
-                               timeout=120_000)
+        page.wait_for_function(
+            "() => Number(document.querySelector('[data-testid=chart-loss]').dataset.points) >= 3", timeout=120_000
+        )
         points = int(chart.get_attribute("data-points"))
         log_length = len(page.get_by_test_id("log").inner_text())
         # The page keeps up with the running job: more points on the curve, more lines in the log.
-        page.wait_for_function("([n]) => Number(document.querySelector('[data-testid=chart-loss]').dataset.points) > n",
-                               arg=[points], timeout=60_000)
-        page.wait_for_function("([n]) => document.querySelector('[data-testid=log]').innerText.length > n",
-                               arg=[log_length], timeout=60_000)
+        page.wait_for_function(
+            "([n]) => Number(document.querySelector('[data-testid=chart-loss]').dataset.points) > n",
+            arg=[points],
+            timeout=60_000,
+        )
+        page.wait_for_function(
+            "([n]) => document.querySelector('[data-testid=log]').innerText.length > n",
+            arg=[log_length],
+            timeout=60_000,
+        )
         assert float(page.get_by_test_id("progress").get_attribute("aria-valuenow")) >= 0
         page.screenshot(path=OUTPUT / "real-job-running-desktop.png", full_page=True)
         page.click("#login-button")

@@ -5,9 +5,8 @@ import json
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from conftest import ADMIN_TOKEN, free_port, poll
-
+from fastapi.testclient import TestClient
 from webui.app import create_app
 from webui.settings import Settings
 
@@ -15,9 +14,15 @@ pytestmark = pytest.mark.slow
 
 
 def settings_for(fake_url: str, **extra) -> Settings:
-    values = dict(inference_url=f"{fake_url}/inference", trainer_url=f"{fake_url}/trainer",
-                  registry_url=f"{fake_url}/registry", inference_token="inference-secret",
-                  trainer_token="trainer-secret", registry_token="registry-secret", admin_token=ADMIN_TOKEN)
+    values = dict(
+        inference_url=f"{fake_url}/inference",
+        trainer_url=f"{fake_url}/trainer",
+        registry_url=f"{fake_url}/registry",
+        inference_token="inference-secret",
+        trainer_token="trainer-secret",
+        registry_token="registry-secret",
+        admin_token=ADMIN_TOKEN,
+    )
     return Settings(**{**values, **extra})
 
 
@@ -36,13 +41,17 @@ def test_health_and_page_with_strict_csp(client):
     assert page.headers["x-content-type-options"] == "nosniff"
     assert client.get("/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/../pyproject.toml").status_code == 404
-    assert client.get("/ready").json() == {"status": "ready",
-                                           "checks": {"inference": "ok", "trainer": "ok", "registry": "ok"}}
+    assert client.get("/ready").json() == {
+        "status": "ready",
+        "checks": {"inference": "ok", "trainer": "ok", "registry": "ok"},
+    }
 
 
 def test_proxy_passes_path_query_and_only_safe_headers(client):
-    response = client.get("/api/trainer/_test/echo/a%2Fb/c?x=1&y=%20z",
-                          headers={"authorization": "Bearer from-browser", "cookie": "a=b", "last-event-id": "42"})
+    response = client.get(
+        "/api/trainer/_test/echo/a%2Fb/c?x=1&y=%20z",
+        headers={"authorization": "Bearer from-browser", "cookie": "a=b", "last-event-id": "42"},
+    )
     seen = response.json()
     assert seen["raw_path"] == "/trainer/_test/echo/a%2Fb/c"
     assert seen["query"] == "x=1&y=%20z"
@@ -109,6 +118,7 @@ def test_unreachable_service_and_oversized_body(fake):
 
         def chunked():
             yield from [b"x" * 600] * 2
+
         streamed = c.post("/api/trainer/_test/echo/x", content=chunked())
         assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "request_too_large"
         assert c.post("/api/trainer/_test/echo/x", content=b"x" * 500).json()["body"] == "x" * 500
@@ -146,8 +156,10 @@ def test_stream_is_unbuffered_and_disconnect_frees_the_request(webui, fake):
             assert json.loads(first[5:])["choices"][0]["delta"] == {"role": "assistant"}
             # The first event reached us while the service is still generating: nothing buffered it.
             assert httpx.get(f"{fake.url}/inference/_test/state").json()["active"] == 1
-            contents = [json.loads(line[5:])["choices"][0]["delta"]["content"]
-                        for line, _ in zip((l for l in events if l.startswith("data:")), range(3))]
+            contents = [
+                json.loads(line[5:])["choices"][0]["delta"]["content"]
+                for line, _ in zip((e for e in events if e.startswith("data:")), range(3))
+            ]
             assert contents == ["word0 ", "word1 ", "word2 "]
     state = poll(lambda: (s := httpx.get(f"{fake.url}/inference/_test/state").json())["active"] == 0 and s)
     assert state["disconnected"] == before["disconnected"] + 1

@@ -25,8 +25,13 @@ REGISTRY_TOKEN = "registry-secret"
 app = FastAPI()
 state = {
     "model": {"id": "nanochat", "object": "model", "version": 4, "stage": "sft", "context_length": 2048},
-    "active": 0, "finished": 0, "disconnected": 0, "replies": 0, "busy_left": 1,
-    "last_chat": None, "last_headers": None,
+    "active": 0,
+    "finished": 0,
+    "disconnected": 0,
+    "replies": 0,
+    "busy_left": 1,
+    "last_chat": None,
+    "last_headers": None,
 }
 
 
@@ -37,11 +42,17 @@ async def health(service: str) -> dict:
 
 @app.api_route("/{service}/_test/echo/{rest:path}", methods=["GET", "POST", "PUT"])
 async def echo(service: str, rest: str, request: Request) -> dict:
-    return {"raw_path": request.scope["raw_path"].decode(), "query": request.scope["query_string"].decode(),
-            "method": request.method, "headers": dict(request.headers), "body": (await request.body()).decode()}
+    return {
+        "raw_path": request.scope["raw_path"].decode(),
+        "query": request.scope["query_string"].decode(),
+        "method": request.method,
+        "headers": dict(request.headers),
+        "body": (await request.body()).decode(),
+    }
 
 
 # ---- inference --------------------------------------------------------------------------------
+
 
 @app.get("/inference/v1/models")
 async def models() -> dict:
@@ -57,12 +68,18 @@ def reply_for(text: str) -> tuple[list[tuple[str, str]], float]:
     """The deltas of a reply, as (kind, text), and the pause between them."""
     lowered = text.lower()
     if "xss" in lowered:
-        payload = ('Careful: <script>window.__xss = 1</script> and <img src=x onerror="window.__xss = 2"> '
-                   'and [a link](javascript:window.__xss=3) stay text. **Bold** is fine.')
+        payload = (
+            'Careful: <script>window.__xss = 1</script> and <img src=x onerror="window.__xss = 2"> '
+            "and [a link](javascript:window.__xss=3) stay text. **Bold** is fine."
+        )
         return [("text", w + " ") for w in payload.split(" ")], 0.005
     if "calc" in lowered:
-        return [("text", "Let me compute that. "), ("python", "12*7"), ("python_output", "84"),
-                ("text", "The answer is **84**.")], 0.02
+        return [
+            ("text", "Let me compute that. "),
+            ("python", "12*7"),
+            ("python_output", "84"),
+            ("text", "The answer is **84**."),
+        ], 0.02
     if "code" in lowered:
         return [("text", "Here is code:\n\n```python\nprint('hello')\n```\n"), ("text", "Done.")], 0.02
     if "slow" in lowered:
@@ -81,20 +98,24 @@ async def chat(request: Request):
         return error_response(401, "missing or wrong bearer token")
     last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
     if "context" in last.lower():
-        return error_response(400, "The prompt has 4100 tokens but the context is 2048 tokens.",
-                              code="context_length_exceeded")
+        return error_response(
+            400, "The prompt has 4100 tokens but the context is 2048 tokens.", code="context_length_exceeded"
+        )
     if "busy" in last.lower() and state["busy_left"] > 0:
         state["busy_left"] -= 1
-        return error_response(429, "The waiting queue is full.", code="queue_full",
-                              headers={"Retry-After": "1"})
+        return error_response(429, "The waiting queue is full.", code="queue_full", headers={"Retry-After": "1"})
     deltas, pause = reply_for(last)
 
     async def events():
         state["active"] += 1
         done = False
         try:
-            base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": "nanochat"}
+            base = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": "nanochat",
+            }
             yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}}]})}\n\n"
             for kind, text in deltas:
                 await asyncio.sleep(pause)
@@ -112,6 +133,7 @@ async def chat(request: Request):
 
 # ---- trainer ----------------------------------------------------------------------------------
 
+
 class BaseTrainOptions(BaseModel):
     depth: int = Field(4, ge=1, le=64, description="Transformer layers; width is depth * 64")
     device_batch_size: int = Field(2, ge=1)
@@ -120,8 +142,17 @@ class BaseTrainOptions(BaseModel):
 
 
 jobs: dict[str, dict] = {
-    "job-1": {"id": "job-1", "stage": "base_train", "status": "running", "created_at": time.time(),
-              "step": 0, "total": 20, "progress": 0.0, "metrics": {}, "produced": []},
+    "job-1": {
+        "id": "job-1",
+        "stage": "base_train",
+        "status": "running",
+        "created_at": time.time(),
+        "step": 0,
+        "total": 20,
+        "progress": 0.0,
+        "metrics": {},
+        "produced": [],
+    },
 }
 series: dict[str, dict[str, list]] = {"job-1": {"loss": [], "lr": [], "tok_per_s": []}}
 logs: dict[str, bytearray] = {"job-1": bytearray(b"starting base_train\n")}
@@ -131,12 +162,24 @@ drops = {"generation": 0}
 
 @app.get("/trainer/v1/stages")
 async def stages() -> dict:
-    return {"pipelines": {"speedrun": ["make_data", "base_train"]}, "presets": ["tiny", "d20"], "stages": [
-        {"name": "base_train", "description": "Pretrain the base model.", "input_stage": "tokenizer",
-         "options_schema": BaseTrainOptions.model_json_schema()},
-        {"name": "make_data", "description": "Write the tiny offline corpus.", "input_stage": None,
-         "options_schema": {"type": "object", "properties": {}}},
-    ]}
+    return {
+        "pipelines": {"speedrun": ["make_data", "base_train"]},
+        "presets": ["tiny", "d20"],
+        "stages": [
+            {
+                "name": "base_train",
+                "description": "Pretrain the base model.",
+                "input_stage": "tokenizer",
+                "options_schema": BaseTrainOptions.model_json_schema(),
+            },
+            {
+                "name": "make_data",
+                "description": "Write the tiny offline corpus.",
+                "input_stage": None,
+                "options_schema": {"type": "object", "properties": {}},
+            },
+        ],
+    }
 
 
 @app.get("/trainer/v1/jobs")
@@ -228,12 +271,28 @@ async def create_job(request: Request):
         except ValidationError as exc:
             return validation_response([{**e, "loc": ["body", "options", *e["loc"]]} for e in exc.errors()], 422)
         if options.depth % 2 and (options.depth + 1) & options.depth:
-            return validation_response([{"loc": ["body", "options", "depth"], "type": "value_error",
-                                         "msg": f"depth {options.depth}: an odd depth needs depth+1 to be a power of two"}],
-                                       422)
+            return validation_response(
+                [
+                    {
+                        "loc": ["body", "options", "depth"],
+                        "type": "value_error",
+                        "msg": f"depth {options.depth}: an odd depth needs depth+1 to be a power of two",
+                    }
+                ],
+                422,
+            )
     job_id = f"job-{len(jobs) + 1}"
-    jobs[job_id] = {"id": job_id, "stage": body.get("stage"), "pipeline": body.get("pipeline"), "status": "queued",
-                    "created_at": time.time(), "progress": 0.0, "metrics": {}, "produced": [], "request": body}
+    jobs[job_id] = {
+        "id": job_id,
+        "stage": body.get("stage"),
+        "pipeline": body.get("pipeline"),
+        "status": "queued",
+        "created_at": time.time(),
+        "progress": 0.0,
+        "metrics": {},
+        "produced": [],
+        "request": body,
+    }
     return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
 
 
@@ -249,10 +308,28 @@ async def cancel_job(job_id: str, request: Request):
 
 versions = [
     {"version": 1, "stage": "tokenizer", "step": None, "parent": None, "metrics": {"ratio": 4.3}},
-    {"version": 2, "stage": "base", "step": 200, "parent": {"name": "nanochat", "version": 1}, "metrics": {"val_bpb": 1.21, "core": 0.05}},
-    {"version": 3, "stage": "mid", "step": 80, "parent": {"name": "nanochat", "version": 2}, "metrics": {"val_bpb": 1.1}},
-    {"version": 4, "stage": "sft", "step": 40, "parent": {"name": "nanochat", "version": 3}, "metrics": {"arc_easy": 0.31},
-     "attachments": [{"path": "report.md", "size": 120, "sha256": "0" * 64}]},
+    {
+        "version": 2,
+        "stage": "base",
+        "step": 200,
+        "parent": {"name": "nanochat", "version": 1},
+        "metrics": {"val_bpb": 1.21, "core": 0.05},
+    },
+    {
+        "version": 3,
+        "stage": "mid",
+        "step": 80,
+        "parent": {"name": "nanochat", "version": 2},
+        "metrics": {"val_bpb": 1.1},
+    },
+    {
+        "version": 4,
+        "stage": "sft",
+        "step": 40,
+        "parent": {"name": "nanochat", "version": 3},
+        "metrics": {"arc_easy": 0.31},
+        "attachments": [{"path": "report.md", "size": 120, "sha256": "0" * 64}],
+    },
     {"version": 5, "stage": "rl", "step": 30, "parent": {"name": "nanochat", "version": 4}, "metrics": {"gsm8k": 0.04}},
 ]
 aliases = {"serving": 4}
@@ -265,8 +342,16 @@ async def registry_models() -> dict:
 
 @app.get("/registry/v1/models/{name}/versions")
 async def registry_versions(name: str) -> dict:
-    items = [{"attachments": [], **v, "name": name, "created_at": "2026-11-20T10:00:00Z",
-              "aliases": [a for a, target in aliases.items() if target == v["version"]]} for v in versions]
+    items = [
+        {
+            "attachments": [],
+            **v,
+            "name": name,
+            "created_at": "2026-11-20T10:00:00Z",
+            "aliases": [a for a, target in aliases.items() if target == v["version"]],
+        }
+        for v in versions
+    ]
     return {"items": items, "total": len(items), "limit": 500, "offset": 0}
 
 
@@ -285,8 +370,10 @@ async def registry_lineage(name: str, version: int):
 
 @app.get("/registry/v1/models/{name}/versions/{version}/attachments/{file}")
 async def attachment(name: str, version: int, file: str):
-    return PlainTextResponse("# Report card\n\n| metric | SFT |\n|---|---|\n\n- ARC-Easy: **0.31**\n<script>window.__xss=4</script>\n",
-                             media_type="text/markdown")
+    return PlainTextResponse(
+        "# Report card\n\n| metric | SFT |\n|---|---|\n\n- ARC-Easy: **0.31**\n<script>window.__xss=4</script>\n",
+        media_type="text/markdown",
+    )
 
 
 class AliasMove(BaseModel):

@@ -14,8 +14,14 @@ def main() -> None:
     logs.configure("INFO")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call is ours already
     # uvicorn's own lines go through the root logger (JSON); the kit writes the access log.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        log_level="info",
+    )
 
 
 if __name__ == "__main__":

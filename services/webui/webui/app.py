@@ -60,9 +60,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app; `settings` default to the `WEBUI_` environment."""
     settings = settings or Settings()
     metrics = Metrics()
-    app = create_service_app("webui", readiness=readiness, metrics=metrics.registry,
-                             max_body_bytes=settings.max_body_bytes, title="nanochat web UI", lifespan=lifespan,
-                             docs_url=None, redoc_url=None, openapi_url=None)
+    app = create_service_app(
+        "webui",
+        readiness=readiness,
+        metrics=metrics.registry,
+        max_body_bytes=settings.max_body_bytes,
+        title="nanochat web UI",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.add_middleware(SecurityHeaders)
     app.state.settings, app.state.sessions, app.state.metrics = settings, Sessions(settings), metrics
     app.include_router(session.router)

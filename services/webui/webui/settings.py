@@ -47,8 +47,15 @@ class Settings(BaseSettings):
         }[service]
         return str(url).rstrip("/"), token
 
-    @field_validator("inference_token", "trainer_token", "registry_token", "admin_token", "chat_token",
-                     "session_secret", mode="before")
+    @field_validator(
+        "inference_token",
+        "trainer_token",
+        "registry_token",
+        "admin_token",
+        "chat_token",
+        "session_secret",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose passes `${TOKEN:-}` as an empty string: that means no token, not "Bearer ".

@@ -12,8 +12,19 @@ from starlette.types import Receive, Scope, Send
 FORWARDED_REQUEST_HEADERS = ("accept", "content-type", "last-event-id", "if-none-match", "range")
 # Connection-level headers (RFC 9110 7.6.1) and the ones the ASGI server sets itself.
 DROPPED_RESPONSE_HEADERS = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "content-length", "set-cookie", "www-authenticate", "server", "date",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "set-cookie",
+    "www-authenticate",
+    "server",
+    "date",
 }
 
 log = logging.getLogger("webui.upstream")
@@ -22,10 +33,15 @@ log = logging.getLogger("webui.upstream")
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("webui_proxy_requests", "Proxied requests by service and status",
-                                ["service", "status"], registry=self.registry)
-        self.open_streams = Gauge("webui_proxy_open_streams", "Proxied responses still streaming",
-                                  ["service"], registry=self.registry)
+        self.requests = Counter(
+            "webui_proxy_requests",
+            "Proxied requests by service and status",
+            ["service", "status"],
+            registry=self.registry,
+        )
+        self.open_streams = Gauge(
+            "webui_proxy_open_streams", "Proxied responses still streaming", ["service"], registry=self.registry
+        )
 
 
 class UpstreamStream(Response):
@@ -43,7 +59,8 @@ class UpstreamStream(Response):
         self.metrics = metrics
         self.raw_headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in upstream.headers.multi_items() if k.lower() not in DROPPED_RESPONSE_HEADERS
+            for k, v in upstream.headers.multi_items()
+            if k.lower() not in DROPPED_RESPONSE_HEADERS
         ] + [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -58,8 +75,9 @@ class UpstreamStream(Response):
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             if forward in done and forward.exception() is not None and not isinstance(forward.exception(), OSError):
-                log.warning("upstream stream broke", extra={"service": self.service,
-                                                            "error": repr(forward.exception())})
+                log.warning(
+                    "upstream stream broke", extra={"service": self.service, "error": repr(forward.exception())}
+                )
         finally:
             await self.upstream.aclose()
             gauge.dec()

@@ -33,18 +33,20 @@ from nanochat.stages.train_loop import all_reduce_sum, load_model, setup, single
 from nanochat.tokenizer import Tokenizer
 
 
-def model_scorer(model: GPT, compute: Compute, ctx: contextlib.AbstractContextManager, pad_id: int, batch_size: int = 8):
+def model_scorer(
+    model: GPT, compute: Compute, ctx: contextlib.AbstractContextManager, pad_id: int, batch_size: int = 8
+):
     """The `core_eval.Scorer` of a model: per sequence, each next token's loss and the argmax."""
 
     @torch.no_grad()
     def score(seqs: list[list[int]]) -> list[tuple[Sequence[float], Sequence[int]]]:
         out: list[tuple[Sequence[float], Sequence[int]]] = []
         for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start:start + batch_size]
+            chunk = seqs[start : start + batch_size]
             width = max(len(s) for s in chunk)
             idx = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             for i, s in enumerate(chunk):
-                idx[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+                idx[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             idx = idx.to(compute.device)
             with ctx:
                 logits = model(idx)
@@ -58,8 +60,15 @@ def model_scorer(model: GPT, compute: Compute, ctx: contextlib.AbstractContextMa
     return score
 
 
-def core_metric(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: contextlib.AbstractContextManager,
-                data_dir: str, bundle: str, max_per_task: int) -> dict[str, Any]:
+def core_metric(
+    model: GPT,
+    tokenizer: Tokenizer,
+    compute: Compute,
+    ctx: contextlib.AbstractContextManager,
+    data_dir: str,
+    bundle: str,
+    max_per_task: int,
+) -> dict[str, Any]:
     """CORE over every rank's share of the bundle's items. Items are cropped only past the model's
     rotary table (10x sequence_len), never to sequence_len: the original scores its models on
     whole items, and the reference CORE was measured so."""
@@ -74,8 +83,9 @@ def core_metric(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: context
         correct, total = all_reduce_sum(*counts)
         return int(correct), int(total)
 
-    results = evaluate_core(folder, tokenizer, scorer, max_per_task, compute.rank, compute.world_size,
-                            model.rotary_len, reduce=reduce)
+    results = evaluate_core(
+        folder, tokenizer, scorer, max_per_task, compute.rank, compute.world_size, model.rotary_len, reduce=reduce
+    )
     model.train(was_training)
     return results
 
@@ -84,8 +94,9 @@ def base_eval(options: BaseEvalOptions, emitter: EventEmitter) -> tuple[list, di
     folder = single_input(options, "base checkpoint")
     compute, ctx = setup(options)
     ckpt = load_model(folder, compute)
-    results = core_metric(ckpt.model, ckpt.tokenizer, compute, ctx, options.data_dir, options.bundle,
-                          options.max_per_task)
+    results = core_metric(
+        ckpt.model, ckpt.tokenizer, compute, ctx, options.data_dir, options.bundle, options.max_per_task
+    )
     version = options.input_version[0] if options.input_version else None
     tasks = results["tasks"].values()
     metrics: dict[str, Any] = {
@@ -101,7 +112,9 @@ def base_eval(options: BaseEvalOptions, emitter: EventEmitter) -> tuple[list, di
         log(f"{label:>24}: accuracy {task['accuracy']:.4f} centred {task['centered']:+.4f} ({task['items']} items)")
     for name, value in metrics.items():
         emitter.eval(name, value, version)
-    log(f"CORE {results['core']:.4f} ± {metrics['core/ci95']:.4f}" + (" (offline bundle)" if results["offline"] else ""))
+    log(
+        f"CORE {results['core']:.4f} ± {metrics['core/ci95']:.4f}" + (" (offline bundle)" if results["offline"] else "")
+    )
     if options.out and compute.is_master:
         write_eval_result(options.out, "base_eval", options, metrics)
     compute_cleanup()

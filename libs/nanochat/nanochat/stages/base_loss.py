@@ -20,7 +20,15 @@ from nanochat.report import write_eval_result
 from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import BaseLossOptions
-from nanochat.stages.train_loop import base_samples, evaluate_bpb, load_model, setup, single_input, take, token_bytes_tensor
+from nanochat.stages.train_loop import (
+    base_samples,
+    evaluate_bpb,
+    load_model,
+    setup,
+    single_input,
+    take,
+    token_bytes_tensor,
+)
 
 
 def base_loss(options: BaseLossOptions, emitter: EventEmitter) -> tuple[list, dict[str, Any]]:
@@ -33,8 +41,17 @@ def base_loss(options: BaseLossOptions, emitter: EventEmitter) -> tuple[list, di
     version = options.input_version[0] if options.input_version else None
     metrics: dict[str, Any] = {}
     for split in ("train", "val"):
-        loader = pretrain_loader(ckpt.tokenizer, options.data_dir, split, options.device_batch_size, seq_len,
-                                 compute.rank, compute.world_size, compute.device, loop=False)
+        loader = pretrain_loader(
+            ckpt.tokenizer,
+            options.data_dir,
+            split,
+            options.device_batch_size,
+            seq_len,
+            compute.rank,
+            compute.world_size,
+            compute.device,
+            loop=False,
+        )
         bpb = evaluate_bpb(ckpt.model, take(loader, steps), token_bytes, ctx)
         metrics[f"{split}_bpb"] = bpb
         emitter.eval(f"{split}_bpb", bpb, version)

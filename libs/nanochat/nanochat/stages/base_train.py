@@ -23,8 +23,6 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import torch
-
 from nanochat import optim
 from nanochat.checkpoint import load_optimizer_state
 from nanochat.common import compute_cleanup
@@ -35,10 +33,27 @@ from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import BaseTrainOptions, plan_horizon
 from nanochat.stages.tok_eval import load_tokenizer_version
-from nanochat.stages.train_loop import (ProgressMeter, StepTimer, TrainingForward, all_reduce_sum, base_samples,
-                                        evaluate_bpb, finish_output, load_resumable, muon_momentum, new_model,
-                                        peak_flops, save_resumable, set_lr, set_momentum, setup, single_input, take,
-                                        token_bytes_tensor, warmdown_lr)
+from nanochat.stages.train_loop import (
+    ProgressMeter,
+    StepTimer,
+    TrainingForward,
+    all_reduce_sum,
+    base_samples,
+    evaluate_bpb,
+    finish_output,
+    load_resumable,
+    muon_momentum,
+    new_model,
+    peak_flops,
+    save_resumable,
+    set_lr,
+    set_momentum,
+    setup,
+    single_input,
+    take,
+    token_bytes_tensor,
+    warmdown_lr,
+)
 
 
 def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
@@ -61,17 +76,32 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
     steps, accum = horizon.num_iterations, horizon.grad_accum_steps
     if steps < 1:
         raise ValueError(f"the horizon gives {steps} steps; raise --num-iterations or the data ratio")
-    log(f"depth {options.depth}: {num_params:,} params, {flops_per_token:,} FLOPs/token; {steps} steps of "
-        f"{options.total_batch_size:,} tokens (grad accum {accum}), {horizon.total_tokens:,} tokens in all")
+    log(
+        f"depth {options.depth}: {num_params:,} params, {flops_per_token:,} FLOPs/token; {steps} steps of "
+        f"{options.total_batch_size:,} tokens (grad accum {accum}), {horizon.total_tokens:,} tokens in all"
+    )
 
-    optimizers = model.setup_optimizers(unembedding_lr=options.unembedding_lr, embedding_lr=options.embedding_lr,
-                                        matrix_lr=options.matrix_lr, weight_decay=options.weight_decay)
+    optimizers = model.setup_optimizers(
+        unembedding_lr=options.unembedding_lr,
+        embedding_lr=options.embedding_lr,
+        matrix_lr=options.matrix_lr,
+        weight_decay=options.weight_decay,
+    )
     if options.resume:
         rank_state = load_optimizer_state(resume_path, optimizers)
     start = rank_state.get("step", 0)
     history: dict[str, list] = rank_state.get("history", {"train_loss": [], "val_bpb": []})
-    loader = pretrain_loader(tokenizer, options.data_dir, "train", options.device_batch_size, options.max_seq_len,
-                             rank, world, compute.device, state=rank_state.get("loader"))
+    loader = pretrain_loader(
+        tokenizer,
+        options.data_dir,
+        "train",
+        options.device_batch_size,
+        options.max_seq_len,
+        rank,
+        world,
+        compute.device,
+        state=rank_state.get("loader"),
+    )
     token_bytes = token_bytes_tensor(tokenizer, compute.device)
     meter = ProgressMeter(steps, flops_per_token, peak_flops(compute.device), world, state=rank_state.get("meter"))
     grad_clip = options.grad_clip if options.grad_clip > 0 else None
@@ -79,8 +109,16 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
     metrics: dict[str, Any] = rank_state.get("metrics", {})
 
     def val_bpb() -> float:
-        val = pretrain_loader(tokenizer, options.data_dir, "val", options.device_batch_size, options.max_seq_len,
-                              rank, world, compute.device)
+        val = pretrain_loader(
+            tokenizer,
+            options.data_dir,
+            "val",
+            options.device_batch_size,
+            options.max_seq_len,
+            rank,
+            world,
+            compute.device,
+        )
         return evaluate_bpb(model, take(val, eval_steps), token_bytes, ctx)
 
     samples: dict[str, Any] | None = None
@@ -96,21 +134,43 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
             metrics["min_val_bpb"] = min(bpb, metrics.get("min_val_bpb", bpb))
             emitter.eval("val_bpb", bpb, version)
             log(f"step {step}/{steps}: val bpb {bpb:.4f}")
-        if not resumed_here and options.core_metric_every > 0 and (last or step % options.core_metric_every == 0) and step > 0:
-            core = core_metric(model, tokenizer, compute, ctx, options.data_dir, "eval_bundle",
-                               options.core_metric_max_per_task)
+        if (
+            not resumed_here
+            and options.core_metric_every > 0
+            and (last or step % options.core_metric_every == 0)
+            and step > 0
+        ):
+            core = core_metric(
+                model, tokenizer, compute, ctx, options.data_dir, "eval_bundle", options.core_metric_max_per_task
+            )
             metrics["core"] = core["core"]
             emitter.eval("core", core["core"], version)
-        if not resumed_here and compute.is_master and (last or (options.sample_every > 0 and step > 0
-                                                               and step % options.sample_every == 0)):
+        if (
+            not resumed_here
+            and compute.is_master
+            and (last or (options.sample_every > 0 and step > 0 and step % options.sample_every == 0))
+        ):
             samples = {"step": step, "samples": base_samples(model, tokenizer)}
             for sample in samples["samples"]:
                 log(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
         if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start) and not last:
-            rank_state = {"step": step, "loader": loader.state_dict(), "meter": meter.state_dict(),
-                          "history": history, "metrics": metrics}
-            save_resumable(options.out, model, tokenizer, build_meta("base_train", options, "base", step, metrics),
-                           optimizers, rank_state, emitter, step)
+            rank_state = {
+                "step": step,
+                "loader": loader.state_dict(),
+                "meter": meter.state_dict(),
+                "history": history,
+                "metrics": metrics,
+            }
+            save_resumable(
+                options.out,
+                model,
+                tokenizer,
+                build_meta("base_train", options, "base", step, metrics),
+                optimizers,
+                rank_state,
+                emitter,
+                step,
+            )
         if last:
             break
 
@@ -132,12 +192,21 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
         history["train_loss"].append([step + 1, numbers["loss"]])
         if step % options.log_every == 0 or step + 1 == steps:
             emitter.progress(step=step + 1, total=steps, lr=lr, **numbers)
-            log(f"step {step + 1}/{steps} loss {numbers['loss']:.4f} lr {lr:.3f} "
-                f"{numbers['tok_per_s']:,.0f} tok/s eta {numbers['eta_s']:.0f}s")
+            log(
+                f"step {step + 1}/{steps} loss {numbers['loss']:.4f} lr {lr:.3f} "
+                f"{numbers['tok_per_s']:,.0f} tok/s eta {numbers['eta_s']:.0f}s"
+            )
 
-    metrics.update({"steps": steps, "compiled": int(forward.compiled), "num_params": num_params, "tokens": horizon.total_tokens,
-                    "train_seconds": round(meter.train_seconds, 2), "final_train_loss": history["train_loss"][-1][1]
-                    if history["train_loss"] else None})
+    metrics.update(
+        {
+            "steps": steps,
+            "compiled": int(forward.compiled),
+            "num_params": num_params,
+            "tokens": horizon.total_tokens,
+            "train_seconds": round(meter.train_seconds, 2),
+            "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
+        }
+    )
     meta = build_meta("base_train", options, "base", steps, metrics)
     meta["history"] = history
     if samples is not None:

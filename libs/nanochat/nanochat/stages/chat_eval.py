@@ -70,17 +70,24 @@ def letter_ids(tokenizer: Tokenizer, letters: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def run_categorical(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: contextlib.AbstractContextManager,
-                    items: list[dict], task: Task, batch_size: int) -> int:
+def run_categorical(
+    model: GPT,
+    tokenizer: Tokenizer,
+    compute: Compute,
+    ctx: contextlib.AbstractContextManager,
+    items: list[dict],
+    task: Task,
+    batch_size: int,
+) -> int:
     """Correct answers among `items`: argmax of the letter logits at the last prompt position."""
     correct = 0
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         prompts = [tokenizer.render_for_completion(c) for c in chunk]
         width = max(len(p) for p in prompts)
         idx = torch.full((len(prompts), width), tokenizer.encode_special("<|assistant_end|>"), dtype=torch.long)
         for i, p in enumerate(prompts):
-            idx[i, :len(p)] = torch.tensor(p)
+            idx[i, : len(p)] = torch.tensor(p)
         with ctx:
             logits = model(idx.to(compute.device))
         for i, (conversation, prompt) in enumerate(zip(chunk, prompts)):
@@ -90,24 +97,32 @@ def run_categorical(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: con
     return correct
 
 
-def run_generative(engine: Engine, tokenizer: Tokenizer, items: list[dict], task: Task, options: ChatEvalOptions,
-                   seed: int) -> int:
+def run_generative(
+    engine: Engine, tokenizer: Tokenizer, items: list[dict], task: Task, options: ChatEvalOptions, seed: int
+) -> int:
     """Correct answers among `items` (any of num_samples samples right counts)."""
     correct = 0
     top_k = options.top_k or None
     for start in range(0, len(items), options.device_batch_size):
-        chunk = items[start:start + options.device_batch_size]
+        chunk = items[start : start + options.device_batch_size]
         prompts = [tokenizer.render_for_completion(c) for c in chunk]
-        sequences, _ = engine.generate_batch(prompts, num_samples=options.num_samples, max_tokens=options.max_new_tokens,
-                                             temperature=options.temperature, top_k=top_k, seed=seed + start)
+        sequences, _ = engine.generate_batch(
+            prompts,
+            num_samples=options.num_samples,
+            max_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_k=top_k,
+            seed=seed + start,
+        )
         for j, (conversation, prompt) in enumerate(zip(chunk, prompts)):
-            rows = sequences[j * options.num_samples:(j + 1) * options.num_samples]
-            correct += any(task.evaluate(conversation, tokenizer.decode(seq[len(prompt):])) for seq in rows)
+            rows = sequences[j * options.num_samples : (j + 1) * options.num_samples]
+            correct += any(task.evaluate(conversation, tokenizer.decode(seq[len(prompt) :])) for seq in rows)
     return correct
 
 
-def evaluate_chat_tasks(model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: contextlib.AbstractContextManager,
-                        options: ChatEvalOptions) -> dict[str, float | int]:
+def evaluate_chat_tasks(
+    model: GPT, tokenizer: Tokenizer, compute: Compute, ctx: contextlib.AbstractContextManager, options: ChatEvalOptions
+) -> dict[str, float | int]:
     """Accuracy of every requested task plus chatcore, over all ranks."""
     model.eval()
     engine = Engine(model, tokenizer)

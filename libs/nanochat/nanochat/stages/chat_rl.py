@@ -41,16 +41,35 @@ from nanochat.report import ci95
 from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import ChatRlOptions
-from nanochat.stages.train_loop import (ProgressMeter, StepTimer, all_reduce_sum, finish_output, linear_decay,
-                                        load_model, save_resumable, scale_initial_lr, set_lr, setup, single_input)
+from nanochat.stages.train_loop import (
+    ProgressMeter,
+    StepTimer,
+    all_reduce_sum,
+    finish_output,
+    linear_decay,
+    load_model,
+    save_resumable,
+    scale_initial_lr,
+    set_lr,
+    setup,
+    single_input,
+)
 from nanochat.tasks.gsm8k import GSM8K
 
 # The original measures pass@k on samples at temperature 1.0, whatever temperature trains.
 EVAL_TEMPERATURE = 1.0
 
 
-def sample_rows(engine: Engine, prompt: list[int], count: int, batch_size: int, max_tokens: int,
-                temperature: float, top_k: int | None, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+def sample_rows(
+    engine: Engine,
+    prompt: list[int],
+    count: int,
+    batch_size: int,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> tuple[list[list[int]], list[list[int]]]:
     """`count` completions of one prompt, at most `batch_size` rows per engine batch: sequences
     (prompt + generated, the stop token left out) and masks (1 = sampled, 0 = prompt or forced).
 
@@ -59,9 +78,14 @@ def sample_rows(engine: Engine, prompt: list[int], count: int, batch_size: int, 
     sequences: list[list[int]] = []
     masks: list[list[int]] = []
     for chunk, start in enumerate(range(0, count, batch_size)):
-        seqs, row_masks = engine.generate_batch(prompt, num_samples=min(batch_size, count - start),
-                                                max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                                seed=row_seed(seed, chunk))
+        seqs, row_masks = engine.generate_batch(
+            prompt,
+            num_samples=min(batch_size, count - start),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=row_seed(seed, chunk),
+        )
         sequences += seqs
         masks += row_masks
     return sequences, masks
@@ -86,18 +110,25 @@ def pass_loss(nll: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor
     return (nll * advantages[:, None]).sum() / (num_valid * divisor)
 
 
-def policy_gradient_backward(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                             advantages: torch.Tensor, batch_size: int, questions: int, device: torch.device,
-                             ctx: contextlib.AbstractContextManager) -> float:
+def policy_gradient_backward(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    batch_size: int,
+    questions: int,
+    device: torch.device,
+    ctx: contextlib.AbstractContextManager,
+) -> float:
     """Backpropagate one question's rows, `batch_size` rows per pass (`pass_loss` each, with
     `questions` the questions per rank); returns the sum of the passes' losses."""
     num_passes = -(-len(inputs) // batch_size)
     total = 0.0
     for start in range(0, len(inputs), batch_size):
-        y = targets[start:start + batch_size].to(device)
+        y = targets[start : start + batch_size].to(device)
         with ctx:
-            nll = model(inputs[start:start + batch_size].to(device), y, loss_reduction="none")
-        loss = pass_loss(nll, y, advantages[start:start + batch_size].to(device), num_passes * questions)
+            nll = model(inputs[start : start + batch_size].to(device), y, loss_reduction="none")
+        loss = pass_loss(nll, y, advantages[start : start + batch_size].to(device), num_passes * questions)
         loss.backward()
         total += loss.item()
     return total
@@ -119,8 +150,9 @@ def pass_at_k_metrics(counts: list[float], questions: int) -> dict[str, float | 
     return metrics
 
 
-def evaluate_pass_at_k(engine: Engine, test: GSM8K, options: ChatRlOptions, rank: int,
-                       world: int) -> dict[str, float | int]:
+def evaluate_pass_at_k(
+    engine: Engine, test: GSM8K, options: ChatRlOptions, rank: int, world: int
+) -> dict[str, float | int]:
     """pass@1..pass@eval_samples over the first eval_examples test questions, summed over ranks
     (rank r takes questions r, r + world, ...). Question i is seeded from i alone, as the
     original seeds every evaluation alike: two evaluations differ by the model, not by the draw."""
@@ -129,10 +161,17 @@ def evaluate_pass_at_k(engine: Engine, test: GSM8K, options: ChatRlOptions, rank
     for i in range(rank, min(len(test), options.eval_examples), world):
         conversation = test[i]
         prompt = tokenizer.render_for_completion(conversation)
-        sequences, _ = sample_rows(engine, prompt, options.eval_samples, options.device_batch_size,
-                                   options.max_new_tokens, EVAL_TEMPERATURE, options.top_k or None,
-                                   row_seed(options.seed, i))
-        outcomes.append([test.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences])
+        sequences, _ = sample_rows(
+            engine,
+            prompt,
+            options.eval_samples,
+            options.device_batch_size,
+            options.max_new_tokens,
+            EVAL_TEMPERATURE,
+            options.top_k or None,
+            row_seed(options.seed, i),
+        )
+        outcomes.append([test.evaluate(conversation, tokenizer.decode(s[len(prompt) :])) for s in sequences])
     *counts, questions = all_reduce_sum(*pass_at_k_counts(outcomes, options.eval_samples), len(outcomes))
     return pass_at_k_metrics(counts, int(questions))
 
@@ -149,8 +188,11 @@ def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[st
     train, test = GSM8K(options.data_dir, "train"), GSM8K(options.data_dir, "test")
     if not len(test):
         raise ValueError("GSM8K test has no questions to measure pass@k on")
-    steps = options.num_iterations if options.num_iterations > 0 else \
-        len(train) // options.examples_per_step * options.num_epochs
+    steps = (
+        options.num_iterations
+        if options.num_iterations > 0
+        else len(train) // options.examples_per_step * options.num_epochs
+    )
     if steps < 1:
         raise ValueError(f"{len(train)} GSM8K questions give no step of {options.examples_per_step}")
     per_rank = options.examples_per_step // world
@@ -173,15 +215,26 @@ def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[st
         history["gsm8k_pass_at_k"].append([step, scores])
         for name, value in passes.items():
             emitter.eval(name, value, version)
-        log(f"step {step}: GSM8K " + ", ".join(f"pass@{k} {v:.4f}" for k, v in enumerate(scores, start=1))
-            + f" ({passes['gsm8k/pass@1/items']} questions x {options.eval_samples} samples at T={EVAL_TEMPERATURE})")
+        log(
+            f"step {step}: GSM8K "
+            + ", ".join(f"pass@{k} {v:.4f}" for k, v in enumerate(scores, start=1))
+            + f" ({passes['gsm8k/pass@1/items']} questions x {options.eval_samples} samples at T={EVAL_TEMPERATURE})"
+        )
 
     for step in range(steps):
         if options.eval_every > 0 and step % options.eval_every == 0:
             evaluate(step)
         if options.save_every > 0 and step % options.save_every == 0 and step > 0:
-            save_resumable(options.out, model, tokenizer, build_meta("chat_rl", options, "rl", step, metrics),
-                           optimizers, {"step": step}, emitter, step)
+            save_resumable(
+                options.out,
+                model,
+                tokenizer,
+                build_meta("chat_rl", options, "rl", step, metrics),
+                optimizers,
+                {"step": step},
+                emitter,
+                step,
+            )
         with StepTimer(compute.device) as timer:
             total_loss, rewards_sum, tokens = 0.0, 0.0, 0
             indices = [(step * options.examples_per_step + rank + k * world) % len(train) for k in range(per_rank)]
@@ -189,16 +242,24 @@ def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[st
                 conversation = train[index]
                 prompt = tokenizer.render_for_completion(conversation)
                 model.eval()
-                seqs, masks = sample_rows(engine, prompt, options.num_samples, options.device_batch_size,
-                                          options.max_new_tokens, options.temperature, top_k,
-                                          row_seed(row_seed(options.seed, step), index))
-                rewards = [train.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in seqs]
+                seqs, masks = sample_rows(
+                    engine,
+                    prompt,
+                    options.num_samples,
+                    options.device_batch_size,
+                    options.max_new_tokens,
+                    options.temperature,
+                    top_k,
+                    row_seed(row_seed(options.seed, step), index),
+                )
+                rewards = [train.reward(conversation, tokenizer.decode(s[len(prompt) :])) for s in seqs]
                 mean = sum(rewards) / len(rewards)
                 inputs, targets = training_rows(seqs, masks, pad)
                 advantages = torch.tensor([r - mean for r in rewards], dtype=torch.float32)
                 model.train()
-                total_loss += policy_gradient_backward(model, inputs, targets, advantages, options.device_batch_size,
-                                                       per_rank, compute.device, ctx)
+                total_loss += policy_gradient_backward(
+                    model, inputs, targets, advantages, options.device_batch_size, per_rank, compute.device, ctx
+                )
                 rewards_sum += sum(rewards)
                 tokens += sum(len(s) for s in seqs)
             lr = linear_decay(step, steps)
@@ -214,8 +275,13 @@ def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[st
         emitter.eval("mean_reward", mean_reward, version)
         log(f"step {step + 1}/{steps} pg loss {loss_all / world:+.4f} mean reward {mean_reward:.3f} lr {lr:.3f}")
     evaluate(steps)
-    metrics.update({"steps": steps, "train_seconds": round(meter.train_seconds, 2),
-                    "mean_reward": sum(r for _, r in history["reward"]) / len(history["reward"])})
+    metrics.update(
+        {
+            "steps": steps,
+            "train_seconds": round(meter.train_seconds, 2),
+            "mean_reward": sum(r for _, r in history["reward"]) / len(history["reward"]),
+        }
+    )
     meta = build_meta("chat_rl", options, "rl", steps, metrics)
     meta["history"] = history
     finish_output(options.out, model, tokenizer, meta, compute.is_master)

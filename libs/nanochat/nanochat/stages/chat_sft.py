@@ -28,13 +28,25 @@ from nanochat import optim
 from nanochat.checkpoint import load_optimizer_state
 from nanochat.common import compute_cleanup
 from nanochat.dataloader import SFTLoader
+from nanochat.stages.chat_eval import evaluate_chat_tasks
 from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
-from nanochat.stages.chat_eval import evaluate_chat_tasks
 from nanochat.stages.options import ChatEvalOptions, ChatSftOptions
-from nanochat.stages.train_loop import (ProgressMeter, StepTimer, all_reduce_sum, finish_output, linear_decay,
-                                        load_model, load_resumable, peak_flops, save_resumable, scale_initial_lr,
-                                        set_lr, setup, single_input, take)
+from nanochat.stages.train_loop import (
+    ProgressMeter,
+    StepTimer,
+    all_reduce_sum,
+    finish_output,
+    linear_decay,
+    load_model,
+    load_resumable,
+    save_resumable,
+    scale_initial_lr,
+    set_lr,
+    setup,
+    single_input,
+    take,
+)
 from nanochat.tasks.mixtures import sft_mixture
 
 
@@ -50,25 +62,45 @@ def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[
     val_set = sft_mixture(options.data_dir, "test")
     per_micro = options.device_batch_size * world
     if options.target_examples_per_step % per_micro:
-        raise ValueError(f"target_examples_per_step {options.target_examples_per_step} must be a multiple of "
-                         f"device_batch_size * world_size = {per_micro}")
+        raise ValueError(
+            f"target_examples_per_step {options.target_examples_per_step} must be a multiple of "
+            f"device_batch_size * world_size = {per_micro}"
+        )
     accum = options.target_examples_per_step // per_micro
-    steps = options.num_iterations if options.num_iterations > 0 else \
-        len(train_set) // options.target_examples_per_step * options.num_epochs
+    steps = (
+        options.num_iterations
+        if options.num_iterations > 0
+        else len(train_set) // options.target_examples_per_step * options.num_epochs
+    )
     if steps < 1:
         raise ValueError(f"{len(train_set)} conversations give no step of {options.target_examples_per_step}")
-    log(f"sft: {len(train_set):,} conversations, {steps} steps of {options.target_examples_per_step} (grad accum {accum})")
+    log(
+        f"sft: {len(train_set):,} conversations, {steps} steps of {options.target_examples_per_step} (grad accum {accum})"
+    )
 
-    optimizers = model.setup_optimizers(unembedding_lr=options.unembedding_lr, embedding_lr=options.embedding_lr,
-                                        matrix_lr=options.matrix_lr, weight_decay=options.weight_decay)
+    optimizers = model.setup_optimizers(
+        unembedding_lr=options.unembedding_lr,
+        embedding_lr=options.embedding_lr,
+        matrix_lr=options.matrix_lr,
+        weight_decay=options.weight_decay,
+    )
     scale_initial_lr(optimizers, options.init_lr_frac)
     rank_state: dict[str, Any] = load_optimizer_state(resume_path, optimizers) if resume_path else {}
     start = rank_state.get("step", 0)
     history: dict[str, list] = rank_state.get("history", {"train_loss": [], "val_loss": []})
     metrics: dict[str, Any] = rank_state.get("metrics", {})
     # Epochs loop as long as the steps need (num_iterations may ask for more than one pass).
-    loader = SFTLoader(tokenizer, train_set, options.device_batch_size, options.max_seq_len, rank, world,
-                       compute.device, num_epochs=None, state=rank_state.get("loader"))
+    loader = SFTLoader(
+        tokenizer,
+        train_set,
+        options.device_batch_size,
+        options.max_seq_len,
+        rank,
+        world,
+        compute.device,
+        num_epochs=None,
+        state=rank_state.get("loader"),
+    )
     meter = ProgressMeter(steps, None, None, world, state=rank_state.get("meter"))
 
     @torch.no_grad()
@@ -85,21 +117,28 @@ def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[
         total, count = all_reduce_sum(total, count)
         return total / max(count, 1)
 
-    accuracy_options = ChatEvalOptions(data_dir=options.data_dir, tasks=["MMLU", "ARC-Easy"],
-                                       max_problems=options.eval_metrics_max_problems,
-                                       device_batch_size=options.device_batch_size * 2)
+    accuracy_options = ChatEvalOptions(
+        data_dir=options.data_dir,
+        tasks=["MMLU", "ARC-Easy"],
+        max_problems=options.eval_metrics_max_problems,
+        device_batch_size=options.device_batch_size * 2,
+    )
 
     def task_accuracy() -> dict[str, float | int]:
         scores = evaluate_chat_tasks(model, tokenizer, compute, ctx, accuracy_options)
         model.train()
-        return {f"{key}_acc{rest}": scores[f"{task}{rest}"] for task, key in (("MMLU", "mmlu"), ("ARC-Easy", "arc_easy"))
-                for rest in ("", "/items", "/ci95")}
+        return {
+            f"{key}_acc{rest}": scores[f"{task}{rest}"]
+            for task, key in (("MMLU", "mmlu"), ("ARC-Easy", "arc_easy"))
+            for rest in ("", "/items", "/ci95")
+        }
 
     for step in range(start, steps + 1):
         last = step == steps
         resumed_here = options.resume and step == start
-        if not resumed_here and (last or (options.eval_metrics_every > 0 and step > 0
-                                          and step % options.eval_metrics_every == 0)):
+        if not resumed_here and (
+            last or (options.eval_metrics_every > 0 and step > 0 and step % options.eval_metrics_every == 0)
+        ):
             accuracy = task_accuracy()
             metrics.update(accuracy)
             for name in ("mmlu_acc", "arc_easy_acc"):
@@ -112,10 +151,23 @@ def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[
             emitter.eval("val_loss", loss, version)
             log(f"step {step}/{steps}: val loss {loss:.4f}")
         if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start) and not last:
-            rank_state = {"step": step, "loader": loader.state_dict(), "meter": meter.state_dict(),
-                          "history": history, "metrics": metrics}
-            save_resumable(options.out, model, tokenizer, build_meta("chat_sft", options, "sft", step, metrics),
-                           optimizers, rank_state, emitter, step)
+            rank_state = {
+                "step": step,
+                "loader": loader.state_dict(),
+                "meter": meter.state_dict(),
+                "history": history,
+                "metrics": metrics,
+            }
+            save_resumable(
+                options.out,
+                model,
+                tokenizer,
+                build_meta("chat_sft", options, "sft", step, metrics),
+                optimizers,
+                rank_state,
+                emitter,
+                step,
+            )
         if last:
             break
         with StepTimer(compute.device) as timer:
@@ -141,8 +193,13 @@ def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[
             emitter.progress(step=step + 1, total=steps, lr=lr, **numbers)
             log(f"step {step + 1}/{steps} loss {numbers['loss']:.4f} lr {lr:.4f}")
 
-    metrics.update({"steps": steps, "train_seconds": round(meter.train_seconds, 2),
-                    "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None})
+    metrics.update(
+        {
+            "steps": steps,
+            "train_seconds": round(meter.train_seconds, 2),
+            "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
+        }
+    )
     meta = build_meta("chat_sft", options, "sft", steps, metrics)
     meta["history"] = history
     finish_output(options.out, model, tokenizer, meta, compute.is_master)

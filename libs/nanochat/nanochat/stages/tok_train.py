@@ -42,7 +42,9 @@ def training_texts(data_dir: str, max_chars: int, doc_cap: int, seen: dict[str, 
 def tok_train(options: TokTrainOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
     seen = {"docs": 0, "chars": 0}
     t0 = time.time()
-    tokenizer = Tokenizer.train_from_iterator(training_texts(options.data_dir, options.max_chars, options.doc_cap, seen), options.vocab_size)
+    tokenizer = Tokenizer.train_from_iterator(
+        training_texts(options.data_dir, options.max_chars, options.doc_cap, seen), options.vocab_size
+    )
     train_s = time.time() - t0
     if seen["docs"] == 0:
         raise ValueError(f"the train split of {options.data_dir} has no documents")
@@ -51,9 +53,15 @@ def tok_train(options: TokTrainOptions, emitter: EventEmitter) -> tuple[list[dic
         raise ValueError(
             f"the corpus cannot reach the vocab asked: vocab asked {options.vocab_size}, vocab reached "
             f"{tokenizer.vocab_size}, corpus {seen['chars']:,} chars in {seen['docs']:,} documents of "
-            f"{options.data_dir}'s train split; give more text (--max-chars, more data) or a smaller --vocab-size")
-    metrics = {"vocab_size": tokenizer.vocab_size, "num_ranks": tokenizer.num_ranks, "train_docs": seen["docs"],
-               "train_chars": seen["chars"], "train_seconds": round(train_s, 3)}
+            f"{options.data_dir}'s train split; give more text (--max-chars, more data) or a smaller --vocab-size"
+        )
+    metrics = {
+        "vocab_size": tokenizer.vocab_size,
+        "num_ranks": tokenizer.num_ranks,
+        "train_docs": seen["docs"],
+        "train_chars": seen["chars"],
+        "train_seconds": round(train_s, 3),
+    }
     log(f"trained {tokenizer.num_ranks} ranks (+9 specials) on {seen['chars']:,} chars in {train_s:.1f}s")
     emitter.progress(step=1, total=1)
     with atomic_folder(options.out) as tmp:

@@ -47,9 +47,15 @@ from nanochat.tokenizer import Tokenizer
 H100_BF16_FLOPS = 989e12
 PEAK_FLOPS_ENV = "NANOCHAT_PEAK_FLOPS"
 MOMENTUM_RAMP_STEPS = 300
-BASE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
-                "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
+BASE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
 SAMPLE_TOKENS = 16
 # torch.compile on CPU, measured on a 2-core AMD EPYC (avx512_bf16), depth 4, B8 x T256 fp32:
 # fwd+bwd 414 -> 314 ms (a 24% saving) after 36 s of compiling. `--compile auto` uses a lower
@@ -60,6 +66,7 @@ CPU_COMPILE_SECONDS = 60.0
 
 # ---- runtime --------------------------------------------------------------------------------
 
+
 def setup(options: RuntimeOptions) -> tuple[Compute, contextlib.AbstractContextManager]:
     """Start the runtime: the device/process group, the seed, and the forward context."""
     compute = compute_init(None if options.device == "auto" else options.device, seed=options.seed)
@@ -67,8 +74,10 @@ def setup(options: RuntimeOptions) -> tuple[Compute, contextlib.AbstractContextM
         ctx: contextlib.AbstractContextManager = torch.autocast(device_type=compute.device.type, dtype=torch.bfloat16)
     else:
         ctx = contextlib.nullcontext()
-    log(f"device {compute.device}, rank {compute.rank}/{compute.world_size}, "
-        f"autocast {'bf16' if not isinstance(ctx, contextlib.nullcontext) else 'off (fp32)'}")
+    log(
+        f"device {compute.device}, rank {compute.rank}/{compute.world_size}, "
+        f"autocast {'bf16' if not isinstance(ctx, contextlib.nullcontext) else 'off (fp32)'}"
+    )
     return compute, ctx
 
 
@@ -117,7 +126,10 @@ def any_rank(flag: bool) -> bool:
 
 # ---- schedules ------------------------------------------------------------------------------
 
-def warmdown_lr(progress: float, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
+
+def warmdown_lr(
+    progress: float, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0
+) -> float:
     """LR multiplier at `progress` in [0, 1]: linear warm-up, constant, then linear warm-down
     to `final_lr_frac` over the last `warmdown_ratio` of the run."""
     if warmup_ratio > 0 and progress < warmup_ratio:
@@ -162,6 +174,7 @@ def scale_initial_lr(optimizers: Sequence[torch.optim.Optimizer], frac: float) -
 
 # ---- progress -------------------------------------------------------------------------------
 
+
 def peak_flops(device: torch.device) -> float | None:
     """Peak FLOP/s of one device, the MFU denominator: the env override, else an H100's bf16
     dense peak on CUDA (the spec's reference); None on a CPU (MFU is then not reported)."""
@@ -177,8 +190,15 @@ def peak_flops(device: torch.device) -> float | None:
 class ProgressMeter:
     """Per-step numbers of the `progress` event."""
 
-    def __init__(self, total_steps: int, flops_per_token: float | None, peak: float | None,
-                 world_size: int, ema_beta: float = 0.9, state: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        total_steps: int,
+        flops_per_token: float | None,
+        peak: float | None,
+        world_size: int,
+        ema_beta: float = 0.9,
+        state: dict[str, Any] | None = None,
+    ):
         self.total = total_steps
         self.flops_per_token = flops_per_token
         self.peak = peak * world_size if peak else None
@@ -202,7 +222,7 @@ class ProgressMeter:
         # The first steps include warm-up (allocations, autotuning); leave them out of the ETA.
         recent = self.step_times[2:] or self.step_times
         eta = (self.total - step - 1) * sum(recent) / len(recent)
-        return {"loss": self.ema / (1 - self.beta ** self.updates), "tok_per_s": tok_per_s, "mfu": mfu, "eta_s": eta}
+        return {"loss": self.ema / (1 - self.beta**self.updates), "tok_per_s": tok_per_s, "mfu": mfu, "eta_s": eta}
 
 
 class StepTimer:
@@ -236,8 +256,9 @@ class TrainingForward:
         self.model = model
         self.undecided = mode == "auto" and device.type == "cpu"
         self.eager_steps = 0
-        self.forward = torch.compile(model, dynamic=False) if mode == "on" or (mode == "auto" and device.type == "cuda") \
-            else model
+        self.forward = (
+            torch.compile(model, dynamic=False) if mode == "on" or (mode == "auto" and device.type == "cuda") else model
+        )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.forward(x, y)
@@ -261,15 +282,22 @@ class TrainingForward:
         saving = CPU_COMPILE_GAIN * step_seconds * remaining_steps
         if saving > CPU_COMPILE_SECONDS:
             self.forward = torch.compile(self.model, dynamic=False)
-        log(f"compile auto: {remaining_steps} steps of {step_seconds:.2f} s would save ~{saving:.0f} s against "
-            f"~{CPU_COMPILE_SECONDS:.0f} s of compiling: {'compiling' if self.compiled else 'staying eager'}")
+        log(
+            f"compile auto: {remaining_steps} steps of {step_seconds:.2f} s would save ~{saving:.0f} s against "
+            f"~{CPU_COMPILE_SECONDS:.0f} s of compiling: {'compiling' if self.compiled else 'staying eager'}"
+        )
 
 
 # ---- evaluation -----------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate_bpb(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
-                 ctx: contextlib.AbstractContextManager) -> float:
+def evaluate_bpb(
+    model: GPT,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    token_bytes: torch.Tensor,
+    ctx: contextlib.AbstractContextManager,
+) -> float:
     """Bits per byte: nats summed over targets with a byte length (specials and -1 excluded),
     divided by ln 2 times their bytes; summed over every rank's batches."""
     nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
@@ -299,8 +327,10 @@ def base_samples(model: GPT, tokenizer: Tokenizer, max_tokens: int = SAMPLE_TOKE
     prompts = [[tokenizer.bos_token_id, *tokenizer.encode(p)] for p in BASE_PROMPTS]
     sequences, _ = Engine(model, tokenizer).generate_batch(prompts, max_tokens=max_tokens, temperature=0.0)
     model.train(was_training)
-    return [{"prompt": text, "completion": tokenizer.decode(seq[len(prompt):])}
-            for text, prompt, seq in zip(BASE_PROMPTS, prompts, sequences)]
+    return [
+        {"prompt": text, "completion": tokenizer.decode(seq[len(prompt) :])}
+        for text, prompt, seq in zip(BASE_PROMPTS, prompts, sequences)
+    ]
 
 
 def token_bytes_tensor(tokenizer: Tokenizer, device: torch.device) -> torch.Tensor:
@@ -318,9 +348,17 @@ def take(iterator: Iterator, n: int) -> Iterator:
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
-def save_resumable(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any],
-                   optimizers: Sequence[torch.optim.Optimizer], rank_state: dict[str, Any],
-                   emitter: EventEmitter, step: int) -> None:
+
+def save_resumable(
+    out: str | os.PathLike,
+    model: GPT,
+    tokenizer: Tokenizer,
+    meta: dict[str, Any],
+    optimizers: Sequence[torch.optim.Optimizer],
+    rank_state: dict[str, Any],
+    emitter: EventEmitter,
+    step: int,
+) -> None:
     """Replace the resumable checkpoint of `out` with the state after `step` steps (collective)."""
     path = resume_dir(out)
     save_checkpoint(path, model, tokenizer, meta, optimizers, rank_state, replace=True)
@@ -337,8 +375,9 @@ def load_resumable(out: str | os.PathLike, compute: Compute) -> tuple[Checkpoint
     return load_model(path, compute), path
 
 
-def finish_output(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any],
-                  is_master: bool) -> None:
+def finish_output(
+    out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any], is_master: bool
+) -> None:
     """Publish the final checkpoint folder (collective) and drop the resumable one."""
     save_checkpoint(out, model, tokenizer, meta)
     if is_master:

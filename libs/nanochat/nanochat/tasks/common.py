@@ -39,8 +39,9 @@ def task_url(repo: str, config: str, split: str, base_url: str = HF_DATASETS_URL
     return f"{base_url}/{repo}/resolve/main/{config}/{split}-00000-of-00001.parquet"
 
 
-def fetch_split(data_dir: str | Path, repo: str, config: str, split: str, base_url: str = HF_DATASETS_URL,
-                backoff: float = 1.0) -> Path:
+def fetch_split(
+    data_dir: str | Path, repo: str, config: str, split: str, base_url: str = HF_DATASETS_URL, backoff: float = 1.0
+) -> Path:
     """Download a single-file split into the local layout (skipped when present)."""
     dest = task_dir(data_dir, repo, config) / f"{split}-00000-of-00001.parquet"
     return download_file(task_url(repo, config, split, base_url), dest, backoff=backoff)

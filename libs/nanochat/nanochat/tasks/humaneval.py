@@ -62,10 +62,12 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation: dict, response: str) -> bool:
-        program = "\n\n".join([
-            imports_of(conversation["prompt"]),
-            extract_code(response),
-            conversation["test"],
-            f"check({conversation['entry_point']})",
-        ])
+        program = "\n\n".join(
+            [
+                imports_of(conversation["prompt"]),
+                extract_code(response),
+                conversation["test"],
+                f"check({conversation['entry_point']})",
+            ]
+        )
         return run_python(program, timeout=self.timeout).success

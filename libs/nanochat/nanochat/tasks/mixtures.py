@@ -26,12 +26,21 @@ MID_VAL_GSM8K_CAP = 420
 
 def mid_mixture(data_dir: str | Path, split: str = "train") -> TaskMixture:
     if split == "train":
-        return TaskMixture([SmolTalk(data_dir, "train"), MMLU(data_dir, "auxiliary_train", "train"), GSM8K(data_dir, "train")])
-    return TaskMixture([SmolTalk(data_dir, "test"), MMLU(data_dir, "all", "test", stop=MID_VAL_MMLU_CAP),
-                        GSM8K(data_dir, "test", stop=MID_VAL_GSM8K_CAP)])
+        return TaskMixture(
+            [SmolTalk(data_dir, "train"), MMLU(data_dir, "auxiliary_train", "train"), GSM8K(data_dir, "train")]
+        )
+    return TaskMixture(
+        [
+            SmolTalk(data_dir, "test"),
+            MMLU(data_dir, "all", "test", stop=MID_VAL_MMLU_CAP),
+            GSM8K(data_dir, "test", stop=MID_VAL_GSM8K_CAP),
+        ]
+    )
 
 
-def sft_mixture(data_dir: str | Path, split: str = "train", identity: bool = False, smoltalk_cap: int = 10_000) -> TaskMixture:
+def sft_mixture(
+    data_dir: str | Path, split: str = "train", identity: bool = False, smoltalk_cap: int = 10_000
+) -> TaskMixture:
     if split != "train":
         return TaskMixture([SmolTalk(data_dir, "test")])
     tasks = [

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from nanochat.tokenizer import ConversationError
 from service_kit.auth import AuthFirstRoute, require_read
 from service_kit.errors import APIError
-
-from nanochat.tokenizer import ConversationError
 
 from inference import schemas
 from inference.deps import RunnerDep
@@ -32,12 +31,21 @@ class ChatStream:
     model: str
 
     def chunk(self, choices: list[schemas.ChatChunkChoice], u: schemas.Usage | None = None) -> bytes:
-        return sse(schemas.ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=choices,
-                                               usage=u).model_dump_json())
+        return sse(
+            schemas.ChatCompletionChunk(
+                id=self.rid, created=self.created, model=self.model, choices=choices, usage=u
+            ).model_dump_json()
+        )
 
     def first(self, gen: Generation) -> list[bytes]:
-        return [self.chunk([schemas.ChatChunkChoice(index=c.index, delta={"role": "assistant", "content": ""})
-                            for c in gen.choices])]
+        return [
+            self.chunk(
+                [
+                    schemas.ChatChunkChoice(index=c.index, delta={"role": "assistant", "content": ""})
+                    for c in gen.choices
+                ]
+            )
+        ]
 
     def chunks(self, updates: list[Update]) -> list[bytes]:
         out = []
@@ -46,8 +54,9 @@ class ChatStream:
                 delta = {"content": text} if kind == "text" else {"nanochat_tool": {"type": kind, "text": text}}
                 out.append(self.chunk([schemas.ChatChunkChoice(index=u.choice, delta=delta)]))
             if u.finish_reason is not None:
-                out.append(self.chunk([schemas.ChatChunkChoice(index=u.choice, delta={},
-                                                               finish_reason=u.finish_reason)]))
+                out.append(
+                    self.chunk([schemas.ChatChunkChoice(index=u.choice, delta={}, finish_reason=u.finish_reason)])
+                )
         return out
 
     def usage(self, u: schemas.Usage) -> bytes:
@@ -77,8 +86,11 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
     for c in gen.choices:
         parts = merge_text(c.parts)
         content = "".join(text for kind, text in parts if kind == "text")
-        message = schemas.AssistantMessage(content=content, nanochat_parts=[
-            schemas.ToolPart(type=kind, text=text) for kind, text in parts])
+        message = schemas.AssistantMessage(
+            content=content, nanochat_parts=[schemas.ToolPart(type=kind, text=text) for kind, text in parts]
+        )
         choices.append(schemas.ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason))
-    return JSONResponse(schemas.ChatCompletion(id=rid, created=created, model=name, choices=choices,
-                                               usage=usage(gen)).model_dump(), headers={"X-Request-Id": rid})
+    return JSONResponse(
+        schemas.ChatCompletion(id=rid, created=created, model=name, choices=choices, usage=usage(gen)).model_dump(),
+        headers={"X-Request-Id": rid},
+    )

@@ -25,8 +25,11 @@ class CompletionStream:
     model: str
 
     def chunk(self, choices: list[schemas.CompletionChoice], u: schemas.Usage | None = None) -> bytes:
-        return sse(schemas.Completion(id=self.rid, created=self.created, model=self.model, choices=choices,
-                                      usage=u).model_dump_json())
+        return sse(
+            schemas.Completion(
+                id=self.rid, created=self.created, model=self.model, choices=choices, usage=u
+            ).model_dump_json()
+        )
 
     def first(self, gen: Generation) -> list[bytes]:
         return []
@@ -36,8 +39,9 @@ class CompletionStream:
         for u in updates:
             text = "".join(t for kind, t in u.parts if kind == "text")
             if text or u.finish_reason is not None:
-                out.append(self.chunk([schemas.CompletionChoice(index=u.choice, text=text,
-                                                                finish_reason=u.finish_reason)]))
+                out.append(
+                    self.chunk([schemas.CompletionChoice(index=u.choice, text=text, finish_reason=u.finish_reason)])
+                )
         return out
 
     def usage(self, u: schemas.Usage) -> bytes:
@@ -56,13 +60,17 @@ async def completions(body: schemas.CompletionRequest, request: Request, runner:
         raise
     rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), served.info.name
     if body.stream:
-        return runner.stream(gen, served, rid, "completions", CompletionStream(rid, created, name),
-                             body.include_usage)
+        return runner.stream(gen, served, rid, "completions", CompletionStream(rid, created, name), body.include_usage)
 
     if not await runner.finish_plain(gen, served, request, rid, "completions"):
         return Response(status_code=499)
-    choices = [schemas.CompletionChoice(index=c.index, finish_reason=c.finish_reason,
-                                        text="".join(t for kind, t in c.parts if kind == "text"))
-               for c in gen.choices]
-    return JSONResponse(schemas.Completion(id=rid, created=created, model=name, choices=choices,
-                                           usage=usage(gen)).model_dump(), headers={"X-Request-Id": rid})
+    choices = [
+        schemas.CompletionChoice(
+            index=c.index, finish_reason=c.finish_reason, text="".join(t for kind, t in c.parts if kind == "text")
+        )
+        for c in gen.choices
+    ]
+    return JSONResponse(
+        schemas.Completion(id=rid, created=created, model=name, choices=choices, usage=usage(gen)).model_dump(),
+        headers={"X-Request-Id": rid},
+    )

@@ -15,6 +15,15 @@ async def list_models(manager: ManagerDep) -> schemas.ModelList:
     if served is None:
         return schemas.ModelList(data=[])
     info = served.info
-    return schemas.ModelList(data=[schemas.ModelCard(
-        id=info.name, created=int(info.loaded_at), version=info.version, stage=info.stage,
-        context_length=served.context_length, max_model_len=served.context_length)])
+    return schemas.ModelList(
+        data=[
+            schemas.ModelCard(
+                id=info.name,
+                created=int(info.loaded_at),
+                version=info.version,
+                stage=info.stage,
+                context_length=served.context_length,
+                max_model_len=served.context_length,
+            )
+        ]
+    )

@@ -1,7 +1,6 @@
 """Alembic environment: migrations run on the connection `registry.db.migrate` hands over."""
 
 from alembic import context
-
 from registry.db import Base
 
 connection = context.config.attributes["connection"]

@@ -12,8 +12,10 @@ router = APIRouter(prefix="/admin", route_class=AuthFirstRoute, responses=ERRORS
 
 
 @router.post("/sweep", dependencies=[require_write])
-def sweep(reg: RegistryDep, settings: SettingsDep,
-          older_than_s: Annotated[float | None, Query(ge=0, le=10**9,
-                                                      description="default REGISTRY_PENDING_TTL_S")] = None) -> dict:
+def sweep(
+    reg: RegistryDep,
+    settings: SettingsDep,
+    older_than_s: Annotated[float | None, Query(ge=0, le=10**9, description="default REGISTRY_PENDING_TTL_S")] = None,
+) -> dict:
     """Fail abandoned pending versions, delete unreferenced blobs, abort stale uploads."""
     return core.sweep(reg, settings.pending_ttl_s if older_than_s is None else older_than_s)

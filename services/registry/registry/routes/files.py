@@ -12,34 +12,45 @@ from registry.deps import ERRORS, FilePath, MetricsDep, Name, RegistryDep, Versi
 from registry.metrics import Metrics
 from registry.ranges import parse_range
 
-router = APIRouter(prefix="/models/{name}/versions/{version}", route_class=AuthFirstRoute,
-                   responses={**ERRORS, 206: {"description": "a byte range"}}, dependencies=[require_read])
+router = APIRouter(
+    prefix="/models/{name}/versions/{version}",
+    route_class=AuthFirstRoute,
+    responses={**ERRORS, 206: {"description": "a byte range"}},
+    dependencies=[require_read],
+)
 
 
 @router.get("/files/{path:path}", response_class=Response)
-def get_file(request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo,
-             path: FilePath) -> Response:
+def get_file(
+    request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo, path: FilePath
+) -> Response:
     """Stream a file (model file or attachment); `Range` supported, `ETag` is its sha256."""
     return download(request, reg, metrics, name, version, path)
 
 
 @router.head("/files/{path:path}", include_in_schema=False)
-def head_file(request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo,
-              path: FilePath) -> Response:
+def head_file(
+    request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo, path: FilePath
+) -> Response:
     return download(request, reg, metrics, name, version, path)
 
 
 @router.get("/attachments/{path:path}", response_class=Response)
-def get_attachment(request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo,
-                   path: FilePath) -> Response:
+def get_attachment(
+    request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo, path: FilePath
+) -> Response:
     return download(request, reg, metrics, name, version, path)
 
 
 def download(request: Request, reg: core.Registry, metrics: Metrics, name: str, version: int, path: str) -> Response:
     f = core.open_file(reg, name, version, path)
     etag = f'"{f["sha256"]}"'
-    headers = {"ETag": etag, "Accept-Ranges": "bytes", "X-Content-SHA256": f["sha256"],
-               "Cache-Control": "private, max-age=31536000, immutable"}
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "X-Content-SHA256": f["sha256"],
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
     if request.headers.get("if-none-match") in (etag, f["sha256"], "*"):
         return Response(status_code=304, headers=headers)
     start, end, status = 0, f["size"], 200
@@ -48,8 +59,9 @@ def download(request: Request, reg: core.Registry, metrics: Metrics, name: str, 
     if rng and (if_range is None or if_range == etag):
         parsed = parse_range(rng, f["size"])
         if parsed is None:
-            return error_response(416, f"cannot serve {rng!r} of {f['size']} bytes",
-                                  headers={"Content-Range": f"bytes */{f['size']}"})
+            return error_response(
+                416, f"cannot serve {rng!r} of {f['size']} bytes", headers={"Content-Range": f"bytes */{f['size']}"}
+            )
         start, end, status = parsed[0], parsed[1], 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{f['size']}"
     headers["Content-Length"] = str(end - start)

@@ -23,7 +23,8 @@ def create_version(reg: RegistryDep, name: Name, body: schemas.VersionCreate) ->
 
 @router.get("/{name}/versions", dependencies=[require_read])
 def list_versions(
-    reg: RegistryDep, name: Name,
+    reg: RegistryDep,
+    name: Name,
     stage: Annotated[list[schemas.Stage] | None, Query()] = None,
     state: Annotated[list[schemas.State] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,

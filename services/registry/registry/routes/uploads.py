@@ -16,11 +16,16 @@ from registry.metrics import Metrics
 
 UPLOAD_BUFFER = 1024 * 1024
 # A streamed upload's body is raw bytes, not JSON; OpenAPI says so (FastAPI cannot infer it).
-RAW_BODY = {"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                                "format": "binary"}}}}}
+RAW_BODY = {
+    "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+}
 
-router = APIRouter(prefix="/models/{name}/versions/{version}", route_class=AuthFirstRoute, responses=ERRORS,
-                   dependencies=[require_write])
+router = APIRouter(
+    prefix="/models/{name}/versions/{version}",
+    route_class=AuthFirstRoute,
+    responses=ERRORS,
+    dependencies=[require_write],
+)
 
 
 @router.get("/upload")
@@ -30,16 +35,23 @@ def upload_status(reg: RegistryDep, name: Name, version: VersionNo) -> schemas.V
 
 
 @router.post("/uploads")
-def start_presigned(reg: RegistryDep, name: Name, version: VersionNo,
-                    body: schemas.PresignedStart) -> schemas.PresignedUpload:
+def start_presigned(
+    reg: RegistryDep, name: Name, version: VersionNo, body: schemas.PresignedStart
+) -> schemas.PresignedUpload:
     """Open a presigned multipart upload of a manifest file (S3 backend): the client then asks
     for a URL per part, PUTs each part straight to S3 and calls `complete`."""
     return core.start_presigned(reg, name, version, body.path, body.part_size)
 
 
 @router.post("/uploads/{upload}/parts/{number}")
-def presign_part(reg: RegistryDep, name: Name, version: VersionNo, upload: UploadId,
-                 number: Annotated[int, Path(ge=1, le=10_000)], body: schemas.PartRequest) -> schemas.PartUrl:
+def presign_part(
+    reg: RegistryDep,
+    name: Name,
+    version: VersionNo,
+    upload: UploadId,
+    number: Annotated[int, Path(ge=1, le=10_000)],
+    body: schemas.PartRequest,
+) -> schemas.PartUrl:
     """A presigned PUT URL for one part; S3 checks the part against the sha256 given here."""
     return core.presign_part(reg, name, version, upload, number, body.sha256)
 
@@ -51,8 +63,9 @@ def complete_presigned(reg: RegistryDep, name: Name, version: VersionNo, upload:
 
 
 @router.put("/files/{path:path}", openapi_extra=RAW_BODY)
-async def put_file(request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo,
-                   path: FilePath) -> schemas.UploadOut:
+async def put_file(
+    request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo, path: FilePath
+) -> schemas.UploadOut:
     """Stream one manifest file; it is stored only if its size and sha256 match the manifest."""
     spec, writer = await run_in_threadpool(core.begin_upload, reg, name, version, path)
     await receive_into(request, metrics, spec, writer)
@@ -60,14 +73,21 @@ async def put_file(request: Request, reg: RegistryDep, metrics: MetricsDep, name
 
 
 @router.put("/attachments/{path:path}", openapi_extra=RAW_BODY)
-async def put_attachment(request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo,
-                         path: FilePath) -> schemas.UploadOut:
+async def put_attachment(
+    request: Request, reg: RegistryDep, metrics: MetricsDep, name: Name, version: VersionNo, path: FilePath
+) -> schemas.UploadOut:
     """Add a file that describes a ready version (report card, plot); hash-checked like model files.
     Needs headers Content-Length and X-Content-SHA256."""
     size = request.headers.get("content-length")
     spec, writer = await run_in_threadpool(
-        core.begin_upload, reg, name, version, path, True,
-        int(size) if size and size.isdigit() else None, request.headers.get("x-content-sha256"),
+        core.begin_upload,
+        reg,
+        name,
+        version,
+        path,
+        True,
+        int(size) if size and size.isdigit() else None,
+        request.headers.get("x-content-sha256"),
     )
     await receive_into(request, metrics, spec, writer)
     return await run_in_threadpool(core.finish_upload, reg, name, version, spec, writer, True)

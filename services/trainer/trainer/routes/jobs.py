@@ -21,8 +21,18 @@ from trainer.deps import State, StateDep, load_job
 from trainer.dispatch import cancel_tasks, enqueue_job, request_cancel
 from trainer.paths import events_path, log_path
 from trainer.registry import RegistryUnavailable, VersionNotFound
-from trainer.schemas import (ACCEPTED_INPUTS, JobOut, JobPage, JobRequest, MetricsOut, NodeOut, OptionsInvalid,
-                             StepOut, first_input_stage, plan_steps)
+from trainer.schemas import (
+    ACCEPTED_INPUTS,
+    JobOut,
+    JobPage,
+    JobRequest,
+    MetricsOut,
+    NodeOut,
+    OptionsInvalid,
+    StepOut,
+    first_input_stage,
+    plan_steps,
+)
 from trainer.tail import read_events, read_from, sse_tail, start_offset
 
 log = logging.getLogger(__name__)
@@ -30,8 +40,13 @@ router = APIRouter(prefix="/jobs", route_class=AuthFirstRoute)
 
 
 @router.post("", status_code=202, response_model=JobOut, dependencies=[require_write])
-def submit_job(body: JobRequest, request: Request, state: StateDep, response: Response,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+def submit_job(
+    body: JobRequest,
+    request: Request,
+    state: StateDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
     """Queue a stage or a pipeline; 202 with the job and its URL (`Location`)."""
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     if idempotency_key:
@@ -46,14 +61,32 @@ def submit_job(body: JobRequest, request: Request, state: StateDep, response: Re
     resolved = resolve_input(state, body, steps)
     nnodes = body.resources.nnodes
     job_id = uuid.uuid4().hex
-    spec = {"stage": body.stage, "pipeline": body.pipeline, "preset": body.preset, "steps": steps,
-            "input": resolved, "output_name": body.output_name, "resources": body.resources.model_dump()}
+    spec = {
+        "stage": body.stage,
+        "pipeline": body.pipeline,
+        "preset": body.preset,
+        "steps": steps,
+        "input": resolved,
+        "output_name": body.output_name,
+        "resources": body.resources.model_dump(),
+    }
     try:
         with state.db.session() as s:
-            job = Job(id=job_id, status="queued", spec=spec, idempotency_key=idempotency_key,
-                      request_hash=request_hash, nnodes=nnodes, created_at=time.time(), step_index=0,
-                      current_stage=steps[0]["stage"], metrics={}, produced=[], attempts=0,
-                      cancel_requested=False)
+            job = Job(
+                id=job_id,
+                status="queued",
+                spec=spec,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+                nnodes=nnodes,
+                created_at=time.time(),
+                step_index=0,
+                current_stage=steps[0]["stage"],
+                metrics={},
+                produced=[],
+                attempts=0,
+                cancel_requested=False,
+            )
             job.nodes = [JobNode(node_rank=r, status="queued") for r in range(nnodes)]
             s.add(job)
     except IntegrityError:
@@ -64,8 +97,11 @@ def submit_job(body: JobRequest, request: Request, state: StateDep, response: Re
         enqueue_job(state.settings, state.redis, job_id, nnodes, attempt=0)
     except Exception as e:
         with state.db.session() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(
-                status="failed", error=f"could not queue the job: {e}", finished_at=time.time()))
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(status="failed", error=f"could not queue the job: {e}", finished_at=time.time())
+            )
         raise HTTPException(503, f"the job queue (Redis) is unavailable: {e}") from None
     log.info("job queued", extra={"job_id": job_id})
     response.headers["Location"] = job_url(request, job_id)
@@ -81,10 +117,13 @@ def replay(request: Request, state: State, job_id: str, request_hash: str, respo
 
 
 @router.get("", response_model=JobPage)
-def list_jobs(request: Request, state: StateDep,
-              status: Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")] = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> JobPage:
+def list_jobs(
+    request: Request,
+    state: StateDep,
+    status: Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobPage:
     """Jobs, newest first, optionally of one status."""
     with state.db.session() as s:
         query = select(Job)
@@ -93,7 +132,7 @@ def list_jobs(request: Request, state: StateDep,
             query, count = query.where(Job.status == status), count.where(Job.status == status)
         jobs = s.scalars(query.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
         for job in jobs:
-            job.nodes
+            _ = job.nodes  # loaded now: the session closes before the response is built
         total = s.scalar(count)
     return JobPage(items=[job_out(request, j) for j in jobs], total=total, limit=limit, offset=offset)
 
@@ -104,11 +143,18 @@ def get_job(job_id: str, request: Request, state: StateDep) -> JobOut:
     return job_out(request, load_job(state, job_id))
 
 
-@router.get("/{job_id}/logs", response_model=None, responses={200: {"content": {"text/plain": {}, "text/event-stream": {}}}})
-def job_logs(job_id: str, request: Request, state: StateDep,
-             offset: Annotated[int, Query(ge=0)] = 0, follow: bool = False,
-             node: Annotated[int, Query(ge=0, le=63)] = 0,
-             last_event_id: Annotated[str | None, Header()] = None) -> Response:
+@router.get(
+    "/{job_id}/logs", response_model=None, responses={200: {"content": {"text/plain": {}, "text/event-stream": {}}}}
+)
+def job_logs(
+    job_id: str,
+    request: Request,
+    state: StateDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    follow: bool = False,
+    node: Annotated[int, Query(ge=0, le=63)] = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
     """The node's log from byte `offset`; `follow=true` streams it as SSE (ids are byte offsets)."""
     job = load_job(state, job_id)
     if node >= job.nnodes:
@@ -116,21 +162,33 @@ def job_logs(job_id: str, request: Request, state: StateDep,
     path = log_path(state.settings, job_id, node)
     start = start_offset(offset, last_event_id)
     if follow:
-        return StreamingResponse(sse_tail(state, job_id, path, start, request, lines=False),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            sse_tail(state, job_id, path, start, request, lines=False),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     data = read_from(path, start)
     return PlainTextResponse(data.decode("utf-8", "replace"), headers={"X-Next-Offset": str(start + len(data))})
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
-def job_events(job_id: str, request: Request, state: StateDep, offset: Annotated[int, Query(ge=0)] = 0,
-               last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+@router.get(
+    "/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}}
+)
+def job_events(
+    job_id: str,
+    request: Request,
+    state: StateDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
     """The stages' JSON events as SSE, one event per line; ids are byte offsets."""
     load_job(state, job_id)
     start = start_offset(offset, last_event_id)
-    return StreamingResponse(sse_tail(state, job_id, events_path(state.settings, job_id), start, request, lines=True),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        sse_tail(state, job_id, events_path(state.settings, job_id), start, request, lines=True),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
@@ -153,11 +211,15 @@ def cancel_job(job_id: str, request: Request, state: StateDep) -> JobOut:
     request_cancel(state.settings, state.redis, job_id)
     with state.db.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
-        dequeued = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
-            status="cancelled", finished_at=time.time())).rowcount
+        dequeued = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(status="cancelled", finished_at=time.time())
+        ).rowcount
         if dequeued:
-            s.execute(update(JobNode).where(JobNode.job_id == job_id, JobNode.status == "queued")
-                      .values(status="cancelled"))
+            s.execute(
+                update(JobNode).where(JobNode.job_id == job_id, JobNode.status == "queued").values(status="cancelled")
+            )
     if dequeued:
         cancel_tasks(state.settings, state.redis, job_id, job.nnodes, job.attempts)
     return job_out(request, load_job(state, job_id))
@@ -178,16 +240,42 @@ def progress(job: Job) -> float:
 def job_out(request: Request, job: Job) -> JobOut:
     spec = job.spec
     return JobOut(
-        id=job.id, url=job_url(request, job.id), status=job.status, stage=spec.get("stage"),
-        pipeline=spec.get("pipeline"), preset=spec.get("preset"),
+        id=job.id,
+        url=job_url(request, job.id),
+        status=job.status,
+        stage=spec.get("stage"),
+        pipeline=spec.get("pipeline"),
+        preset=spec.get("preset"),
         steps=[StepOut(stage=s["stage"], options=s["options"]) for s in spec["steps"]],
-        step_index=job.step_index, current_stage=job.current_stage, step=job.step, total=job.total,
-        progress=progress(job), eta_s=job.eta_s, metrics=job.metrics or {}, produced=job.produced or [],
-        input=spec.get("input"), output_name=spec["output_name"], resources=spec["resources"], error=job.error,
-        log_tail=job.log_tail, attempts=job.attempts, cancel_requested=job.cancel_requested,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        nodes=[NodeOut(node_rank=n.node_rank, status=n.status, host=n.host, pgid=n.pgid,
-                       heartbeat_at=n.heartbeat_at, error=n.error) for n in job.nodes],
+        step_index=job.step_index,
+        current_stage=job.current_stage,
+        step=job.step,
+        total=job.total,
+        progress=progress(job),
+        eta_s=job.eta_s,
+        metrics=job.metrics or {},
+        produced=job.produced or [],
+        input=spec.get("input"),
+        output_name=spec["output_name"],
+        resources=spec["resources"],
+        error=job.error,
+        log_tail=job.log_tail,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        nodes=[
+            NodeOut(
+                node_rank=n.node_rank,
+                status=n.status,
+                host=n.host,
+                pgid=n.pgid,
+                heartbeat_at=n.heartbeat_at,
+                error=n.error,
+            )
+            for n in job.nodes
+        ],
     )
 
 
@@ -195,13 +283,26 @@ def resolve_input(state: State, body: JobRequest, steps: list[dict[str, Any]]) -
     expected = first_input_stage(steps)
     if body.input is None:
         if expected is not None:
-            raise RequestValidationError([{"loc": ["body", "input"], "type": "missing",
-                                           "msg": f"this job reads a {expected} model first: give input "
-                                                  "{name, version | alias | stage}"}])
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ["body", "input"],
+                        "type": "missing",
+                        "msg": f"this job reads a {expected} model first: give input {{name, version | alias | stage}}",
+                    }
+                ]
+            )
         return None
     if expected is None:
-        raise RequestValidationError([{"loc": ["body", "input"], "type": "unexpected",
-                                       "msg": "this job reads no input model (it makes what it reads)"}])
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ["body", "input"],
+                    "type": "unexpected",
+                    "msg": "this job reads no input model (it makes what it reads)",
+                }
+            ]
+        )
     spec = body.input
     try:
         found = state.registry.resolve(spec.name, version=spec.version, alias=spec.alias, stage=spec.stage)
@@ -210,7 +311,14 @@ def resolve_input(state: State, body: JobRequest, steps: list[dict[str, Any]]) -
     except RegistryUnavailable as e:
         raise HTTPException(503, f"the registry cannot be reached to resolve the input: {e}") from None
     if found.stage not in ACCEPTED_INPUTS[expected]:
-        raise RequestValidationError([{"loc": ["body", "input"], "type": "wrong_stage",
-                                       "msg": f"{found.name}:{found.version} is a {found.stage} version; this "
-                                              f"job needs {' or '.join(sorted(ACCEPTED_INPUTS[expected]))}"}])
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ["body", "input"],
+                    "type": "wrong_stage",
+                    "msg": f"{found.name}:{found.version} is a {found.stage} version; this "
+                    f"job needs {' or '.join(sorted(ACCEPTED_INPUTS[expected]))}",
+                }
+            ]
+        )
     return {"name": found.name, "version": found.version, "stage": found.stage}

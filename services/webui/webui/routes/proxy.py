@@ -20,21 +20,30 @@ router = APIRouter()
 
 
 @router.api_route("/api/{service}/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
-async def proxy(service: str, path: str, request: Request, role: RoleDep, sessions: SessionsDep,
-                settings: SettingsDep, client: ClientDep, metrics: MetricsDep) -> Response:
+async def proxy(
+    service: str,
+    path: str,
+    request: Request,
+    role: RoleDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    client: ClientDep,
+    metrics: MetricsDep,
+) -> Response:
     if service not in SERVICES:
         return error_response(404, f"Unknown service {service!r}; the UI proxies {', '.join(SERVICES)}.")
     if service == "inference" and sessions.chat is not None and role is None:
         return error_response(401, "Chat needs a token here: sign in first.", code="login_required")
     if service != "inference" and request.method not in ("GET", "HEAD") and role != "admin":
-        return error_response(403, "Changing jobs or models needs the admin token: sign in as admin.",
-                              code="admin_required")
+        return error_response(
+            403, "Changing jobs or models needs the admin token: sign in as admin.", code="admin_required"
+        )
     # The service kit's body limit stops this read at WEBUI_MAX_BODY_BYTES, chunked or not.
     body = await request.body()
 
     # The raw path keeps the browser's percent-encoding: the service gets exactly what was typed.
     raw_path = request.scope["raw_path"].decode("latin-1")
-    rest = raw_path[len(f"/api/{service}"):]
+    rest = raw_path[len(f"/api/{service}") :]
     query = request.scope["query_string"].decode("latin-1")
     base, token = settings.upstream(service)
     url = base + rest + (f"?{query}" if query else "")

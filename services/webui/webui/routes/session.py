@@ -30,8 +30,15 @@ async def login(body: Login, sessions: SessionsDep, settings: SettingsDep) -> JS
     if role is None:
         return error_response(401, "That token is not valid here.", code="invalid_token")
     response = JSONResponse({"role": role})
-    response.set_cookie(SESSION_COOKIE, sessions.issue(role), max_age=sessions.max_age, httponly=True,
-                        samesite="strict", secure=settings.secure_cookies, path="/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        sessions.issue(role),
+        max_age=sessions.max_age,
+        httponly=True,
+        samesite="strict",
+        secure=settings.secure_cookies,
+        path="/",
+    )
     return response
 
 
