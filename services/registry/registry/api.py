@@ -108,7 +108,7 @@ def readiness(request: Request) -> Readiness:
 
 
 async def registry_error(request: Request, e: core.RegistryError) -> JSONResponse:
-    return error_response(e.status, e.message, code=e.type)
+    return error_response(e.status, e.message, code=e.type, param=e.param)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

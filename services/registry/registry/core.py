@@ -21,6 +21,7 @@ from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry import file_names, json_values
 from registry.blobs import MAX_PART, MAX_PARTS, MIN_PART, BlobMismatch, BlobStore, BlobWriter, PartsMissing
 from registry.db import Alias, Blob, File, Model, Upload, Version, utcnow
 from registry.events import EventPublisher
@@ -33,13 +34,17 @@ class RegistryError(Exception):
     status = 400
     type = "bad_request"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
-        self.message = message
+        self.message, self.param = message, param
 
 
 class BadRequest(RegistryError):
     pass
+
+
+class Invalid(RegistryError):
+    status, type = 422, "invalid_value"
 
 
 class NotFound(RegistryError):
@@ -79,16 +84,11 @@ def check_alias(alias: str) -> str:
 
 
 def check_path(path: str, max_length: int = 512) -> str:
-    """A relative POSIX path inside a version: no `..`, `.`, empty parts, absolute paths, NUL or controls."""
-    if not path or len(path) > max_length:
-        raise BadRequest(f"file path must be 1..{max_length} characters")
-    if any(ord(c) < 32 or c == "\x7f" for c in path):
-        raise BadRequest("file path contains NUL or control characters")
-    if path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path):
-        raise BadRequest(f"file path {path!r} must be relative, with '/' separators")
-    if any(part in ("", ".", "..") for part in path.split("/")):
-        raise BadRequest(f"file path {path!r} has an empty, '.' or '..' component")
-    return path
+    """A path a version may hold (`registry.file_names`), else a 422 naming it."""
+    try:
+        return file_names.check(path, max_length)
+    except ValueError as e:
+        raise Invalid(str(e), param="path") from None
 
 
 def _retrying(fn, attempts: int = 20):
@@ -122,8 +122,8 @@ def version_dict(s: Session, v: Version) -> dict:
         "stage": v.stage,
         "state": v.state,
         "step": v.step,
-        "metrics": v.metrics or {},
-        "meta": v.meta or {},
+        "metrics": json_values.readable(v.metrics or {}, f"{v.name} v{v.version} metrics"),
+        "meta": json_values.readable(v.meta or {}, f"{v.name} v{v.version} meta"),
         "parent": parent,
         "job_id": v.job_id,
         "created_at": v.created_at,
@@ -478,7 +478,13 @@ def patch_version(reg: Registry, name: str, version: int, metrics: dict) -> dict
             )
             if v is None:
                 raise NotFound(f"{name} v{version} not found")
-            v.metrics = {**(v.metrics or {}), **metrics}
+            # A stored value the checks refuse is merged repaired, so a PATCH also cleans it up.
+            merged = {**json_values.readable(v.metrics or {}, f"{name} v{version} metrics"), **metrics}
+            try:
+                json_values.check_json(merged, json_values.MAX_METRICS_BYTES)
+            except ValueError as e:
+                raise Invalid(f"{name} v{version}'s metrics with these merged in: {e}", param="metrics") from None
+            v.metrics = merged
             v.updated_at = utcnow()
             s.flush()
             return version_dict(s, v)
@@ -562,7 +568,8 @@ def resolve(reg: Registry, name: str, stages: list[str] | None = None, alias: st
         ).all()
         chosen = serving.newest(rows, stages)
         if chosen is not None:
-            return version_dict(s, _version(s, name, chosen.version))
+            # Ready again: a delete committed between the two reads must not be answered.
+            return version_dict(s, _version(s, name, chosen.version, ("ready",)))
     raise NotFound(f"{name} has no ready version of stage {'/'.join(stages)}")
 
 
@@ -595,7 +602,7 @@ def open_file(reg: Registry, name: str, version: int, path: str) -> dict:
         f = s.get(File, (v.id, path))
         if f is None:
             raise NotFound(f"{name} v{version} has no file {path!r}")
-        return {"path": f.path, "size": f.size, "sha256": f.sha256}
+        return {"path": f.path, "size": f.size, "sha256": f.sha256, "kind": f.kind}
 
 
 def _orphans(s: Session, cutoff: datetime) -> list[str]:

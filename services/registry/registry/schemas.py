@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from nanochat_contracts.stages import Stage
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from registry import file_names, json_values
 
 State = Literal["pending", "ready", "failed", "deleted"]
 SHA256 = Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")
+# Text the registry stores and answers (job ids, names): it must survive the round trip to JSON.
+Text = Annotated[str, AfterValidator(json_values.check_text)]
 
 
 class FileSpec(BaseModel):
@@ -21,42 +24,45 @@ class FileSpec(BaseModel):
 
 class ParentRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, description="defaults to the new version's model name")
+    name: Text | None = Field(default=None, description="defaults to the new version's model name")
     version: int = Field(ge=1, le=2**31 - 1)
 
 
 Metrics = dict[str, float | int | str | bool | None]
 
 
-def _strict_json(value: dict) -> dict:
-    """Plain JSON only: NaN/Infinity and NUL characters are refused (PostgreSQL cannot store them)."""
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except ValueError as e:
-        raise ValueError(f"not plain JSON: {e}") from e
-    if "\\u0000" in text:
-        raise ValueError("NUL characters are not allowed")
-    return value
+def _metrics(value: dict) -> dict:
+    return json_values.check_json(value, json_values.MAX_METRICS_BYTES)
+
+
+def _meta(value: dict) -> dict:
+    return json_values.check_json(value, json_values.MAX_META_BYTES)
+
+
+def _manifest(files: dict) -> dict:
+    """Each path one the registry can store and serve, and a client can write to disk; a refusal
+    names the path (escaped, so the error itself can be answered)."""
+    for path in files:
+        file_names.check(path)
+    return files
 
 
 class VersionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     stage: Stage
-    files: dict[str, FileSpec] = Field(description="the manifest: relpath -> size and sha256", max_length=10_000)
+    files: Annotated[dict[str, FileSpec], AfterValidator(_manifest)] = Field(
+        description="the manifest: relpath -> size and sha256", max_length=10_000
+    )
     step: int | None = Field(default=None, ge=0, le=2**62)
-    metrics: Metrics = Field(default_factory=dict)
-    meta: dict = Field(default_factory=dict)
+    metrics: Annotated[Metrics, AfterValidator(_metrics)] = Field(default_factory=dict)
+    meta: Annotated[dict, AfterValidator(_meta)] = Field(default_factory=dict)
     parent: ParentRef | None = None
-    job_id: str | None = Field(default=None, max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")
-
-    _check_json = field_validator("metrics", "meta")(_strict_json)
+    job_id: Text | None = Field(default=None, max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")
 
 
 class VersionPatch(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    metrics: Metrics = Field(default_factory=dict)
-
-    _check_json = field_validator("metrics")(_strict_json)
+    metrics: Annotated[Metrics, AfterValidator(_metrics)] = Field(default_factory=dict)
 
 
 class AliasSet(BaseModel):
@@ -96,7 +102,7 @@ class VersionCreated(VersionOut):
 
 class PresignedStart(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(min_length=1, max_length=1024)
+    path: Annotated[str, AfterValidator(file_names.check)] = Field(min_length=1, max_length=1024)
     part_size: int = Field(ge=1, le=2**40, description="bytes per part; S3 wants 5 MiB..5 GiB")
 
 

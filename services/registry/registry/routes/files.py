@@ -12,6 +12,13 @@ from registry.deps import ERRORS, FilePath, MetricsDep, Name, RegistryDep, Versi
 from registry.metrics import Metrics
 from registry.ranges import parse_range
 
+# A committed version's model files never change, so a cache may keep them for good. Attachments
+# do change: a report card is written again after a new eval of the version, and a retried report
+# step must be able to PUT its file again, so refusing a replacement (409) would break what users
+# do. They are served for revalidation instead: `no-cache` makes a cache ask each time, and the
+# ETag (the sha256) makes the answer a cheap 304 while the bytes are the same.
+CACHE_CONTROL = {"model": "private, max-age=31536000, immutable", "attachment": "private, no-cache"}
+
 router = APIRouter(
     prefix="/models/{name}/versions/{version}",
     route_class=AuthFirstRoute,
@@ -49,7 +56,7 @@ def download(request: Request, reg: core.Registry, metrics: Metrics, name: str, 
         "ETag": etag,
         "Accept-Ranges": "bytes",
         "X-Content-SHA256": f["sha256"],
-        "Cache-Control": "private, max-age=31536000, immutable",
+        "Cache-Control": CACHE_CONTROL[f["kind"]],
     }
     if request.headers.get("if-none-match") in (etag, f["sha256"], "*"):
         return Response(status_code=304, headers=headers)
