@@ -22,13 +22,20 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote
 
 import httpx
 from nanochat_contracts.manifest import CACHE_MARKER, CHUNK, MANIFEST_FILE, file_digest, read_manifest
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+T = TypeVar("T")
+# Answers that say "try again shortly": the registry with its blob store or database away, S3 busy.
+RETRY_STATUSES = (502, 503, 504)
 
 
 class RegistryError(Exception):
@@ -126,6 +133,11 @@ class RegistryClient:
         self.close()
 
     def _request(self, method: str, url: str, **kw) -> httpx.Response:
+        if "json" in kw:
+            # ASCII JSON with \u escapes: text that is no valid UTF-8 (a file name in another
+            # encoding, held as a lone surrogate) still reaches the registry, which names it in a 422.
+            kw["content"] = json.dumps(kw.pop("json"), allow_nan=False).encode()
+            kw["headers"] = {**kw.get("headers", {}), "Content-Type": "application/json"}
         r = self.http.request(method, url, **kw)
         if r.status_code >= 400:
             try:
@@ -137,7 +149,23 @@ class RegistryClient:
 
     @staticmethod
     def _v(name: str, version: int) -> str:
-        return f"/v1/models/{name}/versions/{version}"
+        return f"/v1/models/{quote(name, safe='')}/versions/{version}"
+
+    def _file_url(self, name: str, version: int, kind: str, path: str) -> str:
+        """The URL of a version's file (`kind` files or attachments), each path segment
+        percent-encoded: `a#b` or `100%.txt` would otherwise be cut or misread by the URL."""
+        return f"{self._v(name, version)}/{kind}/{quote_path(path)}"
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        """`call`, tried `retries` times in all with backoff, again only after a transport error
+        or a try-again answer (502, 503, 504); each try must be safe to repeat."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retries),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception(_transient),
+            reraise=True,
+        )
+        return retrying(call)
 
     def list_models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["items"]
@@ -151,7 +179,7 @@ class RegistryClient:
         offset: int = 0,
     ) -> list[VersionInfo]:
         params = {"stage": stage or [], "state": state or [], "limit": limit, "offset": offset}
-        items = self._request("GET", f"/v1/models/{name}/versions", params=params).json()["items"]
+        items = self._request("GET", f"/v1/models/{quote(name, safe='')}/versions", params=params).json()["items"]
         return [VersionInfo.from_json(d) for d in items]
 
     def get_version(self, name: str, version: int) -> VersionInfo:
@@ -163,13 +191,14 @@ class RegistryClient:
             params["alias"] = alias
         if stage:
             params["stage"] = stage if isinstance(stage, str) else ",".join(stage)
-        return VersionInfo.from_json(self._request("GET", f"/v1/resolve/{name}", params=params).json())
+        return VersionInfo.from_json(self._request("GET", f"/v1/resolve/{quote(name, safe='')}", params=params).json())
 
     def lineage(self, name: str, version: int) -> dict:
         return self._request("GET", f"{self._v(name, version)}/lineage").json()
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
-        self._request("PUT", f"/v1/models/{name}/aliases/{alias}", json={"version": version})
+        url = f"/v1/models/{quote(name, safe='')}/aliases/{quote(alias, safe='')}"
+        self._request("PUT", url, json={"version": version})
 
     def patch_metrics(self, name: str, version: int, metrics: dict) -> VersionInfo:
         return VersionInfo.from_json(self._request("PATCH", self._v(name, version), json={"metrics": metrics}).json())
@@ -181,12 +210,9 @@ class RegistryClient:
         """Add a describing file (report card, plot) to a committed version."""
         size, sha = file_digest(path)
         rel = as_path or Path(path).name
-        self._request(
-            "PUT",
-            f"{self._v(name, version)}/attachments/{rel}",
-            content=_read_chunks(Path(path)),
-            headers={"Content-Length": str(size), "X-Content-SHA256": sha, "Content-Type": "application/octet-stream"},
-        )
+        headers = {"Content-Length": str(size), "X-Content-SHA256": sha, "Content-Type": "application/octet-stream"}
+        url = self._file_url(name, version, "attachments", rel)
+        self._retry(lambda: self._request("PUT", url, content=_read_chunks(Path(path)), headers=headers))
         return FileInfo(rel, size, sha)
 
     def read_attachment(self, name: str, version: int, path: str) -> bytes:
@@ -195,7 +221,7 @@ class RegistryClient:
         record = next((f for f in info.attachments if f.path == path), None)
         if record is None:
             raise RegistryError(404, f"{name}:{version} has no attachment {path!r}")
-        data = self._request("GET", f"{self._v(name, version)}/attachments/{path}").content
+        data = self._retry(lambda: self._request("GET", self._file_url(name, version, "attachments", path))).content
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise IntegrityError(f"{name} v{version} attachment {path}: bytes differ from the recorded sha256")
         return data
@@ -271,19 +297,14 @@ class RegistryClient:
             raise UploadError(name, version, e) from e
 
     def _put_file(self, name: str, version: int, rel: str, source: Path | bytes, spec: dict) -> None:
-        for attempt in range(self.retries):
-            try:
-                content = source if isinstance(source, bytes) else _read_chunks(source)
-                self._request(
-                    "PUT",
-                    f"{self._v(name, version)}/files/{rel}",
-                    content=content,
-                    headers={"Content-Length": str(spec["size"]), "Content-Type": "application/octet-stream"},
-                )
-                return
-            except httpx.TransportError:
-                if attempt == self.retries - 1:
-                    raise
+        url = self._file_url(name, version, "files", rel)
+        headers = {"Content-Length": str(spec["size"]), "Content-Type": "application/octet-stream"}
+
+        def put() -> None:
+            content = source if isinstance(source, bytes) else _read_chunks(source)
+            self._request("PUT", url, content=content, headers=headers)
+
+        self._retry(put)
 
     def _put_file_presigned(self, name: str, version: int, rel: str, source: Path) -> None:
         """Send one file as parts straight to S3 (`concurrency` at once), then have the registry
@@ -302,20 +323,18 @@ class RegistryClient:
             for chunk in _read_chunks(source, start, length):
                 sha.update(chunk)
             part = self._request("POST", f"{base}/parts/{number}", json={"sha256": sha.hexdigest()}).json()
-            for attempt in range(self.retries):
-                try:
-                    r = self.direct.request(
-                        part["method"],
-                        part["url"],
-                        content=_read_chunks(source, start, length),
-                        headers={**part["headers"], "Content-Length": str(length)},
-                    )
-                    if r.status_code >= 400:
-                        raise RegistryError(r.status_code, f"S3 refused part {number} of {rel}: {r.text[:300]}")
-                    return
-                except httpx.TransportError:
-                    if attempt == self.retries - 1:
-                        raise
+
+            def put() -> None:
+                r = self.direct.request(
+                    part["method"],
+                    part["url"],
+                    content=_read_chunks(source, start, length),
+                    headers={**part["headers"], "Content-Length": str(length)},
+                )
+                if r.status_code >= 400:
+                    raise RegistryError(r.status_code, f"S3 refused part {number} of {rel}: {r.text[:300]}")
+
+            self._retry(put)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             list(pool.map(send, range(1, up["parts"] + 1)))
@@ -366,20 +385,28 @@ class RegistryClient:
         headers = {}
         if start is not None:
             headers["Range"] = f"bytes={start}-{min(start + self.part_size, f.size) - 1}"
-        for attempt in range(self.retries):
-            try:
-                with self.http.stream("GET", f"{self._v(name, version)}/files/{f.path}", headers=headers) as r:
-                    if r.status_code >= 400:
-                        r.read()
-                        raise RegistryError(r.status_code, r.text[:500])
-                    with open(folder / f.path, "r+b") as out:
-                        out.seek(start or 0)
-                        for chunk in r.iter_bytes(CHUNK):
-                            out.write(chunk)
-                return
-            except httpx.TransportError:
-                if attempt == self.retries - 1:
-                    raise
+        url = self._file_url(name, version, "files", f.path)
+
+        def get() -> None:
+            with self.http.stream("GET", url, headers=headers) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise RegistryError(r.status_code, r.text[:500])
+                with open(folder / f.path, "r+b") as out:
+                    out.seek(start or 0)
+                    for chunk in r.iter_bytes(CHUNK):
+                        out.write(chunk)
+
+        self._retry(get)
+
+
+def quote_path(path: str) -> str:
+    """`path` for a URL: each `/`-separated segment percent-encoded (UTF-8), the separators kept."""
+    return "/".join(quote(segment, safe="") for segment in path.split("/"))
+
+
+def _transient(e: BaseException) -> bool:
+    return isinstance(e, httpx.TransportError) or (isinstance(e, RegistryError) and e.status in RETRY_STATUSES)
 
 
 def _read_chunks(path: Path, start: int = 0, length: int | None = None) -> Iterator[bytes]:

@@ -170,3 +170,36 @@ def test_wrong_token_is_a_clear_error(registry_url, tmp_path):
         with pytest.raises(RegistryError) as e:
             c.upload_folder(make_checkpoint(tmp_path / "ckpt"), "x", stage="sft")
     assert e.value.status == 401 and "token" in e.value.message
+
+
+ODD_NAMES = ["a#b.bin", "100% sure.txt", "what?.json", "dir #2/é ü.txt", "plus+and&eq=.bin"]
+
+
+def test_file_names_with_url_characters_round_trip(rc, tmp_path):
+    """`#`, `?`, `%`, spaces and non-ASCII in a file name: percent-encoded by the client, so each
+    file uploads, downloads and attaches under its own name (`a#b` used to be cut at the `#`)."""
+    src = tmp_path / "ckpt"
+    for i, rel in enumerate(ODD_NAMES):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(f"{i} {uuid.uuid4()}".encode())
+    (src / "manifest.json").write_text(json.dumps(build_manifest(src), indent=2, sort_keys=True) + "\n")
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    v = rc.upload_folder(src, name, stage="sft")
+    assert set(ODD_NAMES) <= {f.path for f in v.files}
+    assert same_tree(src, rc.download(name, v.version))
+    report = tmp_path / "report #1?.md"
+    report.write_text("# card\n")
+    assert rc.attach(name, v.version, report).path == "report #1?.md"
+    assert rc.read_attachment(name, v.version, "report #1?.md") == b"# card\n"
+
+
+def test_a_file_name_the_registry_cannot_hold_is_refused_by_name(rc, tmp_path):
+    """A Linux file name that is not UTF-8 (Python holds it as a lone surrogate) has no URL and no
+    JSON spelling: the registry refuses it with a 422 naming it, nothing is left pending."""
+    src = make_checkpoint(tmp_path / "ckpt", with_manifest=False)
+    (src / os.fsdecode(b"latin1-\xe9.bin")).write_bytes(b"named in Latin-1")
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(RegistryError) as e:
+        rc.upload_folder(src, name, stage="sft")
+    assert e.value.status == 422 and "latin1-" in e.value.message
+    assert rc.list_versions(name, state=["pending", "ready"]) == []

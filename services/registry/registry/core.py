@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TypeVar
 
 from nanochat_contracts import names, serving
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from registry import file_names, json_values
 from registry.blobs import MAX_PART, MAX_PARTS, MIN_PART, BlobMismatch, BlobStore, BlobWriter, PartsMissing
@@ -28,6 +29,7 @@ from registry.events import EventPublisher
 from registry.schemas import VersionCreate
 
 log = logging.getLogger("registry.core")
+T = TypeVar("T")
 
 
 class RegistryError(Exception):
@@ -91,16 +93,16 @@ def check_path(path: str, max_length: int = 512) -> str:
         raise Invalid(str(e), param="path") from None
 
 
-def _retrying(fn, attempts: int = 20):
+def _retrying(fn: Callable[[], T], attempts: int = 20) -> T:
     """Run a transaction, retrying the races a unique constraint or a lock timeout reports."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except (IntegrityError, OperationalError) as e:
-            if i == attempts - 1:
-                raise
-            log.info("retrying after a concurrent write: %s", type(e.orig).__name__ if hasattr(e, "orig") else e)
-            time.sleep(0.01 * (i + 1))
+    retrying = Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_incrementing(start=0.01, increment=0.01),
+        retry=retry_if_exception_type((IntegrityError, OperationalError)),
+        before_sleep=before_sleep_log(log, logging.INFO),
+        reraise=True,
+    )
+    return retrying(fn)
 
 
 def _version(s: Session, name: str, version: int, states: Iterable[str] | None = None) -> Version:
