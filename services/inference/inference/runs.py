@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from nanochat.engine import SamplingParams
 from nanochat.scheduler import QueueFull
 from service_kit.errors import APIError, error_body
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from inference import schemas
 from inference.generation import Generation, GenerationError, Update
@@ -36,7 +36,8 @@ DISCONNECT_POLL_S = 0.25
 
 
 def sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
+    """One event as OpenAI frames it: `data: <payload>` and a blank line, LF-separated."""
+    return ServerSentEvent(payload, sep="\n").encode()
 
 
 def usage(gen: Generation) -> schemas.Usage:
@@ -60,8 +61,8 @@ class StreamFormat(Protocol):
         """The usage event after the last token, when the client asked for it."""
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that calls `on_close` however it ends.
+class ClosingEventSourceResponse(EventSourceResponse):
+    """An sse-starlette response that calls `on_close` however it ends.
 
     A client that leaves before the first byte can end the response before Starlette ever starts
     the body iterator, so a `finally` inside the iterator alone would never run and the request
@@ -69,7 +70,7 @@ class ClosingStreamingResponse(StreamingResponse):
     """
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any):
-        super().__init__(content, **kwargs)
+        super().__init__(content, sep="\n", **kwargs)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -116,7 +117,12 @@ class Runner:
         )
 
     def start(
-        self, served: ServedModel, prompts: list[list[int]], body: schemas.SamplingFields, max_tokens: int | None
+        self,
+        served: ServedModel,
+        prompts: list[list[int]],
+        body: schemas.SamplingFields,
+        max_tokens: int | None,
+        prompt_param: str = "messages",
     ) -> Generation:
         """Check the request against the served model and queue it; every refusal is an APIError."""
         context = served.context_length
@@ -127,12 +133,13 @@ class Runner:
                     f"this model's context is {context} tokens but the prompt has {len(prompt)} "
                     f"tokens; it must be shorter than the context to leave room for a reply",
                     code="context_length_exceeded",
-                    param="messages",
+                    param=prompt_param,
                 )
-        if body.n > served.scheduler.slots:
+        slots = served.scheduler.slots
+        if body.n * len(prompts) > slots:
             raise APIError(
                 400,
-                f"n is {body.n} but the server runs at most {served.scheduler.slots} samples at once",
+                f"n is {body.n} for {len(prompts)} prompts but the server runs at most {slots} samples at once",
                 param="n",
                 code="invalid_value",
             )
@@ -187,7 +194,7 @@ class Runner:
 
     def stream(
         self, gen: Generation, served: ServedModel, rid: str, endpoint: str, fmt: StreamFormat, include_usage: bool
-    ) -> StreamingResponse:
+    ) -> EventSourceResponse:
         outcome = "disconnected"
         closed = False
 
@@ -203,14 +210,15 @@ class Runner:
         async def body() -> AsyncIterator[bytes]:
             nonlocal outcome
             try:
-                for chunk in fmt.first(gen):
-                    yield chunk
+                # One write per model step, however many events it makes.
+                if first := b"".join(fmt.first(gen)):
+                    yield first
                 async for updates in gen.updates():
-                    for chunk in fmt.chunks(updates):
+                    if chunk := b"".join(fmt.chunks(updates)):
                         yield chunk
                 if include_usage:
                     yield fmt.usage(usage(gen))
-                yield b"data: [DONE]\n\n"
+                yield sse("[DONE]")
                 outcome = "ok"
             except GenerationError as e:
                 outcome = "error"
@@ -219,12 +227,7 @@ class Runner:
             finally:
                 close()
 
-        return ClosingStreamingResponse(
-            body(),
-            close,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid},
-        )
+        return ClosingEventSourceResponse(body(), close, headers={"X-Request-Id": rid})
 
 
 async def run_to_end(gen: Generation, request: Request) -> bool:

@@ -12,7 +12,9 @@ else the newest ready sft/rl version), downloaded into the cache and hash-checke
 `registry_client`. A background thread listens on
 the Redis channel for `model.registered` (sft/rl) and `alias.moved` (serving) and resolves again;
 without Redis (unset or down) it polls the registry every `poll_interval_s`, so an outage delays
-a swap but never loses it. If the served version disappears from the registry it stays served.
+a swap but never loses it. A `version.deleted` of the served version (or a resolve that no longer
+names it, and the registry answering 404 for it) stops serving it at once: new requests get 503
+until the version the rules name now is loaded, or for good when they name none.
 """
 
 from __future__ import annotations
@@ -214,10 +216,37 @@ class ModelManager:
         """Resolve again and swap when the rules name another version than the one served."""
         target = self.resolve()
         current = self.current
-        if target is None or (current is not None and current.info.version == target.version):
+        if current is not None and current.info.version == (target.version if target else None):
+            return
+        if current is not None and (target is None or self._deleted(current.info)):
+            self.uninstall(f"{current.info.name} v{current.info.version} was deleted from the registry")
+        if target is None:
             return
         folder = self._registry.download(target.name, version=target.version)
         self.install(ServedModel.load(folder, self.settings, target.name, target.version, target.stage))
+
+    def _deleted(self, info: ModelInfo) -> bool:
+        try:
+            self._registry.get_version(info.name, info.version)
+        except RegistryError as e:
+            if e.status == 404:
+                return True
+            raise
+        return False
+
+    def uninstall(self, reason: str) -> None:
+        """Stop giving the current model to new requests; it retires once its open requests end."""
+        with self._lock:
+            old, self.current, self.load_error = self.current, None, f"{reason}; no model is served"
+            if old is None:
+                return
+            old.retired = True
+            idle = old.active == 0
+            if not idle:
+                self.retiring.append(old)
+        log.warning("stopped serving %s v%s: %s", old.info.name, old.info.version, reason)
+        if idle:
+            old.close()
 
     def _try_refresh(self) -> None:
         try:
@@ -233,6 +262,8 @@ class ModelManager:
             return False
         if event.type == "model.registered":
             return event.stage in SERVED_STAGES
+        if event.type == "version.deleted":
+            return True  # the served one (stop serving it) or the one an alias named
         return event.type == "alias.moved" and event.alias == self.settings.serving_alias
 
     def _watch(self) -> None:

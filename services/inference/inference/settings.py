@@ -5,6 +5,7 @@ INFERENCE_REGISTRY_URL=http://registry:8002      else: resolve, download and hot
 INFERENCE_REDIS_URL=redis://redis:6379/0         model.registered / alias.moved events (polling without)
 INFERENCE_API_TOKEN=...                          require `Authorization: Bearer ...` on /v1/*
 INFERENCE_SLOTS=32 INFERENCE_MAX_WAITING=256     KV-cache rows, waiting-queue bound (429 beyond)
+INFERENCE_MAX_PROMPTS=16                         prompts one /v1/completions call may carry (400 beyond)
 INFERENCE_CPU_THREADS=1                          torch threads of the model process on CPU (0: cores - 1)
 """
 
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     max_len: int = Field(default=0, ge=0)
     prefill_tokens: int = Field(default=512, ge=1)
     max_waiting: int = Field(default=256, ge=0)
+    # One /v1/completions call with a long `prompt` list would otherwise take every slot and the queue.
+    max_prompts: int = Field(default=16, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     default_max_tokens: int = Field(default=512, ge=1)
     log_level: str = "INFO"

@@ -2,6 +2,8 @@
 
 import json
 import logging
+import threading
+import time
 
 import httpx
 import openai
@@ -282,3 +284,47 @@ def test_401_404_and_400_share_the_error_shape():
     assert refused.json()["error"]["type"] == "authentication_error"
     assert unknown_route.json()["error"]["code"] == "not_found"
     assert invalid.json()["error"]["param"] == "n" and invalid.json()["error"]["code"] == "invalid_value"
+
+
+def test_a_completions_prompt_list_is_capped(server):
+    limit = server.app.state.settings.max_prompts
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": ["a"] * (limit + 1), "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt" and str(limit) in r.json()["error"]["message"]
+    slots = server.manager.current.scheduler.slots
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": ["a", "b"], "n": slots, "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert server.manager.current.scheduler.stats().waiting == 0
+
+
+def test_tokenizing_a_large_request_does_not_stall_the_event_loop(checkpoints):
+    s = start_server(model_dir=checkpoints["a"], slots=2, max_body_bytes=64 * 1024 * 1024, max_prompts=64)
+    try:
+        s.wait_ready()
+        # 48 prompts of 1 MB: seconds of tokenizing, then a 400 as each is longer than the context.
+        body = json.dumps({"prompt": ["The quick brown fox héllo " * 40_000] * 48, "max_tokens": 1})
+        done, pings, answers = threading.Event(), [], []
+
+        def post():
+            try:
+                headers = {"content-type": "application/json"}
+                answers.append(httpx.post(f"{s.url}/v1/completions", content=body, headers=headers, timeout=120))
+            finally:
+                done.set()
+
+        poster = threading.Thread(target=post)
+        started = time.monotonic()
+        poster.start()
+        time.sleep(0.3)  # the body is read and parsed on the loop first
+        with httpx.Client(timeout=30) as http:
+            while not done.is_set():
+                t = time.monotonic()
+                http.get(f"{s.url}/health")
+                pings.append(time.monotonic() - t)
+                time.sleep(0.02)
+        poster.join()
+        assert answers[0].status_code == 400 and answers[0].json()["error"]["param"] == "prompt"
+        assert time.monotonic() - started > 1.5, "the request must tokenize for a while for this test to mean much"
+        assert max(pings) < 0.5, f"/health waited {max(pings):.2f} s behind the tokenizer"
+    finally:
+        s.stop()

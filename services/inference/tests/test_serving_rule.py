@@ -81,7 +81,8 @@ def test_the_registrys_events_that_make_inference_resolve_again() -> None:
         (publisher.publish("model.registered", "other", 6, "sft"), False),
         (publisher.publish("alias.moved", "nanochat", 3, "sft", alias=serving.SERVING_ALIAS), True),
         (publisher.publish("alias.moved", "nanochat", 3, "sft", alias="best"), False),
-        (publisher.publish("version.deleted", "nanochat", 4, "rl"), False),
+        (publisher.publish("version.deleted", "nanochat", 4, "rl"), True),
+        (publisher.publish("version.deleted", "other", 4, "rl"), False),
     ]
     assert [manager._relevant(json.dumps(event)) for event, _ in cases] == [want for _, want in cases]
     assert not manager._relevant(b"not json") and not manager._relevant('{"type": "model.registered"}')

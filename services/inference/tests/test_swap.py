@@ -108,3 +108,37 @@ def test_registry_events_swap_the_served_model(checkpoints, tmp_path, request, e
         s.stop()
         uploader.close()
         registry.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("events", ["redis", "polling"])
+def test_a_deleted_version_stops_being_served(checkpoints, tmp_path, request, events):
+    redis_url = request.getfixturevalue("redis_server").url if events == "redis" else None
+    registry = RegistryServer(tmp_path / "registry", redis_url)
+    uploader = RegistryClient(registry.url, token=registry.token, cache_dir=tmp_path / "up-cache")
+    s = start_server(
+        registry_url=registry.url,
+        redis_url=redis_url,
+        model_cache_dir=tmp_path / "cache",
+        poll_interval_s=30.0 if events == "redis" else 0.3,
+        slots=2,
+    )
+    try:
+        v_a = uploader.upload_folder(checkpoints["a"], "nanochat", stage="sft").version
+        v_b = uploader.upload_folder(checkpoints["b"], "nanochat", stage="rl").version
+        wait_for(lambda: httpx.get(f"{s.url}/ready").status_code == 200 and version(s.url) == v_b, timeout=30)
+        uploader.delete_version("nanochat", v_b)
+        wait_for(
+            lambda: s.manager.current is None or s.manager.current.info.version != v_b, timeout=30, what="v_b to go"
+        )
+        s.wait_ready()
+        assert version(s.url) == v_a
+        uploader.delete_version("nanochat", v_a)
+        wait_for(lambda: httpx.get(f"{s.url}/ready").status_code == 503, timeout=30, what="v_a to go")
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=ASK, timeout=30)
+        assert r.status_code == 503 and "deleted" in r.json()["error"]["message"], r.text
+        assert httpx.get(f"{s.url}/v1/models").json()["data"] == []
+    finally:
+        s.stop()
+        uploader.close()
+        registry.stop()

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from nanochat.tokenizer import ConversationError
 from service_kit.auth import AuthFirstRoute, require_read
 from service_kit.errors import APIError
+from starlette.concurrency import run_in_threadpool
 
 from inference import schemas
 from inference.deps import RunnerDep
@@ -69,7 +70,8 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
     try:
         try:
             conversation = [{"role": m.role, "content": m.rendered_content()} for m in body.messages]
-            prompt = served.tokenizer.render_for_completion({"messages": conversation})
+            # Off the event loop: rendering a long conversation would stall every open stream.
+            prompt = await run_in_threadpool(served.tokenizer.render_for_completion, {"messages": conversation})
         except (ConversationError, ValueError) as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         gen = runner.start(served, [prompt], body, body.max_completion_tokens or body.max_tokens)

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from nanochat.tokenizer import Tokenizer
 from service_kit.auth import AuthFirstRoute, require_read
+from service_kit.errors import APIError
+from starlette.concurrency import run_in_threadpool
 
 from inference import schemas
 from inference.deps import RunnerDep
@@ -48,13 +51,25 @@ class CompletionStream:
         return self.chunk([], u)
 
 
+def encode_all(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tok.encode(text, prepend=tok.bos_token_id) for text in texts]
+
+
 @router.post("/completions")
 async def completions(body: schemas.CompletionRequest, request: Request, runner: RunnerDep) -> Response:
+    limit = runner.settings.max_prompts
+    if len(body.prompt) > limit:
+        raise APIError(
+            400,
+            f"prompt holds {len(body.prompt)} prompts; this server takes at most {limit} per request",
+            param="prompt",
+            code="invalid_value",
+        )
     served = runner.acquire(body.model)
     try:
-        tok = served.tokenizer
-        prompts = [tok.encode(text, prepend=tok.bos_token_id) for text in body.prompt]
-        gen = runner.start(served, prompts, body, body.max_tokens)
+        # Off the event loop: a long prompt list takes long enough to stall every open stream.
+        prompts = await run_in_threadpool(encode_all, served.tokenizer, body.prompt)
+        gen = runner.start(served, prompts, body, body.max_tokens, prompt_param="prompt")
     except BaseException:
         runner.release(served)
         raise
