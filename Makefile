@@ -4,7 +4,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export UV_PYTHON ?= 3.11
 
-.PHONY: setup tools browser lint test test-fast bench-tokenizer speedrun-tiny up clean
+.PHONY: setup tools system-packages lint test test-fast bench-tokenizer speedrun-tiny up clean
 
 # uv itself comes from PyPI when missing; `uv sync` then builds the venv, the Rust extension
 # (maturin, rebuilt only when its sources change) and every workspace member from the lock file.
@@ -20,18 +20,23 @@ tools:
 	@missing=""; for t in cargo go; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then echo "make test needs:$$missing (cargo from https://rustup.rs, go from https://go.dev/dl)" >&2; exit 1; fi
 
-# Debian's chromium, the browser the web UI tests drive through Playwright (Playwright's own
-# download needs its CDN): installed with apt-get when we are root or have passwordless sudo;
-# otherwise the run stops here, in its first seconds, with the command to run. $$CHROMIUM may
-# name another binary.
-browser:
-	@if [ -z "$$CHROMIUM" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+# The Debian packages the tests need that no package registry carries: chromium, the browser the
+# web UI tests drive through Playwright (Playwright's own download needs its CDN), and bubblewrap,
+# the sandbox HumanEval's answers run in. Missing ones are installed with apt-get when we are root
+# or have passwordless sudo; otherwise the run stops here, in its first seconds, with the command
+# to run. $$CHROMIUM may name another browser binary, $$NANOCHAT_BWRAP another bwrap.
+system-packages:
+	@need=""; \
+	if [ -z "$$CHROMIUM" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+		need="$$need chromium"; fi; \
+	if [ -z "$$NANOCHAT_BWRAP" ] && ! command -v bwrap >/dev/null; then need="$$need bubblewrap"; fi; \
+	if [ -n "$$need" ]; then \
 		if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo"; else \
-			echo "make test needs Debian's chromium for the browser tests and cannot install it here" \
-				"(not root, no passwordless sudo). Run:" >&2; \
-			echo "    sudo apt-get update && sudo apt-get install -y chromium" >&2; exit 1; fi; \
-		echo "installing Debian's chromium for the browser tests: $${sudo:+sudo }apt-get install chromium"; \
-		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+			echo "make test needs Debian's$$need (chromium for the browser tests, bubblewrap for the HumanEval" \
+				"sandbox) and cannot install it here (not root, no passwordless sudo). Run:" >&2; \
+			echo "    sudo apt-get update && sudo apt-get install -y$$need" >&2; exit 1; fi; \
+		echo "installing Debian packages for the tests: $${sudo:+sudo }apt-get install$$need"; \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
 	fi
 
 # Each suite runs in its own pytest process: suites share module names (conftest, test_events);
@@ -50,7 +55,7 @@ lint: setup
 	$(UV) run --locked ruff format --check .
 	$(UV) run --locked mypy libs/service_kit/service_kit libs/contracts/nanochat_contracts
 
-test: tools browser setup lint
+test: tools system-packages setup lint
 	cargo test --release --quiet --manifest-path rustbpe/Cargo.toml
 	cd infra/validate && go test -count=1 ./...
 	@for suite in $(wildcard $(SUITES)); do \

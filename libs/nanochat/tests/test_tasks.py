@@ -2,13 +2,11 @@
 
 import json
 import re
-import socket
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from nanochat.sandbox import network_isolated, run_python
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.common import TaskMixture, render_mc, task_url
 from nanochat.tasks.customjson import CustomJSON, IdentityTask
@@ -152,29 +150,6 @@ def test_humaneval_runs_code_in_the_sandbox(tmp_path):
     assert task.evaluate(item, "Here:\n```python\ndef total(xs):\n    return sum(xs)\n```")
     assert not task.evaluate(item, "def total(xs):\n    return 0\n")
     assert not task.evaluate(item, "def total(xs):\n    while True: pass\n")
-
-
-def test_sandbox_limits():
-    assert run_python("print(6 * 7)").stdout.strip() == "42"
-    slow = run_python("while True: pass", timeout=1)
-    assert slow.timed_out and not slow.success
-    assert "MemoryError" in run_python("x = bytearray(4 << 30)", memory_mb=256).stderr
-    assert "network access is disabled" in run_python("import socket; socket.create_connection(('1.1.1.1', 80))").stderr
-
-
-def test_sandbox_network_namespace_stops_code_that_gets_past_the_prelude():
-    # `_socket` is the C module under `socket`: the prelude does not cover it, the namespace does.
-    # Where the OS refuses the namespace, the probe says so and such code reaches the host.
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        code = (
-            f"import _socket; s = _socket.socket(); s.settimeout(3); s.connect(('127.0.0.1', {port})); print('reached')"
-        )
-        result = run_python(code, timeout=10)
-    if network_isolated():
-        assert not result.success and "unreachable" in result.stderr, result
-    else:
-        assert result.stdout.strip() == "reached", result
 
 
 def test_custom_json_and_identity(tmp_path):

@@ -8,7 +8,9 @@ categorical: the answer is the argmax of the model's logits over the choice lett
 `<|assistant_start|>`. GSM8K (test), HumanEval and identity (held-out questions; right when the
 answer contains the model's name) are generative, through the engine (KV cache, calculator
 tool): `--temperature 0` is greedy; with `--num-samples k` a question counts when any sample is
-right. HumanEval code runs only in the sandbox subprocess (time and memory limits).
+right. HumanEval code runs only in `nanochat.sandbox` (bubblewrap: read-only system, no network,
+time, memory and process limits); where it cannot isolate, HumanEval refuses before any
+generation unless `--allow-unsandboxed` is given.
 
 Items are split across ranks (r, r+W, ...) and the counts summed. Metrics: each task's accuracy
 under its own name, its item count `<task>/items` and the half-width of its 95% interval
@@ -45,7 +47,7 @@ from nanochat.tokenizer import Tokenizer
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 
 
-def load_task(name: str, data_dir: str) -> Task:
+def load_task(name: str, data_dir: str, allow_unsandboxed: bool = False) -> Task:
     if name in ("ARC-Easy", "ARC-Challenge"):
         return ARC(data_dir, name, "test")
     if name == "MMLU":
@@ -53,7 +55,7 @@ def load_task(name: str, data_dir: str) -> Task:
     if name == "GSM8K":
         return GSM8K(data_dir, "test")
     if name == "HumanEval":
-        return HumanEval(data_dir, "test")
+        return HumanEval(data_dir, "test", allow_unsandboxed=allow_unsandboxed)
     if name == "identity":
         return IdentityTask(data_dir, "test")
     raise ValueError(f"unknown chat_eval task {name!r}")
@@ -128,7 +130,7 @@ def evaluate_chat_tasks(
     engine = Engine(model, tokenizer)
     metrics: dict[str, float | int] = {}
     for name in options.tasks:
-        task = load_task(name, options.data_dir)
+        task = load_task(name, options.data_dir, options.allow_unsandboxed)
         count = len(task) if options.max_problems < 0 else min(len(task), options.max_problems)
         items = [task[i] for i in range(compute.rank, count, compute.world_size)]
         if task.eval_type == "categorical":

@@ -357,6 +357,10 @@ class ChatEvalOptions(RuntimeOptions):
     top_k: int = Field(50, ge=0, description="Top-k of generative tasks.")
     max_new_tokens: int = Field(512, ge=1, le=65536, description="Tokens generated per answer.")
     num_samples: int = Field(1, ge=1, le=1024, description="Samples per generative question.")
+    allow_unsandboxed: bool = Field(
+        False,
+        description="HumanEval: where no bubblewrap sandbox can be made (bwrap missing, namespaces refused), run the model's code anyway with best-effort limits only (it can read and write the worker's files; a warning is logged). Off: the eval refuses with what to install.",
+    )
 
 
 class ReportOptions(StageOptions):

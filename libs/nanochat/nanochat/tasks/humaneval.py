@@ -3,11 +3,13 @@
 
 The user asks with the prompt; the reference answer is prompt + solution. A response is graded by
 running its code with the problem's imports, its `check(candidate)` test and `check(entry_point)`
-in the sandbox of `nanochat.sandbox` (5 s, 256 MB), graded as the original grades it:
+in the sandbox of `nanochat.sandbox` (bubblewrap, 5 s, 256 MB), graded as the original grades it:
 - the code is the first fenced block (opened by three backticks, `python` optional) if any, else
   the whole response, stripped;
 - the imports are the prompt's leading `import`/`from` lines (blank and comment lines among them
   skipped), up to its first other line.
+Loading the task checks the sandbox first: without one it refuses (`SandboxUnavailable`) unless
+`allow_unsandboxed` is set.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nanochat.sandbox import run_python
+from nanochat.sandbox import require_isolation, run_python
 from nanochat.tasks.common import Task, read_rows
 
 REPO, CONFIG = "openai/openai_humaneval", "openai_humaneval"
@@ -41,10 +43,19 @@ def imports_of(prompt: str) -> str:
 
 
 class HumanEval(Task):
-    def __init__(self, data_dir: str | Path, split: str = "test", timeout: float = 5.0, **kwargs):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "test",
+        timeout: float = 5.0,
+        allow_unsandboxed: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        require_isolation(allow_unsandboxed)
         self.rows = read_rows(data_dir, REPO, CONFIG, split)
         self.timeout = timeout
+        self.allow_unsandboxed = allow_unsandboxed
 
     def num_examples(self) -> int:
         return len(self.rows)
@@ -70,4 +81,4 @@ class HumanEval(Task):
                 f"check({conversation['entry_point']})",
             ]
         )
-        return run_python(program, timeout=self.timeout).success
+        return run_python(program, timeout=self.timeout, allow_unsandboxed=self.allow_unsandboxed).success
