@@ -20,7 +20,7 @@ from service_kit.ops import Readiness, probe
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from registry import core
+from registry import core, unavailable
 from registry.blobs import LocalBlobs, S3Blobs
 from registry.db import make_engine, make_sessionmaker, migrate
 from registry.events import EventPublisher
@@ -51,6 +51,7 @@ def make_registry(settings: Settings) -> core.Registry:
             settings.s3_parts_in_flight,
             settings.data_dir / "spool",
             settings.s3_public_endpoint,
+            timeouts=(settings.s3_connect_timeout_s, settings.s3_read_timeout_s, settings.s3_max_attempts),
         )
         blobs.ensure_bucket()
     else:
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.metrics = settings, metrics
     app.exception_handler(core.RegistryError)(registry_error)
+    unavailable.install(app)
     for routes in (models, uploads, files, aliases, resolve, admin):
         app.include_router(routes.router, prefix="/v1")
     return app

@@ -183,7 +183,9 @@ class S3Blobs:
         parts_in_flight: int = 4,
         spool_dir: Path | None = None,
         public_endpoint: str | None = None,
+        timeouts: tuple[float, float, int] = (10.0, 60.0, 3),
     ) -> S3Blobs:
+        """`timeouts`: connect and read timeouts in seconds, and how many tries each call gets."""
         import boto3
         from botocore.config import Config
 
@@ -199,7 +201,9 @@ class S3Blobs:
                 # checked by S3), and the whole file's sha256 was checked on the way in.
                 config=Config(
                     max_pool_connections=32,
-                    retries={"max_attempts": 3, "mode": "standard"},
+                    connect_timeout=timeouts[0],
+                    read_timeout=timeouts[1],
+                    retries={"max_attempts": timeouts[2], "mode": "standard"},
                     s3={"addressing_style": "path", "payload_signing_enabled": False},
                     signature_version="s3v4",
                 ),

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     # endpoint, when it differs from s3_endpoint) and the store makes two server-side copies per
     # file (verify the whole sha256, publish); through the registry an upload streams once
     # (bench/registry.py compares both with boto3 straight to S3).
+    # An S3 call that gets no connection or no bytes for this long fails (after s3_max_attempts
+    # tries) and the request answers 503: a stopped store must not hang uploads for minutes.
+    s3_connect_timeout_s: float = Field(default=10.0, gt=0)
+    s3_read_timeout_s: float = Field(default=60.0, gt=0)
+    s3_max_attempts: int = Field(default=3, ge=1, le=10)
     presigned_uploads: bool = False
     s3_public_endpoint: str | None = None
     presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
