@@ -166,6 +166,8 @@ def stack(tmp_path_factory):
         **{f"NANOCHAT_{s.upper()}_PORT": str(p) for s, p in ports.items()},
         "TRAINER_HEARTBEAT_LIMIT": str(HEARTBEAT_LIMIT_S),
         "TRAINER_HEARTBEAT_INTERVAL": "1",
+        # The heartbeat limit must outlast two busy timeouts (trainer.settings): 2 x (2 + 1) = 6.
+        "TRAINER_DB_BUSY_TIMEOUT": "2",
         "TRAINER_REAP_INTERVAL": "1",
         "INFERENCE_POLL_INTERVAL_S": "2",
     }
@@ -403,6 +405,8 @@ def test_worker_killed_mid_job_fails_the_job_within_the_heartbeat_limit(stack):
         "options": {**FAST_OPTIONS["base_train"], "num_iterations": 100_000, "log_every": 1},
         "output_name": "e2e-killed",
         "resources": {"nproc_per_node": 1, "nnodes": 1},
+        # One attempt: the restarted worker would otherwise retry it (tests/faults covers retries).
+        "max_attempts": 1,
     }
     r = httpx.post(
         f"{stack.url('trainer')}/v1/jobs",
@@ -468,7 +472,7 @@ def test_ctrl_c_mid_job_then_a_second_make_up_reuses_everything_and_resumes_the_
     assert re.search(rf"serving {MODEL} v\d+ \(rl\)", stack.output()), stack.output()
     assert "submitted" not in stack.output()
     poll(
-        lambda: (j := stack.job(job_id))["status"] == "running" and j["attempts"] == 1 and (j["step"] or 0) > 3 and j,
+        lambda: (j := stack.job(job_id))["status"] == "running" and j["attempt"] == 2 and (j["step"] or 0) > 3 and j,
         120,
         "the job to run again",
     )

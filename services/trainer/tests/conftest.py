@@ -73,6 +73,7 @@ def settings(tmp_path: Path, redis_server, registry_url: str) -> Settings:
         runs_dir=tmp_path / "runs",
         heartbeat_interval=0.5,
         heartbeat_limit=3.0,
+        db_busy_timeout=1.0,
         reap_interval=0.5,
         cancel_grace=3.0,
         upload_retries=2,

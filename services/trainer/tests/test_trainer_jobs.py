@@ -194,7 +194,7 @@ def test_stage_that_ignores_sigterm_is_killed_after_the_grace_period(api, settin
 
 def test_sigkilled_worker_is_reaped_and_its_job_failed(api, settings, start_worker):
     victim = start_worker(**SLEEPY)
-    job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+    job_id = api.post("/v1/jobs", json={"stage": "make_data", "max_attempts": 1}, headers=AUTH).json()["id"]
     job = wait_progress(api, job_id, worker=victim)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
@@ -202,6 +202,7 @@ def test_sigkilled_worker_is_reaped_and_its_job_failed(api, settings, start_work
     assert job_processes(job)
     job = wait_job(api, job_id, timeout=settings.heartbeat_limit + settings.cancel_grace + 20)
     assert job["status"] == "failed" and "stopped sending heartbeats" in job["error"]
+    assert [(a["attempt"], a["status"]) for a in job["attempts"]] == [(1, "lost")]
     assert job_processes(job) == []
 
 
@@ -250,21 +251,28 @@ def test_two_node_job_whose_second_node_never_starts_fails_at_the_gang_barrier(a
     assert job_processes(job) == []
 
 
-def test_lost_worker_job_is_requeued_when_allowed(settings, start_worker):
-    settings = settings.model_copy(update={"requeue_on_worker_loss": 1})
+def test_lost_worker_job_is_requeued_by_its_retry_policy(api, settings, start_worker):
     env = {"SLEEPY_STEPS": "10"}
-    with TestClient(create_app(settings)) as api:
-        victim = start_worker(extra_env=env, requeue_on_worker_loss=1, **SLEEPY)
-        job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
-        first = wait_progress(api, job_id, worker=victim)
-        victim.proc.send_signal(signal.SIGKILL)
-        victim.proc.wait()
-        requeued = wait_job(api, job_id, until=("queued",), timeout=30)
-        assert requeued["attempts"] == 1 and "re-queued (attempt 2)" in requeued["error"]
-        assert job_processes(first) == []
-        rescuer = start_worker(extra_env=env, requeue_on_worker_loss=1, **SLEEPY)
-        job = wait_job(api, job_id, timeout=120, worker=rescuer)
-        assert job["status"] == "succeeded" and job["error"] is None and job["attempts"] == 1
+    victim = start_worker(extra_env=env, **SLEEPY)
+    job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+    first = wait_progress(api, job_id, worker=victim)
+    assert first["max_attempts"] == 3 and first["attempt"] == 1
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    requeued = wait_job(api, job_id, until=("queued",), timeout=30)
+    assert requeued["attempt"] == 2 and "queued again as attempt 2" in requeued["error"]
+    assert [(a["attempt"], a["status"]) for a in requeued["attempts"]] == [(1, "lost"), (2, "queued")]
+    # The reaper claims the job before it kills (a heartbeat arriving meanwhile keeps both), and
+    # queues the new attempt's task only once the old processes are gone.
+    deadline = time.monotonic() + settings.cancel_grace + 10
+    while job_processes(first):
+        assert time.monotonic() < deadline, job_processes(first)
+        time.sleep(0.1)
+    rescuer = start_worker(extra_env=env, **SLEEPY)
+    job = wait_job(api, job_id, timeout=120, worker=rescuer)
+    assert job["status"] == "succeeded" and job["error"] is None and job["attempt"] == 2
+    assert [a["status"] for a in job["attempts"]] == ["lost", "succeeded"]
+    assert job["attempts"][1]["worker"] != job["attempts"][0]["worker"]
 
 
 def test_queued_job_whose_task_left_redis_is_queued_again(api, settings, start_worker):
@@ -276,7 +284,7 @@ def test_queued_job_whose_task_left_redis_is_queued_again(api, settings, start_w
     worker = start_worker(extra_env={"SLEEPY_STEPS": "3"}, **SLEEPY)
     job = wait_job(api, job_id, timeout=settings.heartbeat_limit + 120, worker=worker)
     assert job["status"] == "succeeded", job
-    assert job["attempts"] == 0
+    assert job["attempt"] == 1
 
 
 def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, settings, start_worker, tiny_data):
@@ -317,7 +325,8 @@ def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, se
     # The worker ends within the stage's grace period, not after the 1000 steps.
     assert worker.proc.wait(timeout=settings.cancel_grace + 30) == 0, worker.output()
     job = api.get(f"/v1/jobs/{job_id}").json()
-    assert job["status"] == "queued" and job["attempts"] == 1, job
+    assert job["status"] == "queued" and job["attempt"] == 2, job
+    assert [a["status"] for a in job["attempts"]] == ["interrupted", "queued"]
     assert "shut down during step 1 (base_train)" in job["error"]
     assert job_processes(running) == []
 
@@ -336,3 +345,4 @@ def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, se
     starts = [i for i, e in enumerate(events) if e["type"] == "started"]
     first_step_after = next(e["step"] for e in events[starts[1] :] if e["type"] == "progress")
     assert first_step_after > 5, "the second attempt started over instead of resuming"
+    assert job["attempts"][1]["resumed_from_step"] == first_step_after - 1

@@ -53,11 +53,20 @@ class Job(Base):
     produced: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
     log_tail: Mapped[str | None] = mapped_column(Text)
+    # Re-queues so far: the current attempt is `attempts + 1` (task ids and gang barriers use it).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts an infrastructure failure (a lost worker or node) may end before the job fails;
+    # a stage's own error counts only when `retry_on_error` is set, else it fails the job at once.
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    retry_on_error: Mapped[bool] = mapped_column(Boolean, default=False)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
     nodes: Mapped[list[JobNode]] = relationship(
         back_populates="job", order_by="JobNode.node_rank", cascade="all, delete-orphan"
+    )
+    # Loaded with the job (one more query): every view of a job shows its attempts.
+    attempt_rows: Mapped[list[JobAttempt]] = relationship(
+        back_populates="job", order_by="JobAttempt.attempt", cascade="all, delete-orphan", lazy="selectin"
     )
 
 
@@ -76,19 +85,41 @@ class JobNode(Base):
     job: Mapped[Job] = relationship(back_populates="nodes")
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL and a busy timeout so API and workers can share it."""
+# An attempt's status: queued, running, then succeeded, failed, cancelled, lost (its worker or
+# node stopped answering) or interrupted (its worker shut down; it does not count as a failure).
+ATTEMPT_FAILURES = ("failed", "lost")
+
+
+class JobAttempt(Base):
+    """One try of a job: who ran it, how it ended and the step its training resumed from."""
+
+    __tablename__ = "job_attempts"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1-based
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    resumed_from_step: Mapped[int | None] = mapped_column(Integer)
+
+    job: Mapped[Job] = relationship(back_populates="attempt_rows")
+
+
+def make_engine(url: str, busy_timeout: float = 10.0) -> Engine:
+    """An engine for `url`; SQLite gets WAL and a busy timeout (seconds) so API and workers can share it."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -135,9 +166,9 @@ def migrate(url: str) -> None:
 class Database:
     """An engine plus a session factory; `session()` commits on success, rolls back on error."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, busy_timeout: float = 10.0):
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, busy_timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -17,7 +17,7 @@ from trainer.settings import Settings
 class State:
     def __init__(self, settings: Settings, registry: Registry | None):
         self.settings = settings
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, settings.db_busy_timeout)
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.registry = registry or make_registry(settings)
         self.reaper = Reaper(settings, self.db, self.redis)

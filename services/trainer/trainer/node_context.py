@@ -1,16 +1,16 @@
 """What every part of a node's run shares: the process's connections, the exception that ends a
-node's run, and registry calls retried with backoff (each retry noted in the node's log)."""
+node's run, and registry calls retried with backoff (tenacity; each retry noted in the node's log)."""
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from redis import Redis
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from trainer.db import Database
 from trainer.paths import log_path
@@ -39,7 +39,7 @@ def context() -> Context:
         settings = get_settings()
         _context = Context(
             settings,
-            Database(settings.database_url),
+            Database(settings.database_url, settings.db_busy_timeout),
             Redis.from_url(settings.redis_url),
             make_registry(settings),
             f"{settings.host}.{os.getpid()}",
@@ -48,11 +48,14 @@ def context() -> Context:
 
 
 class StepFailed(Exception):
-    """A step ended the node's run: `status` is failed, cancelled or interrupted (worker shutdown)."""
+    """A step ended the node's run: `status` is failed, cancelled or interrupted (worker shutdown).
+    `infrastructure`: the failure was the platform's (a store gone too long, a trainer error), not
+    the stage's own, so the job's retry policy always applies to it."""
 
-    def __init__(self, status: str, message: str | None, log_tail: str | None = None):
+    def __init__(self, status: str, message: str | None, log_tail: str | None = None, infrastructure: bool = False):
         super().__init__(message or status)
         self.status, self.message, self.log_tail = status, message, log_tail
+        self.infrastructure = infrastructure
 
 
 @dataclass
@@ -76,16 +79,21 @@ class Node:
         """`call()`, tried `upload_retries` more times with doubling delays while the registry is
         unreachable; a rejection is not retried."""
         s = self.ctx.settings
-        attempts, attempt = s.upload_retries + 1, 1
-        while True:
-            try:
-                return call()
-            except RegistryUnavailable as e:
-                if attempt == attempts:
-                    raise RegistryUnavailable(
-                        f"{what}: the registry failed {attempts} times; last error: {e}"
-                    ) from None
-                delay = s.upload_backoff * 2 ** (attempt - 1)
-                self.note(f"{what} failed (attempt {attempt}/{attempts}): {e}; retrying in {delay:g} s")
-                time.sleep(delay)
-                attempt += 1
+        attempts = s.upload_retries + 1
+
+        def note_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            delay = state.next_action.sleep if state.next_action else 0.0
+            self.note(f"{what} failed (attempt {state.attempt_number}/{attempts}): {error}; retrying in {delay:g} s")
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(RegistryUnavailable),
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=s.upload_backoff, min=0, max=3600),
+            before_sleep=note_retry,
+        )
+        try:
+            return retrying(call)
+        except RetryError as e:
+            last = e.last_attempt.exception()
+            raise RegistryUnavailable(f"{what}: the registry failed {attempts} times; last error: {last}") from None

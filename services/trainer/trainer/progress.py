@@ -1,5 +1,9 @@
 """A running step's events: each appended to the job's `events.jsonl` (tagged with its step) and
-folded into the job row (step, total, ETA and the latest metrics) for the API's job view."""
+folded into the job row (step, total, ETA and the latest metrics) for the API's job view.
+
+The file is the record; the row is a view of it. While the database is unreachable a progress
+update is dropped (the next one carries the newer step), an eval's or the end's metrics are retried
+for up to `store_outage_limit`, so a database blip never stops the stage."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 from trainer.db import Job
 from trainer.node_context import Node
+from trainer.outage import TRANSIENT, log, retry_store
 from trainer.paths import events_path
 
 # Progress reaches the job row at most this often (a stage may print hundreds a second); the last
@@ -46,6 +51,16 @@ class StepEvents:
             metrics = dict(event.get("metrics") or {})
         else:
             return
+        if kind == "progress":
+            try:
+                self._fold(values, metrics)
+            except TRANSIENT as e:
+                log.warning("progress of job %s not shown yet (database unreachable): %s", self.node.job_id, e)
+            return
+        limit = self.node.ctx.settings.store_outage_limit
+        retry_store(f"{kind} metrics of job {self.node.job_id}", lambda: self._fold(values, metrics), limit)
+
+    def _fold(self, values: dict[str, Any], metrics: dict[str, Any]) -> None:
         with self.node.ctx.db.session() as s:
             job = s.get(Job, self.node.job_id)
             for k, v in values.items():

@@ -1,11 +1,15 @@
 """The per-host reaper: finds running job nodes whose worker stopped sending heartbeats.
 
-A thread of every worker and of the API. For a node on this host whose heartbeat is older than
-`heartbeat_limit`, it kills the job's processes on this host (torchrun's group, and every process
-carrying the job's marker variable; a recycled group id is never hit, see `trainer.procs`) and then fails the job, or re-queues it
-while `requeue_on_worker_loss` allows. A node on another host is left to that host's reaper
-for three heartbeat limits; after that its host is taken as gone and the job is ended anyway,
-so no job is ever left `running`.
+A thread of every worker and of the API; on each host only one of them acts at a time, the holder
+of the host's lease (a Redis lock it renews every scan; another takes over once it expires).
+For a node on this host whose heartbeat is older than `heartbeat_limit`, it first claims the node
+(one conditional update, together with the job's next state: a new attempt while the job's
+retry policy allows, else failed), so a heartbeat that arrives meanwhile keeps the job and its
+processes; then it kills the job's processes on this host (torchrun's group, and every process
+carrying the job's marker variable; a recycled group id is never hit, see `trainer.procs`); and
+only then queues the new attempt, so it never meets the old one's processes. A node on another
+host is left to that host's reaper for three heartbeat limits; after that its host is taken as
+gone and the job is ended or retried anyway, so no job is ever left `running`.
 
 It also finds queued nodes whose task is gone from Redis (a flushed or restarted Redis) and
 queues their task again, so no job is ever left `queued` with nothing to run it: a second
@@ -18,10 +22,12 @@ import logging
 import time
 
 from redis import Redis
+from redis.exceptions import LockError
 from sqlalchemy import select, update
 
 from trainer.db import TERMINAL, Database, Job, JobNode
 from trainer.dispatch import enqueue_job, lost_tasks
+from trainer.node_state import end_attempt, retry_or_fail
 from trainer.periodic import Periodic
 from trainer.procs import node_tag, terminate_job
 from trainer.settings import Settings
@@ -35,10 +41,30 @@ class Reaper(Periodic):
     def __init__(self, settings: Settings, db: Database, redis: Redis):
         super().__init__("reaper", settings.reap_interval, self.reap_once)
         self.settings, self.db, self.redis = settings, db, redis
+        # Long enough to outlast a slow scan, short enough that a dead holder is replaced soon.
+        self.lease = redis.lock(
+            f"{settings.redis_prefix}reaper:{settings.host}",
+            timeout=3 * settings.reap_interval + 5,
+            blocking=False,
+            thread_local=False,
+        )
 
     def reap_once(self) -> list[str]:
-        """One scan; returns the ids of the jobs it ended or re-queued."""
+        """One scan, if this reaper holds its host's lease; returns the ids of the jobs it ended
+        or re-queued."""
+        if not self.leads():
+            return []
         return self._reap_running() + self._requeue_lost_tasks()
+
+    def leads(self) -> bool:
+        """Take or renew this host's lease; False while another reaper holds it."""
+        if self.lease.owned():
+            try:
+                self.lease.reacquire()
+                return True
+            except LockError:
+                pass  # expired between the two calls, maybe taken by another reaper
+        return bool(self.lease.acquire(blocking=False))
 
     def _requeue_lost_tasks(self) -> list[str]:
         # Jobs younger than a heartbeat limit are skipped: the API commits the row before it
@@ -79,14 +105,9 @@ class Reaper(Periodic):
         handled = []
         for job_id, rank, host, pgid, worker, beat in stale:
             age = now - beat
-            if host == self.settings.host:
-                terminate_job(pgid, node_tag(job_id, rank), self.settings.cancel_grace)
-                if self.settings.executor == "docker":
-                    self._stop_containers(node_tag(job_id, rank))
-                reason = (
-                    f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago, limit "
-                    f"{limit:g} s); its processes were killed"
-                )
+            local = host == self.settings.host
+            if local:
+                reason = f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago, limit {limit:g} s)"
             elif age > FOREIGN_HOST_FACTOR * limit:
                 reason = (
                     f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago) and no "
@@ -94,9 +115,22 @@ class Reaper(Periodic):
                 )
             else:
                 continue
-            if self._lost(job_id, rank, beat, reason):
-                handled.append(job_id)
+            claimed = self._claim(job_id, rank, beat, reason)
+            if claimed is None:
+                continue
+            if local:
+                self._kill(job_id, rank, pgid)
+            if claimed:
+                enqueue_job(self.settings, self.redis, job_id, *claimed)
+                log.warning("job queued again (attempt %d): %s", claimed[1] + 1, reason, extra={"job_id": job_id})
+            handled.append(job_id)
         return handled
+
+    def _kill(self, job_id: str, rank: int, pgid: int | None) -> None:
+        tag = node_tag(job_id, rank)
+        terminate_job(pgid, tag, self.settings.cancel_grace)
+        if self.settings.executor == "docker":
+            self._stop_containers(tag)
 
     def _stop_containers(self, tag: str) -> None:
         """A container outlives its worker: stop it by its tag label. An unreachable engine must
@@ -108,9 +142,12 @@ class Reaper(Periodic):
         except EngineUnavailable as e:
             log.warning("containers of %s not stopped: %s", tag, e)
 
-    def _lost(self, job_id: str, rank: int, beat: float, reason: str) -> bool:
+    def _claim(self, job_id: str, rank: int, beat: float, reason: str) -> tuple[int, int] | tuple[()] | None:
+        """Take the lost node and move its job on, in one transaction. None: another reaper took
+        it, or its heartbeat came back meanwhile; `(nnodes, attempt)`: the new attempt to queue;
+        `()`: the job ended."""
+        now = time.time()
         with self.db.session() as s:
-            # Only the reaper that flips the node first acts (API and workers reap side by side).
             claimed = s.execute(
                 update(JobNode)
                 .where(
@@ -122,23 +159,15 @@ class Reaper(Periodic):
                 .values(status="failed", error=reason)
             ).rowcount
             if not claimed:
-                return False
+                return None
             job = s.get(Job, job_id, with_for_update=True)
             if job.status in TERMINAL:
-                return True
+                return ()
             if job.cancel_requested:
-                job.status, job.finished_at = "cancelled", time.time()
-                return True
-            if job.attempts < self.settings.requeue_on_worker_loss:
-                job.attempts += 1
-                job.status, job.error = "queued", f"re-queued (attempt {job.attempts + 1}): {reason}"
-                for node in job.nodes:
-                    node.status, node.pgid, node.heartbeat_at = "queued", None, None
-                attempt, nnodes = job.attempts, job.nnodes
-            else:
-                job.status, job.error, job.finished_at = "failed", reason, time.time()
-                log.warning("job failed: %s", reason, extra={"job_id": job_id})
-                return True
-        enqueue_job(self.settings, self.redis, job_id, nnodes, attempt)
-        log.warning("job re-queued: %s", reason, extra={"job_id": job_id})
-        return True
+                job.status, job.finished_at = "cancelled", now
+                end_attempt(job, "cancelled", None, now)
+                return ()
+            if retry_or_fail(job, "lost", reason, True, now):
+                return job.nnodes, job.attempts
+        log.warning("job failed: %s", reason, extra={"job_id": job_id})
+        return ()

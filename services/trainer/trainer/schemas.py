@@ -66,6 +66,16 @@ class JobRequest(BaseModel):
         "nanochat", pattern=NAME_PATTERN, description="Model name the outputs are registered under."
     )
     resources: Resources = Field(default_factory=Resources)
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Attempts that may fail before the job does: a lost worker or node is retried, from the step "
+        "that was cut off (a training stage resumes from its last resumable checkpoint).",
+    )
+    retry_on_error: bool = Field(
+        False, description="Retry a stage's own error (a non-zero exit) too; by default it fails the job at once."
+    )
 
     @model_validator(mode="after")
     def _stage_or_pipeline(self) -> JobRequest:
@@ -174,6 +184,31 @@ class NodeOut(BaseModel):
     error: str | None
 
 
+class AttemptOut(BaseModel):
+    attempt: int = Field(description="1-based.")
+    status: str = Field(
+        description="queued, running, succeeded, failed, cancelled, lost (its worker or node stopped answering) "
+        "or interrupted (its worker shut down)."
+    )
+    error: str | None
+    worker: str | None = Field(description="The worker(s) that ran it.")
+    started_at: float | None
+    finished_at: float | None
+    resumed_from_step: int | None = Field(description="Training step its stage resumed from, when it resumed.")
+
+
+def attempts_out(job: Any) -> list[AttemptOut]:
+    """A job's attempts, oldest first. An attempt still open on an ended job (a queued job
+    cancelled before any worker took it) shows the job's end."""
+    out = []
+    for row in job.attempt_rows:
+        view = AttemptOut.model_validate(row, from_attributes=True)
+        if job.status in ("succeeded", "failed", "cancelled") and view.status in ("queued", "running"):
+            view.status, view.finished_at = job.status, view.finished_at or job.finished_at
+        out.append(view)
+    return out
+
+
 class StepOut(BaseModel):
     stage: str
     options: dict[str, Any]
@@ -200,7 +235,10 @@ class JobOut(BaseModel):
     resources: Resources
     error: str | None
     log_tail: str | None
-    attempts: int
+    attempt: int = Field(description="The current attempt, 1-based.")
+    max_attempts: int
+    retry_on_error: bool
+    attempts: list[AttemptOut] = Field(description="Every attempt so far, oldest first.")
     cancel_requested: bool
     created_at: float
     started_at: float | None

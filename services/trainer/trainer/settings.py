@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -60,13 +60,21 @@ class Settings(BaseSettings):
     heartbeat_limit: float = Field(
         30.0,
         gt=0,
-        le=60,
-        description="A running job whose heartbeat is older is reaped: its process group killed, then failed or re-queued.",
+        le=600,
+        description="A running job whose heartbeat is older is reaped: its processes killed, then re-queued or failed. "
+        "At least twice db_busy_timeout + heartbeat_interval: a heartbeat held up by a busy SQLite must not look dead.",
+    )
+    db_busy_timeout: float = Field(
+        10.0, gt=0, le=300, description="Seconds a SQLite write waits for another writer's lock before it fails."
+    )
+    store_outage_limit: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="Seconds a running job rides out an unreachable Redis or database (its stop check and heartbeat "
+        "retry meanwhile) before its node gives up and the job is retried.",
     )
     reap_interval: float = Field(2.0, gt=0, le=60, description="Seconds between the reaper's scans.")
-    requeue_on_worker_loss: int = Field(
-        0, ge=0, le=10, description="Times a job whose worker died is re-queued before it is failed."
-    )
     cancel_grace: float = Field(
         5.0, ge=0, le=300, description="Seconds between SIGTERM and SIGKILL of a job's process group."
     )
@@ -137,6 +145,18 @@ class Settings(BaseSettings):
     api_port: int = Field(8001, ge=1, le=65535, description="Port the API listens on.")
     log_level: str = Field("INFO", description="Python logging level.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body the API accepts.")
+
+    @model_validator(mode="after")
+    def _heartbeat_outlasts_a_busy_database(self) -> Settings:
+        # A heartbeat write may wait the whole busy timeout for SQLite's lock, and the previous
+        # one was up to an interval earlier: a limit below twice that reaps healthy jobs.
+        floor = 2 * (self.db_busy_timeout + self.heartbeat_interval)
+        if self.heartbeat_limit < floor:
+            raise ValueError(
+                f"heartbeat_limit ({self.heartbeat_limit:g} s) must be at least 2 x (db_busy_timeout + "
+                f"heartbeat_interval) = {floor:g} s, or a heartbeat delayed by a busy database reaps a healthy job"
+            )
+        return self
 
 
 @lru_cache

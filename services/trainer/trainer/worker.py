@@ -43,16 +43,25 @@ from typing import Any
 
 from nanochat.stages.options import resumable, resume_dir
 from rq import SimpleWorker
+from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 from sqlalchemy import update
 
 from trainer.db import TERMINAL, Job, migrate
-from trainer.dispatch import BarrierAborted, barrier, cancel_requested, make_queue
+from trainer.dispatch import TASK, BarrierAborted, barrier, cancel_requested, make_queue
 from trainer.inputs import input_for, report_inputs
 from trainer.node_context import Context, Node, StepFailed, context
-from trainer.node_state import claim_node, finish_node, heartbeat, record_started, requeue_interrupted
+from trainer.node_state import (
+    claim_node,
+    finish_node,
+    heartbeat,
+    record_resume,
+    record_started,
+    requeue_interrupted,
+)
+from trainer.outage import Outage, StoreUnreachable, retry_store
 from trainer.paths import job_dir, report_inputs_dir, step_config, step_out
-from trainer.procs import JOB_MARKER, node_tag
+from trainer.procs import JOB_MARKER, node_tag, terminate_job
 from trainer.progress import StepEvents
 from trainer.reaper import Reaper
 from trainer.registration import register_step
@@ -63,13 +72,19 @@ from trainer.torchrun import StepInputs, torchrun_argv
 log = logging.getLogger("trainer.worker")
 
 SHUTDOWN_REASON = "the worker is shutting down"
+STORE_REASON = "the job store is unreachable"
 # Set by the worker's SIGTERM/SIGINT handler; every running node then stops its stage.
 shutting_down = threading.Event()
 
 
 def run_node(job_id: str, node_rank: int) -> str:
     """RQ task: run node `node_rank` of job `job_id`; returns the node's final status."""
-    return NodeRun(context(), job_id, node_rank).run()
+    ctx = context()
+    if ctx.settings.executor == "ray":
+        from trainer.ray_executor import run_gang  # the optional `ray` extra
+
+        return run_gang(ctx, job_id, node_rank)
+    return NodeRun(ctx, job_id, node_rank).run()
 
 
 class NodeRun:
@@ -84,6 +99,8 @@ class NodeRun:
         self.events = StepEvents(self.node)
         self.last_db_check = 0.0
         self.db_stop: str | None = None
+        self.redis_outage = Outage("Redis", self.s.store_outage_limit)
+        self.db_outage = Outage("the database", self.s.store_outage_limit)
 
     def run(self) -> str:
         claim = claim_node(self.ctx, self.job_id, self.rank)
@@ -91,18 +108,20 @@ class NodeRun:
             return "skipped"
         self.spec, self.attempt, self.nnodes = claim.spec, claim.attempt, claim.nnodes
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._end_leftovers()
         beat = heartbeat(self.ctx, self.job_id, self.rank)
         beat.start()
-        status, error, log_tail = "succeeded", None, None
+        status, error, log_tail, infrastructure = "succeeded", None, None, False
         try:
             for index in range(claim.start, len(self.spec["steps"])):
                 self._step(index, first=index == claim.start)
         except StepFailed as e:
-            status, error, log_tail = e.status, e.message, e.log_tail
+            status, error, log_tail, infrastructure = e.status, e.message, e.log_tail, e.infrastructure
         except Exception as e:
             # RQ's job timeout lands here too; the runner has already killed the stage's group.
             log.exception("job %s node %d: trainer error", self.job_id, self.rank)
             status, error, log_tail = "failed", f"trainer error: {type(e).__name__}: {e}", tail(self.node.log_path)
+            infrastructure = True
         except BaseException:
             # RQ's cold stop (SystemExit from a second signal): the runner has stopped the stage.
             requeue_interrupted(self.ctx, self.job_id, self.rank, self.attempt)
@@ -112,33 +131,50 @@ class NodeRun:
         if status == "interrupted":
             requeue_interrupted(self.ctx, self.job_id, self.rank, self.attempt)
         else:
-            finish_node(self.ctx.db, self.job_id, self.rank, self.ctx.name, self.attempt, status, error, log_tail)
+            finish_node(self.ctx, self.job_id, self.rank, self.attempt, status, error, log_tail, infrastructure)
         return status
 
+    def _end_leftovers(self) -> None:
+        """A process of an earlier attempt of this node still alive on this host (its worker died
+        and no reaper got to it yet) would write the same output folder: it goes first."""
+        if terminate_job(None, node_tag(self.job_id, self.rank), self.s.cancel_grace):
+            self.node.note(f"stopped the processes an earlier attempt of this job left on {self.s.host}")
+
     def stop_reason(self) -> str | None:
-        """Why this node must stop now: a cancel request, the worker's shutdown, or the job ended /
-        moved on elsewhere."""
-        if cancel_requested(self.s, self.ctx.redis, self.job_id):
+        """Why this node must stop now: a cancel request, the worker's shutdown, the job ended /
+        moved on elsewhere, or Redis or the database unreachable for longer than the outage limit
+        (a shorter outage is ridden out: the checks then answer what they last knew)."""
+        try:
+            return self._stop_reason()
+        except StoreUnreachable as e:
+            return f"{STORE_REASON}: {e}"
+
+    def _stop_reason(self) -> str | None:
+        if self.redis_outage.check(lambda: cancel_requested(self.s, self.ctx.redis, self.job_id), False):
             return "cancelled"
         if shutting_down.is_set():
             return SHUTDOWN_REASON
         now = time.monotonic()
         if now - self.last_db_check >= 1.0:
             self.last_db_check = now
-            with self.ctx.db.session() as s:
-                job = s.get(Job, self.job_id)
-                if job.cancel_requested:
-                    self.db_stop = "cancelled"
-                elif job.status in TERMINAL or job.attempts != self.attempt:
-                    self.db_stop = f"job is {job.status} (attempt {job.attempts})"
+            self.db_stop = self.db_outage.check(self._db_stop, self.db_stop)
         return self.db_stop
+
+    def _db_stop(self) -> str | None:
+        with self.ctx.db.session() as s:
+            job = s.get(Job, self.job_id)
+            if job.cancel_requested:
+                return "cancelled"
+            if job.status in TERMINAL or job.attempts != self.attempt:
+                return f"job is {job.status} (attempt {job.attempts + 1})"
+        return None
 
     def _fail_or_cancel(self, reason: str, log_tail: str | None = None) -> StepFailed:
         if reason == "cancelled":
             return StepFailed("cancelled", None, log_tail)
         if reason == SHUTDOWN_REASON:
             return StepFailed("interrupted", reason, log_tail)
-        return StepFailed("failed", f"stopped: {reason}", log_tail)
+        return StepFailed("failed", f"stopped: {reason}", log_tail, infrastructure=reason.startswith(STORE_REASON))
 
     def _begin_step(self, index: int, stage: str, first: bool) -> None:
         """Meet the other nodes, stop if told to, and (node 0) mark the step as the job's current one."""
@@ -159,12 +195,15 @@ class NodeRun:
         if reason:
             raise self._fail_or_cancel(reason)
         if self.rank == 0:
-            with self.ctx.db.session() as s:
-                s.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id)
-                    .values(step_index=index, current_stage=stage, step=None, total=None, eta_s=None)
-                )
+            retry_store("marking the current step", lambda: self._mark_step(index, stage), self.s.store_outage_limit)
+
+    def _mark_step(self, index: int, stage: str) -> None:
+        with self.ctx.db.session() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(step_index=index, current_stage=stage, step=None, total=None, eta_s=None)
+            )
 
     def _step(self, index: int, first: bool) -> None:
         step = self.spec["steps"][index]
@@ -175,7 +214,12 @@ class NodeRun:
         out = step_out(self.dir, index, stage)
         config = step_config(self.dir, index, stage)
         config.write_text(json.dumps(step["options"]))
-        command = self._command(index, stage, config, out, input_ref)
+        # An earlier attempt of this step (on this host, or through the shared runs folder) was
+        # cut off after a resumable save: the stage continues from it instead of step 0.
+        resume = resumable(stage) and resume_dir(out).is_dir()
+        command = self._command(index, stage, config, out, input_ref, resume)
+        if resume and self.rank == 0:
+            record_resume(self.ctx, self.job_id, self.attempt, saved_step(resume_dir(out)))
         env = {**os.environ, JOB_MARKER: node_tag(self.job_id, self.rank), "PYTHONUNBUFFERED": "1"}
         if self.rank == 0 and out.exists():
             # An earlier attempt's output that was never registered (a job moves on to the next
@@ -202,7 +246,9 @@ class NodeRun:
             # Ranks other than 0 print no events: on those nodes there is nothing to register.
             register_step(self.node, self.spec, index, stage, result.finished, input_ref, out, self.events.last_step)
 
-    def _command(self, index: int, stage: str, config: Path, out: Path, input_ref: dict[str, Any] | None) -> list[str]:
+    def _command(
+        self, index: int, stage: str, config: Path, out: Path, input_ref: dict[str, Any] | None, resume: bool
+    ) -> list[str]:
         inputs = None
         if input_ref is not None:
             extra_paths, extra_versions = (
@@ -225,8 +271,7 @@ class NodeRun:
             data_dir=self.s.data_dir,
             out=out,
             inputs=inputs,
-            # An earlier attempt on this host was cut off after a resumable save.
-            resume=resumable(stage) and resume_dir(out).is_dir(),
+            resume=resume,
         )
 
     def _executor(self) -> Callable[..., StageResult]:
@@ -244,6 +289,30 @@ class NodeRun:
 
     def _on_started(self, pgid: int) -> None:
         record_started(self.ctx, self.job_id, self.rank, pgid)
+
+
+def saved_step(checkpoint: Path) -> int | None:
+    """The training step a resumable checkpoint was saved at (its meta.json's)."""
+    try:
+        return json.loads((checkpoint / "meta.json").read_text()).get("step")
+    except (OSError, ValueError):
+        return None
+
+
+class TaskRefused(RuntimeError):
+    """A task on the queue names a function other than the trainer's own."""
+
+
+class TrainerTask(RqJob):
+    """An RQ job that runs only `trainer.worker.run_node`: whoever can write to Redis could
+    otherwise queue any importable function (`os.system`) for the worker to call. The name is
+    checked before RQ imports anything it names."""
+
+    def perform(self) -> Any:
+        if self.func_name != TASK:
+            log.error("refused task %s: it names %r, not %s", self.id, self.func_name, TASK)
+            raise TaskRefused(f"this worker runs only {TASK}, not {self.func_name!r}")
+        return super().perform()
 
 
 class Worker(SimpleWorker):
@@ -292,6 +361,12 @@ def main(burst: bool = False) -> None:
             name="liveness",
             daemon=True,
         ).start()
-    worker = Worker([make_queue(settings, ctx.redis)], connection=ctx.redis, name=ctx.name, serializer=JSONSerializer)
+    worker = Worker(
+        [make_queue(settings, ctx.redis)],
+        connection=ctx.redis,
+        name=ctx.name,
+        serializer=JSONSerializer,
+        job_class=TrainerTask,
+    )
     log.info("worker %s on queue %s (host %s)", ctx.name, settings.queue_name, settings.host)
     worker.work(burst=burst, with_scheduler=False)

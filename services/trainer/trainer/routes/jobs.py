@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from trainer.curves import curves
-from trainer.db import STATUSES, TERMINAL, Job, JobNode
+from trainer.db import STATUSES, TERMINAL, Job, JobAttempt, JobNode
 from trainer.deps import State, StateDep, load_job
 from trainer.dispatch import cancel_tasks, enqueue_job, request_cancel
 from trainer.paths import events_path, log_path
@@ -30,6 +30,7 @@ from trainer.schemas import (
     NodeOut,
     OptionsInvalid,
     StepOut,
+    attempts_out,
     first_input_stage,
     plan_steps,
 )
@@ -85,9 +86,12 @@ def submit_job(
                 metrics={},
                 produced=[],
                 attempts=0,
+                max_attempts=body.max_attempts,
+                retry_on_error=body.retry_on_error,
                 cancel_requested=False,
             )
             job.nodes = [JobNode(node_rank=r, status="queued") for r in range(nnodes)]
+            job.attempt_rows = [JobAttempt(attempt=1, status="queued")]
             s.add(job)
     except IntegrityError:
         with state.db.session() as s:
@@ -260,7 +264,10 @@ def job_out(request: Request, job: Job) -> JobOut:
         resources=spec["resources"],
         error=job.error,
         log_tail=job.log_tail,
-        attempts=job.attempts,
+        attempt=job.attempts + 1,
+        max_attempts=job.max_attempts,
+        retry_on_error=job.retry_on_error,
+        attempts=attempts_out(job),
         cancel_requested=job.cancel_requested,
         created_at=job.created_at,
         started_at=job.started_at,
