@@ -55,6 +55,13 @@ def test_this_machine_has_the_sandbox():
     assert isolation_problem() is None
 
 
+def test_the_program_is_not_root_and_holds_no_capabilities():
+    status = run_python("print(open('/proc/self/status').read())").stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["Uid"].split()[0] != "0" and fields["NoNewPrivs"].strip() == "1"
+    assert {fields[cap].strip() for cap in ("CapPrm", "CapEff", "CapAmb")} == {"0000000000000000"}
+
+
 def test_the_workers_files_cannot_be_read(tmp_path, monkeypatch):
     tokens = tmp_path / "worker-data" / "tokens.json"
     tokens.parent.mkdir()
@@ -107,8 +114,9 @@ def test_import_socket_cannot_reach_the_hosts_loopback():
 
 
 def setsid_grandchild(marker: Path) -> str:
-    """A program whose grandchild leaves the session, waits, then writes `marker`."""
-    late = "import sys, time; time.sleep(1.5); open(sys.argv[1], 'w').write('escaped')"
+    """A program whose grandchild leaves the session, says it started (`started` in the working
+    folder), waits, then writes `marker`; the program returns once it has started."""
+    late = "import sys, time; open('started', 'w'); time.sleep(1.5); open(sys.argv[1], 'w').write('escaped')"
     return (
         "import os, sys, time\n"
         "if os.fork() == 0:\n"
@@ -116,7 +124,8 @@ def setsid_grandchild(marker: Path) -> str:
         "    if os.fork() == 0:\n"
         f"        os.execv(sys.executable, [sys.executable, '-S', '-c', {late!r}, {str(marker)!r}])\n"
         "    os._exit(0)\n"
-        "time.sleep(0.5)\n"
+        "while not os.path.exists('started'):\n"
+        "    time.sleep(0.05)\n"
     )
 
 
@@ -132,8 +141,11 @@ def test_a_setsid_grandchild_dies_with_the_sandbox(tmp_path, monkeypatch):
     assert result.success, result
     assert processes_with(marker.name) == []
     # And on timeout: the program still runs, its grandchild too; both are gone on return.
-    result = run_python(setsid_grandchild(marker) + "time.sleep(60)\n", timeout=1)
-    assert result.timed_out and processes_with(marker.name) == []
+    result = run_python(
+        setsid_grandchild(marker) + "print('grandchild started', flush=True)\ntime.sleep(60)\n", timeout=3
+    )
+    assert result.timed_out and result.stdout == "grandchild started\n", result
+    assert processes_with(marker.name) == []
     assert not wait_for(marker.exists, 2)
 
 
