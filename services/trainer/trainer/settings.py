@@ -89,7 +89,14 @@ class Settings(BaseSettings):
     )
     executor: Literal["local", "docker"] = Field(
         "local",
-        description="How workers start stages: local processes (torchrun in its own session), or one container per stage and node through the Docker SDK (`trainer.docker_executor`).",
+        description="How workers start stages: local processes (torchrun in its own session), or one container per stage and node through the Docker SDK (`trainer.docker_executor`); ray runs jobs with nnodes > 1 as a placement group on a Ray cluster (`trainer.ray_executor`), one-node jobs locally.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Address of the Ray cluster's head (host:port of its GCS) for the ray executor; unset reads RAY_ADDRESS.",
+    )
+    ray_gpus: bool = Field(
+        True, description="Each node of a Ray job reserves nproc_per_node GPUs (off: CPUs, for a cluster without GPUs)."
     )
     docker_host: str | None = Field(
         None,
