@@ -15,6 +15,7 @@ import pytest
 HERE = Path(__file__).parent
 OUTPUT = HERE / "output"
 ADMIN_TOKEN = "admin-token-for-tests"
+CHAT_TOKEN = "chat-token-for-tests"
 
 
 def free_port() -> int:
@@ -75,6 +76,7 @@ def start_webui(fake_url: str | None, services: dict[str, str] | None = None, **
         "WEBUI_TRAINER_TOKEN": "trainer-secret",
         "WEBUI_REGISTRY_TOKEN": "registry-secret",
         "WEBUI_ADMIN_TOKEN": ADMIN_TOKEN,
+        "WEBUI_CHAT_TOKEN": CHAT_TOKEN,
         **extra,
     }
     OUTPUT.mkdir(exist_ok=True)

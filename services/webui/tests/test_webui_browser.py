@@ -5,7 +5,7 @@ sleep. Screenshots go to tests/output/."""
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, OUTPUT, poll, start_fake, start_webui
+from conftest import ADMIN_TOKEN, CHAT_TOKEN, OUTPUT, poll, start_fake, start_webui
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.slow
@@ -14,9 +14,14 @@ DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
-def open_page(browser, url: str, viewport=DESKTOP) -> Page:
+def open_page(browser, url: str, viewport=DESKTOP, token: str | None = CHAT_TOKEN) -> Page:
+    """A new browser context on `url`, signed in with `token` first (chat needs a session here:
+    the inference service has a token); None opens it signed out."""
     context = browser.new_context(viewport=viewport)
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+    if token is not None:
+        # The context's request API shares the browser's cookie jar.
+        assert context.request.post(f"{url.split('#')[0].rstrip('/')}/api/session", data={"token": token}).ok
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -247,8 +252,25 @@ def test_job_progress_charts_and_log_follow_reconnect(browser, webui, fake):
     assert page.errors == []
 
 
+def test_job_page_shows_its_attempts_when_the_trainer_reports_them(browser, webui):
+    page = open_page(browser, f"{webui.url}/#/jobs/job-retried")
+    rows = page.get_by_test_id("attempt-row")
+    expect(rows).to_have_count(2)
+    expect(page.get_by_test_id("attempts")).to_contain_text("worker lost: no heartbeat for 30 s")
+    expect(rows.last).to_contain_text("worker-b")
+    expect(rows.last).to_contain_text("step 100")
+    expect(page.get_by_test_id("status")).to_have_text("running")
+    expect(page.locator(".details").first).to_contain_text("attempt2 of 3")
+    page.screenshot(path=OUTPUT / "dashboard-job-attempts-desktop.png", full_page=True)
+    # A job without the field (an older trainer) has no table, and its page works as before.
+    page.goto(f"{webui.url}/#/jobs/job-1")
+    expect(page.get_by_test_id("log-state")).to_have_text("following")
+    expect(page.get_by_test_id("attempts")).to_have_count(0)
+    assert page.errors == []
+
+
 def test_launch_form_validates_at_the_field_and_models_serving_alias(browser, webui, fake):
-    page = open_page(browser, f"{webui.url}/#/launch")
+    page = open_page(browser, f"{webui.url}/#/launch", token=None)
     expect(page.get_by_test_id("form-error")).to_contain_text("needs the admin token")
     page.click("#login-button")
     page.fill("#login-dialog input", ADMIN_TOKEN)

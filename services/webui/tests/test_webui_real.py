@@ -173,7 +173,7 @@ def test_real_stream_grows_and_stop_frees_the_inference_row(browser, stack):
 
 
 def test_real_launch_validation_job_cancel_and_serving_alias(browser, stack):
-    page = open_page(browser, f"{stack['webui'].url}/#/launch")
+    page = open_page(browser, f"{stack['webui'].url}/#/launch", token=None)
     page.click("#login-button")
     page.fill("#login-dialog input", ADMIN_TOKEN)
     page.click("#login-dialog button.primary")
@@ -268,7 +268,7 @@ def test_real_running_job_page_grows_its_curves_and_log_then_cancels(browser, st
         )
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
-        page = open_page(browser, f"{stack['webui'].url}/#/jobs/{job_id}")
+        page = open_page(browser, f"{stack['webui'].url}/#/jobs/{job_id}", token=None)
         expect(page.get_by_test_id("status")).to_have_text("running", timeout=60_000)
         expect(page.get_by_test_id("log-state")).to_have_text("following")
         chart = page.get_by_test_id("chart-loss")

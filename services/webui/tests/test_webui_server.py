@@ -5,7 +5,7 @@ import json
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, free_port, poll
+from conftest import ADMIN_TOKEN, CHAT_TOKEN, free_port, poll
 from fastapi.testclient import TestClient
 from webui.app import create_app
 from webui.settings import Settings
@@ -21,6 +21,7 @@ def settings_for(fake_url: str, **extra) -> Settings:
         inference_token="inference-secret",
         trainer_token="trainer-secret",
         registry_token="registry-secret",
+        trainer_read_token="trainer-read",
         admin_token=ADMIN_TOKEN,
     )
     return Settings(**{**values, **extra})
@@ -55,7 +56,7 @@ def test_proxy_passes_path_query_and_only_safe_headers(client):
     seen = response.json()
     assert seen["raw_path"] == "/trainer/_test/echo/a%2Fb/c"
     assert seen["query"] == "x=1&y=%20z"
-    assert seen["headers"]["authorization"] == "Bearer trainer-secret"
+    assert seen["headers"]["authorization"] == "Bearer trainer-read"
     assert seen["headers"]["last-event-id"] == "42"
     assert "cookie" not in seen["headers"]
     assert seen["headers"]["x-request-id"] == response.headers["x-request-id"]
@@ -64,10 +65,10 @@ def test_proxy_passes_path_query_and_only_safe_headers(client):
 
 
 def test_an_empty_service_token_sends_no_authorization(fake, monkeypatch):
-    # What compose's `WEBUI_TRAINER_TOKEN: ${TRAINER_TOKEN:-}` gives when the token is unset.
-    monkeypatch.setenv("WEBUI_TRAINER_TOKEN", "")
-    settings = Settings(**{k: v for k, v in settings_for(fake.url).model_dump().items() if k != "trainer_token"})
-    assert settings.trainer_token is None
+    # What compose's `WEBUI_TRAINER_READ_TOKEN: ${TRAINER_READ_TOKEN:-}` gives when the token is unset.
+    monkeypatch.setenv("WEBUI_TRAINER_READ_TOKEN", "")
+    settings = Settings(**{k: v for k, v in settings_for(fake.url).model_dump().items() if k != "trainer_read_token"})
+    assert settings.trainer_read_token is None
     with TestClient(create_app(settings)) as client:
         seen = client.get("/api/trainer/_test/echo/x", headers={"authorization": "Bearer from-browser"}).json()
     assert "authorization" not in seen["headers"]
@@ -109,10 +110,10 @@ def test_chat_token_protects_inference(fake):
 def test_unreachable_service_and_oversized_body(fake):
     dead = f"http://127.0.0.1:{free_port()}"
     with TestClient(create_app(settings_for(fake.url, inference_url=dead, max_body_bytes=1000))) as c:
+        c.post("/api/session", json={"token": ADMIN_TOKEN})
         down = c.get("/api/inference/v1/models")
         assert down.status_code == 502 and down.json()["error"]["code"] == "upstream_unavailable"
         assert c.get("/ready").status_code == 503
-        c.post("/api/session", json={"token": ADMIN_TOKEN})
         big = c.post("/api/trainer/_test/echo/x", content=b"x" * 5000)
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
 
@@ -139,6 +140,7 @@ def test_401_404_422_share_the_error_shape(fake):
 
 
 def test_upstream_errors_pass_through_with_retry_after(client):
+    client.post("/api/session", json={"token": ADMIN_TOKEN})
     body = {"model": "nanochat", "messages": [{"role": "user", "content": "too much context"}]}
     too_long = client.post("/api/inference/v1/chat/completions", json=body)
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
@@ -148,6 +150,7 @@ def test_stream_is_unbuffered_and_disconnect_frees_the_request(webui, fake):
     before = httpx.get(f"{fake.url}/inference/_test/state").json()
     body = {"model": "nanochat", "stream": True, "messages": [{"role": "user", "content": "a slow answer"}]}
     with httpx.Client(timeout=30) as http:
+        assert http.post(f"{webui.url}/api/session", json={"token": CHAT_TOKEN}).status_code == 200
         with http.stream("POST", f"{webui.url}/api/inference/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")

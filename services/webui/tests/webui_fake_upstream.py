@@ -153,10 +153,51 @@ jobs: dict[str, dict] = {
         "metrics": {},
         "produced": [],
     },
+    # A job whose first attempt was lost with its worker; the second resumed from a checkpoint.
+    "job-retried": {
+        "id": "job-retried",
+        "stage": "base_train",
+        "status": "running",
+        "created_at": time.time(),
+        "progress": 60.0,
+        "metrics": {},
+        "produced": [],
+        "max_attempts": 3,
+        "attempt": 2,
+        "attempts": [
+            {
+                "attempt": 1,
+                "status": "failed",
+                "error": "worker lost: no heartbeat for 30 s",
+                "worker": "worker-a",
+                "started_at": "2026-11-20T10:00:00Z",
+                "finished_at": "2026-11-20T10:05:00Z",
+                "resumed_from_step": None,
+            },
+            {
+                "attempt": 2,
+                "status": "running",
+                "error": None,
+                "worker": "worker-b",
+                "started_at": "2026-11-20T10:05:40Z",
+                "finished_at": None,
+                "resumed_from_step": 100,
+            },
+        ],
+    },
 }
 series: dict[str, dict[str, list]] = {"job-1": {"loss": [], "lr": [], "tok_per_s": []}}
 logs: dict[str, bytearray] = {"job-1": bytearray(b"starting base_train\n")}
-log_changed = asyncio.Condition()
+# Set and replaced on each change of a log. (An asyncio.Condition's wait, cancelled by wait_for's
+# timeout while many followers wait, can come back without its lock.)
+log_changed = {"event": asyncio.Event()}
+
+
+def notify_log_changed() -> None:
+    log_changed["event"].set()
+    log_changed["event"] = asyncio.Event()
+
+
 drops = {"generation": 0}
 
 
@@ -225,11 +266,10 @@ async def job_logs(job_id: str, request: Request, offset: int = 0, follow: bool 
                 line = bytes(data[position:end]).decode()
                 position = end + 1
                 yield f"id: {position}\ndata: {line}\n\n"
-            async with log_changed:
-                try:
-                    await asyncio.wait_for(log_changed.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    pass
+            try:
+                await asyncio.wait_for(log_changed["event"].wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
             if drops["generation"] != generation:
                 return  # the test asked for a dropped connection: the browser must reconnect
 
@@ -247,16 +287,14 @@ async def step() -> dict:
         series["job-1"][name].append([n, value])
     job["metrics"] = {"loss": loss}
     logs["job-1"] += f"step {n:05d} loss {loss:.4f}\n".encode()
-    async with log_changed:
-        log_changed.notify_all()
+    notify_log_changed()
     return {"step": n}
 
 
 @app.post("/trainer/_test/drop")
 async def drop() -> dict:
     drops["generation"] += 1
-    async with log_changed:
-        log_changed.notify_all()
+    notify_log_changed()
     return {"generation": drops["generation"]}
 
 

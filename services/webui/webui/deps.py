@@ -1,11 +1,12 @@
-"""What the routes take from the request: the app's settings, sessions, HTTP client and
-metrics, and the role of the browser's session cookie."""
+"""What the routes take from the request: the app's settings, sessions, sign-in limit, upstream
+pools and metrics, and the role of the browser's session cookie."""
 
 from typing import Annotated
 
-import httpx
 from fastapi import Depends, Request
 
+from webui.login_limit import LoginLimit
+from webui.pools import Pools
 from webui.sessions import SESSION_COOKIE, Role, Sessions
 from webui.settings import Settings
 from webui.upstream import Metrics
@@ -19,8 +20,12 @@ def get_sessions(request: Request) -> Sessions:
     return request.app.state.sessions
 
 
-def get_client(request: Request) -> httpx.AsyncClient:
-    return request.app.state.client
+def get_login_limit(request: Request) -> LoginLimit:
+    return request.app.state.login_limit
+
+
+def get_pools(request: Request) -> Pools:
+    return request.app.state.pools
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -29,7 +34,8 @@ def get_metrics(request: Request) -> Metrics:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[Sessions, Depends(get_sessions)]
-ClientDep = Annotated[httpx.AsyncClient, Depends(get_client)]
+LoginLimitDep = Annotated[LoginLimit, Depends(get_login_limit)]
+PoolsDep = Annotated[Pools, Depends(get_pools)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import httpx
 from fastapi import Response
@@ -52,9 +53,12 @@ class UpstreamStream(Response):
     the service sends nothing; the service sees the disconnect and frees the request.
     """
 
-    def __init__(self, upstream: httpx.Response, service: str, metrics: Metrics):
+    def __init__(
+        self, upstream: httpx.Response, service: str, metrics: Metrics, on_close: Callable[[], None] | None = None
+    ):
         super().__init__(status_code=upstream.status_code)
         self.upstream = upstream
+        self.on_close = on_close
         self.service = service
         self.metrics = metrics
         self.raw_headers = [
@@ -81,6 +85,8 @@ class UpstreamStream(Response):
         finally:
             await self.upstream.aclose()
             gauge.dec()
+            if self.on_close is not None:
+                self.on_close()
 
     async def _forward(self, send: Send) -> None:
         try:

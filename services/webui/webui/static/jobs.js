@@ -5,6 +5,7 @@ import { formatNumber, formatTime, h } from "./dom.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 2000;
+const FOLLOW_RETRY_MS = 5000;
 // The figures shown beside the job's facts; every metric is in the folded list below the charts.
 const HEADLINE = new Set(["loss", "val_bpb", "core", "chatcore", "tok_per_s", "mfu"]);
 
@@ -27,6 +28,23 @@ function progressBar(job) {
 
 const pairs = (rows) => rows.flatMap(([key, value]) => [h("dt", {}, key), h("dd", {}, value)]);
 const statusPill = (status) => h("span", { class: `pill ${status}`, "data-testid": "status" }, status || "unknown");
+
+// The trainer retries a job lost with its worker or node: each attempt's row, once it reports them.
+function attemptsTable(job) {
+  const attempts = Array.isArray(job.attempts) ? job.attempts : [];
+  if (!attempts.length) return null;
+  const cell = (value) => h("td", {}, value ?? "");
+  return h("div", { class: "table-wrap attempts" }, h("table", { "data-testid": "attempts" },
+    h("thead", {}, h("tr", {}, ...["Attempt", "Status", "Worker", "Started", "Finished", "Resumed from", "Error"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, ...attempts.map((a) => h("tr", { "data-testid": "attempt-row", "data-attempt": a.attempt },
+      cell(a.attempt),
+      h("td", {}, h("span", { class: `pill ${a.status}` }, a.status || "unknown")),
+      cell(a.worker),
+      cell(formatTime(a.started_at)),
+      cell(formatTime(a.finished_at)),
+      cell(typeof a.resumed_from_step === "number" ? `step ${a.resumed_from_step}` : ""),
+      cell(a.error))))));
+}
 
 function latestLoss(job) {
   const value = job.metrics?.loss ?? job.latest_metrics?.loss;
@@ -69,6 +87,7 @@ export function mountJob(root, app, id) {
   const status = h("span");
   const progressSlot = h("div", { class: "progress-slot" });
   const details = h("dl", { class: "details" });
+  const attemptsSlot = h("div");
   // A pipeline's latest metrics run to dozens of rows (data, tokenizer, evals): folded under
   // the charts so that the charts and the log stay in view.
   const metricRows = h("dl", { class: "details" });
@@ -85,7 +104,7 @@ export function mountJob(root, app, id) {
   const logState = h("span", { class: "muted", "data-testid": "log-state" }, "connecting…");
   root.replaceChildren(h("section", { class: "page" },
     h("div", { class: "page-head" }, h("h2", {}, `Job ${id}`), status, cancel),
-    progressSlot, details,
+    progressSlot, details, attemptsSlot,
     h("div", { class: "curves-head" }, stagePick),
     h("div", { class: "charts" }, ...Object.values(charts).map((c) => c.el)),
     metricBox,
@@ -94,6 +113,7 @@ export function mountJob(root, app, id) {
   let job = null;
   let timer = null;
   let source = null;
+  let retry = null;
   let lastOffset = -1;
 
   cancel.addEventListener("click", async () => {
@@ -116,6 +136,7 @@ export function mountJob(root, app, id) {
       status.replaceChildren(statusPill(job.status));
       progressSlot.replaceChildren(progressBar(job), h("span", { class: "muted" }, `${whatOf(job)} · ${Math.round(progressOf(job) * 100)}%`));
       const rows = [["created", formatTime(job.created_at ?? job.created)]];
+      if (typeof job.attempt === "number" && typeof job.max_attempts === "number") rows.push(["attempt", `${job.attempt} of ${job.max_attempts}`]);
       if (job.current_stage && job.pipeline) rows.push(["stage", `${job.current_stage}${job.step != null && job.total ? ` · step ${job.step}/${job.total}` : ""}`]);
       for (const made of job.produced ?? []) rows.push(["produced", `${made.name} v${made.version} (${made.stage})`]);
       // A job that is queued again or running says why it was re-queued; only an ended one failed.
@@ -123,6 +144,7 @@ export function mountJob(root, app, id) {
       const latest = Object.entries(job.metrics ?? job.latest_metrics ?? {});
       for (const [key, value] of latest) if (HEADLINE.has(key)) rows.push([key, formatNumber(value)]);
       details.replaceChildren(...pairs(rows));
+      attemptsSlot.replaceChildren(...[attemptsTable(job)].filter(Boolean));
       metricRows.replaceChildren(...pairs(latest.map(([key, value]) => [key, formatNumber(value)])));
       metricCount.textContent = `(${latest.length})`;
       metricBox.hidden = latest.length === 0;
@@ -165,14 +187,17 @@ export function mountJob(root, app, id) {
       if (job && TERMINAL.has(job.status)) {
         source.close();
         logState.textContent = "ended";
-      } else {
-        logState.textContent = "reconnecting…";
+        return;
       }
+      logState.textContent = "reconnecting…";
+      // Refused (a 429 while the UI has too many streams open): EventSource gives up for good
+      // on an answer that is no stream, so try again later.
+      if (source.readyState === EventSource.CLOSED) retry = setTimeout(follow, FOLLOW_RETRY_MS);
     });
   }
 
   refresh();
   timer = setInterval(refresh, POLL_MS);
   follow();
-  return { unmount: () => { clearInterval(timer); source?.close(); } };
+  return { unmount: () => { clearInterval(timer); clearTimeout(retry); source?.close(); } };
 }
