@@ -154,6 +154,7 @@ jobs: dict[str, dict] = {
         "produced": [],
     },
     # A job whose first attempt was lost with its worker; the second resumed from a checkpoint.
+    # Times are epoch seconds, as the trainer's JobOut has them.
     "job-retried": {
         "id": "job-retried",
         "stage": "base_train",
@@ -170,8 +171,8 @@ jobs: dict[str, dict] = {
                 "status": "failed",
                 "error": "worker lost: no heartbeat for 30 s",
                 "worker": "worker-a",
-                "started_at": "2026-11-20T10:00:00Z",
-                "finished_at": "2026-11-20T10:05:00Z",
+                "started_at": 1795600800.0,
+                "finished_at": 1795601100.0,
                 "resumed_from_step": None,
             },
             {
@@ -179,7 +180,7 @@ jobs: dict[str, dict] = {
                 "status": "running",
                 "error": None,
                 "worker": "worker-b",
-                "started_at": "2026-11-20T10:05:40Z",
+                "started_at": 1795601140.0,
                 "finished_at": None,
                 "resumed_from_step": 100,
             },
