@@ -138,6 +138,12 @@ class RegistryClient:
             # encoding, held as a lone surrogate) still reaches the registry, which names it in a 422.
             kw["content"] = json.dumps(kw.pop("json"), allow_nan=False).encode()
             kw["headers"] = {**kw.get("headers", {}), "Content-Type": "application/json"}
+        if method == "GET":
+            # Reads are safe to repeat; writes are retried where a whole step is (a file's PUT).
+            return self._retry(lambda: self._send(method, url, **kw))
+        return self._send(method, url, **kw)
+
+    def _send(self, method: str, url: str, **kw) -> httpx.Response:
         r = self.http.request(method, url, **kw)
         if r.status_code >= 400:
             try:
@@ -221,7 +227,7 @@ class RegistryClient:
         record = next((f for f in info.attachments if f.path == path), None)
         if record is None:
             raise RegistryError(404, f"{name}:{version} has no attachment {path!r}")
-        data = self._retry(lambda: self._request("GET", self._file_url(name, version, "attachments", path))).content
+        data = self._request("GET", self._file_url(name, version, "attachments", path)).content
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise IntegrityError(f"{name} v{version} attachment {path}: bytes differ from the recorded sha256")
         return data

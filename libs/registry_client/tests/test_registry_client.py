@@ -1,10 +1,14 @@
 """RegistryClient against a live registry: folder round trip, verified cache, corruption, resume."""
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import threading
 import uuid
 
+import httpx
 import pytest
 from nanochat_contracts.manifest import CACHE_MARKER, MANIFEST_FILE
 from registry_client import IntegrityError, ManifestError, RegistryClient, RegistryError, UploadError, build_manifest
@@ -203,3 +207,72 @@ def test_a_file_name_the_registry_cannot_hold_is_refused_by_name(rc, tmp_path):
         rc.upload_folder(src, name, stage="sft")
     assert e.value.status == 422 and "latin1-" in e.value.message
     assert rc.list_versions(name, state=["pending", "ready"]) == []
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the registry that hangs up on its first `drops` connections (a
+    registry restarting, a load balancer dropping a connection), then passes bytes through."""
+
+    def __init__(self, upstream_port: int, drops: int):
+        self.upstream_port, self.drops = upstream_port, drops
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.accepted <= self.drops:
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_dropped_connections_are_retried(registry_url, tmp_path):
+    """Uploads and downloads ride out connections the network drops (retried with backoff), and
+    give up with the transport error once `retries` tries are spent."""
+    port = int(registry_url["url"].rsplit(":", 1)[1])
+    src = make_checkpoint(tmp_path / "ckpt")
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    with RegistryClient(registry_url["url"], token=registry_url["token"], cache_dir=tmp_path / "c0") as direct:
+        v = direct.upload_folder(src, name, stage="sft")
+    proxy = FlakyProxy(port, drops=2)
+    try:
+        with RegistryClient(proxy.url, token=registry_url["token"], cache_dir=tmp_path / "c1", retries=3) as rc:
+            rc.http.headers["Connection"] = "close"  # each request a new connection, so each can be dropped
+            folder = rc.download(name, v.version)
+        assert same_tree(src, folder) and proxy.accepted > 2
+    finally:
+        proxy.close()
+    proxy = FlakyProxy(port, drops=1000)
+    try:
+        with RegistryClient(proxy.url, token=registry_url["token"], cache_dir=tmp_path / "c2", retries=2) as rc:
+            report = tmp_path / "r.md"
+            report.write_text("x")
+            with pytest.raises(httpx.TransportError):
+                rc.attach(name, v.version, report)
+        assert proxy.accepted == 2
+    finally:
+        proxy.close()
