@@ -26,6 +26,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,20 @@ def _is_parquet(path: Path) -> bool:
         return head == PARQUET_MAGIC and f.read(4) == PARQUET_MAGIC
 
 
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to http(s), and never from https down to http: a download URL must
+    not lead the worker to its own files (file:) or elsewhere (ftp:)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if new not in ("http", "https") or (old == "https" and new == "http"):
+            raise urllib.error.HTTPError(newurl, code, f"redirect from {old}: to {newurl!r} refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpRedirectsOnly)
+
+
 def download_file(
     url: str,
     dest: str | os.PathLike,
@@ -80,7 +95,7 @@ def download_file(
         if have:
             request.add_header("Range", f"bytes={have}-")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _OPENER.open(request, timeout=timeout) as response:
                 resumed = have and response.status == 206
                 expected = response.headers.get("Content-Length")
                 expected = int(expected) if expected is not None else None
@@ -97,7 +112,7 @@ def download_file(
             last_error = e
             if e.code == 416:  # our .part is not a prefix of the file any more: start over
                 part.unlink(missing_ok=True)
-            elif 400 <= e.code < 500 and e.code != 429:
+            elif e.code < 500 and e.code != 429:  # a 3xx here is a redirect not followed
                 raise OSError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
         except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as e:
             last_error = e

@@ -152,6 +152,17 @@ class Settings(BaseSettings):
     api_port: int = Field(8001, ge=1, le=65535, description="Port the API listens on.")
     log_level: str = Field("INFO", description="Python logging level.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body the API accepts.")
+    max_followers: int = Field(
+        150, ge=1, le=100_000, description="Open log and event streams the API serves at once; more get 429."
+    )
+    follow_poll_s: float = Field(
+        1.0, gt=0, le=60, description="Seconds between the job-state checks of a followed job (one per job, shared)."
+    )
+    data_root: Path | None = Field(
+        None,
+        description="Folder a job's path options (make_data's docs_path, base_eval's bundle) must lie in; "
+        "unset is data_dir.",
+    )
 
     @model_validator(mode="after")
     def _heartbeat_outlasts_a_busy_database(self) -> Settings:

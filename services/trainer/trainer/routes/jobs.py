@@ -10,15 +10,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import Response
+from redis.exceptions import RedisError
 from service_kit.auth import AuthFirstRoute, require_write
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from trainer.curves import curves
 from trainer.db import STATUSES, TERMINAL, Job, JobAttempt, JobNode
 from trainer.deps import State, StateDep, load_job
 from trainer.dispatch import cancel_tasks, enqueue_job, request_cancel
+from trainer.option_rules import option_errors
 from trainer.paths import events_path, log_path
 from trainer.registry import RegistryUnavailable, VersionNotFound
 from trainer.schemas import (
@@ -34,10 +35,14 @@ from trainer.schemas import (
     first_input_stage,
     plan_steps,
 )
-from trainer.tail import read_events, read_from, sse_tail, start_offset
+from trainer.tail import MAX_OFFSET, follow, log_window, start_offset
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", route_class=AuthFirstRoute)
+# Seconds a client waits before trying again when Redis could not be reached.
+REDIS_RETRY_AFTER_S = 5
+MAX_LOG_WINDOW = 16 << 20
+ByteOffset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Byte offset into the file.")]
 
 
 @router.post("", status_code=202, response_model=JobOut, dependencies=[require_write])
@@ -59,6 +64,9 @@ def submit_job(
         steps = plan_steps(body)
     except OptionsInvalid as e:
         raise RequestValidationError(e.errors) from None
+    refused = option_errors(state.settings, steps, per_stage=body.pipeline is not None)
+    if refused:
+        raise RequestValidationError(refused)
     resolved = resolve_input(state, body, steps)
     nnodes = body.resources.nnodes
     job_id = uuid.uuid4().hex
@@ -99,14 +107,16 @@ def submit_job(
         return replay(request, state, existing.id, request_hash, response)
     try:
         enqueue_job(state.settings, state.redis, job_id, nnodes, attempt=0)
-    except Exception as e:
+    except (RedisError, OSError) as e:
+        # No job was made: its rows go (a task that reached Redis after all finds no job and is
+        # dropped), so a retry with the same Idempotency-Key makes and queues the job afresh.
         with state.db.session() as s:
-            s.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(status="failed", error=f"could not queue the job: {e}", finished_at=time.time())
-            )
-        raise HTTPException(503, f"the job queue (Redis) is unavailable: {e}") from None
+            s.delete(s.get(Job, job_id))
+        raise HTTPException(
+            503,
+            f"the job queue (Redis) is unavailable, no job was made; try again: {e}",
+            headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
+        ) from None
     log.info("job queued", extra={"job_id": job_id})
     response.headers["Location"] = job_url(request, job_id)
     return job_out(request, load_job(state, job_id))
@@ -126,7 +136,7 @@ def list_jobs(
     state: StateDep,
     status: Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> JobPage:
     """Jobs, newest first, optionally of one status."""
     with state.db.session() as s:
@@ -152,67 +162,69 @@ def get_job(job_id: str, request: Request, state: StateDep) -> JobOut:
 )
 def job_logs(
     job_id: str,
-    request: Request,
     state: StateDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    follow: bool = False,
+    offset: ByteOffset = 0,
+    follow_: Annotated[bool, Query(alias="follow")] = False,
     node: Annotated[int, Query(ge=0, le=63)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_LOG_WINDOW, description="Most bytes a plain read answers.")] = 1 << 20,
+    tail: Annotated[
+        int | None, Query(ge=1, le=MAX_LOG_WINDOW, description="Answer the last `tail` bytes instead (plain read).")
+    ] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """The node's log from byte `offset`; `follow=true` streams it as SSE (ids are byte offsets)."""
+    """The node's log from byte `offset`, at most `limit` bytes of it (or its last `tail` bytes);
+    `X-Next-Offset` is where the next read goes on, `X-Log-Size` the log's size now.
+    `follow=true` streams it as SSE instead (ids are byte offsets)."""
+    if tail is not None and (offset or follow_):
+        raise RequestValidationError(
+            [{"loc": ["query", "tail"], "type": "value_error", "msg": "tail reads the end: give no offset or follow"}]
+        )
     job = load_job(state, job_id)
     if node >= job.nnodes:
         raise HTTPException(404, f"job {job_id} has {job.nnodes} node(s)")
     path = log_path(state.settings, job_id, node)
     start = start_offset(offset, last_event_id)
-    if follow:
-        return StreamingResponse(
-            sse_tail(state, job_id, path, start, request, lines=False),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
-    data = read_from(path, start)
-    return PlainTextResponse(data.decode("utf-8", "replace"), headers={"X-Next-Offset": str(start + len(data))})
+    if follow_:
+        return follow(state.followers, job_id, path, start, lines=False)
+    data, start, size = log_window(path, start, limit, tail)
+    headers = {"X-Next-Offset": str(start + len(data)), "X-Log-Size": str(size)}
+    return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
 
 
-@router.get(
-    "/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}}
-)
+@router.get("/{job_id}/events", response_class=Response, responses={200: {"content": {"text/event-stream": {}}}})
 def job_events(
     job_id: str,
-    request: Request,
     state: StateDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: ByteOffset = 0,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
+) -> Response:
     """The stages' JSON events as SSE, one event per line; ids are byte offsets."""
     load_job(state, job_id)
     start = start_offset(offset, last_event_id)
-    return StreamingResponse(
-        sse_tail(state, job_id, events_path(state.settings, job_id), start, request, lines=True),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    return follow(state.followers, job_id, events_path(state.settings, job_id), start, lines=True)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
-def job_metrics(job_id: str, state: StateDep, stage: str | None = None) -> MetricsOut:
+def job_metrics(job_id: str, state: StateDep, stage: Annotated[str | None, Query(max_length=64)] = None) -> MetricsOut:
     """Time series for plots: `{"series": {"loss": [[step, value], ...], ...}}` of one stage: the
     one named by `stage`, else the pipeline's current stage, or, when that one draws no loss curve
     (an eval, the report), the last stage that did, so a finished speedrun still shows a curve.
     `stages` lists every stage with a loss curve, for a picker."""
     job = load_job(state, job_id)
-    return curves(read_events(events_path(state.settings, job_id)), stage, job.current_stage)
+    return state.curves.result(events_path(state.settings, job_id), stage, job.current_stage)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, dependencies=[require_write])
 def cancel_job(job_id: str, request: Request, state: StateDep) -> JobOut:
     """Cancel: a queued job ends at once; a running one gets SIGTERM to its process group, a grace
-    period, then SIGKILL, and is `cancelled` once no process of it is left."""
+    period, then SIGKILL, and is `cancelled` once no process of it is left.
+
+    The database is written first: the workers' stop checks and the reaper read it, so a cancel
+    holds even when Redis (the fast signal, and the queue a queued job leaves) cannot be reached;
+    that answers 503, the cancel recorded."""
     job = load_job(state, job_id)
     if job.status in TERMINAL:
         raise HTTPException(409, f"job {job_id} is already {job.status}")
-    request_cancel(state.settings, state.redis, job_id)
     with state.db.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
         dequeued = s.execute(
@@ -224,8 +236,17 @@ def cancel_job(job_id: str, request: Request, state: StateDep) -> JobOut:
             s.execute(
                 update(JobNode).where(JobNode.job_id == job_id, JobNode.status == "queued").values(status="cancelled")
             )
-    if dequeued:
-        cancel_tasks(state.settings, state.redis, job_id, job.nnodes, job.attempts)
+    try:
+        request_cancel(state.settings, state.redis, job_id)
+        if dequeued:
+            cancel_tasks(state.settings, state.redis, job_id, job.nnodes, job.attempts)
+    except (RedisError, OSError) as e:
+        raise HTTPException(
+            503,
+            f"the cancel of job {job_id} is recorded and its worker will stop it, but Redis could not be "
+            f"told at once: {e}",
+            headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
+        ) from None
     return job_out(request, load_job(state, job_id))
 
 
