@@ -15,7 +15,9 @@ job cut off by it is queued again by its worker and goes on at the next `make up
 Ports and paths come from `infra/local/stack.toml`, overridden by environment variables named
 NANOCHAT_<KEY> (e.g. NANOCHAT_WEBUI_PORT=9090, NANOCHAT_HOME=/tmp/nanochat). State lives in
 NANOCHAT_HOME (default `.nanochat/` in the repository): databases, blobs, runs, logs and the
-generated tokens, so a second `make up` reuses everything. NANOCHAT_PRESET and NANOCHAT_OPTIONS
+generated secrets (`tokens.json`, mode 0600: the write tokens, the UI's admin token and Redis's
+password), so a second `make up` reuses everything. Each service gets only its own settings and
+the tokens it uses; Redis requires its password. NANOCHAT_PRESET and NANOCHAT_OPTIONS
 (a JSON object of stage options keyed by stage name, laid over the preset) shape the speedrun it
 submits; the end-to-end test uses them for a shorter chain through every stage.
 """
@@ -65,58 +67,128 @@ def speedrun_options(config: dict[str, str]) -> dict:
     return options
 
 
+# What each secret guards: the registry's and the trainer's write tokens, the web UI's admin
+# token, and Redis's password (whoever reaches Redis can queue work for the workers).
+SECRETS = ("registry", "trainer", "admin", "redis")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by this user only from the moment the file exists (a
+    chmod after writing leaves a window where anyone may read it); the old file is replaced whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def load_tokens(home: Path) -> dict[str, str]:
-    """Tokens made on the first run and kept (mode 0600), so later runs and the UI login reuse them."""
+    """Tokens made on the first run and kept (mode 0600), so later runs and the UI login reuse them;
+    a secret that an older tokens.json lacks is added."""
     path = home / "tokens.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    tokens = {name: secrets.token_urlsafe(24) for name in ("registry", "trainer", "admin")}
-    path.write_text(json.dumps(tokens, indent=2))
-    path.chmod(0o600)
+    tokens = json.loads(path.read_text()) if path.exists() else {}
+    missing = [name for name in SECRETS if name not in tokens]
+    if missing:
+        tokens.update({name: secrets.token_urlsafe(24) for name in missing})
+        write_private(path, json.dumps(tokens, indent=2))
     return tokens
 
 
-def service_env(config: dict[str, str], tokens: dict[str, str]) -> dict[str, str]:
-    """Settings of every service: SQLite, local blobs, the local Redis, loopback URLs."""
+# Each service's settings prefix: a service gets only its own variables from this launcher's
+# environment and its own secrets, so no service holds another's token.
+PREFIXES = {
+    "registry": "REGISTRY_",
+    "trainer-api": "TRAINER_",
+    "trainer-worker": "TRAINER_",
+    "inference": "INFERENCE_",
+    "webui": "WEBUI_",
+}
+
+
+def redis_url(config: dict[str, str], tokens: dict[str, str], db: int) -> str:
+    return f"redis://:{tokens['redis']}@127.0.0.1:{config['redis_port']}/{db}"
+
+
+def service_env(config: dict[str, str], tokens: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Settings of each service: SQLite, local blobs, the local Redis, loopback URLs, and only
+    the tokens it uses (the trainer's worker uploads with the registry token; its API does not)."""
     home = Path(config["home"])
     url = {
         s: f"http://127.0.0.1:{config[s.replace('-', '_') + '_port']}"
         for s in ("registry", "trainer", "inference", "webui")
     }
-    redis = f"redis://127.0.0.1:{config['redis_port']}"
-    return {
-        "REGISTRY_HOST": "127.0.0.1",
-        "REGISTRY_PORT": config["registry_port"],
-        "REGISTRY_DATA_DIR": str(home / "registry"),
-        "REGISTRY_BLOB_BACKEND": "local",
-        "REGISTRY_REDIS_URL": f"{redis}/0",
-        "REGISTRY_WRITE_TOKEN": tokens["registry"],
+    trainer = {
         "TRAINER_API_HOST": "127.0.0.1",
         "TRAINER_API_PORT": config["trainer_port"],
         "TRAINER_DATABASE_URL": f"sqlite:///{home / 'trainer.db'}",
-        "TRAINER_REDIS_URL": f"{redis}/1",
+        "TRAINER_REDIS_URL": redis_url(config, tokens, 1),
         "TRAINER_REGISTRY_URL": url["registry"],
-        "TRAINER_REGISTRY_TOKEN": tokens["registry"],
         "TRAINER_WRITE_TOKEN": tokens["trainer"],
         "TRAINER_DATA_DIR": str(home / "data"),
         "TRAINER_RUNS_DIR": str(home / "runs"),
         "TRAINER_INFERENCE_URL": url["inference"],
         "TRAINER_WEBUI_URL": url["webui"],
-        "INFERENCE_HOST": "127.0.0.1",
-        "INFERENCE_PORT": config["inference_port"],
-        "INFERENCE_REGISTRY_URL": url["registry"],
-        "INFERENCE_REDIS_URL": f"{redis}/0",
-        "INFERENCE_MODEL_NAME": config["model_name"],
-        "INFERENCE_MODEL_CACHE_DIR": str(home / "models"),
-        "WEBUI_HOST": config["webui_host"],
-        "WEBUI_PORT": config["webui_port"],
-        "WEBUI_INFERENCE_URL": url["inference"],
-        "WEBUI_TRAINER_URL": url["trainer"],
-        "WEBUI_REGISTRY_URL": url["registry"],
-        "WEBUI_TRAINER_TOKEN": tokens["trainer"],
-        "WEBUI_REGISTRY_TOKEN": tokens["registry"],
-        "WEBUI_ADMIN_TOKEN": tokens["admin"],
     }
+    return {
+        "registry": {
+            "REGISTRY_HOST": "127.0.0.1",
+            "REGISTRY_PORT": config["registry_port"],
+            "REGISTRY_DATA_DIR": str(home / "registry"),
+            "REGISTRY_BLOB_BACKEND": "local",
+            "REGISTRY_REDIS_URL": redis_url(config, tokens, 0),
+            "REGISTRY_WRITE_TOKEN": tokens["registry"],
+        },
+        "trainer-api": trainer,
+        "trainer-worker": {**trainer, "TRAINER_REGISTRY_TOKEN": tokens["registry"]},
+        "inference": {
+            "INFERENCE_HOST": "127.0.0.1",
+            "INFERENCE_PORT": config["inference_port"],
+            "INFERENCE_REGISTRY_URL": url["registry"],
+            "INFERENCE_REDIS_URL": redis_url(config, tokens, 0),
+            "INFERENCE_MODEL_NAME": config["model_name"],
+            "INFERENCE_MODEL_CACHE_DIR": str(home / "models"),
+        },
+        "webui": {
+            "WEBUI_HOST": config["webui_host"],
+            "WEBUI_PORT": config["webui_port"],
+            "WEBUI_INFERENCE_URL": url["inference"],
+            "WEBUI_TRAINER_URL": url["trainer"],
+            "WEBUI_REGISTRY_URL": url["registry"],
+            "WEBUI_TRAINER_TOKEN": tokens["trainer"],
+            "WEBUI_REGISTRY_TOKEN": tokens["registry"],
+            "WEBUI_ADMIN_TOKEN": tokens["admin"],
+        },
+    }
+
+
+def process_env(service: str | None, settings: dict[str, str], base: dict[str, str]) -> dict[str, str]:
+    """`base` (this launcher's environment) without any service's settings but this one's (none
+    for Redis), then `settings` over it."""
+    own = PREFIXES.get(service or "")
+    foreign = {p for p in PREFIXES.values() if p != own}
+    kept = {k: v for k, v in base.items() if not any(k.startswith(p) for p in foreign)}
+    return {**kept, **settings}
+
+
+def redis_argv(config: dict[str, str], home: Path, password: str) -> list[str]:
+    """The Redis server as `make up` runs it: loopback only, append-only file in NANOCHAT_HOME,
+    a password (in a config file readable by this user only, not on the command line)."""
+    redis_dir = home / "redis"
+    redis_dir.mkdir(exist_ok=True)
+    conf = redis_dir / "redis.conf"
+    write_private(conf, f"requirepass {password}\n")
+    return [
+        redis_binary(),
+        str(conf),
+        "--port",
+        config["redis_port"],
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(redis_dir),
+        "--appendonly",
+        "yes",
+    ]
 
 
 def redis_binary() -> str:
@@ -246,30 +318,15 @@ def main() -> int:
     home = Path(config["home"])
     home.mkdir(parents=True, exist_ok=True)
     tokens = load_tokens(home)
-    env = {**os.environ, **service_env(config, tokens), "NANOCHAT_PYTHON": sys.executable}
+    base = {**os.environ, "NANOCHAT_PYTHON": sys.executable}
+    envs = service_env(config, tokens)
     stack = Stack(home)
     # SIGINT too: a launcher started in the background inherits it ignored, and Ctrl-C must stop it.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     print(f"nanochat: state in {home}")
     try:
-        redis_dir = home / "redis"
-        redis_dir.mkdir(exist_ok=True)
-        stack.start(
-            "redis",
-            [
-                redis_binary(),
-                "--port",
-                config["redis_port"],
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(redis_dir),
-                "--appendonly",
-                "yes",
-            ],
-            env,
-        )
+        stack.start("redis", redis_argv(config, home, tokens["redis"]), process_env(None, {}, base))
         urls = {
             "registry": config["registry_port"],
             "trainer-api": config["trainer_port"],
@@ -277,7 +334,7 @@ def main() -> int:
             "webui": config["webui_port"],
         }
         for name in SERVICES:
-            stack.start(name, ["sh", str(ENTRYPOINT), name], env)
+            stack.start(name, ["sh", str(ENTRYPOINT), name], process_env(name, envs[name], base))
             if name in urls:
                 wait_healthy(stack, f"http://127.0.0.1:{urls[name]}", name)
         print(ensure_model(config, tokens))

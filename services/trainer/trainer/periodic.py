@@ -1,12 +1,14 @@
 """A daemon thread that calls `tick` every `interval` seconds until stopped: the node heartbeat
 and the reaper. A failing tick is logged and the next one still runs, so one bad database round
-trip never ends the loop."""
+trip never ends the loop; an unreachable store is one warning line, not a traceback per tick."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
+
+from trainer.outage import TRANSIENT
 
 log = logging.getLogger("trainer.periodic")
 
@@ -28,5 +30,7 @@ class Periodic:
         while not self.stopped.wait(self.interval):
             try:
                 self.tick()
+            except TRANSIENT as e:
+                log.warning("%s skipped: %s", self.name, e)
             except Exception:
                 log.exception("%s failed", self.name)
