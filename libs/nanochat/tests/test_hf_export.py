@@ -9,6 +9,7 @@ ids equal to ours, greedy generation equal to our Engine's, and the refusals whe
 import json
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from nanochat.checkpoint import load_checkpoint
 from nanochat.engine import Engine
 from nanochat.hf_export import export_checkpoint, verify_export
 from nanochat.hf_mapping import ArchitectureMismatch, check_same_shapes, gpt_config
+from nanochat_contracts.events import parse_events
 from transformers import AutoTokenizer, NanoChatConfig, NanoChatForCausalLM
 
 
@@ -201,3 +203,22 @@ def test_transformers_is_optional(checkpoint, tmp_path):
     probe = "import sys, nanochat.checkpoint, nanochat.engine, nanochat.hf_export, nanochat.hf_import, nanochat.original_import; print('transformers' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert loaded.stdout.strip() == "False", loaded.stderr
+
+
+def test_the_trainer_stage_packs_the_export_for_the_registry(checkpoint, tok, tmp_path):
+    """`nanochat.stages.hf_export` (the trainer's job stage) writes OUT/hf_export.tar, no outputs."""
+    cli = [sys.executable, "-m", "nanochat.stages.hf_export", "--init-from", str(checkpoint)]
+    cli += ["--out", str(tmp_path / "out"), "--input-version", "chat:4"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    finished = [e for e in parse_events(done.stdout.splitlines()) if e.type == "finished"]
+    assert len(finished) == 1 and finished[0].outputs == [] and finished[0].metrics == {}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hf_export.tar"]
+    with tarfile.open(tmp_path / "out" / "hf_export.tar") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    folder = tmp_path / "unpacked" / "hf_export"
+    assert "# chat-v4" in (folder / "README.md").read_text()
+    hf = NanoChatForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, tok.vocab_size, (1, 30))
+    with torch.no_grad():
+        assert float((hf(ids).logits - load_checkpoint(checkpoint).model(ids)).abs().max()) <= 1e-4

@@ -10,16 +10,13 @@ import json
 
 import pytest
 import torch
-from hf_models import depth2_config, random_gpt, tiny_tokenizer, write_checkpoint
+from hf_models import assert_same_logits, depth2_config, hf_folder, random_gpt, tiny_tokenizer, write_checkpoint
 from nanochat.checkpoint import load_checkpoint
 from nanochat.hf_export import export_checkpoint
 from nanochat.hf_import import import_hf
 from nanochat.hf_mapping import FP32_EPS, ArchitectureMismatch
 from nanochat.hf_tokenizer import TokenizerMismatch
-from nanochat.tokenizer import RANKS_FILE, SPECIAL_TOKENS
 from safetensors.torch import load_file, save_file
-from transformers import NanoChatConfig, NanoChatForCausalLM, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import TikTokenConverter
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,44 +30,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
-
-
-def hf_folder(folder, tok, seed=0, **overrides):
-    """A transformers-written NanoChat folder: random model + converted tiktoken tokenizer."""
-    end = tok.encode_special("<|assistant_end|>")
-    settings = dict(
-        vocab_size=tok.vocab_size,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=end,
-        pad_token_id=end,
-        rms_norm_eps=FP32_EPS,
-    )
-    torch.manual_seed(seed)
-    model = NanoChatForCausalLM(NanoChatConfig(**{**settings, **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(folder)
-    tok.save(folder / "tiktoken")
-    converter = TikTokenConverter(
-        str(folder / "tiktoken" / RANKS_FILE), tok.pattern, extra_special_tokens=SPECIAL_TOKENS
-    )
-    PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token="<|bos|>").save_pretrained(folder)
-    return model
-
-
-def assert_same_logits(ours, theirs, vocab, bound=1e-4):
-    ids = torch.randint(0, vocab, (2, 80), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        a, b = ours(ids), theirs(ids).logits
-    assert float((a - b).abs().max()) <= bound
-    assert float(a.std()) > 0.05
 
 
 def test_import_of_a_transformers_folder_scores_the_same(tok, tmp_path):

@@ -20,6 +20,7 @@ ALL_STAGES = [
     "chat_rl",
     "chat_eval",
     "report",
+    "hf_export",
 ]
 
 

@@ -8,7 +8,6 @@ tiktoken Encoding) and `token_bytes.pt`. The import must give a checkpoint whose
 original weights', and refuse pickles that ask for anything but a tiktoken Encoding.
 """
 
-import json
 import os
 import pickle
 import subprocess
@@ -17,58 +16,15 @@ import sys
 import pytest
 import tiktoken
 import torch
-from hf_models import depth2_config, gqa_config, random_gpt, tiny_tokenizer
+from hf_models import depth2_config, gqa_config, random_gpt, tiny_tokenizer, write_original
 from nanochat.checkpoint import load_checkpoint
-from nanochat.gpt import padded_vocab_size
 from nanochat.hf_mapping import ArchitectureMismatch
 from nanochat.original_import import UnsafePickle, import_original, load_tokenizer_pkl
-from nanochat.tokenizer import SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
-
-
-def write_original(base, model, tok, steps=(10,), extra_tensors=None, extra_config=None):
-    """A run folder of the original nanochat holding `model` at each of `steps`."""
-    run = base / "chatsft_checkpoints" / "d2"
-    run.mkdir(parents=True)
-    vocab = model.config.vocab_size
-    for step in steps:
-        state = {}
-        for name, tensor in model.state_dict().items():
-            if name in ("transformer.wte.weight", "lm_head.weight"):
-                padded = torch.zeros(padded_vocab_size(vocab), tensor.shape[1])
-                padded[:vocab] = tensor[:vocab]
-                tensor = padded
-            if name == "transformer.wte.weight":
-                tensor = tensor.to(torch.bfloat16)
-            state["_orig_mod." + name] = tensor.clone()
-        state.update(extra_tensors or {})
-        torch.save(state, run / f"model_{step:06d}.pt")
-        torch.save({"state": {}, "param_groups": []}, run / f"optim_{step:06d}_rank0.pt")
-        meta = {
-            "step": step,
-            "val_bpb": 1.1,
-            "model_config": {**model.config.to_dict(), **(extra_config or {})},
-            "user_config": {"depth": 2, "run": "test"},
-            "device_batch_size": 4,
-            "max_seq_len": model.config.sequence_len,
-        }
-        (run / f"meta_{step:06d}.json").write_text(json.dumps(meta))
-    tok_dir = base / "tokenizer"
-    tok_dir.mkdir()
-    encoding = tiktoken.Encoding(
-        name="rustbpe",
-        pat_str=tok.pattern,
-        mergeable_ranks=dict(tok.encoding._mergeable_ranks),
-        special_tokens={name: tok.num_ranks + i for i, name in enumerate(SPECIAL_TOKENS)},
-    )
-    with open(tok_dir / "tokenizer.pkl", "wb") as f:
-        pickle.dump(encoding, f)
-    torch.save(torch.tensor(tok.token_bytes(), dtype=torch.int32), tok_dir / "token_bytes.pt")
-    return run
 
 
 def bf16_embedding(model):

@@ -12,7 +12,7 @@ from trainer.inputs import REGISTRY_ERRORS
 from trainer.node_context import Node, StepFailed
 from trainer.runner import tail
 
-REPORT_FILES = (".md", ".png", ".svg", ".json", ".csv")
+REPORT_FILES = (".md", ".png", ".svg", ".json", ".csv", ".tar")  # .tar: hf_export's transformers folder
 
 
 def register_step(

@@ -363,6 +363,10 @@ class ChatEvalOptions(RuntimeOptions):
     )
 
 
+class HfExportOptions(StageOptions):
+    """hf_export takes only the common options: the model is --init-from, the export goes to --out."""
+
+
 class ReportOptions(StageOptions):
     title: str = Field("nanochat report card", max_length=200, description="Title of the report.")
     # The original's speedrun prices an 8xH100 node at about $24 an hour.
@@ -392,6 +396,12 @@ STAGES: dict[str, StageInfo] = {
     "chat_rl": StageInfo(ChatRlOptions, "Reinforcement learning on GSM8K.", "sft", "rl"),
     "chat_eval": StageInfo(ChatEvalOptions, "ChatCORE tasks and identity accuracy of a chat model.", "mid", None),
     "report": StageInfo(ReportOptions, "Write the report card of a lineage.", "rl", None),
+    "hf_export": StageInfo(
+        HfExportOptions,
+        "Export a chat model for Hugging Face transformers (hf_export.tar, attached to its version).",
+        "sft",
+        None,
+    ),
 }
 
 PIPELINES: dict[str, list[str]] = {
@@ -466,6 +476,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         },
         "chat_eval": {"device_batch_size": 8, "max_problems": 100, "max_new_tokens": 48},
         "report": {},
+        "hf_export": {},
     },
     "d20": {
         # The original speedrun's download (NANOCHAT_SPEC "Data"): 240 shards, the last the validation split.
@@ -486,6 +497,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "chat_rl": {},
         "chat_eval": {},
         "report": {},
+        "hf_export": {},
     },
 }
 
