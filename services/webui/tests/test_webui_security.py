@@ -135,6 +135,17 @@ def test_failed_sign_ins_are_rate_limited_per_client(fake):
         assert statuses == [401] * 10 + [429]
 
 
+def test_the_sign_in_limit_is_per_client_address(webui):
+    # The test runs on 127.0.0.1, which uvicorn trusts as a proxy: X-Forwarded-For names the client.
+    def sign_in(client: str, token: str = "guess") -> httpx.Response:
+        return httpx.post(f"{webui.url}/api/session", json={"token": token}, headers={"x-forwarded-for": client})
+
+    assert [sign_in("203.0.113.1").status_code for _ in range(10)] == [401] * 10
+    assert_error(sign_in("203.0.113.1", ADMIN_TOKEN), 429, "too_many_attempts")
+    assert sign_in("203.0.113.2").status_code == 401
+    assert sign_in("203.0.113.2", ADMIN_TOKEN).json() == {"role": "admin"}
+
+
 def test_sign_out_revokes_the_cookie_on_the_server(fake):
     job = {"stage": "make_data", "options": {}, "output_name": "nanochat"}
     with TestClient(create_app(settings_for(fake.url))) as c:

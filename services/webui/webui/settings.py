@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     session_max_age_s: int = Field(7 * 24 * 3600, gt=0)
     # Mark the cookie Secure when the UI is served over HTTPS (behind a TLS-terminating proxy).
     secure_cookies: bool = False
-    # Failed sign-ins one client address may make per window before it gets 429s.
+    # Failed sign-ins one client address may make per window before it gets 429s. The address is
+    # the one uvicorn reports: behind a reverse proxy, set FORWARDED_ALLOW_IPS (uvicorn's own
+    # variable) to the proxy's address, so that X-Forwarded-For names the client.
     login_max_failures: int = Field(10, ge=1)
     login_window_s: float = Field(60.0, gt=0)
 
