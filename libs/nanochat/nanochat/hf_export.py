@@ -29,6 +29,7 @@ import torch
 
 from nanochat.artifacts import atomic_folder
 from nanochat.checkpoint import META_FILE, VOCAB_ROWS, Checkpoint, load_checkpoint
+from nanochat.gpt import GPTConfig
 from nanochat.hf_mapping import ArchitectureMismatch, check_same_shapes, hf_config, hf_name
 from nanochat.hf_tokenizer import TokenizerMismatch, check_same_encoding, require_hf, to_hf_tokenizer
 from nanochat.imported import registry_client, registry_errors
@@ -80,7 +81,7 @@ def export_checkpoint(
         pad_token_id=assistant_end,
     )
     facts = facts or facts_from_meta(Path(folder).name, ckpt.meta)
-    facts.architecture = facts.architecture or architecture_facts(ckpt)
+    facts.architecture = facts.architecture or architecture_facts(ckpt.config, sum(t.numel() for t in state.values()))
     with atomic_folder(out, replace=replace) as tmp:
         hf_model.save_pretrained(tmp)
         to_hf_tokenizer(ckpt.tokenizer).save_pretrained(tmp)
@@ -105,8 +106,8 @@ def verify_export(folder: Path, ckpt: Checkpoint) -> float:
     hf_tok = AutoTokenizer.from_pretrained(folder)
     ours = ckpt.tokenizer
     check_same_encoding(ours, hf_tok, [PROBE[1]["content"], PROBE[3]["content"], " leading space, trailing \n"])
-    for add_prompt, want in ((False, ours.render_conversation(PROBE, max_tokens=None)[0]), (True, None)):
-        want = want if want is not None else ours.render_for_completion(PROBE)
+    renders = {False: ours.render_conversation(PROBE, max_tokens=None)[0], True: ours.render_for_completion(PROBE)}
+    for add_prompt, want in renders.items():
         got = list(hf_tok.apply_chat_template(PROBE, tokenize=True, add_generation_prompt=add_prompt)["input_ids"])
         if got != want:
             raise TokenizerMismatch(
@@ -124,10 +125,9 @@ def verify_export(folder: Path, ckpt: Checkpoint) -> float:
     return diff
 
 
-def architecture_facts(ckpt: Checkpoint) -> dict[str, Any]:
-    c = ckpt.config
+def architecture_facts(c: GPTConfig, parameters: int) -> dict[str, Any]:
     return {
-        "parameters": f"{ckpt.model.num_params():,}",
+        "parameters": f"{parameters:,}",
         "layers": c.n_layer,
         "width": c.n_embd,
         "heads (query / key-value)": f"{c.n_head} / {c.n_kv_head}",
@@ -136,10 +136,11 @@ def architecture_facts(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def facts_from_meta(name: str, meta: dict[str, Any], lineage: list[str] | None = None) -> CardFacts:
-    """Card facts of a local checkpoint from its meta.json."""
+def facts_from_meta(name: str, meta: dict[str, Any]) -> CardFacts:
+    """Card facts of a local checkpoint from its meta.json (its lineage: where it was imported
+    from, its parent version, itself)."""
     stage = meta.get("stage")
-    steps = lineage or [s for s in (meta.get("lineage"), meta.get("parent")) if s]
+    steps = [s for s in (meta.get("lineage"), meta.get("parent")) if s]
     made = f"{name} ({stage}, made by {meta.get('made_by', 'unknown')})"
     return CardFacts(
         name=name,

@@ -26,7 +26,7 @@ import torch
 
 from nanochat.hf_export import LOGIT_TOLERANCE, PROBE
 from nanochat.hf_mapping import FP32_EPS, ArchitectureMismatch, check_same_shapes, gpt_config, our_name
-from nanochat.hf_tokenizer import from_hf_tokenizer, require_hf
+from nanochat.hf_tokenizer import check_same_encoding, from_hf_tokenizer, require_hf
 from nanochat.imported import (
     add_register_args,
     build_gpt,
@@ -37,6 +37,7 @@ from nanochat.imported import (
     registry_errors,
     write_imported,
 )
+from nanochat.tokenizer import Tokenizer
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.md"]
@@ -53,6 +54,24 @@ def fetch(source: str, revision: str | None = None, cache_dir: str | None = None
 
     local = snapshot_download(repo_id=source, revision=revision, allow_patterns=HUB_FILES, cache_dir=cache_dir)
     return Path(local), {"format": "transformers", "hub_repo": source, "revision": revision or "main"}
+
+
+def check_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool | None:
+    """Refuse a tokenizer.json that encodes text otherwise than our reading of it; say whether the
+    source's chat template (None: it has none) renders a conversation to our ids, as what inference
+    serves is our rendering."""
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    check_same_encoding(tokenizer, hf_tok, [m["content"] for m in PROBE if isinstance(m["content"], str)])
+    if not getattr(hf_tok, "chat_template", None):
+        return None
+    conversation = [PROBE[1], {"role": "assistant", "content": "It is 21."}, PROBE[3]]
+    try:
+        rendered = hf_tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+    except Exception:  # a template's own raise_exception or a Jinja error: it does not render ours
+        return False
+    return list(rendered["input_ids"]) == tokenizer.render_for_completion(conversation)
 
 
 def load_hf_model(folder: Path) -> Any:
@@ -85,6 +104,7 @@ def import_hf(
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{source} has no tokenizer.json; a nanochat import needs the model's tokenizer")
     tokenizer = from_hf_tokenizer(folder / "tokenizer.json")
+    template_matches = check_tokenizer(folder, tokenizer)
     hf_cfg, hf_model = load_hf_model(folder)
     config = gpt_config(hf_cfg)
     theirs = {n: t for n, t in hf_model.state_dict().items()}
@@ -93,7 +113,8 @@ def import_hf(
     model = build_gpt(config, {our_name(n): t.clone() for n, t in theirs.items()}, source)
     checks = compare_on_probe(hf_model, model, tokenizer)
     label = f"hf:{details['hub_repo']}@{details['revision']}" if "hub_repo" in details else f"hf:{details['path']}"
-    meta = import_meta(label, "hf_import", stage, {**details, **checks})
+    details = {**details, **checks, "chat_template_matches_ours": template_matches}
+    meta = import_meta(label, "hf_import", stage, details)
     return write_imported(out, model, tokenizer, meta, replace)
 
 

@@ -125,7 +125,8 @@ def _byte_decoder() -> dict[str, int]:
 
 def _split_pattern(pre_tokenizer: dict | None) -> str:
     """The regex of a `Split` pre-tokenizer followed by a regex-free ByteLevel one."""
-    steps = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" else None
+    pre = pre_tokenizer or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if not steps or len(steps) != 2 or steps[0].get("type") != "Split" or steps[1].get("type") != "ByteLevel":
         raise TokenizerMismatch(
             f"pre_tokenizer is {json.dumps(pre_tokenizer)[:200]}; a nanochat tokenizer is a regex Split "

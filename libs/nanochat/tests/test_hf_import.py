@@ -41,6 +41,14 @@ def test_import_of_a_transformers_folder_scores_the_same(tok, tmp_path):
     assert ckpt.tokenizer.encoding._mergeable_ranks == tok.encoding._mergeable_ranks
     assert ckpt.meta["stage"] == "sft"
     assert ckpt.meta["lineage"] == f"imported from hf:{(tmp_path / 'hf').resolve()}"
+    assert ckpt.meta["imported_from"]["chat_template_matches_ours"] is None  # the source has none
+
+
+def test_an_exported_model_imports_with_its_chat_template_recognised(tok, tmp_path):
+    write_checkpoint(tmp_path / "ckpt", random_gpt(depth2_config(tok.vocab_size)), tok)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), tmp_path / "back")
+    assert load_checkpoint(tmp_path / "back").meta["imported_from"]["chat_template_matches_ours"] is True
 
 
 def test_another_norm_epsilon_is_recorded_and_the_weights_still_checked(tok, tmp_path):
