@@ -129,6 +129,38 @@ def test_a_huge_last_event_id_is_400_with_the_error_shape(api):
         assert_error(api.get(f"/v1/jobs/{job['id']}/{path}", headers={"Last-Event-ID": str(10**20)}), 400)
 
 
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ('{"stage": "make_data", "options": {"model_name": "\\ud800"}}', "options.model_name"),
+        (
+            '{"pipeline": "speedrun", "options": {"make_data": {"model_name": "x\\udfff"}}}',
+            "options.make_data.model_name",
+        ),
+        (
+            '{"stage": "make_data", "options": {"source": "download", "fineweb_url": "http://h:99999/"}}',
+            "options.fineweb_url",
+        ),
+        (
+            '{"stage": "make_data", "options": {"source": "python-docs", "docs_path": "/a\\u0000b"}}',
+            "options.docs_path",
+        ),
+    ],
+)
+def test_hostile_job_requests_are_422_naming_the_field(api, body, param):
+    r = api.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(r, 422, param=param)
+    assert api.get("/v1/jobs").json()["total"] == 0
+
+
+def test_malformed_job_ids_and_event_ids_are_4xx(api):
+    for job_id in ("%00", "a" * 5000, "..%2f..%2fetc", "0" * 31 + "\u00e9"):
+        assert_error(api.get(f"/v1/jobs/{job_id}"), 404)
+    job = submit(api, {"stage": "make_data", "options": TINY_DATA}).json()
+    for value in ("1_000", " 12", "-0", "9" * 5000, "\u00e9".encode()):
+        assert_error(api.get(f"/v1/jobs/{job['id']}/logs", headers={"Last-Event-ID": value}), 400)
+
+
 def test_plain_logs_answer_a_bounded_window_of_a_huge_log(api, settings):
     job = submit(api, {"stage": "make_data", "options": TINY_DATA}).json()
     path = log_path(settings, job["id"], 0)

@@ -45,10 +45,27 @@ def option_errors(settings: Settings, steps: list[dict[str, Any]], per_stage: bo
     return errors
 
 
+def unencodable_at(value: Any, loc: list[str | int]) -> list[str | int] | None:
+    """Where in `value` (dict keys included) a string holds a lone surrogate, which JSON can carry
+    (`"\\ud800"`) but no UTF-8 text can: such a request could be neither hashed nor stored."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return loc
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = unencodable_at(key, [*loc, "<key>"]) or unencodable_at(item, [*loc, key])
+        if found:
+            return found
+    return None
+
+
 def _url_problem(value: str) -> str | None:
     try:
         parts = urlsplit(value)
-        host = parts.hostname
+        host, _ = parts.hostname, parts.port  # .port raises on a port that is no number or out of range
     except ValueError:
         return "not a valid URL"
     if parts.scheme not in ("http", "https") or not host:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -168,10 +169,8 @@ def log_window(path: Path, offset: int, limit: int, tail: int | None) -> tuple[b
 def start_offset(offset: int, last_event_id: str | None) -> int:
     if last_event_id is None:
         return offset
-    try:
-        value = int(last_event_id)
-    except ValueError:
-        raise HTTPException(400, f"Last-Event-ID must be a byte offset, got {last_event_id[:40]!r}") from None
-    if not 0 <= value <= MAX_OFFSET:
-        raise HTTPException(400, f"Last-Event-ID must be a byte offset from 0 to {MAX_OFFSET}")
-    return value
+    if not re.fullmatch(r"[0-9]{1,19}", last_event_id) or int(last_event_id) > MAX_OFFSET:
+        raise HTTPException(
+            400, f"Last-Event-ID must be a byte offset from 0 to {MAX_OFFSET}, got {last_event_id[:40]!r}"
+        )
+    return int(last_event_id)

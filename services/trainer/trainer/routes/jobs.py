@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic_core import PydanticSerializationError
 from redis.exceptions import RedisError
 from service_kit.auth import AuthFirstRoute, require_write
 from sqlalchemy import func, select, update
@@ -19,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from trainer.db import STATUSES, TERMINAL, Job, JobAttempt, JobNode
 from trainer.deps import State, StateDep, load_job
 from trainer.dispatch import cancel_tasks, enqueue_job, request_cancel
-from trainer.option_rules import option_errors
+from trainer.option_rules import option_errors, unencodable_at
 from trainer.paths import events_path, log_path
 from trainer.registry import RegistryUnavailable, VersionNotFound
 from trainer.schemas import (
@@ -54,7 +55,12 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
     """Queue a stage or a pipeline; 202 with the job and its URL (`Location`)."""
-    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    try:
+        request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    except PydanticSerializationError:
+        where = unencodable_at(body.model_dump(), ["body"]) or ["body"]
+        msg = "holds a lone surrogate (\\ud800-\\udfff), which is no text"
+        raise RequestValidationError([{"loc": where, "type": "string_unicode", "msg": msg}]) from None
     if idempotency_key:
         with state.db.session() as s:
             existing = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
