@@ -1,20 +1,26 @@
-"""Serving benchmark: our continuous-batching server vs a naive one-request-at-a-time baseline.
+"""Serving benchmark: our continuous-batching server vs a one-request-at-a-time baseline and the
+engine's own ceiling.
 
     uv run python bench/serve.py                      # depth 4, concurrency 1 4 16 64
+    uv run python bench/serve.py --depth 12
     uv run python bench/serve.py --depth 20 --device cuda --vocab 65536
 
 Builds a random-weight model (perturbed, so prompts give different outputs) with a tokenizer
 trained on this repository's own text, saves it as a checkpoint folder, then starts both servers
 as processes of their own and replays the same chat workload at each concurrency: fixed prompts,
-greedy, up to `--max-tokens` output tokens (the same tokens on both servers, as greedy output does
-not depend on the batch). The baseline is the seed's design: the plain `Engine` streaming inside
-the HTTP event loop, one request at a time. At concurrency c, c clients send requests back to
-back, max(c, `--min-requests`) in a round (c=1: 8 one after the other). The two servers take
-turns, level by level, for `--rounds` rounds (one at c=64) and each row is the median round, so
-the machine's drifting speed weighs on both alike (an idle server uses no CPU). Meanwhile a
-pinger GETs /health every 20 ms. Printed per server and concurrency: output tok/s (all tokens /
-wall time), TTFT p50/p99 (request sent -> first content delta), inter-token latency p50/p99, /health
-p99, errors (429s apart). Results go to bench/results/serve.json.
+temperature 1 and top_k 50 with a seed per request (the same tokens on both servers: a sample
+depends on its seed, not on the batch), up to `--max-tokens` output tokens. The baseline is the
+seed's design: the plain `Engine` streaming inside the HTTP event loop, one request at a time.
+The ceiling is no server at all: `Engine.generate` over c rows at once in this process, on the
+model process's thread count, the same prompts and token budget. At concurrency c, c clients
+send requests back to back, max(c, `--min-requests`) in a round (c=1: 8 one after the other).
+Baseline, ours and the ceiling take turns, level by level, for `--rounds` rounds (one at c=64)
+and each row is the median round, so the machine's drifting speed weighs on all alike (an idle
+server uses no CPU). Meanwhile a pinger GETs /health every 20 ms. Printed per server and
+concurrency: output tok/s (all tokens / wall time; tokens as each server's usage counts them, as
+one delta may carry several), TTFT p50/p99 (request sent -> first content delta), latency
+between content deltas p50/p99, /health p99, errors (429s apart), then ours / baseline and ours
+/ ceiling. Results go to bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from math import nan
 from pathlib import Path
 
 import httpx
@@ -38,6 +45,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 ROOT = Path(__file__).resolve().parent.parent
+# Sampled, as clients do: a greedy random model falls into loops that often end at once on a stop token.
+SAMPLING = {"temperature": 1.0, "top_k": 50}
 PROMPTS = [
     "Explain what a hash map is.",
     "Write a haiku about the sea.",
@@ -99,15 +108,18 @@ def baseline_app(folder: str, device: str) -> FastAPI:
             async with lock:
                 yield 'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
                 utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                for tokens, _ in engine.generate(prompt, max_tokens=body["max_tokens"], temperature=0.0):
+                generated = 0
+                for tokens, _ in engine.generate(prompt, max_tokens=body["max_tokens"], seed=body["seed"], **SAMPLING):
                     token = tokens[0]
                     if token is None or token in engine.stop_tokens:
                         continue
+                    generated += 1
                     text = utf8.decode(engine.tokenizer.decode_bytes([token]))
                     if not text:
                         continue
                     yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': text}}]})}\n\n"
                 yield 'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+                yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': generated}})}\n\n"
                 yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -145,25 +157,63 @@ async def wait_up(url: str, path: str, timeout: float = 300) -> None:
     raise RuntimeError(f"{url}{path} did not answer 200 within {timeout} s")
 
 
+# ---- the ceiling: our Engine's batched decode, no server ----------------------------------------
+
+
+class Ceiling:
+    """The model process's own loop without any server: `Engine.generate` over N rows at once,
+    sampled as the clients ask, the same prompts and token budget, on as many torch threads as the
+    model process."""
+
+    def __init__(self, folder: Path, device: str):
+        from nanochat.checkpoint import load_checkpoint
+        from nanochat.engine import Engine
+
+        ckpt = load_checkpoint(folder, device=device)
+        self.engine = Engine(ckpt.model, ckpt.tokenizer)
+        self.prompts = [
+            ckpt.tokenizer.render_for_completion({"messages": [{"role": "user", "content": p}]}) for p in PROMPTS
+        ]
+        if device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))  # the model process's default
+
+    def run(self, rows: int, requests: int, max_tokens: int) -> dict:
+        tokens, start = 0, time.perf_counter()
+        for _ in range(max(1, requests // rows)):
+            prompts = [self.prompts[i % len(self.prompts)] for i in range(rows)]
+            for column, _ in self.engine.generate(prompts, max_tokens=max_tokens, seed=0, **SAMPLING):
+                tokens += sum(1 for t in column if t is not None and t not in self.engine.stop_tokens)
+        wall = time.perf_counter() - start
+        return {
+            "concurrency": rows,
+            "requests": requests,
+            "output_tokens": tokens,
+            "wall_s": wall,
+            "tok_per_s": tokens / wall,
+        }
+
+
 # ---- the client ---------------------------------------------------------------------------------
 
 
-async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, seed: int = 0) -> dict:
     body = {
         "model": "nanochat",
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
-        "temperature": 0,
+        **SAMPLING,
+        "seed": seed,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    stamps, status, error = [], None, None
+    stamps, status, error, tokens = [], None, None, None
     try:
         async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             status = r.status_code
             if status != 200:
                 await r.aread()
-                return {"status": status, "stamps": [], "start": start}
+                return {"status": status, "stamps": [], "start": start, "tokens": 0}
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -171,11 +221,15 @@ async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens
                 if "error" in event:
                     error = event["error"]
                     break
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
                 if event["choices"] and event["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
     except httpx.HTTPError as e:
         error = repr(e)
-    return {"status": status, "stamps": stamps, "start": start, "error": error}
+    # Ours may put several tokens in one delta when the client falls behind: both report usage.
+    tokens = len(stamps) if tokens is None else tokens
+    return {"status": status, "stamps": stamps, "start": start, "error": error, "tokens": tokens}
 
 
 async def ping_health(http: httpx.AsyncClient, url: str, stop: asyncio.Event, out: list[float]) -> None:
@@ -215,7 +269,7 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
         async def worker():
             while queue:
                 i = queue.pop()
-                results.append(await one_request(http, url, PROMPTS[i % len(PROMPTS)], max_tokens))
+                results.append(await one_request(http, url, PROMPTS[i % len(PROMPTS)], max_tokens, seed=i))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -223,7 +277,7 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
         stop.set()
         await pinger
     ok = [r for r in results if r["status"] == 200 and not r.get("error")]
-    tokens = sum(len(r["stamps"]) for r in ok)
+    tokens = sum(r["tokens"] for r in ok)
     ttft = [r["stamps"][0] - r["start"] for r in ok if r["stamps"]]
     itl = [b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:])]
     return {
@@ -259,19 +313,25 @@ async def bench_servers(folder: Path, args) -> list[dict]:
             await wait_up(url, "/ready" if kind == "ours" else "/health")
             async with httpx.AsyncClient(timeout=600) as http:  # warm-up: first-call allocations, lazy inits
                 await one_request(http, url, PROMPTS[0], 8)
+        ceiling = Ceiling(folder, args.device)
+        ceiling.run(1, 1, 8)  # warm-up
         rows = []
         for c in args.concurrency:
-            kinds = [k for k in servers if k == "ours" or c <= args.baseline_max_concurrency]
+            kinds = [k for k in servers if k == "ours" or c <= args.baseline_max_concurrency] + ["ceiling"]
             runs: dict[str, list[dict]] = {k: [] for k in kinds}
             for _ in range(args.rounds if c < 64 else 1):
                 for kind in kinds:
-                    runs[kind].append(await run_level(servers[kind][1], c, max(c, args.min_requests), args.max_tokens))
+                    requests = max(c, args.min_requests)
+                    if kind == "ceiling":
+                        runs[kind].append(ceiling.run(c, requests, args.max_tokens))
+                    else:
+                        runs[kind].append(await run_level(servers[kind][1], c, requests, args.max_tokens))
             for kind in kinds:
                 row = sorted(runs[kind], key=lambda r: r["tok_per_s"])[len(runs[kind]) // 2]  # the median round
                 row["server"], row["rounds_tok_per_s"] = kind, [r["tok_per_s"] for r in runs[kind]]
                 rows.append(row)
                 print(
-                    f"  {kind:8s} c={c:<3d} {row['tok_per_s']:8.1f} tok/s  ttft p50 {row['ttft_p50']:.3f}s  "
+                    f"  {kind:8s} c={c:<3d} {row['tok_per_s']:8.1f} tok/s  ttft p50 {row.get('ttft_p50', nan):.3f}s  "
                     f"(rounds: {', '.join(f'{t:.0f}' for t in row['rounds_tok_per_s'])})",
                     flush=True,
                 )
@@ -323,7 +383,7 @@ def main() -> None:
         rows = asyncio.run(bench_servers(folder, args))
 
     print(
-        f"\ndepth {args.depth}, vocab {args.vocab} (incl. 9 specials), random weights, greedy, up to "
+        f"\ndepth {args.depth}, vocab {args.vocab} (incl. 9 specials), random weights, temperature 1 top_k 50, up to "
         f"{args.max_tokens} output tokens, {args.slots} slots, device {args.device}, {platform.processor() or platform.machine()}"
     )
     header = (
@@ -333,18 +393,19 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        if r["server"] == "ceiling":
+            print(f"{r['server']:8s} {r['concurrency']:4d} {r['requests']:4d} {r['tok_per_s']:8.1f}")
+            continue
         print(
             f"{r['server']:8s} {r['concurrency']:4d} {r['requests']:4d} {r['tok_per_s']:8.1f} "
             f"{r['ttft_p50']:8.3f}s {r['ttft_p99']:8.3f}s {r['itl_p50'] * 1000:6.1f}ms {r['itl_p99'] * 1000:6.1f}ms "
             f"{health_cell(r['health_p99'])} {r['errors']:6d} {r['rejected_429']:4d}"
         )
-    base = {r["concurrency"]: r for r in rows if r["server"] == "baseline"}
-    for r in rows:
-        if r["server"] == "ours" and r["concurrency"] in base and base[r["concurrency"]]["tok_per_s"] > 0:
-            print(
-                f"concurrency {r['concurrency']:3d}: ours / baseline output tok/s = "
-                f"{r['tok_per_s'] / base[r['concurrency']]['tok_per_s']:.2f}x"
-            )
+    by = {(r["server"], r["concurrency"]): r["tok_per_s"] for r in rows}
+    for c in args.concurrency:
+        ours = by.get(("ours", c))
+        ratios = [f"ours / {k} {ours / by[(k, c)]:.2f}x" for k in ("baseline", "ceiling") if ours and by.get((k, c))]
+        print(f"concurrency {c:3d}: {', '.join(ratios)}")
     out = ROOT / "bench" / "results" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

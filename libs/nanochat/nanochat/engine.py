@@ -23,7 +23,8 @@ generated tokens, or when its cache slot is full. Tokens between `<|python_start
 emit `<|output_start|>`, the tokens of str(result) and `<|output_end|>` before sampling again.
 Those forced tokens carry mask 0 (sampled ones 1); a failed evaluation forces nothing.
 Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p
-(smallest set of the most likely tokens whose mass reaches p). Forward passes run under bf16
+(smallest set of the most likely tokens whose mass reaches p), batched over the rows that share
+their settings, each row drawing from its own generator. Forward passes run under bf16
 autocast on CUDA and in fp32 on CPU.
 """
 
@@ -109,19 +110,32 @@ def row_seed(seed: int, index: int) -> int:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from a (vocab,) logits vector under `params`."""
+    return sample_rows(logits[None], params, [generator])[0]
+
+
+def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> list[int]:
+    """One token id per row of (rows, vocab) logits that share `params`, row i drawing from generators[i].
+
+    The filtering runs on the whole batch at once; each row draws one uniform number from its own
+    generator and inverts its distribution's CDF with it, so a row's sample depends on its seed
+    and logits only, never on the rows beside it."""
     if params.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1).tolist()
     logits = logits.float() / params.temperature
-    if params.top_k is None and params.top_p is None:
-        return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
-    k = min(params.top_k or logits.numel(), logits.numel())
-    values, ids = torch.topk(logits, k)  # sorted, most likely first
-    probs = torch.softmax(values, dim=-1)
+    vocab = logits.shape[-1]
+    ids = None
+    if params.top_k is not None or params.top_p is not None:
+        logits, ids = torch.topk(logits, min(params.top_k or vocab, vocab), dim=-1)  # sorted, most likely first
+    probs = torch.softmax(logits, dim=-1)
     if params.top_p is not None:
         # Keep a token while the mass before it is below p: the first token always stays.
-        keep = (torch.cumsum(probs, dim=-1) - probs) < params.top_p
-        probs = probs * keep
-    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+        probs = probs * ((torch.cumsum(probs, dim=-1) - probs) < params.top_p)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[-1] - 1)
+    if ids is not None:
+        picks = ids.gather(1, picks)
+    return picks.squeeze(1).tolist()
 
 
 def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int) -> list[int]:
@@ -241,12 +255,7 @@ class DecodeBatch:
             logits = self.engine.forward(idx, self.cache, [row.slot for row in feed])
             for j, row in enumerate(feed):
                 row.logits = logits[j, -1]
-        greedy = [row for row in running if row.params.temperature == 0 and not row.forced]
-        picks: dict[int, int] = {}
-        if greedy:
-            # One argmax and one device-to-host copy for all greedy rows instead of one per row.
-            ids = torch.stack([row.logits for row in greedy]).argmax(dim=-1).tolist()
-            picks = {row.slot: token for row, token in zip(greedy, ids)}
+        picks = self._sample(running)
         out = []
         for row in running:
             token, mask = self._choose(row, picks.get(row.slot))
@@ -256,15 +265,28 @@ class DecodeBatch:
                 self._release(row)
         return out
 
-    def _choose(self, row: Row, greedy_pick: int | None) -> tuple[int, int]:
+    @staticmethod
+    def _sample(running: list[Row]) -> dict[int, int]:
+        """Each row's sampled token by slot: one batched draw per distinct SamplingParams, not one per row."""
+        groups: dict[tuple, list[Row]] = {}
+        for row in running:
+            if not row.forced:
+                p = row.params
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+        picks = {}
+        for rows in groups.values():
+            logits = torch.stack([row.logits for row in rows])
+            tokens = sample_rows(logits, rows[0].params, [row.generator for row in rows])
+            picks.update(zip((row.slot for row in rows), tokens))
+        return picks
+
+    def _choose(self, row: Row, pick: int | None) -> tuple[int, int]:
         """The row's next token and mask, with the stop / length / calculator bookkeeping."""
         engine = self.engine
         if row.forced:
             token, mask = row.forced.popleft(), 0
-        elif greedy_pick is not None:
-            token, mask = greedy_pick, 1
         else:
-            token, mask = sample_token(row.logits, row.params, row.generator), 1
+            token, mask = pick, 1
         row.num_generated += 1
         if token in engine.stop_tokens:
             row.finish_reason = "stop"

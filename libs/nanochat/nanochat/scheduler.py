@@ -40,6 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -52,8 +53,9 @@ class QueueFull(Exception):
     """More than `max_waiting` requests wait beyond what the free slots take; retry later."""
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
+    """A tuple, not a dataclass: a model process pickles one per token per step."""
+
     sample: int
     token: int | None = None  # a generated token; None on a finish event
     mask: int = 1
@@ -91,6 +93,8 @@ class Stats:
     used_slots: int
     cache_positions_used: int  # tokens held in the KV cache over all slots
     cache_positions: int  # slots x max_len
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, since the start
+    prefix_hits: int = 0  # of those, tokens found there (their prefill was skipped)
 
 
 class Scheduler:

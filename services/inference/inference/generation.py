@@ -1,20 +1,24 @@
 """One API request's run on the scheduler, seen from the event loop.
 
-`Generation` submits the request's prompts (n samples each) to the served model's scheduler; its
-receiver thread posts each iteration's events from the model process into an asyncio queue with `call_soon_threadsafe`, so
-the event loop never waits on the model. `updates()` turns them into per-choice `Update`s (text
-and tool parts from `SampleDecoder`, finish reasons), cancels a sample the moment one of its
-stop strings matches, and records the latency metrics. `close()` cancels whatever is still
-running: a disconnected client frees its cache slots at the scheduler's next iteration.
+`Generation` submits the request's prompts (n samples each) to the served model's scheduler. The
+model process's receiver thread hands each iteration's events to the loop's `Mailbox`, which
+wakes the event loop once per iteration for all requests together (not once per request), and
+puts them on each request's queue. `updates()` takes everything queued at each wake-up, so a
+client that fell behind gets one write for several steps instead of one per token; it turns
+events into per-choice `Update`s (text and tool parts from `SampleDecoder`, finish reasons),
+cancels a sample the moment one of its stop strings matches, and records the latency metrics
+with the model process's own step times. `close()` cancels whatever is still running: a
+disconnected client frees its cache slots at the scheduler's next iteration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import partial
 
 from nanochat.engine import SamplingParams
 from nanochat.scheduler import Event
@@ -45,6 +49,40 @@ class Update:
     finish_reason: str | None
 
 
+class Mailbox:
+    """Events from the receiver thread to the event loop, with at most one wake-up in flight."""
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+    _create = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, tuple]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        with cls._create:
+            box = cls._by_loop.get(loop)
+            if box is None:
+                box = cls._by_loop[loop] = cls(loop)
+            return box
+
+    def post(self, queue: asyncio.Queue, item: tuple) -> None:
+        """Any thread."""
+        with self.lock:
+            self.items.append((queue, item))
+            wake = len(self.items) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Generation:
     def __init__(
         self,
@@ -57,8 +95,8 @@ class Generation:
         metrics: Metrics,
     ):
         self.served, self.n, self.metrics = served, n, metrics
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue()
+        self.mailbox = Mailbox.of(asyncio.get_running_loop())
+        self.queue: asyncio.Queue[tuple[int, list[Event], float]] = asyncio.Queue()
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -68,7 +106,7 @@ class Generation:
         try:
             for p, prompt in enumerate(prompts):
                 self.handles.append(
-                    served.scheduler.submit(prompt, params, partial(self._post, p), n=n, stop_token_ids=stop_token_ids)
+                    served.scheduler.submit(prompt, params, self._poster(p), n=n, stop_token_ids=stop_token_ids)
                 )
         except BaseException:
             self.close()
@@ -83,36 +121,48 @@ class Generation:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
 
-    def _post(self, prompt_index: int, events: list[Event]) -> None:
-        """Called on the model process's receiver thread."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (prompt_index, events))
+    def _poster(self, prompt_index: int):
+        def post(events: list[Event], at: float) -> None:
+            """Called on the model process's receiver thread."""
+            self.mailbox.post(self.queue, (prompt_index, events, at))
+
+        return post
 
     async def updates(self) -> AsyncIterator[list[Update]]:
-        """Each batch of updates as it arrives, until every choice has finished."""
+        """Each batch of updates as it arrives, until every choice has finished; what queued up
+        meanwhile comes as one batch, each choice's parts merged."""
         while not self.finished:
-            prompt_index, events = await self.queue.get()
-            now = time.monotonic()
-            out = []
-            for event in events:
-                update = self._apply(self.choices[prompt_index * self.n + event.sample], event, now)
-                if update is not None:
-                    out.append(update)
-            if out:
-                yield out
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            merged: dict[int, Update] = {}
+            generated = 0
+            for prompt_index, events, at in batch:
+                for event in events:
+                    choice = self.choices[prompt_index * self.n + event.sample]
+                    generated += event.token is not None and choice.finish_reason is None
+                    update = self._apply(choice, event, at)
+                    if update is not None:
+                        prior = merged.get(update.choice)
+                        if prior is not None:
+                            update = Update(update.choice, prior.parts + update.parts, update.finish_reason)
+                        merged[update.choice] = update
+            self.metrics.generation_tokens.inc(generated)
+            if merged:
+                yield list(merged.values())
         self.metrics.e2e.observe(time.monotonic() - self.started)
 
-    def _apply(self, choice: Choice, event: Event, now: float) -> Update | None:
+    def _apply(self, choice: Choice, event: Event, at: float) -> Update | None:
         if choice.finish_reason is not None:
             return None  # e.g. tokens already in flight after a stop string matched
         if event.token is not None:
             if self.first_token_at is None:
-                self.first_token_at = now
-                self.metrics.ttft.observe(now - self.started)
+                self.first_token_at = at
+                self.metrics.ttft.observe(max(0.0, at - self.started))
             if choice.last_token_at is not None:
-                self.metrics.itl.observe(now - choice.last_token_at)
-            choice.last_token_at = now
+                self.metrics.itl.observe(at - choice.last_token_at)
+            choice.last_token_at = at
             choice.tokens += 1
-            self.metrics.generation_tokens.inc()
             parts = choice.decoder.feed(event.token)
             if choice.decoder.stopped:
                 handle = self.handles[choice.index // self.n]

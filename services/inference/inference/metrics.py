@@ -1,10 +1,14 @@
-"""Prometheus metrics of the inference server (vLLM's set, under the `inference_` prefix).
+"""Prometheus metrics of the inference server: vLLM's names under the `nanochat:` prefix.
 
-Histograms: time to first token, inter-token latency, end-to-end request latency. Counters:
-prompt and generated tokens, requests by endpoint and outcome. Gauges read at scrape time from
-the served model's scheduler: running rows, waiting requests, KV-cache slot and position use.
-Each app has its own registry, so several apps (tests) can live in one process; the service kit
-adds its HTTP metrics to it and serves it at /metrics.
+Histograms: `time_to_first_token_seconds`, `inter_token_latency_seconds` (between two tokens of
+one sample, from the model process's own step times), `e2e_request_latency_seconds`. Counters:
+`prompt_tokens_total`, `generation_tokens_total`, and, read from the model process, the prefix
+cache's `prefix_cache_queries_total` / `prefix_cache_hits_total` (prompt tokens looked up / found).
+Gauges read at scrape time from the served model's scheduler: `num_requests_running` (rows
+decoding), `num_requests_waiting`, `kv_cache_usage_perc` (0 to 1, as vLLM's). Requests by
+endpoint and outcome are the service's own `inference_requests_total`. Each app has its own
+registry, so several apps (tests) can live in one process; the service kit adds its HTTP
+metrics to it and serves it at /metrics.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from collections.abc import Callable, Iterator
 
 from nanochat.scheduler import Stats
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+PREFIX = "nanochat:"
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -40,56 +45,48 @@ LATENCY_BUCKETS = (
 )
 
 
-class SchedulerGauges:
-    """The scheduler's gauges, read when Prometheus scrapes (all zero while no model is loaded)."""
+class SchedulerMetrics:
+    """What the scheduler counts, read when Prometheus scrapes (zero while no model is loaded).
+
+    The prefix-cache counters start again at 0 when another model is loaded, which Prometheus's
+    rate() reads as a counter reset."""
 
     def __init__(self, stats: Callable[[], Stats | None]):
         self.stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         s = self.stats()
-        values = [
-            ("inference_requests_running", "Rows decoding in the batch.", s.running if s else 0),
-            ("inference_requests_waiting", "Requests waiting for cache slots.", s.waiting if s else 0),
-            ("inference_requests_prefilling", "Requests whose prompt is being prefilled.", s.prefilling if s else 0),
+        gauges = [
+            ("num_requests_running", "Rows decoding in the batch.", s.running if s else 0),
+            ("num_requests_waiting", "Requests waiting for the cache.", s.waiting if s else 0),
             (
-                "inference_kv_cache_slot_usage_ratio",
-                "KV-cache slots in use / slots.",
-                s.used_slots / s.slots if s else 0.0,
-            ),
-            (
-                "inference_kv_cache_usage_ratio",
-                "KV-cache positions holding tokens / positions.",
+                "kv_cache_usage_perc",
+                "KV-cache usage: 1 is all of it.",
                 s.cache_positions_used / s.cache_positions if s else 0.0,
             ),
         ]
-        for name, doc, value in values:
-            yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+        counters = [
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_queries if s else 0),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hits if s else 0),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(PREFIX + name, doc, value=value)
 
 
 class Metrics:
     def __init__(self, stats: Callable[[], Stats | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram(
-            "inference_time_to_first_token_seconds",
-            "Request arrival to its first token.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "inference_inter_token_latency_seconds",
-            "Time between two tokens of one sample.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "inference_e2e_request_latency_seconds",
-            "Request arrival to its last token.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.prompt_tokens = Counter("inference_prompt_tokens", "Prompt tokens prefilled.", registry=r)
-        self.generation_tokens = Counter("inference_generation_tokens", "Tokens generated.", registry=r)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(PREFIX + name, doc, buckets=LATENCY_BUCKETS, registry=r)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Request arrival to its first token.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens of one sample.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Request arrival to its last token.")
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of the requests.", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("inference_requests", "Finished requests.", ["endpoint", "outcome"], registry=r)
-        r.register(SchedulerGauges(stats))
+        r.register(SchedulerMetrics(stats))

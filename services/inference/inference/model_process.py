@@ -12,12 +12,15 @@ in the parent as `ModelLoadError`). Afterwards the parent object stands in for t
 
     parent -> child   ("submit", id, prompt, params, n, stop_token_ids) | ("cancel", id, sample) | ("stop",)
     child -> parent   ("ready", shape) | ("failed", message)                             once, first
-                      ("step", [(id, [Event, ...]), ...], Stats, last submit id seen)     per iteration
+                      ("step", [(id, [Event, ...]), ...], Stats, last submit id seen, t) per iteration
 
 The parent checks prompts and the queue bound itself, so `submit` raises `ValueError` /
 `QueueFull` at once, as the local scheduler does. Its `stats()` count submits the child has not
 read yet as waiting, so a request is never in no count. A receiver thread hands each request
-its events (`on_events` runs on that thread). If the child dies, every open request gets an
+its events with the step's `time.monotonic()` in the child (`on_events(events, t)` runs on that
+thread; the clock is the machine's, so latencies are the model's, not the pipe's or the event
+loop's). One message per iteration carries every request's events (named tuples, which pickle
+cheaply). If the child dies, every open request gets an
 "error" finish event and `alive` turns false; when the parent dies, the child sees its pipe
 close and exits.
 """
@@ -29,6 +32,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -64,7 +68,7 @@ class ModelShape:
 class RemoteHandle:
     id: int
     n: int
-    on_events: Callable[[list[Event]], None]
+    on_events: Callable[[list[Event], float], None]
     finished: int = 0
 
 
@@ -170,7 +174,7 @@ class _Child:
             stats, seen = self.scheduler.stats(), self.seen
         with self.send_lock:
             try:
-                self.conn.send(("step", out, stats, seen))
+                self.conn.send(("step", out, stats, seen, time.monotonic()))
             except (BrokenPipeError, OSError):
                 pass  # the parent is gone; the reader loop ends on its own
 
@@ -257,7 +261,7 @@ class ModelProcess:
         self,
         prompt: Sequence[int],
         params: SamplingParams,
-        on_events: Callable[[list[Event]], None],
+        on_events: Callable[[list[Event], float], None],
         n: int = 1,
         stop_token_ids: Iterable[int] = (),
     ) -> RemoteHandle:
@@ -326,7 +330,7 @@ class ModelProcess:
     def _receive(self) -> None:
         while True:
             try:
-                _, out, stats, seen = self.conn.recv()
+                _, out, stats, seen, at = self.conn.recv()
             except (EOFError, OSError):
                 break
             delivered = []
@@ -341,7 +345,7 @@ class ModelProcess:
                         del self._open[rid]
                     delivered.append((handle, events))
             for handle, events in delivered:
-                _deliver(handle, events)
+                _deliver(handle, events, at)
         self._fail_open()
 
     def _fail_open(self) -> None:
@@ -354,11 +358,11 @@ class ModelProcess:
         if handles and not stopping:
             log.error("%s with %d requests open", error, len(handles))
         for handle in handles:
-            _deliver(handle, [Event(i, finish_reason=reason, error=error) for i in range(handle.n)])
+            _deliver(handle, [Event(i, finish_reason=reason, error=error) for i in range(handle.n)], time.monotonic())
 
 
-def _deliver(handle: RemoteHandle, events: list[Event]) -> None:
+def _deliver(handle: RemoteHandle, events: list[Event], at: float) -> None:
     try:
-        handle.on_events(events)
+        handle.on_events(events, at)
     except Exception:  # one broken consumer must not stop the others
         log.exception("on_events of request %d failed", handle.id)

@@ -12,15 +12,21 @@ it is known not to be; on a match, the text before it is released and `stopped` 
 from __future__ import annotations
 
 import codecs
+import weakref
 
 from nanochat.tokenizer import Tokenizer
 
 Part = tuple[str, str]
 
+# Each token's bytes, per tokenizer, filled as tokens come: every stream shares one table instead
+# of asking the tokenizer once per token per stream.
+_TOKEN_BYTES: weakref.WeakKeyDictionary[Tokenizer, dict[int, bytes]] = weakref.WeakKeyDictionary()
+
 
 class SampleDecoder:
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
         self.tokenizer = tokenizer
+        self.token_bytes = _TOKEN_BYTES.setdefault(tokenizer, {})
         self.stop = list(stop or [])
         special = tokenizer.encode_special
         self.opens = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
@@ -47,7 +53,9 @@ class SampleDecoder:
             return [(self.closes[token], text)]
         if token >= self.first_special:
             return []  # other special tokens are structure, not text
-        raw = self.tokenizer.decode_bytes([token])
+        raw = self.token_bytes.get(token)
+        if raw is None:
+            raw = self.token_bytes[token] = self.tokenizer.decode_bytes([token])
         if self.mode != "text":
             self.tool_bytes += raw
             return []

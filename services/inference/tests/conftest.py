@@ -22,6 +22,7 @@ from inference.settings import Settings
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from prometheus_client.parser import text_string_to_metric_families
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. What is 7*3? It is 21. Numbers like 1,234 add up. "
@@ -141,3 +142,9 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of /metrics by name (labels left out: the ones read here have none)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}

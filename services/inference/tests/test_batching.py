@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import start_server, wait_for
+from conftest import scrape, start_server, wait_for
 from starlette.requests import ClientDisconnect
 
 
@@ -65,10 +65,14 @@ def test_disconnect_frees_the_cache_at_once(checkpoints):
             for _ in range(5):
                 next(lines)
             assert scheduler.stats().used_slots == 1
+            during = scrape(s.url)
+            assert during["nanochat:num_requests_running"] == 1 and during["nanochat:kv_cache_usage_perc"] > 0
         wait_for(lambda: scheduler.stats().used_slots == 0, what="the slot to be freed")
         assert scheduler.stats().cache_positions_used == 0
+        after = scrape(s.url)
+        assert after["nanochat:num_requests_running"] == 0 and after["nanochat:kv_cache_usage_perc"] == 0
         metrics = httpx.get(f"{s.url}/metrics").text
-        generated = [line for line in metrics.splitlines() if line.startswith("inference_generation_tokens_total")]
+        generated = [line for line in metrics.splitlines() if line.startswith("nanochat:generation_tokens_total")]
         assert float(generated[0].split()[-1]) < 2000, "the request ran on instead of being cancelled"
         assert 'outcome="disconnected"' in metrics
     finally:

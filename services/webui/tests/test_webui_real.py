@@ -142,9 +142,9 @@ def stack(tmp_path_factory, redis_server):
 
 def running_rows(inference_url: str) -> float:
     for line in httpx.get(f"{inference_url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("inference_requests_running "):
+        if line.startswith("nanochat:num_requests_running "):
             return float(line.split()[1])
-    raise AssertionError("inference /metrics has no inference_requests_running")
+    raise AssertionError("inference /metrics has no nanochat:num_requests_running")
 
 
 def test_real_stream_grows_and_stop_frees_the_inference_row(browser, stack):
