@@ -3,12 +3,15 @@ carries, who may chat, sign-in limits and revocable sessions, and no 5xx for mal
 The web UI server runs in-process (TestClient) or as a process (raw requests), in front of the
 fake upstream process, whose echo route answers what it was sent."""
 
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, CHAT_TOKEN
+from conftest import ADMIN_TOKEN, CHAT_TOKEN, Proc, free_port, start_webui, wait_healthy
 from fastapi.testclient import TestClient
 from test_webui_server import settings_for
 from webui.app import create_app
@@ -86,6 +89,48 @@ def test_reads_carry_the_read_token_and_only_changes_the_write_token(fake):
     with TestClient(create_app(settings_for(fake.url, trainer_read_token=None))) as c:
         assert "authorization" not in c.get("/api/registry/_test/echo/x").json()["headers"]
         assert "authorization" not in c.get("/api/trainer/_test/echo/x").json()["headers"]
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """The real registry, whose reads need a token: the read token or the write token."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "REGISTRY_PORT": str(port),
+        "REGISTRY_DATA_DIR": str(tmp_path / "registry"),
+        "REGISTRY_WRITE_TOKEN": "registry-secret",
+        "REGISTRY_READ_TOKEN": "registry-read",
+        "REGISTRY_READ_TOKEN_REQUIRED": "true",
+    }
+    with open(tmp_path / "registry.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "registry"], env=env, stdout=log, stderr=log)
+    proc = Proc(f"http://127.0.0.1:{port}", process)
+    try:
+        wait_healthy(f"{proc.url}/health", process, limit_s=60)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_the_real_registry_is_read_with_the_read_token(fake, registry):
+    services = {"inference": f"{fake.url}/inference", "trainer": f"{fake.url}/trainer", "registry": registry.url}
+    webui = start_webui(None, services, WEBUI_REGISTRY_READ_TOKEN="registry-read")
+    try:
+        assert httpx.get(f"{webui.url}/api/registry/v1/models").json()["items"] == []
+        with httpx.Client(base_url=webui.url) as admin:
+            admin.post("/api/session", json={"token": ADMIN_TOKEN})
+            # A change goes with the write token: the registry takes it (no such model: 404, not 401).
+            moved = admin.put("/api/registry/v1/models/nanochat/aliases/serving", json={"version": 1})
+            assert moved.status_code == 404, moved.text
+    finally:
+        webui.stop()
+    # A UI without the read token is refused by the registry: it never falls back to the write token.
+    webui = start_webui(None, services)
+    try:
+        assert_error(httpx.get(f"{webui.url}/api/registry/v1/models"), 401, "invalid_api_key")
+    finally:
+        webui.stop()
 
 
 def test_model_files_need_the_admin_session(fake):
