@@ -20,6 +20,7 @@ from nanochat.engine import Engine
 from nanochat.hf_export import export_checkpoint, verify_export
 from nanochat.hf_mapping import ArchitectureMismatch, check_same_shapes, gpt_config
 from nanochat_contracts.events import parse_events
+from nanochat_testing.lockfile import installed_by
 from transformers import AutoTokenizer, NanoChatConfig, NanoChatForCausalLM
 
 
@@ -188,6 +189,12 @@ def test_cli_exports_a_folder_and_reports_errors(checkpoint, tmp_path):
         [*run, str(tmp_path / "nope"), "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300
     )
     assert missing.returncode == 1 and "does not exist" in missing.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_serving_image_does_not_install_transformers():
+    for package, extras in (("nanochat-inference", ()), ("nanochat", ("serve",))):
+        assert "transformers" not in installed_by(package, extras), package
+    assert "transformers" in installed_by("nanochat", ("hf",))
 
 
 def test_transformers_is_optional(checkpoint, tmp_path):
