@@ -269,6 +269,23 @@ def test_job_page_shows_its_attempts_when_the_trainer_reports_them(browser, webu
     assert page.errors == []
 
 
+def test_a_refused_log_stream_is_retried_until_a_slot_frees(browser, fake):
+    own_webui = start_webui(fake.url, WEBUI_MAX_STREAMS="1")
+    try:
+        with (
+            httpx.Client(timeout=10) as http,
+            http.stream("GET", f"{own_webui.url}/api/trainer/v1/jobs/job-1/logs?follow=true"),
+        ):
+            # The one stream slot is taken: the page's follow gets a 429, which EventSource gives up on.
+            page = open_page(browser, f"{own_webui.url}/#/jobs/job-1")
+            expect(page.get_by_test_id("log-state")).to_have_text("reconnecting…")
+        expect(page.get_by_test_id("log-state")).to_have_text("following", timeout=15_000)
+        expect(page.get_by_test_id("log")).to_contain_text("starting base_train")
+        assert page.errors == []
+    finally:
+        own_webui.stop()
+
+
 def test_launch_form_validates_at_the_field_and_models_serving_alias(browser, webui, fake):
     page = open_page(browser, f"{webui.url}/#/launch", token=None)
     expect(page.get_by_test_id("form-error")).to_contain_text("needs the admin token")
