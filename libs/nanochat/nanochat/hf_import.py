@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from nanochat.hf_export import LOGIT_TOLERANCE, PROBE
+from nanochat.hf_export import LOGIT_TOLERANCE, PROBE, check_paths
 from nanochat.hf_mapping import FP32_EPS, ArchitectureMismatch, check_same_shapes, gpt_config, our_name
 from nanochat.hf_tokenizer import check_same_encoding, from_hf_tokenizer, require_hf
 from nanochat.imported import (
@@ -74,7 +74,7 @@ def check_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool | None:
     return list(rendered["input_ids"]) == tokenizer.render_for_completion(conversation)
 
 
-def load_hf_model(folder: Path) -> Any:
+def load_hf_model(folder: Path) -> tuple[Any, Any]:
     """transformers' NanoChatForCausalLM of `folder` in fp32; any weight it had to skip or invent is refused."""
     from transformers import NanoChatConfig, NanoChatForCausalLM
 
@@ -98,6 +98,7 @@ def import_hf(
     replace: bool = False,
 ) -> Path:
     """Write our checkpoint folder of the transformers NanoChat `source` to `out`."""
+    check_paths(None, out, replace)
     require_hf("the Hugging Face import")
     check_stage(stage)
     folder, details = fetch(source, revision, cache_dir)
@@ -107,7 +108,7 @@ def import_hf(
     template_matches = check_tokenizer(folder, tokenizer)
     hf_cfg, hf_model = load_hf_model(folder)
     config = gpt_config(hf_cfg)
-    theirs = {n: t for n, t in hf_model.state_dict().items()}
+    theirs = dict(hf_model.state_dict())
     check_same_shapes(expected_shapes(config), {n: t.shape for n, t in theirs.items()}, "import")
     # Tied embeddings (a config may ask for them) are one tensor; ours are two, so lm_head gets a copy.
     model = build_gpt(config, {our_name(n): t.clone() for n, t in theirs.items()}, source)

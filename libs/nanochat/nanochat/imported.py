@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from nanochat_contracts.stages import STAGES
 
 from nanochat.checkpoint import VOCAB_ROWS, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf_mapping import ArchitectureMismatch
 from nanochat.tokenizer import Tokenizer
 
-MODEL_STAGES = ("base", "mid", "sft", "rl")
+MODEL_STAGES = tuple(stage for stage in STAGES if stage != "tokenizer")
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, torch.Size]:

@@ -183,6 +183,8 @@ def import_original(
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
+    if Path(out).exists() and not replace:
+        raise FileExistsError(f"output folder {out} already exists (pass --replace to overwrite)")
     stage = check_stage(stage or STAGE_OF_FOLDER.get(folder.parent.name, "sft"))
     step = latest_step(folder) if step is None else step
     meta_path, model_path = folder / f"meta_{step:06d}.json", folder / f"model_{step:06d}.pt"
