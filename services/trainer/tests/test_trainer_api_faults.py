@@ -290,7 +290,7 @@ def test_followers_are_capped_and_share_one_job_poll(settings):
             with open(path, "a") as f:
                 f.write("last line\n")
             tail = read_until(texts[1], "event: end")
-            assert "last line" in tail and "event: end" in tail
+            assert "last line" in tail and "event: end" in tail and "\r" not in tail
             for o in opened[1:]:
                 o.__exit__(None, None, None)
 

@@ -146,16 +146,17 @@ def test_real_stages_run_and_register_on_postgres(settings, start_worker, postgr
         assert api.get("/metrics").text.count('trainer_job_duration_seconds_count{outcome="succeeded"} 3.0') == 1
 
 
-def test_failing_stage_fails_with_its_error_event_and_log_tail(api, start_worker):
+def test_failing_stage_fails_with_its_error_event_and_log_tail(api, settings, start_worker):
     worker = start_worker()
+    missing = settings.data_dir / "nonexistent-docs"  # docs_path must lie under the data root
     r = api.post(
         "/v1/jobs",
-        json={"stage": "make_data", "options": {"source": "python-docs", "docs_path": "/nonexistent/docs"}},
+        json={"stage": "make_data", "options": {"source": "python-docs", "docs_path": str(missing)}},
         headers=AUTH,
     )
     job = wait_job(api, r.json()["id"], worker=worker)
     assert job["status"] == "failed"
-    assert "FileNotFoundError: no python-docs text files under /nonexistent/docs" in job["error"]
+    assert f"FileNotFoundError: no python-docs text files under {missing}" in job["error"]
     assert job["log_tail"].endswith("[trainer] stage exited with code 1")
     assert "FileNotFoundError" in api.get(f"/v1/jobs/{job['id']}/logs").text
     assert job["finished_at"] >= job["started_at"] >= job["created_at"]

@@ -16,10 +16,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fastapi import HTTPException
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from trainer.db import TERMINAL, Database, Job
@@ -93,9 +92,10 @@ class Followers:
 
 
 class FollowResponse(EventSourceResponse):
-    """An SSE response that gives its follower slot back however the stream ends."""
+    """An SSE response (lines end in \\n, as the UI and tests read them) that gives its follower
+    slot back however the stream ends."""
 
-    def __init__(self, events: AsyncIterator[ServerSentEvent], give_back: Callable[[], None]):
+    def __init__(self, events: AsyncIterator[dict[str, str]], give_back: Callable[[], None]):
         super().__init__(events, sep="\n", headers={"Cache-Control": "no-cache"})
         self.give_back = give_back
 
@@ -114,7 +114,9 @@ def follow(followers: Followers, job_id: str, path: Path, start: int, lines: boo
     return FollowResponse(_events(followers, job_id, path, start, lines), give_back)
 
 
-async def _events(followers: Followers, job_id: str, path: Path, start: int, lines: bool) -> AsyncIterator[Any]:
+async def _events(
+    followers: Followers, job_id: str, path: Path, start: int, lines: bool
+) -> AsyncIterator[dict[str, str]]:
     check = followers.watch(job_id)
     pos = start
     try:
@@ -131,10 +133,10 @@ async def _events(followers: Followers, job_id: str, path: Path, start: int, lin
                     text = piece.decode("utf-8", "replace").rstrip("\r\n")
                     if lines and not text.strip():
                         continue
-                    yield ServerSentEvent(data=text, id=str(pos))
+                    yield {"data": text, "id": str(pos)}
                 continue
             if ended:
-                yield ServerSentEvent(data=json.dumps({"offset": pos}), id=str(pos), event="end")
+                yield {"data": json.dumps({"offset": pos}), "id": str(pos), "event": "end"}
                 return
             await asyncio.sleep(SSE_POLL_S)
     finally:
