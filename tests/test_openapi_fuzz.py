@@ -249,20 +249,7 @@ def fuzz(service: Service, schema, conform: bool) -> Findings:
     return found
 
 
-# A 5xx found in a service whose fix is not in yet, marked so the suite passes until it is (strict:
-# the mark fails the run once the fix lands, so it is removed then).
-KNOWN_5XX = {
-    "trainer": "GET /v1/jobs?offset=73628130525411171893248 answers 500 (an offset past SQLite's integer range)",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_5XX[name])) if name in KNOWN_5XX else name
-        for name in ("registry", "trainer", "inference", "webui")
-    ],
-)
+@pytest.mark.parametrize("name", ["registry", "trainer", "inference", "webui"])
 def test_no_generated_request_gets_a_server_error(services, name):
     service = services[name]
     if name == "webui":
