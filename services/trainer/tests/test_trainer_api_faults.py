@@ -179,6 +179,7 @@ def test_plain_logs_answer_a_bounded_window_of_a_huge_log(api, settings):
     assert tail.content == (line * 3)[-300:] and tail.headers["X-Next-Offset"] == str(size)
     assert api.get(url, params={"offset": size + 10}).content == b""
     assert_error(api.get(url, params={"tail": 10, "offset": 5}), 422, param="tail")
+    assert_error(api.get(url, params={"follow": "true", "limit": 5}), 422, param="limit")
 
 
 def write_events(path: Path, events: list[dict], mode: str = "a") -> None:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", route_class=AuthFirstRoute)
 # Seconds a client waits before trying again when Redis could not be reached.
 REDIS_RETRY_AFTER_S = 5
-MAX_LOG_WINDOW = 16 << 20
+DEFAULT_LOG_WINDOW, MAX_LOG_WINDOW = 1 << 20, 16 << 20
 ByteOffset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Byte offset into the file.")]
 
 
@@ -172,7 +172,9 @@ def job_logs(
     offset: ByteOffset = 0,
     follow_: Annotated[bool, Query(alias="follow")] = False,
     node: Annotated[int, Query(ge=0, le=63)] = 0,
-    limit: Annotated[int, Query(ge=1, le=MAX_LOG_WINDOW, description="Most bytes a plain read answers.")] = 1 << 20,
+    limit: Annotated[
+        int | None, Query(ge=1, le=MAX_LOG_WINDOW, description="Most bytes a plain read answers (1 MiB by default).")
+    ] = None,
     tail: Annotated[
         int | None, Query(ge=1, le=MAX_LOG_WINDOW, description="Answer the last `tail` bytes instead (plain read).")
     ] = None,
@@ -185,6 +187,10 @@ def job_logs(
         raise RequestValidationError(
             [{"loc": ["query", "tail"], "type": "value_error", "msg": "tail reads the end: give no offset or follow"}]
         )
+    if limit is not None and follow_:
+        raise RequestValidationError(
+            [{"loc": ["query", "limit"], "type": "value_error", "msg": "a followed log is streamed whole: no limit"}]
+        )
     job = load_job(state, job_id)
     if node >= job.nnodes:
         raise HTTPException(404, f"job {job_id} has {job.nnodes} node(s)")
@@ -192,7 +198,7 @@ def job_logs(
     start = start_offset(offset, last_event_id)
     if follow_:
         return follow(state.followers, job_id, path, start, lines=False)
-    data, start, size = log_window(path, start, limit, tail)
+    data, start, size = log_window(path, start, limit or DEFAULT_LOG_WINDOW, tail)
     headers = {"X-Next-Offset": str(start + len(data)), "X-Log-Size": str(size)}
     return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
 
