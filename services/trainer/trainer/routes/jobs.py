@@ -55,12 +55,7 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
     """Queue a stage or a pipeline; 202 with the job and its URL (`Location`)."""
-    try:
-        request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    except PydanticSerializationError:
-        where = unencodable_at(body.model_dump(), ["body"]) or ["body"]
-        msg = "holds a lone surrogate (\\ud800-\\udfff), which is no text"
-        raise RequestValidationError([{"loc": where, "type": "string_unicode", "msg": msg}]) from None
+    request_hash = hash_request(body)
     if idempotency_key:
         with state.db.session() as s:
             existing = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
@@ -111,11 +106,29 @@ def submit_job(
         with state.db.session() as s:
             existing = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
         return replay(request, state, existing.id, request_hash, response)
+    queue_or_forget(state, job_id, nnodes)
+    log.info("job queued", extra={"job_id": job_id})
+    response.headers["Location"] = job_url(request, job_id)
+    return job_out(request, load_job(state, job_id))
+
+
+def hash_request(body: JobRequest) -> str:
+    """What an Idempotency-Key replay must match; 422 for a string that is no text."""
+    try:
+        return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    except PydanticSerializationError:
+        where = unencodable_at(body.model_dump(), ["body"]) or ["body"]
+        msg = "holds a lone surrogate (\\ud800-\\udfff), which is no text"
+        raise RequestValidationError([{"loc": where, "type": "string_unicode", "msg": msg}]) from None
+
+
+def queue_or_forget(state: State, job_id: str, nnodes: int) -> None:
+    """Queue the job's tasks; when Redis cannot take them, 503 and the job's rows go (no job was
+    made; a task that reached Redis after all finds no job and is dropped), so a retry with the
+    same Idempotency-Key makes and queues the job afresh."""
     try:
         enqueue_job(state.settings, state.redis, job_id, nnodes, attempt=0)
     except (RedisError, OSError) as e:
-        # No job was made: its rows go (a task that reached Redis after all finds no job and is
-        # dropped), so a retry with the same Idempotency-Key makes and queues the job afresh.
         with state.db.session() as s:
             s.delete(s.get(Job, job_id))
         raise HTTPException(
@@ -123,9 +136,6 @@ def submit_job(
             f"the job queue (Redis) is unavailable, no job was made; try again: {e}",
             headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
         ) from None
-    log.info("job queued", extra={"job_id": job_id})
-    response.headers["Location"] = job_url(request, job_id)
-    return job_out(request, load_job(state, job_id))
 
 
 def replay(request: Request, state: State, job_id: str, request_hash: str, response: Response) -> JobOut:
