@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from nanochat.gpt import GPTConfig
 from nanochat.hf_export import LOGIT_TOLERANCE, PROBE, check_paths
 from nanochat.hf_mapping import FP32_EPS, ArchitectureMismatch, check_same_shapes, gpt_config, our_name
 from nanochat.hf_tokenizer import check_same_encoding, from_hf_tokenizer, require_hf
@@ -74,19 +75,25 @@ def check_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool | None:
     return list(rendered["input_ids"]) == tokenizer.render_for_completion(conversation)
 
 
-def load_hf_model(folder: Path) -> tuple[Any, Any]:
-    """transformers' NanoChatForCausalLM of `folder` in fp32; any weight it had to skip or invent is refused."""
+def load_hf_model(folder: Path) -> tuple[GPTConfig, Any]:
+    """Our config and transformers' NanoChatForCausalLM (fp32) of `folder`; a config ours cannot
+    run is refused before any weight is read, and so is any weight transformers skipped or invented."""
     from transformers import NanoChatConfig, NanoChatForCausalLM
 
-    hf_cfg = NanoChatConfig.from_pretrained(folder)
-    model, info = NanoChatForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    config = gpt_config(NanoChatConfig.from_pretrained(folder))
+    try:
+        model, info = NanoChatForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    except RuntimeError as e:
+        raise ArchitectureMismatch(f"import: transformers could not load the weights of {folder}: {e}") from e
     problems = [f"{kind} {', '.join(map(str, keys))}" for kind, keys in info.items() if keys and kind != "error_msgs"]
     if problems or info.get("error_msgs"):
         raise ArchitectureMismatch(
             f"import: transformers could not load {folder} weight for weight: "
             + "; ".join(problems + list(info.get("error_msgs") or []))
         )
-    return hf_cfg, model.eval()
+    return config, model.eval()
 
 
 def import_hf(
@@ -106,8 +113,7 @@ def import_hf(
         raise FileNotFoundError(f"{source} has no tokenizer.json; a nanochat import needs the model's tokenizer")
     tokenizer = from_hf_tokenizer(folder / "tokenizer.json")
     template_matches = check_tokenizer(folder, tokenizer)
-    hf_cfg, hf_model = load_hf_model(folder)
-    config = gpt_config(hf_cfg)
+    config, hf_model = load_hf_model(folder)
     theirs = dict(hf_model.state_dict())
     check_same_shapes(expected_shapes(config), {n: t.shape for n, t in theirs.items()}, "import")
     # Tied embeddings (a config may ask for them) are one tensor; ours are two, so lm_head gets a copy.

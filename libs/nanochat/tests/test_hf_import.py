@@ -115,3 +115,14 @@ def test_a_tokenizer_that_is_not_nanochats_is_refused(tok, tmp_path):
 def test_a_source_that_is_neither_folder_nor_repo_id(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a folder nor a Hugging Face repo id"):
         import_hf(str(tmp_path / "no" / "such" / "folder"), tmp_path / "ours")
+
+
+def test_another_model_type_or_no_config_is_refused(tok, tmp_path):
+    hf_folder(tmp_path / "hf", tok)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ArchitectureMismatch, match="model_type is 'llama', not 'nanochat'"):
+        import_hf(str(tmp_path / "hf"), tmp_path / "ours")
+    (tmp_path / "hf" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        import_hf(str(tmp_path / "hf"), tmp_path / "ours")
