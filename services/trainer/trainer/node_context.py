@@ -40,7 +40,9 @@ def context() -> Context:
         _context = Context(
             settings,
             Database(settings.database_url, settings.db_busy_timeout),
-            Redis.from_url(settings.redis_url),
+            # Timeouts: a Redis that stops answering (rather than refusing) must not hang the
+            # stop check; RQ's own blocking dequeue has a connection of its own (`worker.main`).
+            Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5),
             make_registry(settings),
             f"{settings.host}.{os.getpid()}",
         )

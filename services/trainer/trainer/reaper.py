@@ -3,11 +3,12 @@
 A thread of every worker and of the API; on each host only one of them acts at a time, the holder
 of the host's lease (a Redis lock it renews every scan; another takes over once it expires).
 For a node on this host whose heartbeat is older than `heartbeat_limit`, it first claims the node
-(one conditional update, together with the job's next state: a new attempt while the job's
-retry policy allows, else failed), so a heartbeat that arrives meanwhile keeps the job and its
-processes; then it kills the job's processes on this host (torchrun's group, and every process
-carrying the job's marker variable; a recycled group id is never hit, see `trainer.procs`); and
-only then queues the new attempt, so it never meets the old one's processes. A node on another
+(marks it `lost` in one conditional update), so a heartbeat that arrives meanwhile keeps the job
+and its processes; then it kills the job's processes on this host (torchrun's group, and every
+process carrying the job's marker variable; a recycled group id is never hit, see
+`trainer.procs`); and only then moves the job on: a new attempt while its retry policy allows
+(queued now, so it never meets the old one's processes), else failed. A node left `lost` by a
+reaper that died half-way is settled by the next scan. A node on another
 host is left to that host's reaper for three heartbeat limits; after that its host is taken as
 gone and the job is ended or retried anyway, so no job is ever left `running`.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import LockError
@@ -35,6 +37,14 @@ from trainer.settings import Settings
 log = logging.getLogger("trainer.reaper")
 
 FOREIGN_HOST_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A lost node this reaper claimed: `retry` is the new attempt to queue, (nnodes, attempt),
+    or None when the job ended."""
+
+    retry: tuple[int, int] | None
 
 
 class Reaper(Periodic):
@@ -98,15 +108,13 @@ class Reaper(Periodic):
         limit = self.settings.heartbeat_limit
         with self.db.session() as s:
             stale = s.execute(
-                select(
-                    JobNode.job_id, JobNode.node_rank, JobNode.host, JobNode.pgid, JobNode.worker, JobNode.heartbeat_at
-                ).where(JobNode.status == "running", JobNode.heartbeat_at < now - limit)
+                select(JobNode.job_id, JobNode.node_rank, JobNode.host, JobNode.worker, JobNode.heartbeat_at).where(
+                    JobNode.status == "running", JobNode.heartbeat_at < now - limit
+                )
             ).all()
-        handled = []
-        for job_id, rank, host, pgid, worker, beat in stale:
+        for job_id, rank, host, worker, beat in stale:
             age = now - beat
-            local = host == self.settings.host
-            if local:
+            if host == self.settings.host:
                 reason = f"worker {worker} on {host} stopped sending heartbeats ({age:.0f} s ago, limit {limit:g} s)"
             elif age > FOREIGN_HOST_FACTOR * limit:
                 reason = (
@@ -115,14 +123,44 @@ class Reaper(Periodic):
                 )
             else:
                 continue
-            claimed = self._claim(job_id, rank, beat, reason)
-            if claimed is None:
-                continue
-            if local:
+            self._claim(job_id, rank, beat, reason)
+        return self._settle_lost()
+
+    def _claim(self, job_id: str, rank: int, beat: float, reason: str) -> None:
+        """Mark the node lost, only if it still is as the scan saw it: a heartbeat that came back
+        meanwhile, or another reaper that claimed it first, leaves it alone."""
+        with self.db.session() as s:
+            s.execute(
+                update(JobNode)
+                .where(
+                    JobNode.job_id == job_id,
+                    JobNode.node_rank == rank,
+                    JobNode.status == "running",
+                    JobNode.heartbeat_at == beat,
+                )
+                .values(status="lost", error=reason)
+            )
+
+    def _settle_lost(self) -> list[str]:
+        """Each lost node: its processes on this host killed, then its job moved on (also those a
+        reaper claimed before it died); a node on another host has no process here to kill."""
+        with self.db.session() as s:
+            lost = s.execute(
+                select(JobNode.job_id, JobNode.node_rank, JobNode.host, JobNode.pgid, JobNode.error).where(
+                    JobNode.status == "lost"
+                )
+            ).all()
+        handled = []
+        for job_id, rank, host, pgid, reason in lost:
+            if host == self.settings.host:
                 self._kill(job_id, rank, pgid)
-            if claimed:
-                enqueue_job(self.settings, self.redis, job_id, *claimed)
-                log.warning("job queued again (attempt %d): %s", claimed[1] + 1, reason, extra={"job_id": job_id})
+            taken = self._settle(job_id, rank, reason or "its worker was lost")
+            if taken is None:
+                continue
+            if taken.retry is not None:
+                nnodes, attempt = taken.retry
+                enqueue_job(self.settings, self.redis, job_id, nnodes, attempt)
+                log.warning("job queued again (attempt %d): %s", attempt + 1, reason, extra={"job_id": job_id})
             handled.append(job_id)
         return handled
 
@@ -142,32 +180,26 @@ class Reaper(Periodic):
         except EngineUnavailable as e:
             log.warning("containers of %s not stopped: %s", tag, e)
 
-    def _claim(self, job_id: str, rank: int, beat: float, reason: str) -> tuple[int, int] | tuple[()] | None:
-        """Take the lost node and move its job on, in one transaction. None: another reaper took
-        it, or its heartbeat came back meanwhile; `(nnodes, attempt)`: the new attempt to queue;
-        `()`: the job ended."""
+    def _settle(self, job_id: str, rank: int, reason: str) -> Taken | None:
+        """The job of a lost node whose processes are gone: a new attempt while its retry policy
+        allows, else failed (cancelled if asked). None when another reaper settled it first."""
         now = time.time()
         with self.db.session() as s:
-            claimed = s.execute(
+            settled = s.execute(
                 update(JobNode)
-                .where(
-                    JobNode.job_id == job_id,
-                    JobNode.node_rank == rank,
-                    JobNode.status == "running",
-                    JobNode.heartbeat_at == beat,
-                )
-                .values(status="failed", error=reason)
+                .where(JobNode.job_id == job_id, JobNode.node_rank == rank, JobNode.status == "lost")
+                .values(status="failed")
             ).rowcount
-            if not claimed:
+            if not settled:
                 return None
             job = s.get(Job, job_id, with_for_update=True)
             if job.status in TERMINAL:
-                return ()
+                return Taken(None)
             if job.cancel_requested:
                 job.status, job.finished_at = "cancelled", now
                 end_attempt(job, "cancelled", None, now)
-                return ()
+                return Taken(None)
             if retry_or_fail(job, "lost", reason, True, now):
-                return job.nnodes, job.attempts
+                return Taken((job.nnodes, job.attempts))
         log.warning("job failed: %s", reason, extra={"job_id": job_id})
-        return ()
+        return Taken(None)

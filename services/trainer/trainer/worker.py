@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat.stages.options import resumable, resume_dir
+from redis import Redis
 from rq import SimpleWorker
 from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
@@ -361,9 +362,11 @@ def main(burst: bool = False) -> None:
             name="liveness",
             daemon=True,
         ).start()
+    # RQ blocks on its queue for minutes at a time: its connection has no socket timeout.
+    rq_redis = Redis.from_url(settings.redis_url)
     worker = Worker(
-        [make_queue(settings, ctx.redis)],
-        connection=ctx.redis,
+        [make_queue(settings, rq_redis)],
+        connection=rq_redis,
         name=ctx.name,
         serializer=JSONSerializer,
         job_class=TrainerTask,
