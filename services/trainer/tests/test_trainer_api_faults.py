@@ -211,6 +211,26 @@ def test_metrics_read_only_what_was_appended_to_the_events_file(api, settings):
     assert api.get(url).json()["series"]["loss"] == [[1, 3.0]]
 
 
+def test_metrics_skip_events_that_are_no_curve_points(api, settings):
+    job = submit(api, {"stage": "make_data", "options": TINY_DATA}).json()
+    path = events_path(settings, job["id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        '{"stage": "a", "type": "progress", "step": "s", "loss": 1}',
+        '{"stage": "a", "type": "progress", "step": 1' + "0" * 400 + ', "loss": 1}',
+        '{"stage": "a", "type": "progress", "step": 2, "loss": true}',
+        '{"stage": 1}',
+        "[1]",
+        "[" * 100_000,
+        '{"stage": "a", "type": "eval", "name": [1], "value": 1}',
+        '{"stage": "a", "type": "progress", "step": 3, "loss": 0.5}',
+    ]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
+    r = api.get(f"/v1/jobs/{job['id']}/metrics", params={"stage": "a"})
+    assert r.status_code == 200, r.text
+    assert r.json()["series"] == {"loss": [[3, 0.5]]}
+
+
 @contextmanager
 def served(settings: Settings) -> Iterator[tuple[str, object]]:
     """The app under a real uvicorn on a free port (in a thread, so the test can see its database)."""

@@ -227,13 +227,15 @@ def job_events(
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
-def job_metrics(job_id: str, state: StateDep, stage: Annotated[str | None, Query(max_length=64)] = None) -> MetricsOut:
+def job_metrics(job_id: str, state: StateDep, stage: Annotated[str | None, Query(max_length=64)] = None) -> Response:
     """Time series for plots: `{"series": {"loss": [[step, value], ...], ...}}` of one stage: the
     one named by `stage`, else the pipeline's current stage, or, when that one draws no loss curve
     (an eval, the report), the last stage that did, so a finished speedrun still shows a curve.
     `stages` lists every stage with a loss curve, for a picker."""
     job = load_job(state, job_id)
-    return state.curves.result(events_path(state.settings, job_id), stage, job.current_stage)
+    out = state.curves.result(events_path(state.settings, job_id), stage, job.current_stage)
+    # Serialised here: FastAPI would validate the points once more against response_model.
+    return Response(out.model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, dependencies=[require_write])
