@@ -271,6 +271,9 @@ def test_real_running_job_page_grows_its_curves_and_log_then_cancels(browser, st
         page = open_page(browser, f"{stack['webui'].url}/#/jobs/{job_id}", token=None)
         expect(page.get_by_test_id("status")).to_have_text("running", timeout=60_000)
         expect(page.get_by_test_id("log-state")).to_have_text("following")
+        # The real trainer's attempts, as the job page shows them: one, running on the worker.
+        expect(page.get_by_test_id("attempt-row")).to_have_count(1)
+        expect(page.get_by_test_id("attempt-row")).to_contain_text("running")
         chart = page.get_by_test_id("chart-loss")
         page.wait_for_function(
             "() => Number(document.querySelector('[data-testid=chart-loss]').dataset.points) >= 3", timeout=120_000
