@@ -20,7 +20,11 @@ server uses no CPU). Meanwhile a pinger GETs /health every 20 ms. Printed per se
 concurrency: output tok/s (all tokens / wall time; tokens as each server's usage counts them, as
 one delta may carry several), TTFT p50/p99 (request sent -> first content delta), latency
 between content deltas p50/p99, /health p99, errors (429s apart), then ours / baseline and ours
-/ ceiling. Results go to bench/results/serve.json.
+/ ceiling. Then two scenarios on fresh servers: the prefix cache (the next turn of a 1,500-token
+conversation, TTFT on the server that answered the turn before vs one with prefix caching off)
+and chunked prefill (16 streams decode, a 2,000-token prompt arrives: the streams' latency between
+deltas, p99 while it is prefilled over p50 before it). Results, with the load average, go to
+bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ def baseline_app(folder: str, device: str) -> FastAPI:
     return app
 
 
-def start_server(kind: str, folder: Path, port: int, device: str, slots: int) -> subprocess.Popen:
+def start_server(kind: str, folder: Path, port: int, device: str, slots: int, **env_extra: str) -> subprocess.Popen:
     env = dict(os.environ)
     if kind == "ours":
         env.update(
@@ -137,6 +141,7 @@ def start_server(kind: str, folder: Path, port: int, device: str, slots: int) ->
             INFERENCE_MAX_WAITING="16",
             INFERENCE_LOG_LEVEL="WARNING",
             INFERENCE_DEVICE=device,
+            **env_extra,
         )
         cmd = [sys.executable, "-m", "inference"]
     else:
@@ -347,6 +352,140 @@ async def bench_servers(folder: Path, args) -> list[dict]:
                 proc.wait()
 
 
+# ---- scenarios: prefix caching and chunked prefill ----------------------------------------------
+
+
+def conversation(tokenizer, tokens: int, variant: int) -> list[dict]:
+    """A chat history of about `tokens` tokens, ending with a user message; `variant` changes its start."""
+    text = (ROOT / "README.md").read_text(errors="ignore").split()
+    messages, words = [], 0
+    while len(tokenizer.render_for_completion({"messages": messages or [{"role": "user", "content": ""}]})) < tokens:
+        role = "user" if len(messages) % 2 == 0 else "assistant"
+        chunk = " ".join(text[(words % len(text)) : (words % len(text)) + 60])
+        messages.append({"role": role, "content": f"({variant}) {chunk}" if not messages else chunk})
+        words += 60
+    if messages[-1]["role"] == "assistant":
+        messages.append({"role": "user", "content": "Go on."})
+    return messages
+
+
+async def first_token_s(http: httpx.AsyncClient, url: str, body: dict) -> tuple[float, str]:
+    """Seconds from sending a streamed chat request to its first token, and the whole reply."""
+    start, first, text = time.perf_counter(), None, []
+    async with http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if not event.get("choices"):
+                continue
+            delta = event["choices"][0]
+            if first is None and (delta["delta"].get("content") or delta.get("finish_reason")):
+                first = time.perf_counter() - start
+            text.append(delta["delta"].get("content") or "")
+    return first, "".join(text)
+
+
+async def prefix_scenario(warm: str, cold: str, tokenizer, history_tokens: int, repeats: int = 3) -> dict:
+    """The next turn of a conversation of `history_tokens` tokens: its TTFT on a server that just
+    answered the turn before (prefix cached) and on one with prefix caching off."""
+    out = {"warm": [], "cold": []}
+    async with httpx.AsyncClient(timeout=600) as http:
+        for variant in range(repeats):
+            history = conversation(tokenizer, history_tokens, variant)
+            params = {"max_tokens": 32, **SAMPLING, "seed": variant}
+            _, reply = await first_token_s(http, warm, {"messages": history, **params})
+            turn = history + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+            for kind, url in (("warm", warm), ("cold", cold)):
+                out[kind].append((await first_token_s(http, url, {"messages": turn, **params, "max_tokens": 4}))[0])
+    warm_s, cold_s = pct(out["warm"], 0.5), pct(out["cold"], 0.5)
+    return {
+        "history_tokens": history_tokens,
+        "ttft_warm_p50": warm_s,
+        "ttft_cold_p50": cold_s,
+        "ratio": warm_s / cold_s,
+    }
+
+
+async def chunked_scenario(url: str, tokenizer, streams: int, prompt_tokens: int) -> dict:
+    """`streams` streams decode; a prompt of `prompt_tokens` tokens arrives: the streams' latency
+    between deltas, p50 before it arrives and p99 while it is prefilled."""
+    text = " ".join((ROOT / "README.md").read_text(errors="ignore").split())
+    ids = tokenizer.encode(text)
+    while len(ids) < prompt_tokens:
+        ids = ids + ids
+    long_prompt = tokenizer.decode(ids[: prompt_tokens - 1])
+    stamps: list[list[float]] = [[] for _ in range(streams)]
+    window: list[float] = []
+    limits = httpx.Limits(max_connections=streams + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+
+        async def stream(i: int) -> None:
+            body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": 400}
+            body.update(SAMPLING, seed=i, stream=True)
+            async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and '"content":"' in line:
+                        stamps[i].append(time.perf_counter())
+
+        async def long_request() -> None:
+            await asyncio.sleep(2.0)  # the streams are decoding by then
+            window.append(time.perf_counter())
+            body = {"prompt": long_prompt, "max_tokens": 1, "temperature": 0}
+            r = await http.post(f"{url}/v1/completions", json=body)
+            window.append(time.perf_counter())
+            window.append(r.json()["usage"]["prompt_tokens"])
+
+        await asyncio.gather(long_request(), *(stream(i) for i in range(streams)))
+    start, end, prompt_len = window
+    before = [b - a for st in stamps for a, b in zip(st, st[1:]) if b < start]
+    during = [b - a for st in stamps for a, b in zip(st, st[1:]) if b > start and a < end]
+    p50, p99 = pct(before, 0.5), pct(during, 0.99)
+    return {
+        "streams": streams,
+        "prompt_tokens": prompt_len,
+        "prefill_s": end - start,
+        "itl_p50_before": p50,
+        "itl_p99_during": p99,
+        "ratio": p99 / p50,
+    }
+
+
+async def run_scenarios(folder: Path, args) -> dict:
+    from nanochat.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(folder / "tokenizer")
+    ports = {"warm": free_port(), "cold": free_port()}
+    procs = {
+        "warm": start_server("ours", folder, ports["warm"], args.device, args.slots),
+        "cold": start_server("ours", folder, ports["cold"], args.device, args.slots, INFERENCE_PREFIX_CACHING="false"),
+    }
+    urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
+    try:
+        for url in urls.values():
+            await wait_up(url, "/ready")
+        prefix = await prefix_scenario(urls["warm"], urls["cold"], tokenizer, 1500)
+        print(
+            f"prefix cache: next turn of a {prefix['history_tokens']}-token conversation, TTFT p50 "
+            f"{prefix['ttft_warm_p50']:.3f}s cached vs {prefix['ttft_cold_p50']:.3f}s cold = {prefix['ratio']:.2f}x",
+            flush=True,
+        )
+        procs["cold"].terminate()  # idle, but the chunked scenario has the machine to itself
+        chunked = await chunked_scenario(urls["warm"], tokenizer, 16, 2000)
+        print(
+            f"chunked prefill: a {chunked['prompt_tokens']}-token prompt ({chunked['prefill_s']:.2f} s) beside "
+            f"{chunked['streams']} streams: their ITL p50 before {chunked['itl_p50_before'] * 1000:.1f} ms, "
+            f"p99 during {chunked['itl_p99_during'] * 1000:.1f} ms = {chunked['ratio']:.2f}x",
+            flush=True,
+        )
+        return {"prefix": prefix, "chunked": chunked}
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(15)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
@@ -367,6 +506,8 @@ def main() -> None:
         help="skip the baseline above this concurrency (it serves one request at a time, "
         "so its tok/s stays flat while a level of c requests takes c times as long)",
     )
+    parser.add_argument("--no-levels", action="store_true", help="skip the concurrency levels")
+    parser.add_argument("--no-scenarios", action="store_true", help="skip the prefix-cache and chunked-prefill runs")
     parser.add_argument("--baseline-server", metavar="FOLDER", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -380,7 +521,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_checkpoint(Path(tmp) / "model", args.depth, args.vocab, args.sequence_len)
-        rows = asyncio.run(bench_servers(folder, args))
+        rows = [] if args.no_levels else asyncio.run(bench_servers(folder, args))
+        scenarios = None if args.no_scenarios else asyncio.run(run_scenarios(folder, args))
 
     print(
         f"\ndepth {args.depth}, vocab {args.vocab} (incl. 9 specials), random weights, temperature 1 top_k 50, up to "
@@ -402,7 +544,7 @@ def main() -> None:
             f"{health_cell(r['health_p99'])} {r['errors']:6d} {r['rejected_429']:4d}"
         )
     by = {(r["server"], r["concurrency"]): r["tok_per_s"] for r in rows}
-    for c in args.concurrency:
+    for c in args.concurrency if rows else ():
         ours = by.get(("ours", c))
         ratios = [f"ours / {k} {ours / by[(k, c)]:.2f}x" for k in ("baseline", "ceiling") if ours and by.get((k, c))]
         print(f"concurrency {c:3d}: {', '.join(ratios)}")
@@ -413,7 +555,9 @@ def main() -> None:
             {
                 "args": {k: v for k, v in vars(args).items() if k not in ("baseline_server", "port")},
                 "torch": torch.__version__,
+                "load_average": os.getloadavg(),
                 "rows": rows,
+                "scenarios": scenarios,
             },
             indent=2,
         )

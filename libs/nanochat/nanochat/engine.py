@@ -87,6 +87,7 @@ class Row:
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     logits: torch.Tensor | None = None  # (vocab,) next-token logits; None until the last token is fed
     num_generated: int = 0  # tokens chosen so far, the stop token included
+    cached: int = 0  # once it left the batch: positions its slot's cache held (prompt + fed tokens)
 
     @property
     def finished(self) -> bool:
@@ -238,6 +239,7 @@ class DecodeBatch:
 
     def _release(self, row: Row) -> None:
         del self.rows[row.slot]
+        row.cached = int(self.cache.lengths[row.slot])
         self.cache.reset(row.slot)
         row.logits = None
 

@@ -37,8 +37,9 @@ row's length advances by `num_new[b]` (default T). `num_new` lets rows of unequa
 share one padded prefill call: the padding tokens after a row's real ones are written past its
 length and are never seen (their logits are garbage, ignore them). Cache methods:
 `reset(rows)` empties rows, `fork(src, dst)` copies row src's cached prefix (and length) into
-rows dst (prefill once, then sample num_samples continuations), `advance(n, rows)` moves lengths
-on, `truncate(rows, length)` rolls rows back. The cache holds k and v as
+rows dst (prefill once, then sample num_samples continuations), `copy(src, dst, start, stop)`
+copies positions between rows (a prefix cache's hit), `advance(n, rows)` moves lengths on,
+`truncate(rows, length)` rolls rows back. The cache holds k and v as
 (n_layer, batch, n_kv_head, max_len, head_dim) in the compute dtype (bf16 on CUDA, fp32 on CPU).
 
 Check: `python -m nanochat.gpt` prints the depth-20 speedrun model's parameter count.
@@ -212,6 +213,11 @@ class KVCache:
         if bool((new < 0).any()) or bool((new > self.max_len).any()):
             raise ValueError(f"lengths {new.tolist()} would leave the cache range [0, {self.max_len}]")
         self.lengths[r] = new
+
+    def copy(self, src: int, dst: int, start: int, stop: int) -> None:
+        """Copy row src's keys and values at positions [start, stop) into row dst (lengths unchanged)."""
+        self.k[:, dst, :, start:stop] = self.k[:, src, :, start:stop]
+        self.v[:, dst, :, start:stop] = self.v[:, src, :, start:stop]
 
     def fork(self, src: int, dst: int | Sequence[int] | torch.Tensor) -> None:
         """Copy row src's cached prefix and length into the rows dst."""

@@ -7,9 +7,11 @@ up front and admission is exact, a request needs `n` free slots). Each iteration
    their slots are free for this very iteration;
 2. admits waiting requests, first come first served, while enough slots are free;
 3. prefills admitted prompts in chunks under a token budget (`prefill_tokens` per iteration,
-   padding counted), so a long prompt is spread over several iterations instead of stalling
-   the decodes running beside it; when a prompt is complete its cached prefix is forked into
-   the request's `n` slots and those rows join the batch;
+   `decode_prefill_tokens` while rows decode, padding counted), so a long prompt is spread over
+   several iterations instead of stalling the decodes running beside it; what the prefix cache
+   (`prefix_cache.py`) already holds of a prompt is not prefilled again; when a prompt is
+   complete its cached prefix is forked into the request's `n` slots and those rows join the
+   batch;
 4. runs one decode step for every running row and hands each request its new tokens.
 
 Every request carries its own `SamplingParams` (and so its own seeded generator per sample: the
@@ -45,6 +47,7 @@ from typing import NamedTuple
 import torch
 
 from nanochat.engine import PREFILL_CHUNK, DecodeBatch, Engine, Row, SamplingParams, row_seed
+from nanochat.prefix_cache import BLOCK_SIZE, PrefixCache
 
 log = logging.getLogger("nanochat.scheduler")
 
@@ -105,12 +108,18 @@ class Scheduler:
         max_len: int | None = None,
         prefill_tokens: int = 2 * PREFILL_CHUNK,
         max_waiting: int = 256,
+        prefix_block: int = BLOCK_SIZE,
+        decode_prefill_tokens: int | None = None,
     ):
+        """prefix_block: the prefix cache's block size in tokens, 0 turns prefix caching off;
+        decode_prefill_tokens: the prefill budget of an iteration while rows decode (default: the same)."""
         if prefill_tokens < 1 or max_waiting < 0:
             raise ValueError(f"prefill_tokens must be >= 1 and max_waiting >= 0, got {prefill_tokens}, {max_waiting}")
         self.engine = engine
         self.batch: DecodeBatch = engine.new_batch(slots, max_len)
+        self.prefix = PrefixCache(self.batch.capacity, prefix_block) if prefix_block else None
         self.prefill_tokens = prefill_tokens
+        self.decode_prefill_tokens = min(prefill_tokens, decode_prefill_tokens or prefill_tokens)
         self.max_waiting = max_waiting
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -183,6 +192,8 @@ class Scheduler:
             used_slots=used,
             cache_positions_used=int(lengths.sum()),
             cache_positions=self.slots * self.max_len,
+            prefix_queries=self.prefix.queries if self.prefix else 0,
+            prefix_hits=self.prefix.hits if self.prefix else 0,
         )
 
     def idle(self) -> bool:
@@ -265,6 +276,7 @@ class Scheduler:
                 for i, row in enumerate(handle.rows):
                     if (sample is None or i == sample) and not handle.finished[i]:
                         self.batch.cancel(row)
+                        self._left(row)
                         del self._by_slot[row.slot]
                         handle.finished[i] = True
                         self._deliver(handle, [Event(i, finish_reason="cancelled")])
@@ -273,27 +285,59 @@ class Scheduler:
                 if handle in self._prefilling:
                     self._prefilling.remove(handle)
                     self._reserved.difference_update(handle.slots)
+                    for slot in handle.slots:
+                        self._released(slot)
                 self._finish_all(handle, "cancelled")
 
     def _admit(self) -> None:
         free = [s for s in self.batch.free_slots() if s not in self._reserved]
+        if self.prefix:
+            free = self.prefix.order(free)
         with self._cond:
             while self._waiting and self._waiting[0].n <= len(free):
                 handle = self._waiting.popleft()
-                handle.slots, free = free[: handle.n], free[handle.n :]
+                handle.slots = self._claim(handle, free)
+                free = [s for s in free if s not in handle.slots]
                 self._reserved.update(handle.slots)
-                self.batch.cache.reset(handle.slots[0])
                 self._prefilling.append(handle)
+
+    def _claim(self, handle: Handle, free: list[int]) -> list[int]:
+        """The request's slots, the head one holding whatever the prefix cache had of its prompt."""
+        cache = self.batch.cache
+        if self.prefix is None:
+            cache.reset(free[0])
+            return free[: handle.n]
+        claim = self.prefix.claim(handle.prompt, free)
+        for source, start, stop in claim.copies:
+            cache.copy(source, claim.slot, start, stop)
+        cache.reset(claim.slot)
+        cache.advance(claim.cached, claim.slot)
+        handle.prefilled = claim.cached
+        others = [s for s in free if s != claim.slot][: handle.n - 1]
+        for slot in others:
+            self.prefix.take(slot)
+        return [claim.slot, *others]
+
+    def _left(self, row: Row) -> None:
+        """A row left the batch: what its slot's cache holds stays findable until the slot is taken."""
+        if self.prefix:
+            self.prefix.register(row.slot, (row.prompt + row.tokens)[: row.cached])
+        self._released(row.slot)
+
+    def _released(self, slot: int) -> None:
+        if self.prefix:
+            self.prefix.release(slot)
 
     def _prefill(self) -> None:
         """Feed the next chunk of as many prefilling prompts as the token budget allows."""
         chosen: list[tuple[Handle, list[int]]] = []
         width = 0
+        budget = self.decode_prefill_tokens if self.batch.rows else self.prefill_tokens
         for handle in self._prefilling:
             left = len(handle.prompt) - handle.prefilled
-            chunk_len = min(left, PREFILL_CHUNK, max(self.prefill_tokens // (len(chosen) + 1), 1))
+            chunk_len = min(left, PREFILL_CHUNK, max(budget // (len(chosen) + 1), 1))
             new_width = max(width, chunk_len)
-            if chosen and new_width * (len(chosen) + 1) > self.prefill_tokens:
+            if chosen and new_width * (len(chosen) + 1) > budget:
                 break
             chosen.append((handle, handle.prompt[handle.prefilled : handle.prefilled + chunk_len]))
             width = new_width
@@ -312,6 +356,8 @@ class Scheduler:
 
     def _start_rows(self, handle: Handle, last_logits: torch.Tensor) -> None:
         """Fork the prefilled prompt into the request's slots and let its rows join the batch."""
+        if self.prefix:
+            self.prefix.register(handle.slots[0], handle.prompt)  # a running row never rewrites its prompt
         self.batch.cache.fork(handle.slots[0], handle.slots[1:])
         seed = secrets.randbits(62) if handle.params.seed is None else handle.params.seed
         handle.rows, handle.finished = [], [False] * handle.n
@@ -340,6 +386,7 @@ class Scheduler:
             elif not (finished and t.row.finish_reason == "stop"):
                 out.append(Event(sample, token=t.token, mask=t.mask))
             if finished:
+                self._left(t.row)
                 del self._by_slot[t.row.slot]
                 handle.finished[sample] = True
                 out.append(Event(sample, finish_reason=t.row.finish_reason))
@@ -361,6 +408,8 @@ class Scheduler:
         self._prefilling.clear()
         self._reserved.clear()
         self._by_slot.clear()
+        if self.prefix:
+            self.prefix.clear()  # a failed forward may have left any slot half written
         for handle in handles:
             self._finish_all(handle, "error", message)
 

@@ -109,7 +109,7 @@ def test_cancel_frees_the_slots_at_once(engine):
     long = SamplingParams(temperature=1.0, max_tokens=200, seed=0)
     c = Collector(2)
     handle = scheduler.submit(prompt(engine, "fox"), long, c, n=2)
-    waiting = Collector()
+    waiting = Collector(2)
     scheduler.submit(prompt(engine, "dog"), long, waiting, n=2)
     for _ in range(3):
         scheduler.iterate()
@@ -170,3 +170,58 @@ def test_thread_runs_requests_and_stop_cancels_the_rest(engine):
     scheduler.submit(prompt(engine, "dog"), SamplingParams(temperature=1.0, max_tokens=10_000), pending)
     scheduler.stop()
     assert pending.reasons == ["cancelled"]
+
+
+def greedy_tokens(scheduler: Scheduler, ids: list[int], max_tokens: int = 16) -> list[int]:
+    c = Collector()
+    scheduler.submit(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens), c)
+    run(scheduler)
+    return c.tokens[0]
+
+
+def test_prefix_cache_hits_give_the_output_of_a_cold_prefill(engine):
+    cold = Scheduler(engine, slots=4, prefill_tokens=64, prefix_block=0)
+    warm = Scheduler(engine, slots=4, prefill_tokens=64)  # chunked: 64 tokens an iteration
+    first = prompt(engine, "The lazy dog jumps. " * 12)
+    reply = greedy_tokens(warm, first)
+    assert warm.stats().prefix_hits == 0
+    # The next turn: the previous prompt and reply, then more; it lands on the same slot.
+    turn = first + reply + prompt(engine, "What is 7*3?")
+    assert greedy_tokens(warm, turn) == greedy_tokens(cold, turn)
+    stats = warm.stats()
+    assert stats.prefix_hits >= len(first + reply) - warm.prefix.block_size - 1
+    assert stats.prefix_queries == len(first) + len(turn)
+
+
+def test_a_shared_prefix_is_copied_from_a_running_row_inside_a_mixed_batch(engine):
+    system = prompt(engine, "Numbers like 1,234 add up. " * 6)
+    asks = [system + engine.tokenizer.encode(q) for q in (" fox", " What is 7*3?", " dog dog")]
+    cold = Scheduler(engine, slots=8, prefix_block=0)
+    expected = [greedy_tokens(cold, ids) for ids in asks]
+
+    warm = Scheduler(engine, slots=8, prefill_tokens=64)
+    collectors = []
+    for i, ids in enumerate(asks):
+        c = Collector()
+        warm.submit(ids, SamplingParams(temperature=0.0, max_tokens=16), c)
+        noise = Collector(2)
+        warm.submit(prompt(engine, "dog " * (i + 3)), SamplingParams(temperature=1.0, max_tokens=9, seed=i), noise, n=2)
+        collectors.append(c)
+        for _ in range(4):
+            warm.iterate()  # the first request runs while the next ones arrive
+    run(warm)
+    assert [c.tokens[0] for c in collectors] == expected
+    assert warm.stats().prefix_hits >= 2 * (len(system) // warm.prefix.block_size) * warm.prefix.block_size
+
+
+def test_taking_a_slot_evicts_its_blocks(engine):
+    scheduler = Scheduler(engine, slots=1)
+    a = prompt(engine, "The quick brown fox. " * 6)
+    greedy_tokens(scheduler, a)
+    assert scheduler.prefix.index, "a finished request's blocks stay findable"
+    greedy_tokens(scheduler, prompt(engine, "Numbers like 1,234. " * 6))
+    hits = scheduler.stats().prefix_hits
+    cold = Scheduler(engine, slots=1, prefix_block=0)
+    assert greedy_tokens(scheduler, a) == greedy_tokens(cold, a)
+    assert scheduler.stats().prefix_hits == hits, "the only slot was reused: nothing of a is left to hit"
+    assert all(len(holders) == 1 for holders in scheduler.prefix.index.values())

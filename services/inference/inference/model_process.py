@@ -27,6 +27,7 @@ close and exits.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -75,10 +76,9 @@ class RemoteHandle:
 # ---- the child ----------------------------------------------------------------------------------
 
 
-def serve(
-    conn: Connection, folder: str, device: str | None, slots: int, max_len: int, prefill_tokens: int, cpu_threads: int
-) -> None:
-    """The child process: load, then run the scheduler until told to stop or the pipe closes."""
+def serve(conn: Connection, folder: str, device: str | None, cpu_threads: int, options: dict) -> None:
+    """The child process: load, then run the scheduler (`options`: its keyword arguments, max_len 0
+    meaning the model's sequence_len) until told to stop or the pipe closes."""
     from nanochat.checkpoint import load_checkpoint
     from nanochat.common import autodetect_device
     from nanochat.engine import Engine
@@ -90,13 +90,8 @@ def serve(
             raise ValueError(f"checkpoint {folder} has no tokenizer/ folder; inference needs one")
         engine = Engine(ckpt.model, ckpt.tokenizer)
         # The parent enforces the waiting bound; the child takes whatever reaches it.
-        scheduler = Scheduler(
-            engine,
-            slots=slots,
-            max_len=max_len or ckpt.config.sequence_len,
-            prefill_tokens=prefill_tokens,
-            max_waiting=1 << 40,
-        )
+        options = {**options, "max_len": options.get("max_len") or ckpt.config.sequence_len}
+        scheduler = Scheduler(engine, max_waiting=1 << 40, **options)
     except Exception as e:
         conn.send(("failed", str(e)))
         return
@@ -212,13 +207,14 @@ class ModelProcess:
         cls,
         folder: str | Path,
         device: str | None = None,
-        slots: int = 32,
-        max_len: int = 0,
-        prefill_tokens: int = 512,
         max_waiting: int = 256,
         cpu_threads: int = 0,
+        **options,
     ) -> ModelProcess:
-        """Spawn the child and wait until it has loaded the model; ModelLoadError when it cannot."""
+        """Spawn the child and wait until it has loaded the model; ModelLoadError when it cannot.
+
+        `options` are the Scheduler's (slots, max_len, prefill_tokens, decode_prefill_tokens,
+        prefix_block)."""
         # A fork server imports torch once per HTTP process, so a model process starts in the time
         # its checkpoint takes to load (spawn: seconds of imports each time). Forking the HTTP
         # process itself is unsafe: it holds threads, and maybe torch's thread pools.
@@ -229,7 +225,7 @@ class ModelProcess:
             target=serve,
             name="inference-model",
             daemon=True,
-            args=(child_conn, str(folder), device, slots, max_len, prefill_tokens, cpu_threads),
+            args=(child_conn, str(folder), device, cpu_threads, options),
         )
         process.start()
         child_conn.close()
@@ -308,17 +304,8 @@ class ModelProcess:
         self.conn.close()
 
     def _stats_locked(self) -> Stats:
-        s = self._stats
         unread = self._last_submitted - self._seen
-        return Stats(
-            waiting=s.waiting + unread,
-            prefilling=s.prefilling,
-            running=s.running,
-            slots=s.slots,
-            used_slots=s.used_slots,
-            cache_positions_used=s.cache_positions_used,
-            cache_positions=s.cache_positions,
-        )
+        return dataclasses.replace(self._stats, waiting=self._stats.waiting + unread)
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:

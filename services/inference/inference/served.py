@@ -66,11 +66,13 @@ class ServedModel:
         scheduler = ModelProcess.start(
             folder,
             device=settings.device,
+            max_waiting=settings.max_waiting,
+            cpu_threads=settings.cpu_threads,
             slots=settings.slots,
             max_len=settings.max_len,
             prefill_tokens=settings.prefill_tokens,
-            max_waiting=settings.max_waiting,
-            cpu_threads=settings.cpu_threads,
+            decode_prefill_tokens=settings.decode_prefill_tokens,
+            prefix_block=settings.prefix_block if settings.prefix_caching else 0,
         )
         try:
             tokenizer = Tokenizer.load(Path(folder) / TOKENIZER_DIR)  # the child has checked its hashes

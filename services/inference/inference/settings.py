@@ -7,6 +7,7 @@ INFERENCE_API_TOKEN=...                          require `Authorization: Bearer 
 INFERENCE_SLOTS=32 INFERENCE_MAX_WAITING=256     KV-cache rows, waiting-queue bound (429 beyond)
 INFERENCE_MAX_PROMPTS=16                         prompts one /v1/completions call may carry (400 beyond)
 INFERENCE_CPU_THREADS=1                          torch threads of the model process on CPU (0: cores - 1)
+INFERENCE_PREFIX_CACHING=true                    reuse cached prompt prefixes (blocks of INFERENCE_PREFIX_BLOCK)
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ class Settings(BaseSettings):
     slots: int = Field(default=32, ge=1)
     # Positions per slot; 0 means the model's sequence_len.
     max_len: int = Field(default=0, ge=0)
+    # Prompt tokens prefilled per iteration; while rows decode, at most decode_prefill_tokens, so
+    # a long prompt arriving is spread over many short iterations instead of stalling the streams.
     prefill_tokens: int = Field(default=512, ge=1)
+    decode_prefill_tokens: int = Field(default=64, ge=1)
+    # Automatic prefix caching: a prompt's full blocks of prefix_block tokens already in the cache
+    # (an earlier turn of the conversation, a shared system prompt) are not prefilled again.
+    prefix_caching: bool = True
+    prefix_block: int = Field(default=16, ge=1)
     max_waiting: int = Field(default=256, ge=0)
     # One /v1/completions call with a long `prompt` list would otherwise take every slot and the queue.
     max_prompts: int = Field(default=16, ge=1)

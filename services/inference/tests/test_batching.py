@@ -155,3 +155,37 @@ def test_full_queue_is_429_with_retry_after(checkpoints):
         )
     finally:
         s.stop()
+
+
+def test_a_prefix_cache_hit_inside_a_mixed_batch_gives_the_cold_greedy_output(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    history = [
+        {"role": "user", "content": "Unicode too: héllo wörld, naïve café. " * 4},
+        {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 2},
+        {"role": "user", "content": "What is 7*3? It is 21."},
+    ]
+
+    def greedy():
+        reply = client.chat.completions.create(model="nanochat", messages=history, max_tokens=12, temperature=0)
+        return reply.choices[0].message.content
+
+    hits = scrape(server.url)["nanochat:prefix_cache_hits_total"]
+    cold = greedy()
+
+    def mixed(i):
+        if i == 0:
+            return greedy()
+        stream = client.chat.completions.create(
+            model="nanochat",
+            messages=history[:2] + [{"role": "user", "content": "Numbers like " * i}],
+            max_tokens=5 + i,
+            temperature=0.9,
+            seed=i,
+            stream=True,
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(mixed, range(8)))
+    assert results[0] == cold
+    assert scrape(server.url)["nanochat:prefix_cache_hits_total"] > hits
