@@ -112,6 +112,13 @@ def _version(s: Session, name: str, version: int, states: Iterable[str] | None =
     return v
 
 
+def _utc(moment: datetime | None) -> datetime | None:
+    """Times are written in UTC; SQLite gives them back without their zone, which is put back."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
+
+
 def version_dict(s: Session, v: Version) -> dict:
     files = s.scalars(select(File).where(File.version_id == v.id).order_by(File.path)).all()
     aliases = s.scalars(select(Alias.alias).where(Alias.name == v.name, Alias.version == v.version)).all()
@@ -128,8 +135,8 @@ def version_dict(s: Session, v: Version) -> dict:
         "meta": json_values.readable(v.meta or {}, f"{v.name} v{v.version} meta"),
         "parent": parent,
         "job_id": v.job_id,
-        "created_at": v.created_at,
-        "committed_at": v.committed_at,
+        "created_at": _utc(v.created_at),
+        "committed_at": _utc(v.committed_at),
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files if f.kind == "model"],
         "attachments": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files if f.kind == "attachment"],
         "aliases": sorted(aliases),

@@ -407,3 +407,21 @@ def test_401_404_422_share_the_error_shape(client, name):
     assert refused.json()["error"]["type"] == "authentication_error"
     assert missing.json()["error"]["code"] == unknown_route.json()["error"]["code"] == "not_found"
     assert invalid.json()["error"]["param"] == "limit" and invalid.json()["error"]["code"] == "invalid_value"
+
+
+def test_timestamps_carry_their_time_zone(client, name):
+    """RFC 3339 date-times, as the OpenAPI document says: SQLite hands DateTime columns back without
+    their zone, which was answered as a bare local-looking time."""
+    from datetime import datetime
+
+    v = publish(client, name, files_of("tz"))["version"]
+    answers = [
+        client.get(f"/v1/models/{name}/versions/{v}").json(),
+        client.get(f"/v1/models/{name}/versions").json()["items"][0],
+        client.get(f"/v1/resolve/{name}").json(),
+        client.patch(f"/v1/models/{name}/versions/{v}", headers=AUTH, json={"metrics": {"x": 1}}).json(),
+        client.get(f"/v1/models/{name}/versions/{v}/lineage").json()["version"],
+    ]
+    for answer in answers:
+        for key in ("created_at", "committed_at"):
+            assert datetime.fromisoformat(answer[key].replace("Z", "+00:00")).utcoffset() is not None, answer[key]
