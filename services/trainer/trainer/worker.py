@@ -5,7 +5,13 @@
 It uses RQ's SimpleWorker (the task runs in the worker process itself, no fork), so the worker's
 heartbeat and the job's heartbeat die together: if the worker is SIGKILLed, torchrun's group,
 alone in its session, is found by a reaper (`trainer.reaper`, a thread in every worker and in the
-API) once the heartbeat is older than `heartbeat_limit`, killed, and the job failed or re-queued.
+API) once the heartbeat is older than `heartbeat_limit`, killed, and the job retried as a new
+attempt on a live worker (its `max_attempts` allowing) or failed. A new attempt of this node on
+this host first stops anything an earlier one left running. A Redis or database blip does not
+stop a running stage: the stop check rides it out (`trainer.outage`).
+
+The worker runs only its own task: a queued job naming any other function is refused before RQ
+imports what it names (`TrainerTask`), since whoever can write to Redis can queue one.
 
 Per step the node task (`run_node`): meets the other nodes at a barrier (nnodes > 1), fetches the
 step's input version from the registry, runs `torchrun -m nanochat.stages.<stage>` with the
