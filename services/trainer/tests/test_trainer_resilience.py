@@ -25,6 +25,7 @@ from trainer_testlib import AUTH, wait_job, wait_progress
 SLEEPY = {"stage_modules": {"make_data": "sleepy_stage"}}
 
 
+@pytest.mark.slow
 def test_a_redis_restart_during_a_job_does_not_fail_it(settings, start_worker, tmp_path):
     # Its own Redis: this test stops it, and the session's is shared by every other test.
     redis = start_redis()
@@ -46,6 +47,7 @@ def test_a_redis_restart_during_a_job_does_not_fail_it(settings, start_worker, t
         redis.stop()
 
 
+@pytest.mark.slow
 def test_the_worker_refuses_a_task_that_names_another_function(settings, start_worker, tmp_path):
     marker = tmp_path / "ran"
     worker = start_worker()
@@ -114,3 +116,21 @@ def test_one_reaper_per_host_acts(settings):
         assert job.status == "failed" and [a.status for a in job.attempt_rows] == ["lost"]
     first.lease.release()
     assert second.leads()
+
+
+@pytest.mark.slow
+def test_a_stage_error_is_retried_only_when_the_job_asks(api, start_worker):
+    worker = start_worker(extra_env={"SLEEPY_FAIL": "1"}, **SLEEPY)
+    once = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+    job = wait_job(api, once, worker=worker)
+    assert job["status"] == "failed" and [a["status"] for a in job["attempts"]] == ["failed"]
+    assert "sleepy stage was told to fail" in job["error"]
+
+    asked = api.post(
+        "/v1/jobs", json={"stage": "make_data", "retry_on_error": True, "max_attempts": 2}, headers=AUTH
+    ).json()["id"]
+    job = wait_job(api, asked, timeout=180, worker=worker)
+    assert job["status"] == "failed" and job["attempt"] == 2, job
+    assert [(a["attempt"], a["status"]) for a in job["attempts"]] == [(1, "failed"), (2, "failed")]
+    assert all("sleepy stage was told to fail" in a["error"] for a in job["attempts"])
+    assert "2 of 2 attempts failed" in job["error"]
