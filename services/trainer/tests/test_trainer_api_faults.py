@@ -182,6 +182,19 @@ def test_plain_logs_answer_a_bounded_window_of_a_huge_log(api, settings):
     assert_error(api.get(url, params={"follow": "true", "limit": 5}), 422, param="limit")
 
 
+def test_a_followed_log_line_longer_than_a_chunk_is_sent_whole(api, settings):
+    job = submit(api, {"stage": "make_data", "options": TINY_DATA}).json()
+    with api.app.state.trainer.db.session() as s:
+        s.execute(update(Job).where(Job.id == job["id"]).values(status="failed"))
+    path = log_path(settings, job["id"], 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * 200_000 + b"\nend")
+    text = api.get(f"/v1/jobs/{job['id']}/logs", params={"follow": "true"}).text
+    data = "".join(line[6:] for line in text.split("\n") if line.startswith("data: ") and "offset" not in line)
+    assert data == "x" * 200_000 + "end"
+    assert f"id: {path.stat().st_size}\nevent: end" in text
+
+
 def write_events(path: Path, events: list[dict], mode: str = "a") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, mode) as f:

@@ -125,7 +125,9 @@ async def _events(
             ended = await followers.ended(job_id, check)
             chunk = await asyncio.to_thread(read_window, path, pos, SSE_CHUNK) if _size(path) > pos else b""
             cut = chunk.rfind(b"\n") + 1
-            if cut == 0 and ended and len(chunk) < SSE_CHUNK:
+            # Whole lines, but a line longer than a chunk goes in pieces, and an ended job's last
+            # unfinished line as it is.
+            if cut == 0 and (ended or len(chunk) == SSE_CHUNK):
                 cut = len(chunk)
             if cut:
                 for piece in chunk[:cut].splitlines(keepends=True) if lines else [chunk[:cut]]:
