@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nanochat_testing.data import make_tiny_data
+from nanochat_testing.data import TINY_DATA
 from nanochat_testing.servers import free_port
 from ray import cluster_utils
 from trainer.procs import JOB_MARKER, PROC, node_tag, processes_with_env
@@ -63,8 +65,14 @@ def ray_cluster() -> Iterator:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TINY_DATA in row groups small enough for two ranks to get a share of each split."""
     scratch = tmp_path_factory.mktemp("ray-tiny-data")
-    return make_tiny_data(scratch / "data", scratch)
+    config = scratch / "make_data.json"
+    config.write_text(json.dumps({**TINY_DATA, "row_group_size": 25}))
+    data = scratch / "data"
+    command = [sys.executable, "-m", "nanochat.stages.make_data", "--config", str(config), "--data-dir", str(data)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    return data
 
 
 @pytest.fixture
@@ -152,7 +160,8 @@ def test_two_ray_nodes_train_step_for_step_like_one_node_with_two_processes(api,
 
     expected = losses(settings, local)
     assert [step for step, _ in expected] == list(range(1, BASE["num_iterations"] + 1))
-    assert losses(settings, gang) == pytest.approx(expected, rel=1e-6)
+    # The same arithmetic in the same order on both layouts: equal to the last bit.
+    assert losses(settings, gang) == expected
     assert job["metrics"]["world_size"] == 2 and job["step"] == BASE["num_iterations"]
     assert [p["stage"] for p in job["produced"]] == ["base"]
     assert [n["status"] for n in job["nodes"]] == ["succeeded", "succeeded"]
@@ -194,12 +203,12 @@ def test_a_ray_node_lost_mid_job_ends_the_attempt_within_60_s(api, settings, ray
     victim.kill_raylet()
     while True:
         job = api.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] != "running" or job["attempts"] > 0:
+        if job["status"] != "running" or job["attempt"] > 1:
             break
         assert time.monotonic() - start < 60, f"job still running 60 s after its node was lost: {job}"
         time.sleep(0.2)
     # Per the job's retry policy (max_attempts 3 by default): queued again, or failed.
-    assert job["attempts"] == 1 or job["status"] == "failed", job
+    assert job["attempt"] == 2 or job["status"] == "failed", job
     assert "lost" in (job["error"] or ""), job
     # Attempt 1's processes are gone; attempt 2 waits for a second Ray node to be placed.
     deadline = time.monotonic() + 30
@@ -210,7 +219,7 @@ def test_a_ray_node_lost_mid_job_ends_the_attempt_within_60_s(api, settings, ray
         return
     ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     retried = wait_progress(api, job_id, timeout=240, worker=ray_worker)
-    assert retried["attempts"] == 1
+    assert retried["attempt"] == 2 and "was lost" in retried["attempts"][0]["error"], retried["attempts"]
     log = api.get(f"/v1/jobs/{job_id}/logs").text
     commands = [line for line in log.splitlines() if "torchrun " in line and line.startswith("[trainer] $")]
     assert commands[-1].endswith("--resume"), commands

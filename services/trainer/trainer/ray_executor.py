@@ -44,22 +44,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
-from nanochat_contracts.events import parse_event_line
-from ray.exceptions import RayActorError, RayError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from sqlalchemy import update
+# The Ray nodes run the trainer's image: no code is shipped to them. Read when ray is imported:
+# Ray's uv hook would otherwise upload the worker's folder and start every actor through `uv run`
+# whenever the worker itself runs under it (make up, the tests).
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from trainer.db import Job, JobNode
-from trainer.node_context import Context, StepFailed
-from trainer.node_state import finish_node, heartbeat
-from trainer.paths import log_path
-from trainer.procs import JOB_MARKER, node_tag
-from trainer.ray_actor import STDOUT, StageActor
-from trainer.runner import POLL_S, StageResult, _Log, _record, tail, watch
-from trainer.settings import Settings
-from trainer.worker import NodeRun
+import ray  # noqa: E402
+from nanochat_contracts.events import parse_event_line  # noqa: E402
+from ray.exceptions import RayActorError, RayError  # noqa: E402
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group  # noqa: E402
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+from sqlalchemy import update  # noqa: E402
+
+from trainer.db import Job, JobNode  # noqa: E402
+from trainer.node_context import Context, StepFailed  # noqa: E402
+from trainer.node_state import finish_node, heartbeat  # noqa: E402
+from trainer.paths import log_path  # noqa: E402
+from trainer.procs import JOB_MARKER, node_tag  # noqa: E402
+from trainer.ray_actor import STDOUT, StageActor  # noqa: E402
+from trainer.runner import POLL_S, StageResult, _Log, _record, tail, watch  # noqa: E402
+from trainer.settings import Settings  # noqa: E402
+from trainer.worker import NodeRun  # noqa: E402
 
 NAMESPACE = "nanochat-trainer"
 # Worker variables a stage on a Ray node gets besides the job's own (by name prefix).
