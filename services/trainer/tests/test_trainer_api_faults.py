@@ -19,7 +19,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from nanochat.dataset import download_file
 from nanochat_testing.data import TINY_DATA
-from nanochat_testing.servers import Server, free_port, start_redis
+from nanochat_testing.servers import Server, free_port, start_postgres, start_redis
 from sqlalchemy import event, update
 from trainer.api import create_app
 from trainer.db import Job
@@ -327,6 +327,37 @@ def test_followers_are_capped_and_share_one_job_poll(settings):
             assert "last line" in tail and "event: end" in tail and "\r" not in tail
             for o in opened[1:]:
                 o.__exit__(None, None, None)
+
+
+def test_a_database_that_is_gone_is_503_and_open_streams_ride_it_out(settings):
+    postgres = start_postgres()
+    try:
+        database_url = "postgresql+psycopg://" + postgres.url.split("://", 1)[1]
+        settings = settings.model_copy(update={"database_url": database_url})
+        with served(settings) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+            body = {"stage": "make_data", "options": TINY_DATA}
+            job_id = client.post("/v1/jobs", json=body, headers=AUTH).json()["id"]
+            path = log_path(settings, job_id, 0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("before\n")
+            with client.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}) as stream:
+                chunks = stream.iter_text()
+                assert "before" in read_until(chunks, "before")
+                postgres.stop()
+                with httpx.Client(base_url=url, timeout=20) as other:
+                    for r in (
+                        other.get("/v1/jobs"),
+                        other.get(f"/v1/jobs/{job_id}"),
+                        other.post("/v1/jobs", json=body, headers=AUTH),
+                        other.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH),
+                    ):
+                        assert_error(r, 503)
+                        assert int(r.headers["Retry-After"]) > 0
+                with open(path, "a") as f:
+                    f.write("during\n")
+                assert "during" in read_until(chunks, "during")
+    finally:
+        postgres.stop()
 
 
 def test_option_urls_must_be_http_or_https(api):

@@ -14,15 +14,20 @@ metrics in `trainer.collector`; this module builds the app around them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 from service_kit import logs
 from service_kit.app import create_app as create_service_app
 from service_kit.auth import Tokens
+from service_kit.errors import error_response
 from service_kit.ops import Readiness, probe
+from sqlalchemy.exc import OperationalError
 
 from trainer.collector import JobCollector
 from trainer.db import migrate
@@ -31,11 +36,29 @@ from trainer.registry import Registry
 from trainer.routes import jobs, stages
 from trainer.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
+
 
 def readiness(request: Request) -> Readiness:
     state = get_state(request)
     return Readiness(
         {"database": probe(state.db.ping), "redis": probe(state.redis.ping), "registry": probe(state.registry.ping)}
+    )
+
+
+# Seconds a client waits before trying again when the database or Redis cannot be reached.
+STORE_RETRY_AFTER_S = 5
+
+
+async def store_unavailable(request: Request, e: Exception) -> JSONResponse:
+    """A database or Redis that cannot be reached (down, restarting, locked past the busy timeout)
+    answers 503 with Retry-After, not a 500: the request was fine and may simply be sent again."""
+    store = "Redis" if isinstance(e, RedisError) else "the job database"
+    log.warning("%s unavailable for %s %s: %s", store, request.method, request.url.path, e)
+    return error_response(
+        503,
+        f"{store} cannot be reached right now; try again shortly",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
     )
 
 
@@ -70,6 +93,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         lifespan=lifespan,
         description="Launch and watch nanochat training jobs: stages and pipelines run under torchrun.",
     )
+    app.add_exception_handler(OperationalError, store_unavailable)
+    app.add_exception_handler(RedisError, store_unavailable)
     for routes in (stages, jobs):
         app.include_router(routes.router, prefix="/v1")
         # The bare paths are the mission's spelling (`POST /jobs`); /v1 is canonical and documented.

@@ -8,6 +8,7 @@ job-state check per job every `follow_poll_s` instead of each asking the databas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import HTTPException
+from sqlalchemy.exc import OperationalError
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
@@ -78,10 +80,12 @@ class Followers:
             self._checks.pop(job_id, None)
 
     async def ended(self, job_id: str, check: _Check) -> bool:
-        """Whether the job is over, asked at most once every `poll_s` for all its followers."""
+        """Whether the job is over, asked at most once every `poll_s` for all its followers; while
+        the database cannot be reached, what it last said (the streams go on, and ask again)."""
         async with check.lock:
             if time.monotonic() - check.checked_at >= self.poll_s:
-                check.ended = await asyncio.to_thread(self._job_ended, job_id)
+                with contextlib.suppress(OperationalError):
+                    check.ended = await asyncio.to_thread(self._job_ended, job_id)
                 check.checked_at = time.monotonic()
         return check.ended
 
