@@ -122,6 +122,10 @@ async def chat(request: Request):
                 delta = {"content": text} if kind == "text" else {"nanochat_tool": {"type": kind, "text": text}}
                 yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta}]})}\n\n"
             yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                # As the inference service does: a last chunk with no choices and the counts.
+                usage = {"prompt_tokens": 10, "completion_tokens": len(deltas), "total_tokens": 10 + len(deltas)}
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
             done = True
         finally:

@@ -103,6 +103,24 @@ function route() {
   else page = mountChat(view, app);
 }
 
+// Dark mode follows the system until the toggle picks one; the pick is kept in this browser.
+const THEME = "nanochat.theme";
+const themeButton = document.getElementById("theme-toggle");
+const systemDark = window.matchMedia("(prefers-color-scheme: dark)");
+function applyTheme() {
+  const picked = localStorage.getItem(THEME);
+  const dark = picked ? picked === "dark" : systemDark.matches;
+  document.documentElement.dataset.theme = dark ? "dark" : "light";
+  themeButton.setAttribute("aria-pressed", String(dark));
+  themeButton.title = dark ? "Switch to light mode" : "Switch to dark mode";
+}
+themeButton.addEventListener("click", () => {
+  localStorage.setItem(THEME, document.documentElement.dataset.theme === "dark" ? "light" : "dark");
+  applyTheme();
+});
+systemDark.addEventListener("change", applyTheme);
+applyTheme();
+
 document.getElementById("menu-toggle").addEventListener("click", () => document.body.classList.toggle("sidebar-open"));
 window.addEventListener("hashchange", route);
 

@@ -1,7 +1,10 @@
-// The chat page: conversation list, streamed answers with Stop / Regenerate / Edit, settings.
+// The chat page: streamed answers with Stop / Regenerate / Edit (both keep the old branch as a
+// sibling, ‹ 1/2 ›), a system prompt per chat, sampling settings, copy buttons, tokens/s.
 import { ApiError, streamChat } from "./api.js";
-import { h } from "./dom.js";
-import { renderMarkdown } from "./markdown.js";
+import { append, branchFrom, pathOf, removeLeaf, select, siblingsOf } from "./branches.js";
+import { mountSidebar } from "./chat_sidebar.js";
+import { formatNumber, h } from "./dom.js";
+import { copyButton, renderMarkdown } from "./markdown.js";
 import { loadConversations, loadSettings, newConversation, saveConversations, saveSettings } from "./store.js";
 
 export function modelLabel(model) {
@@ -36,6 +39,37 @@ function renderParts(parts) {
   return body;
 }
 
+// "N tokens · X tok/s": the rate counts from the first token, so it is the decoding speed.
+function statsText(stats) {
+  if (!stats || !stats.tokens) return "";
+  const rate = stats.tokens > 1 && stats.seconds > 0 ? ` · ${formatNumber((stats.tokens - 1) / stats.seconds)} tok/s` : "";
+  return `${stats.tokens} token${stats.tokens === 1 ? "" : "s"}${rate}`;
+}
+
+function settingsPanel(settings, onChange) {
+  const field = (label, input) => h("label", {}, h("span", {}, label), input);
+  const inputs = {
+    system: h("textarea", { rows: 2, "data-setting": "system", placeholder: "For this chat only" }),
+    temperature: h("input", { type: "number", min: 0, max: 2, step: 0.1, "data-setting": "temperature" }),
+    top_k: h("input", { type: "number", min: 1, max: 200, step: 1, "data-setting": "top_k" }),
+    max_tokens: h("input", { type: "number", min: 1, max: 4096, step: 1, "data-setting": "max_tokens" }),
+  };
+  const el = h("details", { class: "settings", "data-testid": "settings" },
+    h("summary", {}, "Settings"),
+    field("System prompt", inputs.system), field("Temperature", inputs.temperature),
+    field("Top-k", inputs.top_k), field("Max tokens", inputs.max_tokens));
+  for (const key of ["temperature", "top_k", "max_tokens"]) inputs[key].value = settings[key];
+  el.addEventListener("change", () => {
+    const num = (input, fallback) => (Number.isFinite(input.valueAsNumber) ? input.valueAsNumber : fallback);
+    onChange({
+      temperature: Math.min(2, Math.max(0, num(inputs.temperature, settings.temperature))),
+      top_k: Math.max(1, Math.round(num(inputs.top_k, settings.top_k))),
+      max_tokens: Math.max(1, Math.round(num(inputs.max_tokens, settings.max_tokens))),
+    }, inputs.system.value);
+  });
+  return { el, system: inputs.system };
+}
+
 export function mountChat(root, app) {
   let conversations = loadConversations();
   let settings = loadSettings();
@@ -43,149 +77,147 @@ export function mountChat(root, app) {
   let controller = null;
   let retryTimer = null;
 
-  const list = h("ul", { class: "conv-list", "data-testid": "conversation-list" });
   const messages = h("div", { class: "messages", "data-testid": "messages", "aria-live": "polite" });
   const errorBox = h("div", { class: "chat-error", role: "alert", "data-testid": "chat-error", hidden: true });
   const prompt = h("textarea", { id: "prompt", rows: 1, placeholder: "Message nanochat (Enter sends, Shift+Enter for a new line)", "aria-label": "Message" });
   const send = h("button", { type: "submit", class: "primary", "data-testid": "send" }, "Send");
-  const stop = h("button", { type: "button", class: "danger", "data-testid": "stop", hidden: true }, "Stop");
-  const field = (label, input) => h("label", {}, h("span", {}, label), input);
-  const systemInput = h("textarea", { rows: 2, "data-setting": "system" });
-  const temperatureInput = h("input", { type: "number", min: 0, max: 2, step: 0.1, "data-setting": "temperature" });
-  const topKInput = h("input", { type: "number", min: 1, max: 200, step: 1, "data-setting": "top_k" });
-  const maxTokensInput = h("input", { type: "number", min: 1, max: 4096, step: 1, "data-setting": "max_tokens" });
-  const settingsPanel = h("details", { class: "settings", "data-testid": "settings" },
-    h("summary", {}, "Settings"),
-    field("System prompt", systemInput), field("Temperature", temperatureInput),
-    field("Top-k", topKInput), field("Max tokens", maxTokensInput));
+  const stop = h("button", { type: "button", class: "danger", "data-testid": "stop", title: "Stop (Esc)", hidden: true }, "Stop");
   const composer = h("form", { class: "composer" }, prompt, h("div", { class: "composer-buttons" }, stop, send));
-
-  root.replaceChildren(h("div", { class: "chat" },
-    h("aside", { class: "sidebar", id: "sidebar" },
-      h("button", { type: "button", class: "primary new-chat", "data-testid": "new-chat", onclick: startNew }, "+ New chat"),
-      list),
-    h("section", { class: "chat-main" }, messages, errorBox, composer, settingsPanel)));
-
-  systemInput.value = settings.system;
-  temperatureInput.value = settings.temperature;
-  topKInput.value = settings.top_k;
-  maxTokensInput.value = settings.max_tokens;
-  settingsPanel.addEventListener("change", () => {
-    const num = (input, fallback) => (Number.isFinite(input.valueAsNumber) ? input.valueAsNumber : fallback);
-    settings = {
-      system: systemInput.value,
-      temperature: Math.min(2, Math.max(0, num(temperatureInput, settings.temperature))),
-      top_k: Math.max(1, Math.round(num(topKInput, settings.top_k))),
-      max_tokens: Math.max(1, Math.round(num(maxTokensInput, settings.max_tokens))),
-    };
-    saveSettings(settings);
-  });
-
   const current = () => conversations.find((c) => c.id === currentId) ?? null;
   const persist = () => saveConversations(conversations);
+  const panel = settingsPanel(settings, (next, system) => {
+    settings = next;
+    saveSettings(settings);
+    const conv = current() ?? createConversation();
+    conv.system = system;
+    persist();
+  });
+  const sidebar = mountSidebar({
+    conversations: () => conversations,
+    currentId: () => currentId,
+    open(id) {
+      if (controller) return;
+      currentId = id;
+      showConversation();
+      document.body.classList.remove("sidebar-open");
+    },
+    remove(id) {
+      if (controller && id === currentId) return;
+      conversations = conversations.filter((c) => c.id !== id);
+      if (currentId === id) currentId = conversations[0]?.id ?? null;
+      persist();
+      showConversation();
+    },
+    imported(list) {
+      conversations = [...list, ...conversations];
+      if (!controller && list.length) currentId = list[0].id;
+      persist();
+      showConversation();
+    },
+    persist,
+    startNew,
+    error: (message) => showError(new ApiError(0, "import_failed", message), null),
+  });
 
-  function startNew() {
+  root.replaceChildren(h("div", { class: "chat" }, sidebar.el,
+    h("section", { class: "chat-main" }, messages, errorBox, composer, panel.el)));
+
+  function createConversation() {
     const conv = newConversation();
     conversations.unshift(conv);
     currentId = conv.id;
-    persist();
+    return conv;
+  }
+
+  function showConversation() {
     clearError();
-    renderList();
+    panel.system.value = current()?.system ?? "";
+    sidebar.render();
     renderMessages();
+  }
+
+  function startNew() {
+    if (controller) return;
+    createConversation();
+    persist();
+    showConversation();
     document.body.classList.remove("sidebar-open");
     prompt.focus();
   }
 
-  function renderList() {
-    list.replaceChildren(...conversations.map((conv) => {
-      const title = h("button", { type: "button", class: "conv-title", title: conv.title }, conv.title);
-      title.addEventListener("click", () => {
-        if (controller) return;
-        currentId = conv.id;
-        clearError();
-        renderList();
-        renderMessages();
-        document.body.classList.remove("sidebar-open");
-      });
-      const rename = h("button", { type: "button", class: "icon", "aria-label": `Rename ${conv.title}`, "data-testid": "rename" }, "✎");
-      rename.addEventListener("click", () => {
-        const input = h("input", { type: "text", value: conv.title, "aria-label": "Conversation name", "data-testid": "rename-input" });
-        const done = (keep) => {
-          if (keep && input.value.trim()) { conv.title = input.value.trim().slice(0, 80); persist(); }
-          renderList();
-        };
-        input.addEventListener("keydown", (e) => {
-          if (e.key === "Enter") { e.preventDefault(); done(true); }
-          if (e.key === "Escape") done(false);
-        });
-        input.addEventListener("blur", () => done(true));
-        title.replaceWith(input);
-        input.focus();
-        input.select();
-      });
-      const remove = h("button", { type: "button", class: "icon", "aria-label": `Delete ${conv.title}`, "data-testid": "delete" }, "✕");
-      remove.addEventListener("click", () => {
-        if (controller && conv.id === currentId) return;
-        conversations = conversations.filter((c) => c.id !== conv.id);
-        if (currentId === conv.id) currentId = conversations[0]?.id ?? null;
-        persist();
-        renderList();
-        renderMessages();
-      });
-      return h("li", { class: conv.id === currentId ? "active" : "", "data-testid": "conversation" }, title, rename, remove);
-    }));
+  function switcher(conv, message) {
+    const siblings = siblingsOf(conv, message);
+    if (siblings.length < 2) return null;
+    const at = siblings.indexOf(message);
+    const go = (step) => () => {
+      if (controller) return;
+      select(conv, siblings[(at + step + siblings.length) % siblings.length]);
+      persist();
+      renderMessages();
+    };
+    return h("span", { class: "switcher", "data-testid": "branches" },
+      h("button", { type: "button", class: "icon", "aria-label": "Previous version", "data-testid": "branch-prev", onclick: go(-1) }, "‹"),
+      h("span", { "data-testid": "branch-count" }, `${at + 1}/${siblings.length}`),
+      h("button", { type: "button", class: "icon", "aria-label": "Next version", "data-testid": "branch-next", onclick: go(1) }, "›"));
   }
 
-  function messageView(message, index, conv) {
-    if (message.role === "note") return h("div", { class: "note", "data-testid": "model-note" }, message.text);
-    const isLast = index === conv.messages.length - 1;
+  function messageView(message, isLast, conv) {
     const el = h("div", { class: `msg ${message.role}`, "data-testid": "message", "data-role": message.role, "data-state": message.state || "done" });
     const body = h("div", { class: "body" });
     el.append(body);
+    const text = message.role === "user" ? message.content : textOf(message.parts);
+    const actions = h("div", { class: "actions" }, switcher(conv, message));
     if (message.role === "user") {
       body.textContent = message.content;
       const edit = h("button", { type: "button", class: "link", "data-testid": "edit" }, "Edit");
-      edit.addEventListener("click", () => editMessage(el, body, index));
-      el.append(h("div", { class: "actions" }, edit));
+      edit.addEventListener("click", () => editMessage(el, body, message));
+      actions.append(copyButton(() => text, "Copy message", "copy-message", "link"), edit);
     } else {
       body.append(renderParts(message.parts));
       const meta = [modelLabel(message.model)];
       if (message.state === "stopped" || message.state === "interrupted") meta.push(message.state);
-      const actions = h("div", { class: "actions" }, h("span", { class: "meta" }, meta.join(" · ")));
+      actions.append(h("span", { class: "meta" }, meta.join(" · ")),
+        h("span", { class: "meta stats", "data-testid": "stats" }, statsText(message.stats)));
+      if (message.state !== "streaming") actions.append(copyButton(() => textOf(message.parts), "Copy answer", "copy-message", "link"));
       if (isLast && message.state !== "streaming") {
-        actions.append(h("button", { type: "button", class: "link", "data-testid": "regenerate", onclick: regenerate }, "Regenerate"));
+        actions.append(h("button", { type: "button", class: "link", "data-testid": "regenerate", onclick: () => regenerate(message) }, "Regenerate"));
       }
-      el.append(actions);
     }
+    el.append(actions);
     return el;
+  }
+
+  function noteViews(conv, after) {
+    return conv.notes.filter((n) => n.after === after).map((n) => h("div", { class: "note", "data-testid": "model-note" }, n.text));
   }
 
   function renderMessages() {
     const conv = current();
-    if (!conv || conv.messages.length === 0) {
+    const path = conv ? pathOf(conv) : [];
+    if (!path.length) {
       messages.replaceChildren(h("div", { class: "empty" },
         h("h2", {}, "Chat with nanochat"),
         h("p", {}, `Serving: ${modelLabel(app.model())}`)));
       return;
     }
-    messages.replaceChildren(...conv.messages.map((m, i) => messageView(m, i, conv)));
+    messages.replaceChildren(...noteViews(conv, null),
+      ...path.flatMap((m, i) => [messageView(m, i === path.length - 1, conv), ...noteViews(conv, m.id)]));
     messages.scrollTop = messages.scrollHeight;
   }
 
-  function editMessage(el, body, index) {
+  function editMessage(el, body, message) {
     if (controller) return;
     const conv = current();
-    const input = h("textarea", { class: "edit-box", rows: 3, "data-testid": "edit-input" });
-    input.value = conv.messages[index].content;
+    const input = h("textarea", { class: "edit-box", rows: 3, "data-testid": "edit-input", "aria-label": "Edit message" });
+    input.value = message.content;
     const save = h("button", { type: "button", class: "primary", "data-testid": "edit-save" }, "Save & send");
     const cancel = h("button", { type: "button" }, "Cancel");
     cancel.addEventListener("click", renderMessages);
     save.addEventListener("click", () => {
       const text = input.value.trim();
       if (!text) return;
-      // Everything after the edited message belonged to the old branch of the conversation.
-      conv.messages = conv.messages.slice(0, index);
-      conv.messages.push({ role: "user", content: text });
+      // The old message and what followed it stay as a sibling branch.
+      branchFrom(conv, message, { role: "user", content: text });
       generate(conv);
     });
     body.replaceChildren(input, h("div", { class: "edit-buttons" }, cancel, save));
@@ -193,11 +225,11 @@ export function mountChat(root, app) {
     input.focus();
   }
 
-  function regenerate() {
+  function regenerate(message) {
     const conv = current();
     if (controller || !conv) return;
-    const last = conv.messages[conv.messages.length - 1];
-    if (last && last.role === "assistant") conv.messages.pop();
+    // A new answer is a sibling of the old one; after an unanswered question it is its first.
+    if (message.role === "assistant") conv.leaf = message.parent;
     generate(conv);
   }
 
@@ -210,13 +242,16 @@ export function mountChat(root, app) {
 
   function showError(err, conv) {
     clearError();
-    const retry = h("button", { type: "button", "data-testid": "retry" }, "Retry");
-    retry.addEventListener("click", () => { clearError(); generate(conv); });
     const text = h("span", {}, err.message);
-    errorBox.replaceChildren(text, retry);
+    errorBox.replaceChildren(text);
+    if (conv) {
+      const retry = h("button", { type: "button", "data-testid": "retry" }, "Retry");
+      retry.addEventListener("click", () => { clearError(); generate(conv); });
+      errorBox.append(retry);
+    }
     errorBox.dataset.code = err.code || "";
     errorBox.hidden = false;
-    if (err.status === 429) {
+    if (conv && err.status === 429) {
       // A full queue is temporary: count down the server's Retry-After and try again by itself.
       let left = Math.max(1, Math.ceil(err.retryAfter ?? 5));
       const tick = () => { text.textContent = `${err.message} Retrying in ${left} s.`; };
@@ -231,8 +266,8 @@ export function mountChat(root, app) {
   }
 
   function toApiMessages(conv) {
-    const out = settings.system.trim() ? [{ role: "system", content: settings.system.trim() }] : [];
-    for (const m of conv.messages) {
+    const out = conv.system?.trim() ? [{ role: "system", content: conv.system.trim() }] : [];
+    for (const m of pathOf(conv)) {
       if (m.role === "user") out.push({ role: "user", content: m.content });
       // Tool parts go back as nanochat_parts so calculator turns survive the round trip.
       else if (m.role === "assistant" && m.parts.length) out.push({ role: "assistant", content: textOf(m.parts), nanochat_parts: m.parts });
@@ -248,7 +283,6 @@ export function mountChat(root, app) {
 
   async function generate(conv) {
     clearError();
-    const assistant = { role: "assistant", parts: [], model: app.model(), state: "streaming" };
     const payload = {
       model: app.model()?.id || "nanochat",
       messages: toApiMessages(conv),
@@ -256,16 +290,18 @@ export function mountChat(root, app) {
       top_k: settings.top_k,
       max_tokens: settings.max_tokens,
     };
-    conv.messages.push(assistant);
+    const assistant = append(conv, { role: "assistant", parts: [], model: app.model(), state: "streaming" });
     conv.updated = Date.now();
     persist();
     renderMessages();
-    const view = messages.lastElementChild;
-    const body = view.querySelector(".body");
+    const body = messages.lastElementChild.querySelector(".body");
     controller = new AbortController();
     setGenerating(true);
     let frame = 0;
     let saved = Date.now();
+    let chunks = 0;
+    let first = null;
+    let usage = null;
     const paint = () => {
       frame = 0;
       body.replaceChildren(renderParts(assistant.parts));
@@ -278,8 +314,13 @@ export function mountChat(root, app) {
     };
     try {
       await streamChat(payload, controller.signal, (chunk) => {
+        if (chunk.usage) usage = chunk.usage;
         const delta = chunk.choices?.[0]?.delta;
         if (!delta) return;
+        if (delta.content || delta.nanochat_tool) {
+          chunks += 1;
+          first ??= performance.now();
+        }
         if (delta.content) appendPart(assistant, "text", delta.content);
         if (delta.nanochat_tool?.text !== undefined) appendPart(assistant, delta.nanochat_tool.type, delta.nanochat_tool.text);
         if (!frame) frame = requestAnimationFrame(paint);
@@ -289,12 +330,14 @@ export function mountChat(root, app) {
       if (err.name === "AbortError") {
         assistant.state = "stopped";
       } else {
-        if (assistant.parts.length === 0) conv.messages.pop();
+        if (assistant.parts.length === 0) removeLeaf(conv, assistant);
         else assistant.state = "error";
         showError(err instanceof ApiError ? err : new ApiError(0, "error", String(err.message || err)), conv);
       }
     } finally {
       cancelAnimationFrame(frame);
+      // The server's count when it sent one (a stopped answer has none): else one token a chunk.
+      if (first !== null) assistant.stats = { tokens: usage?.completion_tokens ?? chunks, seconds: (performance.now() - first) / 1000 };
       controller = null;
       setGenerating(false);
       persist();
@@ -306,18 +349,14 @@ export function mountChat(root, app) {
     e.preventDefault();
     const text = prompt.value.trim();
     if (!text || controller) return;
-    let conv = current();
-    if (!conv) {
-      conv = newConversation();
-      conversations.unshift(conv);
-      currentId = conv.id;
-    }
+    const conv = current() ?? createConversation();
     // An unanswered message (its request failed) is replaced: the user chose to say something else.
-    if (conv.messages.at(-1)?.role === "user") conv.messages.pop();
+    const leaf = pathOf(conv).at(-1);
+    if (leaf?.role === "user") removeLeaf(conv, leaf);
     if (!conv.messages.some((m) => m.role === "user")) conv.title = text.replace(/\s+/g, " ").slice(0, 48);
-    conv.messages.push({ role: "user", content: text });
+    append(conv, { role: "user", content: text });
     prompt.value = "";
-    renderList();
+    sidebar.render();
     generate(conv);
   });
   prompt.addEventListener("keydown", (e) => {
@@ -328,23 +367,32 @@ export function mountChat(root, app) {
   });
   stop.addEventListener("click", () => controller?.abort());
 
-  renderList();
-  renderMessages();
+  // Shortcuts (listed in the sidebar's help): new chat, stop, focus the message box.
+  const onKey = (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.shiftKey && e.key.toLowerCase() === "o") { e.preventDefault(); startNew(); return; }
+    if (e.key === "Escape" && e.shiftKey) { e.preventDefault(); prompt.focus(); return; }
+    if (e.key === "Escape" && controller && !document.querySelector("dialog[open]")) { e.preventDefault(); controller.abort(); }
+  };
+  document.addEventListener("keydown", onKey);
+
+  showConversation();
 
   return {
     // Called by the app when the serving model changes, so the chat shows where it happened.
     modelChanged(before, after) {
       const conv = current();
-      if (!conv || conv.messages.length === 0) { renderMessages(); return; }
-      const note = { role: "note", text: `The serving model changed: ${modelLabel(before)} → ${modelLabel(after)}.` };
-      // While an answer streams, it stays the last message (its Regenerate button hangs on that).
-      conv.messages.splice(controller ? conv.messages.length - 1 : conv.messages.length, 0, note);
+      const path = conv ? pathOf(conv) : [];
+      if (!path.length) { renderMessages(); return; }
+      // While an answer streams, the note goes before it (it stays the last message).
+      const anchor = controller ? path.at(-1).parent : path.at(-1).id;
+      conv.notes.push({ after: anchor, text: `The serving model changed: ${modelLabel(before)} → ${modelLabel(after)}.` });
       persist();
       if (!controller) renderMessages();
     },
     unmount() {
       controller?.abort();
       clearError();
+      document.removeEventListener("keydown", onKey);
     },
   };
 }

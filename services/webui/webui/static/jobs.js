@@ -23,7 +23,7 @@ function progressBar(job) {
   const fill = h("div", { class: "fill" });
   fill.style.width = `${(fraction * 100).toFixed(1)}%`;
   return h("div", { class: `progress ${job.status}`, role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100,
-    "aria-valuenow": Math.round(fraction * 100), "data-testid": "progress" }, fill);
+    "aria-valuenow": Math.round(fraction * 100), "aria-label": `progress of ${jobId(job)}`, "data-testid": "progress" }, fill);
 }
 
 const pairs = (rows) => rows.flatMap(([key, value]) => [h("dt", {}, key), h("dd", {}, value)]);

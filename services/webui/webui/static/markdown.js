@@ -1,8 +1,10 @@
 // A small markdown renderer that builds DOM nodes directly. It never parses HTML: raw tags in
 // model output (<script>, <img onerror=...>) come out as visible text, so they stay inert.
 // Covers what chat answers use: fenced code (with a copy button), headings, lists, quotes,
-// rules, tables, paragraphs, `code`, **bold**, *italic* and [links](https://...).
+// rules, tables, paragraphs, `code`, **bold**, *italic* and [links](https://...); fenced code
+// with a known language is highlighted by the vendored highlight.js.
 import { h } from "./dom.js";
+import hljs from "./vendor/highlight.min.js";
 
 const SAFE_URL = /^(https?:|mailto:)/i;
 const INLINE = [
@@ -44,20 +46,39 @@ function withBreaks(lines) {
   return nodes;
 }
 
-export function codeBlock(code, language = "") {
-  const copy = h("button", { class: "copy", type: "button", "aria-label": "Copy code" }, "Copy");
+// A button that copies what `text()` returns, and says whether that worked.
+export function copyButton(text, label = "Copy code", testid = null, cls = "copy") {
+  const copy = h("button", { class: cls, type: "button", "aria-label": label, "data-testid": testid }, "Copy");
   copy.addEventListener("click", async () => {
     try {
-      await navigator.clipboard.writeText(code);
+      await navigator.clipboard.writeText(text());
       copy.textContent = "Copied";
     } catch {
       copy.textContent = "Copy failed";
     }
     setTimeout(() => { copy.textContent = "Copy"; }, 1500);
   });
+  return copy;
+}
+
+// highlight.js escapes the code it is given and adds only its own <span class="hljs-…">, so its
+// output is the one HTML this renderer sets. Code without a known language stays plain text
+// (guessing it each repaint of a streamed answer would cost too much).
+function highlighted(code, language) {
+  const el = h("code", {});
+  if (language && hljs.getLanguage(language)) {
+    el.innerHTML = hljs.highlight(code, { language, ignoreIllegals: true }).value;
+    el.className = `hljs language-${language}`;
+  } else {
+    el.textContent = code;
+  }
+  return el;
+}
+
+export function codeBlock(code, language = "") {
   return h("div", { class: "codeblock" },
-    h("div", { class: "codebar" }, h("span", {}, language || "code"), copy),
-    h("pre", {}, h("code", {}, code)));
+    h("div", { class: "codebar" }, h("span", {}, language || "code"), copyButton(() => code)),
+    h("pre", {}, highlighted(code, language)));
 }
 
 const LIST_ITEM = /^\s*([-*+]|\d+[.)])\s+(.*)$/;

@@ -1,10 +1,13 @@
 // Conversations and chat settings, kept in this browser's localStorage (they survive a reload
 // and never leave the browser except as the messages of a request).
+import { removeLeaf, upgrade } from "./branches.js";
+
 const CONVERSATIONS = "nanochat.conversations.v1";
 const SETTINGS = "nanochat.settings.v1";
 
 // The original nanochat web chat's sampling defaults (its terminal chat uses temperature 0.6).
-export const DEFAULT_SETTINGS = { system: "", temperature: 0.8, top_k: 50, max_tokens: 512 };
+// The system prompt belongs to each chat (conversation.system), not to the settings.
+export const DEFAULT_SETTINGS = { temperature: 0.8, top_k: 50, max_tokens: 512 };
 
 function read(key, fallback) {
   try {
@@ -18,8 +21,12 @@ function read(key, fallback) {
 // A reply still "streaming" in storage was cut off by a reload or a closed tab: its stream is
 // gone, so it is kept as far as it got and marked interrupted (or dropped when it got nowhere).
 function repairInterrupted(conv) {
-  conv.messages = conv.messages.filter((m) => m && !(m.state === "streaming" && !(m.parts || []).length));
-  for (const m of conv.messages) if (m.state === "streaming") m.state = "interrupted";
+  conv.messages = conv.messages.filter(Boolean);
+  upgrade(conv);
+  for (const m of [...conv.messages]) {
+    if (m.state === "streaming" && !(m.parts || []).length) removeLeaf(conv, m);
+    else if (m.state === "streaming") m.state = "interrupted";
+  }
   return conv;
 }
 
@@ -34,7 +41,8 @@ export function saveConversations(list) {
 
 export function newConversation() {
   const now = Date.now();
-  return { id: `c${now.toString(36)}${Math.random().toString(36).slice(2, 8)}`, title: "New chat", created: now, updated: now, messages: [] };
+  return { id: `c${now.toString(36)}${Math.random().toString(36).slice(2, 8)}`, title: "New chat", created: now, updated: now,
+    messages: [], notes: [], leaf: null, system: "" };
 }
 
 export function loadSettings() {

@@ -1,0 +1,179 @@
+"""Chat v2 in a real browser against the fake upstream: sampling settings, a system prompt per
+chat, tokens/s, branches (‹ 1/2 ›), copy buttons, highlighted code, dark mode, shortcuts, search,
+export and import; and an axe-core check of every page (no serious or critical violation) with
+no console error or failed request (the favicon's 404 before). One browser context for the module."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import CHAT_TOKEN, OUTPUT
+from playwright.sync_api import Page, expect
+from test_webui_browser import DESKTOP, fake_state, last_assistant, send
+
+pytestmark = pytest.mark.slow
+
+AXE = Path(__file__).parent / "vendor" / "axe.min.js"
+PAGES = ["#/chat", "#/jobs", "#/jobs/job-1", "#/launch", "#/models"]
+
+
+def open_watched(browser, url: str, **options) -> Page:
+    """A signed-in page that records page errors, console errors and failed requests."""
+    context = browser.new_context(viewport=DESKTOP, accept_downloads=True, **options)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+    assert context.request.post(f"{url}/api/session", data={"token": CHAT_TOKEN}).ok
+    page = context.new_page()
+    page.problems = []
+    page.on("pageerror", lambda exc: page.problems.append(f"pageerror {exc}"))
+    page.on("console", lambda m: m.type == "error" and page.problems.append(f"console {m.text}"))
+    page.on("response", lambda r: r.status >= 400 and page.problems.append(f"{r.status} {r.url}"))
+    page.goto(url)
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, webui):
+    page = open_watched(browser, webui.url)
+    yield page
+    page.context.close()
+
+
+def settle(page: Page) -> None:
+    expect(last_assistant(page)).to_have_attribute("data-state", "done")
+
+
+def test_settings_system_prompt_stats_and_branches(page, fake):
+    page.get_by_test_id("settings").locator("summary").click()
+    expect(page.locator("[data-setting=temperature]")).to_have_value("0.8")
+    expect(page.locator("[data-setting=top_k]")).to_have_value("50")
+    page.fill("[data-setting=temperature]", "0.5")
+    page.locator("[data-setting=temperature]").dispatch_event("change")
+    page.fill("[data-setting=system]", "You are terse.")
+    page.locator("[data-setting=system]").dispatch_event("change")
+    send(page, "hello branches")
+    settle(page)
+    sent = fake_state(fake)["last_chat"]
+    assert (sent["temperature"], sent["top_k"]) == (0.5, 50)
+    assert sent["messages"][0] == {"role": "system", "content": "You are terse."}
+    # The fake sends usage as inference does: its completion_tokens is the count shown.
+    expect(last_assistant(page).get_by_test_id("stats")).to_have_text(re.compile(r"^\d+ tokens · [\d.,K]+ tok/s$"))
+
+    first = last_assistant(page).locator(".body").inner_text()
+    page.get_by_test_id("regenerate").click()
+    settle(page)
+    expect(last_assistant(page).get_by_test_id("branch-count")).to_have_text("2/2")
+    second = last_assistant(page).locator(".body").inner_text()
+    assert second != first
+    last_assistant(page).get_by_test_id("branch-prev").click()
+    expect(last_assistant(page).get_by_test_id("branch-count")).to_have_text("1/2")
+    expect(last_assistant(page).locator(".body")).to_have_text(first)
+
+    user = page.locator("[data-testid=message][data-role=user]").first
+    user.get_by_test_id("edit").click()
+    page.get_by_test_id("edit-input").fill("an edited question")
+    page.get_by_test_id("edit-save").click()
+    settle(page)
+    user = page.locator("[data-testid=message][data-role=user]").first
+    expect(user.get_by_test_id("branch-count")).to_have_text("2/2")
+    user.get_by_test_id("branch-prev").click()
+    # The old question comes back with the answer last looked at under it.
+    expect(user.locator(".body")).to_have_text("hello branches")
+    expect(last_assistant(page).locator(".body")).to_have_text(first)
+    expect(last_assistant(page).get_by_test_id("branch-count")).to_have_text("1/2")
+
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.locator("[data-setting=temperature]")).to_have_value("0.5")
+    expect(page.locator("[data-setting=system]")).to_have_value("You are terse.")
+    expect(page.locator("[data-testid=message][data-role=user]").first.get_by_test_id("branch-count")).to_have_text(
+        "1/2"
+    )
+    last_assistant(page).get_by_test_id("copy-message").click()
+    assert page.evaluate("navigator.clipboard.readText()").strip() == first.strip()
+
+
+def test_code_is_highlighted_dark_mode_and_shortcuts(page, fake):
+    page.keyboard.press("Control+Shift+O")
+    expect(page.locator("[data-testid=message]")).to_have_count(0)
+    expect(page.get_by_test_id("conversation")).to_have_count(2)
+    expect(page.locator("[data-setting=system]")).to_have_value("")
+    send(page, "some code please")
+    settle(page)
+    assert fake_state(fake)["last_chat"]["messages"][0]["role"] == "user"
+    code = last_assistant(page).locator(".codeblock code")
+    expect(code).to_have_text("print('hello')")
+    expect(code.locator("span.hljs-built_in")).to_have_text("print")
+
+    assert page.evaluate("document.documentElement.dataset.theme") == "light"
+    page.get_by_test_id("theme-toggle").click()
+    expect(page.locator("html")).to_have_attribute("data-theme", "dark")
+    page.screenshot(path=OUTPUT / "chat-dark-desktop.png")
+    page.get_by_test_id("theme-toggle").click()
+    expect(page.locator("html")).to_have_attribute("data-theme", "light")
+
+    send(page, "tell me a slow story")
+    expect(last_assistant(page)).to_have_attribute("data-state", "streaming")
+    expect(last_assistant(page).locator(".body")).to_contain_text("word3")
+    page.locator("body").click(position={"x": 5, "y": 400})
+    page.keyboard.press("Escape")
+    expect(last_assistant(page)).to_have_attribute("data-state", "stopped")
+    page.keyboard.press("Shift+Escape")
+    expect(page.locator("#prompt")).to_be_focused()
+    page.get_by_test_id("shortcuts").locator("summary").click()
+    expect(page.get_by_test_id("shortcuts")).to_contain_text("Ctrl+Shift+O")
+
+    page.get_by_test_id("chat-search").fill("BRANCHES")
+    expect(page.get_by_test_id("conversation")).to_have_count(1)
+    expect(page.get_by_test_id("conversation")).to_contain_text("hello branches")
+    page.get_by_test_id("chat-search").fill("")
+    expect(page.get_by_test_id("conversation")).to_have_count(2)
+
+
+def test_export_and_import_chats(page, browser, webui, tmp_path):
+    with page.expect_download() as got:
+        page.get_by_test_id("export-json").click()
+    exported = tmp_path / "chats.json"
+    got.value.save_as(exported)
+    body = json.loads(exported.read_text())
+    assert body["format"] == "nanochat.chats.v1" and len(body["conversations"]) == 2
+    with page.expect_download() as got:
+        page.get_by_test_id("export-markdown").click()
+    markdown = Path(got.value.path()).read_text()
+    assert markdown.startswith("# some code please") and "## Assistant" in markdown and "print('hello')" in markdown
+
+    # Imported into the same browser the chats come in as copies; a bad file is a clear error.
+    page.get_by_test_id("import-file").set_input_files(str(exported))
+    expect(page.get_by_test_id("conversation")).to_have_count(4)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"conversations": [{"messages": [{"role": "user"}]}]}')
+    page.get_by_test_id("import-file").set_input_files(str(bad))
+    expect(page.get_by_test_id("chat-error")).to_contain_text("Import failed: Conversation 1 in the file is malformed.")
+    expect(page.get_by_test_id("conversation")).to_have_count(4)
+
+
+def test_every_page_passes_axe_with_no_console_error(page, browser, webui):
+    assert page.problems == []
+    # axe goes in as a script tag, which the UI's CSP (script-src 'self') rightly refuses.
+    checked = open_watched(browser, webui.url, bypass_csp=True)
+    try:
+        # Every page in the light theme; the dark one where its colours matter most.
+        for theme, pages in [("light", PAGES), ("dark", ["#/chat", "#/models"])]:
+            checked.evaluate("(t) => localStorage.setItem('nanochat.theme', t)", theme)
+            for hash_ in pages:
+                checked.goto(f"{webui.url}/{hash_}")
+                checked.reload()
+                expect(checked.locator("body")).to_have_attribute("data-ready", "true")
+                expect(checked.locator("main h2, main .empty").first).to_be_visible()
+                checked.add_script_tag(path=str(AXE))
+                violations = checked.evaluate("async () => (await axe.run(document)).violations")
+                bad = [
+                    (v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3])
+                    for v in violations
+                    if v["impact"] in ("serious", "critical")
+                ]
+                assert bad == [], f"{theme} {hash_}: {bad}"
+        assert checked.problems == []
+    finally:
+        checked.context.close()
