@@ -4,8 +4,10 @@
 - The S3 server killed, or stopped (SIGSTOP), in the middle of an upload: the upload answers a
   503 in the error shape with Retry-After, no half version is visible, and after the sweep nothing
   is left pending (nor, once S3 answers again, any multipart upload or stray object).
-- An unauthenticated 200 MB body, announced by Content-Length or chunked: the 401 comes before the
-  body is sent, and the process's memory does not grow with what the client pushes.
+- The database killed: reads and writes answer 503 with Retry-After, /ready names it.
+- An unauthenticated 200 MB body, announced by Content-Length or chunked: the 401 (404, 405 for
+  no route) comes before the body is sent, and the process's memory does not grow with what the
+  client pushes.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
-from nanochat_testing.servers import Server, create_database, free_port, start_s3
+from nanochat_testing.servers import Server, create_database, free_port, start_postgres, start_s3
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 TOKEN = "fault-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -71,7 +73,8 @@ def start_registry(data_dir: Path, env: dict[str, str]) -> Registry:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "registry"], env=full_env, stdout=log, stderr=subprocess.STDOUT)
     reg = Registry(f"http://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + 60
+    # Generous: on a loaded 2-core machine the import and migrations alone can take half a minute.
+    deadline = time.monotonic() + 120
     while True:
         try:
             if httpx.get(f"{reg.url}/ready", timeout=2).status_code == 200:
@@ -211,6 +214,41 @@ def test_s3_stopped_during_an_upload_then_back(registry_on_s3, s3):
     assert httpx.post(f"{reg.url}/v1/models/{name}/versions/{again}/commit", headers=AUTH).status_code == 200
 
 
+def test_database_killed(s3, tmp_path):
+    """The database gone: reads and writes answer 503 in the error shape (not 500), /ready says which."""
+    pg = start_postgres()
+    try:
+        reg = start_registry(
+            tmp_path,
+            {
+                "REGISTRY_DATABASE_URL": create_database(pg, "faults_db"),
+                "REGISTRY_BLOB_BACKEND": "s3",
+                "REGISTRY_S3_ENDPOINT": s3.url,
+                "REGISTRY_S3_BUCKET": f"faults-{uuid.uuid4().hex[:8]}",
+                "REGISTRY_S3_ACCESS_KEY": "testing",
+                "REGISTRY_S3_SECRET_KEY": "testing",
+            },
+        )
+        try:
+            assert httpx.get(f"{reg.url}/v1/models").status_code == 200
+            pg.proc.kill()
+            pg.proc.wait()
+            for method, path, body in [
+                ("GET", "/v1/models", None),
+                ("GET", "/v1/resolve/m", None),
+                ("POST", "/v1/models/m/versions", {"stage": "sft", "files": {"a": {"size": 1, "sha256": "0" * 64}}}),
+            ]:
+                r = httpx.request(method, f"{reg.url}{path}", json=body, headers=AUTH, timeout=30)
+                assert r.status_code == 503, (path, r.text)
+                assert r.json()["error"]["code"] == "database_unavailable" and r.headers["retry-after"]
+            ready = httpx.get(f"{reg.url}/ready", timeout=30)
+            assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
+        finally:
+            reg.stop()
+    finally:
+        pg.stop()
+
+
 @pytest.fixture(scope="module")
 def registry_local(tmp_path_factory) -> Iterator[Registry]:
     reg = start_registry(tmp_path_factory.mktemp("registry-local"), {"REGISTRY_BLOB_BACKEND": "local"})
@@ -246,10 +284,17 @@ def _push(sock: socket.socket, chunked: bool, total: int) -> int:
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 @pytest.mark.parametrize(
-    "method,path",
-    [("POST", "/v1/models/m/versions"), ("PUT", "/v1/models/m/versions/1/files/w.bin"), ("POST", "/v1/admin/sweep")],
+    "method,path,status",
+    [
+        ("POST", "/v1/models/m/versions", 401),
+        ("PUT", "/v1/models/m/versions/1/files/w.bin", 401),
+        ("PUT", "/v1/models/m/versions/1/attachments/r.md", 401),
+        ("POST", "/v1/admin/sweep", 401),
+        ("POST", "/v1/models", 405),
+        ("POST", "/v1/no-such-route", 404),
+    ],
 )
-def test_an_unauthenticated_big_body_is_refused_before_it_is_read(registry_local, method, path, chunked):
+def test_an_unauthenticated_big_body_is_refused_before_it_is_read(registry_local, method, path, status, chunked):
     reg = registry_local
     port = int(reg.url.rsplit(":", 1)[1])
     before = reg.rss_bytes()
@@ -259,7 +304,7 @@ def test_an_unauthenticated_big_body_is_refused_before_it_is_read(registry_local
         # Only the head was sent: the answer cannot have waited for the body.
         head = sock.recv(65536)
         answered_s = time.monotonic() - started
-        assert head.startswith(b"HTTP/1.1 401"), head[:200]
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), head[:200]
         pushed = _push(sock, chunked, BIG)
     grown = reg.rss_bytes() - before
     print(
