@@ -326,3 +326,23 @@ def test_failed_calculation_forces_nothing(tool_engine, tok):
     # The model writes its own (trained, wrong) output block, all sampled: mask 1 throughout.
     assert tok.decode(out).startswith("<|python_start|>6/0<|python_end|><|output_start|>oops")
     assert mask == [1] * len(out)
+
+
+@pytest.mark.slow
+def test_compiled_mlps_give_the_eager_greedy_output():
+    tok = Tokenizer.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 20], vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(1, tok.vocab_size, sequence_len=64))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine = Engine(model.eval(), tok)
+    prompts = [[tok.bos_token_id, *tok.encode(t)] for t in ("The quick", "lazy dog", "fox")]
+    eager, _ = engine.generate_batch(prompts, max_tokens=12, temperature=0.0)
+    names = sorted(name for name, _ in model.named_parameters())
+    engine.compile()
+    assert all(block.mlp._compiled_call_impl is not None for block in model.transformer.h)
+    compiled, _ = engine.generate_batch(prompts, max_tokens=12, temperature=0.0)
+    assert compiled == eager
+    assert sorted(name for name, _ in model.named_parameters()) == names

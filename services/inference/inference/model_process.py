@@ -76,9 +76,12 @@ class RemoteHandle:
 # ---- the child ----------------------------------------------------------------------------------
 
 
-def serve(conn: Connection, folder: str, device: str | None, cpu_threads: int, options: dict) -> None:
+def serve(
+    conn: Connection, folder: str, device: str | None, cpu_threads: int, compile_cuda: bool, options: dict
+) -> None:
     """The child process: load, then run the scheduler (`options`: its keyword arguments, max_len 0
-    meaning the model's sequence_len) until told to stop or the pipe closes."""
+    meaning the model's sequence_len) until told to stop or the pipe closes. On CUDA with
+    `compile_cuda` the engine's MLPs are torch.compiled (`Engine.compile`)."""
     from nanochat.checkpoint import load_checkpoint
     from nanochat.common import autodetect_device
     from nanochat.engine import Engine
@@ -89,6 +92,8 @@ def serve(conn: Connection, folder: str, device: str | None, cpu_threads: int, o
         if ckpt.tokenizer is None:
             raise ValueError(f"checkpoint {folder} has no tokenizer/ folder; inference needs one")
         engine = Engine(ckpt.model, ckpt.tokenizer)
+        if compile_cuda and engine.device.type == "cuda":
+            engine.compile()
         # The parent enforces the waiting bound; the child takes whatever reaches it.
         options = {**options, "max_len": options.get("max_len") or ckpt.config.sequence_len}
         scheduler = Scheduler(engine, max_waiting=1 << 40, **options)
@@ -209,6 +214,7 @@ class ModelProcess:
         device: str | None = None,
         max_waiting: int = 256,
         cpu_threads: int = 0,
+        compile_cuda: bool = False,
         **options,
     ) -> ModelProcess:
         """Spawn the child and wait until it has loaded the model; ModelLoadError when it cannot.
@@ -225,7 +231,7 @@ class ModelProcess:
             target=serve,
             name="inference-model",
             daemon=True,
-            args=(child_conn, str(folder), device, cpu_threads, options),
+            args=(child_conn, str(folder), device, cpu_threads, compile_cuda, options),
         )
         process.start()
         child_conn.close()

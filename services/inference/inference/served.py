@@ -68,6 +68,7 @@ class ServedModel:
             device=settings.device,
             max_waiting=settings.max_waiting,
             cpu_threads=settings.cpu_threads,
+            compile_cuda=settings.compile_cuda,
             slots=settings.slots,
             max_len=settings.max_len,
             prefill_tokens=settings.prefill_tokens,

@@ -58,3 +58,6 @@ class Settings(BaseSettings):
     # torch intra-op threads of the model process on CPU; 0: one core fewer than the machine has
     # (at least 1), leaving a core to the HTTP process. CUDA keeps torch's default.
     cpu_threads: int = Field(default=0, ge=0)
+    # On CUDA, torch.compile the model's MLPs for decoding (no effect on CPU, where compiling for
+    # tens of seconds per model load buys little at serving batch sizes).
+    compile_cuda: bool = True
