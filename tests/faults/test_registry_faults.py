@@ -168,6 +168,12 @@ def pending(reg: Registry, name: str) -> int:
 
 def test_s3_killed_during_an_upload(registry_on_s3, s3):
     reg, _ = registry_on_s3
+    kept = f"kept-{uuid.uuid4().hex[:6]}"
+    small = os.urandom(1000)
+    committed = new_version(reg, kept, small)
+    file_url = f"{reg.url}/v1/models/{kept}/versions/{committed}/files/w.bin"
+    assert httpx.put(file_url, content=small, headers=AUTH).status_code == 200
+    assert httpx.post(f"{reg.url}/v1/models/{kept}/versions/{committed}/commit", headers=AUTH).status_code == 200
     name = f"kill-{uuid.uuid4().hex[:6]}"
     data = os.urandom(PART + 300_000)
     version = new_version(reg, name, data)
@@ -175,6 +181,9 @@ def test_s3_killed_during_an_upload(registry_on_s3, s3):
     r = upload_while(reg, name, version, data, lambda: (s3.proc.kill(), s3.proc.wait()))
     assert time.monotonic() - started < 30
     assert_unavailable(r)
+    # A download of a committed file is a 503 too, not a 200 whose body breaks off.
+    assert_unavailable(httpx.get(file_url, timeout=30))
+    assert httpx.get(f"{reg.url}/v1/resolve/{kept}").json()["version"] == committed
     assert_invisible(reg, name, version)
     assert pending(reg, name) == 1
     # The store is still away: the sweep fails the abandoned version, then says S3 could not be cleaned.

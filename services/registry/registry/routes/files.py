@@ -1,5 +1,6 @@
 """Downloads of a version's files and attachments: ranges, ETags (the sha256), HEAD."""
 
+import itertools
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
@@ -75,9 +76,17 @@ def download(request: Request, reg: core.Registry, metrics: Metrics, name: str, 
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type="application/octet-stream")
 
+    chunks = reg.blobs.read(f["sha256"], start, end)
+    # The first chunk is read before the status line goes out, so a blob store that is away
+    # answers a 503 (`registry.unavailable`) instead of a 200 cut short.
+    first = next(chunks, b"")
+
     def body() -> Iterator[bytes]:
-        for chunk in reg.blobs.read(f["sha256"], start, end):
-            metrics.downloaded.inc(len(chunk))
-            yield chunk
+        try:
+            for chunk in itertools.chain([first], chunks):
+                metrics.downloaded.inc(len(chunk))
+                yield chunk
+        finally:
+            chunks.close()
 
     return StreamingResponse(body(), status_code=status, headers=headers, media_type="application/octet-stream")
