@@ -157,8 +157,14 @@ class RayGang:
         try:
             connect(self.s)
             pg = placement_group([self.bundle(nproc_per_node)] * nnodes, strategy="STRICT_SPREAD")
+            asked = time.monotonic()
             if self._placed(pg, nnodes, nproc_per_node, should_stop, result, logs[0]):
+                placed = time.monotonic()
                 self._launch(pg, actors, command, env, job_id, nproc_per_node, logs, on_started, on_node_started)
+                logs[0].write(
+                    f"[trainer] ray: {nnodes} nodes placed in {placed - asked:.1f} s, their torchruns started "
+                    f"{time.monotonic() - placed:.1f} s later".encode()
+                )
                 collector = threading.Thread(target=self._collect, args=(actors, logs, events, gang), daemon=True)
                 collector.start()
                 watch(
