@@ -305,6 +305,30 @@ def test_real_running_job_page_grows_its_curves_and_log_then_cancels(browser, st
         worker.stop()
 
 
+def test_real_chat_branches_stats_and_system_prompt(browser, stack):
+    page = open_page(browser, stack["webui"].url)
+    expect(page.get_by_test_id("model-badge")).to_contain_text("nanochat v")
+    page.get_by_test_id("settings").locator("summary").click()
+    expect(page.locator("[data-setting=temperature]")).to_have_value("0.8")
+    expect(page.locator("[data-setting=top_k]")).to_have_value("50")
+    page.fill("[data-setting=max_tokens]", "6")
+    page.fill("[data-setting=system]", "Answer briefly.")
+    page.locator("[data-setting=system]").dispatch_event("change")
+    send(page, "hello")
+    answer = last_assistant(page)
+    expect(answer).to_have_attribute("data-state", "done", timeout=30_000)
+    # The real service's usage chunk gives the count: at most max_tokens.
+    stats = answer.get_by_test_id("stats")
+    expect(stats).to_have_text(re.compile(r"^[1-6] tokens? · "))
+    page.get_by_test_id("regenerate").click()
+    expect(last_assistant(page)).to_have_attribute("data-state", "done", timeout=30_000)
+    expect(last_assistant(page).get_by_test_id("branch-count")).to_have_text("2/2")
+    last_assistant(page).get_by_test_id("branch-prev").click()
+    expect(last_assistant(page).get_by_test_id("branch-count")).to_have_text("1/2")
+    page.screenshot(path=OUTPUT / "real-chat-branches-desktop.png")
+    assert page.errors == []
+
+
 def test_real_inference_down_shows_the_banner(browser, stack):
     page = open_page(browser, stack["webui"].url)
     expect(page.get_by_test_id("model-badge")).to_contain_text("nanochat v")

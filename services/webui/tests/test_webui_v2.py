@@ -1,21 +1,23 @@
-"""Chat v2 in a real browser against the fake upstream: sampling settings, a system prompt per
-chat, tokens/s, branches (‹ 1/2 ›), copy buttons, highlighted code, dark mode, shortcuts, search,
-export and import; and an axe-core check of every page (no serious or critical violation) with
-no console error or failed request (the favicon's 404 before). One browser context for the module."""
+"""Web UI v2 in a real browser against the fake upstream: chat (sampling settings, a system prompt
+per chat, tokens/s, branches ‹ 1/2 ›, copy buttons, highlighted code, dark mode, shortcuts,
+search, export and import), a pipeline job's steps, eval scores and folded event lines, aliases
+edited on the models page; and an axe-core check of every page (no serious or critical
+violation) with no console error or failed request (the favicon's 404 before). One browser
+context for the module."""
 
 import json
 import re
 from pathlib import Path
 
 import pytest
-from conftest import CHAT_TOKEN, OUTPUT
+from conftest import ADMIN_TOKEN, CHAT_TOKEN, OUTPUT
 from playwright.sync_api import Page, expect
 from test_webui_browser import DESKTOP, fake_state, last_assistant, send
 
 pytestmark = pytest.mark.slow
 
 AXE = Path(__file__).parent / "vendor" / "axe.min.js"
-PAGES = ["#/chat", "#/jobs", "#/jobs/job-1", "#/launch", "#/models"]
+PAGES = ["#/chat", "#/jobs", "#/jobs/job-speedrun", "#/launch", "#/models"]
 
 
 def open_watched(browser, url: str, **options) -> Page:
@@ -151,6 +153,46 @@ def test_export_and_import_chats(page, browser, webui, tmp_path):
     page.get_by_test_id("import-file").set_input_files(str(bad))
     expect(page.get_by_test_id("chat-error")).to_contain_text("Import failed: Conversation 1 in the file is malformed.")
     expect(page.get_by_test_id("conversation")).to_have_count(4)
+
+
+def test_pipeline_job_steps_evals_and_event_lines(page, webui):
+    page.goto(f"{webui.url}/#/jobs/job-speedrun")
+    steps = page.get_by_test_id("step")
+    expect(steps).to_have_count(7)
+    expect(steps.nth(3)).to_have_attribute("data-state", "succeeded")
+    expect(steps.nth(3).get_by_test_id("step-version")).to_have_text("nanochat v2 (base)")
+    expect(steps.nth(1).get_by_test_id("step-version")).to_have_text("nanochat v1 (tokenizer)")
+    expect(steps.nth(4)).to_have_attribute("data-state", "running")
+    expect(steps.nth(5)).to_have_attribute("data-state", "pending")
+    expect(page.get_by_test_id("chart-val_bpb")).to_have_attribute("data-points", "2")
+    expect(page.get_by_test_id("eval-core")).to_have_text("0.11 (step 5)")
+    log = page.get_by_test_id("log")
+    expect(log).to_contain_text("validation bpb 1.0500")
+    assert log.inner_text().splitlines() == ["starting base_train", "step 00005 loss 3.2000", "validation bpb 1.0500"]
+    page.screenshot(path=OUTPUT / "dashboard-pipeline-desktop.png", full_page=True)
+    page.get_by_test_id("show-events").check()
+    expect(log).to_contain_text('"type": "progress"')
+    assert len(log.inner_text().splitlines()) == 5
+
+
+def test_aliases_are_edited_when_signed_in(page, webui):
+    page.goto(f"{webui.url}/#/models")
+    row = page.locator("[data-testid=version-row][data-version='3']")
+    expect(row.get_by_test_id("alias-add")).to_have_count(0)
+    assert page.context.request.post(f"{webui.url}/api/session", data={"token": ADMIN_TOKEN}).ok
+    page.reload()
+    expect(page.locator("#login-button")).to_have_text("Sign out (admin)")
+    # The serving version's lineage names the job that registered its ancestors.
+    expect(page.get_by_test_id("lineage-job")).to_have_count(2)
+    expect(page.get_by_test_id("lineage-job").first).to_have_attribute("href", "#/jobs/job-speedrun")
+    row.get_by_test_id("alias-add").click()
+    row.get_by_test_id("alias-input").fill("candidate")
+    row.get_by_test_id("alias-input").press("Enter")
+    expect(row.get_by_test_id("alias")).to_have_text("candidate")
+    page.screenshot(path=OUTPUT / "dashboard-models-aliases-desktop.png", full_page=True)
+    row.get_by_role("button", name="Remove alias candidate").click()
+    expect(row.get_by_test_id("alias")).to_have_count(0)
+    assert page.context.request.post(f"{webui.url}/api/session", data={"token": CHAT_TOKEN}).ok
 
 
 def test_every_page_passes_axe_with_no_console_error(page, browser, webui):

@@ -14,7 +14,7 @@ import time
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from service_kit.errors import error_response, validation_response
 
@@ -191,8 +191,48 @@ jobs: dict[str, dict] = {
         ],
     },
 }
-series: dict[str, dict[str, list]] = {"job-1": {"loss": [], "lr": [], "tok_per_s": []}}
-logs: dict[str, bytearray] = {"job-1": bytearray(b"starting base_train\n")}
+# A speedrun pipeline mid-way, as JobOut has it: its steps, the index of the running one, and
+# the versions the finished ones registered (each with the step that made it).
+SPEEDRUN = ["make_data", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train"]
+jobs["job-speedrun"] = {
+    "id": "job-speedrun",
+    "stage": None,
+    "pipeline": "speedrun",
+    "preset": "tiny",
+    "status": "running",
+    "created_at": time.time(),
+    "steps": [{"stage": name, "options": {}} for name in SPEEDRUN],
+    "step_index": 4,
+    "current_stage": "base_loss",
+    "step": None,
+    "total": None,
+    "progress": 55.0,
+    "metrics": {"loss": 3.2, "val_bpb": 1.05, "core": 0.11},
+    "produced": [
+        {"name": "nanochat", "version": 1, "stage": "tokenizer", "made_by": "tok_train", "step_index": 1},
+        {"name": "nanochat", "version": 2, "stage": "base", "made_by": "base_train", "step_index": 3},
+    ],
+}
+series: dict[str, dict[str, list]] = {
+    "job-1": {"loss": [], "lr": [], "tok_per_s": []},
+    "job-speedrun": {
+        "loss": [[1, 9.0], [2, 6.0], [3, 4.5], [4, 3.6], [5, 3.2]],
+        "val_bpb": [[2, 1.4], [5, 1.05]],
+        "core": [[5, 0.11]],
+    },
+}
+# Stage stdout (JSON events) and stderr (human lines) share a job's log.
+SPEEDRUN_LOG = (
+    "starting base_train\n"
+    '{"type": "started", "stage": "base_train", "job_id": "job-speedrun", "input_versions": [], "ts": 1.7e9, "options": {}}\n'
+    "step 00005 loss 3.2000\n"
+    '{"type": "progress", "stage": "base_train", "job_id": "job-speedrun", "input_versions": [], "ts": 1.7e9, "step": 5}\n'
+    "validation bpb 1.0500\n"
+)
+logs: dict[str, bytearray] = {
+    "job-1": bytearray(b"starting base_train\n"),
+    "job-speedrun": bytearray(SPEEDRUN_LOG.encode()),
+}
 # Set and replaced on each change of a log. (An asyncio.Condition's wait, cancelled by wait_for's
 # timeout while many followers wait, can come back without its lock.)
 log_changed = {"event": asyncio.Event()}
@@ -350,13 +390,22 @@ async def cancel_job(job_id: str, request: Request):
 # ---- registry ---------------------------------------------------------------------------------
 
 versions = [
-    {"version": 1, "stage": "tokenizer", "step": None, "parent": None, "metrics": {"ratio": 4.3}},
+    # Versions 1 and 2 were registered by the speedrun job (the registry keeps each one's job_id).
+    {
+        "version": 1,
+        "stage": "tokenizer",
+        "step": None,
+        "parent": None,
+        "metrics": {"ratio": 4.3},
+        "job_id": "job-speedrun",
+    },
     {
         "version": 2,
         "stage": "base",
         "step": 200,
         "parent": {"name": "nanochat", "version": 1},
         "metrics": {"val_bpb": 1.21, "core": 0.05},
+        "job_id": "job-speedrun",
     },
     {
         "version": 3,
@@ -435,6 +484,15 @@ async def move_alias(name: str, alias: str, move: AliasMove, request: Request):
         # What inference does on alias.moved: serve the version the alias now names.
         state["model"] = {**state["model"], "version": target["version"], "stage": target["stage"]}
     return {"alias": alias, "version": move.version}
+
+
+@app.delete("/registry/v1/models/{name}/aliases/{alias}")
+async def delete_alias(name: str, alias: str, request: Request):
+    if request.headers.get("authorization") != f"Bearer {REGISTRY_TOKEN}":
+        return error_response(401, "bad token")
+    if aliases.pop(alias, None) is None:
+        return error_response(404, f"no alias {alias!r}")
+    return Response(status_code=204)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,44 @@ function attemptsTable(job) {
       cell(a.error))))));
 }
 
+// A pipeline's steps: done before the current one, the job's own state at it, waiting after;
+// each with the registry versions it made (JobOut's produced records the step's index).
+function stepsList(job) {
+  const steps = Array.isArray(job.steps) ? job.steps : [];
+  if (steps.length < 2) return null;
+  const at = typeof job.step_index === "number" ? job.step_index : 0;
+  const stateOf = (i) => {
+    if (job.status === "succeeded" || i < at) return "succeeded";
+    return i === at ? job.status : "pending";
+  };
+  return h("ol", { class: "steps", "data-testid": "steps" }, ...steps.map((step, i) => {
+    const made = (job.produced ?? []).filter((p) => (p.step_index ?? -1) === i || (p.step_index === undefined && p.made_by === step.stage));
+    return h("li", { class: `step ${stateOf(i)}`, "data-testid": "step", "data-state": stateOf(i) },
+      h("span", { class: `pill ${stateOf(i)}` }, stateOf(i)), h("strong", {}, step.stage),
+      ...made.map((p) => h("a", { class: "pill alias", href: "#/models", "data-testid": "step-version" }, `${p.name} v${p.version} (${p.stage})`)));
+  }));
+}
+
+// The trainer's log interleaves the stages' JSON event lines (stdout) with their human lines.
+function isEventLine(text) {
+  if (!text.startsWith("{")) return false;
+  try {
+    return typeof JSON.parse(text).type === "string";
+  } catch {
+    return false;
+  }
+}
+
+// Series that are no training curve are evaluations (val_bpb, core, ...): the latest of each.
+const CURVES = new Set(["loss", "lr", "tok_per_s", "mfu", "eta_s", "val_bpb"]);
+function evalScores(series) {
+  const rows = Object.entries(series ?? {}).filter(([key, points]) => !CURVES.has(key) && Array.isArray(points) && points.length);
+  if (!rows.length) return [];
+  return [h("figure", { class: "chart evals", "data-testid": "evals" }, h("figcaption", {}, h("span", {}, "eval scores")),
+    h("dl", { class: "details" }, ...rows.flatMap(([key, points]) => [h("dt", {}, key),
+      h("dd", { "data-testid": `eval-${key}` }, `${formatNumber(points.at(-1)[1])} (step ${formatNumber(points.at(-1)[0])})`)])))];
+}
+
 function latestLoss(job) {
   const value = job.metrics?.loss ?? job.latest_metrics?.loss;
   return typeof value === "number" ? formatNumber(value) : "";
@@ -94,21 +132,26 @@ export function mountJob(root, app, id) {
   const metricCount = h("span", { class: "muted" });
   const metricBox = h("details", { class: "metrics-box", hidden: true }, h("summary", {}, "Latest metrics ", metricCount), metricRows);
   const cancel = h("button", { type: "button", class: "danger", "data-testid": "cancel", hidden: true }, "Cancel job");
-  const charts = { loss: lineChart("loss"), lr: lineChart("lr"), tok_per_s: lineChart("tok_per_s") };
+  const charts = { loss: lineChart("loss"), val_bpb: lineChart("val_bpb"), lr: lineChart("lr"), tok_per_s: lineChart("tok_per_s") };
+  const evalSlot = h("div", { class: "eval-slot" });
+  const stepsSlot = h("div");
   // A pipeline has a curve per training stage: the trainer picks the current (or last trained)
   // one; picking another pins it.
   const stagePick = h("select", { "data-testid": "curve-stage", "aria-label": "Stage of the curves", hidden: true });
   let pinnedStage = null;
   stagePick.addEventListener("change", () => { pinnedStage = stagePick.value; refresh(); });
-  const log = h("pre", { class: "log", "data-testid": "log" });
+  const log = h("pre", { class: "log", "data-testid": "log", tabindex: 0, "aria-label": "Job log" });
   const logState = h("span", { class: "muted", "data-testid": "log-state" }, "connecting…");
+  const showEvents = h("input", { type: "checkbox", "data-testid": "show-events" });
+  showEvents.addEventListener("change", () => log.classList.toggle("with-events", showEvents.checked));
   root.replaceChildren(h("section", { class: "page" },
     h("div", { class: "page-head" }, h("h2", {}, `Job ${id}`), status, cancel),
-    progressSlot, details, attemptsSlot,
+    progressSlot, details, stepsSlot, attemptsSlot,
     h("div", { class: "curves-head" }, stagePick),
-    h("div", { class: "charts" }, ...Object.values(charts).map((c) => c.el)),
+    h("div", { class: "charts" }, charts.loss.el, charts.val_bpb.el, evalSlot, charts.lr.el, charts.tok_per_s.el),
     metricBox,
-    h("div", { class: "log-head" }, h("h3", {}, "Log"), logState), log));
+    h("div", { class: "log-head" }, h("h3", {}, "Log"), logState,
+      h("label", { class: "muted" }, showEvents, " show event lines")), log));
 
   let job = null;
   let timer = null;
@@ -145,6 +188,8 @@ export function mountJob(root, app, id) {
       for (const [key, value] of latest) if (HEADLINE.has(key)) rows.push([key, formatNumber(value)]);
       details.replaceChildren(...pairs(rows));
       attemptsSlot.replaceChildren(...[attemptsTable(job)].filter(Boolean));
+      stepsSlot.replaceChildren(...[stepsList(job)].filter(Boolean));
+      evalSlot.replaceChildren(...evalScores(metrics?.series));
       metricRows.replaceChildren(...pairs(latest.map(([key, value]) => [key, formatNumber(value)])));
       metricCount.textContent = `(${latest.length})`;
       metricBox.hidden = latest.length === 0;
@@ -175,7 +220,7 @@ export function mountJob(root, app, id) {
       }
       const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
       const text = event.data.endsWith("\n") ? event.data : `${event.data}\n`;
-      log.append(document.createTextNode(text));
+      log.append(isEventLine(text.trim()) ? h("span", { class: "event-line" }, text) : document.createTextNode(text));
       if (atBottom) log.scrollTop = log.scrollHeight;
     };
     source.addEventListener("message", onLine);

@@ -1,5 +1,6 @@
-// Dashboard: registered model versions with stage and metrics, their lineage as a picture,
-// report cards, and the `serving` alias (which version inference serves).
+// Dashboard: registered model versions with stage and metrics, their lineage as a picture (each
+// version with the job that made it), report cards, and aliases (`serving` is what inference
+// serves), editable when signed in as admin.
 import { listOf, request } from "./api.js";
 import { formatNumber, formatTime, h } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
@@ -52,6 +53,35 @@ export function mountModels(root, app) {
     }
   }
 
+  // Signed in as admin, an alias is removed with its ✕ and one is added (or moved here) by name.
+  function aliasCell(path, version, names) {
+    const change = async (method, alias, body) => {
+      try {
+        await request(`${path}/aliases/${encodeURIComponent(alias)}`, { method, body });
+        await load();
+      } catch (err) {
+        app.banner("registry", err.message);
+      }
+    };
+    const cell = names.map((a) => h("span", { class: "alias-item" }, h("span", { class: "pill alias", "data-testid": "alias" }, a),
+      app.isAdmin() ? h("button", { type: "button", class: "icon", "aria-label": `Remove alias ${a}`, "data-testid": "alias-remove",
+        onclick: () => change("DELETE", a) }, "✕") : null));
+    if (!app.isAdmin()) return cell;
+    const add = h("button", { type: "button", class: "link", "data-testid": "alias-add" }, "+ alias");
+    add.addEventListener("click", () => {
+      const input = h("input", { type: "text", size: 10, "aria-label": `New alias for v${version}`, "data-testid": "alias-input", placeholder: "alias" });
+      input.addEventListener("keydown", (e) => {
+        if (e.key === "Escape") load();
+        if (e.key !== "Enter" || !input.value.trim()) return;
+        e.preventDefault();
+        change("PUT", input.value.trim(), { version });
+      });
+      add.replaceWith(input);
+      input.focus();
+    });
+    return [...cell, add];
+  }
+
   async function load() {
     try {
       const listed = listOf(await request("/api/registry/v1/models"), "items");
@@ -91,7 +121,7 @@ export function mountModels(root, app) {
           h("td", {}, v.step !== undefined && v.step !== null ? formatNumber(v.step) : ""),
           h("td", { class: "metrics" }, Object.entries(v.metrics || {}).map(([k, val]) => h("span", { class: "metric" }, `${k} ${formatNumber(val)}`))),
           h("td", {}, formatTime(v.created_at ?? v.created)),
-          h("td", {}, aliasNames.map((a) => h("span", { class: "pill alias", "data-testid": "alias" }, a))),
+          h("td", { class: "aliases" }, aliasCell(path, versionOf(v), aliasNames)),
           actions);
         row.addEventListener("click", (e) => {
           if (e.target.closest("button")) return;
@@ -104,7 +134,9 @@ export function mountModels(root, app) {
       lineageBox.replaceChildren(...chain.flatMap((v, i) => [
         ...(i ? [h("span", { class: "arrow", "aria-hidden": "true" }, "→")] : []),
         h("div", { class: `node stage-${v.stage}`, "data-testid": "lineage-node" }, h("strong", {}, v.stage),
-          h("span", {}, v.name === name ? `v${versionOf(v)}` : `${v.name} v${versionOf(v)}`)),
+          h("span", {}, v.name === name ? `v${versionOf(v)}` : `${v.name} v${versionOf(v)}`),
+          // Which job made it, when a trainer job registered it.
+          v.job_id ? h("a", { href: `#/jobs/${encodeURIComponent(v.job_id)}`, class: "muted", "data-testid": "lineage-job" }, `job ${String(v.job_id).slice(0, 12)}`) : null),
       ]));
       app.clearBanner("registry");
     } catch (err) {
