@@ -225,7 +225,8 @@ def test_jobs_run_through_a_worker_with_the_docker_executor(settings, start_work
         logs = api.get(f"/v1/jobs/{job_id}/logs").text
         assert f"[trainer] $ docker run {IMAGE}" in logs and '"type":"progress"' in logs
 
-        job_id = api.post("/v1/jobs", json={"stage": "make_data"}, headers=AUTH).json()["id"]
+        # One attempt: with none left the reaper fails the job instead of queueing it again.
+        job_id = api.post("/v1/jobs", json={"stage": "make_data", "max_attempts": 1}, headers=AUTH).json()["id"]
         wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["step"], timeout=90)
         worker.proc.send_signal(signal.SIGKILL)
         worker.proc.wait()
