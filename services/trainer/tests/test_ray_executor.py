@@ -188,6 +188,19 @@ def test_cancel_removes_every_process_of_a_ray_job_within_5_s(api, settings, ray
     assert [n["status"] for n in job["nodes"]] == ["cancelled", "cancelled"]
 
 
+def test_a_gang_the_cluster_has_no_room_for_fails_unstarted(api, settings, start_worker, ray_cluster):
+    worker = start_worker(
+        extra_env=WORKER_ENV, executor="ray", ray_address=ray_cluster.address, ray_gpus=False, gang_timeout=5
+    )
+    job_id = api.post(
+        "/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 3, "nproc_per_node": 1}}, headers=AUTH
+    ).json()["id"]
+    job = wait_job(api, job_id, timeout=90, worker=worker)
+    assert job["status"] == "failed" and "did not place the job's 3 nodes" in job["error"], job
+    assert "torchrun" not in api.get(f"/v1/jobs/{job_id}/logs").text
+    assert leftovers(job_id, 3) == []
+
+
 def test_a_ray_node_lost_mid_job_ends_the_attempt_within_60_s(api, settings, ray_worker, ray_cluster):
     """Last in this file: it takes a node away (and adds a fresh one for the retry)."""
     tokenizer(api, ray_worker, "ray-tok-lost")
