@@ -291,8 +291,6 @@ class Scheduler:
 
     def _admit(self) -> None:
         free = [s for s in self.batch.free_slots() if s not in self._reserved]
-        if self.prefix:
-            free = self.prefix.order(free)
         with self._cond:
             while self._waiting and self._waiting[0].n <= len(free):
                 handle = self._waiting.popleft()
@@ -308,8 +306,8 @@ class Scheduler:
             cache.reset(free[0])
             return free[: handle.n]
         claim = self.prefix.claim(handle.prompt, free)
-        for source, start, stop in claim.copies:
-            cache.copy(source, claim.slot, start, stop)
+        for source, destination, start, stop in claim.copies:
+            cache.copy(source, destination, start, stop)
         cache.reset(claim.slot)
         cache.advance(claim.cached, claim.slot)
         handle.prefilled = claim.cached

@@ -225,3 +225,15 @@ def test_taking_a_slot_evicts_its_blocks(engine):
     assert greedy_tokens(scheduler, a) == greedy_tokens(cold, a)
     assert scheduler.stats().prefix_hits == hits, "the only slot was reused: nothing of a is left to hit"
     assert all(len(holders) == 1 for holders in scheduler.prefix.index.values())
+
+
+def test_a_taken_slot_moves_its_blocks_to_the_least_recently_released_one(engine):
+    scheduler = Scheduler(engine, slots=3)
+    a = prompt(engine, "The quick brown fox. " * 6)
+    greedy_tokens(scheduler, a)  # slot 0
+    greedy_tokens(scheduler, prompt(engine, "Numbers like 1,234. " * 6))  # slot 0 again: a moves to slot 1
+    assert scheduler.prefix.chains[1] and scheduler.prefix.chains[2] == []
+    hits = scheduler.stats().prefix_hits
+    cold = Scheduler(engine, slots=3, prefix_block=0)
+    assert greedy_tokens(scheduler, a) == greedy_tokens(cold, a)
+    assert scheduler.stats().prefix_hits - hits == (len(a) - 1) // 16 * 16, "a was found where it moved"
