@@ -118,28 +118,37 @@ class NodeRun:
         self._end_leftovers()
         beat = heartbeat(self.ctx, self.job_id, self.rank)
         beat.start()
-        status, error, log_tail, infrastructure = "succeeded", None, None, False
         try:
-            for index in range(claim.start, len(self.spec["steps"])):
-                self._step(index, first=index == claim.start)
+            status, error, log_tail, infrastructure = self._steps(claim.start)
+            # The end must land even through a database blip (the heartbeat goes on meanwhile): a
+            # node left `running` would be taken for lost and its finished step run again.
+            if status == "interrupted":
+                end = functools.partial(requeue_interrupted, self.ctx, self.job_id, self.rank, self.attempt)
+            else:
+                end = functools.partial(
+                    finish_node, self.ctx, self.job_id, self.rank, self.attempt, status, error, log_tail, infrastructure
+                )
+            retry_store(f"recording the end of job {self.job_id} node {self.rank}", end, self.s.store_outage_limit)
+        finally:
+            beat.stop()
+        return status
+
+    def _steps(self, start: int) -> tuple[str, str | None, str | None, bool]:
+        """Run the steps from `start`: (status, error, log tail, whether the failure was the platform's)."""
+        try:
+            for index in range(start, len(self.spec["steps"])):
+                self._step(index, first=index == start)
         except StepFailed as e:
-            status, error, log_tail, infrastructure = e.status, e.message, e.log_tail, e.infrastructure
+            return e.status, e.message, e.log_tail, e.infrastructure
         except Exception as e:
             # RQ's job timeout lands here too; the runner has already killed the stage's group.
             log.exception("job %s node %d: trainer error", self.job_id, self.rank)
-            status, error, log_tail = "failed", f"trainer error: {type(e).__name__}: {e}", tail(self.node.log_path)
-            infrastructure = True
+            return "failed", f"trainer error: {type(e).__name__}: {e}", tail(self.node.log_path), True
         except BaseException:
             # RQ's cold stop (SystemExit from a second signal): the runner has stopped the stage.
             requeue_interrupted(self.ctx, self.job_id, self.rank, self.attempt)
             raise
-        finally:
-            beat.stop()
-        if status == "interrupted":
-            requeue_interrupted(self.ctx, self.job_id, self.rank, self.attempt)
-        else:
-            finish_node(self.ctx, self.job_id, self.rank, self.attempt, status, error, log_tail, infrastructure)
-        return status
+        return "succeeded", None, None, False
 
     def _end_leftovers(self) -> None:
         """A process of an earlier attempt of this node still alive on this host (its worker died
