@@ -506,6 +506,9 @@ def main() -> None:
         help="skip the baseline above this concurrency (it serves one request at a time, "
         "so its tok/s stays flat while a level of c requests takes c times as long)",
     )
+    parser.add_argument(
+        "--checkpoint", type=Path, help="keep the model here and reuse it on the next run (with the same shape options)"
+    )
     parser.add_argument("--no-levels", action="store_true", help="skip the concurrency levels")
     parser.add_argument("--no-scenarios", action="store_true", help="skip the prefix-cache and chunked-prefill runs")
     parser.add_argument("--baseline-server", metavar="FOLDER", help=argparse.SUPPRESS)
@@ -520,7 +523,9 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_checkpoint(Path(tmp) / "model", args.depth, args.vocab, args.sequence_len)
+        folder = args.checkpoint or Path(tmp) / "model"
+        if not (folder / "manifest.json").exists():
+            build_checkpoint(folder, args.depth, args.vocab, args.sequence_len)
         rows = [] if args.no_levels else asyncio.run(bench_servers(folder, args))
         scenarios = None if args.no_scenarios else asyncio.run(run_scenarios(folder, args))
 

@@ -311,10 +311,13 @@ class Scheduler:
         cache.reset(claim.slot)
         cache.advance(claim.cached, claim.slot)
         handle.prefilled = claim.cached
-        others = [s for s in free if s != claim.slot][: handle.n - 1]
-        for slot in others:
-            self.prefix.take(slot)
-        return [claim.slot, *others]
+        slots = [claim.slot]
+        for _ in range(handle.n - 1):  # the other samples' slots, emptied for the fork
+            rest = [s for s in free if s not in slots]
+            for source, destination, start, stop in self.prefix.vacate(rest[0], rest[1:]):
+                cache.copy(source, destination, start, stop)
+            slots.append(rest[0])
+        return slots
 
     def _left(self, row: Row) -> None:
         """A row left the batch: what its slot's cache holds stays findable until the slot is taken."""
