@@ -177,6 +177,8 @@ def test_markdown_is_sanitised_tools_and_code_render(browser, webui, fake):
     page.screenshot(path=OUTPUT / "chat-phone.png")
     page.get_by_role("button", name="Conversations").click()
     expect(page.locator("#sidebar")).to_be_in_viewport()
+    # The sidebar slides in (a CSS transition): the picture is taken once it is all in.
+    page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().left >= 0")
     page.screenshot(path=OUTPUT / "chat-phone-sidebar.png")
     assert page.errors == []
 

@@ -84,6 +84,8 @@ def test_settings_system_prompt_stats_and_branches(page, fake):
     expect(user.locator(".body")).to_have_text("hello branches")
     expect(last_assistant(page).locator(".body")).to_have_text(first)
     expect(last_assistant(page).get_by_test_id("branch-count")).to_have_text("1/2")
+    page.get_by_test_id("settings").locator("summary").click()
+    page.screenshot(path=OUTPUT / "chat-branches-desktop.png")
 
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-ready", "true")

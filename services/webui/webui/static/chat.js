@@ -41,7 +41,7 @@ function renderParts(parts) {
 
 // "N tokens · X tok/s": the rate counts from the first token, so it is the decoding speed.
 function statsText(stats) {
-  if (!stats || !stats.tokens) return "";
+  if (!stats || typeof stats.tokens !== "number") return "";
   const rate = stats.tokens > 1 && stats.seconds > 0 ? ` · ${formatNumber((stats.tokens - 1) / stats.seconds)} tok/s` : "";
   return `${stats.tokens} token${stats.tokens === 1 ? "" : "s"}${rate}`;
 }
@@ -337,7 +337,9 @@ export function mountChat(root, app) {
     } finally {
       cancelAnimationFrame(frame);
       // The server's count when it sent one (a stopped answer has none): else one token a chunk.
-      if (first !== null) assistant.stats = { tokens: usage?.completion_tokens ?? chunks, seconds: (performance.now() - first) / 1000 };
+      if (first !== null || usage) {
+        assistant.stats = { tokens: usage?.completion_tokens ?? chunks, seconds: first === null ? 0 : (performance.now() - first) / 1000 };
+      }
       controller = null;
       setGenerating(false);
       persist();
