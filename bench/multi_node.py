@@ -115,6 +115,14 @@ def measure(settings: Settings, workers: int, repeats: int, work: Path, name: st
                 times.append(first_progress(settings.runs_dir / "jobs" / job_id / "events.jsonl") - t0)
                 job = wait_status(api, job_id)
                 assert job["status"] == "succeeded", job
+                events = (settings.runs_dir / "jobs" / job_id / "events.jsonl").read_text().splitlines()
+                started = next(json.loads(e)["ts"] for e in events if json.loads(e)["type"] == "started")
+                log = (settings.runs_dir / "jobs" / job_id / "log-node0.txt").read_text()
+                notes = [line for line in log.splitlines() if line.startswith("[trainer] ray:")]
+                print(
+                    f"{name}: POST -> claimed {job['started_at'] - t0:.1f} s, -> stage started {started - t0:.1f} s,"
+                    f" -> first progress {times[-1]:.1f} s {notes}"
+                )
     finally:
         for proc in procs:
             proc.kill()
@@ -149,7 +157,13 @@ def bench(repeats: int, skip_local: bool, work: Path) -> dict:
         t0 = time.monotonic()
         cluster = cluster_utils.Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+            head_node_args={
+                "num_cpus": 0,
+                "node_ip_address": "127.0.0.1",
+                "include_dashboard": False,
+                # Ray starts its workers at niceness 15; the stages are the cluster's work.
+                "_system_config": {"worker_niceness": 0},
+            },
         )
         for _ in range(2):
             cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")

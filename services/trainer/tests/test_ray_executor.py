@@ -50,7 +50,13 @@ def ray_cluster() -> Iterator:
     os.environ.update(LOOPBACK)
     cluster = cluster_utils.Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 0,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            # Ray starts its workers at niceness 15; the stages are the cluster's work.
+            "_system_config": {"worker_niceness": 0},
+        },
     )
     for _ in range(2):
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")

@@ -57,6 +57,11 @@ class StageActor:
     def node_address(self) -> str:
         return ray.util.get_node_ip_address()
 
+    def niceness(self) -> int:
+        """The priority torchrun inherits (Ray starts its workers at 15 unless the cluster sets
+        worker_niceness)."""
+        return os.nice(0)
+
     def start(self, args: list[str], env: dict[str, str]) -> int:
         """Start `torchrun args...` with `env` added to this node's environment; returns its pid."""
         self.proc = subprocess.Popen(

@@ -28,8 +28,10 @@ With actors the stage's command line is byte for byte the local one, and Ray onl
 needed for: gang placement, the processes on each node, and telling us when a node is gone.
 
 The job's folders (runs_dir, data_dir) must be at the same paths on every Ray node (a shared
-volume), as for the RQ executor's multi-node jobs: the stage reads its inputs there and rank 0
-writes its checkpoints there, which the driver then uploads.
+volume): the stage reads its inputs there and rank 0 writes its checkpoints there, which the
+driver then uploads. Ray starts its workers at niceness 15, and torchrun inherits it: a cluster for
+training sets the system config worker_niceness=0 (RAY_worker_niceness=0 on the head); the log of
+a node whose stage runs niced says so.
 """
 
 from __future__ import annotations
@@ -218,6 +220,12 @@ class RayGang:
         for r, actor in enumerate(actors):
             argv = node_argv(args, r, endpoint)
             host = ray.get(actor.node_address.remote(), timeout=START_TIMEOUT_S)
+            nice = ray.get(actor.niceness.remote(), timeout=START_TIMEOUT_S)
+            if nice > 0:
+                logs[r].write(
+                    f"[trainer] the stage runs at niceness {nice} on {host}: any other work there comes first; "
+                    "start the Ray cluster with RAY_worker_niceness=0 (a system config of the head)".encode()
+                )
             logs[r].write(f"[trainer] $ (ray node {host}) torchrun {' '.join(argv)}".encode())
             pid = ray.get(actor.start.remote(argv, self._env(env, job_id, r)), timeout=START_TIMEOUT_S)
             if r == 0:
@@ -272,7 +280,7 @@ class RayGang:
         return {**own, JOB_MARKER: node_tag(job_id, rank)}
 
     def _collect(self, actors: list[Any], logs: list[_Log], events: Any, gang: _Gang) -> None:
-        """Pull every node's output until each has exited or is lost; rank 0's stdout events go
+        """Pull every node's output until each has exited or is lost; stage events on stdout go
         to `events`. The first node lost, or exiting with an error, breaks the gang."""
         pending = {r: actors[r].drain.remote() for r in range(len(actors))}
         while pending:
@@ -288,7 +296,9 @@ class RayGang:
                     continue
                 for which, line in lines:
                     logs[rank].write(line)
-                    if rank == 0 and which == STDOUT:
+                    # c10d hands out the global ranks in join order, so global rank 0 (the only
+                    # one that prints events) may be on any node.
+                    if which == STDOUT:
                         event = parse_event_line(line.decode("utf-8", "replace"))
                         if event is not None:
                             events.put(event.model_dump(mode="json"))
