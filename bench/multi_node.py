@@ -187,10 +187,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--work", type=Path, help="Folder for the run, kept (a temp folder by default).")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        result = bench(args.repeats, args.skip_local, Path(tmp))
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result = bench(args.repeats, args.skip_local, work)
     load_after = os.getloadavg()[0]
     print(f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f}, n={args.repeats}")
     for name, times in result["rows"]:

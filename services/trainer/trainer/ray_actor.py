@@ -28,6 +28,7 @@ PR_SET_PDEATHSIG = 1
 # The interpreter of this Ray node runs torchrun: the worker's own path may not exist here.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 STDOUT, STDERR = 1, 2
+DRAIN_WAIT_S = 0.5
 
 
 def _die_with_parent() -> None:
@@ -44,6 +45,7 @@ class StageActor:
         self.proc: subprocess.Popen | None = None
         self.lines: list[tuple[int, bytes]] = []
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.readers: list[threading.Thread] = []
 
     def rendezvous_endpoint(self) -> str:
@@ -83,13 +85,20 @@ class StageActor:
 
     def _pump(self, stream: IO[bytes], which: int) -> None:
         for line in iter(stream.readline, b""):
-            with self.lock:
+            with self.changed:
                 self.lines.append((which, line))
+                self.changed.notify_all()
         stream.close()
+        with self.changed:
+            self.changed.notify_all()
 
-    def drain(self) -> tuple[list[tuple[int, bytes]], int | None]:
-        """The output lines since the last call, and torchrun's exit code once it has exited and
-        every line of it was handed out (None while it runs)."""
+    def drain(self, wait: float = DRAIN_WAIT_S) -> tuple[list[tuple[int, bytes]], int | None]:
+        """The output lines since the last call (waiting up to `wait` s for one: the driver polls
+        without spinning), and torchrun's exit code once it has exited and every line of it was
+        handed out (None while it runs)."""
+        with self.changed:
+            if not self.lines and any(t.is_alive() for t in self.readers):
+                self.changed.wait(wait)
         code = self.proc.poll() if self.proc else None
         if code is not None:
             for t in self.readers:
