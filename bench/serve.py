@@ -565,6 +565,7 @@ def main() -> None:
                 "scenarios": scenarios,
             },
             indent=2,
+            default=str,
         )
     )
     print(f"wrote {out}")

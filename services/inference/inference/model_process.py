@@ -20,9 +20,8 @@ read yet as waiting, so a request is never in no count. A receiver thread hands 
 its events with the step's `time.monotonic()` in the child (`on_events(events, t)` runs on that
 thread; the clock is the machine's, so latencies are the model's, not the pipe's or the event
 loop's). One message per iteration carries every request's events (named tuples, which pickle
-cheaply). If the child dies, every open request gets an
-"error" finish event and `alive` turns false; when the parent dies, the child sees its pipe
-close and exits.
+cheaply). If the child dies, every open request gets an "error" finish event and `alive` turns
+false; when the parent dies, the child sees its pipe close and exits.
 """
 
 from __future__ import annotations
