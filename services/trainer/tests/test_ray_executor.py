@@ -168,7 +168,7 @@ def test_two_ray_nodes_train_step_for_step_like_one_node_with_two_processes(api,
     assert [step for step, _ in expected] == list(range(1, BASE["num_iterations"] + 1))
     # The same arithmetic in the same order on both layouts: equal to the last bit.
     assert losses(settings, gang) == expected
-    assert job["metrics"]["world_size"] == 2 and job["step"] == BASE["num_iterations"]
+    assert job["step"] == BASE["num_iterations"]
     assert [p["stage"] for p in job["produced"]] == ["base"]
     assert [n["status"] for n in job["nodes"]] == ["succeeded", "succeeded"]
     assert job["nodes"][1]["host"] == "ray:127.0.0.1"
