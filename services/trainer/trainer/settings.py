@@ -87,7 +87,7 @@ class Settings(BaseSettings):
         default_factory=socket.gethostname,
         description="This machine's name in job records (the reaper kills only its own host's groups).",
     )
-    executor: Literal["local", "docker"] = Field(
+    executor: Literal["local", "docker", "ray"] = Field(
         "local",
         description="How workers start stages: local processes (torchrun in its own session), or one container per stage and node through the Docker SDK (`trainer.docker_executor`); ray runs jobs with nnodes > 1 as a placement group on a Ray cluster (`trainer.ray_executor`), one-node jobs locally.",
     )
