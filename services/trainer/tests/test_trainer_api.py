@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from nanochat_contracts.job_folder import events_path
 from nanochat_testing.data import TINY_DATA
 from registry_client import RegistryClient
 from trainer.curves import curves
-from trainer.paths import events_path
 from trainer_testlib import AUTH, REGISTRY_TOKEN
 
 
@@ -150,7 +150,7 @@ def test_metrics_series_default_to_the_last_stage_that_trained(api, settings):
         {"stage": "mid_train", "type": "progress", "step": 1, "loss": 5.0, "lr": 1.0},
         {"stage": "chat_eval", "type": "eval", "name": "chatcore", "value": 0.02},
     ]
-    path = events_path(settings, job["id"])
+    path = events_path(settings.runs_dir, job["id"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(e) + "\n" for e in events))
     # The job's current stage (make_data) drew no loss curve: the last stage that did is shown.

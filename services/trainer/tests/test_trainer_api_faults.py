@@ -18,12 +18,12 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from nanochat.dataset import download_file
+from nanochat_contracts.job_folder import events_path, log_path
 from nanochat_testing.data import TINY_DATA
 from nanochat_testing.servers import Server, free_port, start_postgres, start_redis
 from sqlalchemy import event, update
 from trainer.api import create_app
 from trainer.db import Job
-from trainer.paths import events_path, log_path
 from trainer.settings import Settings
 from trainer_testlib import AUTH
 
@@ -163,7 +163,7 @@ def test_malformed_job_ids_and_event_ids_are_4xx(api):
 
 def test_plain_logs_answer_a_bounded_window_of_a_huge_log(api, settings):
     job = submit(api, {"stage": "make_data", "options": TINY_DATA}).json()
-    path = log_path(settings, job["id"], 0)
+    path = log_path(settings.runs_dir, job["id"], 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = b"0123456789abcdef" * 7 + b"\n"  # 113 bytes
     with open(path, "wb") as f:
@@ -186,7 +186,7 @@ def test_a_followed_log_line_longer_than_a_chunk_is_sent_whole(api, settings):
     job = submit(api, {"stage": "make_data", "options": TINY_DATA}).json()
     with api.app.state.trainer.db.session() as s:
         s.execute(update(Job).where(Job.id == job["id"]).values(status="failed"))
-    path = log_path(settings, job["id"], 0)
+    path = log_path(settings.runs_dir, job["id"], 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"x" * 200_000 + b"\nend")
     text = api.get(f"/v1/jobs/{job['id']}/logs", params={"follow": "true"}).text
@@ -203,7 +203,7 @@ def write_events(path: Path, events: list[dict], mode: str = "a") -> None:
 
 def test_metrics_read_only_what_was_appended_to_the_events_file(api, settings):
     job = submit(api, {"stage": "make_data", "options": TINY_DATA}).json()
-    path = events_path(settings, job["id"])
+    path = events_path(settings.runs_dir, job["id"])
     url = f"/v1/jobs/{job['id']}/metrics"
     step = {"stage": "base_train", "type": "progress", "loss": 8.0}
     write_events(path, [{**step, "step": 1}, {**step, "step": 2, "loss": 7.0}], mode="w")
@@ -226,7 +226,7 @@ def test_metrics_read_only_what_was_appended_to_the_events_file(api, settings):
 
 def test_metrics_skip_events_that_are_no_curve_points(api, settings):
     job = submit(api, {"stage": "make_data", "options": TINY_DATA}).json()
-    path = events_path(settings, job["id"])
+    path = events_path(settings.runs_dir, job["id"])
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         '{"stage": "a", "type": "progress", "step": "s", "loss": 1}',
@@ -286,7 +286,7 @@ def test_followers_are_capped_and_share_one_job_poll(settings):
     settings = settings.model_copy(update={"max_followers": 4, "follow_poll_s": 1.0})
     with served(settings) as (url, app), httpx.Client(base_url=url, timeout=10) as client:
         job_id = client.post("/v1/jobs", json={"stage": "make_data", "options": TINY_DATA}, headers=AUTH).json()["id"]
-        path = log_path(settings, job_id, 0)
+        path = log_path(settings.runs_dir, job_id, 0)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("first line\n")
         selects: list[str] = []
@@ -337,7 +337,7 @@ def test_a_database_that_is_gone_is_503_and_open_streams_ride_it_out(settings):
         with served(settings) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
             body = {"stage": "make_data", "options": TINY_DATA}
             job_id = client.post("/v1/jobs", json=body, headers=AUTH).json()["id"]
-            path = log_path(settings, job_id, 0)
+            path = log_path(settings.runs_dir, job_id, 0)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("before\n")
             with client.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}) as stream:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from nanochat.report import EVAL_FILE
+from nanochat_contracts.job_folder import events_path
 
 from trainer.db import Job
 from trainer.node_context import Node, StepFailed
-from trainer.paths import events_path
 from trainer.registry import RegistryRejected, RegistryUnavailable, VersionNotFound
 
 REGISTRY_ERRORS = (RegistryUnavailable, RegistryRejected, VersionNotFound)
@@ -73,7 +73,7 @@ def report_inputs(node: Node, folder: Path, input_ref: dict[str, Any]) -> tuple[
     except REGISTRY_ERRORS as e:
         raise StepFailed("failed", f"lineage of {name}:{version}: {e}") from None
     events = folder / "events.jsonl"
-    source = events_path(node.ctx.settings, node.job_id)
+    source = events_path(node.ctx.settings.runs_dir, node.job_id)
     lines = source.read_text().splitlines() if source.exists() else []
     # The job log tags each event with its step; the stage event schema has no such field.
     events.write_text(

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from nanochat_contracts.job_folder import log_path
 from redis import Redis
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from trainer.db import Database
-from trainer.paths import log_path
 from trainer.registry import Registry, RegistryUnavailable, make_registry
 from trainer.settings import Settings, get_settings
 
@@ -70,7 +70,7 @@ class Node:
 
     @property
     def log_path(self) -> Path:
-        return log_path(self.ctx.settings, self.job_id, self.rank)
+        return log_path(self.ctx.settings.runs_dir, self.job_id, self.rank)
 
     def note(self, message: str) -> None:
         """A trainer line in the node's log, next to the stage's output (the UI shows both)."""

@@ -12,10 +12,11 @@ import threading
 import time
 from typing import Any
 
+from nanochat_contracts.job_folder import events_path
+
 from trainer.db import Job
 from trainer.node_context import Node
 from trainer.outage import TRANSIENT, log, retry_store
-from trainer.paths import events_path
 
 # Progress reaches the job row at most this often (a stage may print hundreds a second); the last
 # step of a stage is always written.
@@ -33,7 +34,7 @@ class StepEvents:
         self.last_step: int | None = None
 
     def on_event(self, index: int, event: dict[str, Any]) -> None:
-        with self.lock, open(events_path(self.node.ctx.settings, self.node.job_id), "a") as f:
+        with self.lock, open(events_path(self.node.ctx.settings.runs_dir, self.node.job_id), "a") as f:
             f.write(json.dumps({**event, "step_index": index}) + "\n")
         kind = event["type"]
         values: dict[str, Any] = {}

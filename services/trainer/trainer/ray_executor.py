@@ -53,6 +53,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import ray  # noqa: E402
 from nanochat_contracts.events import parse_event_line  # noqa: E402
+from nanochat_contracts.job_folder import log_path  # noqa: E402
 from ray.exceptions import RayActorError, RayError  # noqa: E402
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group  # noqa: E402
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
@@ -61,7 +62,6 @@ from sqlalchemy import update  # noqa: E402
 from trainer.db import Job, JobNode  # noqa: E402
 from trainer.node_context import Context, StepFailed  # noqa: E402
 from trainer.node_state import finish_node, heartbeat  # noqa: E402
-from trainer.paths import log_path  # noqa: E402
 from trainer.procs import JOB_MARKER, node_tag  # noqa: E402
 from trainer.ray_actor import STDOUT, StageActor  # noqa: E402
 from trainer.runner import POLL_S, StageResult, _Log, _record, tail, watch  # noqa: E402
@@ -149,7 +149,7 @@ class RayGang:
         nproc_per_node: int,
         on_node_started: Callable[[int, str, int], None],
     ) -> StageResult:
-        logs = [_Log(log_path0 if r == 0 else log_path(self.s, job_id, r)) for r in range(nnodes)]
+        logs = [_Log(log_path0 if r == 0 else log_path(self.s.runs_dir, job_id, r)) for r in range(nnodes)]
         result = StageResult(returncode=-1)
         pg: PlacementGroup | None = None
         actors: list[Any] = []

@@ -27,7 +27,7 @@ SIGKILL) and puts the job back on the queue as a new attempt that starts again a
 was cut off; a training stage that saved a resumable checkpoint continues from it (`--resume`).
 A second signal is RQ's cold stop; the stage is still stopped on the way out.
 
-The parts live in their own modules: the job folder in `trainer.paths`, the node's database rows
+The parts live in their own modules: the job folder's layout in `nanochat_contracts.job_folder`, the node's database rows
 (claim, heartbeat, end, re-queue) in `trainer.node_state`, the step's inputs in `trainer.inputs`,
 the torchrun command in `trainer.torchrun`, the events in `trainer.progress` and the registration
 in `trainer.registration`; `NodeRun` here only moves a node from step to step.
@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat.stages.options import resumable, resume_dir
+from nanochat_contracts.job_folder import job_dir, report_inputs_dir, step_config, step_out
 from redis import Redis
 from rq import SimpleWorker
 from rq.job import Job as RqJob
@@ -67,7 +68,6 @@ from trainer.node_state import (
     requeue_interrupted,
 )
 from trainer.outage import Outage, StoreUnreachable, retry_store
-from trainer.paths import job_dir, report_inputs_dir, step_config, step_out
 from trainer.procs import JOB_MARKER, node_tag, terminate_job
 from trainer.progress import StepEvents
 from trainer.reaper import Reaper
@@ -102,7 +102,7 @@ class NodeRun:
         self.ctx, self.s = ctx, ctx.settings
         self.node = Node(ctx, job_id, node_rank)
         self.job_id, self.rank = job_id, node_rank
-        self.dir = job_dir(self.s, job_id)
+        self.dir = job_dir(self.s.runs_dir, job_id)
         self.events = StepEvents(self.node)
         self.last_db_check = 0.0
         self.db_stop: str | None = None

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from nanochat_contracts.job_folder import events_path, log_path
 from pydantic_core import PydanticSerializationError
 from redis.exceptions import RedisError
 from service_kit.auth import AuthFirstRoute, require_write
@@ -21,7 +22,6 @@ from trainer.db import STATUSES, TERMINAL, Job, JobAttempt, JobNode
 from trainer.deps import State, StateDep, load_job
 from trainer.dispatch import cancel_tasks, enqueue_job, request_cancel
 from trainer.option_rules import option_errors, unencodable_at
-from trainer.paths import events_path, log_path
 from trainer.registry import RegistryUnavailable, VersionNotFound
 from trainer.schemas import (
     ACCEPTED_INPUTS,
@@ -204,7 +204,7 @@ def job_logs(
     job = load_job(state, job_id)
     if node >= job.nnodes:
         raise HTTPException(404, f"job {job_id} has {job.nnodes} node(s)")
-    path = log_path(state.settings, job_id, node)
+    path = log_path(state.settings.runs_dir, job_id, node)
     start = start_offset(offset, last_event_id)
     if follow_:
         return follow(state.followers, job_id, path, start, lines=False)
@@ -223,7 +223,7 @@ def job_events(
     """The stages' JSON events as SSE, one event per line; ids are byte offsets."""
     load_job(state, job_id)
     start = start_offset(offset, last_event_id)
-    return follow(state.followers, job_id, events_path(state.settings, job_id), start, lines=True)
+    return follow(state.followers, job_id, events_path(state.settings.runs_dir, job_id), start, lines=True)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
@@ -233,7 +233,7 @@ def job_metrics(job_id: str, state: StateDep, stage: Annotated[str | None, Query
     (an eval, the report), the last stage that did, so a finished speedrun still shows a curve.
     `stages` lists every stage with a loss curve, for a picker."""
     job = load_job(state, job_id)
-    out = state.curves.result(events_path(state.settings, job_id), stage, job.current_stage)
+    out = state.curves.result(events_path(state.settings.runs_dir, job_id), stage, job.current_stage)
     # Serialised here: FastAPI would validate the points once more against response_model.
     return Response(out.model_dump_json(), media_type="application/json")
 

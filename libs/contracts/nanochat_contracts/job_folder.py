@@ -1,31 +1,28 @@
-"""A job's folder under `runs_dir`: where the worker writes and the API reads.
+"""A training job's folder under the trainer's runs_dir: the worker (and every executor) writes
+it, the trainer API reads it, so both import the layout from here.
 
     jobs/JOB/events.jsonl                 every node's stage events, each tagged with its step_index
     jobs/JOB/log-nodeR.txt                node R's stage output and the trainer's notes
     jobs/JOB/stepII-STAGE.json            step II's options, the stage's --config
     jobs/JOB/steps/II-STAGE/              step II's --out
     jobs/JOB/steps/II-report-inputs/      what a report step reads besides its input version
-
-The worker and the API both import these, so the two sides cannot drift apart.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.settings import Settings
+
+def job_dir(runs_dir: Path, job_id: str) -> Path:
+    return runs_dir / "jobs" / job_id
 
 
-def job_dir(settings: Settings, job_id: str) -> Path:
-    return settings.runs_dir / "jobs" / job_id
+def log_path(runs_dir: Path, job_id: str, node_rank: int) -> Path:
+    return job_dir(runs_dir, job_id) / f"log-node{node_rank}.txt"
 
 
-def log_path(settings: Settings, job_id: str, node_rank: int) -> Path:
-    return job_dir(settings, job_id) / f"log-node{node_rank}.txt"
-
-
-def events_path(settings: Settings, job_id: str) -> Path:
-    return job_dir(settings, job_id) / "events.jsonl"
+def events_path(runs_dir: Path, job_id: str) -> Path:
+    return job_dir(runs_dir, job_id) / "events.jsonl"
 
 
 def step_config(folder: Path, index: int, stage: str) -> Path:
