@@ -42,9 +42,11 @@ from nanochat.stages.train_loop import (
     evaluate_bpb,
     finish_output,
     load_resumable,
+    loop_state,
     muon_momentum,
     new_model,
     peak_flops,
+    resumable_due,
     save_resumable,
     set_lr,
     set_momentum,
@@ -153,24 +155,10 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
             samples = {"step": step, "samples": base_samples(model, tokenizer)}
             for sample in samples["samples"]:
                 log(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
-        if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start) and not last:
-            rank_state = {
-                "step": step,
-                "loader": loader.state_dict(),
-                "meter": meter.state_dict(),
-                "history": history,
-                "metrics": metrics,
-            }
-            save_resumable(
-                options.out,
-                model,
-                tokenizer,
-                build_meta("base_train", options, "base", step, metrics),
-                optimizers,
-                rank_state,
-                emitter,
-                step,
-            )
+        if resumable_due(options.save_every, step, start, last):
+            meta = build_meta("base_train", options, "base", step, metrics)
+            state = loop_state(step, loader, meter, history, metrics)
+            save_resumable(options.out, model, tokenizer, meta, optimizers, state, emitter, step)
         if last:
             break
 

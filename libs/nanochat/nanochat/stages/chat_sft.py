@@ -40,6 +40,8 @@ from nanochat.stages.train_loop import (
     linear_decay,
     load_model,
     load_resumable,
+    loop_state,
+    resumable_due,
     save_resumable,
     scale_initial_lr,
     set_lr,
@@ -150,24 +152,10 @@ def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[
             metrics["val_loss"] = loss
             emitter.eval("val_loss", loss, version)
             log(f"step {step}/{steps}: val loss {loss:.4f}")
-        if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start) and not last:
-            rank_state = {
-                "step": step,
-                "loader": loader.state_dict(),
-                "meter": meter.state_dict(),
-                "history": history,
-                "metrics": metrics,
-            }
-            save_resumable(
-                options.out,
-                model,
-                tokenizer,
-                build_meta("chat_sft", options, "sft", step, metrics),
-                optimizers,
-                rank_state,
-                emitter,
-                step,
-            )
+        if resumable_due(options.save_every, step, start, last):
+            meta = build_meta("chat_sft", options, "sft", step, metrics)
+            state = loop_state(step, loader, meter, history, metrics)
+            save_resumable(options.out, model, tokenizer, meta, optimizers, state, emitter, step)
         if last:
             break
         with StepTimer(compute.device) as timer:

@@ -40,8 +40,10 @@ from nanochat.stages.train_loop import (
     finish_output,
     load_model,
     load_resumable,
+    loop_state,
     muon_momentum,
     peak_flops,
+    resumable_due,
     save_resumable,
     set_lr,
     set_momentum,
@@ -120,24 +122,10 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
         if not (options.resume and step == start) and options.eval_every > 0 and step % options.eval_every == 0:
             record_eval(step)
         done = max_steps is not None and step >= max_steps
-        if options.save_every > 0 and step % options.save_every == 0 and step not in (0, start) and not done:
-            rank_state = {
-                "step": step,
-                "loader": loader.state_dict(),
-                "meter": meter.state_dict(),
-                "history": history,
-                "metrics": metrics,
-            }
-            save_resumable(
-                options.out,
-                model,
-                tokenizer,
-                build_meta("mid_train", options, "mid", step, metrics),
-                optimizers,
-                rank_state,
-                emitter,
-                step,
-            )
+        if resumable_due(options.save_every, step, start, done):
+            meta = build_meta("mid_train", options, "mid", step, metrics)
+            state = loop_state(step, loader, meter, history, metrics)
+            save_resumable(options.out, model, tokenizer, meta, optimizers, state, emitter, step)
         if done:
             break
         batches = list(take(loader, accum))

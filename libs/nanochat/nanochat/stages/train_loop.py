@@ -349,6 +349,23 @@ def take(iterator: Iterator, n: int) -> Iterator:
 # ---- checkpoints ----------------------------------------------------------------------------
 
 
+def resumable_due(save_every: int, step: int, start: int, last: bool) -> bool:
+    """Whether `step` gets a resumable checkpoint: every `save_every` steps, except the step the run
+    started from (nothing new to save) and the last one (the final folder follows)."""
+    return save_every > 0 and step % save_every == 0 and step not in (0, start) and not last
+
+
+def loop_state(step: int, loader: Any, meter: Any, history: dict, metrics: dict) -> dict[str, Any]:
+    """A training loop's own state in a resumable checkpoint: where the data and the meters stand."""
+    return {
+        "step": step,
+        "loader": loader.state_dict(),
+        "meter": meter.state_dict(),
+        "history": history,
+        "metrics": metrics,
+    }
+
+
 def save_resumable(
     out: str | os.PathLike,
     model: GPT,
