@@ -24,16 +24,23 @@ emit `<|output_start|>`, the tokens of str(result) and `<|output_end|>` before s
 Those forced tokens carry mask 0 (sampled ones 1); a failed evaluation forces nothing.
 Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p
 (smallest set of the most likely tokens whose mass reaches p), batched over the rows that share
-their settings, each row drawing from its own generator. Forward passes run under bf16
-autocast on CUDA and in fp32 on CPU.
+their settings, each row drawing from its own generator. Before that, and only for rows whose
+params ask (others pay nothing): frequency/presence penalties, logit_bias and a grammar's mask
+(`nanochat.grammar.Constraint`, imported only when a row has a grammar; it advances on each
+sampled token and a complete grammar ends the row as "stop"). Rows that ask for logprobs get,
+in their `StepToken`, the chosen token's log-probability and the top alternatives, computed
+from the model's logits before any of this; `prompt_logprobs` adds the prompt's, from one full
+forward of the prompt on the row's first step. Forward passes run under bf16 autocast on CUDA
+and in fp32 on CPU.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,17 +55,62 @@ PREFILL_CHUNK = 256
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples; seed None draws a fresh random seed."""
+    """How one request samples; seed None draws a fresh random seed.
+
+    logprobs: None, or report each chosen token's log-probability with this many (0-20) most
+    likely alternatives; prompt_logprobs: the same for the prompt's tokens too (one full forward of
+    the prompt). Log-probabilities are log_softmax of the model's own logits, before temperature,
+    top-k/top-p, penalties, bias and grammar. frequency_penalty / presence_penalty (-2..2) are
+    OpenAI's: logit[t] -= count[t] * frequency + (count[t] > 0) * presence, count over the tokens
+    this row generated so far; logit_bias adds a value in [-100, 100] to a token's logit (a
+    mapping or (id, value) pairs, kept as sorted pairs: the params stay plain, picklable data).
+    grammar: a `nanochat.grammar` spec; the row then samples only what the grammar allows and
+    stops when it is complete.
+    """
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     max_tokens: int = 256
     seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_basics()
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (how many alternatives to report)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        bias = tuple(sorted((int(t), float(v)) for t, v in pairs))
+        if any(t < 0 or not -100 <= v <= 100 for t, v in bias):
+            raise ValueError("logit_bias maps token ids >= 0 to values in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be None or a grammar spec string, got {type(self.grammar).__name__}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether sampling changes this row's logits (penalties, bias, grammar) before drawing."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias or self.grammar is not None)
+
+    def _check_basics(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -88,20 +140,32 @@ class Row:
     logits: torch.Tensor | None = None  # (vocab,) next-token logits; None until the last token is fed
     num_generated: int = 0  # tokens chosen so far, the stop token included
     cached: int = 0  # once it left the batch: positions its slot's cache held (prompt + fed tokens)
+    # Made on first use, only for rows whose params need them:
+    counts: torch.Tensor | None = None  # (vocab,) how often each token was generated: the penalties
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) on the device
+    constraint: Any = None  # the row's nanochat.grammar.Constraint
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
+# A token's log-probability and its most likely alternatives as (id, log-probability) pairs.
+TopLogprobs = tuple[tuple[int, float], ...]
+
+
 @dataclass(frozen=True)
 class StepToken:
-    """What one row produced in one step."""
+    """What one row produced in one step; the log-probabilities only for rows that asked for them
+    (prompt_logprobs: one (logprob, top) per prompt token, None for the first, on the row's first step)."""
 
     row: Row
     token: int
     mask: int
     finished: bool
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+    prompt_logprobs: tuple[tuple[float | None, TopLogprobs], ...] | None = None
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -137,6 +201,21 @@ def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: Sequen
     if ids is not None:
         picks = ids.gather(1, picks)
     return picks.squeeze(1).tolist()
+
+
+def token_logprobs(logits: torch.Tensor | None, asked: list[tuple[int, int]]) -> list[tuple[float, TopLogprobs]]:
+    """For row i of (rows, vocab) logits and asked[i] = (token, k): the token's log-probability
+    under log_softmax and the k most likely (id, log-probability) pairs. One transfer to the host."""
+    if logits is None or not asked:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor([token for token, _ in asked], dtype=torch.long, device=logits.device)
+    chosen = logprobs.gather(1, ids[:, None]).squeeze(1).tolist()
+    k = max(k for _, k in asked)
+    if k == 0:
+        return [(c, ()) for c in chosen]
+    values, top_ids = (t.tolist() for t in torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1))
+    return [(c, tuple(zip(top_ids[i][:ki], values[i][:ki]))) for i, (c, (_, ki)) in enumerate(zip(chosen, asked))]
 
 
 def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int) -> list[int]:
@@ -257,18 +336,41 @@ class DecodeBatch:
             logits = self.engine.forward(idx, self.cache, [row.slot for row in feed])
             for j, row in enumerate(feed):
                 row.logits = logits[j, -1]
+        # Before sampling touches anything: log-probabilities are of the model's own logits.
+        wanted = [row for row in running if row.params.logprobs is not None]
+        raw = torch.stack([row.logits for row in wanted]) if wanted else None
+        prompts = self._prompt_logprobs(wanted)
         picks = self._sample(running)
+        chosen = [(row, *self._choose(row, picks.get(row.slot))) for row in running]
+        scored = token_logprobs(
+            raw, [(t, row.params.logprobs) for row, t, _ in chosen if row.params.logprobs is not None]
+        )
+        scores = dict(zip((row.slot for row in wanted), scored))
         out = []
-        for row in running:
-            token, mask = self._choose(row, picks.get(row.slot))
+        for row, token, mask in chosen:
             row.logits = None
-            out.append(StepToken(row, token, mask, row.finished))
+            logprob, top = scores.get(row.slot, (None, None))
+            out.append(StepToken(row, token, mask, row.finished, logprob, top, prompts.get(row.slot)))
             if row.finished:
                 self._release(row)
         return out
 
-    @staticmethod
-    def _sample(running: list[Row]) -> dict[int, int]:
+    def _prompt_logprobs(self, wanted: list[Row]) -> dict[int, tuple]:
+        """The prompt's log-probabilities for each row starting now that asked, by slot.
+
+        The cache's prefill only makes the last position's logits (and skips what the prefix cache
+        holds), so these come from one full forward of the prompt without the cache, once per
+        prompt however many samples it has."""
+        out, done = {}, {}
+        for row in wanted:
+            if row.num_generated == 0 and row.params.prompt_logprobs:
+                key = (id(row.prompt), row.params.logprobs)
+                if key not in done:
+                    done[key] = self.engine.prompt_logprobs(row.prompt, row.params.logprobs)
+                out[row.slot] = done[key]
+        return out
+
+    def _sample(self, running: list[Row]) -> dict[int, int]:
         """Each row's sampled token by slot: one batched draw per distinct SamplingParams, not one per row."""
         groups: dict[tuple, list[Row]] = {}
         for row in running:
@@ -278,9 +380,35 @@ class DecodeBatch:
         picks = {}
         for rows in groups.values():
             logits = torch.stack([row.logits for row in rows])
+            for j, row in enumerate(rows):
+                if row.params.adjusts_logits:
+                    self._adjust(row, logits[j])
             tokens = sample_rows(logits, rows[0].params, [row.generator for row in rows])
             picks.update(zip((row.slot for row in rows), tokens))
         return picks
+
+    def _adjust(self, row: Row, logits: torch.Tensor) -> None:
+        """Penalties, logit_bias and the grammar's mask on the row's (vocab,) logits, in place (a
+        copy: fresh rows of one prompt share their logits tensor)."""
+        p = row.params
+        if p.frequency_penalty or p.presence_penalty:
+            if row.counts is None:  # at the row's first draw, before it generated anything
+                row.counts = torch.zeros_like(logits)
+            logits -= row.counts * p.frequency_penalty + (row.counts > 0) * p.presence_penalty
+        if p.logit_bias:
+            if row.bias is None:
+                ids, values = zip(*p.logit_bias)
+                row.bias = (
+                    torch.tensor(ids, dtype=torch.long, device=logits.device),
+                    torch.tensor(values, dtype=logits.dtype, device=logits.device),
+                )
+            logits.index_add_(0, *row.bias)
+        if p.grammar is not None:
+            if row.constraint is None:
+                from nanochat.grammar import Constraint  # only rows with a grammar need llguidance
+
+                row.constraint = Constraint(p.grammar, self.engine.tokenizer)
+            row.constraint.mask(logits)
 
     def _choose(self, row: Row, pick: int | None) -> tuple[int, int]:
         """The row's next token and mask, with the stop / length / calculator bookkeeping."""
@@ -295,6 +423,8 @@ class DecodeBatch:
             return token, mask
         row.tokens.append(token)
         row.masks.append(mask)
+        if row.counts is not None:
+            row.counts[token] += 1
         if token == engine.python_start:
             row.in_python, row.python_tokens = True, []
         elif token == engine.python_end and row.in_python:
@@ -307,6 +437,11 @@ class DecodeBatch:
         # Choosing another token needs this one fed first, into one more cache position.
         if row.num_generated >= row.params.max_tokens or len(row.prompt) + len(row.tokens) > self.max_len:
             row.finish_reason = "length"
+        # Forced (calculator) tokens are not the grammar's: only what the row sampled advances it.
+        if row.constraint is not None and mask:
+            row.constraint.advance(token)
+            if row.constraint.finished():
+                row.finish_reason = "stop"
         return token, mask
 
 
@@ -352,6 +487,17 @@ class Engine:
         outputs are the eager ones."""
         for block in self.model.transformer.h:
             block.mlp.compile(dynamic=True)
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt: Sequence[int], k: int) -> tuple[tuple[float | None, TopLogprobs], ...]:
+        """Each prompt token's log-probability given the tokens before it and the k most likely
+        alternatives there; the first token has none (None, ()). One forward over the whole prompt
+        without a cache: its fp32 logits take len(prompt) x vocab x 4 bytes."""
+        idx = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        with autocast(self.device):
+            logits = self.model(idx)[0, :-1]
+        scored = token_logprobs(logits, [(token, k) for token in prompt[1:]])
+        return ((None, ()), *scored)
 
     def check_prompt(self, prompt: Sequence[int], max_len: int) -> list[int]:
         """The prompt as a list of ids; a clear error when it cannot be generated from."""

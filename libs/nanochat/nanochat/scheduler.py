@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanochat.engine import PREFILL_CHUNK, DecodeBatch, Engine, Row, SamplingParams, row_seed
+from nanochat.engine import PREFILL_CHUNK, DecodeBatch, Engine, Row, SamplingParams, TopLogprobs, row_seed
 from nanochat.prefix_cache import BLOCK_SIZE, PrefixCache
 
 log = logging.getLogger("nanochat.scheduler")
@@ -57,13 +57,20 @@ class QueueFull(Exception):
 
 
 class Event(NamedTuple):
-    """A tuple, not a dataclass: a model process pickles one per token per step."""
+    """A tuple, not a dataclass: a model process pickles one per token per step.
+
+    The log-probabilities are there only when the request's params ask (`SamplingParams.logprobs`):
+    the token's and its top alternatives as (id, logprob) pairs; `prompt_logprobs` once, on a
+    sample's first token, one (logprob, top) per prompt token (None for the first)."""
 
     sample: int
     token: int | None = None  # a generated token; None on a finish event
     mask: int = 1
     finish_reason: str | None = None
     error: str | None = None
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+    prompt_logprobs: tuple[tuple[float | None, TopLogprobs], ...] | None = None
 
 
 @dataclass(eq=False)
@@ -384,8 +391,8 @@ class Scheduler:
                 if not finished:
                     self.batch.cancel(t.row)
                 t.row.finish_reason, finished = "stop", True
-            elif not (finished and t.row.finish_reason == "stop"):
-                out.append(Event(sample, token=t.token, mask=t.mask))
+            elif not (finished and t.row.finish_reason == "stop" and t.token in self.engine.stop_tokens):
+                out.append(Event(sample, t.token, t.mask, None, None, t.logprob, t.top_logprobs, t.prompt_logprobs))
             if finished:
                 self._left(t.row)
                 del self._by_slot[t.row.slot]
