@@ -1,0 +1,218 @@
+"""Grammar-constrained decoding over our tokenizer's vocabulary, with llguidance.
+
+Why llguidance (over xgrammar and outlines-core): it is on PyPI as one self-contained wheel (no
+torch or transformers dependency), builds its token trie straight from a tiktoken `Encoding`
+(`llguidance.tiktoken`), computes a mask in tens of microseconds per row (an Earley parser over a
+lazily built lexer, no precompilation of the whole grammar), takes JSON schemas and Lark grammars
+that name our special tokens (`<|python_start|>`), and reports a schema it cannot compile with a
+readable message.
+
+A *spec* is a plain JSON string (it rides in `SamplingParams.grammar` to the model process):
+`{"grammar": <llguidance grammar>, "budget": <tokens or null>}`. `compile_spec` makes one from
+"json_object", a JSON schema (a dict), or `tool_call_grammar`'s output; `Constraint(spec,
+tokenizer)` is one sample's matcher, driven by the engine: `mask(logits_row)` before each draw,
+`advance(token)` after it, `finished()` once the grammar can take no more.
+
+JSON is written compactly in json.dumps's default style (`", "` and `": "`, no other
+whitespace), so no sample spends its tokens on whitespace. Special tokens are never allowed inside
+JSON; `<|assistant_end|>` is allowed once the value is complete (the engine stops the row on it),
+and a grammar that can take nothing more finishes the row by itself.
+
+The budget: a model (a random-weight one above all) can wander in a string or an array for longer
+than `max_tokens` allows, and a cut-off JSON document is worth nothing. So over the last
+`reserve(budget)` tokens of a sample's budget the mask narrows, among what the grammar allows, to
+the tokens that close fastest: the end token, then a closing quote inside a string, then `}` or
+`]`, then an opening quote, then `,` (only allowed where more is required), then `0`; where none of those is allowed (a forced key, a `,` before
+a required property, `true`), the grammar's whole mask. A schema whose smallest instance from
+that point is longer than the reserve can still be cut (finish_reason "length").
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from typing import Any
+
+import llguidance
+import torch
+from llguidance.tiktoken import lltokenizer_from_encoding
+
+from nanochat.tokenizer import Tokenizer
+
+JSON_STYLE: llguidance.JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+END_TOKEN = "<|assistant_end|>"
+MIN_RESERVE = 32
+
+# Building llguidance's view of a vocabulary takes ~1 s for a 65k vocabulary: once per tokenizer.
+_LL_TOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
+
+
+class GrammarError(ValueError):
+    """A schema or grammar llguidance cannot compile; the message is llguidance's own."""
+
+
+def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's tokenizer for ours, with `<|assistant_end|>` as its end token (cached)."""
+    ll = _LL_TOKENIZERS.get(tokenizer)
+    if ll is None:
+        ll = lltokenizer_from_encoding(
+            tokenizer.encoding, n_vocab=tokenizer.vocab_size, eos_token=tokenizer.encode_special(END_TOKEN)
+        )
+        _LL_TOKENIZERS[tokenizer] = ll
+    return ll
+
+
+def reserve(budget: int) -> int:
+    """How many of a sample's last tokens are spent closing what it opened."""
+    return max(MIN_RESERVE, budget // 4)
+
+
+def json_grammar(schema_or_kind: str | dict[str, Any]) -> str:
+    """llguidance's grammar for "json_object" (any JSON object) or a JSON schema."""
+    if schema_or_kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif isinstance(schema_or_kind, dict):
+        schema = schema_or_kind
+    else:
+        raise GrammarError(f"expected 'json_object' or a JSON schema object, got {schema_or_kind!r}")
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+    except (ValueError, TypeError) as e:
+        raise GrammarError(str(e)) from None
+
+
+def tool_call_grammar(functions: list[tuple[str, dict[str, Any]]]) -> str:
+    """A grammar for exactly one call `<|python_start|>{"name": ..., "arguments": {...}}<|python_end|>`
+    to one of `functions` ((name, parameters schema) pairs), its arguments valid for that function."""
+    if not functions:
+        raise GrammarError("a tool call grammar needs at least one function")
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, "arguments": parameters or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for name, parameters in functions
+    ]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema = {**schema, "x-guidance": JSON_STYLE}
+    lark = f"start: <|python_start|> call <|python_end|>\ncall: %json {json.dumps(schema)}\n"
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def compile_spec(
+    schema_or_kind: str | dict[str, Any],
+    tokenizer: Tokenizer | None = None,
+    budget: int | None = None,
+) -> str:
+    """A spec for `Constraint`: "json_object", a JSON schema, or a grammar from `tool_call_grammar`
+    (a string that is neither "json_object" is taken as an llguidance grammar).
+
+    Raises GrammarError with llguidance's message when the grammar does not compile (checked
+    against `tokenizer`'s vocabulary when given). `budget`: the most tokens the sample may
+    generate, which turns on the closing reserve (module docstring)."""
+    if isinstance(schema_or_kind, dict) or schema_or_kind == "json_object":
+        grammar = json_grammar(schema_or_kind)
+    elif isinstance(schema_or_kind, str):
+        grammar = schema_or_kind
+    else:
+        raise GrammarError(f"expected 'json_object', a JSON schema or a grammar, got {type(schema_or_kind).__name__}")
+    ll = ll_tokenizer(tokenizer) if tokenizer is not None else None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll)
+    if is_error:
+        raise GrammarError(messages[0])
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise GrammarError(f"budget must be None or an integer >= 1, got {budget!r}")
+    return json.dumps({"grammar": grammar, "budget": budget})
+
+
+class Constraint:
+    """One sample's position in its grammar: which tokens may come next, and whether it is done."""
+
+    def __init__(self, spec: str, tokenizer: Tokenizer):
+        try:
+            parsed = json.loads(spec)
+            grammar, budget = parsed["grammar"], parsed["budget"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise GrammarError(f"not a grammar spec from nanochat.grammar.compile_spec: {e}") from None
+        self.vocab = tokenizer.vocab_size
+        self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+        self.closing_at = None if budget is None else max(0, budget - reserve(budget))
+        self.consumed = 0
+        self.words = torch.zeros((self.vocab + 31) // 32, dtype=torch.int32)
+        self.tiers = _closing_tiers(tokenizer)
+
+    def mask(self, logits_row: torch.Tensor) -> None:
+        """Set the logits of every token the grammar does not allow next to -inf, in place."""
+        self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
+        allowed = _unpack(self.words, self.vocab)
+        if self.closing_at is not None and self.consumed >= self.closing_at:
+            allowed = self._closing(allowed)
+        keep = torch.zeros(logits_row.shape[-1], dtype=torch.bool)
+        keep[: self.vocab] = allowed
+        logits_row.masked_fill_(~keep.to(logits_row.device, non_blocking=True), float("-inf"))
+
+    def _closing(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Of the allowed tokens, those of the first tier that has any (module docstring)."""
+        in_string = bool(allowed[self.tiers.quote].all() and allowed[self.tiers.letter].all())
+        for tier in self.tiers.order(in_string):
+            picked = tier[allowed[tier]]
+            if picked.numel():
+                narrowed = torch.zeros_like(allowed)
+                narrowed[picked] = True
+                return narrowed
+        return allowed
+
+    def advance(self, token: int) -> None:
+        """Take the token the row chose (a token the mask did not allow puts the matcher in error,
+        which `finished` reports)."""
+        self.consumed += 1
+        self.matcher.consume_token(token)
+
+    def finished(self) -> bool:
+        """True once the grammar can take no further token (or the matcher is in error)."""
+        return self.matcher.is_stopped() or self.matcher.is_error()
+
+    @property
+    def error(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+class _Tiers:
+    def __init__(self, end: int, quote: int, letter: int, closers: list[int], comma: int, zero: int):
+        ids = (end, quote, letter, comma, zero)
+        self.end, self.quote, self.letter, self.comma, self.zero = (torch.tensor([t]) for t in ids)
+        self.closers = torch.tensor(closers)
+
+    def order(self, in_string: bool) -> list[torch.Tensor]:
+        if in_string:
+            return [self.end, self.quote]
+        return [self.end, self.closers, self.quote, self.comma, self.zero]
+
+
+def _closing_tiers(tokenizer: Tokenizer) -> _Tiers:
+    # Every single byte is a rank of a byte-level BPE, so these ids always exist.
+    byte = tokenizer.encoding._mergeable_ranks
+    return _Tiers(
+        end=tokenizer.encode_special(END_TOKEN),
+        quote=byte[b'"'],
+        letter=byte[b"a"],
+        closers=[byte[b"}"], byte[b"]"]],
+        comma=byte[b","],
+        zero=byte[b"0"],
+    )
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def _unpack(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """llguidance's bitmask (bit i of word w: token 32w+i) as a bool tensor of `vocab` entries."""
+    return ((words[:, None] >> _SHIFTS) & 1).view(-1)[:vocab].bool()
