@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import ADMIN_TOKEN, CHAT_TOKEN, OUTPUT
 from playwright.sync_api import Page, expect
@@ -17,7 +18,7 @@ from test_webui_browser import DESKTOP, fake_state, last_assistant, send
 pytestmark = pytest.mark.slow
 
 AXE = Path(__file__).parent / "vendor" / "axe.min.js"
-PAGES = ["#/chat", "#/jobs", "#/jobs/job-speedrun", "#/launch", "#/models"]
+PAGES = ["#/chat", "#/jobs", "#/jobs/job-speedrun", "#/jobs/job-report", "#/launch", "#/models"]
 
 
 def open_watched(browser, url: str, **options) -> Page:
@@ -195,6 +196,125 @@ def test_aliases_are_edited_when_signed_in(page, webui):
     row.get_by_role("button", name="Remove alias candidate").click()
     expect(row.get_by_test_id("alias")).to_have_count(0)
     assert page.context.request.post(f"{webui.url}/api/session", data={"token": CHAT_TOKEN}).ok
+
+
+def series_of(chart) -> list[tuple[str, int, str, str]]:
+    """Each series drawn on a chart: its label, point count, first and last `step,value`."""
+    paths = chart.get_by_test_id("series")
+    return [
+        tuple(paths.nth(i).get_attribute(k) for k in ("data-label", "data-points", "data-first", "data-last"))
+        for i in range(paths.count())
+    ]
+
+
+def test_two_jobs_loss_curves_on_one_chart(page, webui):
+    page.goto(f"{webui.url}/#/jobs")
+    compare = page.get_by_test_id("compare")
+    expect(compare.get_by_test_id("compare-note")).to_contain_text("Tick two or more jobs")
+    for job in ("job-speedrun", "job-report"):
+        page.locator(f"[data-testid=job-row][data-job={job}]").get_by_test_id("compare-pick").check()
+    loss, bpb = compare.get_by_test_id("chart-loss"), compare.get_by_test_id("chart-val_bpb")
+    expect(loss).to_have_attribute("data-series", "2")
+    expect(bpb).to_have_attribute("data-series", "2")
+    # The fake trainer's curves, point for point: one labelled series per job.
+    assert [(label.split()[0], n, first, last) for label, n, first, last in series_of(loss)] == [
+        ("job-speedrun", "5", "1,9", "5,3.2"),
+        ("job-report", "6", "1,8.5", "6,2.9"),
+    ]
+    assert [(label.split()[0], n, first, last) for label, n, first, last in series_of(bpb)] == [
+        ("job-speedrun", "2", "2,1.4", "5,1.05"),
+        ("job-report", "2", "3,1.2", "6,0.98"),
+    ]
+    expect(loss.get_by_test_id("legend-item")).to_have_text(
+        [
+            "job-speedrun speedrun pipeline (tiny) · base_train · 3.2",
+            "job-report speedrun pipeline (tiny) · base_train · 2.9",
+        ]
+    )
+    expect(compare.get_by_test_id("compare-note")).to_have_text("")
+    # Ticks survive the list's repaint (its rows are drawn anew); unticking one leaves its series off.
+    page.locator("[data-job=job-report]").get_by_test_id("compare-pick").evaluate("el => { el.dataset.old = '1'; }")
+    expect(page.locator("[data-job=job-report] [data-testid=compare-pick]:not([data-old])")).to_be_checked()
+    page.screenshot(path=OUTPUT / "dashboard-compare-desktop.png", full_page=True)
+    page.locator("[data-testid=job-row][data-job=job-speedrun]").get_by_test_id("compare-pick").uncheck()
+    expect(loss).to_have_attribute("data-series", "1")
+    assert series_of(loss)[0][0].startswith("job-report")
+    page.locator("[data-testid=job-row][data-job=job-report]").get_by_test_id("compare-pick").uncheck()
+
+
+def test_job_page_renders_its_report_card_without_its_html(page, webui):
+    page.goto(f"{webui.url}/#/jobs/job-report")
+    card = page.get_by_test_id("job-report")
+    expect(card.locator("h3").first).to_have_text("Report card · nanochat v5")
+    expect(card.locator("h3").nth(1)).to_have_text("nanochat training report")
+    expect(card.locator("td")).to_contain_text(["base", "1.21", ""])
+    # The card's tags come out as text: nothing in it becomes an element, nothing runs.
+    expect(card).to_contain_text('<script>window.__xss=5</script> <img src=x onerror="window.__xss=6">')
+    assert card.locator("script, img[src=x], iframe").count() == 0
+    # Its plot, an attachment beside it, is drawn (from a blob of its type); an outside URL is text.
+    plot = card.get_by_test_id("report-image")
+    expect(plot).to_have_count(1)
+    expect(plot).to_have_attribute("data-file", "loss.svg")
+    expect(plot).to_have_attribute("alt", "training loss")
+    page.wait_for_function("() => document.querySelector('[data-testid=report-image]').naturalWidth === 200")
+    expect(card).to_contain_text("![elsewhere](https://example.com/x.png)")
+    assert page.evaluate("[window.__xss, window.parent.__xss]") == [None, None]
+    plot.scroll_into_view_if_needed()
+    page.screenshot(path=OUTPUT / "dashboard-report-desktop.png")
+    # A job with no report step has no card.
+    page.goto(f"{webui.url}/#/jobs/job-speedrun")
+    expect(page.get_by_test_id("steps")).to_be_visible()
+    expect(page.get_by_test_id("job-report")).to_be_hidden()
+
+
+def test_chat_with_a_pinned_version_or_an_alias(page, webui, fake):
+    serving = httpx.get(f"{fake.url}/registry/v1/models").json()["items"][0]["aliases"]["serving"]
+    served = httpx.get(f"{fake.url}/inference/v1/models").json()["data"][0]["version"]
+    page.goto(f"{webui.url}/#/chat")
+    page.keyboard.press("Control+Shift+O")
+    picker = page.get_by_test_id("chat-version")
+    expect(picker.locator("option")).to_have_text(
+        [
+            "nanochat · served version",
+            f"nanochat@serving (now v{serving})",
+            "nanochat:5 · rl",
+            "nanochat:4 · sft",
+            "nanochat:3 · mid",
+            "nanochat:2 · base",
+        ]
+    )
+    picker.select_option("nanochat:3")
+    send(page, "which one are you")
+    settle(page)
+    assert fake_state(fake)["last_chat"]["model"] == "nanochat:3"
+    expect(last_assistant(page).get_by_test_id("answered-by")).to_have_text("nanochat:3")
+    picker.select_option("nanochat@serving")
+    page.get_by_test_id("regenerate").click()
+    settle(page)
+    assert fake_state(fake)["last_chat"]["model"] == "nanochat@serving"
+    expect(last_assistant(page).get_by_test_id("answered-by")).to_have_text(f"nanochat:{serving}")
+    # The chat keeps its pick across a reload; a new chat talks to the served version.
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.get_by_test_id("chat-version")).to_have_value("nanochat@serving")
+    page.keyboard.press("Control+Shift+O")
+    expect(page.get_by_test_id("chat-version")).to_have_value("")
+    send(page, "and you")
+    settle(page)
+    assert fake_state(fake)["last_chat"]["model"] == "nanochat"
+    expect(last_assistant(page).get_by_test_id("answered-by")).to_have_text(f"nanochat:{served}")
+
+    # "Chat" on the models page opens a new chat pinned to that version.
+    page.goto(f"{webui.url}/#/models")
+    page.locator("[data-testid=version-row][data-version='2']").get_by_test_id("chat-version-link").click()
+    expect(page).to_have_url(f"{webui.url}/#/chat")
+    expect(page.get_by_test_id("chat-version")).to_have_value("nanochat:2")
+    expect(page.locator(".empty")).to_contain_text("This chat talks to nanochat:2.")
+    send(page, "hello base")
+    settle(page)
+    assert fake_state(fake)["last_chat"]["model"] == "nanochat:2"
+    expect(last_assistant(page).get_by_test_id("answered-by")).to_have_text("nanochat:2")
+    page.screenshot(path=OUTPUT / "chat-pinned-desktop.png")
 
 
 def test_every_page_passes_axe_with_no_console_error(page, browser, webui):

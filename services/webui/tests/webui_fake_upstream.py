@@ -89,6 +89,21 @@ def reply_for(text: str) -> tuple[list[tuple[str, str]], float]:
     return [("text", w + " ") for w in words], 0.01
 
 
+def answering_model(model: str | None):
+    """The `model` inference answers with (`name:version`), as its pinned format has it: `nanochat`
+    the served version, `nanochat:3` that version, `nanochat@best` the alias's; else a 404."""
+    name, served = state["model"]["id"], state["model"]["version"]
+    if model in (None, name):
+        return f"{name}:{served}"
+    if model.startswith(f"{name}:") and model[len(name) + 1 :].isdigit():
+        version = int(model[len(name) + 1 :])
+        if any(v["version"] == version for v in versions):
+            return model
+    elif model.startswith(f"{name}@") and model[len(name) + 1 :] in aliases:
+        return f"{name}:{aliases[model[len(name) + 1 :]]}"
+    return error_response(404, f"The model {model!r} does not exist.", code="model_not_found", param="model")
+
+
 @app.post("/inference/v1/chat/completions")
 async def chat(request: Request):
     body = await request.json()
@@ -104,6 +119,9 @@ async def chat(request: Request):
     if "busy" in last.lower() and state["busy_left"] > 0:
         state["busy_left"] -= 1
         return error_response(429, "The waiting queue is full.", code="queue_full", headers={"Retry-After": "1"})
+    answered = answering_model(body.get("model"))
+    if isinstance(answered, Response):
+        return answered
     deltas, pause = reply_for(last)
 
     async def events():
@@ -114,7 +132,7 @@ async def chat(request: Request):
                 "id": "chatcmpl-1",
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
-                "model": "nanochat",
+                "model": answered,
             }
             yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}}]})}\n\n"
             for kind, text in deltas:
@@ -213,12 +231,50 @@ jobs["job-speedrun"] = {
         {"name": "nanochat", "version": 2, "stage": "base", "made_by": "base_train", "step_index": 3},
     ],
 }
+# A finished speedrun: its report step read the RL version (v5) and attached its card there.
+FULL_SPEEDRUN = [
+    "make_data",
+    "tok_train",
+    "tok_eval",
+    "base_train",
+    "base_loss",
+    "base_eval",
+    "mid_train",
+    "chat_eval",
+    "chat_sft",
+    "chat_eval",
+    "chat_rl",
+    "chat_eval",
+    "report",
+]
+jobs["job-report"] = {
+    **jobs["job-speedrun"],
+    "id": "job-report",
+    "status": "succeeded",
+    "steps": [{"stage": name, "options": {}} for name in FULL_SPEEDRUN],
+    "step_index": 12,
+    "current_stage": "report",
+    "progress": 100.0,
+    "metrics": {"loss": 2.9, "val_bpb": 0.98},
+    "input": None,
+    "produced": [
+        {"name": "nanochat", "version": 1, "stage": "tokenizer", "made_by": "tok_train", "step_index": 1},
+        {"name": "nanochat", "version": 2, "stage": "base", "made_by": "base_train", "step_index": 3},
+        {"name": "nanochat", "version": 3, "stage": "mid", "made_by": "mid_train", "step_index": 6},
+        {"name": "nanochat", "version": 4, "stage": "sft", "made_by": "chat_sft", "step_index": 8},
+        {"name": "nanochat", "version": 5, "stage": "rl", "made_by": "chat_rl", "step_index": 10},
+    ],
+}
 series: dict[str, dict[str, list]] = {
     "job-1": {"loss": [], "lr": [], "tok_per_s": []},
     "job-speedrun": {
         "loss": [[1, 9.0], [2, 6.0], [3, 4.5], [4, 3.6], [5, 3.2]],
         "val_bpb": [[2, 1.4], [5, 1.05]],
         "core": [[5, 0.11]],
+    },
+    "job-report": {
+        "loss": [[1, 8.5], [2, 5.5], [3, 4.0], [4, 3.3], [5, 3.0], [6, 2.9]],
+        "val_bpb": [[3, 1.2], [6, 0.98]],
     },
 }
 # Stage stdout (JSON events) and stderr (human lines) share a job's log.
@@ -422,8 +478,32 @@ versions = [
         "metrics": {"arc_easy": 0.31},
         "attachments": [{"path": "report.md", "size": 120, "sha256": "0" * 64}],
     },
-    {"version": 5, "stage": "rl", "step": 30, "parent": {"name": "nanochat", "version": 4}, "metrics": {"gsm8k": 0.04}},
+    {
+        "version": 5,
+        "stage": "rl",
+        "step": 30,
+        "parent": {"name": "nanochat", "version": 4},
+        "metrics": {"gsm8k": 0.04},
+        "attachments": [
+            {"path": "report.md", "size": 400, "sha256": "1" * 64},
+            {"path": "loss.svg", "size": 300, "sha256": "2" * 64},
+        ],
+    },
 ]
+# What a report card could carry that must stay inert: tags as text, a plot with a script in it.
+REPORT_CARDS = {
+    4: "# Report card\n\n| metric | SFT |\n|---|---|\n\n- ARC-Easy: **0.31**\n<script>window.__xss=4</script>\n",
+    5: (
+        "# nanochat training report\n\nThe tiny speedrun <script>window.__xss=5</script>"
+        ' <img src=x onerror="window.__xss=6">\n\n'
+        "| stage | val_bpb | GSM8K |\n|---|---|---|\n| base | 1.21 | |\n| rl | | 0.04 |\n\n"
+        "![training loss](loss.svg)\n\n![elsewhere](https://example.com/x.png)\n"
+    ),
+}
+LOSS_SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="200" height="80"><script>parent.__xss=7</script>'
+    '<polyline points="0,10 100,60 200,70" fill="none" stroke="#1d5bd8" stroke-width="3"/></svg>'
+)
 aliases = {"serving": 4}
 
 
@@ -447,6 +527,14 @@ async def registry_versions(name: str) -> dict:
     return {"items": items, "total": len(items), "limit": 500, "offset": 0}
 
 
+@app.get("/registry/v1/models/{name}/versions/{version}")
+async def registry_version(name: str, version: int):
+    found = next((v for v in versions if v["version"] == version), None)
+    if found is None:
+        return error_response(404, "no such version")
+    return {"attachments": [], **found, "name": name, "aliases": [a for a, t in aliases.items() if t == version]}
+
+
 @app.get("/registry/v1/models/{name}/versions/{version}/lineage")
 async def registry_lineage(name: str, version: int):
     by_version = {v["version"]: {"attachments": [], **v, "name": name} for v in versions}
@@ -462,10 +550,12 @@ async def registry_lineage(name: str, version: int):
 
 @app.get("/registry/v1/models/{name}/versions/{version}/attachments/{file}")
 async def attachment(name: str, version: int, file: str):
-    return PlainTextResponse(
-        "# Report card\n\n| metric | SFT |\n|---|---|\n\n- ARC-Easy: **0.31**\n<script>window.__xss=4</script>\n",
-        media_type="text/markdown",
-    )
+    # The registry serves every attachment as octet-stream.
+    if file == "loss.svg":
+        return Response(LOSS_SVG, media_type="application/octet-stream")
+    if version not in REPORT_CARDS:
+        return error_response(404, "no such attachment")
+    return Response(REPORT_CARDS[version], media_type="application/octet-stream")
 
 
 class AliasMove(BaseModel):

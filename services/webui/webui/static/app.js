@@ -1,5 +1,6 @@
-// Entry point: routes (#/chat, #/jobs, #/jobs/ID, #/launch, #/models), the sign-in session,
-// the serving model's badge, and the error banner shared by every page.
+// Entry point: routes (#/chat, #/chat/MODEL: a new chat with that version, #/jobs, #/jobs/ID,
+// #/launch, #/models), the sign-in session, the serving model's badge, and the error banner
+// shared by every page.
 import { listOf, request } from "./api.js";
 import { mountChat, modelLabel } from "./chat.js";
 import { h } from "./dom.js";
@@ -100,7 +101,7 @@ function route() {
   else if (name === "jobs") page = mountJobs(view, app);
   else if (name === "launch") page = mountLaunch(view, app);
   else if (name === "models") page = mountModels(view, app);
-  else page = mountChat(view, app);
+  else page = mountChat(view, app, name === "chat" && id ? decodeURIComponent(id) : null);
 }
 
 // Dark mode follows the system until the toggle picks one; the pick is kept in this browser.

@@ -1,11 +1,14 @@
 // The chat page: streamed answers with Stop / Regenerate / Edit (both keep the old branch as a
-// sibling, ‹ 1/2 ›), a system prompt per chat, sampling settings, copy buttons, tokens/s.
+// sibling, ‹ 1/2 ›), a system prompt and a model version per chat (the served one, an alias or a
+// pinned version; each answer names the version that gave it), sampling settings, copy buttons,
+// tokens/s.
 import { ApiError, streamChat } from "./api.js";
 import { append, branchFrom, pathOf, removeLeaf, select, siblingsOf } from "./branches.js";
 import { mountSidebar } from "./chat_sidebar.js";
 import { formatNumber, h } from "./dom.js";
 import { copyButton, renderMarkdown } from "./markdown.js";
 import { loadConversations, loadSettings, newConversation, saveConversations, saveSettings } from "./store.js";
+import { isPinned, MODEL_REF, versionPicker } from "./version_picker.js";
 
 export function modelLabel(model) {
   if (!model) return "no model";
@@ -70,7 +73,7 @@ function settingsPanel(settings, onChange) {
   return { el, system: inputs.system };
 }
 
-export function mountChat(root, app) {
+export function mountChat(root, app, pinned = null) {
   let conversations = loadConversations();
   let settings = loadSettings();
   let currentId = conversations[0]?.id ?? null;
@@ -119,8 +122,15 @@ export function mountChat(root, app) {
     error: (message) => showError(new ApiError(0, "import_failed", message), null),
   });
 
+  const picker = versionPicker((model) => {
+    const conv = current() ?? createConversation();
+    conv.model = model ?? undefined;
+    persist();
+    sidebar.render();
+  });
+
   root.replaceChildren(h("div", { class: "chat" }, sidebar.el,
-    h("section", { class: "chat-main" }, messages, errorBox, composer, panel.el)));
+    h("section", { class: "chat-main" }, h("div", { class: "chat-head" }, picker.el), messages, errorBox, composer, panel.el)));
 
   function createConversation() {
     const conv = newConversation();
@@ -132,6 +142,7 @@ export function mountChat(root, app) {
   function showConversation() {
     clearError();
     panel.system.value = current()?.system ?? "";
+    picker.show(current()?.model);
     sidebar.render();
     renderMessages();
   }
@@ -174,9 +185,10 @@ export function mountChat(root, app) {
       actions.append(copyButton(() => text, "Copy message", "copy-message", "link"), edit);
     } else {
       body.append(renderParts(message.parts));
-      const meta = [modelLabel(message.model)];
+      // The version that answered, as inference names it (`nanochat:3`); older answers kept the served card.
+      const meta = [message.answeredBy || modelLabel(message.model)];
       if (message.state === "stopped" || message.state === "interrupted") meta.push(message.state);
-      actions.append(h("span", { class: "meta" }, meta.join(" · ")),
+      actions.append(h("span", { class: "meta", "data-testid": "answered-by" }, meta.join(" · ")),
         h("span", { class: "meta stats", "data-testid": "stats" }, statsText(message.stats)));
       if (message.state !== "streaming") actions.append(copyButton(() => textOf(message.parts), "Copy answer", "copy-message", "link"));
       if (isLast && message.state !== "streaming") {
@@ -197,7 +209,7 @@ export function mountChat(root, app) {
     if (!path.length) {
       messages.replaceChildren(h("div", { class: "empty" },
         h("h2", {}, "Chat with nanochat"),
-        h("p", {}, `Serving: ${modelLabel(app.model())}`)));
+        h("p", {}, conv?.model ? `This chat talks to ${conv.model}.` : `Serving: ${modelLabel(app.model())}`)));
       return;
     }
     messages.replaceChildren(...noteViews(conv, null),
@@ -284,13 +296,13 @@ export function mountChat(root, app) {
   async function generate(conv) {
     clearError();
     const payload = {
-      model: app.model()?.id || "nanochat",
+      model: conv.model || app.model()?.id || "nanochat",
       messages: toApiMessages(conv),
       temperature: settings.temperature,
       top_k: settings.top_k,
       max_tokens: settings.max_tokens,
     };
-    const assistant = append(conv, { role: "assistant", parts: [], model: app.model(), state: "streaming" });
+    const assistant = append(conv, { role: "assistant", parts: [], model: conv.model ? null : app.model(), state: "streaming" });
     conv.updated = Date.now();
     persist();
     renderMessages();
@@ -315,6 +327,7 @@ export function mountChat(root, app) {
     try {
       await streamChat(payload, controller.signal, (chunk) => {
         if (chunk.usage) usage = chunk.usage;
+        if (typeof chunk.model === "string" && chunk.model !== assistant.answeredBy) assistant.answeredBy = chunk.model;
         const delta = chunk.choices?.[0]?.delta;
         if (!delta) return;
         if (delta.content || delta.nanochat_tool) {
@@ -377,7 +390,14 @@ export function mountChat(root, app) {
   };
   document.addEventListener("keydown", onKey);
 
+  // "Chat with this version" (the models page) opens a new chat pinned to it.
+  if (pinned && MODEL_REF.test(pinned)) {
+    createConversation().model = pinned;
+    persist();
+    history.replaceState(null, "", "#/chat");
+  }
   showConversation();
+  picker.load(app.model()?.id);
 
   return {
     // Called by the app when the serving model changes, so the chat shows where it happened.
@@ -385,6 +405,8 @@ export function mountChat(root, app) {
       const conv = current();
       const path = conv ? pathOf(conv) : [];
       if (!path.length) { renderMessages(); return; }
+      // A chat pinned to a version or an alias is not answered by the served model.
+      if (isPinned(conv.model)) return;
       // While an answer streams, the note goes before it (it stays the last message).
       const anchor = controller ? path.at(-1).parent : path.at(-1).id;
       conv.notes.push({ after: anchor, text: `The serving model changed: ${modelLabel(before)} → ${modelLabel(after)}.` });

@@ -1,6 +1,7 @@
 // Chats in and out of the browser: every chat as JSON (the whole tree, importable again), the
 // shown branch of one chat as Markdown.
 import { newId, pathOf, upgrade } from "./branches.js";
+import { MODEL_REF } from "./version_picker.js";
 
 const FORMAT = "nanochat.chats.v1";
 
@@ -57,6 +58,8 @@ export function chatsFromJson(text, existingIds) {
     }
     const copy = upgrade({ ...conv, title: String(conv.title || "Imported chat").slice(0, 80) });
     for (const m of copy.messages) if (m.state === "streaming") m.state = "interrupted";
+    // A chat's model goes out as the request's `model`: only a well-formed one comes in.
+    if (!(typeof copy.model === "string" && MODEL_REF.test(copy.model))) delete copy.model;
     if (!copy.id || existingIds.has(copy.id)) copy.id = `c${newId()}`;
     copy.updated = Date.now();
     return copy;

@@ -1,7 +1,9 @@
-// Dashboard: the jobs list, and a job's page with live log, live charts and cancel.
+// Dashboard: the jobs list (with jobs' curves compared on shared charts), and a job's page with
+// live log, live charts, its report card and cancel.
 import { listOf, request } from "./api.js";
-import { lineChart } from "./chart.js";
+import { lineChart, multiChart } from "./chart.js";
 import { formatNumber, formatTime, h } from "./dom.js";
+import { jobReport, renderReport } from "./report_card.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 2000;
@@ -89,27 +91,72 @@ function latestLoss(job) {
   return typeof value === "number" ? formatNumber(value) : "";
 }
 
+// Jobs ticked for comparison stay ticked while the list repaints, and across visits to the page.
+const compared = new Set();
+const MAX_COMPARED = 6; // one colour each in the stylesheet
+const COMPARED_CURVES = ["loss", "val_bpb"];
+
+// Each ticked job's curves (the trainer's default stage: the current one, or the last that
+// trained) as one labelled series per job on a shared chart per curve.
+function compareView() {
+  const charts = COMPARED_CURVES.map((name) => multiChart(name));
+  const note = h("p", { class: "muted", "data-testid": "compare-note" });
+  const el = h("section", { class: "compare", "data-testid": "compare", "aria-label": "Compared jobs" },
+    h("h3", {}, "Compare"), note, h("div", { class: "charts" }, ...charts.map((c) => c.el)));
+
+  async function update(jobs) {
+    const picked = jobs.filter((job) => compared.has(String(jobId(job))));
+    note.textContent = picked.length < 2 ? "Tick two or more jobs to compare their loss and val_bpb curves." : "";
+    const metrics = await Promise.all(picked.map((job) => request(`/api/trainer/v1/jobs/${encodeURIComponent(jobId(job))}/metrics`)));
+    const label = (job, m) => `${String(jobId(job)).slice(0, 12)} ${whatOf(job)}${m?.stage && m.stage !== job.stage ? ` · ${m.stage}` : ""}`;
+    charts.forEach((chart, k) => chart.update(picked.map((job, i) => ({ label: label(job, metrics[i]), points: metrics[i]?.series?.[COMPARED_CURVES[k]] }))));
+  }
+
+  return { el, update };
+}
+
+function compareBox(job, onChange) {
+  const id = String(jobId(job));
+  const box = h("input", { type: "checkbox", "data-testid": "compare-pick", "aria-label": `Compare job ${id}`, checked: compared.has(id) });
+  box.disabled = !box.checked && compared.size >= MAX_COMPARED;
+  box.addEventListener("change", () => {
+    if (box.checked) compared.add(id);
+    else compared.delete(id);
+    onChange();
+  });
+  return box;
+}
+
 export function mountJobs(root, app) {
   const body = h("tbody");
   const note = h("p", { class: "muted" });
+  const compare = compareView();
   root.replaceChildren(h("section", { class: "page" },
     h("div", { class: "page-head" }, h("h2", {}, "Jobs"), h("a", { class: "button primary", href: "#/launch" }, "Launch")),
     note,
     h("div", { class: "table-wrap" }, h("table", { class: "jobs", "data-testid": "jobs-table" },
-      h("thead", {}, h("tr", {}, ...["Job", "What", "Status", "Progress", "Loss", "Created"].map((t) => h("th", {}, t)))),
-      body))));
+      h("thead", {}, h("tr", {}, ...["Compare", "Job", "What", "Status", "Progress", "Loss", "Created"].map((t) => h("th", {}, t)))),
+      body)),
+    compare.el));
+
+  let jobs = [];
+  const paint = () => {
+    body.replaceChildren(...jobs.map((job) => h("tr", { "data-testid": "job-row", "data-job": jobId(job) },
+      h("td", {}, compareBox(job, () => { paint(); compare.update(jobs).catch((err) => app.banner("trainer", err.message)); })),
+      h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(jobId(job))}` }, String(jobId(job)).slice(0, 12))),
+      h("td", {}, whatOf(job)),
+      h("td", {}, statusPill(job.status)),
+      h("td", {}, progressBar(job)),
+      h("td", {}, latestLoss(job)),
+      h("td", {}, formatTime(job.created_at ?? job.created)))));
+  };
 
   async function refresh() {
     try {
-      const jobs = listOf(await request("/api/trainer/v1/jobs"), "items");
+      jobs = listOf(await request("/api/trainer/v1/jobs"), "items");
       note.textContent = jobs.length ? "" : "No jobs yet. Launch a stage or the speedrun pipeline.";
-      body.replaceChildren(...jobs.map((job) => h("tr", { "data-testid": "job-row", "data-job": jobId(job) },
-        h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(jobId(job))}` }, String(jobId(job)).slice(0, 12))),
-        h("td", {}, whatOf(job)),
-        h("td", {}, statusPill(job.status)),
-        h("td", {}, progressBar(job)),
-        h("td", {}, latestLoss(job)),
-        h("td", {}, formatTime(job.created_at ?? job.created)))));
+      paint();
+      await compare.update(jobs);
       app.clearBanner("trainer");
     } catch (err) {
       app.banner("trainer", err.message);
@@ -140,8 +187,10 @@ export function mountJob(root, app, id) {
   const stagePick = h("select", { "data-testid": "curve-stage", "aria-label": "Stage of the curves", hidden: true });
   let pinnedStage = null;
   stagePick.addEventListener("change", () => { pinnedStage = stagePick.value; refresh(); });
-  const log = h("pre", { class: "log", "data-testid": "log", tabindex: 0, "aria-label": "Job log" });
+  const log = h("pre", { class: "log", role: "log", "data-testid": "log", tabindex: 0, "aria-label": "Job log" });
   const logState = h("span", { class: "muted", "data-testid": "log-state" }, "connecting…");
+  const reportBox = h("div", { class: "report", "data-testid": "job-report", hidden: true });
+  let reportState = "none"; // "checking" while a look is under way, "shown" once drawn
   const showEvents = h("input", { type: "checkbox", "data-testid": "show-events" });
   showEvents.addEventListener("change", () => log.classList.toggle("with-events", showEvents.checked));
   root.replaceChildren(h("section", { class: "page" },
@@ -149,7 +198,7 @@ export function mountJob(root, app, id) {
     progressSlot, details, stepsSlot, attemptsSlot,
     h("div", { class: "curves-head" }, stagePick),
     h("div", { class: "charts" }, charts.loss.el, charts.val_bpb.el, evalSlot, charts.lr.el, charts.tok_per_s.el),
-    metricBox,
+    metricBox, reportBox,
     h("div", { class: "log-head" }, h("h3", {}, "Log"), logState,
       h("label", { class: "muted" }, showEvents, " show event lines")), log));
 
@@ -205,6 +254,24 @@ export function mountJob(root, app, id) {
       if (TERMINAL.has(job.status)) clearInterval(timer);
     } catch (err) {
       app.banner("trainer", err.message);
+    }
+    await showReport();
+  }
+
+  // Once the job's report step is done: its card, from the version it is attached to.
+  async function showReport() {
+    if (reportState !== "none" || !job) return;
+    reportState = "checking";
+    try {
+      const card = await jobReport(job);
+      if (!card) { reportState = "none"; return; }
+      reportState = "shown";
+      reportBox.hidden = false;
+      await renderReport(reportBox, card.name, card.version, card.files, `Report card · ${card.name} v${card.version}`);
+      app.clearBanner("registry");
+    } catch (err) {
+      reportState = "none";
+      app.banner("registry", err.message);
     }
   }
 

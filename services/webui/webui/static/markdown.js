@@ -2,25 +2,27 @@
 // model output (<script>, <img onerror=...>) come out as visible text, so they stay inert.
 // Covers what chat answers use: fenced code (with a copy button), headings, lists, quotes,
 // rules, tables, paragraphs, `code`, **bold**, *italic* and [links](https://...); fenced code
-// with a known language is highlighted by the vendored highlight.js.
+// with a known language is highlighted by the vendored highlight.js. An image `![alt](src)` is
+// whatever the caller's `image(src, alt)` makes of it (a report card's attached plot), else text.
 import { h } from "./dom.js";
 import hljs from "./vendor/highlight.min.js";
 
 const SAFE_URL = /^(https?:|mailto:)/i;
 const INLINE = [
   { re: /`([^`\n]+)`/, make: (m) => h("code", {}, m[1]) },
-  { re: /\*\*([^*\n]+)\*\*/, make: (m) => h("strong", {}, ...inline(m[1])) },
-  { re: /\*([^*\s][^*\n]*)\*/, make: (m) => h("em", {}, ...inline(m[1])) },
-  { re: /(?<![\w])_([^_\s][^_\n]*)_(?![\w])/, make: (m) => h("em", {}, ...inline(m[1])) },
+  { re: /\*\*([^*\n]+)\*\*/, make: (m, opts) => h("strong", {}, ...inline(m[1], opts)) },
+  { re: /\*([^*\s][^*\n]*)\*/, make: (m, opts) => h("em", {}, ...inline(m[1], opts)) },
+  { re: /(?<![\w])_([^_\s][^_\n]*)_(?![\w])/, make: (m, opts) => h("em", {}, ...inline(m[1], opts)) },
+  { re: /!\[([^\]\n]*)\]\(([^)\s]+)\)/, make: (m, opts) => opts.image?.(m[2], m[1]) ?? document.createTextNode(m[0]) },
   {
     re: /\[([^\]\n]+)\]\(([^)\s]+)\)/,
-    make: (m) => SAFE_URL.test(m[2])
-      ? h("a", { href: m[2], target: "_blank", rel: "noopener noreferrer nofollow" }, ...inline(m[1]))
+    make: (m, opts) => SAFE_URL.test(m[2])
+      ? h("a", { href: m[2], target: "_blank", rel: "noopener noreferrer nofollow" }, ...inline(m[1], opts))
       : document.createTextNode(m[0]),
   },
 ];
 
-function inline(text) {
+function inline(text, opts) {
   const nodes = [];
   let rest = text;
   while (rest) {
@@ -31,17 +33,17 @@ function inline(text) {
     }
     if (!best) { nodes.push(document.createTextNode(rest)); break; }
     if (best.m.index > 0) nodes.push(document.createTextNode(rest.slice(0, best.m.index)));
-    nodes.push(best.rule.make(best.m));
+    nodes.push(best.rule.make(best.m, opts));
     rest = rest.slice(best.m.index + best.m[0].length);
   }
   return nodes;
 }
 
-function withBreaks(lines) {
+function withBreaks(lines, opts) {
   const nodes = [];
   lines.forEach((line, i) => {
     if (i > 0) nodes.push(h("br"));
-    nodes.push(...inline(line));
+    nodes.push(...inline(line, opts));
   });
   return nodes;
 }
@@ -89,7 +91,7 @@ function cells(row) {
   return row.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
 }
 
-export function renderMarkdown(source) {
+export function renderMarkdown(source, opts = {}) {
   const out = document.createDocumentFragment();
   const lines = source.replace(/\r\n/g, "\n").split("\n");
   let i = 0;
@@ -108,7 +110,7 @@ export function renderMarkdown(source) {
     if (!line.trim()) { i += 1; continue; }
     const heading = /^(#{1,6})\s+(.*)$/.exec(line);
     if (heading) {
-      out.append(h(`h${Math.min(heading[1].length + 2, 6)}`, {}, ...inline(heading[2])));
+      out.append(h(`h${Math.min(heading[1].length + 2, 6)}`, {}, ...inline(heading[2], opts)));
       i += 1;
       continue;
     }
@@ -116,7 +118,7 @@ export function renderMarkdown(source) {
     if (/^\s*>/.test(line)) {
       const quoted = [];
       while (i < lines.length && /^\s*>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s*>\s?/, ""));
-      out.append(h("blockquote", {}, renderMarkdown(quoted.join("\n"))));
+      out.append(h("blockquote", {}, renderMarkdown(quoted.join("\n"), opts)));
       continue;
     }
     if (/^\s*\|.*\|\s*$/.test(line) && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])) {
@@ -125,8 +127,8 @@ export function renderMarkdown(source) {
       const rows = [];
       while (i < lines.length && /^\s*\|.*\|\s*$/.test(lines[i])) rows.push(cells(lines[i++]));
       out.append(h("div", { class: "table-wrap" }, h("table", {},
-        h("thead", {}, h("tr", {}, ...head.map((c) => h("th", {}, ...inline(c))))),
-        h("tbody", {}, ...rows.map((r) => h("tr", {}, ...head.map((_, k) => h("td", {}, ...inline(r[k] ?? "")))))))));
+        h("thead", {}, h("tr", {}, ...head.map((c) => h("th", {}, ...inline(c, opts))))),
+        h("tbody", {}, ...rows.map((r) => h("tr", {}, ...head.map((_, k) => h("td", {}, ...inline(r[k] ?? "", opts)))))))));
       continue;
     }
     const item = LIST_ITEM.exec(line);
@@ -141,7 +143,7 @@ export function renderMarkdown(source) {
         i += 1;
         // Indented lines that follow belong to the same item.
         while (i < lines.length && /^\s{2,}\S/.test(lines[i]) && !LIST_ITEM.exec(lines[i])) itemLines.push(lines[i++].trim());
-        list.append(h("li", {}, ...withBreaks(itemLines)));
+        list.append(h("li", {}, ...withBreaks(itemLines, opts)));
       }
       out.append(list);
       continue;
@@ -151,7 +153,7 @@ export function renderMarkdown(source) {
     while (i < lines.length && lines[i].trim() && !/^\s*(```|~~~|#{1,6}\s|>)/.test(lines[i]) && !LIST_ITEM.exec(lines[i])) {
       para.push(lines[i++]);
     }
-    out.append(h("p", {}, ...withBreaks(para)));
+    out.append(h("p", {}, ...withBreaks(para, opts)));
   }
   return out;
 }

@@ -1,12 +1,11 @@
 // Dashboard: registered model versions with stage and metrics, their lineage as a picture (each
-// version with the job that made it), report cards, and aliases (`serving` is what inference
-// serves), editable when signed in as admin.
+// version with the job that made it), report cards, a chat with one version, and aliases
+// (`serving` is what inference serves), editable when signed in as admin.
 import { listOf, request } from "./api.js";
 import { formatNumber, formatTime, h } from "./dom.js";
-import { renderMarkdown } from "./markdown.js";
+import { attachmentName, renderReport } from "./report_card.js";
 
 const versionOf = (v) => v.version;
-const attachmentName = (a) => (typeof a === "string" ? a : a.name ?? a.path);
 
 function aliasesFrom(model, versions) {
   const aliases = { ...(model?.aliases ?? {}) };
@@ -35,23 +34,6 @@ export function mountModels(root, app) {
 
   let name = null;
   let selected = null;
-
-  async function showReport(version, files) {
-    const base = `/api/registry/v1/models/${encodeURIComponent(name)}/versions/${version}/attachments`;
-    const md = files.find((f) => f.endsWith(".md"));
-    const images = files.filter((f) => /\.(png|jpe?g|svg|gif|webp)$/i.test(f));
-    report.replaceChildren(h("h3", {}, `Report card · v${version}`));
-    try {
-      if (md) {
-        const response = await fetch(`${base}/${encodeURIComponent(md)}`);
-        if (!response.ok) throw new Error(`the report could not be loaded (${response.status})`);
-        report.append(renderMarkdown(await response.text()));
-      }
-      for (const img of images) report.append(h("img", { src: `${base}/${encodeURIComponent(img)}`, alt: img }));
-    } catch (err) {
-      report.append(h("p", { class: "form-error" }, String(err.message)));
-    }
-  }
 
   // Signed in as admin, an alias is removed with its ✕ and one is added (or moved here) by name.
   function aliasCell(path, version, names) {
@@ -100,7 +82,12 @@ export function mountModels(root, app) {
         const aliasNames = Object.entries(aliases).filter(([, ver]) => ver === versionOf(v)).map(([a]) => a);
         const files = (v.attachments || []).map(attachmentName).filter(Boolean);
         const actions = h("td", { class: "row-actions" });
-        if (files.length) actions.append(h("button", { type: "button", class: "link", onclick: () => showReport(versionOf(v), files) }, "Report card"));
+        // A new chat pinned to exactly this version (inference loads it beside the served one).
+        if (v.stage !== "tokenizer") {
+          actions.append(h("a", { class: "button", href: `#/chat/${encodeURIComponent(`${name}:${versionOf(v)}`)}`, "data-testid": "chat-version-link",
+            "aria-label": `Chat with v${versionOf(v)}` }, "Chat"));
+        }
+        if (files.length) actions.append(h("button", { type: "button", class: "link", onclick: () => renderReport(report, name, versionOf(v), files) }, "Report card"));
         if (app.isAdmin() && aliases.serving !== versionOf(v)) {
           const serve = h("button", { type: "button", "data-testid": "set-serving" }, "Serve this");
           serve.addEventListener("click", async () => {
@@ -124,7 +111,7 @@ export function mountModels(root, app) {
           h("td", { class: "aliases" }, aliasCell(path, versionOf(v), aliasNames)),
           actions);
         row.addEventListener("click", (e) => {
-          if (e.target.closest("button")) return;
+          if (e.target.closest("button, a")) return;
           selected = versionOf(v);
           load();
         });
