@@ -23,11 +23,11 @@ from nanochat.scheduler import QueueFull
 from service_kit.errors import APIError, error_body
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from inference import schemas
+from inference import model_choice, schemas
 from inference.generation import Generation, GenerationError, Update
 from inference.metrics import Metrics
 from inference.model_process import ModelGone
-from inference.served import ModelManager, NoModel, ServedModel
+from inference.served import ModelManager, ServedModel
 from inference.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,23 +86,10 @@ class Runner:
     def __init__(self, manager: ModelManager, settings: Settings, metrics: Metrics):
         self.manager, self.settings, self.metrics = manager, settings, metrics
 
-    def acquire(self, model: str | None) -> ServedModel:
-        """Hold the served model (it stays loaded until `release`) if it is the one asked for."""
-        try:
-            served = self.manager.acquire()
-        except NoModel as e:
-            raise APIError(
-                503, f"no model is loaded yet: {e}", code="model_not_loaded", headers={"Retry-After": "5"}
-            ) from None
-        if model is not None and model != served.info.name:
-            self.manager.release(served)
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves {served.info.name!r}",
-                code="model_not_found",
-                param="model",
-            )
-        return served
+    async def acquire(self, model: str | None) -> ServedModel:
+        """Hold the model `model` names (the served one, or a pinned version loaded on demand:
+        `inference.model_choice`); it stays loaded until `release`."""
+        return await model_choice.acquire(self.manager, model)
 
     def release(self, served: ServedModel) -> None:
         self.manager.release(served)

@@ -160,8 +160,11 @@ class ModelCard(BaseModel):
     owned_by: str = "nanochat"
     version: int | None
     stage: str | None
-    context_length: int
-    max_model_len: int
+    # null on a registry version not loaded now (GET /v1/models/{id} answers it; a request loads it)
+    context_length: int | None
+    max_model_len: int | None
+    pinned: bool = False  # a version loaded beside the served one for requests naming it
+    loaded: bool = True
 
 
 class ModelList(BaseModel):

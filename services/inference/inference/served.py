@@ -15,6 +15,11 @@ without Redis (unset or down) it polls the registry every `poll_interval_s`, so 
 a swap but never loses it. A `version.deleted` of the served version (or a resolve that no longer
 names it, and the registry answering 404 for it) stops serving it at once: new requests get 503
 until the version the rules name now is loaded, or for good when they name none.
+
+Beside the served model, `pinned` holds the registry versions requests asked for by number or
+alias (`inference.pinned_pool`, `inference.model_choice`). When the rules name a version that is
+pinned, that model process becomes the served one instead of a second copy loading; a pinned
+version deleted from the registry is dropped like a deleted served one.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from registry_client import RegistryClient, RegistryError
 from registry_client.client import VersionInfo
 
 from inference.model_process import ModelProcess
+from inference.model_ref import model_id
+from inference.pinned_pool import PinnedPool
 from inference.settings import Settings
 
 log = logging.getLogger("inference.served")
@@ -57,6 +64,7 @@ class ServedModel:
         self.info, self.tokenizer, self.scheduler = info, tokenizer, scheduler
         self.active = 0  # API requests holding it; guarded by the manager's lock
         self.retired = False
+        self.last_used = time.monotonic()  # when its last request ended (pinned models' LRU)
 
     @classmethod
     def load(
@@ -91,6 +99,11 @@ class ServedModel:
         return cls(info, tokenizer, scheduler)
 
     @property
+    def model_id(self) -> str:
+        """How answers name it: `<name>:<version>` (the bare name of a folder without a version)."""
+        return model_id(self.info.name, self.info.version)
+
+    @property
     def context_length(self) -> int:
         return self.scheduler.max_len
 
@@ -109,6 +122,7 @@ class ModelManager:
         self.retiring: list[ServedModel] = []
         self.load_error: str | None = None
         self._lock = threading.Lock()
+        self.pinned = PinnedPool(self, settings.max_pinned, self.load_version)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registry: RegistryClient | None = None
@@ -116,6 +130,10 @@ class ModelManager:
             self._registry = RegistryClient(
                 settings.registry_url, token=settings.registry_token, cache_dir=settings.model_cache_dir
             )
+
+    @property
+    def registry(self) -> RegistryClient | None:
+        return self._registry
 
     # ---- requests (event loop) ---------------------------------------------------------------
 
@@ -130,6 +148,7 @@ class ModelManager:
     def release(self, served: ServedModel) -> None:
         with self._lock:
             served.active -= 1
+            served.last_used = time.monotonic()
             free = served.retired and served.active == 0 and served in self.retiring
             if free:
                 self.retiring.remove(served)
@@ -188,8 +207,9 @@ class ModelManager:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        pinned = self.pinned.close()
         with self._lock:
-            models = ([self.current] if self.current else []) + self.retiring
+            models = ([self.current] if self.current else []) + self.retiring + pinned
             self.current, self.retiring = None, []
         for served in models:
             served.close()
@@ -215,8 +235,17 @@ class ModelManager:
                     raise
         return None
 
+    def load_version(self, version: int) -> ServedModel:
+        """Download (hash-checked, cached) and load one registry version of the served name."""
+        info = self._registry.get_version(self.settings.model_name, version)
+        folder = self._registry.download(info.name, version=info.version)
+        return ServedModel.load(folder, self.settings, info.name, info.version, info.stage)
+
     def refresh(self) -> None:
         """Resolve again and swap when the rules name another version than the one served."""
+        for pinned in self.pinned.loaded():
+            if self._deleted(pinned.info):
+                self.pinned.drop(pinned.info.version, "its version was deleted from the registry")
         target = self.resolve()
         current = self.current
         if current is not None and current.info.version == (target.version if target else None):
@@ -225,8 +254,11 @@ class ModelManager:
             self.uninstall(f"{current.info.name} v{current.info.version} was deleted from the registry")
         if target is None:
             return
-        folder = self._registry.download(target.name, version=target.version)
-        self.install(ServedModel.load(folder, self.settings, target.name, target.version, target.stage))
+        served = self.pinned.take(target.version)  # already loaded as a pinned version: serve that one
+        if served is None:
+            folder = self._registry.download(target.name, version=target.version)
+            served = ServedModel.load(folder, self.settings, target.name, target.version, target.stage)
+        self.install(served)
 
     def _deleted(self, info: ModelInfo) -> bool:
         try:

@@ -8,6 +8,8 @@ INFERENCE_SLOTS=32 INFERENCE_MAX_WAITING=256     KV-cache rows, waiting-queue bo
 INFERENCE_MAX_PROMPTS=16                         prompts one /v1/completions call may carry (400 beyond)
 INFERENCE_CPU_THREADS=1                          torch threads of the model process on CPU (0: cores - 1)
 INFERENCE_PREFIX_CACHING=true                    reuse cached prompt prefixes (blocks of INFERENCE_PREFIX_BLOCK)
+INFERENCE_MAX_PINNED=1                           other registry versions loaded on demand for `model` name:3 / name@alias
+INFERENCE_PINNED_LOAD_TIMEOUT_S=120              how long a request waits for its pinned version to load (503 beyond)
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ class Settings(BaseSettings):
     # The registry model name served; `GET /v1/models` lists it under this id.
     model_name: str = "nanochat"
     serving_alias: str = SERVING_ALIAS
+    # Pinned versions (`model` of `<name>:<version>` or `<name>@<alias>` naming another version than
+    # the served one): at most max_pinned more models loaded beside the served one, each in its own
+    # model process with its own KV cache (0: such requests get 400); the least recently used idle
+    # one is evicted for a new one. A request waits up to pinned_load_timeout_s for its version to
+    # download and load (then 503 with Retry-After while the load goes on).
+    max_pinned: int = Field(default=1, ge=0)
+    pinned_load_timeout_s: float = Field(default=120.0, gt=0)
     redis_url: str | None = None
     events_channel: str = CHANNEL
     # How often to resolve again when Redis is unset or unreachable (events are then missed).

@@ -66,7 +66,7 @@ class ChatStream:
 
 @router.post("/chat/completions")
 async def chat_completions(body: schemas.ChatCompletionRequest, request: Request, runner: RunnerDep) -> Response:
-    served = runner.acquire(body.model)
+    served = await runner.acquire(body.model)
     try:
         try:
             conversation = [{"role": m.role, "content": m.rendered_content()} for m in body.messages]
@@ -78,7 +78,7 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
     except BaseException:
         runner.release(served)
         raise
-    rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.info.name
+    rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.model_id
     if body.stream:
         return runner.stream(gen, served, rid, "chat", ChatStream(rid, created, name), body.include_usage)
 

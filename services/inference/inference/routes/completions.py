@@ -65,7 +65,7 @@ async def completions(body: schemas.CompletionRequest, request: Request, runner:
             param="prompt",
             code="invalid_value",
         )
-    served = runner.acquire(body.model)
+    served = await runner.acquire(body.model)
     try:
         # Off the event loop: a long prompt list takes long enough to stall every open stream.
         prompts = await run_in_threadpool(encode_all, served.tokenizer, body.prompt)
@@ -73,7 +73,7 @@ async def completions(body: schemas.CompletionRequest, request: Request, runner:
     except BaseException:
         runner.release(served)
         raise
-    rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), served.info.name
+    rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), served.model_id
     if body.stream:
         return runner.stream(gen, served, rid, "completions", CompletionStream(rid, created, name), body.include_usage)
 
