@@ -84,6 +84,22 @@ def descendants(pid: int) -> list[int]:
     return [p for p in found if alive(p)]
 
 
+def tiny_checkpoint(folder: Path, sequence_len: int = 128) -> Path:
+    """A depth-2 model with random weights over a 300-id tokenizer: enough to serve. Its lm_head is
+    init_weights' zeros, so greedy decoding repeats one ordinary token and a reply never ends on
+    its own: a stream runs until max_tokens (or the context) ends it."""
+    import torch
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_from_iterator(["The quick brown fox jumps over the lazy dog. 7*3 = 21. "] * 20, 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(2, tok.vocab_size, sequence_len))
+    model.init_weights()
+    return save_checkpoint(folder, model.eval(), tok, meta={"stage": "sft"})
+
+
 class FaultStack:
     """Some of `make up`'s services over its Redis, with handles to break them."""
 

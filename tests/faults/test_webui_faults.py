@@ -10,29 +10,14 @@ import asyncio
 import json
 import time
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import httpx
 import pytest
-from fault_harness import FaultStack, poll
+from fault_harness import FaultStack, poll, tiny_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 STREAMS = 150
-
-
-def tiny_checkpoint(folder: Path) -> Path:
-    """A depth-2 model with random weights over a 300-id tokenizer: enough to serve."""
-    import torch
-    from nanochat.checkpoint import save_checkpoint
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import Tokenizer
-
-    tok = Tokenizer.train_from_iterator(["The quick brown fox jumps over the lazy dog. 7*3 = 21. "] * 20, 300)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_depth(2, tok.vocab_size, 128))
-    model.init_weights()
-    return save_checkpoint(folder, model.eval(), tok, meta={"stage": "sft"})
 
 
 async def chat_seconds(http: httpx.AsyncClient, webui: str) -> float:
