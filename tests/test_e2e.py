@@ -144,6 +144,11 @@ class Stack:
     def all_pids(self) -> list[int]:
         return [int(p) for p in re.findall(r"started \S+\s+pid (\d+)", self.output())]
 
+    @property
+    def registry_read(self) -> dict[str, str]:
+        """The header of a registry read: `make up`'s registry requires its read token."""
+        return {"Authorization": f"Bearer {self.tokens['registry_read']}"}
+
     def job(self, job_id: str) -> dict:
         r = httpx.get(f"{self.url('trainer')}/v1/jobs/{job_id}", timeout=10)
         assert r.status_code == 200, r.text
@@ -245,7 +250,7 @@ def test_speedrun_job_runs_every_stage(speedrun):
 
 def test_registry_holds_the_chain_with_lineage_and_verified_hashes(stack, speedrun, tmp_path):
     produced = {p["stage"]: p["version"] for p in speedrun["produced"]}
-    with RegistryClient(stack.url("registry"), cache_dir=tmp_path) as client:
+    with RegistryClient(stack.url("registry"), token=stack.tokens["registry_read"], cache_dir=tmp_path) as client:
         lineage = client.lineage(MODEL, produced["rl"])
         chain = [lineage["version"]] + lineage["parents"]
         assert [(v["stage"], v["version"]) for v in chain] == [(s, produced[s]) for s in reversed(CHAIN)]
@@ -263,7 +268,7 @@ def test_registry_holds_the_chain_with_lineage_and_verified_hashes(stack, speedr
 def test_report_card_covers_the_whole_lineage(stack, speedrun, tmp_path):
     """The report stage reads every ancestor and the evals patched onto each (not just the RL folder)."""
     rl = next(p["version"] for p in speedrun["produced"] if p["stage"] == "rl")
-    with RegistryClient(stack.url("registry"), cache_dir=tmp_path) as client:
+    with RegistryClient(stack.url("registry"), token=stack.tokens["registry_read"], cache_dir=tmp_path) as client:
         info = client.get_version(MODEL, rl)
         assert {"report.md", "loss.svg"} <= {a.path for a in info.attachments}
         report = client.read_attachment(MODEL, rl, "report.md").decode()
@@ -384,7 +389,10 @@ def test_worker_killed_mid_job_fails_the_job_within_the_heartbeat_limit(stack):
     poll(
         lambda: (
             httpx.get(
-                f"{stack.url('registry')}/v1/resolve/{MODEL}", params={"stage": "tokenizer"}, timeout=5
+                f"{stack.url('registry')}/v1/resolve/{MODEL}",
+                params={"stage": "tokenizer"},
+                headers=stack.registry_read,
+                timeout=5,
             ).status_code
             == 200
         ),
@@ -441,7 +449,9 @@ def test_ctrl_c_mid_job_then_a_second_make_up_reuses_everything_and_resumes_the_
     """Ctrl-C while a training job runs: everything stops cleanly, the worker queues the job
     again; the second launch reuses the state (no new speedrun, same versions) and the job goes
     on from its resumable checkpoint."""
-    versions = httpx.get(f"{stack.url('registry')}/v1/models/{MODEL}/versions", timeout=10).json()
+    versions = httpx.get(
+        f"{stack.url('registry')}/v1/models/{MODEL}/versions", headers=stack.registry_read, timeout=10
+    ).json()
     poll(
         lambda: (
             not httpx.get(f"{stack.url('trainer')}/v1/jobs", params={"status": "running"}, timeout=5).json()["items"]
@@ -479,7 +489,9 @@ def test_ctrl_c_mid_job_then_a_second_make_up_reuses_everything_and_resumes_the_
     log = httpx.get(f"{stack.url('trainer')}/v1/jobs/{job_id}/logs", timeout=30).text
     commands = [line for line in log.splitlines() if line.startswith("[trainer] $ ")]
     assert len(commands) == 2 and commands[1].endswith("--resume"), commands
-    again = httpx.get(f"{stack.url('registry')}/v1/models/{MODEL}/versions", timeout=10).json()
+    again = httpx.get(
+        f"{stack.url('registry')}/v1/models/{MODEL}/versions", headers=stack.registry_read, timeout=10
+    ).json()
     assert [v["version"] for v in again["items"]] == [v["version"] for v in versions["items"]]
     assert httpx.post(f"{stack.url('trainer')}/v1/jobs/{job_id}/cancel", timeout=30, headers=auth).status_code in (
         200,

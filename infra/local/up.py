@@ -15,9 +15,10 @@ job cut off by it is queued again by its worker and goes on at the next `make up
 Ports and paths come from `infra/local/stack.toml`, overridden by environment variables named
 NANOCHAT_<KEY> (e.g. NANOCHAT_WEBUI_PORT=9090, NANOCHAT_HOME=/tmp/nanochat). State lives in
 NANOCHAT_HOME (default `.nanochat/` in the repository): databases, blobs, runs, logs and the
-generated secrets (`tokens.json`, mode 0600: the write tokens, the UI's admin token and Redis's
-password), so a second `make up` reuses everything. Each service gets only its own settings and
-the tokens it uses; Redis requires its password. NANOCHAT_PRESET and NANOCHAT_OPTIONS
+generated secrets (`tokens.json`, mode 0600: the write tokens, the registry's read token, the UI's
+admin token and Redis's password), so a second `make up` reuses everything. Each service gets only
+its own settings and the tokens it uses; the registry requires its read token for reads (the
+write token passes too) and Redis its password. NANOCHAT_PRESET and NANOCHAT_OPTIONS
 (a JSON object of stage options keyed by stage name, laid over the preset) shape the speedrun it
 submits; the end-to-end test uses them for a shorter chain through every stage.
 """
@@ -67,9 +68,11 @@ def speedrun_options(config: dict[str, str]) -> dict:
     return options
 
 
-# What each secret guards: the registry's and the trainer's write tokens, the web UI's admin
-# token, and Redis's password (whoever reaches Redis can queue work for the workers).
-SECRETS = ("registry", "trainer", "admin", "redis")
+# What each secret guards: the registry's write token and its read token (listing, resolving and
+# downloading models: the registry requires it, so whoever reaches its port cannot take the
+# weights), the trainer's write token, the web UI's admin token, and Redis's password (whoever
+# reaches Redis can queue work for the workers).
+SECRETS = ("registry", "registry_read", "trainer", "admin", "redis")
 
 
 def write_private(path: Path, text: str) -> None:
@@ -111,7 +114,9 @@ def redis_url(config: dict[str, str], tokens: dict[str, str], db: int) -> str:
 
 def service_env(config: dict[str, str], tokens: dict[str, str]) -> dict[str, dict[str, str]]:
     """Settings of each service: SQLite, local blobs, the local Redis, loopback URLs, and only
-    the tokens it uses (the trainer's worker uploads with the registry token; its API does not)."""
+    the tokens it uses: the trainer's worker uploads with the registry's write token; what only
+    reads the registry (the trainer API's input checks, inference, the web UI's proxied reads)
+    gets its read token."""
     home = Path(config["home"])
     url = {
         s: f"http://127.0.0.1:{config[s.replace('-', '_') + '_port']}"
@@ -137,14 +142,17 @@ def service_env(config: dict[str, str], tokens: dict[str, str]) -> dict[str, dic
             "REGISTRY_BLOB_BACKEND": "local",
             "REGISTRY_REDIS_URL": redis_url(config, tokens, 0),
             "REGISTRY_WRITE_TOKEN": tokens["registry"],
+            "REGISTRY_READ_TOKEN": tokens["registry_read"],
+            "REGISTRY_READ_TOKEN_REQUIRED": "true",
         },
-        "trainer-api": trainer,
+        "trainer-api": {**trainer, "TRAINER_REGISTRY_TOKEN": tokens["registry_read"]},
         "trainer-worker": {**trainer, "TRAINER_REGISTRY_TOKEN": tokens["registry"]},
         "inference": {
             "INFERENCE_HOST": "127.0.0.1",
             "INFERENCE_PORT": config["inference_port"],
             "INFERENCE_REGISTRY_URL": url["registry"],
             "INFERENCE_REDIS_URL": redis_url(config, tokens, 0),
+            "INFERENCE_REGISTRY_TOKEN": tokens["registry_read"],
             "INFERENCE_MODEL_NAME": config["model_name"],
             "INFERENCE_MODEL_CACHE_DIR": str(home / "models"),
         },
@@ -156,6 +164,7 @@ def service_env(config: dict[str, str], tokens: dict[str, str]) -> dict[str, dic
             "WEBUI_REGISTRY_URL": url["registry"],
             "WEBUI_TRAINER_TOKEN": tokens["trainer"],
             "WEBUI_REGISTRY_TOKEN": tokens["registry"],
+            "WEBUI_REGISTRY_READ_TOKEN": tokens["registry_read"],
             "WEBUI_ADMIN_TOKEN": tokens["admin"],
         },
     }
@@ -281,7 +290,12 @@ def ensure_model(config: dict[str, str], tokens: dict[str, str]) -> str:
     """Submit the tiny speedrun unless a served model exists or a job is already making one."""
     registry = f"http://127.0.0.1:{config['registry_port']}"
     trainer = f"http://127.0.0.1:{config['trainer_port']}"
-    resolved = httpx.get(f"{registry}/v1/resolve/{config['model_name']}", params={"stage": "rl,sft"}, timeout=10)
+    resolved = httpx.get(
+        f"{registry}/v1/resolve/{config['model_name']}",
+        params={"stage": "rl,sft"},
+        headers={"Authorization": f"Bearer {tokens['registry_read']}"},
+        timeout=10,
+    )
     if resolved.status_code == 200:
         v = resolved.json()
         return f"serving {config['model_name']} v{v.get('version')} ({v.get('stage')})"

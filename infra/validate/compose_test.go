@@ -160,11 +160,88 @@ func TestComposeBuildsPointAtRealFiles(t *testing.T) {
 
 func TestComposeRefusesMissingSecrets(t *testing.T) {
 	root := repoRoot(t)
+	for _, secret := range []string{"REGISTRY_TOKEN", "REGISTRY_READ_TOKEN"} {
+		env := exampleEnv(t, root)
+		delete(env, secret)
+		_, err := loadCompose(t, env, "docker-compose.yml")
+		if err == nil || !strings.Contains(err.Error(), secret) {
+			t.Errorf("loading without %s should fail naming it, got %v", secret, err)
+		}
+	}
+}
+
+// envOf is a service's environment value, "" when unset.
+func envOf(svc types.ServiceConfig, key string) string {
+	if v := svc.Environment[key]; v != nil {
+		return *v
+	}
+	return ""
+}
+
+// The registry requires a token for reads; what only reads gets the read token, never the write
+// token, and the worker, which uploads, the write token.
+func TestComposeHandsTheRegistryReadTokenToItsReaders(t *testing.T) {
+	root := repoRoot(t)
 	env := exampleEnv(t, root)
-	delete(env, "REGISTRY_TOKEN")
-	_, err := loadCompose(t, env, "docker-compose.yml")
-	if err == nil || !strings.Contains(err.Error(), "REGISTRY_TOKEN") {
-		t.Fatalf("loading without REGISTRY_TOKEN should fail naming it, got %v", err)
+	project, err := loadCompose(t, env, "docker-compose.yml")
+	if err != nil {
+		t.Fatalf("compose-go rejects docker-compose.yml: %v", err)
+	}
+	read, write := env["REGISTRY_READ_TOKEN"], env["REGISTRY_TOKEN"]
+	registry, _ := project.GetService("registry")
+	if envOf(registry, "REGISTRY_READ_TOKEN") != read || envOf(registry, "REGISTRY_READ_TOKEN_REQUIRED") != "true" {
+		t.Errorf("the registry does not require its read token: %v", registry.Environment)
+	}
+	readers := map[string]string{
+		"inference":   "INFERENCE_REGISTRY_TOKEN",
+		"webui":       "WEBUI_REGISTRY_READ_TOKEN",
+		"trainer-api": "TRAINER_REGISTRY_TOKEN",
+	}
+	for name, key := range readers {
+		svc, _ := project.GetService(name)
+		if envOf(svc, key) != read {
+			t.Errorf("%s: %s is %q, not the read token", name, key, envOf(svc, key))
+		}
+	}
+	for _, name := range []string{"inference", "trainer-api"} {
+		svc, _ := project.GetService(name)
+		for key, v := range svc.Environment {
+			if v != nil && *v == write {
+				t.Errorf("%s holds the registry's write token in %s", name, key)
+			}
+		}
+	}
+	worker, _ := project.GetService("trainer-worker")
+	if envOf(worker, "TRAINER_REGISTRY_TOKEN") != write {
+		t.Errorf("the worker uploads with %q, not the write token", envOf(worker, "TRAINER_REGISTRY_TOKEN"))
+	}
+}
+
+// bubblewrap needs namespaces and a fresh /proc inside the worker's container (the compose file
+// says why); the worker stays unprivileged.
+func TestComposeLetsTheWorkerRunBubblewrap(t *testing.T) {
+	root := repoRoot(t)
+	project, err := loadCompose(t, exampleEnv(t, root), "docker-compose.yml")
+	if err != nil {
+		t.Fatalf("compose-go rejects docker-compose.yml: %v", err)
+	}
+	worker, _ := project.GetService("trainer-worker")
+	opts := map[string]bool{}
+	for _, o := range worker.SecurityOpt {
+		opts[o] = true
+	}
+	for _, want := range []string{"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"} {
+		if !opts[want] {
+			t.Errorf("trainer-worker lacks security_opt %s (got %v)", want, worker.SecurityOpt)
+		}
+	}
+	if worker.Privileged || len(worker.CapAdd) > 0 {
+		t.Errorf("trainer-worker must stay unprivileged, got privileged=%v cap_add=%v", worker.Privileged, worker.CapAdd)
+	}
+	for name, svc := range project.Services {
+		if name != "trainer-worker" && len(svc.SecurityOpt) > 0 {
+			t.Errorf("%s relaxes its confinement too: %v", name, svc.SecurityOpt)
+		}
 	}
 }
 
