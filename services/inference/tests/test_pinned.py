@@ -8,6 +8,7 @@ replies differ: v1 and v3 = model "a", v2 = model "b" (the served one: newest sf
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -245,5 +246,18 @@ def test_a_deleted_pinned_version_is_dropped(registry, tmp_path):
         wait_for(lambda: s.manager.pinned.get(4) is None, timeout=30, what="v4 to be dropped")
         assert ids(s) == [("nanochat", 2, False)]
         error(chat(s, "nanochat:4"), 404, "model_not_found")
+    finally:
+        s.stop()
+
+
+def test_a_killed_pinned_model_process_is_loaded_again(registry, tmp_path):
+    s = inference(registry, tmp_path)
+    try:
+        first = answer(s, "nanochat:1")
+        pinned = s.manager.pinned.get(1)
+        os.kill(pinned.scheduler.process.pid, signal.SIGKILL)
+        wait_for(lambda: not pinned.scheduler.alive, what="the pinned model process to die")
+        assert answer(s, "nanochat:1") == first
+        assert s.manager.pinned.get(1) is not pinned and answer(s, "nanochat")[0] == "nanochat:2"
     finally:
         s.stop()
