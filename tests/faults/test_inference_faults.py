@@ -4,8 +4,8 @@ which inference resolves, downloads and serves through the images' entry point.
 
 - The HTTP process SIGKILLed while chats stream, one straight from inference and one through the
   web UI: each stream ends within seconds instead of hanging (the direct one with its connection
-  closed before `[DONE]`, the UI's as a complete response without `[DONE]`, which the UI's chat
-  reports as cut off); the model process and its fork server go with the dead server; restarted
+  closed before `[DONE]`, all a dead process can do; the UI's with an error event in OpenAI's
+  shape, then a complete response); the model process and its fork server go with it; restarted
   as `make up`'s supervisor restarts it (`up.Stack.supervise`), it serves the version the
   registry's resolve names, the same as before.
 - Its model process SIGKILLed while a chat streams: the stream gets an error event in OpenAI's
@@ -167,7 +167,10 @@ def test_a_killed_inference_server_ends_its_streams_and_comes_back_serving_the_s
         through_ui.read_to_end(killed_at)
     print(f"streams ended {direct.seconds_after_fault:.2f} s (direct), {through_ui.seconds_after_fault:.2f} s (UI)")
     assert direct.ended == "cut" and direct.seconds_after_fault < END_WITHIN_S, direct
-    assert through_ui.ended == "cut" and through_ui.seconds_after_fault < END_WITHIN_S, through_ui
+    # The UI saw its upstream break: it ends the chat stream as inference ends a failed one.
+    assert through_ui.ended == "error" and through_ui.seconds_after_fault < END_WITHIN_S, through_ui
+    ui_error = through_ui.error()
+    assert set(ui_error) == {"message", "type", "param", "code"} and ui_error["code"] == "upstream_stream_broken"
     poll(lambda: not any(alive(p) for p in below), 30, "the dead server's model process and fork server to exit")
 
     stack.procs.supervise()

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of the served model's scheduler.
 
 Routes: `POST /v1/chat/completions` and `POST /v1/completions` (also without `/v1`, the seed's
-spelling), `GET /v1/models`, `/health` (liveness, never touches the model), `/ready` (a model is
-loaded), `/metrics` (Prometheus). Streams are SSE as OpenAI sends them: a role chunk per choice,
-content deltas, a chunk with `finish_reason`, the usage chunk when asked, `data: [DONE]`.
+spelling), `GET /v1/models`, `POST /tokenize` and `POST /detokenize` (vLLM's), `/health`
+(liveness, never touches the model), `/ready` (a model is loaded), `/metrics` (Prometheus).
+Streams are SSE as OpenAI sends them: a role chunk per choice, content deltas, a chunk with
+`finish_reason`, the usage chunk when asked, `data: [DONE]`.
 Calculator use arrives as `delta.nanochat_tool` in streams and `message.nanochat_parts` otherwise.
 
 Everything about a request is checked (and the request queued) before any byte of a response is
@@ -32,7 +33,7 @@ from service_kit.auth import Tokens
 from service_kit.ops import Readiness
 
 from inference.metrics import Metrics
-from inference.routes import chat, completions, models
+from inference.routes import chat, completions, models, tokenize
 from inference.runs import Runner
 from inference.served import ModelManager
 from inference.settings import Settings
@@ -83,4 +84,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(routes.router, prefix="/v1")
         # The bare paths are the seed's spelling, which existing clients of nanochat's server use.
         app.include_router(routes.router, include_in_schema=False)
+    # vLLM serves these at the bare paths only, and so does this server.
+    app.include_router(tokenize.router)
     return app

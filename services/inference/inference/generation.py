@@ -5,7 +5,8 @@ model process's receiver thread hands each iteration's events to the loop's `Mai
 wakes the event loop once per iteration for all requests together (not once per request), and
 puts them on each request's queue. `updates()` takes everything queued at each wake-up, so a
 client that fell behind gets one write for several steps instead of one per token; it turns
-events into per-choice `Update`s (text and tool parts from `SampleDecoder`, finish reasons),
+events into per-choice `Update`s (text and tool parts from `SampleDecoder`, finish reasons, and
+the tokens' log-probabilities when the request asked for them),
 cancels a sample the moment one of its stop strings matches, and records the latency metrics
 with the model process's own step times. `close()` cancels whatever is still running: a
 disconnected client frees its cache slots at the scheduler's next iteration.
@@ -20,7 +21,7 @@ import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from nanochat.engine import SamplingParams
+from nanochat.engine import SamplingParams, TopLogprobs
 from nanochat.scheduler import Event
 
 from inference.metrics import Metrics
@@ -32,6 +33,15 @@ class GenerationError(Exception):
     """The model process failed or was stopped under a running request."""
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A token with its log-probability (None for a prompt's first token) and top alternatives."""
+
+    token: int
+    logprob: float | None
+    top: TopLogprobs
+
+
 @dataclass
 class Choice:
     index: int
@@ -40,6 +50,8 @@ class Choice:
     tokens: int = 0
     finish_reason: str | None = None
     last_token_at: float | None = None
+    logprobs: list[Scored] = field(default_factory=list)  # every generated token's, when asked
+    prompt_logprobs: list[Scored] | None = None  # the prompt's, when asked (echo)
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,18 @@ class Update:
     choice: int
     parts: list[Part]
     finish_reason: str | None
+    logprobs: list[Scored] = field(default_factory=list)  # the tokens' since the last update
+    prompt_logprobs: list[Scored] | None = None  # once, with the choice's first token
+
+    def after(self, prior: Update) -> Update:
+        """This update merged after `prior`, of the same choice."""
+        return Update(
+            self.choice,
+            prior.parts + self.parts,
+            self.finish_reason,
+            prior.logprobs + self.logprobs,
+            prior.prompt_logprobs or self.prompt_logprobs,
+        )
 
 
 class Mailbox:
@@ -99,6 +123,7 @@ class Generation:
         self.queue: asyncio.Queue[tuple[int, list[Event], float]] = asyncio.Queue()
         self.started = time.monotonic()
         self.first_token_at: float | None = None
+        self.prompts = prompts
         self.prompt_tokens = sum(len(p) for p in prompts)
         tokenizer = served.tokenizer
         self.choices = [Choice(i, SampleDecoder(tokenizer, stop)) for i in range(len(prompts) * n)]
@@ -144,9 +169,7 @@ class Generation:
                     update = self._apply(choice, event, at)
                     if update is not None:
                         prior = merged.get(update.choice)
-                        if prior is not None:
-                            update = Update(update.choice, prior.parts + update.parts, update.finish_reason)
-                        merged[update.choice] = update
+                        merged[update.choice] = update if prior is None else update.after(prior)
             self.metrics.generation_tokens.inc(generated)
             if merged:
                 yield list(merged.values())
@@ -155,6 +178,14 @@ class Generation:
     def _apply(self, choice: Choice, event: Event, at: float) -> Update | None:
         if choice.finish_reason is not None:
             return None  # e.g. tokens already in flight after a stop string matched
+        scored, prompt_scored = [], None
+        if event.token is not None and event.logprob is not None:
+            scored = [Scored(event.token, event.logprob, event.top_logprobs)]
+            choice.logprobs.extend(scored)
+        if event.prompt_logprobs is not None:
+            prompt = self.prompts[choice.index // self.n]
+            prompt_scored = [Scored(t, lp, top) for t, (lp, top) in zip(prompt, event.prompt_logprobs)]
+            choice.prompt_logprobs = prompt_scored
         if event.token is not None:
             if self.first_token_at is None:
                 self.first_token_at = at
@@ -174,9 +205,9 @@ class Generation:
             parts = choice.decoder.finish()
             choice.finish_reason = event.finish_reason
         choice.parts.extend(parts)
-        if not parts and choice.finish_reason is None:
+        if not parts and choice.finish_reason is None and not scored and prompt_scored is None:
             return None
-        return Update(choice.index, parts, choice.finish_reason)
+        return Update(choice.index, parts, choice.finish_reason, scored, prompt_scored)
 
     async def collect(self) -> None:
         async for _ in self.updates():

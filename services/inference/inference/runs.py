@@ -94,13 +94,19 @@ class Runner:
     def release(self, served: ServedModel) -> None:
         self.manager.release(served)
 
-    def sampling(self, body: schemas.SamplingFields, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, body: schemas.SamplingFields, max_tokens: int | None, grammar: str | None) -> SamplingParams:
         return SamplingParams(
             temperature=body.temperature,
             top_k=body.top_k if body.top_k > 0 else None,
             top_p=body.top_p if body.top_p < 1.0 else None,
             max_tokens=max_tokens or self.settings.default_max_tokens,
             seed=None if body.seed is None else body.seed % (1 << 62),
+            logprobs=body.num_logprobs,
+            prompt_logprobs=body.echo_logprobs,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=body.logit_bias or (),
+            grammar=grammar,
         )
 
     def start(
@@ -110,8 +116,11 @@ class Runner:
         body: schemas.SamplingFields,
         max_tokens: int | None,
         prompt_param: str = "messages",
+        grammar: str | None = None,
     ) -> Generation:
-        """Check the request against the served model and queue it; every refusal is an APIError."""
+        """Check the request against the served model and queue it; every refusal is an APIError.
+
+        grammar: a `nanochat.grammar` spec every sample is constrained to (response_format, tools)."""
         context = served.context_length
         for prompt in prompts:
             if len(prompt) >= context:
@@ -135,11 +144,18 @@ class Runner:
             raise APIError(
                 400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids", code="invalid_value"
             )
+        if bad := [t for t in body.logit_bias or () if t >= vocab]:
+            raise APIError(
+                400,
+                f"logit_bias names token {bad[0]}, but this model's ids lie in [0, {vocab})",
+                param="logit_bias",
+                code="invalid_value",
+            )
         try:
             return Generation(
                 served,
                 prompts,
-                self.sampling(body, max_tokens),
+                self.sampling(body, max_tokens, grammar),
                 body.n,
                 body.stop,
                 body.stop_token_ids or [],

@@ -1,18 +1,40 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic), as OpenAI's clients send them.
 
-Unknown fields are ignored (clients send more than we use); values out of range are 400s.
-`top_k` 0 or -1 means no top-k (vLLM's convention). Messages may carry content as a string or a
-list of text parts; an assistant message may carry `nanochat_parts` (text / python /
-python_output), which the web UI sends back so tool turns survive a round trip.
+A request field this server does not know is a 400 naming it (`param`), so an option is never
+accepted and silently ignored, except the few OpenAI documents as hints a server may ignore
+(`IGNORED_FIELDS`); values out of range are 400s. Inside messages and `stream_options`, unknown
+fields are ignored. `top_k` 0 or -1 means no top-k (vLLM's convention). Messages may carry
+content as a string or a list of text parts; an assistant message may carry `nanochat_parts`
+(text / python / python_output), which the web UI sends back so tool turns survive a round trip.
+
+Log-probabilities (`logprobs` / `top_logprobs` on chat, `logprobs` and `echo` on completions)
+are log_softmax of the model's raw logits, before temperature, top-k/top-p, penalties,
+`logit_bias` and any grammar: what the model itself gives each token, not the distribution the
+sample was drawn from. `frequency_penalty` / `presence_penalty` follow OpenAI's formula over
+the tokens the sample generated so far; `logit_bias` maps token ids (as strings) to [-100, 100].
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 16
+MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's bounds
+MAX_COMPLETION_LOGPROBS = 5
+
+# Request fields OpenAI documents as hints a server may ignore without changing the answer;
+# they are accepted and dropped. Every other unknown field is a 400 naming it.
+IGNORED_FIELDS = frozenset(
+    {
+        "store",  # whether OpenAI keeps the completion for its dashboard: nothing is stored here
+        "metadata",  # tags for that stored completion
+        "service_tier",  # OpenAI's capacity tier
+        "prompt_cache_key",  # a routing hint for OpenAI's prompt cache (the prefix cache needs none)
+        "safety_identifier",  # an end-user id for OpenAI's abuse monitoring, like `user`
+    }
+)
 
 
 class Lenient(BaseModel):
@@ -49,7 +71,9 @@ class StreamOptions(Lenient):
     include_usage: bool = False
 
 
-class SamplingFields(Lenient):
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -61,6 +85,29 @@ class SamplingFields(Lenient):
     stop_token_ids: list[int] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, not used
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in IGNORED_FIELDS}
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[int, float]:
+        bias = {}
+        for key, value in (v or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys are token ids as strings, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100], got {value} for token {key}")
+            bias[int(key)] = value
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -74,15 +121,57 @@ class SamplingFields(Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many top alternatives each token reports; None: no log-probabilities at all."""
+        return None
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """Whether the prompt's tokens' log-probabilities are asked for too."""
+        return False
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)  # only as many as n: no server-side choosing
+    suffix: str | None = None  # only empty: there is no insertion mode
+
+    @model_validator(mode="after")
+    def _unsupported_values(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of must equal n ({self.n}): this server does not pick the best of several samples")
+        if self.suffix:
+            raise ValueError("suffix is not supported: nanochat has no insertion (fill-in-the-middle) mode")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def echo_logprobs(self) -> bool:
+        return self.echo and self.logprobs is not None
 
     @field_validator("prompt")
     @classmethod
@@ -99,6 +188,33 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """One entry per generated token (calculator and other special tokens included, by name)."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists; with echo the prompt's tokens come first (the first
+    one has no log-probability). text_offset: each token's start in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -109,7 +225,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -125,7 +241,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: dict[str, Any]
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -141,7 +257,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -170,3 +286,45 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a `prompt` (with `<|bos|>` first unless add_special_tokens is false, as
+    /v1/completions encodes it) or chat `messages` (rendered as /v1/chat/completions renders them,
+    ending in `<|assistant_start|>` with add_generation_prompt; the rendering's own special
+    tokens are always there, so add_special_tokens applies to `prompt` only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.messages is not None and "add_special_tokens" in self.model_fields_set:
+            raise ValueError("add_special_tokens applies to prompt only (messages carry their own special tokens)")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -23,6 +23,15 @@ Part = tuple[str, str]
 _TOKEN_BYTES: weakref.WeakKeyDictionary[Tokenizer, dict[int, bytes]] = weakref.WeakKeyDictionary()
 
 
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """One token's bytes (a special token's are its name's), from the shared table."""
+    table = _TOKEN_BYTES.setdefault(tokenizer, {})
+    raw = table.get(token)
+    if raw is None:
+        raw = table[token] = tokenizer.decode_bytes([token])
+    return raw
+
+
 class SampleDecoder:
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
         self.tokenizer = tokenizer
@@ -55,7 +64,7 @@ class SampleDecoder:
             return []  # other special tokens are structure, not text
         raw = self.token_bytes.get(token)
         if raw is None:
-            raw = self.token_bytes[token] = self.tokenizer.decode_bytes([token])
+            raw = token_bytes(self.tokenizer, token)
         if self.mode != "text":
             self.tool_bytes += raw
             return []

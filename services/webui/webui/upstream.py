@@ -1,12 +1,14 @@
 """Responses of the proxied services, streamed through to the browser, and the proxy's metrics."""
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
 import httpx
 from fastapi import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from service_kit.errors import error_body
 from starlette.types import Receive, Scope, Send
 
 # Only these request headers reach a service: the browser's cookies and Authorization stay here.
@@ -89,12 +91,33 @@ class UpstreamStream(Response):
                 self.on_close()
 
     async def _forward(self, send: Send) -> None:
+        tail = b"\n\n"
         try:
             async for chunk in self.upstream.aiter_raw():
+                tail = (tail + chunk)[-2:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError:
-            pass  # the service went away mid-stream: end the response, the browser sees it cut short
+            # The service went away mid-stream (killed, restarted). A completion stream then ends
+            # as inference ends one that fails, with an error event in OpenAI's shape, so a client
+            # learns why; other streams just end (a log follow's EventSource reconnects by itself).
+            if self._is_completion_stream():
+                await send({"type": "http.response.body", "body": self._broken_event(tail), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _is_completion_stream(self) -> bool:
+        headers = self.upstream.headers
+        event_stream = headers.get("content-type", "").startswith("text/event-stream")
+        return self.service == "inference" and event_stream and "content-encoding" not in headers
+
+    def _broken_event(self, tail: bytes) -> bytes:
+        error = error_body(
+            502,
+            f"The connection to the {self.service} service ended in the middle of the answer; try again.",
+            code="upstream_stream_broken",
+        )
+        # After a cut inside an event, a blank line first ends that event, so ours stands alone.
+        boundary = b"" if tail == b"\n\n" else b"\n\n"
+        return boundary + b"data: " + json.dumps(error).encode() + b"\n\n"
 
     @staticmethod
     async def _watch_disconnect(receive: Receive) -> None:

@@ -1,7 +1,10 @@
 """`POST /chat/completions`: OpenAI's chat completions, calculator use included.
 
 Streams carry the python expression and its result in `delta.nanochat_tool`; whole answers in
-`message.nanochat_parts` (next to the plain `content` OpenAI clients read).
+`message.nanochat_parts` (next to the plain `content` OpenAI clients read). With `logprobs`,
+each chunk carries the log-probabilities of the tokens it answers for (a chunk with an empty
+delta when held-back text or a special token produced no text yet), and a whole answer all of
+them (`inference.logprobs`).
 """
 
 import time
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from nanochat.tokenizer import ConversationError
+from nanochat.tokenizer import ConversationError, Tokenizer
 from service_kit.auth import AuthFirstRoute, require_read
 from service_kit.errors import APIError
 from starlette.concurrency import run_in_threadpool
@@ -18,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from inference import schemas
 from inference.deps import RunnerDep
 from inference.generation import Generation, Update, merge_text
+from inference.logprobs import chat_logprobs
 from inference.runs import sse, usage
 
 router = APIRouter(route_class=AuthFirstRoute, dependencies=[require_read])
@@ -30,6 +34,8 @@ class ChatStream:
     rid: str
     created: int
     model: str
+    tokenizer: Tokenizer
+    logprobs: bool = False
 
     def chunk(self, choices: list[schemas.ChatChunkChoice], u: schemas.Usage | None = None) -> bytes:
         return sse(
@@ -51,36 +57,51 @@ class ChatStream:
     def chunks(self, updates: list[Update]) -> list[bytes]:
         out = []
         for u in updates:
+            logprobs = chat_logprobs(self.tokenizer, u.logprobs) if self.logprobs and u.logprobs else None
             for kind, text in merge_text(u.parts):
                 delta = {"content": text} if kind == "text" else {"nanochat_tool": {"type": kind, "text": text}}
-                out.append(self.chunk([schemas.ChatChunkChoice(index=u.choice, delta=delta)]))
-            if u.finish_reason is not None:
-                out.append(
-                    self.chunk([schemas.ChatChunkChoice(index=u.choice, delta={}, finish_reason=u.finish_reason)])
+                out.append(self.chunk([schemas.ChatChunkChoice(index=u.choice, delta=delta, logprobs=logprobs)]))
+                logprobs = None
+            if u.finish_reason is not None or logprobs is not None:
+                last = schemas.ChatChunkChoice(
+                    index=u.choice, delta={}, finish_reason=u.finish_reason, logprobs=logprobs
                 )
+                out.append(self.chunk([last]))
         return out
 
     def usage(self, u: schemas.Usage) -> bytes:
         return self.chunk([], u)
 
 
+async def render_prompt(
+    tokenizer: Tokenizer, messages: list[schemas.ChatMessage], add_generation_prompt: bool = True
+) -> list[int]:
+    """The token ids the model sees for `messages` (ending in `<|assistant_start|>` with
+    add_generation_prompt); a conversation the renderer refuses is a 400. /tokenize shares it."""
+    try:
+        conversation = [{"role": m.role, "content": m.rendered_content()} for m in messages]
+        # Off the event loop: rendering a long conversation would stall every open stream.
+        if add_generation_prompt:
+            return await run_in_threadpool(tokenizer.render_for_completion, {"messages": conversation})
+        ids, _ = await run_in_threadpool(tokenizer.render_conversation, {"messages": conversation}, None)
+        return ids
+    except (ConversationError, ValueError) as e:
+        raise APIError(400, str(e), param="messages", code="invalid_value") from None
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: schemas.ChatCompletionRequest, request: Request, runner: RunnerDep) -> Response:
     served = await runner.acquire(body.model)
     try:
-        try:
-            conversation = [{"role": m.role, "content": m.rendered_content()} for m in body.messages]
-            # Off the event loop: rendering a long conversation would stall every open stream.
-            prompt = await run_in_threadpool(served.tokenizer.render_for_completion, {"messages": conversation})
-        except (ConversationError, ValueError) as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from None
+        prompt = await render_prompt(served.tokenizer, body.messages)
         gen = runner.start(served, [prompt], body, body.max_completion_tokens or body.max_tokens)
     except BaseException:
         runner.release(served)
         raise
     rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.model_id
     if body.stream:
-        return runner.stream(gen, served, rid, "chat", ChatStream(rid, created, name), body.include_usage)
+        fmt = ChatStream(rid, created, name, served.tokenizer, body.logprobs)
+        return runner.stream(gen, served, rid, "chat", fmt, body.include_usage)
 
     if not await runner.finish_plain(gen, served, request, rid, "chat"):
         return Response(status_code=499)
@@ -91,7 +112,10 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
         message = schemas.AssistantMessage(
             content=content, nanochat_parts=[schemas.ToolPart(type=kind, text=text) for kind, text in parts]
         )
-        choices.append(schemas.ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason))
+        logprobs = chat_logprobs(served.tokenizer, c.logprobs) if body.logprobs else None
+        choices.append(
+            schemas.ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason, logprobs=logprobs)
+        )
     return JSONResponse(
         schemas.ChatCompletion(id=rid, created=created, model=name, choices=choices, usage=usage(gen)).model_dump(),
         headers={"X-Request-Id": rid},

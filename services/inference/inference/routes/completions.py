@@ -1,8 +1,13 @@
-"""`POST /completions`: OpenAI's (legacy) text completions of one or more prompts."""
+"""`POST /completions`: OpenAI's (legacy) text completions of one or more prompts.
+
+`echo` puts the prompt's text before each choice's completion (in a stream, in the choice's
+first chunk); with `logprobs` too, the prompt's tokens (`<|bos|>` first, with no log-probability)
+come before the generated ones in the choice's `logprobs` (`inference.logprobs`).
+"""
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -13,7 +18,8 @@ from starlette.concurrency import run_in_threadpool
 
 from inference import schemas
 from inference.deps import RunnerDep
-from inference.generation import Generation, Update
+from inference.generation import Choice, Generation, Scored, Update
+from inference.logprobs import completion_logprobs
 from inference.runs import sse, usage
 
 router = APIRouter(route_class=AuthFirstRoute, dependencies=[require_read])
@@ -26,6 +32,10 @@ class CompletionStream:
     rid: str
     created: int
     model: str
+    tokenizer: Tokenizer
+    body: schemas.CompletionRequest
+    offsets: dict[int, int] = field(default_factory=dict)  # choice -> its text's length so far (text_offset)
+    echoed: set[int] = field(default_factory=set)
 
     def chunk(self, choices: list[schemas.CompletionChoice], u: schemas.Usage | None = None) -> bytes:
         return sse(
@@ -41,14 +51,35 @@ class CompletionStream:
         out = []
         for u in updates:
             text = "".join(t for kind, t in u.parts if kind == "text")
-            if text or u.finish_reason is not None:
-                out.append(
-                    self.chunk([schemas.CompletionChoice(index=u.choice, text=text, finish_reason=u.finish_reason)])
+            scored = u.logprobs
+            if self.body.echo and u.choice not in self.echoed:
+                self.echoed.add(u.choice)
+                text = self.body.prompt[u.choice // self.body.n] + text
+                scored = (u.prompt_logprobs or []) + scored
+            logprobs = None
+            if self.body.logprobs is not None and scored:
+                logprobs, self.offsets[u.choice] = completion_logprobs(
+                    self.tokenizer, scored, self.offsets.get(u.choice, 0)
                 )
+            if text or u.finish_reason is not None or logprobs is not None:
+                choice = schemas.CompletionChoice(
+                    index=u.choice, text=text, finish_reason=u.finish_reason, logprobs=logprobs
+                )
+                out.append(self.chunk([choice]))
         return out
 
     def usage(self, u: schemas.Usage) -> bytes:
         return self.chunk([], u)
+
+
+def whole_choice(tokenizer: Tokenizer, body: schemas.CompletionRequest, c: Choice) -> schemas.CompletionChoice:
+    text = "".join(t for kind, t in c.parts if kind == "text")
+    scored: list[Scored] = c.logprobs
+    if body.echo:
+        text = body.prompt[c.index // body.n] + text
+        scored = (c.prompt_logprobs or []) + scored
+    logprobs = completion_logprobs(tokenizer, scored)[0] if body.logprobs is not None else None
+    return schemas.CompletionChoice(index=c.index, finish_reason=c.finish_reason, text=text, logprobs=logprobs)
 
 
 def encode_all(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -75,16 +106,12 @@ async def completions(body: schemas.CompletionRequest, request: Request, runner:
         raise
     rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), served.model_id
     if body.stream:
-        return runner.stream(gen, served, rid, "completions", CompletionStream(rid, created, name), body.include_usage)
+        fmt = CompletionStream(rid, created, name, served.tokenizer, body)
+        return runner.stream(gen, served, rid, "completions", fmt, body.include_usage)
 
     if not await runner.finish_plain(gen, served, request, rid, "completions"):
         return Response(status_code=499)
-    choices = [
-        schemas.CompletionChoice(
-            index=c.index, finish_reason=c.finish_reason, text="".join(t for kind, t in c.parts if kind == "text")
-        )
-        for c in gen.choices
-    ]
+    choices = [whole_choice(served.tokenizer, body, c) for c in gen.choices]
     return JSONResponse(
         schemas.Completion(id=rid, created=created, model=name, choices=choices, usage=usage(gen)).model_dump(),
         headers={"X-Request-Id": rid},
