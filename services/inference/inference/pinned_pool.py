@@ -80,9 +80,9 @@ class PinnedPool:
                 return served
             load = self._loads.get(version)
             if load is None:
-                self._make_room()
                 if self._closed:
                     raise PinnedLoadFailed("the server is shutting down")
+                self._make_room()
                 load = self._loads[version] = _Load()
                 threading.Thread(target=self._run_load, args=(version, load), name="inference-pin", daemon=True).start()
             load.waiters += 1

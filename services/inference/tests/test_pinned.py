@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -171,6 +172,21 @@ def test_the_least_recently_used_idle_pinned_model_is_evicted(registry, tmp_path
         assert [i for i, _, pinned in ids(s) if pinned] == ["nanochat:1", "nanochat:4"], "v3 was used least recently"
         wait_for(lambda: not v3.scheduler.alive, what="the evicted model process to stop")
         assert v1.scheduler.alive and s.manager.pinned.get(1) is v1
+    finally:
+        s.stop()
+
+
+def test_requests_arriving_while_a_version_loads_share_its_load(registry, tmp_path):
+    s = inference(registry, tmp_path, max_pinned=1)
+    try:
+        # With room for one pinned model, a second load of the same version would find the pool
+        # full (its first load is not evictable) and answer 503: every request must wait on one load.
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: chat(s, "nanochat:3"), range(3)))
+        assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+        assert {r.json()["model"] for r in answers} == {"nanochat:3"}
+        assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1
+        assert s.manager.pinned.get(3).active == 0
     finally:
         s.stop()
 
