@@ -19,12 +19,14 @@ JSON; `<|assistant_end|>` is allowed once the value is complete (the engine stop
 and a grammar that can take nothing more finishes the row by itself.
 
 The budget: a model (a random-weight one above all) can wander in a string or an array for longer
-than `max_tokens` allows, and a cut-off JSON document is worth nothing. So over the last
-`reserve(budget)` tokens of a sample's budget the mask narrows, among what the grammar allows, to
-the tokens that close fastest: the end token, then a closing quote inside a string, then `}` or
-`]`, then an opening quote, then `,` (only allowed where more is required), then `0`; where none of those is allowed (a forced key, a `,` before
-a required property, `true`), the grammar's whole mask. A schema whose smallest instance from
-that point is longer than the reserve can still be cut (finish_reason "length").
+than `max_tokens` allows, and a cut-off JSON document is worth nothing. So a Constraint whose spec
+has a budget measures, as the budget runs down, how many tokens the *closing path* from its state
+takes (walked on a copy of the matcher), and once only about that many are left (1.5x + SLACK), the mask
+narrows, among what the grammar allows, to the tokens that close fastest: the end token, then a
+closing quote inside a string, then `}` or `]`, then an opening quote, then `,` (allowed only
+where more is required), then `0`; where none of those is allowed (a forced key, `true`, the
+rest of a UTF-8 character), the shortest allowed tokens. A sample whose closing path is longer than its whole budget (a prompt
+that leaves almost no room) can still be cut (finish_reason "length").
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ JSON_STYLE: llguidance.JsonCompileOptions = {
     "key_separator": ": ",
 }
 END_TOKEN = "<|assistant_end|>"
-MIN_RESERVE = 32
+RECHECK = 8  # tokens between two measures of the closing path while it is far off
+# Tokens in hand beyond the measured path: one sampled token can lengthen the path (a `,` in an
+# array opens one more item), so the hand grows with the path.
+SLACK = 4
 
 # Building llguidance's view of a vocabulary takes ~1 s for a 65k vocabulary: once per tokenizer.
 _LL_TOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
@@ -64,11 +69,6 @@ def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
         )
         _LL_TOKENIZERS[tokenizer] = ll
     return ll
-
-
-def reserve(budget: int) -> int:
-    """How many of a sample's last tokens are spent closing what it opened."""
-    return max(MIN_RESERVE, budget // 4)
 
 
 def json_grammar(schema_or_kind: str | dict[str, Any]) -> str:
@@ -115,7 +115,7 @@ def compile_spec(
 
     Raises GrammarError with llguidance's message when the grammar does not compile (checked
     against `tokenizer`'s vocabulary when given). `budget`: the most tokens the sample may
-    generate, which turns on the closing reserve (module docstring)."""
+    generate, which turns on the closing path (module docstring)."""
     if isinstance(schema_or_kind, dict) or schema_or_kind == "json_object":
         grammar = json_grammar(schema_or_kind)
     elif isinstance(schema_or_kind, str):
@@ -144,31 +144,40 @@ class Constraint:
         self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar)
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
-        self.closing_at = None if budget is None else max(0, budget - reserve(budget))
+        self.budget = budget
         self.consumed = 0
+        self.closing = False
+        self.estimate: int | None = None  # tokens the closing path took when last measured
+        self.estimated_at = 0
         self.words = torch.zeros((self.vocab + 31) // 32, dtype=torch.int32)
-        self.tiers = _closing_tiers(tokenizer)
+        self.closer = _closer(tokenizer)
 
     def mask(self, logits_row: torch.Tensor) -> None:
         """Set the logits of every token the grammar does not allow next to -inf, in place."""
         self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
         allowed = _unpack(self.words, self.vocab)
-        if self.closing_at is not None and self.consumed >= self.closing_at:
-            allowed = self._closing(allowed)
+        if self._must_close():
+            allowed = self.closer.narrow(allowed)
         keep = torch.zeros(logits_row.shape[-1], dtype=torch.bool)
         keep[: self.vocab] = allowed
         logits_row.masked_fill_(~keep.to(logits_row.device, non_blocking=True), float("-inf"))
 
-    def _closing(self, allowed: torch.Tensor) -> torch.Tensor:
-        """Of the allowed tokens, those of the first tier that has any (module docstring)."""
-        in_string = bool(allowed[self.tiers.quote].all() and allowed[self.tiers.letter].all())
-        for tier in self.tiers.order(in_string):
-            picked = tier[allowed[tier]]
-            if picked.numel():
-                narrowed = torch.zeros_like(allowed)
-                narrowed[picked] = True
-                return narrowed
-        return allowed
+    def _must_close(self) -> bool:
+        """Whether what is left of the budget is only just enough for the closing path: measured
+        every RECHECK tokens, and at every token once the budget is within RECHECK of the measure."""
+        if self.closing or self.budget is None:
+            return self.closing
+        remaining = self.budget - self.consumed
+        near = self.estimate is not None and remaining <= self._hand(self.estimate) + RECHECK
+        if self.estimate is None or near or self.consumed - self.estimated_at >= RECHECK:
+            self.estimate = self.closer.cost(self.matcher, limit=remaining + 1)
+            self.estimated_at = self.consumed
+        self.closing = remaining <= self._hand(self.estimate)
+        return self.closing
+
+    @staticmethod
+    def _hand(estimate: int) -> int:
+        return estimate + SLACK + estimate // 2
 
     def advance(self, token: int) -> None:
         """Take the token the row chose (a token the mask did not allow puts the matcher in error,
@@ -185,29 +194,58 @@ class Constraint:
         return self.matcher.get_error() if self.matcher.is_error() else None
 
 
-class _Tiers:
-    def __init__(self, end: int, quote: int, letter: int, closers: list[int], comma: int, zero: int):
-        ids = (end, quote, letter, comma, zero)
-        self.end, self.quote, self.letter, self.comma, self.zero = (torch.tensor([t]) for t in ids)
-        self.closers = torch.tensor(closers)
+class _Closer:
+    """The fastest way out of a document: which allowed tokens close it soonest, and how many
+    tokens that takes from a matcher's state."""
 
-    def order(self, in_string: bool) -> list[torch.Tensor]:
-        if in_string:
-            return [self.end, self.quote]
-        return [self.end, self.closers, self.quote, self.comma, self.zero]
+    def __init__(self, tokenizer: Tokenizer):
+        # Every single byte is a rank of a byte-level BPE, so these ids always exist.
+        byte = tokenizer.encoding._mergeable_ranks
+        self.vocab = tokenizer.vocab_size
+        self.end = tokenizer.encode_special(END_TOKEN)
+        self.quote, self.letter = byte[b'"'], byte[b"a"]
+        ids = [[self.end], [byte[b"}"], byte[b"]"]], [self.quote], [byte[b","]], [byte[b"0"]]]
+        self.outside = [torch.tensor(t) for t in ids]
+        self.in_string = self.outside[:1] + [torch.tensor([self.quote])]
+        self.lengths = torch.tensor(tokenizer.token_bytes())
+
+    def narrow(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Of the allowed tokens, the first tier that has any (module docstring), else the shortest."""
+        in_string = bool(allowed[self.quote] and allowed[self.letter])
+        for tier in self.in_string if in_string else self.outside:
+            picked = tier[allowed[tier]]
+            if picked.numel():
+                narrowed = torch.zeros_like(allowed)
+                narrowed[picked] = True
+                return narrowed
+        # The shortest: a longer token may end inside a UTF-8 character, where no quote can follow.
+        lengths = torch.where(allowed & (self.lengths > 0), self.lengths, 1 << 30)
+        shortest = allowed & (lengths == lengths.min())
+        return shortest if shortest.any() else allowed
+
+    def cost(self, matcher: llguidance.LLMatcher, limit: int) -> int:
+        """Tokens the closing path takes from `matcher`'s state (at most `limit`)."""
+        walk = matcher.deep_copy()
+        words = torch.zeros((self.vocab + 31) // 32, dtype=torch.int32)
+        for n in range(limit):
+            if walk.is_stopped() or walk.is_error():
+                return n
+            walk.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+            allowed = _unpack(words, self.vocab)
+            if allowed[self.end]:
+                return n + 1
+            walk.consume_token(int(self.narrow(allowed).nonzero()[0]))
+        return limit
 
 
-def _closing_tiers(tokenizer: Tokenizer) -> _Tiers:
-    # Every single byte is a rank of a byte-level BPE, so these ids always exist.
-    byte = tokenizer.encoding._mergeable_ranks
-    return _Tiers(
-        end=tokenizer.encode_special(END_TOKEN),
-        quote=byte[b'"'],
-        letter=byte[b"a"],
-        closers=[byte[b"}"], byte[b"]"]],
-        comma=byte[b","],
-        zero=byte[b"0"],
-    )
+_CLOSERS: weakref.WeakKeyDictionary[Tokenizer, _Closer] = weakref.WeakKeyDictionary()
+
+
+def _closer(tokenizer: Tokenizer) -> _Closer:
+    closer = _CLOSERS.get(tokenizer)
+    if closer is None:
+        closer = _CLOSERS[tokenizer] = _Closer(tokenizer)
+    return closer
 
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)

@@ -13,6 +13,12 @@ Chat rendering (`render_conversation`) returns token ids and a loss mask (1 = tr
 `<|bos|>`, then alternating user/assistant turns; only the assistant's own text and python code
 (and its `<|assistant_end|>`) carry mask 1, tool output is forced by the engine and carries 0.
 
+Function tools (docs/tools.md) reuse the calculator's tokens: a conversation may carry `tools`
+(`{"name", "description", "parameters"}` each), listed as JSON lines ahead of the first user
+message; a call is a `python` part holding `{"name": ..., "arguments": {...}}` and a `role: "tool"`
+message is the call's result, a `python_output` part of the same assistant turn, which goes on
+after it (so the model learns to call with mask 1 and never trains on what a tool said).
+
 Quick check: `python -m nanochat.tokenizer` trains a small tokenizer on this file and round-trips it.
 """
 
@@ -211,6 +217,9 @@ class Tokenizer:
 
         sp = self.encoding._special_tokens
         add(self.bos_token_id, 0)
+        tools = conversation.get("tools") if isinstance(conversation, dict) else None
+        if tools:
+            messages[0] = {**messages[0], "content": render_tools(tools) + messages[0]["content"]}
         for message in messages:
             if message["role"] == "user":
                 add(sp["<|user_start|>"], 0)
@@ -238,13 +247,42 @@ class Tokenizer:
     def render_for_completion(self, conversation: dict[str, Any] | list[dict[str, Any]]) -> list[int]:
         """Ids that prime the model to answer: the conversation without its last assistant turn,
         then `<|assistant_start|>`. Not truncated: the caller checks the context length."""
+        raw = conversation.get("messages") if isinstance(conversation, dict) else conversation
+        # After a tool's result the assistant's turn is still open: the model goes on from there.
+        open_turn = isinstance(raw, list) and bool(raw) and isinstance(raw[-1], dict) and raw[-1].get("role") == "tool"
         messages = _normalise_messages(conversation)
-        if messages[-1]["role"] == "assistant":
+        if messages[-1]["role"] == "assistant" and not open_turn:
             messages = messages[:-1]
         if not messages:
             raise ConversationError("nothing to complete: the conversation has no user message")
-        ids, _ = self.render_conversation({"messages": messages}, max_tokens=None)
+        tools = conversation.get("tools") if isinstance(conversation, dict) else None
+        ids, _ = self.render_conversation({"messages": messages, "tools": tools}, max_tokens=None)
+        if open_turn:
+            return ids[:-1]  # without the turn's <|assistant_end|>
         return ids + [self.encode_special("<|assistant_start|>")]
+
+
+TOOLS_HEADER = 'Tools you can call, one JSON line each; call one as {"name": ..., "arguments": {...}}:\n'
+
+
+def render_tools(tools: list[dict[str, Any]]) -> str:
+    """The text that lists function tools ahead of the first user message."""
+    lines = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise ConversationError(f"tool {i} must be an object with a string 'name'")
+        spec = {
+            "name": tool["name"],
+            "description": tool.get("description") or "",
+            "parameters": tool.get("parameters"),
+        }
+        lines.append(json.dumps(spec, ensure_ascii=False) + "\n")
+    return TOOLS_HEADER + "".join(lines) + "\n"
+
+
+def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
+    """A tool call as the model writes it between <|python_start|> and <|python_end|>."""
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
 
 
 def _normalise_messages(conversation: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -255,9 +293,9 @@ def _normalise_messages(conversation: dict[str, Any] | list[dict[str, Any]]) -> 
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ConversationError(f"message {i} must be an object with 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
+        if m["role"] not in ("system", "user", "assistant", "tool"):
             raise ConversationError(f"message {i} has unknown role {m['role']!r}")
-    messages = [dict(m) for m in messages]
+    messages = _fold_tool_results([dict(m) for m in messages])
     if messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ConversationError("a system message must be followed by a user message")
@@ -275,6 +313,26 @@ def _normalise_messages(conversation: dict[str, Any] | list[dict[str, Any]]) -> 
         if m["role"] == "user" and not isinstance(m["content"], str):
             raise ConversationError(f"message {i}: user content must be a string")
     return messages
+
+
+def _fold_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each `tool` message becomes a python_output part of the assistant turn before it, and an
+    assistant message after a tool result continues that same turn."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        after_tool = i > 0 and messages[i - 1]["role"] == "tool"
+        if m["role"] == "tool":
+            if not out or out[-1]["role"] != "assistant":
+                raise ConversationError(f"message {i}: a tool message must follow an assistant message")
+            if not isinstance(m["content"], str):
+                raise ConversationError(f"message {i}: tool content must be a string")
+            parts = _assistant_parts(out[-1]["content"]) + [{"type": "python_output", "text": m["content"]}]
+            out[-1] = {"role": "assistant", "content": parts}
+        elif m["role"] == "assistant" and after_tool:
+            out[-1] = {"role": "assistant", "content": out[-1]["content"] + _assistant_parts(m["content"])}
+        else:
+            out.append(m)
+    return out
 
 
 def _assistant_parts(content: str | list[dict[str, Any]]) -> list[dict[str, str]]:

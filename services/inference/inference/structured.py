@@ -1,0 +1,241 @@
+"""Structured output and function tools on chat completions (docs/tools.md).
+
+A request's `response_format`, `tools` and `tool_choice` become a `Plan`: which functions the
+prompt lists (and which tool-call parts are read back as calls), the grammar the samples follow
+(`nanochat.grammar`), and whether a sample stops at the end of its first call. `response_format`
+`json_object` / `json_schema` and `tool_choice` `required` / a named function are constrained
+decoding; `auto` lets the model choose between text and a call, and its call is read back if it
+names a listed function with a JSON object of arguments; `none` lists no tools at all, so the
+calculator works as without tools. A `json_schema` is followed whether or not it says `strict`
+(an answer always adheres). At most one call per turn: `parallel_tool_calls` is accepted either
+way, since one call satisfies both.
+
+What the model wrote comes back as OpenAI's `tool_calls` (`call_...` ids, the function's name,
+its arguments as a JSON string, finish_reason "tool_calls"): whole in a message, or in a stream
+as one delta with the id and name and one with the arguments, which the SDKs assemble.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nanochat.grammar import GrammarError, compile_spec, tool_call_grammar
+from nanochat.tokenizer import Tokenizer, tool_call_text
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from service_kit.errors import APIError
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JsonSchemaFormat(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema is required with type json_schema, and only then")
+        return self
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # parameters are always followed when a call is constrained
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+@dataclass(frozen=True)
+class Plan:
+    functions: list[FunctionDef] = field(default_factory=list)  # listed in the prompt, read back as calls
+    grammar: str | dict[str, Any] | None = None  # what nanochat.grammar.compile_spec takes
+    grammar_param: str | None = None  # the request field a grammar error is blamed on
+    stop_at_call: bool = False
+
+    @property
+    def calls(self) -> bool:
+        return bool(self.functions)
+
+
+def plan(response_format: ResponseFormat | None, tools: list[Tool] | None, tool_choice: ToolChoice | None) -> Plan:
+    """What the request asks for; a 400 for a combination that cannot be met."""
+    if tool_choice is not None and not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+    functions = [t.function for t in tools or []]
+    names = [f.name for f in functions]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools must have distinct function names", param="tools", code="invalid_value")
+    choice = tool_choice or ("auto" if tools else "none")
+    if choice == "none":
+        functions = []
+    json_format = response_format is not None and response_format.type != "text"
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if json_format and forced:
+        raise APIError(
+            400,
+            "response_format asks for a JSON answer but tool_choice for a tool call; a turn can be only one",
+            param="tool_choice",
+            code="invalid_value",
+        )
+    if json_format:
+        fmt = response_format.json_schema
+        schema = "json_object" if fmt is None or fmt.json_schema is None else fmt.json_schema
+        return Plan(functions, schema, "response_format")
+    if isinstance(choice, NamedToolChoice):
+        chosen = [f for f in functions if f.name == choice.function.name]
+        if not chosen:
+            raise APIError(
+                400,
+                f"tool_choice names {choice.function.name!r}, which is not among the tools ({', '.join(names)})",
+                param="tool_choice",
+                code="invalid_value",
+            )
+        return Plan(functions, tool_call_grammar([(f.name, f.parameters) for f in chosen]), "tools")
+    if choice == "required":
+        return Plan(functions, tool_call_grammar([(f.name, f.parameters) for f in functions]), "tools")
+    return Plan(functions, stop_at_call=bool(functions))
+
+
+def grammar_spec(p: Plan, tokenizer: Tokenizer, budget: int) -> str | None:
+    """The compiled spec for SamplingParams.grammar; a 400 naming the problem when it cannot compile."""
+    if p.grammar is None:
+        return None
+    try:
+        return compile_spec(p.grammar, tokenizer, budget=max(1, budget))
+    except GrammarError as e:
+        raise APIError(
+            400, f"the schema cannot be compiled: {e}", param=p.grammar_param, code="invalid_schema"
+        ) from None
+
+
+def message_content(role: str, content: str | list[dict[str, str]], tool_calls: list[ToolCall] | None, index: int):
+    """A message's content as the tokenizer's renderer takes it: an assistant's calls become
+    python parts after its text."""
+    if role != "assistant" or not tool_calls:
+        return content
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) and content else list(content or [])
+    for j, call in enumerate(tool_calls):
+        try:
+            arguments = json.loads(call.function.arguments)
+        except ValueError:
+            raise APIError(
+                400,
+                f"tool call arguments must be a JSON string: {call.function.arguments!r}",
+                param=f"messages.{index}.tool_calls.{j}.function.arguments",
+                code="invalid_value",
+            ) from None
+        parts.append({"type": "python", "text": tool_call_text(call.function.name, arguments)})
+    return parts
+
+
+def tools_for_prompt(p: Plan) -> list[dict[str, Any]] | None:
+    return [f.model_dump(include={"name", "description", "parameters"}) for f in p.functions] or None
+
+
+def parse_call(text: str, p: Plan) -> FunctionCall | None:
+    """A python part as a call of one of the plan's functions, or None (then it stays a part)."""
+    if not p.calls:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("arguments"), dict):
+        return None
+    if value.get("name") not in {f.name for f in p.functions}:
+        return None
+    return FunctionCall(name=value["name"], arguments=json.dumps(value["arguments"], ensure_ascii=False))
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def answer(parts: list[tuple[str, str]], p: Plan, finish_reason: str | None):
+    """(content, tool_calls, finish_reason) of a whole choice from its merged parts."""
+    found = (parse_call(text, p) for kind, text in parts if kind == "python")
+    calls = [ToolCall(id=new_call_id(), function=c) for c in found if c is not None]
+    content = "".join(text for kind, text in parts if kind == "text")
+    if calls:
+        return content or None, calls, "tool_calls"
+    return content, None, finish_reason
+
+
+class ToolDeltas:
+    """A stream's tool calls, per choice: the deltas a call part becomes, and the finish reason."""
+
+    def __init__(self, p: Plan):
+        self.plan = p
+        self.count: dict[int, int] = {}
+
+    def deltas(self, choice: int, kind: str, text: str) -> list[dict[str, Any]] | None:
+        call = parse_call(text, self.plan) if kind == "python" else None
+        if call is None:
+            return None
+        index = self.count.get(choice, 0)
+        self.count[choice] = index + 1
+        head = {
+            "index": index,
+            "id": new_call_id(),
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
+        return [{"tool_calls": [head]}, {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}]
+
+    def finish_reason(self, choice: int, reason: str | None) -> str | None:
+        return "tool_calls" if reason is not None and self.count.get(choice) else reason
+
+
+def conversation(messages: list[Any], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The request's messages (schemas.ChatMessage) and listed tools as the tokenizer's renderer
+    takes them. An assistant message's `nanochat_parts` already hold its calls as python parts."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.role == "assistant" and m.tool_calls and not m.nanochat_parts:
+            content = "" if m.content is None else m.rendered_content()
+            out.append({"role": "assistant", "content": message_content("assistant", content, m.tool_calls, i)})
+        else:
+            out.append({"role": m.role, "content": m.rendered_content()})
+    return {"messages": out, "tools": tools}

@@ -1,0 +1,185 @@
+"""response_format and tools through the official `openai` SDK against a real server over a
+random-weight model (the worst case for a grammar: it wants nothing in particular)."""
+
+import json
+
+import openai
+import pytest
+from conftest import random_model, start_server
+from nanochat.checkpoint import save_checkpoint
+from pydantic import BaseModel
+
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    tags: list[str]
+    ok: bool
+
+
+class Lookup(BaseModel):
+    city: str
+    days: int
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "the forecast",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "clock",
+        "strict": True,
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tok):
+    folder = save_checkpoint(
+        tmp_path_factory.mktemp("long") / "ckpt", random_model(tok, 5, sequence_len=1024), tok, meta={"stage": "sft"}
+    )
+    s = start_server(model_dir=folder, slots=16, max_waiting=64)
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_sdk_parse_returns_a_valid_object_for_all_50_samples(client):
+    parsed = []
+    for seed in range(5):
+        result = client.beta.chat.completions.parse(
+            model=None, messages=ASK, response_format=Person, n=10, max_tokens=96, seed=seed
+        )
+        for choice in result.choices:
+            assert choice.finish_reason == "stop", choice.message.content
+            assert isinstance(choice.message.parsed, Person)
+            parsed.append(choice.message.parsed)
+    assert len(parsed) == 50
+    assert len({p.model_dump_json() for p in parsed}) > 40  # sampled, not one forced answer
+
+
+def test_json_object_streamed_and_not(client):
+    kw = dict(model="nanochat", messages=ASK, max_tokens=64, response_format={"type": "json_object"}, n=4)
+    whole = client.chat.completions.create(**kw, seed=1)
+    for choice in whole.choices:
+        assert choice.finish_reason == "stop"
+        assert isinstance(json.loads(choice.message.content), dict)
+    texts = {}
+    finishes = {}
+    for chunk in client.chat.completions.create(**kw, seed=2, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert finishes == {i: "stop" for i in range(4)}
+    assert all(isinstance(json.loads(t), dict) for t in texts.values())
+
+
+def test_same_seed_same_json_whether_streamed_or_not(client):
+    kw = dict(messages=ASK, max_tokens=64, response_format={"type": "json_object"}, seed=7)
+    whole = client.chat.completions.create(model="nanochat", **kw).choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="nanochat", stream=True, **kw)
+        if c.choices
+    )
+    assert streamed == whole
+
+
+@pytest.mark.parametrize(("schema", "needle"), [({"type": "strin"}, "strin"), ({"$ref": "#/$defs/Missing"}, "Missing")])
+def test_an_uncompilable_schema_is_a_400_naming_the_problem(client, schema, needle):
+    fmt = {"type": "json_schema", "json_schema": {"name": "broken", "schema": schema, "strict": True}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="nanochat", messages=ASK, response_format=fmt)
+    assert needle in e.value.body["message"] and e.value.body["param"] == "response_format"
+
+
+def test_required_tool_call_whole_and_streamed(client):
+    kw = dict(model="nanochat", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=80, n=3)
+    whole = client.chat.completions.create(**kw, seed=3)
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.id.startswith("call_") and call.type == "function"
+        arguments = json.loads(call.function.arguments)
+        if call.function.name == "weather":
+            assert set(arguments) == {"city", "days"} and isinstance(arguments["days"], int)
+        else:
+            assert call.function.name == "clock" and isinstance(arguments, dict)
+    with client.beta.chat.completions.stream(**{**kw, "n": 1}, seed=4) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name in ("weather", "clock")
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_named_function_is_constrained_to_its_schema_and_parsed_by_the_sdk(client):
+    tool = openai.pydantic_function_tool(Lookup, name="lookup")
+    choice = {"type": "function", "function": {"name": "lookup"}}
+    for stream in (False, True):
+        kw = dict(model="nanochat", messages=ASK, tools=[tool, TIME], tool_choice=choice, max_tokens=80, seed=5)
+        if stream:
+            with client.beta.chat.completions.stream(**kw) as s:
+                result = s.get_final_completion()
+        else:
+            result = client.beta.chat.completions.parse(**kw)
+        (call,) = result.choices[0].message.tool_calls
+        assert call.function.name == "lookup"
+        assert isinstance(call.function.parsed_arguments, Lookup)
+
+
+def test_tool_results_render_back_into_the_prompt(client):
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "weather", "arguments": '{"city": "Oslo", "days": 2}'},
+    }
+    turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with_result = [*turn, {"role": "tool", "tool_call_id": "call_1", "content": "rain, 4 C"}]
+    kw = dict(model="nanochat", tools=[WEATHER], max_tokens=4, temperature=0)
+    short = client.chat.completions.create(messages=turn + [{"role": "user", "content": "ok"}], **kw)
+    long = client.chat.completions.create(messages=with_result, **kw)
+    assert long.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # The call and its result are both in the prompt, inside the assistant's open turn.
+    assert long.usage.prompt_tokens > short.usage.prompt_tokens - 10
+    listed = client.chat.completions.create(messages=ASK, **kw).usage.prompt_tokens
+    bare = client.chat.completions.create(messages=ASK, model="nanochat", max_tokens=4).usage.prompt_tokens
+    assert listed > bare + 20  # the tools are listed ahead of the user's message
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
+    ],
+)
+def test_bad_tool_requests_are_400s(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="nanochat", messages=ASK, max_tokens=4, **extra)
+    assert (e.value.body["param"] or "").startswith(param.split(".")[0]), e.value.body
