@@ -90,6 +90,7 @@ def test_doctor_reports_every_part_and_fails_when_a_required_one_is_down(setting
             "trainer-api",
             "inference",
             "webui",
+            "sandbox",
         ]
         assert {p: checks[p]["status"] for p in checks} == {
             "engine": "up",
@@ -100,6 +101,7 @@ def test_doctor_reports_every_part_and_fails_when_a_required_one_is_down(setting
             "trainer-api": "up",
             "inference": "down",
             "webui": "down",
+            "sandbox": "up",
         }
         assert {p for p in checks if checks[p]["required"]} == {
             "engine",
@@ -111,6 +113,7 @@ def test_doctor_reports_every_part_and_fails_when_a_required_one_is_down(setting
         assert f"Docker {ENGINE_VERSION} (API 1.47" in checks["engine"]["detail"]
         assert checks["redis"]["detail"].startswith(f"{settings.redis_url}: redis ")
         assert engine.calls("GET", "/version")
+        assert checks["sandbox"]["detail"].startswith("bubblewrap ") and "isolates" in checks["sandbox"]["detail"]
 
         # A required part down (Redis at a dead port, inference required too): exit 1, named in the table.
         dead_redis = f"redis://127.0.0.1:{free_port()}/0"
@@ -139,3 +142,18 @@ def test_database_check_postgres_sqlite_and_missing(postgres_server, tmp_path):
     dead = url.replace(f":{postgres_server.port}/", f":{free_port()}/")
     with pytest.raises(Down, match="OperationalError"):
         check_database(dead)
+
+
+def test_doctor_says_when_humaneval_cannot_be_sandboxed(settings):
+    """No bubblewrap (as in a container that refuses its namespaces): the sandbox is down with
+    what to do, not required by default, and `--require sandbox` makes the doctor fail."""
+    env = {**settings_env(settings), "NANOCHAT_BWRAP": "/nonexistent/bwrap"}
+    r = doctor(env, "--json")
+    sandbox = next(c for c in json.loads(r.stdout)["checks"] if c["part"] == "sandbox")
+    assert sandbox["status"] == "down" and not sandbox["required"]
+    assert "allow_unsandboxed" in sandbox["detail"] and "/nonexistent/bwrap" in sandbox["detail"]
+    required = doctor(env, "--require", "sandbox")
+    assert required.returncode == 1
+    assert [line.split()[1:3] for line in required.stdout.splitlines() if line.startswith("sandbox")] == [
+        ["yes", "down"]
+    ]

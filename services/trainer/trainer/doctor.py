@@ -3,8 +3,9 @@
 Checks, side by side (each bounded by a few seconds): the Docker engine (its version), the GPUs
 (nvidia-smi when present, else torch.cuda when importable), the registry, trainer API, inference
 and web UI (`GET /health` at the URLs in TRAINER_* settings), Redis (PING) and the trainer's
-database (SELECT 1; a SQLite file is opened read-only, never created). Prints a table, or JSON
-with --json. Exit status 1 when a required part is not up: the database, Redis, the registry and
+database (SELECT 1; a SQLite file is opened read-only, never created), and the sandbox HumanEval
+runs model-written code in (bubblewrap making its namespaces here: a container without the
+security options compose gives the worker cannot). Prints a table, or JSON with --json. Exit status 1 when a required part is not up: the database, Redis, the registry and
 the trainer API always, the engine with TRAINER_EXECUTOR=docker, and whatever --require names.
 """
 
@@ -28,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from trainer.settings import Settings
 
 TIMEOUT_S = 3.0
-PARTS = ("engine", "gpus", "database", "redis", "registry", "trainer-api", "inference", "webui")
+PARTS = ("engine", "gpus", "database", "redis", "registry", "trainer-api", "inference", "webui", "sandbox")
 
 
 @dataclass
@@ -94,6 +95,16 @@ def check_http(base_url: str) -> str:
     if r.status_code != 200:
         raise Down(f"{url}: HTTP {r.status_code}")
     return f"{url}: HTTP 200"
+
+
+def check_sandbox() -> str:
+    """Whether chat_eval's HumanEval can run its programs isolated (it refuses otherwise)."""
+    from nanochat.sandbox import bwrap_path, isolation_problem
+
+    problem = isolation_problem()
+    if problem is not None:
+        raise Down(problem)
+    return f"bubblewrap ({bwrap_path()}) isolates HumanEval's programs"
 
 
 def check_redis(url: str) -> str:
@@ -165,6 +176,7 @@ def run_checks(settings: Settings, require: list[str] | tuple[str, ...] = ()) ->
         "trainer-api": lambda: check_http(api_url),
         "inference": lambda: check_http(settings.inference_url),
         "webui": lambda: check_http(settings.webui_url),
+        "sandbox": check_sandbox,
     }
     with ThreadPoolExecutor(len(probes)) as pool:
         futures = [pool.submit(_run, part, part in required, probes[part]) for part in PARTS]
