@@ -218,6 +218,16 @@ def token_logprobs(logits: torch.Tensor | None, asked: list[tuple[int, int]]) ->
     return [(c, tuple(zip(top_ids[i][:ki], values[i][:ki]))) for i, (c, (_, ki)) in enumerate(zip(chosen, asked))]
 
 
+def check_params(params: SamplingParams, vocab_size: int) -> SamplingParams:
+    """`params`, or a clear error when they name a token a model of `vocab_size` ids does not have
+    (caught at submit: inside a decode step the bad index would fail every row of the batch)."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+    if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
+        raise ValueError(f"logit_bias names token {params.logit_bias[-1][0]}; token ids lie in [0, {vocab_size})")
+    return params
+
+
 def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int) -> list[int]:
     """The prompt as a list of ids; a clear error when a model of `vocab_size` ids cannot generate
     from it in a cache of `max_len` positions (usable where only the model's shape is known)."""

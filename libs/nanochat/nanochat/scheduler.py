@@ -46,7 +46,16 @@ from typing import NamedTuple
 
 import torch
 
-from nanochat.engine import PREFILL_CHUNK, DecodeBatch, Engine, Row, SamplingParams, TopLogprobs, row_seed
+from nanochat.engine import (
+    PREFILL_CHUNK,
+    DecodeBatch,
+    Engine,
+    Row,
+    SamplingParams,
+    TopLogprobs,
+    check_params,
+    row_seed,
+)
 from nanochat.prefix_cache import BLOCK_SIZE, PrefixCache
 
 log = logging.getLogger("nanochat.scheduler")
@@ -158,6 +167,7 @@ class Scheduler:
     ) -> Handle:
         """Queue a request; raises ValueError for a bad one and QueueFull when the queue is full."""
         prompt = self.engine.check_prompt(prompt, self.max_len)
+        check_params(params, self.engine.model.config.vocab_size)
         if not isinstance(n, int) or not 1 <= n <= self.slots:
             raise ValueError(f"n must be an integer in [1, {self.slots}] (the cache's slots), got {n!r}")
         handle = Handle(

@@ -186,6 +186,14 @@ def test_a_grammar_row_samples_what_its_constraint_allows_and_stops_when_complet
     assert len(plain) == 20  # the unconstrained row beside it was not stopped
 
 
+def test_a_bias_on_a_token_the_model_lacks_is_refused_at_submit(engine):
+    scheduler = Scheduler(engine, slots=2)
+    vocab = engine.model.config.vocab_size
+    with pytest.raises(ValueError, match="logit_bias names token"):
+        scheduler.submit(prompt(engine, "fox"), SamplingParams(logit_bias={vocab: 1}), lambda events: None)
+    assert scheduler.idle()
+
+
 def test_bad_sampling_extras_are_refused():
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)

@@ -39,7 +39,7 @@ from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from nanochat.engine import SamplingParams, check_prompt
+from nanochat.engine import SamplingParams, check_params, check_prompt
 from nanochat.scheduler import Event, QueueFull, Stats
 
 log = logging.getLogger("inference.model_process")
@@ -268,6 +268,7 @@ class ModelProcess:
     ) -> RemoteHandle:
         """Queue a request; raises ValueError for a bad one and QueueFull when the queue is full."""
         prompt = check_prompt(prompt, self.shape.vocab_size, self.max_len)
+        check_params(params, self.shape.vocab_size)
         if not isinstance(n, int) or not 1 <= n <= self.slots:
             raise ValueError(f"n must be an integer in [1, {self.slots}] (the cache's slots), got {n!r}")
         stop_ids = frozenset(int(t) for t in stop_token_ids)
