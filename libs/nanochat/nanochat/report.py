@@ -267,6 +267,11 @@ def deviations(lineage: Lineage) -> list[str]:
             "SFT mixture: the identity conversations were added (`identity_in_mixture`); the original's "
             "is ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk conversations."
         )
+    if sft_options.get("tool_use_in_mixture"):
+        found.append(
+            f"SFT mixture: {sft_options['tool_use_in_mixture']} synthetic tool-use conversations were added "
+            "(`tool_use_in_mixture`, docs/tools.md); the original's has none."
+        )
     return found
 
 

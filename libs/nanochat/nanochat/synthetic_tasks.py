@@ -429,3 +429,87 @@ def write_identity(folder: Path, options: MakeDataOptions, seed: int) -> dict[st
     _write_jsonl(folder / "tasks" / "identity" / "train.jsonl", train)
     _write_jsonl(folder / "tasks" / "identity" / "test.jsonl", test)
     return {"identity/train": len(train), "identity/test": len(test)}
+
+
+# ---- tool use (docs/tools.md): function tools listed in the prompt, a call, its result, an answer --
+
+CITIES = ["Oslo", "Lima", "Cairo", "Osaka", "Quito", "Perth", "Dakar", "Riga"]
+SKIES = ["sunny", "cloudy", "rainy", "windy", "snowy"]
+TOOL_FUNCTIONS = [
+    {
+        "name": "get_weather",
+        "description": "The weather in a city today.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "convert_length",
+        "description": "Convert a length between metres and feet.",
+        "parameters": {
+            "type": "object",
+            "properties": {"value": {"type": "number"}, "to": {"type": "string", "enum": ["m", "ft"]}},
+            "required": ["value", "to"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "count_items",
+        "description": "How many of an item a person has.",
+        "parameters": {
+            "type": "object",
+            "properties": {"person": {"type": "string"}, "item": {"type": "string"}},
+            "required": ["person", "item"],
+            "additionalProperties": False,
+        },
+    },
+]
+
+
+def _tool_call(rng: random.Random) -> tuple[str, str, dict, str, str]:
+    """(function, question, arguments, the tool's JSON result, the final answer)."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        city, sky, temp = rng.choice(CITIES), rng.choice(SKIES), rng.randint(-10, 35)
+        result = {"city": city, "sky": sky, "celsius": temp}
+        answer = f"In {city} it is {sky} today, {temp} degrees Celsius."
+        return "get_weather", f"What is the weather like in {city}?", {"city": city}, json.dumps(result), answer
+    if kind == 1:
+        value, to = rng.randint(1, 500), rng.choice(["m", "ft"])
+        converted = round(value * 3.28084, 2) if to == "ft" else round(value / 3.28084, 2)
+        unit, other = ("metres", "feet") if to == "ft" else ("feet", "metres")
+        question = f"How many {other} is {value} {unit}?"
+        answer = f"{value} {unit} is about {converted} {other}."
+        return "convert_length", question, {"value": value, "to": to}, json.dumps({"value": converted}), answer
+    person, item, count = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(0, 60)
+    question = f"How many {item} does {person} have?"
+    answer = f"{person} has {count} {item}."
+    return "count_items", question, {"person": person, "item": item}, json.dumps({"count": count}), answer
+
+
+def tool_use_conversation(rng: random.Random) -> dict:
+    """A conversation with function tools: mostly a call, its result and an answer; one in four
+    needs no tool (so a model also learns when not to call). Rendered by the tokenizer as a
+    python part (mask 1), a python_output part (mask 0), then the answer (mask 1)."""
+    tools = rng.sample(TOOL_FUNCTIONS, rng.randint(1, len(TOOL_FUNCTIONS)))
+    if rng.random() < 0.25:
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        messages = [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]
+        return {"tools": tools, "messages": messages}
+    name, question, arguments, result, answer = _tool_call(rng)
+    while name not in {t["name"] for t in tools}:
+        name, question, arguments, result, answer = _tool_call(rng)
+    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    messages = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": [{"type": "python", "text": call}]},
+        {"role": "tool", "content": result},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"tools": tools, "messages": messages}

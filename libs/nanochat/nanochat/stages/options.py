@@ -309,6 +309,12 @@ class ChatSftOptions(TrainOptions):
         False,
         description="Add make_data's identity conversations to the mixture (the original's SFT mixture has none; the report card lists it as a deviation).",
     )
+    tool_use_in_mixture: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Add this many synthetic tool-use conversations (function tools, docs/tools.md) to the mixture; a deviation the report card lists.",
+    )
     eval_metrics_every: int = Field(
         200, ge=-1, description="MMLU and ARC-Easy accuracy (test) every N steps and at the end (-1: only at the end)."
     )

@@ -6,7 +6,8 @@ original's seed-42 order, see `common.read_rows`, so every cap below takes the o
   original's caps, which keep the validation mix in the training mix's proportions).
 - SFT: ARC-Easy train + ARC-Challenge train + GSM8K train + the first 10K of SmolTalk train (the
   original's mixture); `identity=True` adds the identity conversations, a deviation from the
-  original that the report card names; validation on SmolTalk test.
+  original that the report card names; `tool_use=N` adds N synthetic tool-use conversations
+  (`tasks.tooluse`, docs/tools.md), another; validation on SmolTalk test.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nanochat.tasks.customjson import IdentityTask
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
+from nanochat.tasks.tooluse import ToolUse
 
 MID_VAL_MMLU_CAP = 5_200
 MID_VAL_GSM8K_CAP = 420
@@ -39,7 +41,7 @@ def mid_mixture(data_dir: str | Path, split: str = "train") -> TaskMixture:
 
 
 def sft_mixture(
-    data_dir: str | Path, split: str = "train", identity: bool = False, smoltalk_cap: int = 10_000
+    data_dir: str | Path, split: str = "train", identity: bool = False, smoltalk_cap: int = 10_000, tool_use: int = 0
 ) -> TaskMixture:
     if split != "train":
         return TaskMixture([SmolTalk(data_dir, "test")])
@@ -51,4 +53,6 @@ def sft_mixture(
     ]
     if identity:
         tasks.append(IdentityTask(data_dir, "train"))
+    if tool_use:
+        tasks.append(ToolUse(tool_use))
     return TaskMixture(tasks)
