@@ -186,6 +186,21 @@ def test_a_grammar_row_samples_what_its_constraint_allows_and_stops_when_complet
     assert len(plain) == 20  # the unconstrained row beside it was not stopped
 
 
+def test_the_scheduler_passes_on_the_token_that_completes_a_grammar(engine, monkeypatch):
+    fake = types.ModuleType("nanochat.grammar")
+    fake.Constraint = ScriptedConstraint
+    monkeypatch.setitem(sys.modules, "nanochat.grammar", fake)
+    script = engine.tokenizer.encode(" lazy dog")
+    events = []
+    scheduler = Scheduler(engine, slots=2)
+    params = SamplingParams(temperature=0.0, max_tokens=20, grammar=",".join(map(str, script)), logprobs=1)
+    scheduler.submit(prompt(engine, "The"), params, events.extend)
+    while not scheduler.idle():
+        scheduler.iterate()
+    assert [e.token for e in events if e.token is not None] == script
+    assert events[-1].finish_reason == "stop" and all(e.logprob is not None for e in events[:-1])
+
+
 def test_a_bias_on_a_token_the_model_lacks_is_refused_at_submit(engine):
     scheduler = Scheduler(engine, slots=2)
     vocab = engine.model.config.vocab_size
