@@ -32,7 +32,7 @@ from service_kit.app import create_app as create_service_app
 from service_kit.auth import Tokens
 from service_kit.ops import Readiness
 
-from inference.metrics import Metrics
+from inference.metrics import Metrics, PinnedMetrics
 from inference.routes import chat, completions, models, tokenize
 from inference.runs import Runner
 from inference.served import ModelManager
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return served.scheduler.stats() if served is not None else None
 
     metrics = Metrics(stats)
+    metrics.registry.register(PinnedMetrics(manager.pinned))
     # OpenAI answers a request it cannot parse with 400, and so does this server (not 422).
     app = create_service_app(
         "inference",

@@ -6,7 +6,10 @@ one sample, from the model process's own step times), `e2e_request_latency_secon
 cache's `prefix_cache_queries_total` / `prefix_cache_hits_total` (prompt tokens looked up / found).
 Gauges read at scrape time from the served model's scheduler: `num_requests_running` (rows
 decoding), `num_requests_waiting`, `kv_cache_usage_perc` (0 to 1, as vLLM's). Requests by
-endpoint and outcome are the service's own `inference_requests_total`. Each app has its own
+endpoint and outcome are the service's own `inference_requests_total`; the pinned versions'
+pool (`inference.pinned_pool`) is `inference_pinned_models` (loaded), `inference_pinned_loading`,
+`inference_pinned_loads_total{outcome}` and `inference_pinned_evictions_total` (many evictions:
+clients alternate between more versions than INFERENCE_MAX_PINNED holds). Each app has its own
 registry, so several apps (tests) can live in one process; the service kit adds its HTTP
 metrics to it and serves it at /metrics.
 """
@@ -14,10 +17,14 @@ metrics to it and serves it at /metrics.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from nanochat.scheduler import Stats
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from inference.pinned_pool import PinnedPool
 
 PREFIX = "nanochat:"
 LATENCY_BUCKETS = (
@@ -73,6 +80,25 @@ class SchedulerMetrics:
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
+class PinnedMetrics:
+    """The pinned versions' pool, read when Prometheus scrapes."""
+
+    def __init__(self, pool: PinnedPool):
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self.pool
+        yield GaugeMetricFamily("inference_pinned_models", "Pinned versions loaded.", value=len(pool.loaded()))
+        yield GaugeMetricFamily("inference_pinned_loading", "Pinned versions loading.", value=pool.loading())
+        loads = CounterMetricFamily("inference_pinned_loads", "Pinned version loads by outcome.", labels=["outcome"])
+        for outcome, count in dict(pool.loads).items():
+            loads.add_metric([outcome], count)
+        yield loads
+        yield CounterMetricFamily(
+            "inference_pinned_evictions", "Idle pinned models stopped to make room.", value=pool.evictions
+        )
 
 
 class Metrics:

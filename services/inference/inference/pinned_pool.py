@@ -57,11 +57,18 @@ class PinnedPool:
         self._models: dict[int, ServedModel] = {}
         self._loads: dict[int, _Load] = {}
         self._closed = False
+        # Read by /metrics (`inference.metrics.PinnedMetrics`); guarded by the lock.
+        self.evictions = 0
+        self.loads = {"ok": 0, "failed": 0}
 
     def loaded(self) -> list[ServedModel]:
         """The pinned models loaded now, in version order."""
         with self._lock:
             return [self._models[v] for v in sorted(self._models)]
+
+    def loading(self) -> int:
+        with self._lock:
+            return len(self._loads)
 
     def get(self, version: int) -> ServedModel | None:
         with self._lock:
@@ -114,6 +121,7 @@ class PinnedPool:
             )
         victim = min(idle, key=lambda m: m.last_used)
         del self._models[victim.info.version]
+        self.evictions += 1
         log.info("evicting pinned %s (least recently used)", victim.model_id)
         self._stop_later(victim)
 
@@ -124,11 +132,13 @@ class PinnedPool:
             log.warning("loading pinned version %s failed: %s", version, e)
             with self._lock:
                 del self._loads[version]
+                self.loads["failed"] += 1
                 load.future.set_exception(PinnedLoadFailed(f"loading version {version} failed: {e}"))
             return
         with self._lock:
             del self._loads[version]
             closed = self._closed
+            self.loads["ok"] += 1
             if not closed:
                 served.active, served.last_used = load.waiters, time.monotonic()
                 self._models[version] = served

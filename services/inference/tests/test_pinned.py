@@ -170,8 +170,15 @@ def test_the_least_recently_used_idle_pinned_model_is_evicted(registry, tmp_path
         v1, v3 = s.manager.pinned.get(1), s.manager.pinned.get(3)
         assert answer(s, "nanochat:4")[0] == "nanochat:4"
         assert [i for i, _, pinned in ids(s) if pinned] == ["nanochat:1", "nanochat:4"], "v3 was used least recently"
-        wait_for(lambda: not v3.scheduler.alive, what="the evicted model process to stop")
+        wait_for(lambda: not v3.scheduler.alive, timeout=30, what="the evicted model process to stop")
         assert v1.scheduler.alive and s.manager.pinned.get(1) is v1
+        metrics = httpx.get(f"{s.url}/metrics").text
+        for sample in (
+            "inference_pinned_models 2.0",
+            "inference_pinned_evictions_total 1.0",
+            'inference_pinned_loads_total{outcome="ok"} 3.0',
+        ):
+            assert sample in metrics.splitlines(), sample
     finally:
         s.stop()
 
