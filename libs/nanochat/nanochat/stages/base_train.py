@@ -21,15 +21,15 @@ to the same weights an uninterrupted run reaches. meta.json holds the loss and b
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
-from nanochat import optim
 from nanochat.checkpoint import load_optimizer_state
-from nanochat.common import compute_cleanup
+from nanochat.common import Compute
 from nanochat.dataloader import pretrain_loader
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.stages.base_eval import core_metric
-from nanochat.stages.cli import build_meta, log, run_stage
+from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import BaseTrainOptions, plan_horizon
 from nanochat.stages.tok_eval import load_tokenizer_version
@@ -37,42 +37,32 @@ from nanochat.stages.train_loop import (
     ProgressMeter,
     StepTimer,
     TrainingForward,
+    TrainingRun,
+    accumulate_gradients,
     all_reduce_sum,
     base_samples,
     evaluate_bpb,
-    finish_output,
+    final_train_loss,
     load_resumable,
-    loop_state,
     muon_momentum,
     new_model,
+    optimizer_step,
     peak_flops,
-    resumable_due,
-    save_resumable,
-    set_lr,
-    set_momentum,
     setup,
     single_input,
     take,
     token_bytes_tensor,
+    train_optimizers,
     warmdown_lr,
 )
+from nanochat.tokenizer import Tokenizer
 
 
 def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
     tokenizer = load_tokenizer_version(single_input(options, "tokenizer version"))
     compute, ctx = setup(options)
     rank, world = compute.rank, compute.world_size
-    version = options.input_version[0] if options.input_version else None
-
-    config = GPTConfig.from_depth(options.depth, tokenizer.vocab_size, options.max_seq_len)
-    rank_state: dict[str, Any] = {}
-    if options.resume:
-        ckpt, resume_path = load_resumable(options.out, compute)
-        model = ckpt.model
-        if ckpt.config != config:
-            raise ValueError(f"--resume: the checkpoint's config {ckpt.config} differs from these options' {config}")
-    else:
-        model = new_model(config, compute)
+    model, resume_path = initial_model(options, tokenizer, compute)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     horizon = plan_horizon(options, world, num_params, flops_per_token)
     steps, accum = horizon.num_iterations, horizon.grad_accum_steps
@@ -83,16 +73,8 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
         f"{options.total_batch_size:,} tokens (grad accum {accum}), {horizon.total_tokens:,} tokens in all"
     )
 
-    optimizers = model.setup_optimizers(
-        unembedding_lr=options.unembedding_lr,
-        embedding_lr=options.embedding_lr,
-        matrix_lr=options.matrix_lr,
-        weight_decay=options.weight_decay,
-    )
-    if options.resume:
-        rank_state = load_optimizer_state(resume_path, optimizers)
-    start = rank_state.get("step", 0)
-    history: dict[str, list] = rank_state.get("history", {"train_loss": [], "val_bpb": []})
+    optimizers = train_optimizers(model, options)
+    rank_state: dict[str, Any] = load_optimizer_state(resume_path, optimizers) if resume_path else {}
     loader = pretrain_loader(
         tokenizer,
         options.data_dir,
@@ -104,104 +86,132 @@ def base_train(options: BaseTrainOptions, emitter: EventEmitter) -> tuple[list[d
         compute.device,
         state=rank_state.get("loader"),
     )
-    token_bytes = token_bytes_tensor(tokenizer, compute.device)
-    meter = ProgressMeter(steps, flops_per_token, peak_flops(compute.device), world, state=rank_state.get("meter"))
-    grad_clip = options.grad_clip if options.grad_clip > 0 else None
-    eval_steps = max(1, options.eval_tokens // (options.device_batch_size * options.max_seq_len * world))
-    metrics: dict[str, Any] = rank_state.get("metrics", {})
+    run = TrainingRun(
+        "base_train",
+        "base",
+        options,
+        emitter,
+        compute,
+        ctx,
+        model,
+        tokenizer,
+        optimizers,
+        meter=ProgressMeter(steps, flops_per_token, peak_flops(compute.device), world, state=rank_state.get("meter")),
+        loader=loader,
+        history=rank_state.get("history", {"train_loss": [], "val_bpb": []}),
+        metrics=rank_state.get("metrics", {}),
+        start=rank_state.get("step", 0),
+    )
+    evals = BaseEvals(run, steps)
+    forward = TrainingForward(model, options.compile, compute.device)
+    for step in range(run.start, steps + 1):
+        last = step == steps
+        if not run.resumed_at(step):
+            evals.measure(step, last)
+        run.save_if_due(step, last)
+        if last:
+            break
+        train_step(run, forward, step, steps, accum)
 
-    def val_bpb() -> float:
+    metrics = {
+        "steps": steps,
+        "compiled": int(forward.compiled),
+        "num_params": num_params,
+        "tokens": horizon.total_tokens,
+        "train_seconds": round(run.meter.train_seconds, 2),
+        "final_train_loss": final_train_loss(run.history),
+    }
+    extra = {"samples": evals.samples} if evals.samples is not None else {}
+    return run.finish(steps, metrics, **extra), run.metrics
+
+
+def initial_model(options: BaseTrainOptions, tokenizer: Tokenizer, compute: Compute) -> tuple[GPT, Path | None]:
+    """A fresh model of the options' depth, or (`--resume`) the resumable checkpoint's, which must
+    have the same config; with the resumable folder whose optimizer state comes next."""
+    config = GPTConfig.from_depth(options.depth, tokenizer.vocab_size, options.max_seq_len)
+    if not options.resume:
+        return new_model(config, compute), None
+    ckpt, resume_path = load_resumable(options.out, compute)
+    if ckpt.config != config:
+        raise ValueError(f"--resume: the checkpoint's config {ckpt.config} differs from these options' {config}")
+    return ckpt.model, resume_path
+
+
+class BaseEvals:
+    """What base_train measures between steps: val bpb every `--eval-every` steps, CORE every
+    `--core-metric-every`, and (rank 0) the fixed prompts' samples every `--sample-every`; each
+    also at the last step."""
+
+    def __init__(self, run: TrainingRun, steps: int):
+        self.run, self.steps = run, steps
+        options, compute = run.options, run.compute
+        self.token_bytes = token_bytes_tensor(run.tokenizer, compute.device)
+        self.eval_steps = max(
+            1, options.eval_tokens // (options.device_batch_size * options.max_seq_len * compute.world_size)
+        )
+        self.samples: dict[str, Any] | None = None
+
+    def measure(self, step: int, last: bool) -> None:
+        run, options = self.run, self.run.options
+        if last or (options.eval_every > 0 and step % options.eval_every == 0):
+            self.val_bpb(step)
+        if options.core_metric_every > 0 and (last or step % options.core_metric_every == 0) and step > 0:
+            core = core_metric(
+                run.model,
+                run.tokenizer,
+                run.compute,
+                run.ctx,
+                options.data_dir,
+                "eval_bundle",
+                options.core_metric_max_per_task,
+            )
+            run.metrics["core"] = core["core"]
+            run.emitter.eval("core", core["core"], run.version)
+        if run.compute.is_master and (
+            last or (options.sample_every > 0 and step > 0 and step % options.sample_every == 0)
+        ):
+            self.samples = {"step": step, "samples": base_samples(run.model, run.tokenizer)}
+            for sample in self.samples["samples"]:
+                log(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
+
+    def val_bpb(self, step: int) -> None:
+        run, options, compute = self.run, self.run.options, self.run.compute
         val = pretrain_loader(
-            tokenizer,
+            run.tokenizer,
             options.data_dir,
             "val",
             options.device_batch_size,
             options.max_seq_len,
-            rank,
-            world,
+            compute.rank,
+            compute.world_size,
             compute.device,
         )
-        return evaluate_bpb(model, take(val, eval_steps), token_bytes, ctx)
+        bpb = evaluate_bpb(run.model, take(val, self.eval_steps), self.token_bytes, run.ctx)
+        run.metrics.setdefault("val_bpb_step0", bpb)
+        run.record_eval("val_bpb", step, bpb, "val_bpb")
+        run.metrics["min_val_bpb"] = min(bpb, run.metrics.get("min_val_bpb", bpb))
+        log(f"step {step}/{self.steps}: val bpb {bpb:.4f}")
 
-    samples: dict[str, Any] | None = None
-    forward = TrainingForward(model, options.compile, compute.device)
-    for step in range(start, steps + 1):
-        last = step == steps
-        resumed_here = options.resume and step == start
-        if not resumed_here and (last or (options.eval_every > 0 and step % options.eval_every == 0)):
-            bpb = val_bpb()
-            history["val_bpb"].append([step, bpb])
-            metrics.setdefault("val_bpb_step0", bpb)
-            metrics["val_bpb"] = bpb
-            metrics["min_val_bpb"] = min(bpb, metrics.get("min_val_bpb", bpb))
-            emitter.eval("val_bpb", bpb, version)
-            log(f"step {step}/{steps}: val bpb {bpb:.4f}")
-        if (
-            not resumed_here
-            and options.core_metric_every > 0
-            and (last or step % options.core_metric_every == 0)
-            and step > 0
-        ):
-            core = core_metric(
-                model, tokenizer, compute, ctx, options.data_dir, "eval_bundle", options.core_metric_max_per_task
-            )
-            metrics["core"] = core["core"]
-            emitter.eval("core", core["core"], version)
-        if (
-            not resumed_here
-            and compute.is_master
-            and (last or (options.sample_every > 0 and step > 0 and step % options.sample_every == 0))
-        ):
-            samples = {"step": step, "samples": base_samples(model, tokenizer)}
-            for sample in samples["samples"]:
-                log(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
-        if resumable_due(options.save_every, step, start, last):
-            meta = build_meta("base_train", options, "base", step, metrics)
-            state = loop_state(step, loader, meter, history, metrics)
-            save_resumable(options.out, model, tokenizer, meta, optimizers, state, emitter, step)
-        if last:
-            break
 
-        with StepTimer(compute.device) as timer:
-            total_loss = 0.0
-            for x, y in itertools.islice(loader, accum):
-                with ctx:
-                    loss = forward(x, y)
-                (loss / accum).backward()
-                total_loss += loss.item() / accum
-            lr = warmdown_lr(step / steps, options.warmup_ratio, options.warmdown_ratio, options.final_lr_frac)
-            set_lr(optimizers, lr)
-            set_momentum(optimizers, muon_momentum(step))
-            optim.step(optimizers, grad_clip)
-            model.zero_grad(set_to_none=True)
-        loss_avg = all_reduce_sum(total_loss)[0] / world
-        numbers = meter.update(step, loss_avg, options.total_batch_size, timer.seconds)
-        forward.after_step(timer.seconds, steps - step - 1)
-        history["train_loss"].append([step + 1, numbers["loss"]])
-        if step % options.log_every == 0 or step + 1 == steps:
-            emitter.progress(step=step + 1, total=steps, lr=lr, **numbers)
-            log(
-                f"step {step + 1}/{steps} loss {numbers['loss']:.4f} lr {lr:.3f} "
-                f"{numbers['tok_per_s']:,.0f} tok/s eta {numbers['eta_s']:.0f}s"
-            )
-
-    metrics.update(
-        {
-            "steps": steps,
-            "compiled": int(forward.compiled),
-            "num_params": num_params,
-            "tokens": horizon.total_tokens,
-            "train_seconds": round(meter.train_seconds, 2),
-            "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
-        }
-    )
-    meta = build_meta("base_train", options, "base", steps, metrics)
-    meta["history"] = history
-    if samples is not None:
-        meta["samples"] = samples
-    finish_output(options.out, model, tokenizer, meta, compute.is_master)
-    compute_cleanup()
-    return [{"path": str(options.out), "registry_stage": "base"}], metrics
+def train_step(run: TrainingRun, forward: TrainingForward, step: int, steps: int, accum: int) -> None:
+    """One optimizer step over `accum` micro-batches (warm-down LR, Muon momentum ramp, clip),
+    then its numbers: the loss averaged over the ranks, the progress event every `--log-every`."""
+    options, world = run.options, run.compute.world_size
+    with StepTimer(run.compute.device) as timer:
+        total_loss = accumulate_gradients(forward, itertools.islice(run.loader, accum), accum, run.ctx)
+        lr = warmdown_lr(step / steps, options.warmup_ratio, options.warmdown_ratio, options.final_lr_frac)
+        grad_clip = options.grad_clip if options.grad_clip > 0 else None
+        optimizer_step(run.model, run.optimizers, lr, muon_momentum(step), grad_clip)
+    loss_avg = all_reduce_sum(total_loss)[0] / world
+    numbers = run.meter.update(step, loss_avg, options.total_batch_size, timer.seconds)
+    forward.after_step(timer.seconds, steps - step - 1)
+    due = step % options.log_every == 0 or step + 1 == steps
+    run.record_step(step + 1, steps, lr, numbers, emit=due)
+    if due:
+        log(
+            f"step {step + 1}/{steps} loss {numbers['loss']:.4f} lr {lr:.3f} "
+            f"{numbers['tok_per_s']:,.0f} tok/s eta {numbers['eta_s']:.0f}s"
+        )
 
 
 if __name__ == "__main__":

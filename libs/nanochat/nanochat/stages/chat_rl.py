@@ -34,8 +34,6 @@ from typing import Any
 
 import torch
 
-from nanochat import optim
-from nanochat.common import compute_cleanup
 from nanochat.engine import Engine, row_seed
 from nanochat.report import ci95
 from nanochat.stages.cli import build_meta, log, run_stage
@@ -44,13 +42,14 @@ from nanochat.stages.options import ChatRlOptions
 from nanochat.stages.train_loop import (
     ProgressMeter,
     StepTimer,
+    TrainingRun,
     all_reduce_sum,
-    finish_output,
     linear_decay,
     load_model,
+    optimizer_step,
+    resumable_due,
     save_resumable,
     scale_initial_lr,
-    set_lr,
     setup,
     single_input,
 )
@@ -179,8 +178,7 @@ def evaluate_pass_at_k(
 def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[str, str]], dict[str, Any]]:
     folder = single_input(options, "sft checkpoint")
     compute, ctx = setup(options)
-    rank, world = compute.rank, compute.world_size
-    version = options.input_version[0] if options.input_version else None
+    world = compute.world_size
     if options.examples_per_step % world:
         raise ValueError(f"examples_per_step {options.examples_per_step} must be a multiple of the world size {world}")
     ckpt = load_model(folder, compute)
@@ -195,98 +193,112 @@ def chat_rl(options: ChatRlOptions, emitter: EventEmitter) -> tuple[list[dict[st
     )
     if steps < 1:
         raise ValueError(f"{len(train)} GSM8K questions give no step of {options.examples_per_step}")
-    per_rank = options.examples_per_step // world
     optimizers = model.setup_optimizers()
     scale_initial_lr(optimizers, options.init_lr_frac)
     engine = Engine(model, tokenizer)
-    # Padding only: it sits under mask 0, so it is never a target.
-    pad = tokenizer.encode_special("<|assistant_end|>")
-    top_k = options.top_k or None
-    meter = ProgressMeter(steps, None, None, world)
-    history: dict[str, list] = {"train_loss": [], "reward": [], "gsm8k_pass_at_k": []}
-    metrics: dict[str, Any] = {}
+    run = TrainingRun(
+        "chat_rl",
+        "rl",
+        options,
+        emitter,
+        compute,
+        ctx,
+        model,
+        tokenizer,
+        optimizers,
+        meter=ProgressMeter(steps, None, None, world),
+        history={"train_loss": [], "reward": [], "gsm8k_pass_at_k": []},
+    )
     log(f"rl: {steps} steps of {options.examples_per_step} questions x {options.num_samples} samples")
-
-    def evaluate(step: int) -> None:
-        model.eval()
-        passes = evaluate_pass_at_k(engine, test, options, rank, world)
-        metrics.update(passes)
-        scores = [passes[f"gsm8k/pass@{k}"] for k in range(1, options.eval_samples + 1)]
-        history["gsm8k_pass_at_k"].append([step, scores])
-        for name, value in passes.items():
-            emitter.eval(name, value, version)
-        log(
-            f"step {step}: GSM8K "
-            + ", ".join(f"pass@{k} {v:.4f}" for k, v in enumerate(scores, start=1))
-            + f" ({passes['gsm8k/pass@1/items']} questions x {options.eval_samples} samples at T={EVAL_TEMPERATURE})"
-        )
 
     for step in range(steps):
         if options.eval_every > 0 and step % options.eval_every == 0:
-            evaluate(step)
-        if options.save_every > 0 and step % options.save_every == 0 and step > 0:
-            save_resumable(
-                options.out,
-                model,
-                tokenizer,
-                build_meta("chat_rl", options, "rl", step, metrics),
-                optimizers,
-                {"step": step},
-                emitter,
-                step,
-            )
-        with StepTimer(compute.device) as timer:
-            total_loss, rewards_sum, tokens = 0.0, 0.0, 0
-            indices = [(step * options.examples_per_step + rank + k * world) % len(train) for k in range(per_rank)]
-            for index in indices:
-                conversation = train[index]
-                prompt = tokenizer.render_for_completion(conversation)
-                model.eval()
-                seqs, masks = sample_rows(
-                    engine,
-                    prompt,
-                    options.num_samples,
-                    options.device_batch_size,
-                    options.max_new_tokens,
-                    options.temperature,
-                    top_k,
-                    row_seed(row_seed(options.seed, step), index),
-                )
-                rewards = [train.reward(conversation, tokenizer.decode(s[len(prompt) :])) for s in seqs]
-                mean = sum(rewards) / len(rewards)
-                inputs, targets = training_rows(seqs, masks, pad)
-                advantages = torch.tensor([r - mean for r in rewards], dtype=torch.float32)
-                model.train()
-                total_loss += policy_gradient_backward(
-                    model, inputs, targets, advantages, options.device_batch_size, per_rank, compute.device, ctx
-                )
-                rewards_sum += sum(rewards)
-                tokens += sum(len(s) for s in seqs)
-            lr = linear_decay(step, steps)
-            set_lr(optimizers, lr)
-            optim.step(optimizers, None)
-            model.zero_grad(set_to_none=True)
-        loss_all, reward_all, tokens_all = all_reduce_sum(total_loss, rewards_sum, tokens)
-        mean_reward = reward_all / (options.examples_per_step * options.num_samples)
-        numbers = meter.update(step, loss_all / world, int(tokens_all), timer.seconds)
-        history["train_loss"].append([step + 1, numbers["loss"]])
-        history["reward"].append([step + 1, mean_reward])
-        emitter.progress(step=step + 1, total=steps, lr=lr, **numbers)
-        emitter.eval("mean_reward", mean_reward, version)
-        log(f"step {step + 1}/{steps} pg loss {loss_all / world:+.4f} mean reward {mean_reward:.3f} lr {lr:.3f}")
-    evaluate(steps)
-    metrics.update(
-        {
-            "steps": steps,
-            "train_seconds": round(meter.train_seconds, 2),
-            "mean_reward": sum(r for _, r in history["reward"]) / len(history["reward"]),
-        }
+            evaluate(run, engine, test, step)
+        if resumable_due(options.save_every, step, 0, last=False):
+            meta = build_meta("chat_rl", options, "rl", step, run.metrics)
+            save_resumable(options.out, model, tokenizer, meta, optimizers, {"step": step}, emitter, step)
+        train_step(run, engine, train, step, steps)
+    evaluate(run, engine, test, steps)
+    metrics = {
+        "steps": steps,
+        "train_seconds": round(run.meter.train_seconds, 2),
+        "mean_reward": sum(r for _, r in run.history["reward"]) / len(run.history["reward"]),
+    }
+    return run.finish(steps, metrics), run.metrics
+
+
+def evaluate(run: TrainingRun, engine: Engine, test: GSM8K, step: int) -> None:
+    """pass@k at `step`: into the metrics and the history, one `eval` event per number."""
+    options = run.options
+    run.model.eval()
+    passes = evaluate_pass_at_k(engine, test, options, run.compute.rank, run.compute.world_size)
+    run.metrics.update(passes)
+    scores = [passes[f"gsm8k/pass@{k}"] for k in range(1, options.eval_samples + 1)]
+    run.history["gsm8k_pass_at_k"].append([step, scores])
+    for name, value in passes.items():
+        run.emitter.eval(name, value, run.version)
+    log(
+        f"step {step}: GSM8K "
+        + ", ".join(f"pass@{k} {v:.4f}" for k, v in enumerate(scores, start=1))
+        + f" ({passes['gsm8k/pass@1/items']} questions x {options.eval_samples} samples at T={EVAL_TEMPERATURE})"
     )
-    meta = build_meta("chat_rl", options, "rl", steps, metrics)
-    meta["history"] = history
-    finish_output(options.out, model, tokenizer, meta, compute.is_master)
-    compute_cleanup()
-    return [{"path": str(options.out), "registry_stage": "rl"}], metrics
+
+
+def train_step(run: TrainingRun, engine: Engine, train: GSM8K, step: int, steps: int) -> None:
+    """One REINFORCE step: this rank's questions sampled, rewarded and backpropagated
+    (`question_backward`), the LR decaying linearly to 0; then the loss and mean reward over
+    every rank, as a progress and a `mean_reward` event."""
+    options, rank, world = run.options, run.compute.rank, run.compute.world_size
+    per_rank = options.examples_per_step // world
+    with StepTimer(run.compute.device) as timer:
+        total_loss, rewards_sum, tokens = 0.0, 0.0, 0
+        indices = [(step * options.examples_per_step + rank + k * world) % len(train) for k in range(per_rank)]
+        for index in indices:
+            loss, rewards, sampled = question_backward(run, engine, train, index, row_seed(options.seed, step))
+            total_loss += loss
+            rewards_sum += sum(rewards)
+            tokens += sampled
+        lr = linear_decay(step, steps)
+        optimizer_step(run.model, run.optimizers, lr)
+    loss_all, reward_all, tokens_all = all_reduce_sum(total_loss, rewards_sum, tokens)
+    mean_reward = reward_all / (options.examples_per_step * options.num_samples)
+    numbers = run.meter.update(step, loss_all / world, int(tokens_all), timer.seconds)
+    run.record_step(step + 1, steps, lr, numbers, emit=True)
+    run.history["reward"].append([step + 1, mean_reward])
+    run.emitter.eval("mean_reward", mean_reward, run.version)
+    log(f"step {step + 1}/{steps} pg loss {loss_all / world:+.4f} mean reward {mean_reward:.3f} lr {lr:.3f}")
+
+
+def question_backward(
+    run: TrainingRun, engine: Engine, train: GSM8K, index: int, step_seed: int
+) -> tuple[float, list[float], int]:
+    """Sample `--num-samples` answers to train question `index`, reward them, and backpropagate
+    their advantages (reward - the question's mean); (loss, rewards, tokens sampled)."""
+    options, tokenizer = run.options, run.tokenizer
+    conversation = train[index]
+    prompt = tokenizer.render_for_completion(conversation)
+    run.model.eval()
+    seqs, masks = sample_rows(
+        engine,
+        prompt,
+        options.num_samples,
+        options.device_batch_size,
+        options.max_new_tokens,
+        options.temperature,
+        options.top_k or None,
+        row_seed(step_seed, index),
+    )
+    rewards = [train.reward(conversation, tokenizer.decode(s[len(prompt) :])) for s in seqs]
+    mean = sum(rewards) / len(rewards)
+    # Padding only: it sits under mask 0, so it is never a target.
+    inputs, targets = training_rows(seqs, masks, tokenizer.encode_special("<|assistant_end|>"))
+    advantages = torch.tensor([r - mean for r in rewards], dtype=torch.float32)
+    run.model.train()
+    per_rank = options.examples_per_step // run.compute.world_size
+    loss = policy_gradient_backward(
+        run.model, inputs, targets, advantages, options.device_batch_size, per_rank, run.compute.device, run.ctx
+    )
+    return loss, rewards, sum(len(s) for s in seqs)
 
 
 if __name__ == "__main__":

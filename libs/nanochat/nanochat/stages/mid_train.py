@@ -23,34 +23,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanochat import optim
 from nanochat.checkpoint import load_optimizer_state
-from nanochat.common import compute_cleanup
 from nanochat.dataloader import ConversationLoader
-from nanochat.stages.cli import build_meta, log, run_stage
+from nanochat.stages.cli import log, run_stage
 from nanochat.stages.events import EventEmitter
 from nanochat.stages.options import MidTrainOptions, plan_horizon
 from nanochat.stages.train_loop import (
     ProgressMeter,
     StepTimer,
     TrainingForward,
+    TrainingRun,
+    accumulate_gradients,
     all_reduce_sum,
     any_rank,
     evaluate_bpb,
-    finish_output,
+    final_train_loss,
     load_model,
     load_resumable,
-    loop_state,
     muon_momentum,
+    optimizer_step,
     peak_flops,
-    resumable_due,
-    save_resumable,
-    set_lr,
-    set_momentum,
     setup,
     single_input,
     take,
     token_bytes_tensor,
+    train_optimizers,
     warmdown_lr,
 )
 from nanochat.tasks.mixtures import mid_mixture
@@ -60,7 +57,6 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
     folder = single_input(options, "base checkpoint")
     compute, ctx = setup(options)
     rank, world = compute.rank, compute.world_size
-    version = options.input_version[0] if options.input_version else None
     ckpt, resume_path = load_resumable(options.out, compute) if options.resume else (load_model(folder, compute), None)
     model, tokenizer = ckpt.model, ckpt.tokenizer
     if options.max_seq_len > ckpt.config.sequence_len:
@@ -73,16 +69,8 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
     horizon = plan_horizon(options.model_copy(update={"num_iterations": max(1, options.num_iterations)}), world)
     accum = horizon.grad_accum_steps
     max_steps = options.num_iterations if options.num_iterations > 0 else None
-    optimizers = model.setup_optimizers(
-        unembedding_lr=options.unembedding_lr,
-        embedding_lr=options.embedding_lr,
-        matrix_lr=options.matrix_lr,
-        weight_decay=options.weight_decay,
-    )
+    optimizers = train_optimizers(model, options)
     rank_state: dict[str, Any] = load_optimizer_state(resume_path, optimizers) if resume_path else {}
-    step = rank_state.get("step", 0)
-    history: dict[str, list] = rank_state.get("history", {"train_loss": [], "val_bpb": []})
-    metrics: dict[str, Any] = rank_state.get("metrics", {})
     loader = ConversationLoader(
         tokenizer,
         train_set,
@@ -93,82 +81,102 @@ def mid_train(options: MidTrainOptions, emitter: EventEmitter) -> tuple[list[dic
         compute.device,
         state=rank_state.get("loader"),
     )
-    token_bytes = token_bytes_tensor(tokenizer, compute.device)
     # Without a step budget the pass length is only estimated (for the ETA); the data decides the end.
     est_steps = max_steps or max(1, round(len(train_set) * 200 / options.total_batch_size))
     meter = ProgressMeter(
         est_steps, model.estimate_flops(), peak_flops(compute.device), world, state=rank_state.get("meter")
     )
-    eval_steps = max(1, options.eval_tokens // (options.device_batch_size * options.max_seq_len * world))
+    run = TrainingRun(
+        "mid_train",
+        "mid",
+        options,
+        emitter,
+        compute,
+        ctx,
+        model,
+        tokenizer,
+        optimizers,
+        meter=meter,
+        loader=loader,
+        history=rank_state.get("history", {"train_loss": [], "val_bpb": []}),
+        metrics=rank_state.get("metrics", {}),
+        start=rank_state.get("step", 0),
+    )
     log(f"mid: {len(train_set):,} conversations, {max_steps or 'one pass of'} steps, grad accum {accum}")
-
-    def val_bpb() -> float:
-        val = ConversationLoader(
-            tokenizer, val_set, options.device_batch_size, options.max_seq_len, rank, world, compute.device
-        )
-        return evaluate_bpb(model, take(val, eval_steps), token_bytes, ctx)
-
-    def record_eval(at: int) -> None:
-        bpb = val_bpb()
-        history["val_bpb"].append([at, bpb])
-        metrics.setdefault("mixture_val_bpb_step0", bpb)
-        metrics["mixture_val_bpb"] = bpb
-        emitter.eval("mixture_val_bpb", bpb, version)
-        log(f"step {at}: val bpb {bpb:.4f}")
-
+    evals = MidEvals(run, val_set)
     forward = TrainingForward(model, options.compile, compute.device)
-    start = step
+    step = run.start
     while True:
-        if not (options.resume and step == start) and options.eval_every > 0 and step % options.eval_every == 0:
-            record_eval(step)
+        if not run.resumed_at(step) and options.eval_every > 0 and step % options.eval_every == 0:
+            evals.val_bpb(step)
         done = max_steps is not None and step >= max_steps
-        if resumable_due(options.save_every, step, start, done):
-            meta = build_meta("mid_train", options, "mid", step, metrics)
-            state = loop_state(step, loader, meter, history, metrics)
-            save_resumable(options.out, model, tokenizer, meta, optimizers, state, emitter, step)
+        run.save_if_due(step, done)
         if done:
             break
         batches = list(take(loader, accum))
         if any_rank(len(batches) < accum):
             break  # the data pass is over on some rank: every rank stops at the same step
-        progress = step / max_steps if max_steps else loader.progress()
-        with StepTimer(compute.device) as timer:
-            total_loss = 0.0
-            for x, y in batches:
-                with ctx:
-                    loss = forward(x, y)
-                (loss / accum).backward()
-                total_loss += loss.item() / accum
-            lr = warmdown_lr(progress, 0.0, options.warmdown_ratio, 0.0)
-            set_lr(optimizers, lr)
-            set_momentum(optimizers, muon_momentum(step))
-            optim.step(optimizers, None)
-            model.zero_grad(set_to_none=True)
-        numbers = meter.update(step, all_reduce_sum(total_loss)[0] / world, options.total_batch_size, timer.seconds)
-        forward.after_step(timer.seconds, (max_steps or est_steps) - step - 1)
+        train_step(run, forward, batches, step, max_steps, est_steps)
         step += 1
-        history["train_loss"].append([step, numbers["loss"]])
-        if step % options.log_every == 0:
-            emitter.progress(step=step, total=max_steps or est_steps, lr=lr, **numbers)
-            log(
-                f"step {step}/{max_steps or '~' + str(est_steps)} loss {numbers['loss']:.4f} lr {lr:.3f} "
-                f"{numbers['tok_per_s']:,.0f} tok/s"
-            )
-    if not history["val_bpb"] or history["val_bpb"][-1][0] != step:
-        record_eval(step)
-    metrics.update(
-        {
-            "steps": step,
-            "compiled": int(forward.compiled),
-            "train_seconds": round(meter.train_seconds, 2),
-            "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
-        }
-    )
-    meta = build_meta("mid_train", options, "mid", step, metrics)
-    meta["history"] = history
-    finish_output(options.out, model, tokenizer, meta, compute.is_master)
-    compute_cleanup()
-    return [{"path": str(options.out), "registry_stage": "mid"}], metrics
+    if not run.history["val_bpb"] or run.history["val_bpb"][-1][0] != step:
+        evals.val_bpb(step)
+    metrics = {
+        "steps": step,
+        "compiled": int(forward.compiled),
+        "train_seconds": round(meter.train_seconds, 2),
+        "final_train_loss": final_train_loss(run.history),
+    }
+    return run.finish(step, metrics), run.metrics
+
+
+class MidEvals:
+    """mid_train's measure: bits per byte on the validation mixture (`mixture_val_bpb`)."""
+
+    def __init__(self, run: TrainingRun, val_set: Any):
+        self.run, self.val_set = run, val_set
+        options, compute = run.options, run.compute
+        self.token_bytes = token_bytes_tensor(run.tokenizer, compute.device)
+        self.eval_steps = max(
+            1, options.eval_tokens // (options.device_batch_size * options.max_seq_len * compute.world_size)
+        )
+
+    def val_bpb(self, step: int) -> None:
+        run, options, compute = self.run, self.run.options, self.run.compute
+        val = ConversationLoader(
+            run.tokenizer,
+            self.val_set,
+            options.device_batch_size,
+            options.max_seq_len,
+            compute.rank,
+            compute.world_size,
+            compute.device,
+        )
+        bpb = evaluate_bpb(run.model, take(val, self.eval_steps), self.token_bytes, run.ctx)
+        run.metrics.setdefault("mixture_val_bpb_step0", bpb)
+        run.record_eval("mixture_val_bpb", step, bpb, "val_bpb")
+        log(f"step {step}: val bpb {bpb:.4f}")
+
+
+def train_step(
+    run: TrainingRun, forward: TrainingForward, batches: list, step: int, max_steps: int | None, est_steps: int
+) -> None:
+    """One optimizer step over the step's micro-batches (warm-down LR over the step budget or the
+    data pass, Muon momentum ramp, no clip), then its numbers and, every `--log-every`, its event."""
+    options, world = run.options, run.compute.world_size
+    progress = step / max_steps if max_steps else run.loader.progress()
+    with StepTimer(run.compute.device) as timer:
+        total_loss = accumulate_gradients(forward, batches, len(batches), run.ctx)
+        lr = warmdown_lr(progress, 0.0, options.warmdown_ratio, 0.0)
+        optimizer_step(run.model, run.optimizers, lr, muon_momentum(step))
+    numbers = run.meter.update(step, all_reduce_sum(total_loss)[0] / world, options.total_batch_size, timer.seconds)
+    forward.after_step(timer.seconds, (max_steps or est_steps) - step - 1)
+    due = (step + 1) % options.log_every == 0
+    run.record_step(step + 1, max_steps or est_steps, lr, numbers, emit=due)
+    if due:
+        log(
+            f"step {step + 1}/{max_steps or '~' + str(est_steps)} loss {numbers['loss']:.4f} lr {lr:.3f} "
+            f"{numbers['tok_per_s']:,.0f} tok/s"
+        )
 
 
 if __name__ == "__main__":

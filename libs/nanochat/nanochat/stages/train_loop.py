@@ -16,6 +16,12 @@ bottom and calls these small pieces:
 - `save_resumable` / `load_resumable`: write and read the resumable checkpoint (`OUT.resume`,
   beside `--out`; `nanochat.stages.options.resume_dir`) with per-rank optimizer state, loader
   position, step and RNG (via `nanochat.checkpoint`).
+- the steps every training loop takes: `train_optimizers` (the options' LRs),
+  `accumulate_gradients` (forward and backward over the micro-batches of a step),
+  `optimizer_step` (LR, momentum, clip, step, zero the gradients), and `TrainingRun`, what a loop
+  carries from step to step: its evaluations recorded (`record_eval`), each step's curve point and
+  progress event (`record_step`), the periodic resumable save (`save_if_due`) and the final folder
+  (`finish`).
 
 Not a stage itself; the stages' docstrings say how to run them.
 """
@@ -27,21 +33,23 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from nanochat import optim
 from nanochat.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from nanochat.common import Compute, compute_init
+from nanochat.common import Compute, compute_cleanup, compute_init
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Muon
-from nanochat.stages.cli import log
+from nanochat.stages.cli import build_meta, log
 from nanochat.stages.events import EventEmitter
-from nanochat.stages.options import RuntimeOptions, StageOptions, resume_dir
+from nanochat.stages.options import RuntimeOptions, StageOptions, TrainOptions, resume_dir
 from nanochat.tokenizer import Tokenizer
 
 H100_BF16_FLOPS = 989e12
@@ -399,3 +407,115 @@ def finish_output(
     save_checkpoint(out, model, tokenizer, meta)
     if is_master:
         shutil.rmtree(resume_dir(out), ignore_errors=True)
+
+
+# ---- the steps of a training loop ------------------------------------------------------------
+
+
+def train_optimizers(model: GPT, options: TrainOptions) -> list[torch.optim.Optimizer]:
+    """The model's optimizers with the options' learning rates and weight decay."""
+    return model.setup_optimizers(
+        unembedding_lr=options.unembedding_lr,
+        embedding_lr=options.embedding_lr,
+        matrix_lr=options.matrix_lr,
+        weight_decay=options.weight_decay,
+    )
+
+
+def accumulate_gradients(
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    accum: int,
+    ctx: contextlib.AbstractContextManager,
+) -> float:
+    """Forward and backward over the `accum` micro-batches of one step, each loss scaled by
+    1/accum so the gradients are the step's mean; returns this rank's mean loss."""
+    total_loss = 0.0
+    for x, y in batches:
+        with ctx:
+            loss = forward(x, y)
+        (loss / accum).backward()
+        total_loss += loss.item() / accum
+    return total_loss
+
+
+def optimizer_step(
+    model: GPT,
+    optimizers: Sequence[torch.optim.Optimizer],
+    lr: float,
+    momentum: float | None = None,
+    grad_clip: float | None = None,
+) -> None:
+    """Set the step's LR multiplier (and Muon momentum), clip, step, and drop the gradients."""
+    set_lr(optimizers, lr)
+    if momentum is not None:
+        set_momentum(optimizers, momentum)
+    optim.step(optimizers, grad_clip)
+    model.zero_grad(set_to_none=True)
+
+
+def final_train_loss(history: dict[str, list]) -> float | None:
+    return history["train_loss"][-1][1] if history["train_loss"] else None
+
+
+@dataclass
+class TrainingRun:
+    """What a training stage's loop carries from step to step: the model and its optimizers,
+    where the data and the meters stand (`loader`, `meter`, `history`, `metrics`, all restored by
+    `--resume`), and where its events go. The stage's own steps take it whole."""
+
+    stage: str
+    registry_stage: str
+    options: Any
+    emitter: EventEmitter
+    compute: Compute
+    ctx: contextlib.AbstractContextManager
+    model: GPT
+    tokenizer: Tokenizer
+    optimizers: list[torch.optim.Optimizer]
+    meter: ProgressMeter
+    loader: Any = None
+    history: dict[str, list] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    start: int = 0
+
+    @property
+    def version(self) -> str | None:
+        """The input version the evaluations are reported against."""
+        return self.options.input_version[0] if self.options.input_version else None
+
+    def resumed_at(self, step: int) -> bool:
+        """`step` is where a `--resume` run starts: the interrupted run evaluated it already."""
+        return self.options.resume and step == self.start
+
+    def record_eval(self, name: str, step: int, value: float, curve: str) -> None:
+        """An evaluation at `step`: a point on `history[curve]`, the latest `metrics[name]`, an event."""
+        self.history[curve].append([step, value])
+        self.metrics[name] = value
+        self.emitter.eval(name, value, self.version)
+
+    def record_step(self, done: int, total: int, lr: float, numbers: dict[str, Any], emit: bool) -> None:
+        """After `done` steps: the train-loss point, and (when `emit`) the `progress` event."""
+        self.history["train_loss"].append([done, numbers["loss"]])
+        if emit:
+            self.emitter.progress(step=done, total=total, lr=lr, **numbers)
+
+    def save_if_due(self, step: int, last: bool) -> None:
+        """The periodic resumable checkpoint (`resumable_due`), with the loop's state."""
+        if resumable_due(self.options.save_every, step, self.start, last):
+            meta = build_meta(self.stage, self.options, self.registry_stage, step, self.metrics)
+            state = loop_state(step, self.loader, self.meter, self.history, self.metrics)
+            save_resumable(
+                self.options.out, self.model, self.tokenizer, meta, self.optimizers, state, self.emitter, step
+            )
+
+    def finish(self, steps: int, metrics: dict[str, Any], **meta: Any) -> list[dict[str, str]]:
+        """Publish the final folder (`metrics` added to the run's, `meta` beside its history),
+        shut the runtime down; the stage's outputs for its `finished` event."""
+        self.metrics.update(metrics)
+        record = build_meta(self.stage, self.options, self.registry_stage, steps, self.metrics)
+        record["history"] = self.history
+        record.update(meta)
+        finish_output(self.options.out, self.model, self.tokenizer, record, self.compute.is_master)
+        compute_cleanup()
+        return [{"path": str(self.options.out), "registry_stage": self.registry_stage}]
