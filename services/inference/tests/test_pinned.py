@@ -6,6 +6,7 @@ redis-server, all from `nanochat_testing`) holds versions of two tiny random mod
 replies differ: v1 and v3 = model "a", v2 = model "b" (the served one: newest sft/rl), v4 = "a".
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -146,8 +147,16 @@ def test_alias_form_follows_the_alias_when_the_request_arrives(registry, tmp_pat
 
 
 def test_unknown_names_versions_and_aliases_are_404s(registry, tmp_path):
+    url, _, _ = registry
+    spec = {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}
+    pending = httpx.post(
+        f"{url}/v1/models/nanochat/versions",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        json={"stage": "sft", "files": {"model.bin": spec}},
+    ).json()["version"]
     s = inference(registry, tmp_path)
     try:
+        assert "not found in state ready" in error(chat(s, f"nanochat:{pending}"), 404, "model_not_found")
         assert "nanochat v99" in error(chat(s, "nanochat:99"), 404, "model_not_found")
         assert "'nope'" in error(chat(s, "nanochat@nope"), 404, "model_not_found")
         assert "'other:1'" in error(chat(s, "other:1"), 404, "model_not_found")
