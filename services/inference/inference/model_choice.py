@@ -64,7 +64,8 @@ def registry_version(manager: ModelManager, ref: ModelRef, model: str) -> Versio
         return registry.get_version(ref.name, ref.version)
     except RegistryError as e:
         if e.status in (404, 409):
-            raise APIError(e.status, f"{model}: {e}", code="model_not_found", param="model") from None
+            code = "model_not_found" if e.status == 404 else "model_not_ready"
+            raise APIError(e.status, f"{model}: {e}", code=code, param="model") from None
         raise registry_away(e) from None
     except httpx.HTTPError as e:
         raise registry_away(e) from None
