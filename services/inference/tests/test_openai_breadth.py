@@ -118,6 +118,19 @@ def test_completions_echo_logprobs_equal_a_full_forward_streamed_and_not(client,
     assert echo_only.choices[0].text == choice.text and echo_only.choices[0].logprobs is None
 
 
+def test_every_sample_echoes_its_own_prompt(server, tok):
+    body = {"prompt": ["The lazy", "A fox"], "n": 2, "best_of": 2, "max_tokens": 3, "echo": True, "logprobs": 1}
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "seed": 4}, timeout=60)
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for c in choices:
+        text = body["prompt"][c["index"] // 2]
+        prompt = tok.encode(text, prepend=tok.bos_token_id)
+        assert c["text"].startswith(text) and c["logprobs"]["token_logprobs"][0] is None
+        assert "".join(c["logprobs"]["tokens"][1 : len(prompt)]) == text
+        assert all(len(top) == 1 for top in c["logprobs"]["top_logprobs"][1:])
+
+
 def test_logit_bias_forces_and_bans_and_bad_ids_are_400s(client, tok):
     forced = tok.encode(" fox")[0]
     r = client.completions.create(prompt="The", max_tokens=6, temperature=0, logit_bias={str(forced): 100}, model=MODEL)
