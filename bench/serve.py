@@ -23,7 +23,9 @@ between content deltas p50/p99, /health p99, errors (429s apart), then ours / ba
 / ceiling. Then two scenarios on fresh servers: the prefix cache (the next turn of a 1,500-token
 conversation, TTFT on the server that answered the turn before vs one with prefix caching off)
 and chunked prefill (16 streams decode, a 2,000-token prompt arrives: the streams' latency between
-deltas, p99 while it is prefilled over p50 before it). Results, with the load average, go to
+deltas, p99 while it is prefilled over p50 before it) and grammar-constrained decoding (16
+streams, all free or all under a response_format json_schema: ms per output token and ITL p50,
+constrained / free). Results, with the load average, go to
 bench/results/serve.json.
 """
 
@@ -201,7 +203,9 @@ class Ceiling:
 # ---- the client ---------------------------------------------------------------------------------
 
 
-async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, seed: int = 0) -> dict:
+async def one_request(
+    http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, seed: int = 0, extra: dict | None = None
+) -> dict:
     body = {
         "model": "nanochat",
         "messages": [{"role": "user", "content": prompt}],
@@ -210,6 +214,7 @@ async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     start = time.perf_counter()
     stamps, status, error, tokens = [], None, None, None
@@ -260,7 +265,7 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, extra: dict | None = None) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with (
         httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http,
@@ -274,7 +279,7 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
         async def worker():
             while queue:
                 i = queue.pop()
-                results.append(await one_request(http, url, PROMPTS[i % len(PROMPTS)], max_tokens, seed=i))
+                results.append(await one_request(http, url, PROMPTS[i % len(PROMPTS)], max_tokens, i, extra))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -451,6 +456,46 @@ async def chunked_scenario(url: str, tokenizer, streams: int, prompt_tokens: int
     }
 
 
+# One long string and an integer: a random model fills the string until the grammar's closing path
+# needs the rest of the budget, so constrained and free rows generate about as many tokens.
+ANSWER_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
+            "required": ["answer", "score"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def grammar_scenario(url: str, streams: int, max_tokens: int, rounds: int) -> dict:
+    """`streams` clients back to back, every row free or every row grammar-constrained
+    (response_format json_schema), in alternating rounds: seconds per output token (wall time /
+    output tokens) and ITL p50 of each, the median round, and constrained / free."""
+    runs: dict[str, list[dict]] = {"free": [], "json": []}
+    for _ in range(rounds):
+        for kind, extra in (("free", None), ("json", {"response_format": ANSWER_FORMAT})):
+            runs[kind].append(await run_level(url, streams, 2 * streams, max_tokens, extra))
+    out: dict = {"streams": streams, "max_tokens": max_tokens, "rounds": rounds}
+    for kind, levels in runs.items():
+        median = sorted(levels, key=lambda r: r["tok_per_s"])[len(levels) // 2]
+        out[kind] = {
+            "ms_per_token": 1000 / median["tok_per_s"],
+            "itl_p50_ms": median["itl_p50"] * 1000,
+            "tokens": median["output_tokens"],
+            "errors": median["errors"],
+            "rounds_tok_per_s": [r["tok_per_s"] for r in levels],
+        }
+    out["ratio"] = out["json"]["ms_per_token"] / out["free"]["ms_per_token"]
+    out["itl_ratio"] = out["json"]["itl_p50_ms"] / out["free"]["itl_p50_ms"]
+    return out
+
+
 async def run_scenarios(folder: Path, args) -> dict:
     from nanochat.tokenizer import Tokenizer
 
@@ -464,6 +509,8 @@ async def run_scenarios(folder: Path, args) -> dict:
     try:
         for url in urls.values():
             await wait_up(url, "/ready")
+        if args.grammar_only:
+            return {"grammar": await run_grammar(urls["warm"], args)}
         prefix = await prefix_scenario(urls["warm"], urls["cold"], tokenizer, 1500)
         print(
             f"prefix cache: next turn of a {prefix['history_tokens']}-token conversation, TTFT p50 "
@@ -478,12 +525,26 @@ async def run_scenarios(folder: Path, args) -> dict:
             f"p99 during {chunked['itl_p99_during'] * 1000:.1f} ms = {chunked['ratio']:.2f}x",
             flush=True,
         )
-        return {"prefix": prefix, "chunked": chunked}
+        return {"prefix": prefix, "chunked": chunked, "grammar": await run_grammar(urls["warm"], args)}
     finally:
         for proc in procs.values():
             proc.terminate()
         for proc in procs.values():
             proc.wait(15)
+
+
+async def run_grammar(url: str, args) -> dict:
+    async with httpx.AsyncClient(timeout=600) as http:  # warm-up: llguidance's view of the vocabulary
+        await one_request(http, url, PROMPTS[0], 8, extra={"response_format": ANSWER_FORMAT})
+    grammar = await grammar_scenario(url, 16, args.max_tokens, args.rounds)
+    free, constrained = grammar["free"], grammar["json"]
+    print(
+        f"grammar: 16 streams, {constrained['tokens']} constrained vs {free['tokens']} free tokens a round, "
+        f"{constrained['ms_per_token']:.2f} vs {free['ms_per_token']:.2f} ms per output token = {grammar['ratio']:.2f}x "
+        f"(ITL p50 {constrained['itl_p50_ms']:.1f} vs {free['itl_p50_ms']:.1f} ms = {grammar['itl_ratio']:.2f}x)",
+        flush=True,
+    )
+    return grammar
 
 
 def main() -> None:
@@ -510,7 +571,10 @@ def main() -> None:
         "--checkpoint", type=Path, help="keep the model here and reuse it on the next run (with the same shape options)"
     )
     parser.add_argument("--no-levels", action="store_true", help="skip the concurrency levels")
-    parser.add_argument("--no-scenarios", action="store_true", help="skip the prefix-cache and chunked-prefill runs")
+    parser.add_argument(
+        "--no-scenarios", action="store_true", help="skip the prefix-cache, chunked-prefill, grammar runs"
+    )
+    parser.add_argument("--grammar-only", action="store_true", help="of the scenarios, run only the grammar one")
     parser.add_argument("--baseline-server", metavar="FOLDER", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -36,6 +36,7 @@ import weakref
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 from llguidance.tiktoken import lltokenizer_from_encoding
 
@@ -149,29 +150,32 @@ class Constraint:
         self.closing = False
         self.estimate: int | None = None  # tokens the closing path took when last measured
         self.estimated_at = 0
-        self.words = torch.zeros((self.vocab + 31) // 32, dtype=torch.int32)
+        self.estimated_in_string = False
+        self.words = np.zeros((self.vocab + 31) // 32, dtype=np.uint32)
         self.closer = _closer(tokenizer)
 
     def mask(self, logits_row: torch.Tensor) -> None:
         """Set the logits of every token the grammar does not allow next to -inf, in place."""
-        self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
-        allowed = _unpack(self.words, self.vocab)
-        if self._must_close():
+        allowed = _allowed(self.matcher, self.words, self.vocab)
+        if self._must_close(allowed):
             allowed = self.closer.narrow(allowed)
-        keep = torch.zeros(logits_row.shape[-1], dtype=torch.bool)
-        keep[: self.vocab] = allowed
-        logits_row.masked_fill_(~keep.to(logits_row.device, non_blocking=True), float("-inf"))
+        blocked = torch.from_numpy(~allowed).to(logits_row.device, non_blocking=True)
+        logits_row[: self.vocab].masked_fill_(blocked, float("-inf"))
+        logits_row[self.vocab :] = float("-inf")  # the model's padding ids
 
-    def _must_close(self) -> bool:
-        """Whether what is left of the budget is only just enough for the closing path: measured
-        every RECHECK tokens, and at every token once the budget is within RECHECK of the measure."""
+    def _must_close(self, allowed: np.ndarray) -> bool:
+        """Whether what is left of the budget is only just enough for the closing path. Measured
+        every RECHECK tokens, and at every token once the budget is within RECHECK of the measure,
+        except while the sample stays inside one string (the path out of it stays the same)."""
         if self.closing or self.budget is None:
             return self.closing
         remaining = self.budget - self.consumed
+        in_string = self.closer.in_string(allowed)
         near = self.estimate is not None and remaining <= self._hand(self.estimate) + RECHECK
-        if self.estimate is None or near or self.consumed - self.estimated_at >= RECHECK:
+        same_string = in_string and self.estimated_in_string and self.consumed - self.estimated_at < RECHECK
+        if self.estimate is None or (near and not same_string) or self.consumed - self.estimated_at >= RECHECK:
             self.estimate = self.closer.cost(self.matcher, limit=remaining + 1)
-            self.estimated_at = self.consumed
+            self.estimated_at, self.estimated_in_string = self.consumed, in_string
         self.closing = remaining <= self._hand(self.estimate)
         return self.closing
 
@@ -205,36 +209,38 @@ class _Closer:
         self.end = tokenizer.encode_special(END_TOKEN)
         self.quote, self.letter = byte[b'"'], byte[b"a"]
         ids = [[self.end], [byte[b"}"], byte[b"]"]], [self.quote], [byte[b","]], [byte[b"0"]]]
-        self.outside = [torch.tensor(t) for t in ids]
-        self.in_string = self.outside[:1] + [torch.tensor([self.quote])]
-        self.lengths = torch.tensor(tokenizer.token_bytes())
+        self.outside = [np.array(t) for t in ids]
+        self.inside = self.outside[:1] + [np.array([self.quote])]
+        lengths = np.array(tokenizer.token_bytes())
+        # The shortest tokens first: a longer one may end inside a UTF-8 character, where no quote can follow.
+        self.lengths = np.where(lengths > 0, lengths, 1 << 30)
 
-    def narrow(self, allowed: torch.Tensor) -> torch.Tensor:
+    def in_string(self, allowed: np.ndarray) -> bool:
+        return bool(allowed[self.quote] and allowed[self.letter])
+
+    def narrow(self, allowed: np.ndarray) -> np.ndarray:
         """Of the allowed tokens, the first tier that has any (module docstring), else the shortest."""
-        in_string = bool(allowed[self.quote] and allowed[self.letter])
-        for tier in self.in_string if in_string else self.outside:
+        for tier in self.inside if self.in_string(allowed) else self.outside:
             picked = tier[allowed[tier]]
-            if picked.numel():
-                narrowed = torch.zeros_like(allowed)
+            if picked.size:
+                narrowed = np.zeros_like(allowed)
                 narrowed[picked] = True
                 return narrowed
-        # The shortest: a longer token may end inside a UTF-8 character, where no quote can follow.
-        lengths = torch.where(allowed & (self.lengths > 0), self.lengths, 1 << 30)
+        lengths = np.where(allowed, self.lengths, 1 << 31)
         shortest = allowed & (lengths == lengths.min())
         return shortest if shortest.any() else allowed
 
     def cost(self, matcher: llguidance.LLMatcher, limit: int) -> int:
         """Tokens the closing path takes from `matcher`'s state (at most `limit`)."""
         walk = matcher.deep_copy()
-        words = torch.zeros((self.vocab + 31) // 32, dtype=torch.int32)
+        words = np.zeros((self.vocab + 31) // 32, dtype=np.uint32)
         for n in range(limit):
             if walk.is_stopped() or walk.is_error():
                 return n
-            walk.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-            allowed = _unpack(words, self.vocab)
+            allowed = _allowed(walk, words, self.vocab)
             if allowed[self.end]:
                 return n + 1
-            walk.consume_token(int(self.narrow(allowed).nonzero()[0]))
+            walk.consume_token(int(np.flatnonzero(self.narrow(allowed))[0]))
         return limit
 
 
@@ -248,9 +254,8 @@ def _closer(tokenizer: Tokenizer) -> _Closer:
     return closer
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
-def _unpack(words: torch.Tensor, vocab: int) -> torch.Tensor:
-    """llguidance's bitmask (bit i of word w: token 32w+i) as a bool tensor of `vocab` entries."""
-    return ((words[:, None] >> _SHIFTS) & 1).view(-1)[:vocab].bool()
+def _allowed(matcher: llguidance.LLMatcher, words: np.ndarray, vocab: int) -> np.ndarray:
+    """The matcher's next-token mask as `vocab` bools (llguidance's bitmask: bit i of word w is
+    token 32w+i), computed into `words`."""
+    matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab].astype(bool)
