@@ -183,3 +183,41 @@ def test_bad_tool_requests_are_400s(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="nanochat", messages=ASK, max_tokens=4, **extra)
     assert (e.value.body["param"] or "").startswith(param.split(".")[0]), e.value.body
+
+
+def test_auto_ends_the_turn_at_a_python_block_and_reads_back_only_real_calls(checkpoints):
+    s = start_server(model_dir=checkpoints["scripted"], slots=4)
+    try:
+        s.wait_ready()
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        kw = dict(model="nanochat", messages=ASK, temperature=0, max_tokens=40)
+        plain = client.chat.completions.create(**kw).choices[0]
+        tiny = {"type": "function", "function": {"name": "f"}}  # the scripted model's context is 256 tokens
+        auto = client.chat.completions.create(**kw, tools=[tiny]).choices[0]
+    finally:
+        s.stop()
+    parts = [(p["type"], p["text"]) for p in auto.message.model_extra["nanochat_parts"]]
+    # The scripted model's calculator call `7*3` is no call of `f`: a part, not evaluated.
+    assert parts == [("text", "The quick fox,"), ("python", "7*3")]
+    assert auto.finish_reason == "stop" and auto.message.tool_calls is None
+    assert ("python_output", "21") in [(p["type"], p["text"]) for p in plain.message.model_extra["nanochat_parts"]]
+
+
+def test_a_python_part_naming_a_listed_function_becomes_a_tool_call():
+    from inference import structured
+
+    plan = structured.plan(None, [structured.Tool.model_validate(WEATHER)], None)
+    call = '{"name": "weather", "arguments": {"city": "Oslo", "days": 2}}'
+    content, calls, reason = structured.answer([("text", "Let me look. "), ("python", call)], plan, "stop")
+    assert content == "Let me look. " and reason == "tool_calls"
+    assert calls[0].function.name == "weather" and json.loads(calls[0].function.arguments) == {
+        "city": "Oslo",
+        "days": 2,
+    }
+    for text in ["7*3", '{"name": "other", "arguments": {}}', '{"name": "weather", "arguments": 3}']:
+        assert structured.answer([("python", text)], plan, "stop") == ("", None, "stop")
+    deltas = structured.ToolDeltas(plan)
+    head, body = deltas.deltas(0, "python", call)
+    assert head["tool_calls"][0]["function"] == {"name": "weather", "arguments": ""}
+    assert json.loads(body["tool_calls"][0]["function"]["arguments"])["city"] == "Oslo"
+    assert deltas.finish_reason(0, "stop") == "tool_calls" and deltas.finish_reason(1, "stop") == "stop"
