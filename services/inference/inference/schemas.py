@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from inference.structured import ResponseFormat, Tool, ToolCall, ToolChoice
+
 MAX_STOP_STRINGS = 16
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's bounds
 MAX_COMPLETION_LOGPROBS = 5
@@ -52,9 +54,11 @@ class ToolPart(Lenient):
 
 
 class ChatMessage(Lenient):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     nanochat_parts: list[ToolPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (inference.structured)
+    tool_call_id: str | None = None  # a tool result's call: one call per turn, so not needed to place it
 
     def rendered_content(self) -> str | list[dict[str, str]]:
         """What the tokenizer's chat renderer takes: a string, or an assistant's list of parts."""
@@ -137,6 +141,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    # inference.structured: constrained JSON answers and function tools
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # a turn makes at most one call, which satisfies either
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -217,8 +226,9 @@ class CompletionLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     nanochat_parts: list[ToolPart]
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -18,7 +18,7 @@ from service_kit.auth import AuthFirstRoute, require_read
 from service_kit.errors import APIError
 from starlette.concurrency import run_in_threadpool
 
-from inference import schemas
+from inference import schemas, structured
 from inference.deps import RunnerDep
 from inference.generation import Generation, Update, merge_text
 from inference.logprobs import chat_logprobs
@@ -36,6 +36,7 @@ class ChatStream:
     model: str
     tokenizer: Tokenizer
     logprobs: bool = False
+    tools: structured.ToolDeltas | None = None
 
     def chunk(self, choices: list[schemas.ChatChunkChoice], u: schemas.Usage | None = None) -> bytes:
         return sse(
@@ -59,13 +60,14 @@ class ChatStream:
         for u in updates:
             logprobs = chat_logprobs(self.tokenizer, u.logprobs) if self.logprobs and u.logprobs else None
             for kind, text in merge_text(u.parts):
+                calls = self.tools.deltas(u.choice, kind, text) if self.tools else None
                 delta = {"content": text} if kind == "text" else {"nanochat_tool": {"type": kind, "text": text}}
-                out.append(self.chunk([schemas.ChatChunkChoice(index=u.choice, delta=delta, logprobs=logprobs)]))
-                logprobs = None
+                for d in calls or [delta]:
+                    out.append(self.chunk([schemas.ChatChunkChoice(index=u.choice, delta=d, logprobs=logprobs)]))
+                    logprobs = None
             if u.finish_reason is not None or logprobs is not None:
-                last = schemas.ChatChunkChoice(
-                    index=u.choice, delta={}, finish_reason=u.finish_reason, logprobs=logprobs
-                )
+                reason = self.tools.finish_reason(u.choice, u.finish_reason) if self.tools else u.finish_reason
+                last = schemas.ChatChunkChoice(index=u.choice, delta={}, finish_reason=reason, logprobs=logprobs)
                 out.append(self.chunk([last]))
         return out
 
@@ -74,16 +76,20 @@ class ChatStream:
 
 
 async def render_prompt(
-    tokenizer: Tokenizer, messages: list[schemas.ChatMessage], add_generation_prompt: bool = True
+    tokenizer: Tokenizer,
+    messages: list[schemas.ChatMessage],
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> list[int]:
-    """The token ids the model sees for `messages` (ending in `<|assistant_start|>` with
-    add_generation_prompt); a conversation the renderer refuses is a 400. /tokenize shares it."""
+    """The token ids the model sees for `messages` and the listed `tools` (ending in
+    `<|assistant_start|>` with add_generation_prompt, or open after a tool's result); a
+    conversation the renderer refuses is a 400. /tokenize shares it."""
     try:
-        conversation = [{"role": m.role, "content": m.rendered_content()} for m in messages]
+        conversation = structured.conversation(messages, tools)
         # Off the event loop: rendering a long conversation would stall every open stream.
         if add_generation_prompt:
-            return await run_in_threadpool(tokenizer.render_for_completion, {"messages": conversation})
-        ids, _ = await run_in_threadpool(tokenizer.render_conversation, {"messages": conversation}, None)
+            return await run_in_threadpool(tokenizer.render_for_completion, conversation)
+        ids, _ = await run_in_threadpool(tokenizer.render_conversation, conversation, None)
         return ids
     except (ConversationError, ValueError) as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from None
@@ -91,16 +97,25 @@ async def render_prompt(
 
 @router.post("/chat/completions")
 async def chat_completions(body: schemas.ChatCompletionRequest, request: Request, runner: RunnerDep) -> Response:
+    plan = structured.plan(body.response_format, body.tools, body.tool_choice)
     served = await runner.acquire(body.model)
     try:
-        prompt = await render_prompt(served.tokenizer, body.messages)
-        gen = runner.start(served, [prompt], body, body.max_completion_tokens or body.max_tokens)
+        prompt = await render_prompt(served.tokenizer, body.messages, tools=structured.tools_for_prompt(plan))
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        budget = min(max_tokens or runner.settings.default_max_tokens, served.context_length - len(prompt))
+        grammar = await run_in_threadpool(structured.grammar_spec, plan, served.tokenizer, budget)
+        if plan.stop_at_call:
+            # An unconstrained call ends the turn where a constrained one would: the client runs it.
+            stops = [*(body.stop_token_ids or []), served.tokenizer.encode_special("<|python_end|>")]
+            body = body.model_copy(update={"stop_token_ids": stops})
+        gen = runner.start(served, [prompt], body, max_tokens, grammar=grammar)
     except BaseException:
         runner.release(served)
         raise
     rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served.model_id
     if body.stream:
-        fmt = ChatStream(rid, created, name, served.tokenizer, body.logprobs)
+        tools = structured.ToolDeltas(plan) if plan.calls else None
+        fmt = ChatStream(rid, created, name, served.tokenizer, body.logprobs, tools)
         return runner.stream(gen, served, rid, "chat", fmt, body.include_usage)
 
     if not await runner.finish_plain(gen, served, request, rid, "chat"):
@@ -108,13 +123,15 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
     choices = []
     for c in gen.choices:
         parts = merge_text(c.parts)
-        content = "".join(text for kind, text in parts if kind == "text")
+        content, calls, finish_reason = structured.answer(parts, plan, c.finish_reason)
         message = schemas.AssistantMessage(
-            content=content, nanochat_parts=[schemas.ToolPart(type=kind, text=text) for kind, text in parts]
+            content=content,
+            nanochat_parts=[schemas.ToolPart(type=kind, text=text) for kind, text in parts],
+            tool_calls=calls,
         )
         logprobs = chat_logprobs(served.tokenizer, c.logprobs) if body.logprobs else None
         choices.append(
-            schemas.ChatChoice(index=c.index, message=message, finish_reason=c.finish_reason, logprobs=logprobs)
+            schemas.ChatChoice(index=c.index, message=message, finish_reason=finish_reason, logprobs=logprobs)
         )
     return JSONResponse(
         schemas.ChatCompletion(id=rid, created=created, model=name, choices=choices, usage=usage(gen)).model_dump(),
