@@ -58,3 +58,35 @@ def test_the_sft_mixture_takes_them_on_request(tmp_path):
     with_tools = sft_mixture(tmp_path, "train", tool_use=7)
     assert len(with_tools) == len(plain) + 7
     assert sum("tools" in with_tools[i] for i in range(len(with_tools))) == 7
+
+
+def test_a_prompt_ending_in_a_tool_result_leaves_the_turn_open():
+    import pytest
+    from nanochat.tokenizer import ConversationError, tool_call_text
+
+    tok = Tokenizer.train_from_iterator([TEXT] * 20, vocab_size=400)
+    sp = tok.encode_special
+    call = {
+        "role": "assistant",
+        "content": [{"type": "python", "text": tool_call_text("get_weather", {"city": "Oslo"})}],
+    }
+    messages = [{"role": "user", "content": "Weather in Oslo?"}, call, {"role": "tool", "content": "rainy"}]
+    prompt = tok.render_for_completion({"messages": messages, "tools": [{"name": "get_weather"}]})
+    assert prompt[-1] == sp("<|output_end|>") and prompt.count(sp("<|assistant_start|>")) == 1
+    assert tok.decode(prompt).endswith(
+        '<|python_start|>{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+        "<|python_end|><|output_start|>rainy<|output_end|>"
+    )
+    # Without a tool result last, a prompt primes a new assistant turn as before.
+    follow = tok.render_for_completion(
+        {
+            "messages": [
+                *messages,
+                {"role": "assistant", "content": "Rain."},
+                {"role": "user", "content": "And tomorrow?"},
+            ]
+        }
+    )
+    assert follow[-1] == sp("<|assistant_start|>") and follow.count(sp("<|assistant_start|>")) == 2
+    with pytest.raises(ConversationError, match="must follow an assistant"):
+        tok.render_for_completion({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]})

@@ -135,14 +135,18 @@ def plan(response_format: ResponseFormat | None, tools: list[Tool] | None, tool_
         return Plan(functions, tool_call_grammar([(f.name, f.parameters) for f in chosen]), "tools")
     if choice == "required":
         return Plan(functions, tool_call_grammar([(f.name, f.parameters) for f in functions]), "tools")
-    return Plan(functions, stop_at_call=bool(functions))
+    return Plan(functions, grammar_param="tools", stop_at_call=bool(functions))
 
 
 def grammar_spec(p: Plan, tokenizer: Tokenizer, budget: int) -> str | None:
-    """The compiled spec for SamplingParams.grammar; a 400 naming the problem when it cannot compile."""
-    if p.grammar is None:
-        return None
+    """The compiled spec for SamplingParams.grammar; a 400 naming the problem when it cannot compile.
+    Under `auto` nothing constrains the call, but parameters no grammar could follow are refused
+    all the same, so a request is not valid or not by which tool_choice it names."""
     try:
+        if p.grammar is None:
+            if p.functions:
+                compile_spec(tool_call_grammar([(f.name, f.parameters) for f in p.functions]), tokenizer)
+            return None
         return compile_spec(p.grammar, tokenizer, budget=max(1, budget))
     except GrammarError as e:
         raise APIError(

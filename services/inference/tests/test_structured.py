@@ -177,6 +177,14 @@ def test_tool_results_render_back_into_the_prompt(client):
         ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}]}, "tools"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400s(client, extra, param):
