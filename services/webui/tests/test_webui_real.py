@@ -228,20 +228,41 @@ def test_real_launch_validation_job_cancel_and_serving_alias(browser, stack):
     assert page.errors == []
 
 
-def test_real_running_job_page_grows_its_curves_and_log_then_cancels(browser, stack, tmp_path):
-    # A worker beside the trainer API, on data make_data wrote where the trainer looks for it.
-    env = stack["trainer"].env
-    make_tiny_data(Path(env["TRAINER_DATA_DIR"]), tmp_path)
-    with open(tmp_path / "worker.log", "wb") as log:
-        worker = Proc(
-            "",
-            subprocess.Popen(
-                [sys.executable, "-m", "trainer", "worker"],
-                env={**os.environ, **env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            ),
+def start_worker(stack, scratch: Path) -> Proc:
+    """A worker beside the trainer API, on data make_data wrote where the trainer looks for it."""
+    # The worker registers what its stages make: it holds the registry's write token, the API does not.
+    env = {**stack["trainer"].env, "TRAINER_REGISTRY_TOKEN": REGISTRY_TOKEN}
+    make_tiny_data(Path(env["TRAINER_DATA_DIR"]), scratch)
+    with open(scratch / "worker.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "worker"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
         )
+    return Proc("", process)
+
+
+def submit(stack, body: dict) -> str:
+    r = httpx.post(
+        f"{stack['trainer'].url}/v1/jobs", headers={"Authorization": f"Bearer {TRAINER_TOKEN}"}, json=body, timeout=30
+    )
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def ended(stack, job_id: str, limit_s: float = 240) -> dict:
+    job = poll(
+        lambda: (
+            (j := httpx.get(f"{stack['trainer'].url}/v1/jobs/{job_id}").json())["status"]
+            in ("succeeded", "failed", "cancelled")
+            and j
+        ),
+        limit_s,
+    )
+    assert job["status"] == "succeeded", job.get("error")
+    return job
+
+
+def test_real_running_job_page_grows_its_curves_and_log_then_cancels(browser, stack, tmp_path):
+    worker = start_worker(stack, tmp_path)
     try:
         options = {
             "depth": 2,
@@ -337,3 +358,93 @@ def test_real_inference_down_shows_the_banner(browser, stack):
     send(page, "hello?")
     expect(page.get_by_test_id("chat-error")).to_contain_text("inference service is down")
     assert page.errors == []
+
+
+def test_real_chat_with_a_pinned_version(browser, stack):
+    page = open_page(browser, stack["webui"].url)
+    expect(page.get_by_test_id("model-badge")).to_contain_text("nanochat v")
+    picker = page.get_by_test_id("chat-version")
+    expect(picker.locator("option[value='nanochat:2']")).to_have_text("nanochat:2 · base")
+    page.get_by_test_id("settings").locator("summary").click()
+    page.fill("[data-setting=max_tokens]", "4")
+    page.locator("[data-setting=max_tokens]").dispatch_event("change")
+    # The base version (v2), which the serving rule never serves, loaded by inference for this chat.
+    picker.select_option("nanochat:2")
+    send(page, "hello")
+    expect(last_assistant(page)).to_have_attribute("data-state", "done", timeout=120_000)
+    expect(last_assistant(page).get_by_test_id("answered-by")).to_have_text("nanochat:2")
+    served = httpx.get(f"{stack['inference'].url}/v1/models").json()["data"][0]["version"]
+    picker.select_option("")
+    page.get_by_test_id("regenerate").click()
+    expect(last_assistant(page)).to_have_attribute("data-state", "done", timeout=60_000)
+    expect(last_assistant(page).get_by_test_id("answered-by")).to_have_text(f"nanochat:{served}")
+    assert page.errors == []
+
+
+SHORT_TRAIN = {
+    "depth": 2,
+    "max_seq_len": 128,
+    "device_batch_size": 2,
+    "total_batch_size": 256,
+    "num_iterations": 4,
+    "eval_every": -1,
+    "eval_tokens": 256,
+    "save_every": -1,
+    "core_metric_every": -1,
+    "log_every": 1,
+}
+
+
+def js_pair(point: list[float]) -> str:
+    """A [step, value] point as the page writes it (JavaScript's shortest spelling of each number)."""
+    return ",".join(str(int(v)) if float(v).is_integer() else repr(float(v)) for v in point)
+
+
+def test_real_jobs_compared_and_a_report_card(browser, stack, tmp_path):
+    worker = start_worker(stack, tmp_path)
+    try:
+        tokenizer = {"name": "nanochat", "stage": "tokenizer"}
+        runs = [
+            submit(stack, {"stage": "base_train", "input": tokenizer, "options": {**SHORT_TRAIN, "depth": depth},
+                           "output_name": f"webui-d{depth}"})
+            for depth in (2, 4)
+        ]  # fmt: skip
+        # The report stage's title lands in the card's markdown: tags in it must stay text.
+        title = 'Card <script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
+        report = submit(
+            stack, {"stage": "report", "input": {"name": "nanochat", "version": 4}, "options": {"title": title}}
+        )
+        for job_id in [*runs, report]:
+            ended(stack, job_id)
+
+        page = open_page(browser, f"{stack['webui'].url}/#/jobs", token=None)
+        for job_id in runs:
+            page.locator(f"[data-testid=job-row][data-job='{job_id}']").get_by_test_id("compare-pick").check()
+        loss = page.get_by_test_id("compare").get_by_test_id("chart-loss")
+        expect(loss).to_have_attribute("data-series", "2")
+        for job_id in runs:
+            points = httpx.get(f"{stack['trainer'].url}/v1/jobs/{job_id}/metrics").json()["series"]["loss"]
+            assert len(points) >= 2
+            drawn = loss.locator(f"[data-testid=series][data-label^='{job_id[:12]} base_train']")
+            expect(drawn).to_have_attribute("data-points", str(len(points)))
+            assert drawn.get_attribute("data-first") == js_pair(points[0])
+            assert drawn.get_attribute("data-last") == js_pair(points[-1])
+
+        page.goto(f"{stack['webui'].url}/#/jobs/{report}")
+        card = page.get_by_test_id("job-report")
+        expect(card.locator("h3").first).to_have_text("Report card · nanochat v4")
+        expect(card).to_contain_text(title)
+        assert card.locator("script, img[src=x]").count() == 0
+        # The plot is drawn from the stages' loss events; these hand-made versions have none, so the
+        # card shows exactly the images the registry holds beside it (the fake's test draws one).
+        held = httpx.get(f"{stack['registry'].url}/v1/models/nanochat/versions/4").json()["attachments"]
+        images = sorted(a["path"] for a in held if a["path"].endswith((".svg", ".png")))
+        expect(card.get_by_test_id("report-image")).to_have_count(len(images))
+        assert (
+            sorted(card.get_by_test_id("report-image").evaluate_all("els => els.map((e) => e.dataset.file)")) == images
+        )
+        assert "report.md" in [a["path"] for a in held]
+        assert page.evaluate("window.__xss") is None
+        assert page.errors == []
+    finally:
+        worker.stop()

@@ -107,7 +107,13 @@ function compareView() {
   async function update(jobs) {
     const picked = jobs.filter((job) => compared.has(String(jobId(job))));
     note.textContent = picked.length < 2 ? "Tick two or more jobs to compare their loss and val_bpb curves." : "";
-    const metrics = await Promise.all(picked.map((job) => request(`/api/trainer/v1/jobs/${encodeURIComponent(jobId(job))}/metrics`)));
+    const paths = picked.map((job) => `/api/trainer/v1/jobs/${encodeURIComponent(jobId(job))}/metrics`);
+    const first = await Promise.all(paths.map((path) => request(path)));
+    // Pipelines draw a curve per training stage: all are compared at one stage they share (the
+    // first job's own when the others have it), so a pipeline's base_train meets a base_train.
+    const common = first.map((m) => m?.stages ?? []).reduce((a, b) => a.filter((st) => b.includes(st)), first[0]?.stages ?? []);
+    const want = common.includes(first[0]?.stage) ? first[0].stage : common[0];
+    const metrics = await Promise.all(first.map((m, i) => (!want || m?.stage === want ? m : request(`${paths[i]}?stage=${encodeURIComponent(want)}`))));
     const label = (job, m) => `${String(jobId(job)).slice(0, 12)} ${whatOf(job)}${m?.stage && m.stage !== job.stage ? ` · ${m.stage}` : ""}`;
     charts.forEach((chart, k) => chart.update(picked.map((job, i) => ({ label: label(job, metrics[i]), points: metrics[i]?.series?.[COMPARED_CURVES[k]] }))));
   }
