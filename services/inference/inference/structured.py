@@ -154,11 +154,21 @@ def grammar_spec(p: Plan, tokenizer: Tokenizer, budget: int) -> str | None:
         ) from None
 
 
-def message_content(role: str, content: str | list[dict[str, str]], tool_calls: list[ToolCall] | None, index: int):
-    """A message's content as the tokenizer's renderer takes it: an assistant's calls become
-    python parts after its text."""
-    if role != "assistant" or not tool_calls:
-        return content
+def conversation(messages: list[Any], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The request's messages (schemas.ChatMessage) and listed tools as the tokenizer's renderer
+    takes them. An assistant message's `nanochat_parts` already hold its calls as python parts."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.role == "assistant" and m.tool_calls and not m.nanochat_parts:
+            content = "" if m.content is None else m.rendered_content()
+            out.append({"role": "assistant", "content": call_parts(content, m.tool_calls, i)})
+        else:
+            out.append({"role": m.role, "content": m.rendered_content()})
+    return {"messages": out, "tools": tools}
+
+
+def call_parts(content: str | list[dict[str, str]], tool_calls: list[ToolCall], index: int) -> list[dict[str, str]]:
+    """An assistant message's parts: its text, then each call as a python part."""
     parts = [{"type": "text", "text": content}] if isinstance(content, str) and content else list(content or [])
     for j, call in enumerate(tool_calls):
         try:
@@ -197,7 +207,9 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def answer(parts: list[tuple[str, str]], p: Plan, finish_reason: str | None):
+def answer(
+    parts: list[tuple[str, str]], p: Plan, finish_reason: str | None
+) -> tuple[str | None, list[ToolCall] | None, str | None]:
     """(content, tool_calls, finish_reason) of a whole choice from its merged parts."""
     found = (parse_call(text, p) for kind, text in parts if kind == "python")
     calls = [ToolCall(id=new_call_id(), function=c) for c in found if c is not None]
@@ -230,16 +242,3 @@ class ToolDeltas:
 
     def finish_reason(self, choice: int, reason: str | None) -> str | None:
         return "tool_calls" if reason is not None and self.count.get(choice) else reason
-
-
-def conversation(messages: list[Any], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """The request's messages (schemas.ChatMessage) and listed tools as the tokenizer's renderer
-    takes them. An assistant message's `nanochat_parts` already hold its calls as python parts."""
-    out = []
-    for i, m in enumerate(messages):
-        if m.role == "assistant" and m.tool_calls and not m.nanochat_parts:
-            content = "" if m.content is None else m.rendered_content()
-            out.append({"role": "assistant", "content": message_content("assistant", content, m.tool_calls, i)})
-        else:
-            out.append({"role": m.role, "content": m.rendered_content()})
-    return {"messages": out, "tools": tools}

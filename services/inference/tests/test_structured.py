@@ -229,3 +229,11 @@ def test_a_python_part_naming_a_listed_function_becomes_a_tool_call():
     assert head["tool_calls"][0]["function"] == {"name": "weather", "arguments": ""}
     assert json.loads(body["tool_calls"][0]["function"]["arguments"])["city"] == "Oslo"
     assert deltas.finish_reason(0, "stop") == "tool_calls" and deltas.finish_reason(1, "stop") == "stop"
+
+
+def test_a_tool_call_whose_arguments_are_not_json_is_a_400(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{city: Oslo"}}
+    messages = [*ASK, {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "content": "rain"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="nanochat", messages=messages, tools=[WEATHER], max_tokens=4)
+    assert e.value.body["param"] == "messages.1.tool_calls.0.function.arguments"
