@@ -21,12 +21,13 @@ and a grammar that can take nothing more finishes the row by itself.
 The budget: a model (a random-weight one above all) can wander in a string or an array for longer
 than `max_tokens` allows, and a cut-off JSON document is worth nothing. So a Constraint whose spec
 has a budget measures, as the budget runs down, how many tokens the *closing path* from its state
-takes (walked on a copy of the matcher), and once only about that many are left (1.5x + SLACK), the mask
-narrows, among what the grammar allows, to the tokens that close fastest: the end token, then a
-closing quote inside a string, then `}` or `]`, then an opening quote, then `,` (allowed only
-where more is required), then `0`; where none of those is allowed (a forced key, `true`, the
-rest of a UTF-8 character), the shortest allowed tokens. A sample whose closing path is longer than its whole budget (a prompt
-that leaves almost no room) can still be cut (finish_reason "length").
+takes (walked on a copy of the matcher), and once only about that many are left (1.5x + SLACK),
+the mask narrows, among what the grammar allows, to the tokens that close fastest: the end token,
+then a closing quote inside a string, then `}` or `]`, then an opening quote, then `,` (allowed
+only where more is required), then `0`; where none of those is allowed, the next forced token (a
+key), else the shortest allowed tokens (`true`, the rest of a UTF-8 character). A sample whose
+closing path is longer than its whole budget (a prompt that leaves almost no room) can still be
+cut (finish_reason "length").
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class Constraint:
         """Set the logits of every token the grammar does not allow next to -inf, in place."""
         allowed = _allowed(self.matcher, self.words, self.vocab)
         if self._must_close(allowed):
-            allowed = self.closer.narrow(allowed)
+            allowed = self.closer.narrow(allowed, self.matcher)
         blocked = torch.from_numpy(~allowed).to(logits_row.device, non_blocking=True)
         logits_row[: self.vocab].masked_fill_(blocked, float("-inf"))
         logits_row[self.vocab :] = float("-inf")  # the model's padding ids
@@ -218,30 +219,53 @@ class _Closer:
     def in_string(self, allowed: np.ndarray) -> bool:
         return bool(allowed[self.quote] and allowed[self.letter])
 
-    def narrow(self, allowed: np.ndarray) -> np.ndarray:
-        """Of the allowed tokens, the first tier that has any (module docstring), else the shortest."""
+    def narrow(self, allowed: np.ndarray, matcher: llguidance.LLMatcher) -> np.ndarray:
+        """Of the allowed tokens, the first tier that has any (module docstring), else the next
+        forced token (a key's), else the shortest."""
         for tier in self.inside if self.in_string(allowed) else self.outside:
             picked = tier[allowed[tier]]
             if picked.size:
-                narrowed = np.zeros_like(allowed)
-                narrowed[picked] = True
-                return narrowed
+                return self._only(allowed, picked)
+        forced = matcher.compute_ff_tokens()
+        if forced:
+            return self._only(allowed, [forced[0]])
         lengths = np.where(allowed, self.lengths, 1 << 31)
         shortest = allowed & (lengths == lengths.min())
         return shortest if shortest.any() else allowed
 
+    @staticmethod
+    def _only(allowed: np.ndarray, ids) -> np.ndarray:
+        narrowed = np.zeros_like(allowed)
+        narrowed[ids] = True
+        return narrowed
+
     def cost(self, matcher: llguidance.LLMatcher, limit: int) -> int:
-        """Tokens the closing path takes from `matcher`'s state (at most `limit`)."""
+        """Tokens the closing path takes from `matcher`'s state (at most `limit`), walked on a copy:
+        the tiers by single-token checks, forced runs at once, a full mask only where neither helps."""
         walk = matcher.deep_copy()
         words = np.zeros((self.vocab + 31) // 32, dtype=np.uint32)
-        for n in range(limit):
+        n = 0
+        while n < limit:
             if walk.is_stopped() or walk.is_error():
                 return n
-            allowed = _allowed(walk, words, self.vocab)
-            if allowed[self.end]:
+            if walk.validate_tokens([self.end]):
                 return n + 1
-            walk.consume_token(int(np.flatnonzero(self.narrow(allowed))[0]))
+            token = self._tier_token(walk)
+            forced = [token] if token is not None else walk.compute_ff_tokens()
+            if not forced:
+                allowed = _allowed(walk, words, self.vocab)
+                forced = [int(np.flatnonzero(self.narrow(allowed, walk))[0])]
+            walk.consume_tokens(forced)
+            n += len(forced)
         return limit
+
+    def _tier_token(self, m: llguidance.LLMatcher) -> int | None:
+        in_string = m.validate_tokens([self.quote]) and m.validate_tokens([self.letter])
+        for tier in self.inside if in_string else self.outside:
+            for token in tier.tolist():
+                if m.validate_tokens([token]):
+                    return token
+        return None
 
 
 _CLOSERS: weakref.WeakKeyDictionary[Tokenizer, _Closer] = weakref.WeakKeyDictionary()
