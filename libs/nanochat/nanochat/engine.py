@@ -1,8 +1,9 @@
 """Generation with the KV cache: sampling, stop tokens, the calculator tool, streaming.
 
 Two layers. `DecodeBatch` is the building block a continuous-batching scheduler drives: it owns
-a `KVCache` of `capacity` slots; `add` prefills prompts into free slots (once per prompt, then
-forks the cached prefix for `num_samples`), `step` feeds the tokens chosen last step through the
+a paged `KVCache` of `capacity` slots over a pool of blocks and its `BlockManager` (`kv_blocks`);
+`add` prefills prompts into free slots (once per prompt, then forks the cached prefix for
+`num_samples`: full blocks shared, the partial last one copied), `step` feeds the tokens chosen last step through the
 model in one call and chooses one more token for every running row, and rows leave when they finish (or on
 `cancel`), so new rows can join between any two steps. Every row keeps its own state (`Row`):
 its sampling settings, its own `torch.Generator` (the same seed gives the same sample whatever
@@ -47,6 +48,7 @@ import torch
 from nanochat.calculator import calculate
 from nanochat.common import autocast
 from nanochat.gpt import GPT, KVCache
+from nanochat.kv_blocks import BLOCK_SIZE, BlockManager
 from nanochat.tokenizer import Tokenizer
 
 # Prompts are prefilled this many tokens at a time, which bounds the activations and attention
@@ -139,7 +141,6 @@ class Row:
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     logits: torch.Tensor | None = None  # (vocab,) next-token logits; None until the last token is fed
     num_generated: int = 0  # tokens chosen so far, the stop token included
-    cached: int = 0  # once it left the batch: positions its slot's cache held (prompt + fed tokens)
     # Made on first use, only for rows whose params need them:
     counts: torch.Tensor | None = None  # (vocab,) how often each token was generated: the penalties
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) on the device
@@ -244,16 +245,27 @@ def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int) -> list[i
 
 
 class DecodeBatch:
-    """Rows generating together in one preallocated KV cache; rows join and leave between steps."""
+    """Rows generating together in one paged KV cache; rows join and leave between steps."""
 
-    def __init__(self, engine: Engine, capacity: int, max_len: int | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        capacity: int,
+        max_len: int | None = None,
+        num_blocks: int | None = None,
+        block_size: int = BLOCK_SIZE,
+        prefix_caching: bool = False,
+    ):
+        """num_blocks: the pool's size (default: every slot at max_len, plus the null block);
+        prefix_caching: name full blocks as they fill so later prompts can share them."""
         self.engine = engine
-        self.cache = KVCache.for_model(engine.model, capacity, max_len)
+        self.cache = KVCache.for_model(engine.model, capacity, max_len, num_blocks, block_size)
+        self.blocks = BlockManager(self.cache.tables, self.cache.num_blocks, block_size, caching=prefix_caching)
         self.rows: dict[int, Row] = {}  # slot -> running row
 
     @property
     def capacity(self) -> int:
-        return self.cache.batch_size
+        return self.cache.rows
 
     @property
     def max_len(self) -> int:
@@ -283,14 +295,18 @@ class DecodeBatch:
         needed = len(prompts) * num_samples
         if needed > len(free):
             raise ValueError(f"{needed} rows requested but only {len(free)} of {self.capacity} cache slots are free")
+        blocks = sum(self.blocks.blocks_for(len(p)) + num_samples - 1 for p in prompts)
+        if blocks > self.blocks.free:
+            raise ValueError(f"{blocks} cache blocks needed but only {self.blocks.free} are free")
         slots = [free[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
         heads = [s[0] for s in slots]
-        self.cache.reset(heads)
+        for head, prompt in zip(heads, prompts):
+            self.blocks.allocate(head, self.blocks.blocks_for(len(prompt)))
         last_logits = self._prefill(prompts, heads)
-        device = self.cache.k.device
+        device = self.engine.device
         rows = []
         for prompt, p, group, logits in zip(prompts, params, slots, last_logits):
-            self.cache.fork(group[0], group[1:])
+            self.fork(group[0], group[1:])
             seed = secrets.randbits(62) if p.seed is None else p.seed
             for i, slot in enumerate(group):
                 generator = torch.Generator(device=device)
@@ -300,25 +316,47 @@ class DecodeBatch:
                 rows.append(row)
         return rows
 
+    def fork(self, src: int, dst: Sequence[int]) -> None:
+        """Give the empty slots dst what slot src's cache holds: its full blocks shared, its partial
+        last block copied (one free block each)."""
+        n = int(self.cache.lengths[src])
+        for slot in dst:
+            copy = self.blocks.fork(src, slot, n)
+            if copy is not None:
+                self.cache.copy_block(*copy)
+            self.cache.copy_row(src, slot, n)
+            self.cache.lengths[slot] = n
+
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
         """Run the prompts through the model chunk by chunk; each prompt's last-position logits."""
-        device = self.cache.k.device
         last: list[torch.Tensor | None] = [None] * len(prompts)
         longest = max(len(p) for p in prompts)
         for start in range(0, longest, PREFILL_CHUNK):
             live = [i for i, p in enumerate(prompts) if len(p) > start]
             chunks = [prompts[i][start : start + PREFILL_CHUNK] for i in live]
-            width = max(len(c) for c in chunks)
-            # Shorter chunks are padded; num_new keeps the padding out of each row's length.
-            idx = torch.zeros((len(live), width), dtype=torch.long)
-            for j, c in enumerate(chunks):
-                idx[j, : len(c)] = torch.tensor(c)
-            counts = [len(c) for c in chunks]
-            logits = self.engine.forward(idx.to(device), self.cache, [slots[i] for i in live], counts, last_only=True)
+            logits = self.prefill_chunk(chunks, [slots[i] for i in live])
             for j, i in enumerate(live):
-                if start + counts[j] == len(prompts[i]):
-                    last[i] = logits[j, 0]
+                if start + len(chunks[j]) == len(prompts[i]):
+                    last[i] = logits[j]
         return last
+
+    def prefill_chunk(self, chunks: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Feed one chunk of tokens per slot (the slots hold blocks for them) in one padded call;
+        the logits (len(slots), vocab) after each chunk's last token."""
+        width = max(len(c) for c in chunks)
+        # Shorter chunks are padded; num_new keeps the padding out of each row's length.
+        idx = torch.zeros((len(chunks), width), dtype=torch.long)
+        for j, c in enumerate(chunks):
+            idx[j, : len(c)] = torch.tensor(c)
+        counts = [len(c) for c in chunks]
+        logits = self.engine.forward(idx.to(self.engine.device), self.cache, slots, counts, last_only=True)
+        return logits[:, 0]
+
+    def blocks_needed(self, row: Row) -> int:
+        """Blocks the row must be given before its next step can feed it (0 or 1)."""
+        if row.logits is not None:
+            return 0
+        return self.blocks.blocks_for(int(self.cache.lengths[row.slot]) + 1) - len(self.blocks.tables[row.slot])
 
     def cancel(self, row: Row) -> None:
         """Stop a running row now and free its slot."""
@@ -326,11 +364,23 @@ class DecodeBatch:
             row.finish_reason = "cancelled"
             self._release(row)
 
+    def preempt(self, row: Row) -> None:
+        """Take a running row out of the batch with its blocks freed (what they hold stays findable);
+        it keeps its state, to go on once its prompt and tokens are prefilled again."""
+        self._release(row)
+
     def _release(self, row: Row) -> None:
         del self.rows[row.slot]
-        row.cached = int(self.cache.lengths[row.slot])
-        self.cache.reset(row.slot)
         row.logits = None
+        self.release_slot(row.slot, row.prompt + row.tokens)
+
+    def release_slot(self, slot: int, tokens: Sequence[int]) -> None:
+        """Free the slot's blocks at once; `tokens` (from position 0) name what its full blocks hold,
+        so they stay findable until evicted."""
+        held = int(self.cache.lengths[slot])
+        self.blocks.register(slot, tokens[:held])
+        self.blocks.release(slot)
+        self.cache.lengths[slot] = 0
 
     @torch.no_grad()
     def step(self) -> list[StepToken]:
@@ -341,8 +391,10 @@ class DecodeBatch:
         """
         running = [self.rows[s] for s in sorted(self.rows)]
         feed = [row for row in running if row.logits is None]
+        for row in feed:
+            self.blocks.allocate(row.slot, self.blocks_needed(row))  # PoolExhausted: the caller makes room first
         if feed:
-            idx = torch.tensor([[row.tokens[-1]] for row in feed], dtype=torch.long, device=self.cache.k.device)
+            idx = torch.tensor([[row.tokens[-1]] for row in feed], dtype=torch.long, device=self.engine.device)
             logits = self.engine.forward(idx, self.cache, [row.slot for row in feed])
             for j, row in enumerate(feed):
                 row.logits = logits[j, -1]
@@ -513,9 +565,10 @@ class Engine:
         """The prompt as a list of ids; a clear error when it cannot be generated from."""
         return check_prompt(prompt, self.model.config.vocab_size, max_len)
 
-    def new_batch(self, capacity: int, max_len: int | None = None) -> DecodeBatch:
-        """An empty batch of `capacity` slots of max_len positions (default: the model's sequence_len)."""
-        return DecodeBatch(self, capacity, max_len)
+    def new_batch(self, capacity: int, max_len: int | None = None, **options) -> DecodeBatch:
+        """An empty batch of `capacity` slots of max_len positions (default: the model's sequence_len);
+        `options` are DecodeBatch's (num_blocks, block_size, prefix_caching)."""
+        return DecodeBatch(self, capacity, max_len, **options)
 
     def generate(
         self,

@@ -22,25 +22,30 @@ fp32 logits (B, T, vocab_size). The embedding and lm_head rows are padded up to 
 lcm(64, world size) so the sharded AdamW can split them evenly; the padded logits are sliced off
 before the loss and before they are returned.
 
-KV cache (for the engine): every row of a batch has its own length, so rows may sit at
-different positions (continuous batching builds on it).
+KV cache (for the engine): a paged cache, a pool of fixed-size blocks that rows (the batch's
+slots) read through block tables, so rows may sit at different positions (continuous batching
+builds on it) and share blocks (prefix caching: `nanochat.kv_blocks` keeps the tables, reference
+counts and names; the model only reads and writes through them).
 
-    cache = KVCache.for_model(model, batch_size=8, max_len=1024)
-    logits = model(idx, kv_cache=cache)                 # idx (B, T): T new tokens per row
-    logits = model(idx, kv_cache=cache, rows=slots)     # idx (len(slots), T) for those rows only
-    logits = model(idx, kv_cache=cache, num_new=n)      # row b keeps only its first n[b] tokens
-    logits = model(idx, kv_cache=cache, num_new=n, last_only=True)  # (B, 1, V): each row's last real token
+    cache = KVCache.for_model(model, rows=8, max_len=1024)   # num_blocks=, block_size= (16)
+    blocks = BlockManager(cache.tables, cache.num_blocks, cache.block_size)
+    blocks.allocate(0, 4)                               # row 0 may now hold 64 positions
+    logits = model(idx, kv_cache=cache, rows=[0])       # idx (len(rows), T): T new tokens per row
+    logits = model(idx, kv_cache=cache, rows=r, num_new=n)  # row b keeps only its first n[b] tokens
+    logits = model(idx, kv_cache=cache, rows=r, num_new=n, last_only=True)  # (B, 1, V): each row's last real token
 
 Row b's new tokens take positions `cache.lengths[b] ... cache.lengths[b] + T - 1` (their rotary
-angles too) and attend to the row's cached prefix plus, causally, to each other; afterwards the
-row's length advances by `num_new[b]` (default T). `num_new` lets rows of unequal prompt length
-share one padded prefill call: the padding tokens after a row's real ones are written past its
-length and are never seen (their logits are garbage, ignore them). Cache methods:
-`reset(rows)` empties rows, `fork(src, dst)` copies row src's cached prefix (and length) into
-rows dst (prefill once, then sample num_samples continuations), `copy(src, dst, start, stop)`
-copies positions between rows (a prefix cache's hit), `advance(n, rows)` moves lengths on,
-`truncate(rows, length)` rolls rows back. The cache holds k and v as
-(n_layer, batch, n_kv_head, max_len, head_dim) in the compute dtype (bf16 on CUDA, fp32 on CPU).
+angles too), are written into the blocks its table names there, and attend to the row's cached
+prefix plus, causally, to each other; afterwards the row's length advances by `num_new[b]`
+(default T). The caller gives a row blocks for its real tokens first; `num_new` lets rows of
+unequal prompt length share one padded prefill call: padding positions past a row's blocks write
+into the null block, those inside its last block past its length, and none is ever attended to
+(their logits are garbage, ignore them). The pool holds k and v as (n_layer, num_blocks,
+block_size, n_kv_head, head_dim) in the compute dtype (bf16 on CUDA, fp32 on CPU); tables and
+lengths live on the CPU. Attention reads each row's keys from a contiguous copy per row
+(`k_rows`, (n_layer, rows, n_kv_head, max_len, head_dim)), written beside the pool, because
+gathering blocks every step is slower on a CPU (see `KVCache`); a row that starts from blocks it
+did not write (shared by a prefix hit) is `stage`d from them once, a fork is `copy_row`.
 
 Check: `python -m nanochat.gpt` prints the depth-20 speedrun model's parameter count.
 """
@@ -146,30 +151,57 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Preallocated keys and values for a batch of rows, each row at its own length."""
+    """Keys and values in a pool of fixed-size blocks; each row reads its positions through a block table."""
 
     def __init__(
         self,
         n_layer: int,
-        batch_size: int,
+        rows: int,
+        num_blocks: int,
+        block_size: int,
         n_kv_head: int,
         max_len: int,
         head_dim: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"a KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        if rows < 1 or max_len < 1 or block_size < 1:
+            raise ValueError(f"a KV cache needs rows, max_len and block_size >= 1, got {rows}, {max_len}, {block_size}")
+        self.block_size = block_size
+        self.max_blocks = -(-max_len // block_size)
+        if num_blocks < self.max_blocks + 1:
+            raise ValueError(
+                f"{num_blocks} blocks cannot hold one sequence of {max_len} positions (needs {self.max_blocks} "
+                f"blocks of {block_size} and the null block)"
+            )
+        self._max_len = max_len
+        shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # Each row's keys and values again, contiguous, which attention reads: gathering a batch's
+        # blocks in every layer of every step made a decode step 15-25% slower at 16-64 rows on a
+        # 2-core CPU (memory-bound copies), while these views cost nothing to read. New tokens go to
+        # both; a row starting from blocks it did not write (a prefix hit) is staged from them once.
+        row_shape = (n_layer, rows, n_kv_head, max_len, head_dim)
+        self.k_rows = torch.zeros(row_shape, device=device, dtype=dtype)
+        self.v_rows = torch.zeros(row_shape, device=device, dtype=dtype)
+        # Tables and lengths stay on the CPU, where the scheduler edits them; each step sends its
+        # indices to the device once. The last column is always the null block (kv_blocks.NULL_BLOCK).
+        self.tables = torch.zeros((rows, self.max_blocks + 1), dtype=torch.long)
+        self.lengths = torch.zeros(rows, dtype=torch.long)
 
     @classmethod
     def for_model(
-        cls, model: GPT, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+        cls,
+        model: GPT,
+        rows: int,
+        max_len: int | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        dtype: torch.dtype | None = None,
     ) -> KVCache:
-        """A cache shaped for `model`; max_len defaults to its sequence_len, dtype to bf16 on CUDA."""
+        """A cache shaped for `model`; max_len defaults to its sequence_len, num_blocks to enough for
+        every row at max_len (plus the null block), dtype to bf16 on CUDA."""
         c = model.config
         device = model.lm_head.weight.device
         if dtype is None:
@@ -177,59 +209,38 @@ class KVCache:
         max_len = c.sequence_len if max_len is None else max_len
         if max_len > model.rotary_len:
             raise ValueError(f"max_len {max_len} exceeds the model's rotary table ({model.rotary_len} positions)")
-        return cls(c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, device, dtype)
+        if num_blocks is None:
+            num_blocks = rows * -(-max_len // block_size) + 1
+        return cls(c.n_layer, rows, num_blocks, block_size, c.n_kv_head, max_len, c.head_dim, device, dtype)
 
     @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
+    def rows(self) -> int:
+        return self.tables.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self._max_len
 
-    def _rows(self, rows: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
-        if rows is None:
-            return torch.arange(self.batch_size, device=self.lengths.device)
-        r = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device).reshape(-1)
-        if r.numel() and (int(r.min()) < 0 or int(r.max()) >= self.batch_size):
-            raise IndexError(f"cache rows {r.tolist()} out of range for a batch of {self.batch_size}")
-        return r
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
 
-    def reset(self, rows: int | Sequence[int] | torch.Tensor | None = None) -> None:
-        """Empty the given rows (all rows by default); their stale keys are masked from now on."""
-        self.lengths[self._rows(rows)] = 0
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block src's keys and values (every layer) into block dst."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
 
-    def truncate(self, rows: int | Sequence[int] | torch.Tensor, length: int) -> None:
-        """Roll rows back to `length` tokens (never forward)."""
-        r = self._rows(rows)
-        if length < 0 or bool((self.lengths[r] < length).any()):
-            raise ValueError(f"cannot truncate rows {r.tolist()} to {length}: lengths {self.lengths[r].tolist()}")
-        self.lengths[r] = length
+    def stage(self, row: int, positions: int) -> None:
+        """Fill the row's contiguous keys and values for positions [0, positions) from its blocks."""
+        blocks = self.tables[row, : -(-positions // self.block_size)].to(self.k.device)
+        for pool, rows in ((self.k, self.k_rows), (self.v, self.v_rows)):
+            gathered = pool[:, blocks].flatten(1, 2)[:, :positions]  # (n_layer, positions, H, D)
+            rows[:, row, :, :positions] = gathered.transpose(1, 2)
 
-    def advance(self, n: int | torch.Tensor, rows: int | Sequence[int] | torch.Tensor | None = None) -> None:
-        """Move the rows' lengths on by n (an int or one count per row)."""
-        r = self._rows(rows)
-        new = self.lengths[r] + torch.as_tensor(n, dtype=torch.long, device=self.lengths.device)
-        if bool((new < 0).any()) or bool((new > self.max_len).any()):
-            raise ValueError(f"lengths {new.tolist()} would leave the cache range [0, {self.max_len}]")
-        self.lengths[r] = new
-
-    def copy(self, src: int, dst: int, start: int, stop: int) -> None:
-        """Copy row src's keys and values at positions [start, stop) into row dst (lengths unchanged)."""
-        self.k[:, dst, :, start:stop] = self.k[:, src, :, start:stop]
-        self.v[:, dst, :, start:stop] = self.v[:, src, :, start:stop]
-
-    def fork(self, src: int, dst: int | Sequence[int] | torch.Tensor) -> None:
-        """Copy row src's cached prefix and length into the rows dst."""
-        s = int(self._rows(src)[0])
-        d = self._rows(dst)
-        d = d[d != s]
-        n = int(self.lengths[s])
-        if d.numel() == 0:
-            return
-        self.k[:, d, :, :n] = self.k[:, s : s + 1, :, :n]
-        self.v[:, d, :, :n] = self.v[:, s : s + 1, :, :n]
-        self.lengths[d] = n
+    def copy_row(self, src: int, dst: int, positions: int) -> None:
+        """Copy row src's contiguous keys and values for positions [0, positions) into row dst."""
+        self.k_rows[:, dst, :, :positions] = self.k_rows[:, src, :, :positions]
+        self.v_rows[:, dst, :, :positions] = self.v_rows[:, src, :, :positions]
 
 
 @dataclass
@@ -237,12 +248,29 @@ class _CacheStep:
     """What every layer needs for one cached forward: where to write, what to read, the mask."""
 
     cache: KVCache
-    rows: torch.Tensor  # (B,) the cache row of each batch row
+    rows: torch.Tensor  # (B,) the cache row of each batch row (CPU)
+    rows_dev: torch.Tensor  # the same on the device
     block: slice | None  # the same rows when they are one ascending run: reads are views, not gathers
-    pos: torch.Tensor  # (B, T) absolute position of each new token
+    pos: torch.Tensor  # (B, T) absolute position of each new token (device)
+    write: torch.Tensor  # (B * T,) pool position of each new token's key, the null block for padding (device)
     span: int  # keys 0..span-1 are read
-    mask: torch.Tensor  # (B, 1, T, span) True where a query may attend a key
-    counts: torch.Tensor  # (B,) how far each row's length advances after the forward
+    mask: torch.Tensor  # (B, 1, T, span) True where a query may attend a key (device)
+    counts: torch.Tensor  # (B,) how far each row's length advances after the forward (CPU)
+
+
+def _attend_cache(step: _CacheStep, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the new keys and values (B, T, H, D) into the pool and the rows; each row's keys and
+    values (B, H, span, D)."""
+    cache = step.cache
+    H, D = k.shape[2:]
+    for pool, rows, new in ((cache.k, cache.k_rows, k), (cache.v, cache.v_rows, v)):
+        pool[layer].view(-1, H, D).index_copy_(0, step.write, new.reshape(-1, H, D).to(pool.dtype))
+        # Advanced indices (rows, pos) around a sliced head dim put (B, T) first: (B, T, H, D).
+        rows[layer][step.rows_dev[:, None], :, step.pos] = new.to(rows.dtype)
+    ck, cv = cache.k_rows[layer], cache.v_rows[layer]
+    if step.block is not None:
+        return ck[step.block, :, : step.span], cv[step.block, :, : step.span]
+    return ck[step.rows_dev, :, : step.span], cv[step.rows_dev, :, : step.span]
 
 
 class CausalSelfAttention(nn.Module):
@@ -267,14 +295,7 @@ class CausalSelfAttention(nn.Module):
         if step is None:
             y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa)
         else:
-            ck, cv = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
-            # Advanced indices (rows, pos) around a sliced head dim put (B, T) first: (B, T, H, D).
-            ck[step.rows[:, None], :, step.pos] = k.to(ck.dtype)
-            cv[step.rows[:, None], :, step.pos] = v.to(cv.dtype)
-            if step.block is not None:
-                keys, values = ck[step.block, :, : step.span], cv[step.block, :, : step.span]
-            else:
-                keys, values = ck[step.rows, :, : step.span], cv[step.rows, :, : step.span]
+            keys, values = _attend_cache(step, self.layer_idx, k, v)
             y = F.scaled_dot_product_attention(
                 q, keys.to(q.dtype), values.to(q.dtype), attn_mask=step.mask, enable_gqa=gqa
             )
@@ -446,13 +467,13 @@ class GPT(nn.Module):
             if step is None:
                 x = x[:, -1:]
             else:
-                last = torch.where(step.counts > 0, step.counts - 1, T - 1)
+                last = torch.where(step.counts > 0, step.counts - 1, T - 1).to(x.device)
                 x = x[torch.arange(B, device=x.device), last].unsqueeze(1)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
 
         if step is not None:
-            kv_cache.lengths[step.block if step.block is not None else step.rows] += step.counts
+            kv_cache.lengths[step.rows] += step.counts
         if targets is None:
             return logits
         if targets.shape != idx.shape:
@@ -471,18 +492,19 @@ class GPT(nn.Module):
         num_new: int | Sequence[int] | torch.Tensor | None,
     ) -> _CacheStep:
         if rows is None:
-            if B != cache.batch_size:
-                raise ValueError(f"idx has {B} rows but the cache {cache.batch_size}; pass rows=")
-            row_idx, block = cache._rows(None), slice(0, B)
+            if B != cache.rows:
+                raise ValueError(f"idx has {B} rows but the cache {cache.rows}; pass rows=")
+            row_idx, block = torch.arange(B), slice(0, B)
         else:
-            row_idx = cache._rows(rows)
+            row_idx = torch.as_tensor(rows, dtype=torch.long, device="cpu").reshape(-1)
             if row_idx.numel() != B or row_idx.unique().numel() != B:
                 raise ValueError(f"rows must name {B} distinct cache rows, got {row_idx.tolist()}")
+            if int(row_idx.min()) < 0 or int(row_idx.max()) >= cache.rows:
+                raise IndexError(f"cache rows {row_idx.tolist()} out of range for a cache of {cache.rows} rows")
             # A scheduler fills the lowest free slots first, so running rows are often one run.
             first = int(row_idx[0])
-            run = torch.arange(first, first + B, device=row_idx.device)
-            block = slice(first, first + B) if bool((row_idx == run).all()) else None
-        lengths = cache.lengths[block if block is not None else row_idx]
+            block = slice(first, first + B) if bool((row_idx == torch.arange(first, first + B)).all()) else None
+        lengths = cache.lengths[row_idx]
         end = int((lengths + T).max())
         if end > cache.max_len:
             raise ValueError(
@@ -490,15 +512,29 @@ class GPT(nn.Module):
             )
         if end > self.rotary_len:
             raise ValueError(f"position {end - 1} is past the model's rotary table ({self.rotary_len} positions)")
-        counts = torch.full((B,), T, dtype=torch.long, device=lengths.device)
+        counts = torch.full((B,), T, dtype=torch.long)
         if num_new is not None:
-            counts = torch.as_tensor(num_new, dtype=torch.long, device=lengths.device).expand(B).clone()
+            counts = torch.as_tensor(num_new, dtype=torch.long, device="cpu").expand(B).clone()
             if bool((counts < 0).any()) or bool((counts > T).any()):
                 raise ValueError(f"num_new must lie in [0, {T}], got {counts.tolist()}")
-        pos = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]
-        keys = torch.arange(end, device=lengths.device)
-        mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
-        return _CacheStep(cache=cache, rows=row_idx, block=block, pos=pos, span=end, mask=mask, counts=counts)
+        bs = cache.block_size
+        pos = lengths[:, None] + torch.arange(T)[None, :]
+        table = cache.tables[row_idx]
+        # A position past the row's table (padding) lands in the table's last column: the null block.
+        write = table.gather(1, (pos // bs).clamp_(max=cache.max_blocks)) * bs + pos % bs
+        mask = (torch.arange(end)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+        device = cache.k.device
+        return _CacheStep(
+            cache=cache,
+            rows=row_idx,
+            rows_dev=row_idx.to(device, non_blocking=True),
+            block=block,
+            pos=pos.to(device, non_blocking=True),
+            write=write.reshape(-1).to(device, non_blocking=True),
+            span=end,
+            mask=mask.to(device, non_blocking=True),
+            counts=counts,
+        )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
-"""Continuous batching: a waiting queue and a running batch over one preallocated KV cache.
+"""Continuous batching: a waiting queue and a running batch over one paged KV cache.
 
-The scheduler drives an `engine.DecodeBatch` (`slots` rows of `max_len` positions: memory is fixed
-up front and admission is exact, a request needs `n` free slots). Each iteration it
+The scheduler drives an `engine.DecodeBatch`: `slots` rows over a pool of KV blocks
+(`kv_blocks.py`; `num_blocks`, by default enough for every slot at `max_len`). Memory is the pool,
+fixed up front, and admission is exact in blocks. Each iteration it
 
 1. applies cancellations (a client went away, a stop string matched): the rows leave at once and
-   their slots are free for this very iteration;
-2. admits waiting requests, first come first served, while enough slots are free;
+   their blocks are free for this very iteration;
+2. admits waiting requests, first come first served, while there are free slots and free blocks
+   for the whole prompt (less what the prefix cache holds of it, shared with no copy) plus one
+   block for each further sample's copy of the prompt's partial last block;
 3. prefills admitted prompts in chunks under a token budget (`prefill_tokens` per iteration,
    `decode_prefill_tokens` while rows decode, padding counted), so a long prompt is spread over
-   several iterations instead of stalling the decodes running beside it; what the prefix cache
-   (`prefix_cache.py`) already holds of a prompt is not prefilled again; when a prompt is
-   complete its cached prefix is forked into the request's `n` slots and those rows join the
-   batch;
-4. runs one decode step for every running row and hands each request its new tokens.
+   several iterations instead of stalling the decodes running beside it; when a prompt is
+   complete it is forked into the request's `n` slots and those rows join the batch;
+4. gives each decoding row that is about to fill its last block a new one; when the pool has none
+   to spare, the newest running row (or prompt being prefilled) is preempted: its blocks are freed
+   (what they hold stays findable) and it goes back to the front of the waiting queue, to be
+   recomputed from its prompt plus what it has generated so far and then to go on where it
+   stopped (its client sees a delay, no gap and no repeated token);
+5. runs one decode step for every running row and hands each request its new tokens.
 
 Every request carries its own `SamplingParams` (and so its own seeded generator per sample: the
 same seed gives the same text whatever else is in the batch), extra stop token ids, and `n`.
@@ -56,7 +62,7 @@ from nanochat.engine import (
     check_params,
     row_seed,
 )
-from nanochat.prefix_cache import BLOCK_SIZE, PrefixCache
+from nanochat.kv_blocks import BLOCK_SIZE
 
 log = logging.getLogger("nanochat.scheduler")
 
@@ -93,14 +99,27 @@ class Handle:
     stop_token_ids: frozenset[int]
     on_events: Callable[[list[Event]], None]
     submitted_at: float = field(default_factory=time.monotonic)
-    slots: list[int] = field(default_factory=list)
-    prefilled: int = 0  # prompt tokens already in the head slot's cache
     rows: list[Row | None] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
         return bool(self.finished) and all(self.finished)
+
+
+@dataclass(eq=False)
+class _Work:
+    """Tokens to prefill into a head slot: a new request's prompt (then forked into its n rows), or a
+    preempted row's prompt and generated tokens (then that row, sample `resume`, goes on)."""
+
+    handle: Handle
+    tokens: list[int]
+    n: int
+    resume: int | None = None
+    slots: list[int] = field(default_factory=list)
+    prefilled: int = 0  # tokens already in the head slot's cache
+    spare: int = 0  # free blocks held back for the forks' copies of the partial last block
+    admitted: int = 0  # admission order: the newest is preempted first
 
 
 @dataclass(frozen=True)
@@ -110,10 +129,11 @@ class Stats:
     running: int  # rows decoding
     slots: int
     used_slots: int
-    cache_positions_used: int  # tokens held in the KV cache over all slots
-    cache_positions: int  # slots x max_len
+    kv_blocks_used: int  # KV blocks that running or prefilling sequences hold
+    kv_blocks: int  # the pool's blocks (the null block left out)
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, since the start
     prefix_hits: int = 0  # of those, tokens found there (their prefill was skipped)
+    preemptions: int = 0  # rows or prompts sent back to wait for want of blocks, since the start
 
 
 class Scheduler:
@@ -126,24 +146,36 @@ class Scheduler:
         max_waiting: int = 256,
         prefix_block: int = BLOCK_SIZE,
         decode_prefill_tokens: int | None = None,
+        num_blocks: int | None = None,
     ):
-        """prefix_block: the prefix cache's block size in tokens, 0 turns prefix caching off;
-        decode_prefill_tokens: the prefill budget of an iteration while rows decode (default: the same)."""
+        """prefix_block: the KV blocks' size in tokens, 0 turns prefix caching off (blocks of BLOCK_SIZE);
+        decode_prefill_tokens: the prefill budget of an iteration while rows decode (default: the same);
+        num_blocks: the KV pool's size, the null block included (default: every slot at max_len)."""
         if prefill_tokens < 1 or max_waiting < 0:
             raise ValueError(f"prefill_tokens must be >= 1 and max_waiting >= 0, got {prefill_tokens}, {max_waiting}")
         self.engine = engine
-        self.batch: DecodeBatch = engine.new_batch(slots, max_len)
-        self.prefix = PrefixCache(self.batch.capacity, prefix_block) if prefix_block else None
+        self.batch: DecodeBatch = engine.new_batch(
+            slots,
+            max_len,
+            num_blocks=num_blocks,
+            block_size=prefix_block or BLOCK_SIZE,
+            prefix_caching=prefix_block > 0,
+        )
+        self.blocks = self.batch.blocks
         self.prefill_tokens = prefill_tokens
         self.decode_prefill_tokens = min(prefill_tokens, decode_prefill_tokens or prefill_tokens)
         self.max_waiting = max_waiting
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
-        self._waiting: deque[Handle] = deque()  # guarded by _cond
+        self._waiting: deque[_Work] = deque()  # guarded by _cond
         self._cancels: deque[tuple[Handle, int | None]] = deque()  # guarded by _cond
-        self._prefilling: list[Handle] = []  # model thread only, like everything below
+        self._prefilling: list[_Work] = []  # model thread only, like everything below
         self._reserved: set[int] = set()
         self._by_slot: dict[int, tuple[Handle, int]] = {}
+        self._admitted: dict[int, int] = {}  # slot -> admission order of its running row
+        self._admissions = itertools.count(1)
+        self._spare = 0  # the prefilling works' spare blocks, together
+        self.prefix_queries = self.prefix_hits = self.preemptions = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -170,6 +202,11 @@ class Scheduler:
         check_params(params, self.engine.model.config.vocab_size)
         if not isinstance(n, int) or not 1 <= n <= self.slots:
             raise ValueError(f"n must be an integer in [1, {self.slots}] (the cache's slots), got {n!r}")
+        if self.blocks.blocks_for(len(prompt)) + n - 1 > self.blocks.capacity:
+            raise ValueError(
+                f"a prompt of {len(prompt)} tokens with n={n} needs more than the KV pool's {self.blocks.capacity} "
+                f"blocks of {self.blocks.block_size}"
+            )
         handle = Handle(
             id=next(self._ids),
             prompt=prompt,
@@ -184,7 +221,7 @@ class Scheduler:
             free = max(0, self.slots - len(self.batch.rows) - len(self._reserved))
             if len(self._waiting) >= self.max_waiting + free:
                 raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests beyond the free slots)")
-            self._waiting.append(handle)
+            self._waiting.append(_Work(handle, prompt, n))
             self._cond.notify()
         return handle
 
@@ -200,17 +237,17 @@ class Scheduler:
         with self._cond:
             waiting = len(self._waiting)
             used = len(self.batch.rows) + len(self._reserved)
-        lengths = self.batch.cache.lengths
         return Stats(
             waiting=waiting,
             prefilling=len(self._prefilling),
             running=len(self.batch.rows),
             slots=self.slots,
             used_slots=used,
-            cache_positions_used=int(lengths.sum()),
-            cache_positions=self.slots * self.max_len,
-            prefix_queries=self.prefix.queries if self.prefix else 0,
-            prefix_hits=self.prefix.hits if self.prefix else 0,
+            kv_blocks_used=self.blocks.used,
+            kv_blocks=self.blocks.capacity,
+            prefix_queries=self.prefix_queries,
+            prefix_hits=self.prefix_hits,
+            preemptions=self.preemptions,
         )
 
     def idle(self) -> bool:
@@ -245,7 +282,7 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
         with self._cond:
-            pending = list(self._waiting) + self._prefilling + [h for h, _ in self._by_slot.values()]
+            pending = [w.handle for w in [*self._waiting, *self._prefilling]] + [h for h, _ in self._by_slot.values()]
             self._waiting.clear()
         for handle in dict.fromkeys(pending):
             self._finish_all(handle, "cancelled")
@@ -274,122 +311,175 @@ class Scheduler:
 
     @torch.no_grad()
     def iterate(self) -> None:
-        """One iteration: cancellations, admission, a prefill chunk, one decode step."""
+        """One iteration: cancellations, admission, a prefill chunk, room for the decodes, one decode step."""
         self._apply_cancels()
         self._admit()
         if self._prefilling:
             self._prefill()
+        if self.batch.rows:
+            self._make_room()
         if self.batch.rows:
             self._decode()
 
     def _apply_cancels(self) -> None:
         with self._cond:
             cancels, self._cancels = list(self._cancels), deque()
-            for handle, sample in cancels:
-                if sample is None and handle in self._waiting:
-                    self._waiting.remove(handle)
         for handle, sample in cancels:
             if handle.rows:
                 for i, row in enumerate(handle.rows):
                     if (sample is None or i == sample) and not handle.finished[i]:
-                        self.batch.cancel(row)
-                        self._left(row)
-                        del self._by_slot[row.slot]
+                        self._drop_row(handle, i, row)
                         handle.finished[i] = True
                         self._deliver(handle, [Event(i, finish_reason="cancelled")])
             elif sample is None or handle.n == 1:
                 # Not decoding yet: the samples share one prefill, so the request goes as a whole.
-                if handle in self._prefilling:
-                    self._prefilling.remove(handle)
-                    self._reserved.difference_update(handle.slots)
-                    for slot in handle.slots:
-                        self._released(slot)
+                self._drop_work(handle, None)
                 self._finish_all(handle, "cancelled")
 
+    def _drop_row(self, handle: Handle, sample: int, row: Row) -> None:
+        """Take a decoding or preempted row out of the scheduler, its blocks freed at once."""
+        if self.batch.rows.get(row.slot) is row:
+            self.batch.cancel(row)
+            del self._by_slot[row.slot]
+            del self._admitted[row.slot]
+        else:
+            self._drop_work(handle, sample)
+
+    def _drop_work(self, handle: Handle, resume: int | None) -> None:
+        """Forget the handle's waiting or prefilling work for sample `resume` (None: its prompt)."""
+        with self._cond:
+            for work in self._waiting:
+                if work.handle is handle and work.resume == resume:
+                    self._waiting.remove(work)
+                    return
+        for work in self._prefilling:
+            if work.handle is handle and work.resume == resume:
+                self._unadmit(work)
+                return
+
+    def _unadmit(self, work: _Work) -> None:
+        """A prefilling work leaves: what it prefilled stays findable, its blocks and slots are free."""
+        self._prefilling.remove(work)
+        self.batch.release_slot(work.slots[0], work.tokens)
+        self._spare -= work.spare
+        with self._cond:
+            self._reserved.difference_update(work.slots)
+        work.slots, work.prefilled, work.spare = [], 0, 0
+
     def _admit(self) -> None:
+        """Admit waiting works in order while their slots and blocks are free (exact: what admission
+        counts is what the prompt and its forks will hold)."""
         free = [s for s in self.batch.free_slots() if s not in self._reserved]
+        blocks, bs = self.blocks, self.blocks.block_size
         with self._cond:
             while self._waiting and self._waiting[0].n <= len(free):
-                handle = self._waiting.popleft()
-                handle.slots = self._claim(handle, free)
-                free = [s for s in free if s not in handle.slots]
-                self._reserved.update(handle.slots)
-                self._prefilling.append(handle)
-
-    def _claim(self, handle: Handle, free: list[int]) -> list[int]:
-        """The request's slots, the head one holding whatever the prefix cache had of its prompt."""
-        cache = self.batch.cache
-        if self.prefix is None:
-            cache.reset(free[0])
-            return free[: handle.n]
-        claim = self.prefix.claim(handle.prompt, free)
-        for source, destination, start, stop in claim.copies:
-            cache.copy(source, destination, start, stop)
-        cache.reset(claim.slot)
-        cache.advance(claim.cached, claim.slot)
-        handle.prefilled = claim.cached
-        slots = [claim.slot]
-        for _ in range(handle.n - 1):  # the other samples' slots, emptied for the fork
-            rest = [s for s in free if s not in slots]
-            for source, destination, start, stop in self.prefix.vacate(rest[0], rest[1:]):
-                cache.copy(source, destination, start, stop)
-            slots.append(rest[0])
-        return slots
-
-    def _left(self, row: Row) -> None:
-        """A row left the batch: what its slot's cache holds stays findable until the slot is taken."""
-        if self.prefix:
-            self.prefix.register(row.slot, (row.prompt + row.tokens)[: row.cached])
-        self._released(row.slot)
-
-    def _released(self, slot: int) -> None:
-        if self.prefix:
-            self.prefix.release(slot)
+                work = self._waiting[0]
+                cached, names = blocks.match(work.tokens)
+                fresh = blocks.blocks_for(len(work.tokens)) - len(cached)
+                spare = (work.n - 1) * (len(work.tokens) % bs > 0)
+                revived = sum(1 for b in cached if blocks.ref[b] == 0)  # free now, held once shared
+                if fresh + spare + revived > blocks.free - self._spare:
+                    break
+                self._waiting.popleft()
+                work.slots, free = free[: work.n], free[work.n :]
+                head = work.slots[0]
+                blocks.share(head, cached, names)
+                blocks.allocate(head, fresh)
+                work.prefilled = len(cached) * bs
+                self.batch.cache.lengths[head] = work.prefilled
+                self.batch.cache.stage(head, work.prefilled)
+                work.spare, work.admitted = spare, next(self._admissions)
+                self._spare += spare
+                if blocks.caching:
+                    self.prefix_queries += len(work.tokens)
+                    self.prefix_hits += work.prefilled
+                self._reserved.update(work.slots)
+                self._prefilling.append(work)
 
     def _prefill(self) -> None:
         """Feed the next chunk of as many prefilling prompts as the token budget allows."""
-        chosen: list[tuple[Handle, list[int]]] = []
+        chosen: list[tuple[_Work, list[int]]] = []
         width = 0
         budget = self.decode_prefill_tokens if self.batch.rows else self.prefill_tokens
-        for handle in self._prefilling:
-            left = len(handle.prompt) - handle.prefilled
+        for work in self._prefilling:
+            left = len(work.tokens) - work.prefilled
             chunk_len = min(left, PREFILL_CHUNK, max(budget // (len(chosen) + 1), 1))
             new_width = max(width, chunk_len)
             if chosen and new_width * (len(chosen) + 1) > budget:
                 break
-            chosen.append((handle, handle.prompt[handle.prefilled : handle.prefilled + chunk_len]))
+            chosen.append((work, work.tokens[work.prefilled : work.prefilled + chunk_len]))
             width = new_width
-        idx = torch.zeros((len(chosen), width), dtype=torch.long)
-        for i, (_, chunk) in enumerate(chosen):
-            idx[i, : len(chunk)] = torch.tensor(chunk)
-        counts = [len(chunk) for _, chunk in chosen]
-        logits = self.engine.forward(
-            idx.to(self.engine.device), self.batch.cache, [h.slots[0] for h, _ in chosen], counts, last_only=True
-        )
-        for i, (handle, chunk) in enumerate(chosen):
-            handle.prefilled += len(chunk)
-            if handle.prefilled == len(handle.prompt):
-                self._prefilling.remove(handle)
-                self._start_rows(handle, logits[i, 0])
+        logits = self.batch.prefill_chunk([chunk for _, chunk in chosen], [w.slots[0] for w, _ in chosen])
+        for i, (work, chunk) in enumerate(chosen):
+            work.prefilled += len(chunk)
+            # Named as soon as they are full, so prompts admitted meanwhile can share them.
+            self.blocks.register(work.slots[0], work.tokens[: work.prefilled])
+            if work.prefilled == len(work.tokens):
+                self._prefilling.remove(work)
+                self._spare -= work.spare
+                self._start_rows(work, logits[i])
 
-    def _start_rows(self, handle: Handle, last_logits: torch.Tensor) -> None:
-        """Fork the prefilled prompt into the request's slots and let its rows join the batch."""
-        if self.prefix:
-            self.prefix.register(handle.slots[0], handle.prompt)  # a running row never rewrites its prompt
-        self.batch.cache.fork(handle.slots[0], handle.slots[1:])
-        seed = secrets.randbits(62) if handle.params.seed is None else handle.params.seed
-        handle.rows, handle.finished = [], [False] * handle.n
-        for i, slot in enumerate(handle.slots):
-            generator = torch.Generator(device=self.engine.device)
-            generator.manual_seed(row_seed(seed, i))
-            handle.rows.append(
-                Row(slot=slot, prompt=handle.prompt, params=handle.params, generator=generator, logits=last_logits)
-            )
+    def _start_rows(self, work: _Work, last_logits: torch.Tensor) -> None:
+        """Fork the prefilled prompt into the request's slots and let its rows join the batch (or let
+        the preempted row go on from the logits of what it had generated)."""
+        handle = work.handle
+        if work.resume is not None:
+            row = handle.rows[work.resume]
+            row.slot, row.logits = work.slots[0], last_logits
+            new = [(work.resume, row)]
+        else:
+            self.batch.fork(work.slots[0], work.slots[1:])
+            seed = secrets.randbits(62) if handle.params.seed is None else handle.params.seed
+            handle.rows, handle.finished = [], [False] * handle.n
+            for i, slot in enumerate(work.slots):
+                generator = torch.Generator(device=self.engine.device)
+                generator.manual_seed(row_seed(seed, i))
+                handle.rows.append(
+                    Row(slot=slot, prompt=handle.prompt, params=handle.params, generator=generator, logits=last_logits)
+                )
+            new = list(enumerate(handle.rows))
         with self._cond:
-            for i, row in enumerate(handle.rows):
+            for i, row in new:
                 self.batch.rows[row.slot] = row
                 self._by_slot[row.slot] = (handle, i)
-            self._reserved.difference_update(handle.slots)
+                self._admitted[row.slot] = work.admitted
+            self._reserved.difference_update(work.slots)
+
+    def _make_room(self) -> None:
+        """A block for each decoding row about to fill its last one, oldest first; while the pool has
+        none to spare, the newest running row or prefilling prompt is preempted (the row itself last)."""
+        for slot in sorted(self._admitted, key=self._admitted.__getitem__):
+            row = self.batch.rows.get(slot)
+            while row is not None and self.batch.blocks_needed(row) > self.blocks.free - self._spare:
+                victim = self._newest()
+                self._preempt(victim)
+                if victim is row:
+                    row = None
+            if row is not None:
+                self.blocks.allocate(slot, self.batch.blocks_needed(row))
+
+    def _newest(self) -> Row | _Work:
+        work = max(self._prefilling, key=lambda w: w.admitted, default=None)
+        slot = max(self._admitted, key=lambda s: (self._admitted[s], s))
+        if work is not None and work.admitted > self._admitted[slot]:
+            return work
+        return self.batch.rows[slot]
+
+    def _preempt(self, victim: Row | _Work) -> None:
+        """Free the victim's blocks and put it first in the waiting queue, to be recomputed."""
+        self.preemptions += 1
+        if isinstance(victim, _Work):
+            self._unadmit(victim)
+            work = victim
+        else:
+            handle, sample = self._by_slot.pop(victim.slot)
+            del self._admitted[victim.slot]
+            self.batch.preempt(victim)
+            # Its prompt and every token it chose, the one not yet fed included: the prefill's last
+            # logits are then the ones the row would have sampled its next token from.
+            work = _Work(handle, handle.prompt + victim.tokens, 1, resume=sample)
+        with self._cond:
+            self._waiting.appendleft(work)
 
     def _decode(self) -> None:
         events: dict[Handle, list[Event]] = {}
@@ -404,8 +494,8 @@ class Scheduler:
             elif not (finished and t.row.finish_reason == "stop" and t.token in self.engine.stop_tokens):
                 out.append(Event(sample, t.token, t.mask, None, None, t.logprob, t.top_logprobs, t.prompt_logprobs))
             if finished:
-                self._left(t.row)
                 del self._by_slot[t.row.slot]
+                del self._admitted[t.row.slot]
                 handle.finished[sample] = True
                 out.append(Event(sample, finish_reason=t.row.finish_reason))
         for handle, out in events.items():
@@ -420,14 +510,22 @@ class Scheduler:
             self._deliver(handle, out)
 
     def _fail_everything(self, message: str) -> None:
-        handles = list(dict.fromkeys(self._prefilling + [h for h, _ in self._by_slot.values()]))
+        with self._cond:
+            resumes = [w for w in self._waiting if w.resume is not None]
+            for work in resumes:
+                self._waiting.remove(work)
+        works = self._prefilling + resumes
+        handles = list(dict.fromkeys([w.handle for w in works] + [h for h, _ in self._by_slot.values()]))
         for row in list(self.batch.rows.values()):
             self.batch.cancel(row)
+        for work in self._prefilling:
+            self.batch.release_slot(work.slots[0], ())
         self._prefilling.clear()
         self._reserved.clear()
         self._by_slot.clear()
-        if self.prefix:
-            self.prefix.clear()  # a failed forward may have left any slot half written
+        self._admitted.clear()
+        self._spare = 0
+        self.blocks.forget()  # a failed forward may have left any block half written
         for handle in handles:
             self._finish_all(handle, "error", message)
 

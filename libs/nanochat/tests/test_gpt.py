@@ -1,4 +1,4 @@
-"""The GPT of nanochat.gpt: shape rules, parameter count, loss, and the per-row KV cache."""
+"""The GPT of nanochat.gpt: shape rules, parameter count, loss, and the paged KV cache."""
 
 import math
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig, KVCache, padded_vocab_size
+from nanochat.kv_blocks import BlockManager
 
 
 def perturbed_model(depth: int = 2, vocab_size: int = 97, sequence_len: int = 64, seed: int = 0) -> GPT:
@@ -100,12 +101,26 @@ def test_bad_forward_input_is_a_clear_error():
         model(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), loss_reduction="sum")
 
 
+def paged(model: GPT, rows: int, max_len: int = 32, num_blocks: int = 40, block_size: int = 4):
+    cache = KVCache.for_model(model, rows, max_len, num_blocks=num_blocks, block_size=block_size)
+    return cache, BlockManager(cache.tables, cache.num_blocks, block_size)
+
+
+def grow(blocks: BlockManager, cache: KVCache, rows: list[int], new: list[int]) -> None:
+    """Give each row the blocks for its next new[i] tokens."""
+    for row, n in zip(rows, new):
+        blocks.allocate(row, blocks.blocks_for(int(cache.lengths[row]) + n) - len(blocks.tables[row]))
+
+
 @torch.no_grad()
 def test_cached_forward_equals_no_cache_forward_for_mixed_length_rows():
     model = perturbed_model(depth=3)  # head_dim 96, 2 heads
     lens = [5, 11, 1, 8]
     seqs = [torch.randint(0, 97, (n + 6,)) for n in lens]
-    cache = KVCache.for_model(model, batch_size=4, max_len=32)
+    cache, blocks = paged(model, 4)
+    # Blocks handed out interleaved, so no row's blocks are adjacent in the pool.
+    for step in range(3):
+        grow(blocks, cache, [0, 1, 2, 3], [min(n, 4 * (step + 1)) for n in lens])
     # One padded prefill call: row b keeps only its first lens[b] tokens.
     T = max(lens)
     prompt = torch.zeros(4, T, dtype=torch.long)
@@ -118,12 +133,14 @@ def test_cached_forward_equals_no_cache_forward_for_mixed_length_rows():
         torch.testing.assert_close(logits[b, :n], ref, atol=1e-5, rtol=1e-5)
     # Then decode the rest one token per row, each row at its own position.
     for t in range(6):
+        grow(blocks, cache, [0, 1, 2, 3], [1] * 4)
         step = torch.stack([seqs[b][n + t] for b, n in enumerate(lens)])[:, None]
         logits = model(step, kv_cache=cache)
         for b, n in enumerate(lens):
             ref = model(seqs[b][None, : n + t + 1])[0, -1]
             torch.testing.assert_close(logits[b, 0], ref, atol=1e-5, rtol=1e-5)
     assert cache.lengths.tolist() == [n + 6 for n in lens]
+    assert blocks.used == sum(blocks.blocks_for(n + 6) for n in lens)
 
 
 @torch.no_grad()
@@ -134,8 +151,10 @@ def test_last_only_logits_equal_the_full_logits_at_each_rows_last_real_token():
     torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
     # Padded prefill into a subset of cache rows: each row's last kept token, wherever it sits.
     lens = [4, 9, 1]
-    full_cache, last_cache = (KVCache.for_model(model, batch_size=5, max_len=32) for _ in range(2))
     rows = [3, 0, 4]
+    (full_cache, full_blocks), (last_cache, last_blocks) = paged(model, 5), paged(model, 5)
+    grow(full_blocks, full_cache, rows, lens)
+    grow(last_blocks, last_cache, rows, lens)
     full = model(idx, kv_cache=full_cache, rows=rows, num_new=lens)
     last = model(idx, kv_cache=last_cache, rows=rows, num_new=lens, last_only=True)
     assert last.shape == (3, 1, 97)
@@ -147,32 +166,63 @@ def test_last_only_logits_equal_the_full_logits_at_each_rows_last_real_token():
 
 
 @torch.no_grad()
-def test_cache_rows_subset_fork_reset_and_truncate():
+def test_forked_rows_share_the_full_blocks_and_copy_the_partial_one():
     model = perturbed_model()
     prompt = torch.randint(0, 97, (1, 7))
-    cache = KVCache.for_model(model, batch_size=5, max_len=20)
+    cache, blocks = paged(model, 5, num_blocks=12)
+    grow(blocks, cache, [2], [7])
     model(prompt, kv_cache=cache, rows=[2])
-    assert cache.lengths.tolist() == [0, 0, 7, 0, 0]
-    cache.fork(2, [0, 3, 4])
-    assert cache.lengths.tolist() == [7, 0, 7, 7, 7]
+    for dst in (0, 3, 4):
+        src_block, new_block = blocks.fork(2, dst, 7)
+        cache.copy_block(src_block, new_block)
+        cache.copy_row(2, dst, 7)
+        cache.lengths[dst] = 7
+    assert {blocks.tables[r][0] for r in (0, 2, 3, 4)} == {blocks.tables[2][0]}, "the full block is shared"
+    assert len({blocks.tables[r][1] for r in (0, 2, 3, 4)}) == 4, "each row has its own partial block"
+    assert blocks.used == 1 + 4
     nxt = torch.randint(0, 97, (3, 2))
+    grow(blocks, cache, [0, 3, 4], [2, 2, 2])
     logits = model(nxt, kv_cache=cache, rows=[0, 3, 4])
     for i in range(3):
         ref = model(torch.cat([prompt[0], nxt[i]])[None])[0, -2:]
         torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
-    cache.truncate([3], 7)
-    logits = model(nxt[2:3], kv_cache=cache, rows=[3])
-    torch.testing.assert_close(logits[0], model(torch.cat([prompt[0], nxt[2]])[None])[0, -2:], atol=1e-5, rtol=1e-5)
-    cache.reset([0, 3])
-    assert cache.lengths.tolist() == [0, 0, 7, 0, 9]
-    # A reset row starts afresh: stale keys past its length are masked.
-    fresh = torch.randint(0, 97, (1, 4))
-    torch.testing.assert_close(model(fresh, kv_cache=cache, rows=[0])[0], model(fresh)[0], atol=1e-5, rtol=1e-5)
+    # Row 2 never saw the other rows' tokens: its own partial block is untouched.
+    grow(blocks, cache, [2], [2])
+    torch.testing.assert_close(
+        model(nxt[:1], kv_cache=cache, rows=[2])[0],
+        model(torch.cat([prompt[0], nxt[0]])[None])[0, -2:],
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    blocks.release(0)
+    assert blocks.used == 1 + 3 * 2 and blocks.ref[blocks.tables[2][0]] == 3  # rows 2-4: 9 positions each
+    for row in (2, 3, 4):
+        blocks.release(row)
+    assert blocks.used == 0 and blocks.free == blocks.capacity
+
+
+@torch.no_grad()
+def test_a_row_staged_from_shared_blocks_attends_as_if_it_had_computed_them():
+    model = perturbed_model()
+    seq = torch.randint(0, 97, (1, 13))
+    cache, blocks = paged(model, 3)
+    grow(blocks, cache, [0], [10])
+    model(seq[:, :10], kv_cache=cache, rows=[0])
+    blocks.register(0, seq[0, :10].tolist())
+    shared, names = blocks.match(seq[0, :10].tolist())  # the full blocks, the last token left out
+    assert len(shared) == 2
+    blocks.share(2, shared, names)
+    cache.lengths[2] = 8
+    cache.stage(2, 8)
+    grow(blocks, cache, [2], [5])
+    logits = model(seq[:, 8:], kv_cache=cache, rows=[2])
+    torch.testing.assert_close(logits[0], model(seq)[0, 8:], atol=1e-5, rtol=1e-5)
+    assert blocks.tables[2][:2] == blocks.tables[0][:2] and blocks.used == 3 + 2
 
 
 def test_cache_misuse_is_a_clear_error():
     model = perturbed_model()
-    cache = KVCache.for_model(model, batch_size=2, max_len=8)
+    cache, blocks = paged(model, 2, max_len=8)
     with pytest.raises(ValueError, match="max_len"):
         model(torch.zeros(2, 9, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="rows="):
@@ -181,7 +231,9 @@ def test_cache_misuse_is_a_clear_error():
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache, rows=[5])
     with pytest.raises(ValueError, match="num_new"):
         model(torch.zeros(2, 2, dtype=torch.long), kv_cache=cache, num_new=[3, 1])
-    with pytest.raises(ValueError, match="truncate"):
-        cache.truncate([0], 4)
     with pytest.raises(ValueError, match="rotary"):
-        KVCache.for_model(model, batch_size=1, max_len=model.rotary_len + 1)
+        KVCache.for_model(model, 1, max_len=model.rotary_len + 1)
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        KVCache.for_model(model, 1, max_len=32, num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="more than"):
+        blocks.allocate(0, 3)  # a row of max_len 8 holds 2 blocks of 4

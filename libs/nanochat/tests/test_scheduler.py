@@ -1,8 +1,9 @@
 """The continuous-batching scheduler on a small perturbed fp32 model, driven with `iterate()`.
 
 Greedy output of a request alone must equal its output inside a batch of mixed requests (other
-temperatures, lengths, n, long chunked prompts, late arrivals), seeds must not depend on the
-batch, and cancelled requests must give their slots back in the same iteration.
+temperatures, lengths, n, long chunked prompts, late arrivals, prefix-cache hits, preemption in a
+pool too small for them all), seeds must not depend on the batch, and cancelled requests must give
+their slots and KV blocks back in the same iteration.
 """
 
 import pytest
@@ -113,13 +114,31 @@ def test_cancel_frees_the_slots_at_once(engine):
     scheduler.submit(prompt(engine, "dog"), long, waiting, n=2)
     for _ in range(3):
         scheduler.iterate()
-    assert scheduler.stats().used_slots == 2 and scheduler.stats().waiting == 1
+    stats = scheduler.stats()
+    assert stats.used_slots == 2 and stats.waiting == 1
+    assert stats.kv_blocks_used == 2  # each sample's own copy of the prompt's partial block
     scheduler.cancel(handle)
     scheduler.iterate()
     assert c.reasons == ["cancelled", "cancelled"]
     stats = scheduler.stats()
     assert stats.waiting == 0 and stats.used_slots == 2  # the waiting request took the freed slots
+    assert stats.kv_blocks_used == 2, "the cancelled request's blocks went back to the pool"
     assert waiting.tokens[0]
+
+
+def test_a_disconnect_frees_its_blocks_at_once(engine):
+    scheduler = Scheduler(engine, slots=4)
+    c = Collector()
+    handle = scheduler.submit(
+        prompt(engine, "The lazy dog " * 8), SamplingParams(temperature=1.0, max_tokens=200, seed=3), c
+    )
+    for _ in range(20):
+        scheduler.iterate()
+    assert scheduler.stats().kv_blocks_used == scheduler.blocks.blocks_for(len(handle.prompt) + 19)
+    scheduler.cancel(handle)
+    scheduler.iterate()
+    assert c.reasons == ["cancelled"] and scheduler.stats().kv_blocks_used == 0
+    assert scheduler.blocks.free == scheduler.stats().kv_blocks
 
 
 def test_stop_token_ids_and_length(engine):
@@ -189,7 +208,7 @@ def test_prefix_cache_hits_give_the_output_of_a_cold_prefill(engine):
     turn = first + reply + prompt(engine, "What is 7*3?")
     assert greedy_tokens(warm, turn) == greedy_tokens(cold, turn)
     stats = warm.stats()
-    assert stats.prefix_hits >= len(first + reply) - warm.prefix.block_size - 1
+    assert stats.prefix_hits >= len(first + reply) - warm.blocks.block_size - 1
     assert stats.prefix_queries == len(first) + len(turn)
 
 
@@ -211,29 +230,81 @@ def test_a_shared_prefix_is_copied_from_a_running_row_inside_a_mixed_batch(engin
             warm.iterate()  # the first request runs while the next ones arrive
     run(warm)
     assert [c.tokens[0] for c in collectors] == expected
-    assert warm.stats().prefix_hits >= 2 * (len(system) // warm.prefix.block_size) * warm.prefix.block_size
+    bs = warm.blocks.block_size
+    assert warm.stats().prefix_hits >= 2 * (len(system) // bs) * bs
 
 
-def test_taking_a_slot_evicts_its_blocks(engine):
-    scheduler = Scheduler(engine, slots=1)
-    a = prompt(engine, "The quick brown fox. " * 6)
-    greedy_tokens(scheduler, a)
-    assert scheduler.prefix.index, "a finished request's blocks stay findable"
-    greedy_tokens(scheduler, prompt(engine, "Numbers like 1,234. " * 6))
+def test_running_requests_share_their_prefix_blocks_with_no_copy(engine):
+    scheduler = Scheduler(engine, slots=4, prefill_tokens=256)
+    system = prompt(engine, "Numbers like 1,234 add up. " * 6)
+    first = scheduler.submit(system + engine.tokenizer.encode(" fox"), SamplingParams(temperature=0.0), Collector())
+    scheduler.iterate()  # prefilled, its blocks named
+    second = scheduler.submit(system + engine.tokenizer.encode(" dog"), SamplingParams(temperature=0.0), Collector())
+    scheduler.iterate()
+    full = len(system) // scheduler.blocks.block_size
+    a, b = (scheduler.blocks.tables[h.rows[0].slot] for h in (first, second))
+    assert a[:full] == b[:full] and all(scheduler.blocks.ref[block] == 2 for block in a[:full])
+    assert not set(a[full:]) & set(b[full:])
+    assert scheduler.stats().kv_blocks_used == len(a) + len(b) - full
+
+
+def test_free_cached_blocks_are_evicted_least_recently_freed_first(engine):
+    scheduler = Scheduler(engine, slots=2, max_len=96, num_blocks=10)  # 9 blocks of 16
+    a, b, c = (prompt(engine, text * 6) for text in ("The quick brown fox. ", "Numbers like 1,234. ", "What is 7*3? "))
+    for ids in (a, b):  # 43 and 52 tokens, then 16 more: 4 and 5 blocks, free but named afterwards
+        greedy_tokens(scheduler, ids)
+    assert [len(scheduler.blocks.match(ids)[0]) for ids in (a, b)] == [2, 3]
+    assert scheduler.stats().kv_blocks_used == 0
+    greedy_tokens(scheduler, c)  # 4 blocks: b's unnamed last one, then a's, tail first
+    assert [len(scheduler.blocks.match(ids)[0]) for ids in (a, b)] == [1, 3]
     hits = scheduler.stats().prefix_hits
-    cold = Scheduler(engine, slots=1, prefix_block=0)
+    cold = Scheduler(engine, slots=2, max_len=96, prefix_block=0)
     assert greedy_tokens(scheduler, a) == greedy_tokens(cold, a)
-    assert scheduler.stats().prefix_hits == hits, "the only slot was reused: nothing of a is left to hit"
-    assert all(len(holders) == 1 for holders in scheduler.prefix.index.values())
+    assert scheduler.stats().prefix_hits - hits == 16, "a's first block is still cached"
 
 
-def test_a_taken_slot_moves_its_blocks_to_the_least_recently_released_one(engine):
-    scheduler = Scheduler(engine, slots=3)
-    a = prompt(engine, "The quick brown fox. " * 6)
-    greedy_tokens(scheduler, a)  # slot 0
-    greedy_tokens(scheduler, prompt(engine, "Numbers like 1,234. " * 6))  # slot 0 again: a moves to slot 1
-    assert scheduler.prefix.chains[1] and scheduler.prefix.chains[2] == []
-    hits = scheduler.stats().prefix_hits
-    cold = Scheduler(engine, slots=3, prefix_block=0)
-    assert greedy_tokens(scheduler, a) == greedy_tokens(cold, a)
-    assert scheduler.stats().prefix_hits - hits == (len(a) - 1) // 16 * 16, "a was found where it moved"
+def test_admission_is_exact_in_blocks(engine):
+    scheduler = Scheduler(engine, slots=4, max_len=64, num_blocks=6)  # 5 blocks of 16
+    long = SamplingParams(temperature=1.0, max_tokens=20, seed=0)
+    first, second = Collector(), Collector()
+    scheduler.submit(prompt(engine, "dog " * 40), long, first)  # 3 blocks, then a 4th while decoding
+    scheduler.submit(prompt(engine, "fox " * 40), long, second)
+    scheduler.iterate()
+    stats = scheduler.stats()
+    assert (stats.waiting, stats.prefilling + stats.running) == (1, 1), "the second prompt's 3 blocks are not free"
+    with pytest.raises(ValueError, match="KV pool"):
+        scheduler.submit(prompt(engine, "dog " * 40), long, Collector(), n=4)
+    run(scheduler)
+    assert first.reasons == second.reasons == ["length"]
+
+
+def test_preempted_requests_recompute_and_give_the_output_they_give_alone(engine):
+    """A pool too small for the batch: the newest requests are preempted and recomputed, more than
+    once, beside chunked prefills and prefix hits; greedy and seeded outputs are the undisturbed ones."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    system = prompt(engine, "The lazy dog jumps. " * 5)
+    asks = [
+        (system + engine.tokenizer.encode(" fox"), greedy, 1),
+        (prompt(engine, "What is 7*3? " * 12), greedy, 1),  # chunked: 64 tokens an iteration
+        (system + engine.tokenizer.encode(" What is 7*3?"), greedy, 1),  # the system prompt's blocks hit
+        (prompt(engine, "Numbers like "), SamplingParams(temperature=1.0, top_k=20, max_tokens=40, seed=7), 2),
+        (prompt(engine, "The quick brown fox"), greedy, 1),
+    ]
+    expected = [alone(engine, ids, params, n).tokens for ids, params, n in asks]
+    scheduler = Scheduler(engine, slots=8, max_len=128, num_blocks=17, prefill_tokens=64)  # 16 blocks of 16
+    collectors = []
+    for ids, params, n in asks:
+        collectors.append(Collector(n))
+        scheduler.submit(ids, params, collectors[-1], n=n)
+        scheduler.iterate()
+    peak = 0
+    for _ in range(10_000):
+        if scheduler.idle():
+            break
+        scheduler.iterate()
+        peak = max(peak, scheduler.stats().kv_blocks_used)
+    assert scheduler.stats().preemptions >= 2
+    assert peak <= scheduler.stats().kv_blocks == 16
+    assert [c.tokens for c in collectors] == expected
+    assert all(r == "length" for c in collectors for r in c.reasons)
+    assert scheduler.stats().kv_blocks_used == 0

@@ -5,7 +5,9 @@ one sample, from the model process's own step times), `e2e_request_latency_secon
 `prompt_tokens_total`, `generation_tokens_total`, and, read from the model process, the prefix
 cache's `prefix_cache_queries_total` / `prefix_cache_hits_total` (prompt tokens looked up / found).
 Gauges read at scrape time from the served model's scheduler: `num_requests_running` (rows
-decoding), `num_requests_waiting`, `kv_cache_usage_perc` (0 to 1, as vLLM's). Requests by
+decoding), `num_requests_waiting`, `kv_cache_usage_perc` (0 to 1, as vLLM's: the share of the KV
+pool's blocks that running or prefilling sequences hold; free blocks that still hold cached
+prefixes do not count, as they can be taken at once). Requests by
 endpoint and outcome are the service's own `inference_requests_total`; the pinned versions'
 pool (`inference.pinned_pool`) is `inference_pinned_models` (loaded), `inference_pinned_loading`,
 `inference_pinned_loads_total{outcome}` and `inference_pinned_evictions_total` (many evictions:
@@ -69,7 +71,7 @@ class SchedulerMetrics:
             (
                 "kv_cache_usage_perc",
                 "KV-cache usage: 1 is all of it.",
-                s.cache_positions_used / s.cache_positions if s else 0.0,
+                s.kv_blocks_used / s.kv_blocks if s else 0.0,
             ),
         ]
         for name, doc, value in gauges:

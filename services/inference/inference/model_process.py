@@ -60,6 +60,7 @@ class ModelShape:
     vocab_size: int
     slots: int
     max_len: int
+    kv_blocks: int
     device: str
     meta: dict
 
@@ -106,6 +107,7 @@ def serve(
                 vocab_size=ckpt.config.vocab_size,
                 slots=scheduler.slots,
                 max_len=scheduler.max_len,
+                kv_blocks=scheduler.blocks.capacity,
                 device=engine.device.type,
                 meta=ckpt.meta,
             ),
@@ -198,8 +200,8 @@ class ModelProcess:
             running=0,
             slots=shape.slots,
             used_slots=0,
-            cache_positions_used=0,
-            cache_positions=shape.slots * shape.max_len,
+            kv_blocks_used=0,
+            kv_blocks=shape.kv_blocks,
         )
         self._last_submitted = self._seen = 0
         self._stopping = False
@@ -219,7 +221,7 @@ class ModelProcess:
         """Spawn the child and wait until it has loaded the model; ModelLoadError when it cannot.
 
         `options` are the Scheduler's (slots, max_len, prefill_tokens, decode_prefill_tokens,
-        prefix_block)."""
+        prefix_block, num_blocks)."""
         # A fork server imports torch once per HTTP process, so a model process starts in the time
         # its checkpoint takes to load (spawn: seconds of imports each time). Forking the HTTP
         # process itself is unsafe: it holds threads, and maybe torch's thread pools.
