@@ -1,14 +1,14 @@
 """Multi-node start-up on this machine: POST /v1/jobs -> the stage's first `progress` event of a
-2-node x 1-process job, through the RQ executor's gang (two `python -m trainer worker` processes,
-TRAINER_EXECUTOR=local) and through the Ray executor (one worker as the driver of a local Ray
-cluster: a head without CPUs and two worker nodes of one CPU, `ray.cluster_utils.Cluster`); and
-the resident memory of the Ray head's processes, idle and after the jobs.
+2-node x 1-process job through the Ray executor (one worker as the driver of a local Ray cluster:
+a head without CPUs and two worker nodes of one CPU, `ray.cluster_utils.Cluster`), against the
+same job on 1 node x 2 processes through the local executor (one `python -m trainer worker`,
+TRAINER_EXECUTOR=local: only Ray runs jobs on more than one node); and the resident memory of the
+Ray head's processes, idle and after the jobs.
 
     uv run python bench/multi_node.py [--repeats 3] [--skip-local]
 
 The job is make_data with tiny options (rank 0 does the work, no registry needed). Prints a table
-and writes bench/results/multi_node.json. --skip-local measures the Ray path only (the RQ gang
-needs the hand-written Redis barrier, which the ray executor replaces).
+and writes bench/results/multi_node.json. --skip-local measures the Ray path only.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from fastapi.testclient import TestClient  # noqa: E402
 from nanochat_testing.data import TINY_DATA  # noqa: E402
-from nanochat_testing.servers import free_port, start_redis  # noqa: E402
+from nanochat_testing.servers import start_redis  # noqa: E402
 from ray import cluster_utils  # noqa: E402
 from trainer.api import create_app  # noqa: E402
 from trainer.db import TERMINAL  # noqa: E402
@@ -93,9 +93,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return {**env, **WORKER_ENV}
 
 
-def measure(settings: Settings, workers: int, repeats: int, work: Path, name: str) -> list[float]:
-    """POST -> first progress (s) of `repeats` 2-node jobs, with `workers` worker processes."""
-    logs = [open(work / f"{name}-worker{i}.log", "wb") for i in range(workers)]
+def measure(settings: Settings, resources: dict[str, int], repeats: int, work: Path, name: str) -> list[float]:
+    """POST -> first progress (s) of `repeats` jobs on `resources`, with one worker process."""
+    logs = [open(work / f"{name}-worker.log", "wb")]
     procs = [
         subprocess.Popen([sys.executable, "-m", "trainer", "worker"], env=worker_env(settings), stdout=log, stderr=log)
         for log in logs
@@ -107,7 +107,7 @@ def measure(settings: Settings, workers: int, repeats: int, work: Path, name: st
                 t0 = time.time()
                 response = api.post(
                     "/v1/jobs",
-                    json={"stage": "make_data", "options": TINY, "resources": {"nnodes": 2, "nproc_per_node": 1}},
+                    json={"stage": "make_data", "options": TINY, "resources": resources},
                     headers=AUTH,
                 )
                 assert response.status_code == 202, response.text
@@ -141,7 +141,6 @@ def settings_for(work: Path, redis_url: str, name: str, **extra: object) -> Sett
         data_dir=work / "data",
         runs_dir=work / f"runs-{name}",
         registry_url="http://127.0.0.1:9",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
         log_level="WARNING",
         **extra,
     )
@@ -152,8 +151,9 @@ def bench(repeats: int, skip_local: bool, work: Path) -> dict:
     result: dict = {"rows": []}
     try:
         if not skip_local:
-            local = measure(settings_for(work, redis.url, "local"), 2, repeats, work, "local")
-            result["rows"].append(("POST -> first progress, 2 nodes, RQ gang (local executor)", local))
+            one_node = {"nnodes": 1, "nproc_per_node": 2}
+            local = measure(settings_for(work, redis.url, "local"), one_node, repeats, work, "local")
+            result["rows"].append(("POST -> first progress, 1 node x 2 processes, local executor", local))
         t0 = time.monotonic()
         cluster = cluster_utils.Cluster(
             initialize_head=True,
@@ -173,7 +173,7 @@ def bench(repeats: int, skip_local: bool, work: Path) -> dict:
             ray_settings = settings_for(
                 work, redis.url, "ray", executor="ray", ray_address=cluster.address, ray_gpus=False
             )
-            times = measure(ray_settings, 1, repeats, work, "ray")
+            times = measure(ray_settings, {"nnodes": 2, "nproc_per_node": 1}, repeats, work, "ray")
             result["rows"].append(("POST -> first progress, 2 nodes, Ray executor", times))
             result["head_rss_after_mib"] = head_rss(cluster)
         finally:

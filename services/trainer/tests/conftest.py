@@ -79,7 +79,6 @@ def settings(tmp_path: Path, redis_server, registry_url: str) -> Settings:
         upload_retries=2,
         upload_backoff=0.2,
         gang_timeout=60.0,
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
         job_timeout=600,
         log_level="WARNING",
     )

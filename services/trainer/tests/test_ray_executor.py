@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from nanochat_testing.data import TINY_DATA
-from nanochat_testing.servers import free_port
 from ray import cluster_utils
 from trainer.procs import JOB_MARKER, PROC, node_tag, processes_with_env
 from trainer.settings import Settings
@@ -98,10 +97,11 @@ def settings(tmp_path: Path, redis_server, registry_url: str, tiny_data: Path) -
         "reap_interval": 0.5,
         "cancel_grace": 3.0,
         "gang_timeout": 90.0,
-        "rdzv_endpoint": f"127.0.0.1:{free_port()}",
         "job_timeout": 900,
         "log_level": "WARNING",
         "db_busy_timeout": 2.0,
+        # The API takes multi-node jobs only when the ray executor runs them.
+        "executor": "ray",
     }
     return Settings(**{k: v for k, v in values.items() if k in Settings.model_fields})
 

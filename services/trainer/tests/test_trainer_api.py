@@ -1,15 +1,19 @@
-"""The jobs API without workers: validation, auth, idempotency, both path spellings, queued
-cancel, listing, input resolution against the real registry, health and metrics."""
+"""The jobs API without workers: validation, auth, idempotency, both path spellings, multi-node
+jobs only with the ray executor, queued cancel, listing, input resolution against the real registry, health and metrics."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from fastapi.testclient import TestClient
 from nanochat_contracts.job_folder import events_path
 from nanochat_testing.data import TINY_DATA
+from redis import Redis
 from registry_client import RegistryClient
+from trainer.api import create_app
 from trainer.curves import curves
+from trainer.dispatch import make_queue
 from trainer_testlib import AUTH, REGISTRY_TOKEN
 
 
@@ -58,6 +62,32 @@ def test_bad_options_are_422_naming_the_field_and_queue_nothing(api):
     r = submit(api, {"stage": "make_data", "resources": {"nproc_per_node": 0}})
     assert r.status_code == 422
     assert api.get("/v1/jobs").json()["total"] == 0
+
+
+def test_a_multi_node_job_without_the_ray_executor_is_422_naming_the_fix(api):
+    r = submit(api, {"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert set(r.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_value",
+        "resources.nnodes",
+    )
+    assert "TRAINER_EXECUTOR=ray" in error["message"] and "executor is local" in error["message"]
+    assert api.get("/v1/jobs").json()["total"] == 0
+    assert submit(api, {"stage": "make_data", "options": TINY_DATA}).status_code == 202
+
+
+def test_with_the_ray_executor_a_multi_node_job_waits_on_the_queue_only_ray_workers_drain(settings, redis_server):
+    with TestClient(create_app(settings.model_copy(update={"executor": "ray"}))) as api:
+        r = submit(api, {"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}})
+        assert r.status_code == 202, r.text
+        assert [n["status"] for n in r.json()["nodes"]] == ["queued", "queued"]
+        assert "trainer_queue_depth 2.0" in api.get("/metrics").text
+    redis = Redis.from_url(redis_server.url)
+    assert make_queue(settings, redis).count == 0
+    assert make_queue(settings, redis, multi_node=True).count == 2
 
 
 def test_a_pipeline_becomes_its_stages_with_the_preset_and_overrides(api):

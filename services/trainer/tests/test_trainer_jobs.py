@@ -1,6 +1,7 @@
 """Jobs run end to end: real workers, real torchrun, real stages (make_data, tok_train), the real
 registry, real redis-server; PostgreSQL for the happy path. Faults: a failing stage, cancel, a
-SIGKILLed worker, an unreachable registry at upload, and a two-node job over 127.0.0.1.
+SIGKILLed worker, an unreachable registry at upload. (Jobs on more than one node run on Ray:
+test_ray_executor.py.)
 
 Supervision tests run `sleepy_stage` (this folder) in place of make_data: a long, predictable
 stage that leaves a grandchild process behind on purpose.
@@ -221,35 +222,6 @@ def test_unreachable_registry_retries_then_fails_keeping_the_checkpoint(api, set
     out = settings.runs_dir / "jobs" / job_id / "steps" / "00-tok_train"
     assert (out / "meta.json").is_file() and (out / "tokenizer").is_dir()
     assert job["produced"] == []
-
-
-def test_two_workers_run_a_two_node_job_over_localhost(api, start_worker):
-    env = {"SLEEPY_STEPS": "5"}
-    workers = [start_worker(extra_env=env, **SLEEPY), start_worker(extra_env=env, **SLEEPY)]
-    job_id = api.post(
-        "/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}}, headers=AUTH
-    ).json()["id"]
-    job = wait_job(api, job_id, timeout=180, worker=workers[0])
-    assert job["status"] == "succeeded", (job, workers[1].output())
-    assert [n["status"] for n in job["nodes"]] == ["succeeded", "succeeded"]
-    assert job["metrics"]["world_size"] == 2
-    for rank in (0, 1):
-        log = api.get(f"/v1/jobs/{job_id}/logs?node={rank}").text
-        assert f"--rdzv-id={job_id}" in log and f"--node-rank={rank}" in log and "exited with code 0" in log
-    assert job_processes(job) == []
-
-
-def test_two_node_job_whose_second_node_never_starts_fails_at_the_gang_barrier(api, start_worker):
-    # One worker for a two-node job: node 0 waits at the barrier, gives up after gang_timeout,
-    # and the job fails unstarted instead of waiting forever (no stage was launched).
-    worker = start_worker(gang_timeout=3, **SLEEPY)
-    job_id = api.post(
-        "/v1/jobs", json={"stage": "make_data", "resources": {"nnodes": 2, "nproc_per_node": 1}}, headers=AUTH
-    ).json()["id"]
-    job = wait_job(api, job_id, timeout=60, worker=worker)
-    assert job["status"] == "failed" and "did not all start" in job["error"], job
-    assert "[trainer] $" not in api.get(f"/v1/jobs/{job_id}/logs?node=0").text
-    assert job_processes(job) == []
 
 
 def test_lost_worker_job_is_requeued_by_its_retry_policy(api, settings, start_worker):

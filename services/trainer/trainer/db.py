@@ -53,7 +53,7 @@ class Job(Base):
     produced: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
     log_tail: Mapped[str | None] = mapped_column(Text)
-    # Re-queues so far: the current attempt is `attempts + 1` (task ids and gang barriers use it).
+    # Re-queues so far: the current attempt is `attempts + 1` (task ids use it).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Attempts an infrastructure failure (a lost worker or node) may end before the job fails;
     # a stage's own error counts only when `retry_on_error` is set, else it fails the job at once.

@@ -1,18 +1,14 @@
-"""The Redis side of the trainer: RQ tasks (one per node of a job), cancel flags, gang barriers.
+"""The Redis side of the trainer: RQ tasks (one per node of a job) and cancel flags.
 
 RQ keeps its own `rq:` keys; everything else the trainer stores in Redis sits under the
 `redis_prefix` setting. Tasks are serialised as JSON (RQ's default would be pickle).
 
-Multi-node jobs are a gang: one RQ task per node, and before every step all nodes meet at a
-barrier. The first barrier waits `gang_timeout` s at most; whoever decides first sets the
-barrier's decision (`go` when the last node arrives, `abort` when a node times out), so the nodes
-either all start the step or none does. All nodes pass the job id as torchrun's `--rdzv-id`.
+A multi-node job's tasks go to a queue of their own (`<queue_name>:multi-node`), which only
+workers with the ray executor drain: Ray places and runs the job's nodes as one gang
+(`trainer.ray_executor`), so a worker that cannot do that never takes one.
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
 
 from redis import Redis
 from rq import Queue
@@ -23,10 +19,13 @@ from rq.serializers import JSONSerializer
 from trainer.settings import Settings
 
 TASK = "trainer.worker.run_node"
+MULTI_NODE_SUFFIX = ":multi-node"
 
 
-def make_queue(settings: Settings, redis: Redis) -> Queue:
-    return Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+def make_queue(settings: Settings, redis: Redis, multi_node: bool = False) -> Queue:
+    """The queue of one-node jobs, or (`multi_node`) the one of jobs with nnodes > 1."""
+    name = settings.queue_name + (MULTI_NODE_SUFFIX if multi_node else "")
+    return Queue(name, connection=redis, serializer=JSONSerializer)
 
 
 def task_id(job_id: str, node_rank: int, attempt: int) -> str:
@@ -37,8 +36,8 @@ def enqueue_job(
     settings: Settings, redis: Redis, job_id: str, nnodes: int, attempt: int, ranks: list[int] | None = None
 ) -> list[str]:
     """Queue one task per node of a job (or of the given `ranks`), in one Redis transaction (a
-    gang is queued whole)."""
-    queue = make_queue(settings, redis)
+    multi-node job is queued whole)."""
+    queue = make_queue(settings, redis, multi_node=nnodes > 1)
     with redis.pipeline() as pipe:
         ids = []
         for rank in range(nnodes) if ranks is None else ranks:
@@ -81,7 +80,7 @@ def lost_tasks(redis: Redis, nodes: list[tuple[str, int, int]]) -> list[tuple[st
 
 
 def queue_depth(settings: Settings, redis: Redis) -> int:
-    return make_queue(settings, redis).count
+    return make_queue(settings, redis).count + make_queue(settings, redis, multi_node=True).count
 
 
 def _key(settings: Settings, *parts: str) -> str:
@@ -94,42 +93,3 @@ def request_cancel(settings: Settings, redis: Redis, job_id: str) -> None:
 
 def cancel_requested(settings: Settings, redis: Redis, job_id: str) -> bool:
     return bool(redis.exists(_key(settings, "cancel", job_id)))
-
-
-class BarrierAborted(RuntimeError):
-    """Not every node of a gang arrived in time, or the job ended while nodes waited."""
-
-
-def barrier(
-    settings: Settings,
-    redis: Redis,
-    job_id: str,
-    name: str,
-    nnodes: int,
-    timeout: float,
-    should_stop: Callable[[], str | None],
-) -> None:
-    """Wait until all `nnodes` nodes reached barrier `name` of a job; raise BarrierAborted when
-    not all arrive within `timeout` s or `should_stop()` names a reason to give up."""
-    joined = _key(settings, "gang", job_id, name, "joined")
-    decision = _key(settings, "gang", job_id, name, "decision")
-    ttl = int(max(timeout, 60)) + 3600
-    count = redis.incr(joined)
-    redis.expire(joined, ttl)
-    if count >= nnodes:
-        redis.set(decision, "go", nx=True, ex=ttl)
-    deadline = time.monotonic() + timeout
-    while True:
-        state = redis.get(decision)
-        if state == b"go":
-            return
-        if state == b"abort":
-            raise BarrierAborted(f"the {nnodes} nodes of the job did not all start {name} within {timeout:g} s")
-        reason = should_stop()
-        if reason:
-            redis.set(decision, "abort", nx=True, ex=ttl)
-            raise BarrierAborted(reason)
-        if time.monotonic() >= deadline:
-            redis.set(decision, "abort", nx=True, ex=ttl)
-            continue
-        time.sleep(0.1)

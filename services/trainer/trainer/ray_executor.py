@@ -1,9 +1,10 @@
 """The Ray executor: a job with nnodes > 1 runs as one placement group on a Ray cluster
 (`TRAINER_EXECUTOR=ray`, `TRAINER_RAY_ADDRESS` or `RAY_ADDRESS`; extra `nanochat-trainer[ray]`).
 
-The job still comes through the RQ queue: node 0's task is taken by a worker, which becomes the
-Ray driver of the whole job (`RayJobRun`); the other nodes' tasks are dropped, since their share
-runs inside node 0's placement group. Per step the driver:
+The job still comes through RQ, on the multi-node queue that only workers with this executor
+drain (`trainer.dispatch`): node 0's task is taken by a worker, which becomes the Ray driver of
+the whole job (`RayJobRun`); the other nodes' tasks are dropped, since their share runs inside
+node 0's placement group. Per step the driver:
 
   1. asks Ray for one placement group: a bundle per node, STRICT_SPREAD (no two on one Ray node),
      `nproc_per_node` GPUs each (CPUs with `ray_gpus` off); the gang is placed whole or not at all,
@@ -361,15 +362,7 @@ class RayJobRun(NodeRun):
     def _begin_step(self, index: int, stage: str, first: bool) -> None:
         if first:
             self._claim_followers()
-        reason = self.stop_reason()
-        if reason:
-            raise self._fail_or_cancel(reason)
-        with self.ctx.db.session() as s:
-            s.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(step_index=index, current_stage=stage, step=None, total=None, eta_s=None)
-            )
+        super()._begin_step(index, stage, first)
 
     def _fail_or_cancel(self, reason: str, log_tail: str | None = None) -> StepFailed:
         if reason.startswith(LOST):

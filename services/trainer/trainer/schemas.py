@@ -49,7 +49,9 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     nproc_per_node: int = Field(1, ge=1, le=64, description="Processes (GPUs) per node.")
-    nnodes: int = Field(1, ge=1, le=64, description="Nodes; > 1 runs torchrun's c10d rendezvous, one task per node.")
+    nnodes: int = Field(
+        1, ge=1, le=64, description="Nodes; > 1 runs on a Ray cluster and needs a trainer with TRAINER_EXECUTOR=ray."
+    )
 
 
 class JobRequest(BaseModel):

@@ -22,14 +22,15 @@ class Settings(BaseSettings):
         "sqlite:///runs/trainer.db",
         description="SQLAlchemy URL of the job records (SQLite by default, PostgreSQL in compose).",
     )
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis of the RQ queue, the gang barriers and the cancel flags."
-    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the RQ queues and the cancel flags.")
     redis_prefix: str = Field(
         "nanochat:trainer:", min_length=1, description="Prefix of the trainer's own Redis keys (RQ keeps its rq: keys)."
     )
     queue_name: str = Field(
-        "nanochat-trainer", min_length=1, description="RQ queue the API fills and the workers drain."
+        "nanochat-trainer",
+        min_length=1,
+        description="RQ queue the API fills and the workers drain; jobs with nnodes > 1 go to `<name>:multi-node`, "
+        "which only workers with the ray executor drain.",
     )
     registry_url: str = Field("http://127.0.0.1:8002", description="Base URL of the model registry.")
     registry_token: str | None = Field(
@@ -40,9 +41,6 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path("data"), description="The --data-dir every stage reads (make_data fills it).")
     runs_dir: Path = Field(Path("runs"), description="Job folders: logs, events, stage outputs, downloaded inputs.")
-    rdzv_endpoint: str = Field(
-        "127.0.0.1:29400", description="host:port of torchrun's c10d rendezvous for nnodes > 1 (node 0 hosts it)."
-    )
     torchrun: list[str] = Field(
         default_factory=lambda: [sys.executable, "-m", "torch.distributed.run"],
         description="The torchrun command; by default the running venv's.",
@@ -81,7 +79,9 @@ class Settings(BaseSettings):
     upload_retries: int = Field(5, ge=0, le=50, description="Retries of a failed registry call at upload time.")
     upload_backoff: float = Field(1.0, ge=0, le=60, description="First retry delay in seconds, doubled each retry.")
     gang_timeout: float = Field(
-        120.0, gt=0, description="Seconds a multi-node job's tasks wait for each other before the job fails unstarted."
+        120.0,
+        gt=0,
+        description="Seconds the Ray cluster has to place a multi-node job's nodes before the job fails unstarted.",
     )
     host: str = Field(
         default_factory=socket.gethostname,
@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     )
     executor: Literal["local", "docker", "ray"] = Field(
         "local",
-        description="How workers start stages: local processes (torchrun in its own session), or one container per stage and node through the Docker SDK (`trainer.docker_executor`); ray runs jobs with nnodes > 1 as a placement group on a Ray cluster (`trainer.ray_executor`), one-node jobs locally.",
+        description="How workers start stages: local processes (torchrun in its own session), or one container per stage and node through the Docker SDK (`trainer.docker_executor`); ray runs jobs with nnodes > 1 as a placement group on a Ray cluster (`trainer.ray_executor`), one-node jobs locally. The API accepts jobs with nnodes > 1 only when it is ray (422 otherwise).",
     )
     ray_address: str | None = Field(
         None,

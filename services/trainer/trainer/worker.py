@@ -13,13 +13,14 @@ stop a running stage: the stop check rides it out (`trainer.outage`).
 The worker runs only its own task: a queued job naming any other function is refused before RQ
 imports what it names (`TrainerTask`), since whoever can write to Redis can queue one.
 
-Per step the node task (`run_node`): meets the other nodes at a barrier (nnodes > 1), fetches the
-step's input version from the registry, runs `torchrun -m nanochat.stages.<stage>` with the
-step's options as a JSON config, appends the stage's events to `events.jsonl` and its output to
-`log-node<r>.txt` in the job folder, then registers what the stage made: each output checkpoint is
-uploaded with lineage (retried with backoff; the folder stays on disk when the registry is
-unreachable), an eval stage's metrics are patched onto the version it measured, the report's
-files are attached to it.
+Per step the node task (`run_node`) fetches the step's input version from the registry, runs
+`torchrun -m nanochat.stages.<stage>` with the step's options as a JSON config, appends the
+stage's events to `events.jsonl` and its output to `log-node<r>.txt` in the job folder, then
+registers what the stage made: each output checkpoint is uploaded with lineage (retried with
+backoff; the folder stays on disk when the registry is unreachable), an eval stage's metrics are
+patched onto the version it measured, the report's files are attached to it. A job with
+nnodes > 1 is run by a worker with the ray executor, as one placement group on a Ray cluster
+(`trainer.ray_executor`); only such workers drain its queue.
 
 A worker told to stop (SIGTERM or SIGINT: `docker compose stop`, Ctrl-C of `make up`) does not
 wait for a stage that may run for hours: it stops the running stage (SIGTERM, `cancel_grace`,
@@ -56,7 +57,7 @@ from rq.serializers import JSONSerializer
 from sqlalchemy import update
 
 from trainer.db import TERMINAL, Job, migrate
-from trainer.dispatch import TASK, BarrierAborted, barrier, cancel_requested, make_queue
+from trainer.dispatch import TASK, cancel_requested, make_queue
 from trainer.inputs import input_for, report_inputs
 from trainer.node_context import Context, Node, StepFailed, context
 from trainer.node_state import (
@@ -79,6 +80,9 @@ from trainer.torchrun import StepInputs, torchrun_argv
 log = logging.getLogger("trainer.worker")
 
 SHUTDOWN_REASON = "the worker is shutting down"
+# A multi-node job's rendezvous is on its rank-0 Ray actor's node, known only once the actors
+# run: the Ray executor puts that address in each node's command (`ray_executor.node_argv`).
+RDZV_BY_RAY = "rank-0-ray-actor:0"
 STORE_REASON = "the job store is unreachable"
 # Set by the worker's SIGTERM/SIGINT handler; every running node then stops its stage.
 shutting_down = threading.Event()
@@ -193,20 +197,7 @@ class NodeRun:
         return StepFailed("failed", f"stopped: {reason}", log_tail, infrastructure=reason.startswith(STORE_REASON))
 
     def _begin_step(self, index: int, stage: str, first: bool) -> None:
-        """Meet the other nodes, stop if told to, and (node 0) mark the step as the job's current one."""
-        if self.nnodes > 1:
-            try:
-                barrier(
-                    self.s,
-                    self.ctx.redis,
-                    self.job_id,
-                    f"a{self.attempt}-s{index}",
-                    self.nnodes,
-                    self.s.gang_timeout if first else self.s.job_timeout,
-                    self.stop_reason,
-                )
-            except BarrierAborted as e:
-                raise self._fail_or_cancel(str(e)) from None
+        """Stop if told to, and (node 0) mark the step as the job's current one."""
         reason = self.stop_reason()
         if reason:
             raise self._fail_or_cancel(reason)
@@ -280,7 +271,7 @@ class NodeRun:
             nproc_per_node=self.spec["resources"]["nproc_per_node"],
             nnodes=self.nnodes,
             node_rank=self.rank,
-            rdzv_endpoint=self.s.rdzv_endpoint,
+            rdzv_endpoint=RDZV_BY_RAY,
             job_id=self.job_id,
             module=self.s.stage_modules.get(stage, f"nanochat.stages.{stage}"),
             config=config,
@@ -379,12 +370,15 @@ def main(burst: bool = False) -> None:
         ).start()
     # RQ blocks on its queue for minutes at a time: its connection has no socket timeout.
     rq_redis = Redis.from_url(settings.redis_url)
+    queues = [make_queue(settings, rq_redis)]
+    if settings.executor == "ray":
+        queues.append(make_queue(settings, rq_redis, multi_node=True))
     worker = Worker(
-        [make_queue(settings, rq_redis)],
+        queues,
         connection=rq_redis,
         name=ctx.name,
         serializer=JSONSerializer,
         job_class=TrainerTask,
     )
-    log.info("worker %s on queue %s (host %s)", ctx.name, settings.queue_name, settings.host)
+    log.info("worker %s on queues %s (host %s)", ctx.name, ", ".join(q.name for q in queues), settings.host)
     worker.work(burst=burst, with_scheduler=False)

@@ -15,6 +15,7 @@ from nanochat_contracts.job_folder import events_path, log_path
 from pydantic_core import PydanticSerializationError
 from redis.exceptions import RedisError
 from service_kit.auth import AuthFirstRoute, require_write
+from service_kit.errors import APIError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -61,6 +62,7 @@ def submit_job(
             existing = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
             if existing is not None:
                 return replay(request, state, existing.id, request_hash, response)
+    refuse_multi_node_without_ray(state, body.resources.nnodes)
     try:
         steps = plan_steps(body)
     except OptionsInvalid as e:
@@ -120,6 +122,20 @@ def hash_request(body: JobRequest) -> str:
         where = unencodable_at(body.model_dump(), ["body"]) or ["body"]
         msg = "holds a lone surrogate (\\ud800-\\udfff), which is no text"
         raise RequestValidationError([{"loc": where, "type": "string_unicode", "msg": msg}]) from None
+
+
+def refuse_multi_node_without_ray(state: State, nnodes: int) -> None:
+    """422 for nnodes > 1 unless this trainer runs such jobs on Ray: no other executor can (their
+    queue is drained only by workers with the ray executor), so the job would never start."""
+    if nnodes > 1 and state.settings.executor != "ray":
+        raise APIError(
+            422,
+            f"resources.nnodes is {nnodes}: a job on more than one node runs on a Ray cluster, and this trainer's "
+            f"executor is {state.settings.executor}; set TRAINER_EXECUTOR=ray on the trainer API and on a worker "
+            "that reaches the Ray cluster (TRAINER_RAY_ADDRESS), or ask for nnodes 1",
+            code="invalid_value",
+            param="resources.nnodes",
+        )
 
 
 def queue_or_forget(state: State, job_id: str, nnodes: int) -> None:
