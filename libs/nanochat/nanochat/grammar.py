@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import llguidance
@@ -143,7 +144,7 @@ class Constraint:
         except (ValueError, KeyError, TypeError) as e:
             raise GrammarError(f"not a grammar spec from nanochat.grammar.compile_spec: {e}") from None
         self.vocab = tokenizer.vocab_size
-        self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar)
+        self.matcher = _fresh_matcher(tokenizer, grammar)
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
         self.budget = budget
@@ -276,6 +277,24 @@ def _closer(tokenizer: Tokenizer) -> _Closer:
     if closer is None:
         closer = _CLOSERS[tokenizer] = _Closer(tokenizer)
     return closer
+
+
+# A request's samples, and the next requests with the same schema, start from a copy of one
+# matcher: a copy is ~1 us where building one is ~0.3 ms, and it shares what the first one's
+# lexer has learnt.
+_TEMPLATES: weakref.WeakKeyDictionary[Tokenizer, OrderedDict[str, llguidance.LLMatcher]] = weakref.WeakKeyDictionary()
+MAX_TEMPLATES = 64
+
+
+def _fresh_matcher(tokenizer: Tokenizer, grammar: str) -> llguidance.LLMatcher:
+    templates = _TEMPLATES.setdefault(tokenizer, OrderedDict())
+    template = templates.get(grammar)
+    if template is None:
+        template = templates[grammar] = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar)
+        if len(templates) > MAX_TEMPLATES:
+            templates.popitem(last=False)
+    templates.move_to_end(grammar)
+    return template.deep_copy()
 
 
 def _allowed(matcher: llguidance.LLMatcher, words: np.ndarray, vocab: int) -> np.ndarray:
