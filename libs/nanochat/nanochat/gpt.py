@@ -151,7 +151,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values in a pool of fixed-size blocks; each row reads its positions through a block table."""
+    """Keys and values in a pool of fixed-size blocks that rows reach through block tables, and the
+    contiguous copy of each row that attention reads."""
 
     def __init__(
         self,

@@ -1,8 +1,8 @@
 """The paged KV cache's bookkeeping: a pool of fixed-size blocks, a block table per slot, prefix caching.
 
 The cache (`gpt.KVCache`) holds keys and values in `num_blocks` blocks of `block_size` positions;
-a slot (a row of the batch) reads its positions through its block table, so a sequence takes only
-the blocks its tokens fill, and one block can sit in several tables at once. Block 0 is the null
+a slot's (a batch row's) block table names the blocks that hold its positions, so a sequence takes
+only the blocks its tokens fill, and one block can sit in several tables at once. Block 0 is the null
 block, never handed out: the unused tail of every table points at it, so the padding of a prefill
 writes there and masked keys are read from there.
 
