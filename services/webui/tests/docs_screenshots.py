@@ -140,10 +140,6 @@ def shoot_chat(browser, url: str, token: str, out: Path, pinned: str) -> None:
     page.get_by_test_id("chat-version").focus()
     page.screenshot(path=out / "webui-chat-pinned.png")
     page.context.close()
-    dark = signed_in(browser, url, token, dark=True)
-    ask(dark, "Tell me about yourself.")
-    dark.screenshot(path=out / "webui-chat-dark.png")
-    dark.context.close()
 
 
 def shoot_dashboard(browser, url: str, token: str, out: Path, speedrun: str, compared: str) -> None:
@@ -152,6 +148,13 @@ def shoot_dashboard(browser, url: str, token: str, out: Path, speedrun: str, com
     expect(page.get_by_test_id("report-image")).to_have_count(1, timeout=30_000)
     page.wait_for_function("() => document.querySelector('[data-testid=report-image]').naturalWidth > 0")
     page.screenshot(path=out / "webui-job.png")
+    dark = signed_in(browser, f"{url}/#/jobs/{speedrun}", token, dark=True)
+    expect(dark.get_by_test_id("chart-loss")).not_to_have_attribute("data-points", "0")
+    dark.get_by_test_id("curve-stage").select_option("base_train")
+    expect(dark.get_by_test_id("chart-val_bpb")).not_to_have_attribute("data-points", "0")
+    dark.locator(".charts").first.scroll_into_view_if_needed()
+    dark.screenshot(path=out / "webui-job-dark.png")
+    dark.context.close()
     page.get_by_test_id("job-report").scroll_into_view_if_needed()
     page.get_by_test_id("report-image").scroll_into_view_if_needed()
     page.screenshot(path=out / "webui-job-report.png")

@@ -7,6 +7,16 @@ import { attachmentName, renderReport } from "./report_card.js";
 
 const versionOf = (v) => v.version;
 
+// A version's headline metrics, the first few plain ones; the rest (per-stage copies, counts,
+// intervals: a speedrun's RL version carries ~90) folded under "N more".
+function metricsCell(metrics) {
+  const entries = Object.entries(metrics || {});
+  const main = entries.filter(([k]) => !k.includes("/")).slice(0, 6);
+  const rest = entries.filter((e) => !main.includes(e));
+  const chip = ([k, val]) => h("span", { class: "metric" }, `${k} ${formatNumber(val)}`);
+  return [...main.map(chip), rest.length ? h("details", { class: "more-metrics" }, h("summary", {}, `${rest.length} more`), ...rest.map(chip)) : null];
+}
+
 function aliasesFrom(model, versions) {
   const aliases = { ...(model?.aliases ?? {}) };
   for (const v of versions) for (const a of v.aliases || []) aliases[a] = versionOf(v);
@@ -106,12 +116,12 @@ export function mountModels(root, app) {
           h("td", {}, `v${versionOf(v)}`),
           h("td", {}, h("span", { class: `pill stage-${v.stage}` }, v.stage)),
           h("td", {}, v.step !== undefined && v.step !== null ? formatNumber(v.step) : ""),
-          h("td", { class: "metrics" }, Object.entries(v.metrics || {}).map(([k, val]) => h("span", { class: "metric" }, `${k} ${formatNumber(val)}`))),
+          h("td", { class: "metrics" }, metricsCell(v.metrics)),
           h("td", {}, formatTime(v.created_at ?? v.created)),
           h("td", { class: "aliases" }, aliasCell(path, versionOf(v), aliasNames)),
           actions);
         row.addEventListener("click", (e) => {
-          if (e.target.closest("button, a")) return;
+          if (e.target.closest("button, a, details")) return;
           selected = versionOf(v);
           load();
         });
