@@ -302,13 +302,15 @@ class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a `prompt` (with `<|bos|>` first unless add_special_tokens is false, as
     /v1/completions encodes it) or chat `messages` (rendered as /v1/chat/completions renders them,
     ending in `<|assistant_start|>` with add_generation_prompt; the rendering's own special
-    tokens are always there, so add_special_tokens applies to `prompt` only)."""
+    tokens are always there, so add_special_tokens applies to `prompt` only); `tools` are listed in
+    the prompt as a chat completion lists them."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
     return_token_strs: bool = False
@@ -317,6 +319,8 @@ class TokenizeRequest(BaseModel):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools go with messages")
         if self.messages is not None and "add_special_tokens" in self.model_fields_set:
             raise ValueError("add_special_tokens applies to prompt only (messages carry their own special tokens)")
         return self

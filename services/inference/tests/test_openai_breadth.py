@@ -204,6 +204,12 @@ def test_tokenize_and_detokenize_in_vllms_shapes(server, tok):
     assert chat["tokens"] == tok.render_for_completion({"messages": CHAT})
     closed = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT, "add_generation_prompt": False}).json()
     assert closed["tokens"] == chat["tokens"][:-1]  # without the trailing <|assistant_start|>
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    with_tools = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT, "tools": tools}).json()
+    answered = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"messages": CHAT, "tools": tools, "max_tokens": 1}, timeout=30
+    ).json()
+    assert with_tools["count"] == answered["usage"]["prompt_tokens"] > chat["count"]
     back = httpx.post(f"{server.url}/detokenize", json={"tokens": bare["tokens"]}).json()
     assert back == {"prompt": "The quick"}
     for path, payload, param in [

@@ -10,7 +10,7 @@ from service_kit.auth import AuthFirstRoute, require_read
 from service_kit.errors import APIError
 from starlette.concurrency import run_in_threadpool
 
-from inference import schemas
+from inference import schemas, structured
 from inference.deps import RunnerDep
 from inference.routes.chat import render_prompt
 from inference.textstream import token_bytes
@@ -24,7 +24,8 @@ async def tokenize(body: schemas.TokenizeRequest, runner: RunnerDep) -> schemas.
     try:
         tok = served.tokenizer
         if body.messages is not None:
-            tokens = await render_prompt(tok, body.messages, body.add_generation_prompt)
+            tools = structured.tools_for_prompt(structured.plan(None, body.tools, None))
+            tokens = await render_prompt(tok, body.messages, body.add_generation_prompt, tools)
         else:
             bos = tok.bos_token_id if body.add_special_tokens else None
             tokens = await run_in_threadpool(tok.encode, body.prompt, bos)
