@@ -5,7 +5,8 @@
 
 Mixture (NANOCHAT_SPEC "Data"): ARC-Easy + ARC-Challenge + GSM8K + the first 10K of SmolTalk
 train, the original's; `--identity-in-mixture` adds the identity conversations (the tiny preset
-does; the report card lists it as a deviation). One conversation per row,
+does; the report card lists it as a deviation), `--tool-use-in-mixture N` N synthetic tool-use
+conversations (docs/tools.md; also listed as a deviation). One conversation per row,
 padded with `<|assistant_end|>`; only the assistant's tokens are trained on (mask 1).
 `--target-examples-per-step` conversations per step over all ranks (gradient accumulation fills
 the gap to device_batch_size * world_size); `--num-iterations -1` runs `--num-epochs` passes.
@@ -56,7 +57,9 @@ def chat_sft(options: ChatSftOptions, emitter: EventEmitter) -> tuple[list[dict[
     ckpt, resume_path = load_resumable(options.out, compute) if options.resume else (load_model(folder, compute), None)
     model, tokenizer = ckpt.model, ckpt.tokenizer
 
-    train_set = sft_mixture(options.data_dir, "train", identity=options.identity_in_mixture)
+    train_set = sft_mixture(
+        options.data_dir, "train", identity=options.identity_in_mixture, tool_use=options.tool_use_in_mixture
+    )
     val_set = sft_mixture(options.data_dir, "test")
     per_micro = options.device_batch_size * world
     if options.target_examples_per_step % per_micro:
