@@ -350,16 +350,6 @@ def test_real_chat_branches_stats_and_system_prompt(browser, stack):
     assert page.errors == []
 
 
-def test_real_inference_down_shows_the_banner(browser, stack):
-    page = open_page(browser, stack["webui"].url)
-    expect(page.get_by_test_id("model-badge")).to_contain_text("nanochat v")
-    stack["inference"].stop()
-    expect(page.get_by_test_id("banner")).to_contain_text("inference service is down", timeout=15_000)
-    send(page, "hello?")
-    expect(page.get_by_test_id("chat-error")).to_contain_text("inference service is down")
-    assert page.errors == []
-
-
 def test_real_chat_with_a_pinned_version(browser, stack):
     page = open_page(browser, stack["webui"].url)
     expect(page.get_by_test_id("model-badge")).to_contain_text("nanochat v")
@@ -448,3 +438,14 @@ def test_real_jobs_compared_and_a_report_card(browser, stack, tmp_path):
         assert page.errors == []
     finally:
         worker.stop()
+
+
+# Last: it stops the stack's inference.
+def test_real_inference_down_shows_the_banner(browser, stack):
+    page = open_page(browser, stack["webui"].url)
+    expect(page.get_by_test_id("model-badge")).to_contain_text("nanochat v")
+    stack["inference"].stop()
+    expect(page.get_by_test_id("banner")).to_contain_text("inference service is down", timeout=15_000)
+    send(page, "hello?")
+    expect(page.get_by_test_id("chat-error")).to_contain_text("inference service is down")
+    assert page.errors == []
