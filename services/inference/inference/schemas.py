@@ -2,8 +2,9 @@
 
 A request field this server does not know is a 400 naming it (`param`), so an option is never
 accepted and silently ignored, except the few OpenAI documents as hints a server may ignore
-(`IGNORED_FIELDS`); values out of range are 400s. Inside messages and `stream_options`, unknown
-fields are ignored. `top_k` 0 or -1 means no top-k (vLLM's convention). Messages may carry
+(`IGNORED_FIELDS`); values out of range are 400s; a null (OpenAI makes every optional field
+nullable) means the field's default. Inside messages and `stream_options`, unknown fields are
+ignored. `top_k` 0 or -1 means no top-k (vLLM's convention). Messages may carry
 content as a string or a list of text parts; an assistant message may carry `nanochat_parts`
 (text / python / python_output), which the web UI sends back so tool turns survive a round trip.
 
@@ -97,8 +98,10 @@ class SamplingFields(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_ignored(cls, data: Any) -> Any:
+        # OpenAI's reference makes every optional field nullable, null meaning its default
+        # (clients send `"temperature": null`): a null takes the field's default here too.
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if k not in IGNORED_FIELDS}
+            return {k: v for k, v in data.items() if k not in IGNORED_FIELDS and v is not None}
         return data
 
     @field_validator("logit_bias")

@@ -192,6 +192,20 @@ def test_unknown_fields_are_400s_naming_them_and_ignorable_ones_pass(server, cli
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
+def test_null_options_take_their_defaults(server):
+    """OpenAI's reference makes the optional fields nullable; clients send null for 'not set'."""
+    nulls = ["top_p", "n", "stream", "stream_options", "seed", "presence_penalty", "frequency_penalty"]
+    chat = {"messages": CHAT, "temperature": 0, "max_tokens": 4}
+    for path, body, more in [
+        ("/v1/chat/completions", chat, ["logprobs", "top_logprobs", "logit_bias", "tools", "response_format"]),
+        ("/v1/completions", {"prompt": "The", "temperature": 0, "max_tokens": 4}, ["logprobs", "echo", "suffix"]),
+    ]:
+        plain = httpx.post(server.url + path, json=body, timeout=30)
+        nulled = httpx.post(server.url + path, json={**body, **dict.fromkeys(nulls + more)}, timeout=30)
+        assert plain.status_code == nulled.status_code == 200, nulled.text
+        assert nulled.json()["choices"] == plain.json()["choices"]
+
+
 def test_tokenize_and_detokenize_in_vllms_shapes(server, tok):
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": "The quick", "return_token_strs": True}, timeout=30)
     body = r.json()
