@@ -109,7 +109,8 @@ class SamplingFields(BaseModel):
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[int, float]:
         bias = {}
         for key, value in (v or {}).items():
-            if not key.strip().isdigit():
+            # isascii too: isdigit takes "²" and other digits int() refuses.
+            if not (key.strip().isascii() and key.strip().isdigit()):
                 raise ValueError(f"logit_bias keys are token ids as strings, got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values lie in [-100, 100], got {value} for token {key}")

@@ -142,7 +142,11 @@ def test_logit_bias_forces_and_bans_and_bad_ids_are_400s(client, tok):
         prompt="The", max_tokens=6, temperature=0, logit_bias={str(banned): -100}, model=MODEL
     )
     assert r.choices[0].text != solo.choices[0].text and not r.choices[0].text.startswith(first)
-    for bias, fragment in [({str(tok.vocab_size + 5): 1}, "logit_bias names token"), ({"x": 1}, "token ids")]:
+    for bias, fragment in [
+        ({str(tok.vocab_size + 5): 1}, "logit_bias names token"),
+        ({"x": 1}, "token ids"),
+        ({"\u00b2": 1}, "token ids"),
+    ]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(prompt="The", max_tokens=2, logit_bias=bias, model=MODEL)
         assert e.value.body["param"] == "logit_bias" and fragment in e.value.body["message"]
