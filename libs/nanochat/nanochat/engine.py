@@ -289,6 +289,7 @@ class DecodeBatch:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        params = [check_params(p, self.engine.model.config.vocab_size) for p in params]
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         free = self.free_slots()
@@ -311,7 +312,8 @@ class DecodeBatch:
             for i, slot in enumerate(group):
                 generator = torch.Generator(device=device)
                 generator.manual_seed(row_seed(seed, i))
-                row = Row(slot=slot, prompt=list(prompt), params=p, generator=generator, logits=logits)
+                # One list per prompt, shared by its samples: `_prompt_logprobs` scores it once.
+                row = Row(slot=slot, prompt=prompt, params=p, generator=generator, logits=logits)
                 self.rows[slot] = row
                 rows.append(row)
         return rows
@@ -321,9 +323,7 @@ class DecodeBatch:
         last block copied (one free block each)."""
         n = int(self.cache.lengths[src])
         for slot in dst:
-            copy = self.blocks.fork(src, slot, n)
-            if copy is not None:
-                self.cache.copy_block(*copy)
+            self.blocks.fork(src, slot, n)  # the partial block reaches the pool once the slot fills it
             self.cache.copy_row(src, slot, n)
             self.cache.lengths[slot] = n
 
@@ -352,11 +352,10 @@ class DecodeBatch:
         logits = self.engine.forward(idx.to(self.engine.device), self.cache, slots, counts, last_only=True)
         return logits[:, 0]
 
-    def blocks_needed(self, row: Row) -> int:
-        """Blocks the row must be given before its next step can feed it (0 or 1)."""
-        if row.logits is not None:
-            return 0
-        return self.blocks.blocks_for(int(self.cache.lengths[row.slot]) + 1) - len(self.blocks.tables[row.slot])
+    def needing_blocks(self) -> list[Row]:
+        """The running rows whose next step feeds a token past their last block: each needs one more."""
+        lengths, bs, tables = self.cache.lengths.tolist(), self.blocks.block_size, self.blocks.tables
+        return [row for s, row in self.rows.items() if row.logits is None and lengths[s] == len(tables[s]) * bs]
 
     def cancel(self, row: Row) -> None:
         """Stop a running row now and free its slot."""
@@ -391,8 +390,8 @@ class DecodeBatch:
         """
         running = [self.rows[s] for s in sorted(self.rows)]
         feed = [row for row in running if row.logits is None]
-        for row in feed:
-            self.blocks.allocate(row.slot, self.blocks_needed(row))  # PoolExhausted: the caller makes room first
+        for row in self.needing_blocks():
+            self.blocks.allocate(row.slot, 1)  # PoolExhausted: the caller makes room first
         if feed:
             idx = torch.tensor([[row.tokens[-1]] for row in feed], dtype=torch.long, device=self.engine.device)
             logits = self.engine.forward(idx, self.cache, [row.slot for row in feed])

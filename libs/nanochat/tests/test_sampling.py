@@ -209,6 +209,25 @@ def test_a_bias_on_a_token_the_model_lacks_is_refused_at_submit(engine):
     assert scheduler.idle()
 
 
+def test_a_bias_on_a_token_the_model_lacks_is_refused_by_a_decode_batch(engine):
+    batch = engine.new_batch(2)
+    vocab, free = engine.model.config.vocab_size, batch.blocks.free
+    with pytest.raises(ValueError, match="logit_bias names token"):
+        batch.add([prompt(engine, "fox")] * 2, [SamplingParams(), SamplingParams(logit_bias={vocab: 1})])
+    assert not batch.rows and batch.blocks.free == free
+
+
+def test_a_prompts_samples_share_one_scoring_of_its_prompt(engine, monkeypatch):
+    calls = []
+    score = engine.prompt_logprobs
+    monkeypatch.setattr(engine, "prompt_logprobs", lambda ids, k: calls.append(ids) or score(ids, k))
+    batch = engine.new_batch(3)
+    params = SamplingParams(max_tokens=2, seed=1, logprobs=1, prompt_logprobs=True)
+    rows = batch.add([prompt(engine, "fox")], params, num_samples=3)
+    first = [t.prompt_logprobs for t in batch.step()]
+    assert len(calls) == 1 and len(rows) == 3 and first[0] is not None and first.count(first[0]) == 3
+
+
 def test_bad_sampling_extras_are_refused():
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
