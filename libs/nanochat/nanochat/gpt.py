@@ -35,17 +35,17 @@ counts and names; the model only reads and writes through them).
     logits = model(idx, kv_cache=cache, rows=r, num_new=n, last_only=True)  # (B, 1, V): each row's last real token
 
 Row b's new tokens take positions `cache.lengths[b] ... cache.lengths[b] + T - 1` (their rotary
-angles too), are written into the blocks its table names there, and attend to the row's cached
-prefix plus, causally, to each other; afterwards the row's length advances by `num_new[b]`
-(default T). The caller gives a row blocks for its real tokens first; `num_new` lets rows of
-unequal prompt length share one padded prefill call: padding positions past a row's blocks write
-into the null block, those inside its last block past its length, and none is ever attended to
-(their logits are garbage, ignore them). The pool holds k and v as (n_layer, num_blocks,
-block_size, n_kv_head, head_dim) in the compute dtype (bf16 on CUDA, fp32 on CPU); tables and
-lengths live on the CPU. Attention reads each row's keys from a contiguous copy per row
-(`k_rows`, (n_layer, rows, n_kv_head, max_len, head_dim)), written beside the pool, because
-gathering blocks every step is slower on a CPU (see `KVCache`); a row that starts from blocks it
-did not write (shared by a prefix hit) is `stage`d from them once, a fork is `copy_row`.
+angles too) and attend to the row's cached prefix plus, causally, to each other; afterwards the
+row's length advances by `num_new[b]` (default T). The caller gives a row blocks for its real
+tokens first; `num_new` lets rows of unequal prompt length share one padded prefill call (the
+padding is written past a row's length and never attended to; its logits are garbage, ignore
+them). Attention reads each row's keys from a contiguous copy per row (`k_rows`, (n_layer, rows,
+n_kv_head, max_len, head_dim)), because gathering blocks every step is slower on a CPU (see
+`KVCache`); each block a forward fills is copied from there into the pool block the row's table
+names (`flush`), the pool being what rows share. A row that starts from blocks it did not write
+(a prefix hit) is `stage`d from them once, a fork is `copy_row`. The pool holds k and v as
+(n_layer, num_blocks, block_size, n_kv_head, head_dim), both in the compute dtype (bf16 on CUDA,
+fp32 on CPU); tables and lengths live on the CPU.
 
 Check: `python -m nanochat.gpt` prints the depth-20 speedrun model's parameter count.
 """
@@ -181,8 +181,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # Each row's keys and values again, contiguous, which attention reads: gathering a batch's
         # blocks in every layer of every step made a decode step 15-25% slower at 16-64 rows on a
-        # 2-core CPU (memory-bound copies), while these views cost nothing to read. New tokens go to
-        # both; a row starting from blocks it did not write (a prefix hit) is staged from them once.
+        # 2-core CPU (memory-bound copies), while these views cost nothing to read. New tokens go
+        # here, full blocks on to the pool (`flush`); a row starting from blocks it did not write (a
+        # prefix hit) is staged from them once.
         row_shape = (n_layer, rows, n_kv_head, max_len, head_dim)
         self.k_rows = torch.zeros(row_shape, device=device, dtype=dtype)
         self.v_rows = torch.zeros(row_shape, device=device, dtype=dtype)
@@ -226,17 +227,32 @@ class KVCache:
     def num_blocks(self) -> int:
         return self.k.shape[1]
 
-    def copy_block(self, src: int, dst: int) -> None:
-        """Copy block src's keys and values (every layer) into block dst."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
-
     def stage(self, row: int, positions: int) -> None:
         """Fill the row's contiguous keys and values for positions [0, positions) from its blocks."""
         blocks = self.tables[row, : -(-positions // self.block_size)].to(self.k.device)
         for pool, rows in ((self.k, self.k_rows), (self.v, self.v_rows)):
             gathered = pool[:, blocks].flatten(1, 2)[:, :positions]  # (n_layer, positions, H, D)
             rows[:, row, :, :positions] = gathered.transpose(1, 2)
+
+    def flush(self, rows: torch.Tensor, before: torch.Tensor) -> None:
+        """Copy the blocks the rows filled since they held `before` positions from their contiguous
+        copies into the pool: only full blocks are ever shared, so only they are written there,
+        once each rather than a token at a time."""
+        bs = self.block_size
+        filled = [
+            (row, j)
+            for row, first, last in zip(rows.tolist(), (before // bs).tolist(), (self.lengths[rows] // bs).tolist())
+            for j in range(first, last)
+        ]
+        if not filled:
+            return
+        which, index = torch.tensor(filled).unbind(1)
+        blocks = self.tables[which, index].to(self.k.device)
+        which = which.to(self.k.device)[:, None]
+        positions = (index[:, None] * bs + torch.arange(bs)).to(self.k.device)
+        for pool, copies in ((self.k, self.k_rows), (self.v, self.v_rows)):
+            # Advanced indices around a sliced head dim put (blocks, bs) first: (n, bs, n_layer, H, D).
+            pool[:, blocks] = copies[:, which, :, positions].permute(2, 0, 1, 3, 4)
 
     def copy_row(self, src: int, dst: int, positions: int) -> None:
         """Copy row src's contiguous keys and values for positions [0, positions) into row dst."""
@@ -253,19 +269,16 @@ class _CacheStep:
     rows_dev: torch.Tensor  # the same on the device
     block: slice | None  # the same rows when they are one ascending run: reads are views, not gathers
     pos: torch.Tensor  # (B, T) absolute position of each new token (device)
-    write: torch.Tensor  # (B * T,) pool position of each new token's key, the null block for padding (device)
     span: int  # keys 0..span-1 are read
     mask: torch.Tensor  # (B, 1, T, span) True where a query may attend a key (device)
     counts: torch.Tensor  # (B,) how far each row's length advances after the forward (CPU)
 
 
 def _attend_cache(step: _CacheStep, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write the new keys and values (B, T, H, D) into the pool and the rows; each row's keys and
-    values (B, H, span, D)."""
+    """Write the new keys and values (B, T, H, D) into the rows' contiguous copies (the pool gets
+    them as blocks fill: `KVCache.flush`); each row's keys and values (B, H, span, D)."""
     cache = step.cache
-    H, D = k.shape[2:]
-    for pool, rows, new in ((cache.k, cache.k_rows, k), (cache.v, cache.v_rows, v)):
-        pool[layer].view(-1, H, D).index_copy_(0, step.write, new.reshape(-1, H, D).to(pool.dtype))
+    for rows, new in ((cache.k_rows, k), (cache.v_rows, v)):
         # Advanced indices (rows, pos) around a sliced head dim put (B, T) first: (B, T, H, D).
         rows[layer][step.rows_dev[:, None], :, step.pos] = new.to(rows.dtype)
     ck, cv = cache.k_rows[layer], cache.v_rows[layer]
@@ -474,7 +487,9 @@ class GPT(nn.Module):
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
 
         if step is not None:
-            kv_cache.lengths[step.rows] += step.counts
+            before = kv_cache.lengths[step.rows]
+            kv_cache.lengths[step.rows] = before + step.counts
+            kv_cache.flush(step.rows, before)
         if targets is None:
             return logits
         if targets.shape != idx.shape:
@@ -518,11 +533,7 @@ class GPT(nn.Module):
             counts = torch.as_tensor(num_new, dtype=torch.long, device="cpu").expand(B).clone()
             if bool((counts < 0).any()) or bool((counts > T).any()):
                 raise ValueError(f"num_new must lie in [0, {T}], got {counts.tolist()}")
-        bs = cache.block_size
         pos = lengths[:, None] + torch.arange(T)[None, :]
-        table = cache.tables[row_idx]
-        # A position past the row's table (padding) lands in the table's last column: the null block.
-        write = table.gather(1, (pos // bs).clamp_(max=cache.max_blocks)) * bs + pos % bs
         mask = (torch.arange(end)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
         device = cache.k.device
         return _CacheStep(
@@ -531,7 +542,6 @@ class GPT(nn.Module):
             rows_dev=row_idx.to(device, non_blocking=True),
             block=block,
             pos=pos.to(device, non_blocking=True),
-            write=write.reshape(-1).to(device, non_blocking=True),
             span=end,
             mask=mask.to(device, non_blocking=True),
             counts=counts,

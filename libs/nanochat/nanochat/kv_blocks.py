@@ -3,8 +3,7 @@
 The cache (`gpt.KVCache`) holds keys and values in `num_blocks` blocks of `block_size` positions;
 a slot's (a batch row's) block table names the blocks that hold its positions, so a sequence takes
 only the blocks its tokens fill, and one block can sit in several tables at once. Block 0 is the null
-block, never handed out: the unused tail of every table points at it, so the padding of a prefill
-writes there and masked keys are read from there.
+block, never handed out: the unused tail of every table points at it.
 
 Automatic prefix caching (on unless `caching=False`): a full block is named by a hash of its
 tokens chained with the name of the block before it, so a name stands for the whole prefix up to
@@ -121,16 +120,13 @@ class BlockManager:
             fresh.append(block)
         self._extend(slot, fresh)
 
-    def fork(self, src: int, dst: int, positions: int) -> tuple[int, int] | None:
+    def fork(self, src: int, dst: int, positions: int) -> None:
         """Give the empty slot `dst` the first `positions` of `src`: its full blocks by reference, a
-        copy of the partial last one (a fresh block, one free needed). Returns (source block, new
-        block) for the caller to copy, or None when there is no partial block."""
+        fresh block of its own for the partial last one (one free needed), which it will fill."""
         full = positions // self.block_size
         self.share(dst, self.tables[src][:full], self.chains[src][:full])
-        if positions % self.block_size == 0:
-            return None
-        self.allocate(dst, 1)
-        return self.tables[src][full], self.tables[dst][full]
+        if positions % self.block_size:
+            self.allocate(dst, 1)
 
     def register(self, slot: int, tokens: Sequence[int]) -> None:
         """`tokens` are what the slot's cache holds from position 0: name its full blocks, so later

@@ -448,15 +448,11 @@ class Scheduler:
     def _make_room(self) -> None:
         """A block for each decoding row about to fill its last one, oldest first; while the pool has
         none to spare, the newest running row or prefilling prompt is preempted (the row itself last)."""
-        for slot in sorted(self._admitted, key=self._admitted.__getitem__):
-            row = self.batch.rows.get(slot)
-            while row is not None and self.batch.blocks_needed(row) > self.blocks.free - self._spare:
-                victim = self._newest()
-                self._preempt(victim)
-                if victim is row:
-                    row = None
-            if row is not None:
-                self.blocks.allocate(slot, self.batch.blocks_needed(row))
+        for row in sorted(self.batch.needing_blocks(), key=lambda r: self._admitted[r.slot]):
+            while self.batch.rows.get(row.slot) is row and self.blocks.free - self._spare < 1:
+                self._preempt(self._newest())
+            if self.batch.rows.get(row.slot) is row:
+                self.blocks.allocate(row.slot, 1)
 
     def _newest(self) -> Row | _Work:
         work = max(self._prefilling, key=lambda w: w.admitted, default=None)

@@ -166,15 +166,14 @@ def test_last_only_logits_equal_the_full_logits_at_each_rows_last_real_token():
 
 
 @torch.no_grad()
-def test_forked_rows_share_the_full_blocks_and_copy_the_partial_one():
+def test_forked_rows_share_the_full_blocks_and_each_own_a_partial_one():
     model = perturbed_model()
     prompt = torch.randint(0, 97, (1, 7))
     cache, blocks = paged(model, 5, num_blocks=12)
     grow(blocks, cache, [2], [7])
     model(prompt, kv_cache=cache, rows=[2])
     for dst in (0, 3, 4):
-        src_block, new_block = blocks.fork(2, dst, 7)
-        cache.copy_block(src_block, new_block)
+        blocks.fork(2, dst, 7)
         cache.copy_row(2, dst, 7)
         cache.lengths[dst] = 7
     assert {blocks.tables[r][0] for r in (0, 2, 3, 4)} == {blocks.tables[2][0]}, "the full block is shared"
