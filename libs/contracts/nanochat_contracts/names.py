@@ -8,6 +8,8 @@ registered valid everywhere. A name becomes one folder name in the registry clie
 
 An alias (`serving`, `best`) is 1 to 64 of the same characters, starting with a letter, so an
 alias can never be read as a version number.
+
+A version number is 1 to VERSION_MAX, the registry's integer column (a signed 32-bit integer).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ NAME_MAX = 128
 NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}$"
 ALIAS_MAX = 64
 ALIAS_PATTERN = rf"^[A-Za-z][A-Za-z0-9._-]{{0,{ALIAS_MAX - 1}}}$"
+VERSION_MAX = 2**31 - 1
 
 _NAME = re.compile(NAME_PATTERN)
 _ALIAS = re.compile(ALIAS_PATTERN)

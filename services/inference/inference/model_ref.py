@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nanochat_contracts.names import is_alias, is_name
+from nanochat_contracts.names import VERSION_MAX, is_alias, is_name
 
 
 class BadModelRef(ValueError):
@@ -33,11 +33,13 @@ class ModelRef:
 
 def parse_model_ref(model: str) -> ModelRef:
     """`<name>`, `<name>:<version>` or `<name>@<alias>` as a ModelRef; BadModelRef for anything else."""
-    form = "expected <name>, <name>:<version> (a positive integer) or <name>@<alias>"
+    form = f"expected <name>, <name>:<version> (an integer in [1, {VERSION_MAX}]) or <name>@<alias>"
     if ":" in model:
         name, _, number = model.partition(":")
-        # isdecimal, not int(): int() takes "+3", " 3" and "3_0", which name no version spelled so.
-        if not (is_name(name) and number.isascii() and number.isdecimal() and int(number) > 0):
+        # isdecimal, not int(): int() takes "+3", " 3" and "3_0", which name no version spelled so;
+        # the length first: int() refuses a string of over 4300 digits with its own ValueError.
+        digits = number.isascii() and number.isdecimal() and len(number) <= len(str(VERSION_MAX))
+        if not (is_name(name) and digits and 0 < int(number) <= VERSION_MAX):
             raise BadModelRef(f"model {model!r} is not valid: {form}")
         return ModelRef(name, version=int(number))
     if "@" in model:

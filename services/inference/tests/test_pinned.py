@@ -163,7 +163,9 @@ def test_unknown_names_versions_and_aliases_are_404s(registry, tmp_path):
         error(chat(s, "gpt-4"), 404, "model_not_found")
         error(chat(s, "nanochat:one"), 400, "invalid_value")
         error(chat(s, "nanochat:0"), 400, "invalid_value")
-        for model in ("nanochat:99", "nanochat@nope", "other", "nanochat:x"):
+        error(chat(s, f"nanochat:{2**31}"), 400, "invalid_value")  # past the registry's versions (was a 503)
+        error(chat(s, "nanochat:" + "9" * 5000), 400, "invalid_value")  # past int()'s digit limit (was a 500)
+        for model in ("nanochat:99", "nanochat@nope", "other", "nanochat:x", "nanochat:" + "9" * 5000):
             r = httpx.get(f"{s.url}/v1/models/{model}")
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (model, r.text)
         assert ids(s) == [("nanochat", 2, False)], "a refused request loads nothing"
