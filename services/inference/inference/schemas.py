@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from inference.structured import ResponseFormat, Tool, ToolCall, ToolChoice
 
@@ -116,6 +116,14 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"logit_bias values lie in [-100, 100], got {value} for token {key}")
             bias[int(key)] = value
         return bias
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_a_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # As OpenAI: without a stream they would be accepted and ignored (whole answers carry usage).
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return v
 
     @field_validator("stop")
     @classmethod

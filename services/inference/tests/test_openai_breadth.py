@@ -186,6 +186,9 @@ def test_unknown_fields_are_400s_naming_them_and_ignorable_ones_pass(server, cli
         assert field in r.json()["error"]["message"]
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 2, "suffix": "b"}, timeout=30)
     assert r.status_code == 400 and "suffix" in r.json()["error"]["message"]
+    options = {"include_usage": True}
+    r = httpx.post(url, json={"messages": CHAT, "max_tokens": 2, "stream_options": options}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body={"min_p": 0.1})
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
