@@ -151,7 +151,12 @@ class PinnedPool:
             log.info("pinned %s loaded from %s", served.model_id, served.info.folder)
 
     def take(self, version: int) -> ServedModel | None:
-        """Remove and return the loaded model of `version` (to serve it), holders and all."""
+        """Remove and return the loaded model of `version` (to serve it), holders and all; one
+        still loading is waited for (blocking: the manager's thread), not loaded a second time."""
+        with self._lock:
+            load = self._loads.get(version)
+        if load is not None:
+            concurrent.futures.wait([load.future])
         with self._lock:
             served = self._models.get(version)
             if served is None or not served.scheduler.alive:

@@ -271,6 +271,21 @@ def test_serving_a_pinned_version_promotes_its_model_process(registry, tmp_path)
         s.stop()
 
 
+def test_serving_a_version_while_it_loads_as_pinned_loads_it_once(registry, tmp_path):
+    _, _, client = registry
+    s = inference(registry, tmp_path, pinned_load_timeout_s=0.05)
+    try:
+        error(chat(s, "nanochat:1"), 503, "model_loading")
+        assert s.manager.pinned.loading() == 1
+        client.set_alias("nanochat", "serving", 1)
+        wait_for(lambda: s.manager.current.info.version == 1, timeout=60, what="the swap to v1")
+        assert s.manager.pinned.loading() == 0 and s.manager.pinned.get(1) is None, "v1 was loaded twice"
+        assert ids(s) == [("nanochat", 1, False)]
+    finally:
+        client.set_alias("nanochat", "serving", 2)
+        s.stop()
+
+
 def test_a_deleted_pinned_version_is_dropped(registry, tmp_path):
     _, _, client = registry
     s = inference(registry, tmp_path)
