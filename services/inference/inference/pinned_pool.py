@@ -48,6 +48,7 @@ class PinnedLoadFailed(Exception):
 class _Load:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     waiters: int = 0  # requests waiting on it; guarded by the manager's lock
+    dropped: str | None = None  # why it must not be pinned when it finishes (its version deleted)
 
 
 class PinnedPool:
@@ -69,6 +70,11 @@ class PinnedPool:
     def loading(self) -> int:
         with self._lock:
             return len(self._loads)
+
+    def versions(self) -> list[int]:
+        """The versions loaded or loading now."""
+        with self._lock:
+            return sorted({*self._models, *self._loads})
 
     def get(self, version: int) -> ServedModel | None:
         with self._lock:
@@ -137,15 +143,15 @@ class PinnedPool:
             return
         with self._lock:
             del self._loads[version]
-            closed = self._closed
+            refused = "the server is shutting down" if self._closed else load.dropped
             self.loads["ok"] += 1
-            if not closed:
+            if refused is None:
                 served.active, served.last_used = load.waiters, time.monotonic()
                 self._models[version] = served
                 load.future.set_result(served)
             else:
-                load.future.set_exception(PinnedLoadFailed("the server is shutting down"))
-        if closed:
+                load.future.set_exception(PinnedLoadFailed(f"version {version}: {refused}"))
+        if refused is not None:
             served.close()
         else:
             log.info("pinned %s loaded from %s", served.model_id, served.info.folder)
@@ -164,10 +170,13 @@ class PinnedPool:
             return self._models.pop(version)
 
     def drop(self, version: int, reason: str) -> None:
-        """Stop pinning `version`: at once when idle, else after its open requests end."""
+        """Stop pinning `version`: at once when idle, else after its open requests end; a load in
+        flight is stopped when it finishes."""
         with self._lock:
             served = self._models.pop(version, None)
             if served is None:
+                if version in self._loads:
+                    self._loads[version].dropped = reason
                 return
             served.retired = True
             busy = served.active > 0

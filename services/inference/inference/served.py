@@ -243,14 +243,14 @@ class ModelManager:
 
     def refresh(self) -> None:
         """Resolve again and swap when the rules name another version than the one served."""
-        for pinned in self.pinned.loaded():
-            if self._deleted(pinned.info):
-                self.pinned.drop(pinned.info.version, "its version was deleted from the registry")
+        for version in self.pinned.versions():
+            if self._deleted(self.settings.model_name, version):
+                self.pinned.drop(version, "its version was deleted from the registry")
         target = self.resolve()
         current = self.current
         if current is not None and current.info.version == (target.version if target else None):
             return
-        if current is not None and (target is None or self._deleted(current.info)):
+        if current is not None and (target is None or self._deleted(current.info.name, current.info.version)):
             self.uninstall(f"{current.info.name} v{current.info.version} was deleted from the registry")
         if target is None:
             return
@@ -260,9 +260,9 @@ class ModelManager:
             served = ServedModel.load(folder, self.settings, target.name, target.version, target.stage)
         self.install(served)
 
-    def _deleted(self, info: ModelInfo) -> bool:
+    def _deleted(self, name: str, version: int) -> bool:
         try:
-            self._registry.get_version(info.name, info.version)
+            self._registry.get_version(name, version)
         except RegistryError as e:
             if e.status == 404:
                 return True

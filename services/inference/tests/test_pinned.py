@@ -310,3 +310,19 @@ def test_a_killed_pinned_model_process_is_loaded_again(registry, tmp_path):
         assert s.manager.pinned.get(1) is not pinned and answer(s, "nanochat")[0] == "nanochat:2"
     finally:
         s.stop()
+
+
+def test_a_version_deleted_while_it_loads_is_not_pinned(registry, tmp_path):
+    """Last in this file: it deletes v3 from the module's registry."""
+    _, _, client = registry
+    s = inference(registry, tmp_path, pinned_load_timeout_s=0.05)
+    try:
+        error(chat(s, "nanochat:3"), 503, "model_loading")
+        # Deleted once downloaded, while its model process starts.
+        wait_for(lambda: (tmp_path / "cache" / "nanochat" / "v3").is_dir(), timeout=30, what="the download")
+        client.delete_version("nanochat", 3)
+        wait_for(lambda: s.manager.pinned.loading() == 0, timeout=60, what="the load to end")
+        assert s.manager.pinned.get(3) is None and ids(s) == [("nanochat", 2, False)]
+        error(chat(s, "nanochat:3"), 404, "model_not_found")
+    finally:
+        s.stop()
