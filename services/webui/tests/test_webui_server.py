@@ -2,6 +2,9 @@
 auth rules, streaming without buffering, and disconnects reaching the service."""
 
 import json
+import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -169,3 +172,35 @@ def test_stream_is_unbuffered_and_disconnect_frees_the_request(webui, fake):
     metrics = httpx.get(f"{webui.url}/metrics").text
     assert 'webui_proxy_open_streams{service="inference"} 0.0' in metrics
     assert 'webui_proxy_requests_total{service="inference",status="200"}' in metrics
+
+
+def cut_mid_event_server() -> tuple[str, threading.Thread]:
+    """A one-shot 'inference' that streams a whole event, half of the next, then drops the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.recv(65536)
+            body = [b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n', b'data: {"choices": [{"del']
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for part in body:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", thread
+
+
+def test_a_chat_stream_cut_mid_event_ends_with_only_whole_events_and_the_error(fake):
+    url, thread = cut_mid_event_server()
+    with TestClient(create_app(settings_for(fake.url, inference_url=url))) as c:
+        c.post("/api/session", json={"token": ADMIN_TOKEN})
+        body = {"model": "nanochat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with c.stream("POST", "/api/inference/v1/chat/completions", json=body) as r:
+            text = b"".join(r.iter_raw()).decode()
+    thread.join(5)
+    events = [json.loads(e.removeprefix("data: ")) for e in text.split("\n\n") if e]
+    assert events[0]["choices"][0]["delta"]["content"] == "Hi"
+    assert len(events) == 2 and events[1]["error"]["code"] == "upstream_stream_broken", text

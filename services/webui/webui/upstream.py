@@ -91,17 +91,27 @@ class UpstreamStream(Response):
                 self.on_close()
 
     async def _forward(self, send: Send) -> None:
-        tail = b"\n\n"
+        # Of a completion stream only whole events (ending in a blank line) go on, so a cut leaves
+        # no half event in front of the error event below, one a client would fail to parse before
+        # reaching ours. Everything else (files, log follows) goes on chunk by chunk.
+        completion = self._is_completion_stream()
+        pending = b""
         try:
             async for chunk in self.upstream.aiter_raw():
-                tail = (tail + chunk)[-2:]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                pending += chunk
+                cut = _whole_events_end(pending) if completion else len(pending)
+                if cut:
+                    await send({"type": "http.response.body", "body": pending[:cut], "more_body": True})
+                    pending = pending[cut:]
         except httpx.HTTPError:
             # The service went away mid-stream (killed, restarted). A completion stream then ends
             # as inference ends one that fails, with an error event in OpenAI's shape, so a client
             # learns why; other streams just end (a log follow's EventSource reconnects by itself).
-            if self._is_completion_stream():
-                await send({"type": "http.response.body", "body": self._broken_event(tail), "more_body": True})
+            if completion:
+                await send({"type": "http.response.body", "body": self._broken_event(), "more_body": True})
+        else:
+            if pending:
+                await send({"type": "http.response.body", "body": pending, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _is_completion_stream(self) -> bool:
@@ -109,17 +119,21 @@ class UpstreamStream(Response):
         event_stream = headers.get("content-type", "").startswith("text/event-stream")
         return self.service == "inference" and event_stream and "content-encoding" not in headers
 
-    def _broken_event(self, tail: bytes) -> bytes:
+    def _broken_event(self) -> bytes:
         error = error_body(
             502,
             f"The connection to the {self.service} service ended in the middle of the answer; try again.",
             code="upstream_stream_broken",
         )
-        # After a cut inside an event, a blank line first ends that event, so ours stands alone.
-        boundary = b"" if tail == b"\n\n" else b"\n\n"
-        return boundary + b"data: " + json.dumps(error).encode() + b"\n\n"
+        return b"data: " + json.dumps(error).encode() + b"\n\n"
 
     @staticmethod
     async def _watch_disconnect(receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+
+
+def _whole_events_end(data: bytes) -> int:
+    """Where the last complete server-sent event in `data` ends (0 if none does yet)."""
+    ends = [at + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (at := data.rfind(blank)) >= 0]
+    return max(ends, default=0)
