@@ -4,7 +4,7 @@ parameter types every route shares, and the error responses they document."""
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
-from nanochat_contracts.names import NAME_MAX
+from nanochat_contracts.names import NAME_MAX, VERSION_MAX
 from service_kit.errors import ErrorResponse
 
 from registry import core
@@ -29,7 +29,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 Name = Annotated[str, Path(min_length=1, max_length=NAME_MAX, description="model name")]
-VersionNo = Annotated[int, Path(ge=1, le=2**31 - 1)]
+VersionNo = Annotated[int, Path(ge=1, le=VERSION_MAX)]
 FilePath = Annotated[str, Path(min_length=1, description="relative path inside the version")]
 UploadId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 

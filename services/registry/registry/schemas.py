@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
+from nanochat_contracts.names import VERSION_MAX
 from nanochat_contracts.stages import Stage
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -25,7 +26,7 @@ class FileSpec(BaseModel):
 class ParentRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Text | None = Field(default=None, description="defaults to the new version's model name")
-    version: int = Field(ge=1, le=2**31 - 1)
+    version: int = Field(ge=1, le=VERSION_MAX)
 
 
 Metrics = dict[str, float | int | str | bool | None]
@@ -67,7 +68,7 @@ class VersionPatch(BaseModel):
 
 class AliasSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1, le=2**31 - 1)
+    version: int = Field(ge=1, le=VERSION_MAX)
 
 
 class FileOut(BaseModel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from nanochat.stages.options import PIPELINES, PRESETS, STAGES, preset_options, stage_schemas
-from nanochat_contracts.names import ALIAS_PATTERN, NAME_PATTERN
+from nanochat_contracts.names import ALIAS_PATTERN, NAME_PATTERN, VERSION_MAX
 from nanochat_contracts.stages import Stage
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -33,7 +33,7 @@ class InputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    version: int | None = Field(None, ge=1, le=2**31 - 1)
+    version: int | None = Field(None, ge=1, le=VERSION_MAX)
     alias: str | None = Field(None, pattern=ALIAS_PATTERN)
     stage: Stage | None = None
 
