@@ -262,6 +262,9 @@ class DecodeBatch:
         self.cache = KVCache.for_model(engine.model, capacity, max_len, num_blocks, block_size)
         self.blocks = BlockManager(self.cache.tables, self.cache.num_blocks, block_size, caching=prefix_caching)
         self.rows: dict[int, Row] = {}  # slot -> running row
+        # Per slot, the names of the full blocks its contiguous copy still holds from its last row:
+        # the next turn of a conversation mostly lands where the turn before ran.
+        self.staged: list[list[bytes]] = [[] for _ in range(capacity)]
 
     @property
     def capacity(self) -> int:
@@ -303,6 +306,7 @@ class DecodeBatch:
         heads = [s[0] for s in slots]
         for head, prompt in zip(heads, prompts):
             self.blocks.allocate(head, self.blocks.blocks_for(len(prompt)))
+            self.staged[head] = []
         last_logits = self._prefill(prompts, heads)
         device = self.engine.device
         rows = []
@@ -325,6 +329,7 @@ class DecodeBatch:
         for slot in dst:
             self.blocks.fork(src, slot, n)  # the partial block reaches the pool once the slot fills it
             self.cache.copy_row(src, slot, n)
+            self.staged[slot] = []
             self.cache.lengths[slot] = n
 
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
@@ -378,8 +383,24 @@ class DecodeBatch:
         so they stay findable until evicted."""
         held = int(self.cache.lengths[slot])
         self.blocks.register(slot, tokens[:held])
+        self.staged[slot] = self.blocks.chains[slot]
         self.blocks.release(slot)
         self.cache.lengths[slot] = 0
+
+    def stage(self, slot: int, names: Sequence[bytes]) -> None:
+        """The empty slot's table now starts with the blocks named `names` (a prefix hit, maybe none):
+        copy them into its contiguous copy, less the leading ones its last row left there."""
+        kept, keep = self.staged[slot], 0
+        while keep < min(len(kept), len(names)) and kept[keep] == names[keep]:
+            keep += 1
+        self.cache.stage(slot, keep * self.blocks.block_size, len(names) * self.blocks.block_size)
+        self.staged[slot] = []
+
+    def forget(self) -> None:
+        """Forget every block name and what the slots' copies hold (a failed forward may have left
+        any of them half written)."""
+        self.blocks.forget()
+        self.staged = [[] for _ in self.staged]
 
     @torch.no_grad()
     def step(self) -> list[StepToken]:

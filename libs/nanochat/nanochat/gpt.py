@@ -43,7 +43,8 @@ them). Attention reads each row's keys from a contiguous copy per row (`k_rows`,
 n_kv_head, max_len, head_dim)), because gathering blocks every step is slower on a CPU (see
 `KVCache`); each block a forward fills is copied from there into the pool block the row's table
 names (`flush`), the pool being what rows share. A row that starts from blocks it did not write
-(a prefix hit) is `stage`d from them once, a fork is `copy_row`. The pool holds k and v as
+(a prefix hit) is `stage`d from them once (less what the row's last occupant left there, see
+`engine.DecodeBatch.stage`), a fork is `copy_row`. The pool holds k and v as
 (n_layer, num_blocks, block_size, n_kv_head, head_dim), both in the compute dtype (bf16 on CUDA,
 fp32 on CPU); tables and lengths live on the CPU.
 
@@ -227,12 +228,15 @@ class KVCache:
     def num_blocks(self) -> int:
         return self.k.shape[1]
 
-    def stage(self, row: int, positions: int) -> None:
-        """Fill the row's contiguous keys and values for positions [0, positions) from its blocks."""
-        blocks = self.tables[row, : -(-positions // self.block_size)].to(self.k.device)
+    def stage(self, row: int, start: int, stop: int) -> None:
+        """Fill the row's contiguous keys and values for positions [start, stop) from its blocks
+        (start a multiple of the block size)."""
+        if stop <= start:
+            return
+        blocks = self.tables[row, start // self.block_size : -(-stop // self.block_size)].to(self.k.device)
         for pool, rows in ((self.k, self.k_rows), (self.v, self.v_rows)):
-            gathered = pool[:, blocks].flatten(1, 2)[:, :positions]  # (n_layer, positions, H, D)
-            rows[:, row, :, :positions] = gathered.transpose(1, 2)
+            gathered = pool[:, blocks].flatten(1, 2)[:, : stop - start]  # (n_layer, stop - start, H, D)
+            rows[:, row, :, start:stop] = gathered.transpose(1, 2)
 
     def flush(self, rows: torch.Tensor, before: torch.Tensor) -> None:
         """Copy the blocks the rows filled since they held `before` positions from their contiguous

@@ -387,7 +387,7 @@ class Scheduler:
                 blocks.allocate(head, fresh)
                 work.prefilled = len(cached) * bs
                 self.batch.cache.lengths[head] = work.prefilled
-                self.batch.cache.stage(head, work.prefilled)
+                self.batch.stage(head, names)
                 work.spare, work.admitted = spare, next(self._admissions)
                 self._spare += spare
                 if blocks.caching:
@@ -521,7 +521,7 @@ class Scheduler:
         self._by_slot.clear()
         self._admitted.clear()
         self._spare = 0
-        self.blocks.forget()  # a failed forward may have left any block half written
+        self.batch.forget()
         for handle in handles:
             self._finish_all(handle, "error", message)
 

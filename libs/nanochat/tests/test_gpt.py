@@ -212,7 +212,7 @@ def test_a_row_staged_from_shared_blocks_attends_as_if_it_had_computed_them():
     assert len(shared) == 2
     blocks.share(2, shared, names)
     cache.lengths[2] = 8
-    cache.stage(2, 8)
+    cache.stage(2, 0, 8)
     grow(blocks, cache, [2], [5])
     logits = model(seq[:, 8:], kv_cache=cache, rows=[2])
     torch.testing.assert_close(logits[0], model(seq)[0, 8:], atol=1e-5, rtol=1e-5)
