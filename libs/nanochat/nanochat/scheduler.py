@@ -136,6 +136,18 @@ class Stats:
     preemptions: int = 0  # rows or prompts sent back to wait for want of blocks, since the start
 
 
+def check_fits(prompt_len: int, n: int, slots: int, pool_blocks: int, block_size: int) -> None:
+    """ValueError unless `n` samples of a `prompt_len`-token prompt can ever run together: `n` slots,
+    and the prompt's blocks plus one block per further sample (its own copy of the last one)."""
+    if not isinstance(n, int) or not 1 <= n <= slots:
+        raise ValueError(f"n must be an integer in [1, {slots}] (the cache's slots), got {n!r}")
+    if -(-prompt_len // block_size) + n - 1 > pool_blocks:
+        raise ValueError(
+            f"a prompt of {prompt_len} tokens with n={n} needs more than the KV pool's {pool_blocks} "
+            f"blocks of {block_size}"
+        )
+
+
 class Scheduler:
     def __init__(
         self,
@@ -200,13 +212,7 @@ class Scheduler:
         """Queue a request; raises ValueError for a bad one and QueueFull when the queue is full."""
         prompt = self.engine.check_prompt(prompt, self.max_len)
         check_params(params, self.engine.model.config.vocab_size)
-        if not isinstance(n, int) or not 1 <= n <= self.slots:
-            raise ValueError(f"n must be an integer in [1, {self.slots}] (the cache's slots), got {n!r}")
-        if self.blocks.blocks_for(len(prompt)) + n - 1 > self.blocks.capacity:
-            raise ValueError(
-                f"a prompt of {len(prompt)} tokens with n={n} needs more than the KV pool's {self.blocks.capacity} "
-                f"blocks of {self.blocks.block_size}"
-            )
+        check_fits(len(prompt), n, self.slots, self.blocks.capacity, self.blocks.block_size)
         handle = Handle(
             id=next(self._ids),
             prompt=prompt,

@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from nanochat.engine import SamplingParams, check_params, check_prompt
-from nanochat.scheduler import Event, QueueFull, Stats
+from nanochat.scheduler import Event, QueueFull, Stats, check_fits
 
 log = logging.getLogger("inference.model_process")
 
@@ -61,6 +61,7 @@ class ModelShape:
     slots: int
     max_len: int
     kv_blocks: int
+    kv_block_size: int
     device: str
     meta: dict
 
@@ -108,6 +109,7 @@ def serve(
                 slots=scheduler.slots,
                 max_len=scheduler.max_len,
                 kv_blocks=scheduler.blocks.capacity,
+                kv_block_size=scheduler.blocks.block_size,
                 device=engine.device.type,
                 meta=ckpt.meta,
             ),
@@ -271,8 +273,7 @@ class ModelProcess:
         """Queue a request; raises ValueError for a bad one and QueueFull when the queue is full."""
         prompt = check_prompt(prompt, self.shape.vocab_size, self.max_len)
         check_params(params, self.shape.vocab_size)
-        if not isinstance(n, int) or not 1 <= n <= self.slots:
-            raise ValueError(f"n must be an integer in [1, {self.slots}] (the cache's slots), got {n!r}")
+        check_fits(len(prompt), n, self.slots, self.shape.kv_blocks, self.shape.kv_block_size)
         stop_ids = frozenset(int(t) for t in stop_token_ids)
         with self._lock:
             if not self.alive or self._stopping:

@@ -82,6 +82,7 @@ class ServedModel:
             prefill_tokens=settings.prefill_tokens,
             decode_prefill_tokens=settings.decode_prefill_tokens,
             prefix_block=settings.prefix_block if settings.prefix_caching else 0,
+            num_blocks=settings.kv_blocks or None,
         )
         try:
             tokenizer = Tokenizer.load(Path(folder) / TOKENIZER_DIR)  # the child has checked its hashes

@@ -8,6 +8,7 @@ INFERENCE_SLOTS=32 INFERENCE_MAX_WAITING=256     KV-cache rows, waiting-queue bo
 INFERENCE_MAX_PROMPTS=16                         prompts one /v1/completions call may carry (400 beyond)
 INFERENCE_CPU_THREADS=1                          torch threads of the model process on CPU (0: cores - 1)
 INFERENCE_PREFIX_CACHING=true                    reuse cached prompt prefixes (blocks of INFERENCE_PREFIX_BLOCK)
+INFERENCE_KV_BLOCKS=0                            the KV pool's blocks (0: every slot at max_len; fewer preempts)
 INFERENCE_MAX_PINNED=1                           other registry versions loaded on demand for `model` name:3 / name@alias
 INFERENCE_PINNED_LOAD_TIMEOUT_S=120              how long a request waits for its pinned version to load (503 beyond)
 """
@@ -59,6 +60,9 @@ class Settings(BaseSettings):
     # (an earlier turn of the conversation, a shared system prompt) are not prefilled again.
     prefix_caching: bool = True
     prefix_block: int = Field(default=16, ge=1)
+    # The paged KV pool's size in blocks; 0 sizes it for every slot at max_len. A smaller pool
+    # bounds memory below that: when it runs out, the newest request is preempted and recomputed.
+    kv_blocks: int = Field(default=0, ge=0)
     max_waiting: int = Field(default=256, ge=0)
     # One /v1/completions call with a long `prompt` list would otherwise take every slot and the queue.
     max_prompts: int = Field(default=16, ge=1)

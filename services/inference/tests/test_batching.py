@@ -157,6 +157,27 @@ def test_full_queue_is_429_with_retry_after(checkpoints):
         s.stop()
 
 
+def test_the_kv_pool_size_is_a_setting_and_bounds_what_a_request_may_need(checkpoints):
+    # 9 blocks with the null block: 8 of 16 tokens, one sequence of max_len 128. A prompt of 97 to
+    # 112 tokens takes 7; with n=4 its 3 more samples need a block each for their own last block.
+    s = start_server(model_dir=checkpoints["a"], slots=4, max_len=128, kv_blocks=9)
+    try:
+        s.wait_ready()
+        assert s.manager.current.scheduler.shape.kv_blocks == 8
+        prompt = ""
+        while (count := httpx.post(f"{s.url}/tokenize", json={"prompt": prompt}).json()["count"]) <= 96:
+            prompt += "on and "
+        assert count <= 112
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="nanochat", prompt=prompt, max_tokens=4, n=4)
+        assert "KV pool's 8 blocks of 16" in e.value.message
+        fits = client.completions.create(model="nanochat", prompt=prompt, max_tokens=4, n=2, temperature=0)
+        assert [c.index for c in fits.choices] == [0, 1]
+    finally:
+        s.stop()
+
+
 def test_a_prefix_cache_hit_inside_a_mixed_batch_gives_the_cold_greedy_output(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     history = [
