@@ -121,8 +121,12 @@ class Runner:
         """Check the request against the served model and queue it; every refusal is an APIError.
 
         grammar: a `nanochat.grammar` spec every sample is constrained to (response_format, tools)."""
-        context = served.context_length
+        context, vocab = served.context_length, served.vocab_size
         for prompt in prompts:
+            if not all(0 <= t < vocab for t in prompt):  # token-id prompts of /v1/completions
+                raise APIError(
+                    400, f"prompt token ids must lie in [0, {vocab})", param=prompt_param, code="invalid_value"
+                )
             if len(prompt) >= context:
                 raise APIError(
                     400,
@@ -139,7 +143,6 @@ class Runner:
                 param="n",
                 code="invalid_value",
             )
-        vocab = served.vocab_size
         if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
             raise APIError(
                 400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids", code="invalid_value"

@@ -171,7 +171,11 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    # OpenAI's four forms, normalised to a list of prompts: a string, strings, token ids, lists of
+    # token ids. Token ids are the prompt as given (no <|bos|> put in front, as for text).
+    prompt: list[str | list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of lists of token ids"
+    )
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
@@ -194,13 +198,27 @@ class CompletionRequest(SamplingFields):
     def echo_logprobs(self) -> bool:
         return self.echo and self.logprobs is not None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompts(cls, v: str | list[str]) -> list[str]:
-        prompts = [v] if isinstance(v, str) else v
-        if not prompts:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        return prompts
+    def _prompts(cls, v: object) -> list[str | list[int]]:
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list) and v and all(_is_token_id(t) for t in v):
+            return [v]
+        if isinstance(v, list) and v and all(isinstance(p, str) or _is_token_ids(p) for p in v):
+            return v
+        raise ValueError(
+            "prompt must be a string, a non-empty list of strings, a non-empty list of token ids (integers) "
+            "or a list of such lists"
+        )
+
+
+def _is_token_id(t: object) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def _is_token_ids(p: object) -> bool:
+    return isinstance(p, list) and bool(p) and all(_is_token_id(t) for t in p)
 
 
 class Usage(BaseModel):

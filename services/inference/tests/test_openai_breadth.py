@@ -131,6 +131,27 @@ def test_every_sample_echoes_its_own_prompt(server, tok):
         assert all(len(top) == 1 for top in c["logprobs"]["top_logprobs"][1:])
 
 
+def test_token_id_prompts_are_the_prompt_as_given_in_all_four_forms(server, client, tok):
+    text = "The quick brown fox"
+    ids = tok.encode(text, prepend=tok.bos_token_id)
+    args = dict(model=MODEL, max_tokens=6, temperature=0)
+    from_text = client.completions.create(prompt=text, **args).choices[0].text
+    from_ids = client.completions.create(prompt=ids, **args)
+    assert from_ids.choices[0].text == from_text and from_ids.usage.prompt_tokens == len(ids)
+    both = client.completions.create(prompt=[ids, ids[1:]], echo=True, **args)
+    assert both.choices[0].text == tok.decode(ids) + from_text
+    assert both.choices[1].text.startswith(text)  # without <|bos|>: the ids as given, echoed as text
+    mixed = client.completions.create(prompt=[text, ids], **args)
+    assert [c.text for c in mixed.choices] == [from_text, from_text]
+    for bad in ([], [[]], [1, "a"], [[1], 2], True, [True], {"a": 1}):
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": bad, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400, (bad, r.text)
+        err = r.json()["error"]
+        assert err["param"] == "prompt" and "token ids" in err["message"] and len(err["message"]) < 300, err
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": [tok.vocab_size], "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
 def test_logit_bias_forces_and_bans_and_bad_ids_are_400s(client, tok):
     forced = tok.encode(" fox")[0]
     r = client.completions.create(prompt="The", max_tokens=6, temperature=0, logit_bias={str(forced): 100}, model=MODEL)

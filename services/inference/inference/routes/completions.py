@@ -34,6 +34,7 @@ class CompletionStream:
     model: str
     tokenizer: Tokenizer
     body: schemas.CompletionRequest
+    prompt_texts: list[str]  # what `echo` puts before each prompt's choices
     offsets: dict[int, int] = field(default_factory=dict)  # choice -> its text's length so far (text_offset)
     echoed: set[int] = field(default_factory=set)
 
@@ -54,7 +55,7 @@ class CompletionStream:
             scored = u.logprobs
             if self.body.echo and u.choice not in self.echoed:
                 self.echoed.add(u.choice)
-                text = self.body.prompt[u.choice // self.body.n] + text
+                text = self.prompt_texts[u.choice // self.body.n] + text
                 scored = (u.prompt_logprobs or []) + scored
             logprobs = None
             if self.body.logprobs is not None and scored:
@@ -72,18 +73,24 @@ class CompletionStream:
         return self.chunk([], u)
 
 
-def whole_choice(tokenizer: Tokenizer, body: schemas.CompletionRequest, c: Choice) -> schemas.CompletionChoice:
+def whole_choice(
+    tokenizer: Tokenizer, body: schemas.CompletionRequest, prompt_texts: list[str], c: Choice
+) -> schemas.CompletionChoice:
     text = "".join(t for kind, t in c.parts if kind == "text")
     scored: list[Scored] = c.logprobs
     if body.echo:
-        text = body.prompt[c.index // body.n] + text
+        text = prompt_texts[c.index // body.n] + text
         scored = (c.prompt_logprobs or []) + scored
     logprobs = completion_logprobs(tokenizer, scored)[0] if body.logprobs is not None else None
     return schemas.CompletionChoice(index=c.index, finish_reason=c.finish_reason, text=text, logprobs=logprobs)
 
 
-def encode_all(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
-    return [tok.encode(text, prepend=tok.bos_token_id) for text in texts]
+def encode_all(tok: Tokenizer, prompts: list[str | list[int]]) -> list[list[int]]:
+    return [tok.encode(p, prepend=tok.bos_token_id) if isinstance(p, str) else p for p in prompts]
+
+
+def prompt_texts(tok: Tokenizer, prompts: list[str | list[int]]) -> list[str]:
+    return [p if isinstance(p, str) else tok.decode(p) for p in prompts]
 
 
 @router.post("/completions")
@@ -101,17 +108,18 @@ async def completions(body: schemas.CompletionRequest, request: Request, runner:
         # Off the event loop: a long prompt list takes long enough to stall every open stream.
         prompts = await run_in_threadpool(encode_all, served.tokenizer, body.prompt)
         gen = runner.start(served, prompts, body, body.max_tokens, prompt_param="prompt")
+        texts = prompt_texts(served.tokenizer, body.prompt) if body.echo else []
     except BaseException:
         runner.release(served)
         raise
     rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), served.model_id
     if body.stream:
-        fmt = CompletionStream(rid, created, name, served.tokenizer, body)
+        fmt = CompletionStream(rid, created, name, served.tokenizer, body, texts)
         return runner.stream(gen, served, rid, "completions", fmt, body.include_usage)
 
     if not await runner.finish_plain(gen, served, request, rid, "completions"):
         return Response(status_code=499)
-    choices = [whole_choice(served.tokenizer, body, c) for c in gen.choices]
+    choices = [whole_choice(served.tokenizer, body, texts, c) for c in gen.choices]
     return JSONResponse(
         schemas.Completion(id=rid, created=created, model=name, choices=choices, usage=usage(gen)).model_dump(),
         headers={"X-Request-Id": rid},
