@@ -465,13 +465,15 @@ class DecodeBatch:
             for j, row in enumerate(rows):
                 if row.params.adjusts_logits:
                     self._adjust(row, logits[j])
+            if grammar := [j for j, row in enumerate(rows) if row.params.grammar is not None]:
+                self._mask(logits, grammar, [rows[j] for j in grammar])
             tokens = sample_rows(logits, rows[0].params, [row.generator for row in rows])
             picks.update(zip((row.slot for row in rows), tokens))
         return picks
 
     def _adjust(self, row: Row, logits: torch.Tensor) -> None:
-        """Penalties, logit_bias and the grammar's mask on the row's (vocab,) logits, in place (a
-        copy: fresh rows of one prompt share their logits tensor)."""
+        """Penalties and logit_bias on the row's (vocab,) logits, in place (a copy: fresh rows of
+        one prompt share their logits tensor)."""
         p = row.params
         if p.frequency_penalty or p.presence_penalty:
             if row.counts is None:  # at the row's first draw, before it generated anything
@@ -485,12 +487,17 @@ class DecodeBatch:
                     torch.tensor(values, dtype=logits.dtype, device=logits.device),
                 )
             logits.index_add_(0, *row.bias)
-        if p.grammar is not None:
-            if row.constraint is None:
-                from nanochat.grammar import Constraint  # only rows with a grammar need llguidance
 
-                row.constraint = Constraint(p.grammar, self.engine.tokenizer)
-            row.constraint.mask(logits)
+    def _mask(self, logits: torch.Tensor, at: list[int], rows: list[Row]) -> None:
+        """The grammar rows' masks on their lines `at` of `logits`, all in one go."""
+        from nanochat.grammar import Constraint  # only rows with a grammar need llguidance
+
+        for row in rows:
+            if row.constraint is None:
+                row.constraint = Constraint(row.params.grammar, self.engine.tokenizer)
+        lines = logits[at]
+        Constraint.mask_rows([row.constraint for row in rows], lines)
+        logits[at] = lines
 
     def _choose(self, row: Row, pick: int | None) -> tuple[int, int]:
         """The row's next token and mask, with the stop / length / calculator bookkeeping."""

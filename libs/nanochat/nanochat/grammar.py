@@ -153,17 +153,19 @@ class Constraint:
         self.estimate: int | None = None  # tokens the closing path took when last measured
         self.estimated_at = 0
         self.estimated_in_string = False
-        self.words = np.zeros((self.vocab + 31) // 32, dtype=np.uint32)
         self.closer = _closer(tokenizer)
 
     def mask(self, logits_row: torch.Tensor) -> None:
         """Set the logits of every token the grammar does not allow next to -inf, in place."""
-        allowed = _allowed(self.matcher, self.words, self.vocab)
-        if self._must_close(allowed):
-            allowed = self.closer.narrow(allowed, self.matcher)
-        blocked = torch.from_numpy(~allowed).to(logits_row.device, non_blocking=True)
-        logits_row[: self.vocab].masked_fill_(blocked, float("-inf"))
-        logits_row[self.vocab :] = float("-inf")  # the model's padding ids
+        mask_rows([self], logits_row[None])
+
+    @staticmethod
+    def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> None:
+        """`mask` for each row of `logits` (len(constraints), vocab or more), all at once."""
+        mask_rows(constraints, logits)
+
+    def _narrowed(self, allowed: np.ndarray) -> np.ndarray:
+        return self.closer.narrow(allowed, self.matcher) if self._must_close(allowed) else allowed
 
     def _must_close(self, allowed: np.ndarray) -> bool:
         """Whether what is left of the budget is only just enough for the closing path. Measured
@@ -267,6 +269,32 @@ class _Closer:
                 if m.validate_tokens([token]):
                     return token
         return None
+
+
+def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> None:
+    """`Constraint.mask` for several rows at once, in place: `logits` is (len(constraints), vocab
+    or more), all of one vocabulary. llguidance computes every row's mask in one call that drops
+    the GIL, and the logits take them in one masked_fill, instead of a round of each per row."""
+    vocab = constraints[0].vocab
+    words = np.zeros((len(constraints), (vocab + 31) // 32), dtype=np.uint32)
+    _executor().unsafe_compute_mask_ptr(
+        [(c.matcher, i) for i, c in enumerate(constraints)], words.ctypes.data, words[0].nbytes, len(constraints)
+    )
+    allowed = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+    for i, c in enumerate(constraints):
+        allowed[i] = c._narrowed(allowed[i])
+    blocked = torch.from_numpy(~allowed).to(logits.device, non_blocking=True)
+    logits[:, :vocab].masked_fill_(blocked, float("-inf"))
+    logits[:, vocab:] = float("-inf")  # the model's padding ids
+
+
+_EXECUTOR: list[llguidance.LLExecutor] = []
+
+
+def _executor() -> llguidance.LLExecutor:
+    if not _EXECUTOR:
+        _EXECUTOR.append(llguidance.LLExecutor())
+    return _EXECUTOR[0]
 
 
 _CLOSERS: weakref.WeakKeyDictionary[Tokenizer, _Closer] = weakref.WeakKeyDictionary()

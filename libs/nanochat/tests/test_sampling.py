@@ -159,6 +159,11 @@ class ScriptedConstraint:
         logits.fill_(float("-inf"))
         logits[self.script[self.position]] = allowed
 
+    @staticmethod
+    def mask_rows(constraints: list["ScriptedConstraint"], logits: torch.Tensor) -> None:
+        for constraint, line in zip(constraints, logits):
+            constraint.mask(line)
+
     def advance(self, token: int) -> None:
         assert token == self.script[self.position]
         self.position += 1
