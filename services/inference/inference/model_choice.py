@@ -66,6 +66,13 @@ def registry_version(manager: ModelManager, ref: ModelRef, model: str) -> Versio
         if e.status in (404, 409):
             code = "model_not_found" if e.status == 404 else "model_not_ready"
             raise APIError(e.status, f"{model}: {e}", code=code, param="model") from None
+        if e.status in (401, 403):
+            # Our own token is wrong: a retry will not help, and the operator must hear it.
+            raise APIError(
+                502,
+                f"the registry refused this server's token ({e}); check INFERENCE_REGISTRY_TOKEN",
+                code="registry_auth_failed",
+            ) from None
         raise registry_away(e) from None
     except httpx.HTTPError as e:
         raise registry_away(e) from None

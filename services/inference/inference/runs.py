@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from fastapi import Request
-from nanochat.engine import SamplingParams
+from nanochat.engine import SamplingParams, check_params
 from nanochat.scheduler import QueueFull
 from service_kit.errors import APIError, error_body
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -147,18 +147,19 @@ class Runner:
             raise APIError(
                 400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids", code="invalid_value"
             )
-        if bad := [t for t in body.logit_bias or () if t >= vocab]:
-            raise APIError(
-                400,
-                f"logit_bias names token {bad[0]}, but this model's ids lie in [0, {vocab})",
-                param="logit_bias",
-                code="invalid_value",
-            )
+        try:
+            params = self.sampling(body, max_tokens, grammar)
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+        try:
+            check_params(params, vocab)  # the model process's own rule: no bias on a token it lacks
+        except ValueError as e:
+            raise APIError(400, str(e), param="logit_bias", code="invalid_value") from None
         try:
             return Generation(
                 served,
                 prompts,
-                self.sampling(body, max_tokens, grammar),
+                params,
                 body.n,
                 body.stop,
                 body.stop_token_ids or [],

@@ -326,3 +326,24 @@ def test_a_version_deleted_while_it_loads_is_not_pinned(registry, tmp_path):
         error(chat(s, "nanochat:3"), 404, "model_not_found")
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_registry_refusing_our_token_is_a_502_naming_the_token_not_a_retry(status):
+    """Plain function, no processes: the registry's 401/403 for this server's own token is a
+    configuration fault (502, no Retry-After), not the 503 'retry shortly' of a registry away."""
+    from types import SimpleNamespace
+
+    from inference.model_choice import registry_version
+    from inference.model_ref import ModelRef
+    from registry_client.client import RegistryError
+    from service_kit.errors import APIError
+
+    class Refusing:
+        def get_version(self, name, version):
+            raise RegistryError(status, "invalid token")
+
+    with pytest.raises(APIError) as caught:
+        registry_version(SimpleNamespace(registry=Refusing()), ModelRef("nanochat", version=3), "nanochat:3")
+    assert caught.value.status == 502 and caught.value.code == "registry_auth_failed"
+    assert "INFERENCE_REGISTRY_TOKEN" in caught.value.message and not caught.value.headers
