@@ -4,7 +4,8 @@ Export (`to_hf_tokenizer`): the BPE ranks become a `tokenizers` byte-level BPE (
 by transformers' own tiktoken converter), the 9 specials are added tokens at the ids after the
 ranks, and `CHAT_TEMPLATE` (Jinja) renders a conversation exactly as `Tokenizer.render_conversation`
 does (with `add_generation_prompt`, as `render_for_completion`): the same text between the same
-special tokens, so `AutoTokenizer`'s `apply_chat_template` gives the same ids. Two things a template
+special tokens, so `AutoTokenizer`'s `apply_chat_template` gives the same ids; with `tools=` and
+transformers' `tool_calls` / role `tool` messages too (docs/tools.md). Two things a template
 cannot copy: a special token's text (`<|bos|>`) typed inside a message is encoded as that special
 token by `tokenizers` (ours encodes it as plain text), and two *adjacent* text parts of one
 assistant message are encoded as one text (ours encodes each on its own).
@@ -22,36 +23,67 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nanochat.tokenizer import RANKS_FILE, SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import RANKS_FILE, SPECIAL_TOKENS, TOOLS_HEADER, Tokenizer
 
 CHAT_TEMPLATE = (
     "{%- if messages | length == 0 -%}"
     "{{ raise_exception('a conversation needs a non-empty list of messages') }}"
     "{%- endif -%}"
-    "{%- set ns = namespace(system='', start=0) -%}"
+    "{%- set ns = namespace(lead='', start=0, open=false, user_next=true, first=true) -%}"
+    # Function tools are listed ahead of the first user message, as tokenizer.render_tools writes them.
+    "{%- if tools -%}"
+    "{%- set ns.lead = '" + TOOLS_HEADER.replace("\n", "\\n") + "' -%}"
+    "{%- for tool in tools -%}"
+    "{%- set f = tool['function'] if tool['function'] is defined else tool -%}"
+    "{%- set spec = {'name': f['name'], 'description': f.get('description') or '', 'parameters': f.get('parameters')} -%}"
+    "{%- set ns.lead = ns.lead + (spec | tojson) + '\\n' -%}"
+    "{%- endfor -%}"
+    "{%- set ns.lead = ns.lead + '\\n' -%}"
+    "{%- endif -%}"
     "{%- if messages[0]['role'] == 'system' -%}"
     "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
     "{{ raise_exception('a system message must be followed by a user message') }}"
     "{%- endif -%}"
-    "{%- set ns.system = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set ns.lead = ns.lead + messages[0]['content'] + '\\n\\n' -%}"
     "{%- set ns.start = 1 -%}"
     "{%- endif -%}"
     "{%- set turns = messages[ns.start:] -%}"
+    # After a tool's result the assistant's turn stays open: the model goes on inside it.
+    "{%- set open_end = add_generation_prompt and turns[-1]['role'] == 'tool' -%}"
     "{%- if add_generation_prompt and turns[-1]['role'] == 'assistant' -%}"
     "{%- set turns = turns[:-1] -%}"
     "{%- endif -%}"
     "{{- '<|bos|>' -}}"
     "{%- for message in turns -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if not ns.open -%}"
+    "{{ raise_exception('a tool message must follow an assistant message') }}"
+    "{%- endif -%}"
+    "{{- '<|output_start|>' + message['content'] + '<|output_end|>' -}}"
+    "{%- else -%}"
+    "{%- set continues = message['role'] == 'assistant' and not loop.first and loop.previtem['role'] == 'tool' -%}"
+    "{%- if not continues -%}"
+    "{%- if ns.open -%}"
+    "{{- '<|assistant_end|>' -}}"
+    "{%- set ns.open = false -%}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'user') != ns.user_next -%}"
     "{{ raise_exception('after an optional system message, turns must alternate user, assistant, user, ...') }}"
     "{%- endif -%}"
+    "{%- endif -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{{- '<|user_start|>' + (ns.system if loop.first else '') + message['content'] + '<|user_end|>' -}}"
+    "{{- '<|user_start|>' + (ns.lead if ns.first else '') + message['content'] + '<|user_end|>' -}}"
+    "{%- set ns.first = false -%}"
+    "{%- set ns.user_next = false -%}"
     "{%- else -%}"
+    "{%- if not continues -%}"
     "{{- '<|assistant_start|>' -}}"
+    "{%- endif -%}"
+    "{%- set ns.open = true -%}"
+    "{%- set ns.user_next = true -%}"
     "{%- if message['content'] is string -%}"
     "{{- message['content'] -}}"
-    "{%- else -%}"
+    "{%- elif message['content'] is not none -%}"
     "{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'text' -%}"
     "{{- part['text'] -}}"
@@ -64,10 +96,23 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
-    "{{- '<|assistant_end|>' -}}"
+    # A call is a python block holding {"name": ..., "arguments": {...}} (tokenizer.tool_call_text);
+    # arguments given as a JSON string are written as given.
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set f = call['function'] if call['function'] is defined else call -%}"
+    "{%- if f['arguments'] is string -%}"
+    "{{- '<|python_start|>{\"name\": ' + (f['name'] | tojson) + ', \"arguments\": ' + f['arguments'] + '}<|python_end|>' -}}"
+    "{%- else -%}"
+    "{{- '<|python_start|>' + ({'name': f['name'], 'arguments': f['arguments']} | tojson) + '<|python_end|>' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.open and not open_end -%}"
+    "{{- '<|assistant_end|>' -}}"
+    "{%- endif -%}"
+    "{%- if add_generation_prompt and not open_end -%}"
     "{%- if turns | length == 0 -%}"
     "{{ raise_exception('nothing to complete: the conversation has no user message') }}"
     "{%- endif -%}"

@@ -19,6 +19,7 @@ from nanochat.checkpoint import load_checkpoint
 from nanochat.engine import Engine
 from nanochat.hf_export import export_checkpoint, verify_export
 from nanochat.hf_mapping import ArchitectureMismatch, check_same_shapes, gpt_config
+from nanochat.tokenizer import tool_call_text
 from nanochat_contracts.events import parse_events
 from nanochat_testing.lockfile import installed_by
 from transformers import AutoTokenizer, NanoChatConfig, NanoChatForCausalLM
@@ -93,6 +94,52 @@ def test_chat_template_renders_our_ids(exported, tok):
         assert list(prompt) == tok.render_for_completion(conversation)
     text = CONVERSATIONS[1][3]["content"]
     assert hf_tok.decode(hf_tok.encode(text, add_special_tokens=False)) == text
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def test_chat_template_renders_tools_calls_and_results_as_ours(exported, tok):
+    """transformers' form (tools=, assistant tool_calls, role tool) gives the ids our tokenizer
+    gives the same conversation in ours (tools listed, the call a python part)."""
+    hf_tok = AutoTokenizer.from_pretrained(exported["hf"])
+    call = {"name": "get_weather", "arguments": {"city": "Zürich"}}
+    theirs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": call}]},
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "21 degrees."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    ours = [*theirs[:2], {"role": "assistant", "content": [{"type": "python", "text": tool_call_text(**call)}]}]
+    ours += theirs[3:]
+    plain = [t["function"] for t in TOOLS]
+    expected = tok.render_conversation({"messages": ours, "tools": plain}, max_tokens=None)[0]
+    assert TOOLS[0]["function"]["name"].encode() in tok.decode_bytes(expected)
+
+    def rendered(messages, **kw):
+        return list(hf_tok.apply_chat_template(messages, tools=TOOLS, tokenize=True, **kw)["input_ids"])
+
+    assert rendered(theirs) == expected
+    as_string = {**call, "arguments": json.dumps(call["arguments"], ensure_ascii=False)}  # OpenAI's wire form
+    assert rendered([*theirs[:2], {**theirs[2], "tool_calls": [{"function": as_string}]}, *theirs[3:]]) == expected
+    # A prompt ending in the tool's result leaves the assistant's turn open; one ending in a user
+    # message opens the next turn.
+    open_turn = tok.render_for_completion({"messages": ours[:4], "tools": plain})
+    assert rendered(theirs[:4], add_generation_prompt=True) == open_turn
+    assert rendered(theirs, add_generation_prompt=True) == tok.render_for_completion({"messages": ours, "tools": plain})
+    with pytest.raises(Exception, match="tool message must follow"):
+        hf_tok.apply_chat_template([theirs[1], theirs[3]], tokenize=False)
 
 
 def test_chat_template_refuses_what_ours_refuses(exported):
