@@ -10,9 +10,11 @@ fixed up front, and admission is exact in blocks. Each iteration it
    for the whole prompt (less what the prefix cache holds of it, shared with no copy) plus one
    block for each further sample's copy of the prompt's partial last block;
 3. prefills admitted prompts in chunks under a token budget (`prefill_tokens` per iteration,
-   `decode_prefill_tokens` while rows decode, padding counted), so a long prompt is spread over
-   several iterations instead of stalling the decodes running beside it; when a prompt is
-   complete it is forked into the request's `n` slots and those rows join the batch;
+   padding counted); while rows decode, one prompt longer than `decode_prefill_tokens` is fed
+   that many tokens an iteration, so a long prompt is spread over several iterations instead of
+   stalling the decodes running beside it, and shorter prompts go whole beside it (a burst of
+   short requests starts together, not one an iteration); when a prompt is complete it is forked
+   into the request's `n` slots and those rows join the batch;
 4. gives each decoding row that is about to fill its last block a new one; when the pool has none
    to spare, the newest running row (or prompt being prefilled) is preempted: its blocks are freed
    (what they hold stays findable) and it goes back to the front of the waiting queue, to be
@@ -161,7 +163,8 @@ class Scheduler:
         num_blocks: int | None = None,
     ):
         """prefix_block: the KV blocks' size in tokens, 0 turns prefix caching off (blocks of BLOCK_SIZE);
-        decode_prefill_tokens: the prefill budget of an iteration while rows decode (default: the same);
+        decode_prefill_tokens: while rows decode, the most tokens of a longer prompt an iteration feeds,
+        one such prompt an iteration (default: prefill_tokens);
         num_blocks: the KV pool's size, the null block included (default: every slot at max_len)."""
         if prefill_tokens < 1 or max_waiting < 0:
             raise ValueError(f"prefill_tokens must be >= 1 and max_waiting >= 0, got {prefill_tokens}, {max_waiting}")
@@ -405,11 +408,18 @@ class Scheduler:
     def _prefill(self) -> None:
         """Feed the next chunk of as many prefilling prompts as the token budget allows."""
         chosen: list[tuple[_Work, list[int]]] = []
-        width = 0
-        budget = self.decode_prefill_tokens if self.batch.rows else self.prefill_tokens
+        width, budget, long_fed = 0, self.prefill_tokens, False
         for work in self._prefilling:
             left = len(work.tokens) - work.prefilled
-            chunk_len = min(left, PREFILL_CHUNK, max(budget // (len(chosen) + 1), 1))
+            if self.batch.rows:
+                cap = min(self.decode_prefill_tokens, PREFILL_CHUNK)
+                if left > cap:
+                    if long_fed:
+                        continue
+                    long_fed = True
+                chunk_len = min(left, cap)
+            else:
+                chunk_len = min(left, PREFILL_CHUNK, max(budget // (len(chosen) + 1), 1))
             new_width = max(width, chunk_len)
             if chosen and new_width * (len(chosen) + 1) > budget:
                 break

@@ -88,6 +88,32 @@ def test_greedy_alone_equals_greedy_in_a_mixed_batch(engine):
     assert all(r in ("stop", "length") for c in collectors for r in c.reasons)
 
 
+def test_beside_decoding_rows_short_prompts_start_together_and_one_long_prompt_is_chunked(engine):
+    """decode_prefill_tokens=16 under a 256-token budget: while a row decodes, a burst of short
+    prompts all start in one iteration; of two long prompts one is fed 16 tokens an iteration and
+    the other waits for it; every greedy output is the one it gives alone."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    shorts = [prompt(engine, text) for text in ("cat", "dog", "the fox", "cat cat", "a lazy dog", "7*3")]
+    longs = [prompt(engine, "The lazy dog " * 30), prompt(engine, "Numbers like " * 30)]
+    assert max(len(p) for p in shorts) <= 16 and min(len(p) for p in longs) > 48
+    expected = [alone(engine, ids, greedy).tokens[0] for ids in shorts + longs]
+
+    scheduler = Scheduler(engine, slots=12, prefill_tokens=256, decode_prefill_tokens=16)
+    scheduler.submit(prompt(engine, "dog"), SamplingParams(temperature=0.0, max_tokens=100), Collector())
+    scheduler.iterate()  # that row decodes from now on
+    collectors = [Collector() for _ in shorts + longs]
+    for ids, c in zip(shorts + longs, collectors):
+        scheduler.submit(ids, greedy, c)
+    scheduler.iterate()
+    assert all(len(c.tokens[0]) == 1 for c in collectors[:6]), "each short prompt has its first token"
+    for _ in range(-(-len(longs[0]) // 16) - 1):
+        assert not collectors[6].tokens[0]
+        scheduler.iterate()
+    assert len(collectors[6].tokens[0]) == 1 and not collectors[7].tokens[0], "the second long prompt waited"
+    run(scheduler)
+    assert [c.tokens[0] for c in collectors] == expected
+
+
 def test_same_seed_same_text_whatever_the_batch(engine):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=1234)
     ids = prompt(engine, "The quick brown fox")

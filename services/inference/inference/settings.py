@@ -51,8 +51,9 @@ class Settings(BaseSettings):
     slots: int = Field(default=32, ge=1)
     # Positions per slot; 0 means the model's sequence_len.
     max_len: int = Field(default=0, ge=0)
-    # Prompt tokens prefilled per iteration; while rows decode, at most decode_prefill_tokens, so
-    # a long prompt arriving is spread over many short iterations instead of stalling the streams.
+    # Prompt tokens prefilled per iteration; while rows decode, one prompt longer than
+    # decode_prefill_tokens is fed that many an iteration, so a long prompt arriving is spread over
+    # many short iterations instead of stalling the streams (shorter ones go whole beside it).
     # bench/serve.py's chunked-prefill scenario at depth 4 (2,000-token prompt beside 16 streams):
     # 32 keeps their latency p99 at 2.7-2.8x p50 where 64 gave 3.1-3.3x, for a prefill of that
     # prompt taking 1.1 s instead of 0.7-0.8 s.
