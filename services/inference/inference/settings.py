@@ -54,11 +54,12 @@ class Settings(BaseSettings):
     # Prompt tokens prefilled per iteration; while rows decode, one prompt longer than
     # decode_prefill_tokens is fed that many an iteration, so a long prompt arriving is spread over
     # many short iterations instead of stalling the streams (shorter ones go whole beside it).
-    # bench/serve.py's chunked-prefill scenario at depth 4 (2,000-token prompt beside 16 streams):
-    # 32 keeps their latency p99 at 2.7-2.8x p50 where 64 gave 3.1-3.3x, for a prefill of that
-    # prompt taking 1.1 s instead of 0.7-0.8 s.
+    # bench/serve.py's chunked-prefill scenario at depth 4 (2,000-token prompt beside 16 streams),
+    # their latency p99 during it over their p50: 16 gave 2.31-3.20x (4 runs), 32 2.44-4.07x (8),
+    # 64 3.1-3.3x; that prompt's prefill takes 2.6-2.8 s at 16 and 1.5-1.6 s at 32. Only long
+    # prompts pay it: shorter ones go whole.
     prefill_tokens: int = Field(default=512, ge=1)
-    decode_prefill_tokens: int = Field(default=32, ge=1)
+    decode_prefill_tokens: int = Field(default=16, ge=1)
     # Automatic prefix caching: a prompt's full blocks of prefix_block tokens already in the cache
     # (an earlier turn of the conversation, a shared system prompt) are not prefilled again.
     prefix_caching: bool = True
