@@ -465,8 +465,7 @@ class DecodeBatch:
             for j, row in enumerate(rows):
                 if row.params.adjusts_logits:
                     self._adjust(row, logits[j])
-            if grammar := [j for j, row in enumerate(rows) if row.params.grammar is not None]:
-                self._mask(logits, grammar, [rows[j] for j in grammar])
+            self._mask(logits, rows)
             tokens = sample_rows(logits, rows[0].params, [row.generator for row in rows])
             picks.update(zip((row.slot for row in rows), tokens))
         return picks
@@ -488,15 +487,18 @@ class DecodeBatch:
                 )
             logits.index_add_(0, *row.bias)
 
-    def _mask(self, logits: torch.Tensor, at: list[int], rows: list[Row]) -> None:
-        """The grammar rows' masks on their lines `at` of `logits`, all in one go."""
+    def _mask(self, logits: torch.Tensor, rows: list[Row]) -> None:
+        """The grammar rows' masks on their lines of `logits` (one line per row), all in one go."""
+        at = [j for j, row in enumerate(rows) if row.params.grammar is not None]
+        if not at:
+            return
         from nanochat.grammar import Constraint  # only rows with a grammar need llguidance
 
-        for row in rows:
-            if row.constraint is None:
-                row.constraint = Constraint(row.params.grammar, self.engine.tokenizer)
+        for j in at:
+            if rows[j].constraint is None:
+                rows[j].constraint = Constraint(rows[j].params.grammar, self.engine.tokenizer)
         lines = logits[at]
-        Constraint.mask_rows([row.constraint for row in rows], lines)
+        Constraint.mask_rows([rows[j].constraint for j in at], lines)
         logits[at] = lines
 
     def _choose(self, row: Row, pick: int | None) -> tuple[int, int]:

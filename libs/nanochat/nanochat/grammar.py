@@ -32,6 +32,7 @@ cut (finish_reason "length").
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from collections import OrderedDict
@@ -157,12 +158,24 @@ class Constraint:
 
     def mask(self, logits_row: torch.Tensor) -> None:
         """Set the logits of every token the grammar does not allow next to -inf, in place."""
-        mask_rows([self], logits_row[None])
+        Constraint.mask_rows([self], logits_row[None])
 
     @staticmethod
     def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> None:
-        """`mask` for each row of `logits` (len(constraints), vocab or more), all at once."""
-        mask_rows(constraints, logits)
+        """`mask` for several rows at once, in place: `logits` is (len(constraints), vocab or more),
+        all of one vocabulary. llguidance computes every row's mask in one call that drops the GIL,
+        and the logits take them in one masked_fill, instead of a round of each per row."""
+        vocab = constraints[0].vocab
+        words = np.zeros((len(constraints), (vocab + 31) // 32), dtype=np.uint32)
+        _executor().unsafe_compute_mask_ptr(
+            [(c.matcher, i) for i, c in enumerate(constraints)], words.ctypes.data, words[0].nbytes, len(constraints)
+        )
+        allowed = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+        for i, c in enumerate(constraints):
+            allowed[i] = c._narrowed(allowed[i])
+        blocked = torch.from_numpy(~allowed).to(logits.device, non_blocking=True)
+        logits[:, :vocab].masked_fill_(blocked, float("-inf"))
+        logits[:, vocab:] = float("-inf")  # the model's padding ids
 
     def _narrowed(self, allowed: np.ndarray) -> np.ndarray:
         return self.closer.narrow(allowed, self.matcher) if self._must_close(allowed) else allowed
@@ -271,30 +284,9 @@ class _Closer:
         return None
 
 
-def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> None:
-    """`Constraint.mask` for several rows at once, in place: `logits` is (len(constraints), vocab
-    or more), all of one vocabulary. llguidance computes every row's mask in one call that drops
-    the GIL, and the logits take them in one masked_fill, instead of a round of each per row."""
-    vocab = constraints[0].vocab
-    words = np.zeros((len(constraints), (vocab + 31) // 32), dtype=np.uint32)
-    _executor().unsafe_compute_mask_ptr(
-        [(c.matcher, i) for i, c in enumerate(constraints)], words.ctypes.data, words[0].nbytes, len(constraints)
-    )
-    allowed = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
-    for i, c in enumerate(constraints):
-        allowed[i] = c._narrowed(allowed[i])
-    blocked = torch.from_numpy(~allowed).to(logits.device, non_blocking=True)
-    logits[:, :vocab].masked_fill_(blocked, float("-inf"))
-    logits[:, vocab:] = float("-inf")  # the model's padding ids
-
-
-_EXECUTOR: list[llguidance.LLExecutor] = []
-
-
+@functools.cache
 def _executor() -> llguidance.LLExecutor:
-    if not _EXECUTOR:
-        _EXECUTOR.append(llguidance.LLExecutor())
-    return _EXECUTOR[0]
+    return llguidance.LLExecutor()
 
 
 _CLOSERS: weakref.WeakKeyDictionary[Tokenizer, _Closer] = weakref.WeakKeyDictionary()

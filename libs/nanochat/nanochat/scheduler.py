@@ -409,10 +409,10 @@ class Scheduler:
         """Feed the next chunk of as many prefilling prompts as the token budget allows."""
         chosen: list[tuple[_Work, list[int]]] = []
         width, budget, long_fed = 0, self.prefill_tokens, False
+        cap = min(self.decode_prefill_tokens, PREFILL_CHUNK)  # a long prompt's chunk while rows decode
         for work in self._prefilling:
             left = len(work.tokens) - work.prefilled
             if self.batch.rows:
-                cap = min(self.decode_prefill_tokens, PREFILL_CHUNK)
                 if left > cap:
                     if long_fed:
                         continue
