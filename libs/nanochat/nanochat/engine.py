@@ -23,6 +23,11 @@ generated tokens, or when its cache slot is full. Tokens between `<|python_start
 `<|python_end|>` are decoded as a calculator expression; on `<|python_end|>` the row is made to
 emit `<|output_start|>`, the tokens of str(result) and `<|output_end|>` before sampling again.
 Those forced tokens carry mask 0 (sampled ones 1); a failed evaluation forces nothing.
+Function tools (docs/tools.md): for a row whose params name `tools`, a block that is a call
+`{"name": ..., "arguments": {...}}` of one of them is the client's to run, not the calculator's:
+the row ends there ("stop"), or with `parallel_tool_calls` it may write another call right away
+(if the next token it samples is `<|python_start|>`; any other token ends the turn, and the row
+emits `<|assistant_end|>` in its place, mask 0).
 Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p
 (smallest set of the most likely tokens whose mass reaches p), batched over the rows that share
 their settings, each row drawing from its own generator. Before that, and only for rows whose
@@ -49,7 +54,7 @@ from nanochat.calculator import calculate
 from nanochat.common import autocast
 from nanochat.gpt import GPT, KVCache
 from nanochat.kv_blocks import BLOCK_SIZE, BlockManager
-from nanochat.tokenizer import Tokenizer
+from nanochat.tokenizer import Tokenizer, parse_tool_call
 
 # Prompts are prefilled this many tokens at a time, which bounds the activations and attention
 # mask of one call (prefill asks only for the last position's logits).
@@ -72,7 +77,8 @@ class SamplingParams:
     this row generated so far; logit_bias adds a value in [-100, 100] to a token's logit (a
     mapping or (id, value) pairs, kept as sorted pairs: the params stay plain, picklable data).
     grammar: a `nanochat.grammar` spec; the row then samples only what the grammar allows and
-    stops when it is complete.
+    stops when it is complete. tools: names of functions whose calls end the row's turn, and
+    parallel_tool_calls: whether one call may follow another (module docstring).
     """
 
     temperature: float = 1.0
@@ -86,6 +92,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
     grammar: str | None = None
+    tools: tuple[str, ...] = ()
+    parallel_tool_calls: bool = False
 
     def __post_init__(self) -> None:
         self._check_basics()
@@ -106,6 +114,9 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", bias)
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise ValueError(f"grammar must be None or a grammar spec string, got {type(self.grammar).__name__}")
+        if isinstance(self.tools, str) or not all(isinstance(name, str) for name in self.tools):
+            raise ValueError(f"tools must be a sequence of function names, got {self.tools!r}")
+        object.__setattr__(self, "tools", tuple(self.tools))
 
     @property
     def adjusts_logits(self) -> bool:
@@ -138,6 +149,7 @@ class Row:
     forced: deque[int] = field(default_factory=deque)
     in_python: bool = False
     python_tokens: list[int] = field(default_factory=list)
+    after_call: bool = False  # the last block was a call of one of params.tools (parallel_tool_calls)
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     logits: torch.Tensor | None = None  # (vocab,) next-token logits; None until the last token is fed
     num_generated: int = 0  # tokens chosen so far, the stop token included
@@ -508,6 +520,10 @@ class DecodeBatch:
             token, mask = row.forced.popleft(), 0
         else:
             token, mask = pick, 1
+        if row.after_call:
+            row.after_call = False
+            if token != engine.python_start:  # no further call: the turn ends, the client runs the calls
+                token, mask = engine.assistant_end, 0
         row.num_generated += 1
         if token in engine.stop_tokens:
             row.finish_reason = "stop"
@@ -520,13 +536,21 @@ class DecodeBatch:
             row.in_python, row.python_tokens = True, []
         elif token == engine.python_end and row.in_python:
             row.in_python = False
-            result = calculate(engine.tokenizer.decode(row.python_tokens))
-            if result is not None:
-                row.forced.extend([engine.output_start, *engine.tokenizer.encode(result), engine.output_end])
+            text = engine.tokenizer.decode(row.python_tokens)
+            if row.params.tools and parse_tool_call(text, row.params.tools) is not None:
+                row.after_call = row.params.parallel_tool_calls
+                if not row.after_call:
+                    row.finish_reason = "stop"
+            else:
+                result = calculate(text)
+                if result is not None:
+                    row.forced.extend([engine.output_start, *engine.tokenizer.encode(result), engine.output_end])
         elif row.in_python:
             row.python_tokens.append(token)
         # Choosing another token needs this one fed first, into one more cache position.
-        if row.num_generated >= row.params.max_tokens or len(row.prompt) + len(row.tokens) > self.max_len:
+        if not row.finished and (
+            row.num_generated >= row.params.max_tokens or len(row.prompt) + len(row.tokens) > self.max_len
+        ):
             row.finish_reason = "length"
         # Forced (calculator) tokens are not the grammar's: only what the row sampled advances it.
         if row.constraint is not None and mask:
@@ -547,7 +571,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         special = tokenizer.encode_special
-        self.stop_tokens = frozenset({special("<|assistant_end|>"), special("<|bos|>")})
+        self.assistant_end = special("<|assistant_end|>")
+        self.stop_tokens = frozenset({self.assistant_end, special("<|bos|>")})
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 

@@ -89,9 +89,10 @@ def json_grammar(schema_or_kind: str | dict[str, Any]) -> str:
         raise GrammarError(str(e)) from None
 
 
-def tool_call_grammar(functions: list[tuple[str, dict[str, Any]]]) -> str:
-    """A grammar for exactly one call `<|python_start|>{"name": ..., "arguments": {...}}<|python_end|>`
-    to one of `functions` ((name, parameters schema) pairs), its arguments valid for that function."""
+def tool_call_grammar(functions: list[tuple[str, dict[str, Any]]], parallel: bool = False) -> str:
+    """A grammar for one call `<|python_start|>{"name": ..., "arguments": {...}}<|python_end|>`
+    to one of `functions` ((name, parameters schema) pairs), its arguments valid for that function;
+    with `parallel`, one or more such calls back to back (then the end token, or the next call)."""
     if not functions:
         raise GrammarError("a tool call grammar needs at least one function")
     calls = [
@@ -105,7 +106,8 @@ def tool_call_grammar(functions: list[tuple[str, dict[str, Any]]]) -> str:
     ]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     schema = {**schema, "x-guidance": JSON_STYLE}
-    lark = f"start: <|python_start|> call <|python_end|>\ncall: %json {json.dumps(schema)}\n"
+    repeat = "+" if parallel else ""
+    lark = f"start: (<|python_start|> call <|python_end|>){repeat}\ncall: %json {json.dumps(schema)}\n"
     return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
@@ -178,7 +180,28 @@ class Constraint:
         logits[:, vocab:] = float("-inf")  # the model's padding ids
 
     def _narrowed(self, allowed: np.ndarray) -> np.ndarray:
-        return self.closer.narrow(allowed, self.matcher) if self._must_close(allowed) else allowed
+        if self._must_close(allowed):
+            return self.closer.narrow(allowed, self.matcher)
+        return self._room_to_go_on(allowed)
+
+    def _room_to_go_on(self, allowed: np.ndarray) -> np.ndarray:
+        """Where the sample could end now but may also go on (between parallel tool calls), going
+        on is allowed only while the budget leaves room for the closing path after it: the budget
+        rule alone sees only the end token's path, and a call opened just before the budget ran
+        out would be cut off."""
+        end = self.closer.end
+        if self.budget is None or not allowed[end]:
+            return allowed
+        others = np.flatnonzero(allowed)
+        others = others[others != end]
+        if not 0 < others.size <= 4:  # a few structural tokens only: a mask-wide look-ahead costs too much
+            return allowed
+        walk = self.matcher.deep_copy()
+        walk.consume_token(int(others[0]))
+        remaining = self.budget - self.consumed - 1
+        if remaining < self._hand(self.closer.cost(walk, limit=remaining + 1)):
+            return self.closer._only(allowed, [end])
+        return allowed
 
     def _must_close(self, allowed: np.ndarray) -> bool:
         """Whether what is left of the budget is only just enough for the closing path. Measured

@@ -498,18 +498,21 @@ class Scheduler:
         for t in self.batch.step():
             handle, sample = self._by_slot[t.row.slot]
             out = events.setdefault(handle, [])
-            finished = t.finished
+            finished, passed_on = t.finished, False
             if t.mask and t.token in handle.stop_token_ids:
                 if not finished:
                     self.batch.cancel(t.row)
                 t.row.finish_reason, finished = "stop", True
             elif not (finished and t.row.finish_reason == "stop" and t.token in self.engine.stop_tokens):
                 out.append(Event(sample, t.token, t.mask, None, None, t.logprob, t.top_logprobs, t.prompt_logprobs))
+                passed_on = True
             if finished:
                 del self._by_slot[t.row.slot]
                 del self._admitted[t.row.slot]
                 handle.finished[sample] = True
-                out.append(Event(sample, finish_reason=t.row.finish_reason))
+                # A stop token is not passed on, but the prompt's scores it carried are.
+                scores = None if passed_on else t.prompt_logprobs
+                out.append(Event(sample, finish_reason=t.row.finish_reason, prompt_logprobs=scores))
         for handle, out in events.items():
             self._deliver(handle, out)
 

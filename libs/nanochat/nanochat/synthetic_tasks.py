@@ -492,8 +492,10 @@ def _tool_call(rng: random.Random) -> tuple[str, str, dict, str, str]:
 
 def tool_use_conversation(rng: random.Random) -> dict:
     """A conversation with function tools: mostly a call, its result and an answer; one in four
-    needs no tool (so a model also learns when not to call). Rendered by the tokenizer as a
-    python part (mask 1), a python_output part (mask 0), then the answer (mask 1)."""
+    needs no tool (so a model also learns when not to call), and one in four of the rest asks two
+    things at once: two calls back to back (parallel tool calls), then both results in the order
+    of the calls. Rendered by the tokenizer as python parts (mask 1), python_output parts (mask 0),
+    then the answer (mask 1)."""
     tools = rng.sample(TOOL_FUNCTIONS, rng.randint(1, len(TOOL_FUNCTIONS)))
     if rng.random() < 0.25:
         a, b = rng.randint(2, 40), rng.randint(2, 40)
@@ -502,14 +504,22 @@ def tool_use_conversation(rng: random.Random) -> dict:
             {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
         ]
         return {"tools": tools, "messages": messages}
-    name, question, arguments, result, answer = _tool_call(rng)
-    while name not in {t["name"] for t in tools}:
-        name, question, arguments, result, answer = _tool_call(rng)
-    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    listed = {t["name"] for t in tools}
+    picks = [_listed_call(rng, listed) for _ in range(2 if rng.random() < 0.25 else 1)]
+    calls = [
+        json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) for name, _, arguments, _, _ in picks
+    ]
     messages = [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": [{"type": "python", "text": call}]},
-        {"role": "tool", "content": result},
-        {"role": "assistant", "content": answer},
+        {"role": "user", "content": " ".join(question for _, question, _, _, _ in picks)},
+        {"role": "assistant", "content": [{"type": "python", "text": call} for call in calls]},
+        *({"role": "tool", "content": result} for _, _, _, result, _ in picks),
+        {"role": "assistant", "content": " ".join(answer for _, _, _, _, answer in picks)},
     ]
     return {"tools": tools, "messages": messages}
+
+
+def _listed_call(rng: random.Random, listed: set[str]) -> tuple[str, str, dict, str, str]:
+    call = _tool_call(rng)
+    while call[0] not in listed:
+        call = _tool_call(rng)
+    return call

@@ -28,7 +28,7 @@ import base64
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,20 @@ def render_tools(tools: list[dict[str, Any]]) -> str:
 def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
     """A tool call as the model writes it between <|python_start|> and <|python_end|>."""
     return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
+def parse_tool_call(text: str, names: Collection[str]) -> tuple[str, dict[str, Any]] | None:
+    """(name, arguments) when a python block's text is a call of one of the functions `names`
+    (`{"name": ..., "arguments": {...}}`), else None (a calculator expression, say)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("arguments"), dict):
+        return None
+    if not isinstance(value.get("name"), str) or value["name"] not in names:
+        return None
+    return value["name"], value["arguments"]
 
 
 def _normalise_messages(conversation: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:

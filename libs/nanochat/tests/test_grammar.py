@@ -95,6 +95,26 @@ def test_tool_call_grammar_forces_the_special_tokens_and_the_name(tok):
             assert isinstance(call["arguments"]["city"], str)
 
 
+def test_parallel_tool_call_grammar_gives_one_or_more_valid_calls(tok):
+    no_arguments = {"type": "object", "properties": {}, "additionalProperties": False}
+    spec = compile_spec(tool_call_grammar([("get_time", no_arguments)], parallel=True), tok, 120)
+    ps, pe = tok.encode_special("<|python_start|>"), tok.encode_special("<|python_end|>")
+    counts = set()
+    for seed in range(12):
+        tokens, reason = drive(spec, tok, seed, 120)
+        assert reason == "stop" and tokens[0] == ps and tokens[-1] == pe
+        calls = tok.decode(tokens).split("<|python_end|>")[:-1]
+        for call in calls:
+            assert json.loads(call.removeprefix("<|python_start|>"))["name"] == "get_time"
+        counts.add(len(calls))
+    assert 1 in counts and max(counts) > 1  # the end token and another call both stay open after a call
+    # A budget with room for one call only never opens a second one it would have to cut off.
+    tight = compile_spec(tool_call_grammar([("get_time", no_arguments)], parallel=True), tok, 55)
+    for seed in range(12):
+        tokens, reason = drive(tight, tok, seed, 55)
+        assert reason == "stop" and tok.decode(tokens).count("<|python_end|>") == 1
+
+
 @pytest.mark.parametrize(
     ("schema", "needle"),
     [({"type": "strin"}, "strin"), ({"$ref": "#/nowhere"}, "nowhere"), ("neither", "Expected token")],

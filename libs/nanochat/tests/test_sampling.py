@@ -206,6 +206,61 @@ def test_the_scheduler_passes_on_the_token_that_completes_a_grammar(engine, monk
     assert events[-1].finish_reason == "stop" and all(e.logprob is not None for e in events[:-1])
 
 
+def scripted(engine: Engine, monkeypatch, script: list[int], **options) -> list[int]:
+    """The tokens a row emits when its grammar allows only `script` (forced tokens in between)."""
+    fake = types.ModuleType("nanochat.grammar")
+    fake.Constraint = ScriptedConstraint
+    monkeypatch.setitem(sys.modules, "nanochat.grammar", fake)
+    params = SamplingParams(temperature=1.0, max_tokens=200, seed=1, grammar=",".join(map(str, script)), **options)
+    (steps,) = generate(engine, prompt(engine, "The"), params)
+    assert steps[-1].row.finish_reason == "stop"
+    return [t.token for t in steps]
+
+
+def test_a_call_of_a_listed_function_ends_the_turn_and_other_blocks_are_the_calculators(engine, monkeypatch):
+    tok = engine.tokenizer
+    ps, pe = tok.encode_special("<|python_start|>"), tok.encode_special("<|python_end|>")
+    os_, oe = tok.encode_special("<|output_start|>"), tok.encode_special("<|output_end|>")
+    end = tok.encode_special("<|assistant_end|>")
+    call = [ps, *tok.encode('{"name": "f", "arguments": {"x": 1}}'), pe]
+    other = [ps, *tok.encode('{"name": "g", "arguments": {}}'), pe]
+    sum_ = [ps, *tok.encode("7*3"), pe]
+    fox = tok.encode(" fox")
+    # One call per turn: the row ends at the call's <|python_end|>.
+    assert scripted(engine, monkeypatch, call + fox, tools=("f",)) == call
+    # With parallel_tool_calls a second call may follow; then any other token ends the turn.
+    assert scripted(engine, monkeypatch, call + call + fox, tools=("f",), parallel_tool_calls=True) == [
+        *call,
+        *call,
+        end,
+    ]
+    # A block that calls no listed function is evaluated (or not) as without tools, and the turn goes on.
+    assert scripted(engine, monkeypatch, sum_ + fox, tools=("f",)) == [*sum_, os_, *tok.encode("21"), oe, *fox]
+    assert scripted(engine, monkeypatch, other + fox, tools=("f",)) == other + fox
+    assert scripted(engine, monkeypatch, call + fox) == call + fox  # no tools: just a python block
+
+
+def test_tools_must_be_names(engine):
+    for bad in ["f", (1,), ("f", None)]:
+        with pytest.raises(ValueError, match="tools must be"):
+            SamplingParams(tools=bad)
+    assert SamplingParams(tools=["f", "g"]).tools == ("f", "g")
+
+
+def test_prompt_scores_reach_the_caller_when_the_first_token_is_a_stop_token(engine):
+    end = engine.tokenizer.encode_special("<|assistant_end|>")
+    events = []
+    scheduler = Scheduler(engine, slots=2)
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0, prompt_logprobs=True, logit_bias={end: 100})
+    ids = prompt(engine, "The quick")
+    scheduler.submit(ids, params, events.extend)
+    while not scheduler.idle():
+        scheduler.iterate()
+    (finish,) = events  # the stop token itself is not passed on
+    assert finish.finish_reason == "stop" and finish.token is None
+    assert len(finish.prompt_logprobs) == len(ids) and finish.prompt_logprobs[0] == (None, ())
+
+
 def test_a_bias_on_a_token_the_model_lacks_is_refused_at_submit(engine):
     scheduler = Scheduler(engine, slots=2)
     vocab = engine.model.config.vocab_size

@@ -18,7 +18,7 @@ def test_rendered_rows_have_the_call_tokens_and_masks():
     sp = tok.encode_special
     task = ToolUse(40)
     assert len(task) == 40 and ToolUse(40)[7] == task[7]  # the same rows from the same seed
-    calls = 0
+    calls = parallel = 0
     for conversation in task:
         ids, mask = tok.render_conversation(conversation, max_tokens=None)
         text = tok.decode(ids)
@@ -29,16 +29,26 @@ def test_rendered_rows_have_the_call_tokens_and_masks():
         if sp("<|python_start|>") not in ids:
             continue
         calls += 1
-        ps, pe = ids.index(sp("<|python_start|>")), ids.index(sp("<|python_end|>"))
-        os_, oe = ids.index(sp("<|output_start|>")), ids.index(sp("<|output_end|>"))
-        assert start < ps < pe < os_ < oe < len(ids) - 1
-        assert all(mask[ps : pe + 1]), "the call is trained on"
-        assert not any(mask[os_ : oe + 1]), "the tool's result is not"
-        assert all(mask[oe + 1 :]), "the answer after it is"
-        call = json.loads(tok.decode(ids[ps + 1 : pe]))
-        assert call["name"] in {t["name"] for t in conversation["tools"]} and isinstance(call["arguments"], dict)
-        json.loads(tok.decode(ids[os_ + 1 : oe]))
+        starts = [i for i, t in enumerate(ids) if t == sp("<|python_start|>")]
+        ends = [i for i, t in enumerate(ids) if t == sp("<|python_end|>")]
+        outputs = [i for i, t in enumerate(ids) if t == sp("<|output_start|>")]
+        output_ends = [i for i, t in enumerate(ids) if t == sp("<|output_end|>")]
+        n = len(starts)
+        parallel += n == 2
+        assert n in (1, 2) and len(ends) == len(outputs) == len(output_ends) == n
+        # The calls back to back, then their results in the same order, then the answer.
+        assert starts[0] == start + 1 and all(s == e + 1 for s, e in zip(starts[1:], ends))
+        assert ends[-1] + 1 == outputs[0] and output_ends[-1] < len(ids) - 1
+        assert all(mask[starts[0] : ends[-1] + 1]), "the calls are trained on"
+        assert not any(mask[outputs[0] : output_ends[-1] + 1]), "the tools' results are not"
+        assert all(mask[output_ends[-1] + 1 :]), "the answer after them is"
+        for ps, pe, os_, oe in zip(starts, ends, outputs, output_ends):
+            call = json.loads(tok.decode(ids[ps + 1 : pe]))
+            assert call["name"] in {t["name"] for t in conversation["tools"]}
+            assert isinstance(call["arguments"], dict)
+            json.loads(tok.decode(ids[os_ + 1 : oe]))
     assert 20 <= calls < 40  # most conversations call a tool, some answer directly
+    assert 0 < parallel < calls  # some ask two things at once
 
 
 def test_the_option_is_named_a_deviation():

@@ -117,8 +117,13 @@ class Generation:
         stop: list[str],
         stop_token_ids: list[int],
         metrics: Metrics,
+        score_only: bool = False,
     ):
+        """score_only: the request scores its prompts and generates nothing (max_tokens 0): the
+        one token each sample makes to get its prompt's log-probabilities is not returned, and
+        every choice ends "length"."""
         self.served, self.n, self.metrics = served, n, metrics
+        self.score_only = score_only
         self.mailbox = Mailbox.of(asyncio.get_running_loop())
         self.queue: asyncio.Queue[tuple[int, list[Event], float]] = asyncio.Queue()
         self.started = time.monotonic()
@@ -165,7 +170,7 @@ class Generation:
             for prompt_index, events, at in batch:
                 for event in events:
                     choice = self.choices[prompt_index * self.n + event.sample]
-                    generated += event.token is not None and choice.finish_reason is None
+                    generated += event.token is not None and choice.finish_reason is None and not self.score_only
                     update = self._apply(choice, event, at)
                     if update is not None:
                         prior = merged.get(update.choice)
@@ -179,13 +184,15 @@ class Generation:
         if choice.finish_reason is not None:
             return None  # e.g. tokens already in flight after a stop string matched
         scored, prompt_scored = [], None
-        if event.token is not None and event.logprob is not None:
-            scored = [Scored(event.token, event.logprob, event.top_logprobs)]
-            choice.logprobs.extend(scored)
         if event.prompt_logprobs is not None:
             prompt = self.prompts[choice.index // self.n]
             prompt_scored = [Scored(t, lp, top) for t, (lp, top) in zip(prompt, event.prompt_logprobs)]
             choice.prompt_logprobs = prompt_scored
+        if self.score_only and event.token is not None:
+            return None if prompt_scored is None else Update(choice.index, [], None, [], prompt_scored)
+        if event.token is not None and event.logprob is not None:
+            scored = [Scored(event.token, event.logprob, event.top_logprobs)]
+            choice.logprobs.extend(scored)
         if event.token is not None:
             if self.first_token_at is None:
                 self.first_token_at = at
@@ -203,7 +210,7 @@ class Generation:
             if event.finish_reason in ("error", "cancelled"):
                 raise GenerationError(event.error or "the model was stopped while generating")
             parts = choice.decoder.finish()
-            choice.finish_reason = event.finish_reason
+            choice.finish_reason = "length" if self.score_only else event.finish_reason
         choice.parts.extend(parts)
         if not parts and choice.finish_reason is None and not scored and prompt_scored is None:
             return None

@@ -94,7 +94,14 @@ class Runner:
     def release(self, served: ServedModel) -> None:
         self.manager.release(served)
 
-    def sampling(self, body: schemas.SamplingFields, max_tokens: int | None, grammar: str | None) -> SamplingParams:
+    def sampling(
+        self,
+        body: schemas.SamplingFields,
+        max_tokens: int | None,
+        grammar: str | None,
+        tools: tuple[str, ...] = (),
+        parallel: bool = False,
+    ) -> SamplingParams:
         return SamplingParams(
             temperature=body.temperature,
             top_k=body.top_k if body.top_k > 0 else None,
@@ -107,6 +114,8 @@ class Runner:
             presence_penalty=body.presence_penalty,
             logit_bias=body.logit_bias or (),
             grammar=grammar,
+            tools=tools,
+            parallel_tool_calls=parallel,
         )
 
     def start(
@@ -117,10 +126,14 @@ class Runner:
         max_tokens: int | None,
         prompt_param: str = "messages",
         grammar: str | None = None,
+        tools: tuple[str, ...] = (),
+        parallel: bool = False,
     ) -> Generation:
         """Check the request against the served model and queue it; every refusal is an APIError.
 
-        grammar: a `nanochat.grammar` spec every sample is constrained to (response_format, tools)."""
+        grammar: a `nanochat.grammar` spec every sample is constrained to (response_format, tools);
+        tools / parallel: the functions whose calls end a turn, and whether a call may follow a call.
+        max_tokens 0 (/v1/completions) scores the prompts and generates nothing (`Generation`)."""
         context, vocab = served.context_length, served.vocab_size
         for prompt in prompts:
             if not all(0 <= t < vocab for t in prompt):  # token-id prompts of /v1/completions
@@ -148,7 +161,8 @@ class Runner:
                 400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids", code="invalid_value"
             )
         try:
-            params = self.sampling(body, max_tokens, grammar)
+            score_only = max_tokens == 0
+            params = self.sampling(body, 1 if score_only else max_tokens, grammar, tools, parallel)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
         try:
@@ -164,6 +178,7 @@ class Runner:
                 body.stop,
                 body.stop_token_ids or [],
                 self.metrics,
+                score_only,
             )
         except ModelGone as e:
             raise APIError(503, f"{e}; retry shortly", code="model_not_loaded", headers={"Retry-After": "5"}) from None

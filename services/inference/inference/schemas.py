@@ -59,7 +59,7 @@ class ChatMessage(Lenient):
     content: str | list[TextPart] | None = None
     nanochat_parts: list[ToolPart] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's calls (inference.structured)
-    tool_call_id: str | None = None  # a tool result's call: one call per turn, so not needed to place it
+    tool_call_id: str | None = None  # which call a tool result answers: results render in call order
 
     def rendered_content(self) -> str | list[dict[str, str]]:
         """What the tokenizer's chat renderer takes: a string, or an assistant's list of parts."""
@@ -157,7 +157,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # a turn makes at most one call, which satisfies either
+    parallel_tool_calls: bool | None = None  # None: OpenAI's default, true
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -176,7 +176,7 @@ class CompletionRequest(SamplingFields):
     prompt: list[str | list[int]] = Field(
         description="a string, a list of strings, a list of token ids, or a list of lists of token ids"
     )
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: score the prompt only (with echo and logprobs)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)  # only as many as n: no server-side choosing

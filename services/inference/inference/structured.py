@@ -1,14 +1,15 @@
 """Structured output and function tools on chat completions (docs/tools.md).
 
-A request's `response_format`, `tools` and `tool_choice` become a `Plan`: which functions the
-prompt lists (and which tool-call parts are read back as calls), the grammar the samples follow
-(`nanochat.grammar`), and whether a sample stops at the end of its first call. `response_format`
-`json_object` / `json_schema` and `tool_choice` `required` / a named function are constrained
-decoding; `auto` lets the model choose between text and a call, and its call is read back if it
-names a listed function with a JSON object of arguments; `none` lists no tools at all, so the
-calculator works as without tools. A `json_schema` is followed whether or not it says `strict`
-(an answer always adheres). At most one call per turn: `parallel_tool_calls` is accepted either
-way, since one call satisfies both.
+A request's `response_format`, `tools`, `tool_choice` and `parallel_tool_calls` become a `Plan`:
+which functions the prompt lists (and which tool-call parts are read back as calls), the grammar
+the samples follow (`nanochat.grammar`), and which calls end a sample's turn in the engine.
+`response_format` `json_object` / `json_schema` and `tool_choice` `required` / a named function
+are constrained decoding; `auto` lets the model choose between text and a call: a python block
+calling a listed function with a JSON object of arguments is a call (the engine ends the turn
+there), any other block is the calculator's, evaluated as without tools; `none` lists no tools at
+all. `parallel_tool_calls` (OpenAI's default: true) lets a call follow a call in the same turn,
+constrained or not; false means one call at most. A `json_schema` is followed whether or not it
+says `strict` (an answer always adheres).
 
 What the model wrote comes back as OpenAI's `tool_calls` (`call_...` ids, the function's name,
 its arguments as a JSON string, finish_reason "tool_calls"): whole in a message, or in a stream
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from nanochat.grammar import GrammarError, compile_spec, tool_call_grammar
-from nanochat.tokenizer import Tokenizer, tool_call_text
+from nanochat.tokenizer import Tokenizer, parse_tool_call, tool_call_text
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service_kit.errors import APIError
 
@@ -92,15 +93,22 @@ class Plan:
     functions: list[FunctionDef] = field(default_factory=list)  # listed in the prompt, read back as calls
     grammar: str | dict[str, Any] | None = None  # what nanochat.grammar.compile_spec takes
     grammar_param: str | None = None  # the request field a grammar error is blamed on
-    stop_at_call: bool = False
+    parallel: bool = True  # a call may follow a call in one turn
+    engine_tools: tuple[str, ...] = ()  # the functions whose unconstrained calls end a turn (auto)
 
     @property
     def calls(self) -> bool:
         return bool(self.functions)
 
 
-def plan(response_format: ResponseFormat | None, tools: list[Tool] | None, tool_choice: ToolChoice | None) -> Plan:
+def plan(
+    response_format: ResponseFormat | None,
+    tools: list[Tool] | None,
+    tool_choice: ToolChoice | None,
+    parallel_tool_calls: bool | None = None,
+) -> Plan:
     """What the request asks for; a 400 for a combination that cannot be met."""
+    parallel = parallel_tool_calls is not False
     if tool_choice is not None and not tools:
         raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
     functions = [t.function for t in tools or []]
@@ -122,7 +130,7 @@ def plan(response_format: ResponseFormat | None, tools: list[Tool] | None, tool_
     if json_format:
         fmt = response_format.json_schema
         schema = "json_object" if fmt is None or fmt.json_schema is None else fmt.json_schema
-        return Plan(functions, schema, "response_format")
+        return Plan(functions, schema, "response_format", parallel)
     if isinstance(choice, NamedToolChoice):
         chosen = [f for f in functions if f.name == choice.function.name]
         if not chosen:
@@ -132,10 +140,11 @@ def plan(response_format: ResponseFormat | None, tools: list[Tool] | None, tool_
                 param="tool_choice",
                 code="invalid_value",
             )
-        return Plan(functions, tool_call_grammar([(f.name, f.parameters) for f in chosen]), "tools")
+        return Plan(functions, tool_call_grammar([(f.name, f.parameters) for f in chosen], parallel), "tools", parallel)
     if choice == "required":
-        return Plan(functions, tool_call_grammar([(f.name, f.parameters) for f in functions]), "tools")
-    return Plan(functions, grammar_param="tools", stop_at_call=bool(functions))
+        grammar = tool_call_grammar([(f.name, f.parameters) for f in functions], parallel)
+        return Plan(functions, grammar, "tools", parallel)
+    return Plan(functions, None, "tools", parallel, tuple(f.name for f in functions))
 
 
 def grammar_spec(p: Plan, tokenizer: Tokenizer, budget: int) -> str | None:
@@ -158,13 +167,45 @@ def conversation(messages: list[Any], tools: list[dict[str, Any]] | None) -> dic
     """The request's messages (schemas.ChatMessage) and listed tools as the tokenizer's renderer
     takes them. An assistant message's `nanochat_parts` already hold its calls as python parts."""
     out = []
-    for i, m in enumerate(messages):
+    for i in render_order(messages):
+        m = messages[i]
         if m.role == "assistant" and m.tool_calls and not m.nanochat_parts:
             content = "" if m.content is None else m.rendered_content()
             out.append({"role": "assistant", "content": call_parts(content, m.tool_calls, i)})
         else:
             out.append({"role": m.role, "content": m.rendered_content()})
     return {"messages": out, "tools": tools}
+
+
+def render_order(messages: list[Any]) -> list[int]:
+    """The messages' indices in the order they are rendered: the tool results right after an
+    assistant message's calls go in the order of the calls they answer (by `tool_call_id`, when
+    every one of them names one), as the model wrote the calls. An id that answers none of that
+    message's calls is a 400."""
+    order, i = [], 0
+    while i < len(messages):
+        asked, i = messages[i], i + 1
+        order.append(i - 1)
+        if asked.role != "assistant" or not asked.tool_calls:
+            continue
+        ids = [call.id for call in asked.tool_calls]
+        run = []
+        while i < len(messages) and messages[i].role == "tool":
+            run.append(i)
+            i += 1
+        for j in run:
+            answered = messages[j].tool_call_id
+            if answered is not None and answered not in ids:
+                raise APIError(
+                    400,
+                    f"tool_call_id {answered!r} answers none of the calls of message {order[-1]} ({', '.join(ids)})",
+                    param=f"messages.{j}.tool_call_id",
+                    code="invalid_value",
+                )
+        if all(messages[j].tool_call_id is not None for j in run):
+            run.sort(key=lambda j: ids.index(messages[j].tool_call_id))
+        order.extend(run)
+    return order
 
 
 def call_parts(content: str | list[dict[str, str]], tool_calls: list[ToolCall], index: int) -> list[dict[str, str]]:
@@ -190,17 +231,10 @@ def tools_for_prompt(p: Plan) -> list[dict[str, Any]] | None:
 
 def parse_call(text: str, p: Plan) -> FunctionCall | None:
     """A python part as a call of one of the plan's functions, or None (then it stays a part)."""
-    if not p.calls:
+    call = parse_tool_call(text, {f.name for f in p.functions}) if p.calls else None
+    if call is None:
         return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("arguments"), dict):
-        return None
-    if value.get("name") not in {f.name for f in p.functions}:
-        return None
-    return FunctionCall(name=value["name"], arguments=json.dumps(value["arguments"], ensure_ascii=False))
+    return FunctionCall(name=call[0], arguments=json.dumps(call[1], ensure_ascii=False))
 
 
 def new_call_id() -> str:

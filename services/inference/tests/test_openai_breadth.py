@@ -118,6 +118,32 @@ def test_completions_echo_logprobs_equal_a_full_forward_streamed_and_not(client,
     assert echo_only.choices[0].text == choice.text and echo_only.choices[0].logprobs is None
 
 
+def test_max_tokens_0_with_echo_scores_the_prompt_and_generates_nothing(client, model, tok):
+    text = "The lazy dog"
+    prompt = tok.encode(text, prepend=tok.bos_token_id)
+    reference_lp = reference(model, prompt)
+    kw = dict(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=1.0, n=2)
+    whole = client.completions.create(**kw)
+    assert whole.usage.completion_tokens == 0 and whole.usage.prompt_tokens == len(prompt)
+    for choice in whole.choices:
+        assert choice.text == text and choice.finish_reason == "length"
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(prompt) and lp.token_logprobs[0] is None
+        for position in range(1, len(prompt)):
+            assert lp.token_logprobs[position] == pytest.approx(
+                float(reference_lp[position - 1][prompt[position]]), abs=1e-3
+            )
+    chunks = list(client.completions.create(**{**kw, "n": 1}, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    streamed = [
+        lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs
+    ]
+    assert streamed == whole.choices[0].logprobs.token_logprobs
+    assert chunks[-1].choices[0].finish_reason == "length"
+    bare = client.completions.create(model=MODEL, prompt=text, max_tokens=0)
+    assert bare.choices[0].text == "" and bare.usage.completion_tokens == 0
+
+
 def test_every_sample_echoes_its_own_prompt(server, tok):
     body = {"prompt": ["The lazy", "A fox"], "n": 2, "best_of": 2, "max_tokens": 3, "echo": True, "logprobs": 1}
     r = httpx.post(f"{server.url}/v1/completions", json={**body, "seed": 4}, timeout=60)

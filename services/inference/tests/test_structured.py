@@ -3,6 +3,7 @@ random-weight model (the worst case for a grammar: it wants nothing in particula
 
 import json
 
+import httpx
 import openai
 import pytest
 from conftest import random_model, start_server
@@ -113,8 +114,23 @@ def test_an_uncompilable_schema_is_a_400_naming_the_problem(client, schema, need
     assert needle in e.value.body["message"] and e.value.body["param"] == "response_format"
 
 
+def valid_call(call) -> bool:
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "weather":
+        return set(arguments) == {"city", "days"} and isinstance(arguments["days"], int)
+    return call.function.name == "clock" and arguments == {}
+
+
 def test_required_tool_call_whole_and_streamed(client):
-    kw = dict(model="nanochat", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=80, n=3)
+    kw = dict(
+        model="nanochat",
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=80,
+        n=3,
+        parallel_tool_calls=False,
+    )
     whole = client.chat.completions.create(**kw, seed=3)
     for choice in whole.choices:
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -132,6 +148,26 @@ def test_required_tool_call_whole_and_streamed(client):
     (call,) = choice.message.tool_calls
     assert call.id.startswith("call_") and call.function.name in ("weather", "clock")
     assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_parallel_tool_calls_give_one_or_more_calls_whole_and_streamed(client):
+    # The random-weight model picks between another call and the end after each call.
+    kw = dict(model="nanochat", messages=ASK, tools=[TIME], tool_choice="required", max_tokens=120)
+    whole = client.chat.completions.create(**kw, n=16, seed=6)  # parallel_tool_calls: OpenAI's default, true
+    counts = []
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and all(valid_call(c) for c in choice.message.tool_calls)
+        assert len({c.id for c in choice.message.tool_calls}) == len(choice.message.tool_calls)
+        counts.append(len(choice.message.tool_calls))
+    assert min(counts) >= 1 and max(counts) > 1, counts
+    for seed in range(7, 20):
+        with client.beta.chat.completions.stream(**kw, seed=seed) as stream:
+            calls = stream.get_final_completion().choices[0].message.tool_calls
+        if len(calls) > 1:  # the SDK assembled each call from its own deltas (index 0, 1, ...)
+            assert all(valid_call(c) for c in calls)
+            break
+    else:
+        raise AssertionError("no streamed sample made more than one call")
 
 
 def test_named_function_is_constrained_to_its_schema_and_parsed_by_the_sdk(client):
@@ -193,7 +229,23 @@ def test_bad_tool_requests_are_400s(client, extra, param):
     assert (e.value.body["param"] or "").startswith(param.split(".")[0]), e.value.body
 
 
-def test_auto_ends_the_turn_at_a_python_block_and_reads_back_only_real_calls(checkpoints):
+def test_tool_results_render_in_the_order_of_the_calls_they_answer(server):
+    calls = [{"id": f"call_{i}", "type": "function", "function": {"name": "clock", "arguments": "{}"}} for i in (1, 2)]
+    turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}]
+
+    def tokens(*results: tuple[str | None, str]) -> list[int] | httpx.Response:
+        tool = [{"role": "tool", "tool_call_id": i, "content": text} for i, text in results]
+        r = httpx.post(f"{server.url}/tokenize", json={"messages": turn + tool, "tools": [TIME]}, timeout=30)
+        return r.json()["tokens"] if r.status_code == 200 else r
+
+    in_order = tokens(("call_1", "one"), ("call_2", "two"))
+    assert tokens(("call_2", "two"), ("call_1", "one")) == in_order
+    assert tokens((None, "two"), (None, "one")) != in_order  # without ids they stay as sent
+    bad = tokens(("call_1", "one"), ("call_9", "two"))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages.3.tool_call_id"
+
+
+def test_auto_reads_back_only_real_calls_and_evaluates_the_calculator(checkpoints):
     s = start_server(model_dir=checkpoints["scripted"], slots=4)
     try:
         s.wait_ready()
@@ -205,10 +257,11 @@ def test_auto_ends_the_turn_at_a_python_block_and_reads_back_only_real_calls(che
     finally:
         s.stop()
     parts = [(p["type"], p["text"]) for p in auto.message.model_extra["nanochat_parts"]]
-    # The scripted model's calculator call `7*3` is no call of `f`: a part, not evaluated.
-    assert parts == [("text", "The quick fox,"), ("python", "7*3")]
-    assert auto.finish_reason == "stop" and auto.message.tool_calls is None
-    assert ("python_output", "21") in [(p["type"], p["text"]) for p in plain.message.model_extra["nanochat_parts"]]
+    # The scripted model's calculator call `7*3` is no call of `f`: the calculator evaluates it and
+    # the turn goes on, as without tools.
+    assert ("python", "7*3") in parts and ("python_output", "21") in parts
+    assert parts == [(p["type"], p["text"]) for p in plain.message.model_extra["nanochat_parts"]]
+    assert auto.finish_reason == plain.finish_reason and auto.message.tool_calls is None
 
 
 def test_a_python_part_naming_a_listed_function_becomes_a_tool_call():

@@ -97,18 +97,16 @@ async def render_prompt(
 
 @router.post("/chat/completions")
 async def chat_completions(body: schemas.ChatCompletionRequest, request: Request, runner: RunnerDep) -> Response:
-    plan = structured.plan(body.response_format, body.tools, body.tool_choice)
+    plan = structured.plan(body.response_format, body.tools, body.tool_choice, body.parallel_tool_calls)
     served = await runner.acquire(body.model)
     try:
         prompt = await render_prompt(served.tokenizer, body.messages, tools=structured.tools_for_prompt(plan))
         max_tokens = body.max_completion_tokens or body.max_tokens
         budget = min(max_tokens or runner.settings.default_max_tokens, served.context_length - len(prompt))
         grammar = await run_in_threadpool(structured.grammar_spec, plan, served.tokenizer, budget)
-        if plan.stop_at_call:
-            # An unconstrained call ends the turn where a constrained one would: the client runs it.
-            stops = [*(body.stop_token_ids or []), served.tokenizer.encode_special("<|python_end|>")]
-            body = body.model_copy(update={"stop_token_ids": stops})
-        gen = runner.start(served, [prompt], body, max_tokens, grammar=grammar)
+        gen = runner.start(
+            served, [prompt], body, max_tokens, grammar=grammar, tools=plan.engine_tools, parallel=plan.parallel
+        )
     except BaseException:
         runner.release(served)
         raise

@@ -2,7 +2,9 @@
 
 `echo` puts the prompt's text before each choice's completion (in a stream, in the choice's
 first chunk); with `logprobs` too, the prompt's tokens (`<|bos|>` first, with no log-probability)
-come before the generated ones in the choice's `logprobs` (`inference.logprobs`).
+come before the generated ones in the choice's `logprobs` (`inference.logprobs`). `max_tokens`
+0 generates nothing: with `echo` and `logprobs` that scores a prompt (what lm-eval-harness's
+loglikelihood requests and OpenAI's legacy API do), every choice ending "length".
 """
 
 import time
