@@ -421,15 +421,45 @@ class DecodeBatch:
         Rows fresh from `add` already hold their prompt's logits, so their first token comes
         without a forward pass; rows that finish leave the batch and free their slot at once.
         """
-        running = [self.rows[s] for s in sorted(self.rows)]
-        feed = [row for row in running if row.logits is None]
+        self.feed()
+        return self.sample()
+
+    @torch.no_grad()
+    def feed(self, chunks: Sequence[Sequence[int]] = (), slots: Sequence[int] = ()) -> torch.Tensor | None:
+        """The first half of `step`: every running row's last chosen token through the model, and
+        in the same forward pass one chunk of prompt tokens for each of `slots` (prompts being
+        prefilled beside the decoding rows; the slots hold blocks for them): `GPT.forward_packed`.
+        The logits (len(slots), vocab) after each chunk's last token, None without chunks."""
+        if len(chunks) != len(slots):
+            raise ValueError(f"got {len(chunks)} chunks for {len(slots)} slots")
+        feed = [self.rows[s] for s in sorted(self.rows) if self.rows[s].logits is None]
         for row in self.needing_blocks():
             self.blocks.allocate(row.slot, 1)  # PoolExhausted: the caller makes room first
+        device = self.engine.device
+        parts = []
         if feed:
-            idx = torch.tensor([[row.tokens[-1]] for row in feed], dtype=torch.long, device=self.engine.device)
-            logits = self.engine.forward(idx, self.cache, [row.slot for row in feed])
-            for j, row in enumerate(feed):
-                row.logits = logits[j, -1]
+            idx = torch.tensor([[row.tokens[-1]] for row in feed], dtype=torch.long, device=device)
+            parts.append((idx, [row.slot for row in feed], None))
+        if chunks:
+            width = max(len(c) for c in chunks)
+            idx = torch.zeros((len(chunks), width), dtype=torch.long)
+            for j, c in enumerate(chunks):
+                idx[j, : len(c)] = torch.tensor(c)
+            parts.append((idx.to(device), list(slots), [len(c) for c in chunks]))
+        if not parts:
+            return None
+        logits = self.engine.forward_packed(parts, self.cache)
+        for j, row in enumerate(feed):
+            row.logits = logits[0][j]
+        return logits[-1] if chunks else None
+
+    @torch.no_grad()
+    def sample(self) -> list[StepToken]:
+        """The second half of `step`: choose the next token of every running row, each holding its
+        logits (from `feed`, or fresh from a prefill)."""
+        running = [self.rows[s] for s in sorted(self.rows)]
+        if any(row.logits is None for row in running):
+            raise RuntimeError("a running row has no logits: feed the batch before sampling")
         # Before sampling touches anything: log-probabilities are of the model's own logits.
         wanted = [row for row in running if row.params.logprobs is not None]
         raw = torch.stack([row.logits for row in wanted]) if wanted else None
@@ -592,6 +622,11 @@ class Engine:
         for each row's last real token with last_only."""
         with autocast(self.device):
             return self.model(idx, kv_cache=cache, rows=slots, num_new=num_new, last_only=last_only)
+
+    def forward_packed(self, parts: list[tuple], cache: KVCache) -> list[torch.Tensor]:
+        """`GPT.forward_packed` under the device's autocast: per part, its rows' next-token logits."""
+        with autocast(self.device):
+            return self.model.forward_packed(parts, cache)
 
     def compile(self) -> None:
         """torch.compile each block's MLP in place, for any number of rows (dynamic shapes).

@@ -33,6 +33,7 @@ counts and names; the model only reads and writes through them).
     logits = model(idx, kv_cache=cache, rows=[0])       # idx (len(rows), T): T new tokens per row
     logits = model(idx, kv_cache=cache, rows=r, num_new=n)  # row b keeps only its first n[b] tokens
     logits = model(idx, kv_cache=cache, rows=r, num_new=n, last_only=True)  # (B, 1, V): each row's last real token
+    decode, chunk = model.forward_packed([(idx, r, None), (idx2, r2, n2)], cache)  # (B_i, V) per part, one pass
 
 Row b's new tokens take positions `cache.lengths[b] ... cache.lengths[b] + T - 1` (their rotary
 angles too) and attend to the row's cached prefix plus, causally, to each other; afterwards the
@@ -47,6 +48,12 @@ names (`flush`), the pool being what rows share. A row that starts from blocks i
 `engine.DecodeBatch.stage`), a fork is `copy_row`. The pool holds k and v as
 (n_layer, num_blocks, block_size, n_kv_head, head_dim), both in the compute dtype (bf16 on CUDA,
 fp32 on CPU); tables and lengths live on the CPU.
+
+`forward_packed` runs several such cached calls (parts, on distinct rows) as one pass: the
+engine's decode rows (one token each) beside a prompt's prefill chunk. Their tokens go through
+the embedding, the norms and every linear layer together, packed one after another, and only
+attention runs part by part. A small model's decode step is bound by reading its weights, not by
+arithmetic, so a chunk fed with the decode rows costs a fraction of a forward pass of its own.
 
 Check: `python -m nanochat.gpt` prints the depth-20 speedrun model's parameter count.
 """
@@ -277,6 +284,11 @@ class _CacheStep:
     mask: torch.Tensor  # (B, 1, T, span) True where a query may attend a key (device)
     counts: torch.Tensor  # (B,) how far each row's length advances after the forward (CPU)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, T): the part's rows and new tokens per row."""
+        return tuple(self.pos.shape)
+
 
 def _attend_cache(step: _CacheStep, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Write the new keys and values (B, T, H, D) into the rows' contiguous copies (the pool gets
@@ -301,24 +313,36 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: _CacheStep | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, steps: list[_CacheStep] | None
+    ) -> torch.Tensor:
+        """x (B, T, C); with a cache, (1, N, C): the parts of `steps` packed one after another."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q), norm(k)
-        q = q.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_head != self.n_kv_head
-        if step is None:
-            y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa)
-        else:
-            keys, values = _attend_cache(step, self.layer_idx, k, v)
+        if steps is None:
             y = F.scaled_dot_product_attention(
-                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=step.mask, enable_gqa=gqa
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
             )
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        parts, start = [], 0
+        for step in steps:
+            b, t = step.shape
+            part = slice(start, start + b * t)
+            start += b * t
+            keys, values = _attend_cache(
+                step, self.layer_idx, k[0, part].view(b, t, *k.shape[2:]), v[0, part].view(b, t, *v.shape[2:])
+            )
+            qi = q[0, part].view(b, t, *q.shape[2:]).transpose(1, 2)  # (b, H, t, D)
+            y = F.scaled_dot_product_attention(
+                qi, keys.to(qi.dtype), values.to(qi.dtype), attn_mask=step.mask, enable_gqa=gqa
+            )
+            parts.append(y.transpose(1, 2).reshape(1, b * t, C))
+        return self.c_proj(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
 
 class MLP(nn.Module):
@@ -337,8 +361,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: _CacheStep | None) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, step)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, steps: list[_CacheStep] | None
+    ) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, steps)
         return x + self.mlp(norm(x))
 
 
@@ -466,34 +492,25 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T == 0:
             raise ValueError("idx has no tokens (T = 0)")
-        step = None
-        if kv_cache is None:
-            if rows is not None or num_new is not None:
-                raise ValueError("rows and num_new only apply with a kv_cache")
-            if T > self.rotary_len:
-                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
-            cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
-        else:
+        if kv_cache is not None:
+            if targets is not None:
+                raise ValueError("a forward with a kv_cache gives logits; it cannot take targets")
             step = self._cache_step(kv_cache, B, T, rows, num_new)
-            cos, sin = self.cos[step.pos][:, :, None, :], self.sin[step.pos][:, :, None, :]
-
+            if last_only:
+                return self._packed([idx], [step], kv_cache, last_only=True)[0].unsqueeze(1)
+            return self._packed([idx], [step], kv_cache, last_only=False)[0].view(B, T, -1)
+        if rows is not None or num_new is not None:
+            raise ValueError("rows and num_new only apply with a kv_cache")
+        if T > self.rotary_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
+        cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos, sin, step)
+            x = block(x, cos, sin, None)
         x = norm(x)
         if last_only:
-            if step is None:
-                x = x[:, -1:]
-            else:
-                last = torch.where(step.counts > 0, step.counts - 1, T - 1).to(x.device)
-                x = x[torch.arange(B, device=x.device), last].unsqueeze(1)
-        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-
-        if step is not None:
-            before = kv_cache.lengths[step.rows]
-            kv_cache.lengths[step.rows] = before + step.counts
-            kv_cache.flush(step.rows, before)
+            x = x[:, -1:]
+        logits = self._logits(x)
         if targets is None:
             return logits
         if targets.shape != idx.shape:
@@ -502,6 +519,63 @@ class GPT(nn.Module):
             logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
         )
         return loss if loss_reduction == "mean" else loss.view(B, T)
+
+    def forward_packed(
+        self,
+        parts: Sequence[tuple[torch.Tensor, Sequence[int] | torch.Tensor, int | Sequence[int] | torch.Tensor | None]],
+        kv_cache: KVCache,
+    ) -> list[torch.Tensor]:
+        """Several cached calls in one pass (module docstring): part i is (idx (B_i, T_i), rows,
+        num_new) as `forward` takes them, on rows no other part names. Each part's logits
+        (B_i, vocab_size) after each row's last real token, as `forward(..., last_only=True)`
+        gives them."""
+        if not parts:
+            raise ValueError("forward_packed needs at least one part")
+        idxs, steps = [], []
+        for idx, rows, num_new in parts:
+            if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64) or idx.shape[1] == 0:
+                raise ValueError(f"each part's idx must be an integer tensor (B, T >= 1), got {tuple(idx.shape)}")
+            if rows is None:
+                raise ValueError("each part of a packed forward names its cache rows")
+            idxs.append(idx)
+            steps.append(self._cache_step(kv_cache, idx.shape[0], idx.shape[1], rows, num_new))
+        named = torch.cat([step.rows for step in steps])
+        if named.unique().numel() != named.numel():
+            raise ValueError(f"the parts of a packed forward must name distinct cache rows, got {named.tolist()}")
+        return self._packed(idxs, steps, kv_cache, last_only=True)
+
+    def _packed(
+        self, idxs: list[torch.Tensor], steps: list[_CacheStep], cache: KVCache, last_only: bool
+    ) -> list[torch.Tensor]:
+        """The parts' tokens as one (1, N) sequence through the model; per part, the logits after
+        each row's last real token (last_only), or at every position, (B_i * T_i, vocab)."""
+        idx = idxs[0].reshape(1, -1) if len(idxs) == 1 else torch.cat([i.reshape(-1) for i in idxs])[None]
+        pos = steps[0].pos.reshape(-1) if len(steps) == 1 else torch.cat([s.pos.reshape(-1) for s in steps])
+        cos, sin = self.cos[pos][None, :, None, :], self.sin[pos][None, :, None, :]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, steps)
+        x = norm(x)[0]  # (N, C)
+        sizes = [step.shape[0] * step.shape[1] for step in steps]
+        if last_only:
+            starts, picks = 0, []
+            for step in steps:
+                b, t = step.shape
+                last = torch.where(step.counts > 0, step.counts - 1, t - 1)
+                picks.append(starts + torch.arange(b) * t + last)
+                starts += b * t
+            x = x[torch.cat(picks).to(x.device)]
+            sizes = [step.shape[0] for step in steps]
+        logits = list(self._logits(x).split(sizes))
+        for step in steps:
+            before = cache.lengths[step.rows]
+            cache.lengths[step.rows] = before + step.counts
+            cache.flush(step.rows, before)
+        return logits
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     def _cache_step(
         self,

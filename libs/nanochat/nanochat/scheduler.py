@@ -9,18 +9,21 @@ fixed up front, and admission is exact in blocks. Each iteration it
 2. admits waiting requests, first come first served, while there are free slots and free blocks
    for the whole prompt (less what the prefix cache holds of it, shared with no copy) plus one
    block for each further sample's copy of the prompt's partial last block;
-3. prefills admitted prompts in chunks under a token budget (`prefill_tokens` per iteration,
+3. gives each decoding row that is about to fill its last block a new one; when the pool has none
+   to spare, the newest running row (or prompt being prefilled) is preempted: its blocks are freed
+   (what they hold stays findable) and it goes back to the front of the waiting queue, to be
+   recomputed from its prompt plus what it has generated so far and then to go on where it
+   stopped (its client sees a delay, no gap and no repeated token);
+4. chooses the next chunks of admitted prompts under a token budget (`prefill_tokens` per iteration,
    padding counted); while rows decode, one prompt longer than `decode_prefill_tokens` is fed
    that many tokens an iteration, so a long prompt is spread over several iterations instead of
    stalling the decodes running beside it, and shorter prompts go whole beside it (a burst of
    short requests starts together, not one an iteration); when a prompt is complete it is forked
    into the request's `n` slots and those rows join the batch;
-4. gives each decoding row that is about to fill its last block a new one; when the pool has none
-   to spare, the newest running row (or prompt being prefilled) is preempted: its blocks are freed
-   (what they hold stays findable) and it goes back to the front of the waiting queue, to be
-   recomputed from its prompt plus what it has generated so far and then to go on where it
-   stopped (its client sees a delay, no gap and no repeated token);
-5. runs one decode step for every running row and hands each request its new tokens.
+5. feeds the decoding rows' last tokens and the prefill chunks of step 4 through the model in one
+   forward pass (`DecodeBatch.feed`: the weights are read once for both, which a small model's
+   step is bound by), then chooses one token for every running row, those of prompts completed
+   by this pass included, and hands each request its new tokens.
 
 Every request carries its own `SamplingParams` (and so its own seeded generator per sample: the
 same seed gives the same text whatever else is in the batch), extra stop token ids, and `n`.
@@ -320,13 +323,16 @@ class Scheduler:
 
     @torch.no_grad()
     def iterate(self) -> None:
-        """One iteration: cancellations, admission, a prefill chunk, room for the decodes, one decode step."""
+        """One iteration: cancellations, admission, room for the decodes, one forward pass that feeds
+        the decoding rows and the next prefill chunks together, then one token for every row."""
         self._apply_cancels()
         self._admit()
-        if self._prefilling:
-            self._prefill()
         if self.batch.rows:
             self._make_room()
+        chosen = self._chunks() if self._prefilling else []
+        if self.batch.rows or chosen:
+            logits = self.batch.feed([chunk for _, chunk in chosen], [w.slots[0] for w, _ in chosen])
+            self._prefilled(chosen, logits)
         if self.batch.rows:
             self._decode()
 
@@ -405,8 +411,8 @@ class Scheduler:
                 self._reserved.update(work.slots)
                 self._prefilling.append(work)
 
-    def _prefill(self) -> None:
-        """Feed the next chunk of as many prefilling prompts as the token budget allows."""
+    def _chunks(self) -> list[tuple[_Work, list[int]]]:
+        """The next chunk of as many prefilling prompts as the token budget allows."""
         chosen: list[tuple[_Work, list[int]]] = []
         width, budget, long_fed = 0, self.prefill_tokens, False
         cap = min(self.decode_prefill_tokens, PREFILL_CHUNK)  # a long prompt's chunk while rows decode
@@ -425,7 +431,10 @@ class Scheduler:
                 break
             chosen.append((work, work.tokens[work.prefilled : work.prefilled + chunk_len]))
             width = new_width
-        logits = self.batch.prefill_chunk([chunk for _, chunk in chosen], [w.slots[0] for w, _ in chosen])
+        return chosen
+
+    def _prefilled(self, chosen: list[tuple[_Work, list[int]]], logits: torch.Tensor | None) -> None:
+        """The chunks are fed (`logits`: after each one's last token): a prompt now complete starts its rows."""
         for i, (work, chunk) in enumerate(chosen):
             work.prefilled += len(chunk)
             # Named as soon as they are full, so prompts admitted meanwhile can share them.
@@ -495,7 +504,7 @@ class Scheduler:
 
     def _decode(self) -> None:
         events: dict[Handle, list[Event]] = {}
-        for t in self.batch.step():
+        for t in self.batch.sample():
             handle, sample = self._by_slot[t.row.slot]
             out = events.setdefault(handle, [])
             finished, passed_on = t.finished, False

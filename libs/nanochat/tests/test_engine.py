@@ -169,16 +169,17 @@ def test_rows_stop_at_either_stop_token(tok, stop):
     eng = Engine(perturbed_model(tok.vocab_size), tok)
     stop_id = tok.encode_special(stop)
     calls = {"n": 0}
-    real_forward = eng.forward
+    real_forward = eng.forward_packed  # every decode step's forward pass
 
     def forward(*args, **kwargs):
-        logits = real_forward(*args, **kwargs)
+        parts = real_forward(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] > 3:  # a few free tokens, then the stop token is every row's argmax
-            logits[..., stop_id] = 1e4
-        return logits
+        if calls["n"] > 2:  # a few free tokens, then the stop token is every row's argmax
+            for logits in parts:
+                logits[..., stop_id] = 1e4
+        return parts
 
-    eng.forward = forward
+    eng.forward_packed = forward
     prompts = prompts_of(tok)[:3]
     columns = [tokens for tokens, _ in eng.generate(prompts, max_tokens=20, temperature=0.0)]
     *free, last = columns

@@ -166,6 +166,36 @@ def test_last_only_logits_equal_the_full_logits_at_each_rows_last_real_token():
 
 
 @torch.no_grad()
+def test_a_packed_forward_equals_its_parts_run_alone():
+    model = perturbed_model(depth=3)
+    seqs = [torch.randint(0, 97, (n,)) for n in (6, 9, 3, 12)]
+    (packed, packed_blocks), (alone, alone_blocks) = paged(model, 4), paged(model, 4)
+    for cache, blocks in ((packed, packed_blocks), (alone, alone_blocks)):
+        for row, seq in enumerate(seqs[:3]):  # rows 0-2 hold a prompt each and now decode
+            grow(blocks, cache, [row], [len(seq) + 1])
+            model(seq[None, :-1], kv_cache=cache, rows=[row])
+        grow(blocks, cache, [3], [12])
+    order = [2, 0, 1]  # not one ascending run: the decode rows' keys are gathered
+    decode = torch.stack([seqs[row][-1] for row in order])[:, None]
+    chunk = seqs[3][None, :7]
+    # Row 3's prompt chunk of 7 tokens beside the three decoding rows, in one pass ...
+    got = model.forward_packed([(decode, order, None), (chunk, [3], [7])], packed)
+    # ... against the decode step and the chunk each on their own.
+    want_decode = model(decode, kv_cache=alone, rows=order)[:, -1]
+    want_chunk = model(chunk, kv_cache=alone, rows=[3], num_new=[7], last_only=True)[:, -1]
+    torch.testing.assert_close(got[0], want_decode, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want_chunk, atol=1e-5, rtol=1e-5)
+    assert packed.lengths.tolist() == alone.lengths.tolist()
+    for j, row in enumerate(order):
+        torch.testing.assert_close(got[0][j], model(seqs[row][None])[0, -1], atol=1e-5, rtol=1e-5)
+    # The rest of the chunked prompt, alone, attends to what the packed pass wrote.
+    rest = model(seqs[3][None, 7:], kv_cache=packed, rows=[3])
+    torch.testing.assert_close(rest[0], model(seqs[3][None])[0, 7:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="distinct cache rows"):
+        model.forward_packed([(decode[:1], [0], None), (decode[:1], [0], None)], packed)
+
+
+@torch.no_grad()
 def test_forked_rows_share_the_full_blocks_and_each_own_a_partial_one():
     model = perturbed_model()
     prompt = torch.randint(0, 97, (1, 7))
