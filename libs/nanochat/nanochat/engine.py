@@ -27,7 +27,7 @@ Function tools (docs/tools.md): for a row whose params name `tools`, a block tha
 `{"name": ..., "arguments": {...}}` of one of them is the client's to run, not the calculator's:
 the row ends there ("stop"), or with `parallel_tool_calls` it may write another call right away
 (if the next token it samples is `<|python_start|>`; any other token ends the turn, and the row
-emits `<|assistant_end|>` in its place, mask 0).
+emits `<|assistant_end|>` in its place, mask 0; a block after a call that is no call ends it too).
 Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p
 (smallest set of the most likely tokens whose mass reaches p), batched over the rows that share
 their settings, each row drawing from its own generator. Before that, and only for rows whose
@@ -150,6 +150,7 @@ class Row:
     in_python: bool = False
     python_tokens: list[int] = field(default_factory=list)
     after_call: bool = False  # the last block was a call of one of params.tools (parallel_tool_calls)
+    called: bool = False  # the row has made such a call: a later block that is none ends the turn
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     logits: torch.Tensor | None = None  # (vocab,) next-token logits; None until the last token is fed
     num_generated: int = 0  # tokens chosen so far, the stop token included
@@ -568,9 +569,11 @@ class DecodeBatch:
             row.in_python = False
             text = engine.tokenizer.decode(row.python_tokens)
             if row.params.tools and parse_tool_call(text, row.params.tools) is not None:
-                row.after_call = row.params.parallel_tool_calls
+                row.called, row.after_call = True, row.params.parallel_tool_calls
                 if not row.after_call:
                     row.finish_reason = "stop"
+            elif row.called:  # the calls' results are the client's to give: nothing may follow them
+                row.finish_reason = "stop"
             else:
                 result = calculate(text)
                 if result is not None:

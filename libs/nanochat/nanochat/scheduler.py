@@ -429,6 +429,12 @@ class Scheduler:
             new_width = max(width, chunk_len)
             if chosen and new_width * (len(chosen) + 1) > budget:
                 break
+            # Padding is written past a row's length too: the widest chunk must fit every row chosen.
+            room = min(
+                self.max_len - int(self.batch.cache.lengths[w.slots[0]]) for w in [work, *(c[0] for c in chosen)]
+            )
+            if new_width > room:
+                continue
             chosen.append((work, work.tokens[work.prefilled : work.prefilled + chunk_len]))
             width = new_width
         return chosen

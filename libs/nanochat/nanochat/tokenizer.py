@@ -290,7 +290,7 @@ def parse_tool_call(text: str, names: Collection[str]) -> tuple[str, dict[str, A
     (`{"name": ..., "arguments": {...}}`), else None (a calculator expression, say)."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         return None
     if not isinstance(value, dict) or not isinstance(value.get("arguments"), dict):
         return None

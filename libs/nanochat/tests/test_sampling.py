@@ -238,6 +238,16 @@ def test_a_call_of_a_listed_function_ends_the_turn_and_other_blocks_are_the_calc
     assert scripted(engine, monkeypatch, sum_ + fox, tools=("f",)) == [*sum_, os_, *tok.encode("21"), oe, *fox]
     assert scripted(engine, monkeypatch, other + fox, tools=("f",)) == other + fox
     assert scripted(engine, monkeypatch, call + fox) == call + fox  # no tools: just a python block
+    # After a call, a block that is no call (the calculator's, say) ends the turn, unevaluated:
+    # what follows a call is its result, which only the client can give.
+    assert scripted(engine, monkeypatch, call + sum_ + fox, tools=("f",), parallel_tool_calls=True) == call + sum_
+
+
+def test_a_block_nested_past_the_json_parser_is_no_call():
+    from nanochat.tokenizer import parse_tool_call
+
+    assert parse_tool_call("[" * 5000, ("f",)) is None
+    assert parse_tool_call('{"name": "f", "arguments": {}}', ("f",)) == ("f", {})
 
 
 def test_tools_must_be_names(engine):

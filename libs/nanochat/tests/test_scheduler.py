@@ -334,3 +334,19 @@ def test_preempted_requests_recompute_and_give_the_output_they_give_alone(engine
     assert [c.tokens for c in collectors] == expected
     assert all(r == "length" for c in collectors for r in c.reasons)
     assert scheduler.stats().kv_blocks_used == 0
+
+
+def test_a_padded_chunk_never_runs_a_row_past_max_len(engine):
+    """A prompt's last short chunk beside a wider one: the padding must fit its row too."""
+    tok = engine.tokenizer
+    s = Scheduler(engine, slots=4, max_len=64, decode_prefill_tokens=20)
+    p = SamplingParams(temperature=0, max_tokens=30)
+    got = [Collector() for _ in range(3)]
+    s.submit([tok.bos_token_id] + [5] * 3, p, got[0])  # a row decoding
+    s.iterate()
+    s.submit([tok.bos_token_id] + [6] * 62, p, got[1])  # 63 tokens: chunks of 20, 20, 20, then 3
+    for _ in range(3):
+        s.iterate()
+    s.submit([tok.bos_token_id] + [7] * 9, p, got[2])  # 10 tokens, arriving beside the last 3
+    run(s)
+    assert all(c.reasons[0] in ("stop", "length") for c in got), [c.reasons for c in got]
