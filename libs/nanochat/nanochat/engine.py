@@ -149,8 +149,7 @@ class Row:
     forced: deque[int] = field(default_factory=deque)
     in_python: bool = False
     python_tokens: list[int] = field(default_factory=list)
-    after_call: bool = False  # the last block was a call of one of params.tools (parallel_tool_calls)
-    called: bool = False  # the row has made such a call: a later block that is none ends the turn
+    called: bool = False  # a block was a call of one of params.tools: a later block that is none ends the turn
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     logits: torch.Tensor | None = None  # (vocab,) next-token logits; None until the last token is fed
     num_generated: int = 0  # tokens chosen so far, the stop token included
@@ -358,17 +357,19 @@ class DecodeBatch:
                     last[i] = logits[j]
         return last
 
-    def prefill_chunk(self, chunks: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def prefill_chunk(self, chunks: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
         """Feed one chunk of tokens per slot (the slots hold blocks for them) in one padded call;
         the logits (len(slots), vocab) after each chunk's last token."""
+        return self.engine.forward_packed([self._chunk_part(chunks, slots)], self.cache)[0]
+
+    def _chunk_part(self, chunks: Sequence[Sequence[int]], slots: Sequence[int]) -> tuple:
+        """The chunks as one part of a packed forward: shorter chunks padded, num_new keeping the
+        padding out of each row's length."""
         width = max(len(c) for c in chunks)
-        # Shorter chunks are padded; num_new keeps the padding out of each row's length.
         idx = torch.zeros((len(chunks), width), dtype=torch.long)
         for j, c in enumerate(chunks):
             idx[j, : len(c)] = torch.tensor(c)
-        counts = [len(c) for c in chunks]
-        logits = self.engine.forward(idx.to(self.engine.device), self.cache, slots, counts, last_only=True)
-        return logits[:, 0]
+        return idx.to(self.engine.device), list(slots), [len(c) for c in chunks]
 
     def needing_blocks(self) -> list[Row]:
         """The running rows whose next step feeds a token past their last block: each needs one more."""
@@ -436,17 +437,12 @@ class DecodeBatch:
         feed = [self.rows[s] for s in sorted(self.rows) if self.rows[s].logits is None]
         for row in self.needing_blocks():
             self.blocks.allocate(row.slot, 1)  # PoolExhausted: the caller makes room first
-        device = self.engine.device
         parts = []
         if feed:
-            idx = torch.tensor([[row.tokens[-1]] for row in feed], dtype=torch.long, device=device)
+            idx = torch.tensor([[row.tokens[-1]] for row in feed], dtype=torch.long, device=self.engine.device)
             parts.append((idx, [row.slot for row in feed], None))
         if chunks:
-            width = max(len(c) for c in chunks)
-            idx = torch.zeros((len(chunks), width), dtype=torch.long)
-            for j, c in enumerate(chunks):
-                idx[j, : len(c)] = torch.tensor(c)
-            parts.append((idx.to(device), list(slots), [len(c) for c in chunks]))
+            parts.append(self._chunk_part(chunks, slots))
         if not parts:
             return None
         logits = self.engine.forward_packed(parts, self.cache)
@@ -551,10 +547,9 @@ class DecodeBatch:
             token, mask = row.forced.popleft(), 0
         else:
             token, mask = pick, 1
-        if row.after_call:
-            row.after_call = False
-            if token != engine.python_start:  # no further call: the turn ends, the client runs the calls
-                token, mask = engine.assistant_end, 0
+        # Right after a call (parallel_tool_calls; one call alone ended the row) only another call may come.
+        if row.called and row.tokens[-1] == engine.python_end and token != engine.python_start:
+            token, mask = engine.assistant_end, 0  # the turn ends: the client runs the calls
         row.num_generated += 1
         if token in engine.stop_tokens:
             row.finish_reason = "stop"
@@ -569,8 +564,8 @@ class DecodeBatch:
             row.in_python = False
             text = engine.tokenizer.decode(row.python_tokens)
             if row.params.tools and parse_tool_call(text, row.params.tools) is not None:
-                row.called, row.after_call = True, row.params.parallel_tool_calls
-                if not row.after_call:
+                row.called = True
+                if not row.params.parallel_tool_calls:
                     row.finish_reason = "stop"
             elif row.called:  # the calls' results are the client's to give: nothing may follow them
                 row.finish_reason = "stop"

@@ -415,6 +415,7 @@ class Scheduler:
         """The next chunk of as many prefilling prompts as the token budget allows."""
         chosen: list[tuple[_Work, list[int]]] = []
         width, budget, long_fed = 0, self.prefill_tokens, False
+        room = self.max_len  # the least any chosen row has left: padding is written past a row's length too
         cap = min(self.decode_prefill_tokens, PREFILL_CHUNK)  # a long prompt's chunk while rows decode
         for work in self._prefilling:
             left = len(work.tokens) - work.prefilled
@@ -429,14 +430,11 @@ class Scheduler:
             new_width = max(width, chunk_len)
             if chosen and new_width * (len(chosen) + 1) > budget:
                 break
-            # Padding is written past a row's length too: the widest chunk must fit every row chosen.
-            room = min(
-                self.max_len - int(self.batch.cache.lengths[w.slots[0]]) for w in [work, *(c[0] for c in chosen)]
-            )
-            if new_width > room:
+            new_room = min(room, self.max_len - int(self.batch.cache.lengths[work.slots[0]]))
+            if new_width > new_room:
                 continue
             chosen.append((work, work.tokens[work.prefilled : work.prefilled + chunk_len]))
-            width = new_width
+            width, room = new_width, new_room
         return chosen
 
     def _prefilled(self, chosen: list[tuple[_Work, list[int]]], logits: torch.Tensor | None) -> None:

@@ -131,19 +131,18 @@ def plan(
         fmt = response_format.json_schema
         schema = "json_object" if fmt is None or fmt.json_schema is None else fmt.json_schema
         return Plan(functions, schema, "response_format", parallel)
-    if isinstance(choice, NamedToolChoice):
-        chosen = [f for f in functions if f.name == choice.function.name]
-        if not chosen:
-            raise APIError(
-                400,
-                f"tool_choice names {choice.function.name!r}, which is not among the tools ({', '.join(names)})",
-                param="tool_choice",
-                code="invalid_value",
-            )
+    if forced:
+        chosen = functions
+        if isinstance(choice, NamedToolChoice):
+            chosen = [f for f in functions if f.name == choice.function.name]
+            if not chosen:
+                raise APIError(
+                    400,
+                    f"tool_choice names {choice.function.name!r}, which is not among the tools ({', '.join(names)})",
+                    param="tool_choice",
+                    code="invalid_value",
+                )
         return Plan(functions, tool_call_grammar([(f.name, f.parameters) for f in chosen], parallel), "tools", parallel)
-    if choice == "required":
-        grammar = tool_call_grammar([(f.name, f.parameters) for f in functions], parallel)
-        return Plan(functions, grammar, "tools", parallel)
     return Plan(functions, None, "tools", parallel, tuple(f.name for f in functions))
 
 
