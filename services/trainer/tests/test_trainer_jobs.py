@@ -276,7 +276,7 @@ def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, se
         "max_seq_len": 64,
         "device_batch_size": 2,
         "total_batch_size": 128,
-        "num_iterations": 1000,
+        "num_iterations": 300,
         "eval_every": -1,
         "eval_tokens": 128,
         "save_every": 5,
@@ -295,7 +295,7 @@ def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, se
         time.sleep(0.2)
     running = api.get(f"/v1/jobs/{job_id}").json()
     worker.proc.send_signal(signal.SIGTERM)
-    # The worker ends within the stage's grace period, not after the 1000 steps.
+    # The worker ends within the stage's grace period, not after the 300 steps.
     assert worker.proc.wait(timeout=settings.cancel_grace + 30) == 0, worker.output()
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "queued" and job["attempt"] == 2, job
@@ -305,7 +305,7 @@ def test_stopped_worker_queues_its_job_again_and_the_next_one_resumes_it(api, se
 
     rescuer = start_worker(data_dir=str(tiny_data))
     job = wait_job(api, job_id, timeout=300, worker=rescuer)
-    assert job["status"] == "succeeded" and job["error"] is None and job["step"] == 1000, (
+    assert job["status"] == "succeeded" and job["error"] is None and job["step"] == 300, (
         job["error"],
         job["log_tail"],
     )
