@@ -20,7 +20,8 @@ table also gives the CPU's bf16 flags and the Newton-Schulz dtype chosen from th
 
 Each row also gives a ceiling for the parts ratio, measured in the same run: Muon+AdamW's
 optimizer step as if it were nothing but Newton-Schulz's multiply-adds (counted by torch's
-FlopCounterMode on a real step: 7.38 G at depth 4) at the fastest rate a batched matmul of its
+FlopCounterMode on a real step: at depth 4, 7.38 G in fp32, 10.07 G in bf16, where the MLP
+matrices keep the plain form) at the fastest rate a batched matmul of its
 shapes reaches on this CPU (best of ten single products), against the measured forward+backward
 and AdamW step. No implementation of the same iteration can beat it; with fp32 Newton-Schulz
 (a CPU without bf16 instructions) it sits near 0.9 at B=8, T=256, so the target there is at the
