@@ -65,6 +65,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tiktoken
@@ -131,6 +132,16 @@ def step_multiply_adds(model: GPT, optimizers: list, x: torch.Tensor, y: torch.T
     return counter.get_total_flops() / 2
 
 
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def best_bmm_rate(muon: optim.Muon, repeats: int = 10) -> float:
     """Multiply-adds/s: the fastest batched matmul of Muon's stacked shapes (as Newton-Schulz runs them)."""
     best = 0.0
@@ -140,11 +151,9 @@ def best_bmm_rate(muon: optim.Muon, repeats: int = 10) -> float:
         X = torch.randn(n, rows, cols, dtype=muon.ns_dtype)
         A = torch.randn(n, rows, rows, dtype=muon.ns_dtype)
         for left, right in ((X, X.mT), (A, X)):
-            torch.bmm(left, right)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                torch.bmm(left, right)
-                best = max(best, n * rows * rows * cols / (time.perf_counter() - t0))
+            torch.bmm(left, right)  # warm-up
+            seconds = best_seconds(lambda left=left, right=right: torch.bmm(left, right), repeats)
+            best = max(best, n * rows * rows * cols / seconds)
     return best
 
 
@@ -353,11 +362,7 @@ def cpu_matmul_peak(threads: int, size: int = 1024, repeats: int = 5) -> float:
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    best = best_seconds(lambda: a @ b, repeats)
     torch.set_num_threads(saved)
     return 2 * size**3 / best
 
